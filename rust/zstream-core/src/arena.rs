@@ -1,0 +1,183 @@
+//! Host arenas: page-aligned anonymous memory owned by Rust, where tensor bytes land.
+//!
+//! An arena is mapped once, aligned to 2 MiB when it is large enough (transparent huge pages cut TLB misses on
+//! the copy path), optionally registered with CUDA once for its whole life, and unmapped when the last owner
+//! drops it. Owners are `Arc`s: the store's slot pool, a ticket, and every DLPack tensor that views the memory.
+
+use std::ffi::c_void;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::pin::cuda_host_api;
+
+pub const HUGE_PAGE: usize = 2 << 20;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How an arena is registered with CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinState {
+    Unpinned,
+    /// Registered with these `cudaHostRegister` flags.
+    Pinned(u32),
+}
+
+#[derive(Debug)]
+pub struct Arena {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// What was mapped (`ptr` may sit inside it, for alignment).
+    map_ptr: *mut c_void,
+    map_len: usize,
+    id: u64,
+    pin: Mutex<PinState>,
+}
+
+// SAFETY: the arena is plain memory that nothing else aliases; concurrent writers (reader threads) touch disjoint
+// ranges handed out by the read plan, and readers (tensors) only look after the writes completed.
+unsafe impl Send for Arena {}
+// SAFETY: see `Send`; shared access goes through raw pointers whose use the plan keeps disjoint.
+unsafe impl Sync for Arena {}
+
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).unwrap_or(4096).max(4096)
+}
+
+impl Arena {
+    /// Map `len` bytes (rounded up to a page; at least one page so every arena has a valid address).
+    pub fn new(len: usize) -> Result<Arena> {
+        let page = page_size();
+        let align = if len >= HUGE_PAGE { HUGE_PAGE } else { page };
+        let len = len.max(1).div_ceil(page) * page;
+        let map_len = len + (align - page);
+        // SAFETY: an anonymous private mapping with no address hint has no preconditions; the result is checked.
+        let map_ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map_ptr == libc::MAP_FAILED {
+            return Err(Error::Alloc {
+                bytes: len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let base = map_ptr as usize;
+        let aligned = base.next_multiple_of(align);
+        if align > page {
+            // SAFETY: the range lies inside the mapping just made; MADV_HUGEPAGE is advice and may fail harmlessly.
+            unsafe { libc::madvise(aligned as *mut c_void, len, libc::MADV_HUGEPAGE) };
+        }
+        Ok(Arena {
+            // SAFETY: `aligned` lies inside a successful, non-null mapping.
+            ptr: unsafe { NonNull::new_unchecked(aligned as *mut u8) },
+            len,
+            map_ptr,
+            map_len,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            pin: Mutex::new(PinState::Unpinned),
+        })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// A process-unique id, never reused (lets caches tell arenas apart even after an address is reused).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn pin_state(&self) -> PinState {
+        *self
+            .pin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Register the whole arena with CUDA once. Returns `Ok(false)` when no CUDA runtime was installed (a no-op:
+    /// the caller says so to the user), `Ok(true)` when pinned now or earlier with the same flags.
+    pub fn pin(&self, flags: u32) -> Result<bool> {
+        let Some(api) = cuda_host_api() else {
+            return Ok(false);
+        };
+        let mut state = self
+            .pin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *state {
+            PinState::Pinned(f) if f == flags => return Ok(true),
+            PinState::Pinned(_) => {
+                // SAFETY: the arena was registered by this object and nothing else unregisters it.
+                unsafe { (api.unregister)(self.ptr.as_ptr().cast()) };
+                *state = PinState::Unpinned;
+            }
+            PinState::Unpinned => {}
+        }
+        // SAFETY: ptr..ptr+len is a live mapping owned by this arena, which unregisters it before unmapping.
+        let code = unsafe { (api.register)(self.ptr.as_ptr().cast(), self.len, flags) };
+        if code != 0 {
+            return Err(Error::Pin {
+                bytes: self.len,
+                code,
+            });
+        }
+        *state = PinState::Pinned(flags);
+        Ok(true)
+    }
+
+    /// The arena as a byte slice.
+    ///
+    /// # Safety
+    /// No reader thread may be writing into the arena for the life of the slice.
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is live and `len` bytes long; the caller rules out concurrent writes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        if let (PinState::Pinned(_), Some(api)) = (self.pin_state(), cuda_host_api()) {
+            // SAFETY: registered by `pin`; CUDA must forget the range before it is unmapped.
+            unsafe { (api.unregister)(self.ptr.as_ptr().cast()) };
+        }
+        // SAFETY: `map_ptr`/`map_len` are exactly what mmap returned; no reference into the arena outlives `self`
+        // (tensors hold an `Arc` of the arena, so `drop` runs only after the last of them).
+        unsafe { libc::munmap(self.map_ptr, self.map_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_arenas_are_huge_page_aligned() {
+        let a = Arena::new(3 * HUGE_PAGE + 5).unwrap();
+        assert_eq!(a.as_ptr() as usize % HUGE_PAGE, 0);
+        assert!(a.len() >= 3 * HUGE_PAGE + 5);
+        let b = Arena::new(0).unwrap();
+        assert_eq!(b.as_ptr() as usize % page_size(), 0);
+        assert_ne!(a.id(), b.id());
+        // Without an installed CUDA runtime, pinning is a no-op that says so.
+        assert!(!a.pin(0).unwrap());
+    }
+}

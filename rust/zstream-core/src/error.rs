@@ -1,0 +1,75 @@
+//! The one error type of the core. Every variant names the file (or tensor) and the fault, because the person
+//! reading the message usually has a checkpoint directory of dozens of shards in front of them.
+
+use std::io;
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The checkpoint itself is malformed (header, index, layout). Never retryable.
+    #[error("{}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+
+    /// An I/O call failed while reading tensor data.
+    #[error("{}: reading {len} bytes at offset {offset} failed: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        source: io::Error,
+    },
+
+    /// The file is shorter than its header says: truncated after `open`, or never complete.
+    #[error("{}: file ends at byte {file_end}, but tensor data runs to byte {needed_end}", path.display())]
+    Truncated {
+        path: PathBuf,
+        file_end: u64,
+        needed_end: u64,
+    },
+
+    /// A name that no shard of the checkpoint holds.
+    #[error("no tensor named {0:?} in this checkpoint")]
+    UnknownTensor(String),
+
+    /// A caller-side mistake in arguments (bad reader name, zero queue depth, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// The requested reader cannot work here (io_uring disabled by seccomp, kernel too old, ...).
+    #[error("reader {reader:?} is unavailable here: {reason}")]
+    ReaderUnavailable {
+        reader: &'static str,
+        reason: String,
+    },
+
+    /// Anonymous memory for an arena could not be mapped.
+    #[error("could not allocate a {bytes}-byte host arena: {source}")]
+    Alloc { bytes: usize, source: io::Error },
+
+    /// cudaHostRegister refused the arena (RLIMIT_MEMLOCK, out of memory, ...).
+    #[error("cudaHostRegister of a {bytes}-byte arena failed with CUDA error {code}")]
+    Pin { bytes: usize, code: i32 },
+
+    /// The caller asked to stop (Ctrl-C) before the read finished.
+    #[error("read cancelled")]
+    Cancelled,
+
+    /// A wait ran past its deadline; the read goes on in the background.
+    #[error("timed out after {0:.3} s waiting for the read")]
+    Timeout(f64),
+
+    /// A background worker died; the store cannot serve further reads.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Read planning: turn a set of tensors into a few large, aligned reads and a layout in an arena.
+//!
+//! `O_DIRECT` needs the file offset, the length and the memory address aligned to the device's block size. A tensor
+//! at an arbitrary offset is read through its aligned superset: the extent is widened to `align` on both sides and
+//! placed in the arena at an `align`-aligned position, so the tensor's bytes land at
+//! `extent.arena_offset + (tensor.offset - extent.file_start)`. Tensors that lie next to each other in one file (a
+//! transformer block usually does) are coalesced into one extent, so a block arrives in a few large reads.
+
+/// One tensor-sized byte range wanted from a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Want {
+    pub file: usize,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// One contiguous aligned read from one file into the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub file: usize,
+    /// Aligned down to `align`.
+    pub file_start: u64,
+    /// Aligned up to `align`; may run past the end of the file (the read then comes back short, which is fine).
+    pub file_end: u64,
+    /// The last byte actually needed, plus one: a read that stops before this is a truncated file.
+    pub needed_end: u64,
+    /// Position in the arena, aligned to `align`.
+    pub arena_offset: usize,
+}
+
+impl Extent {
+    pub fn len(&self) -> u64 {
+        self.file_end - self.file_start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.file_end == self.file_start
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadPlan {
+    pub extents: Vec<Extent>,
+    /// For each `Want`, in the caller's order: where its first byte lands in the arena.
+    pub placements: Vec<usize>,
+    /// Arena bytes the plan needs.
+    pub arena_len: usize,
+    pub align: u64,
+}
+
+/// One I/O of at most `chunk` bytes: a piece of an extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    pub file: usize,
+    pub file_offset: u64,
+    pub len: usize,
+    pub arena_offset: usize,
+    /// Bytes of this chunk that must arrive (less than `len` only for the last chunk of an extent at EOF).
+    pub needed: usize,
+}
+
+pub fn align_down(x: u64, a: u64) -> u64 {
+    debug_assert!(a.is_power_of_two());
+    x & !(a - 1)
+}
+
+pub fn align_up(x: u64, a: u64) -> u64 {
+    debug_assert!(a.is_power_of_two());
+    (x + a - 1) & !(a - 1)
+}
+
+/// Plan reads for `wants`. Neighbours in one file whose gap is at most `max_gap` bytes share an extent: reading a
+/// small gap costs less than another I/O.
+pub fn plan(wants: &[Want], align: u64, max_gap: u64) -> ReadPlan {
+    assert!(align.is_power_of_two(), "alignment must be a power of two");
+    let mut order: Vec<usize> = (0..wants.len()).filter(|&i| wants[i].len > 0).collect();
+    order.sort_by_key(|&i| (wants[i].file, wants[i].offset, wants[i].len));
+
+    let mut extents: Vec<Extent> = Vec::new();
+    let mut placements = vec![0usize; wants.len()];
+    let mut arena_len = 0usize;
+    // Extent currently being grown: (file, first byte, end byte) unaligned.
+    let mut open: Option<(usize, u64, u64)> = None;
+    let mut members: Vec<usize> = Vec::new();
+
+    let mut close =
+        |open: (usize, u64, u64), members: &mut Vec<usize>, extents: &mut Vec<Extent>| {
+            let (file, start, end) = open;
+            let file_start = align_down(start, align);
+            let file_end = align_up(end, align);
+            let arena_offset = arena_len;
+            arena_len += (file_end - file_start) as usize;
+            for &m in members.iter() {
+                placements[m] = arena_offset + (wants[m].offset - file_start) as usize;
+            }
+            members.clear();
+            extents.push(Extent {
+                file,
+                file_start,
+                file_end,
+                needed_end: end,
+                arena_offset,
+            });
+        };
+
+    for &i in &order {
+        let w = wants[i];
+        let end = w.offset + w.len;
+        match open {
+            Some((f, s, e)) if f == w.file && w.offset <= e.saturating_add(max_gap) => {
+                open = Some((f, s, e.max(end)));
+            }
+            Some(prev) => {
+                close(prev, &mut members, &mut extents);
+                open = Some((w.file, w.offset, end));
+            }
+            None => open = Some((w.file, w.offset, end)),
+        }
+        members.push(i);
+    }
+    if let Some(prev) = open {
+        close(prev, &mut members, &mut extents);
+    }
+    // Empty tensors point at the start of the arena: any valid address will do, nothing is read through it.
+    ReadPlan {
+        extents,
+        placements,
+        arena_len,
+        align,
+    }
+}
+
+impl ReadPlan {
+    /// Split every extent into I/Os of at most `chunk` bytes (`chunk` a multiple of `align`).
+    pub fn chunks(&self, chunk: usize) -> Vec<Chunk> {
+        assert!(
+            chunk > 0 && chunk as u64 % self.align == 0,
+            "chunk must be a positive multiple of the alignment"
+        );
+        let mut out = Vec::new();
+        for e in &self.extents {
+            let mut off = e.file_start;
+            while off < e.file_end {
+                let len = (e.file_end - off).min(chunk as u64);
+                let needed = e.needed_end.saturating_sub(off).min(len);
+                out.push(Chunk {
+                    file: e.file,
+                    file_offset: off,
+                    len: len as usize,
+                    arena_offset: e.arena_offset + (off - e.file_start) as usize,
+                    needed: needed as usize,
+                });
+                off += len;
+            }
+        }
+        out
+    }
+
+    /// Bytes that will cross the disk: the aligned extents, gaps included.
+    pub fn read_bytes(&self) -> u64 {
+        self.extents.iter().map(Extent::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn adjacent_tensors_coalesce() {
+        let wants = [
+            Want {
+                file: 0,
+                offset: 100,
+                len: 50,
+            },
+            Want {
+                file: 0,
+                offset: 150,
+                len: 4000,
+            },
+        ];
+        let p = plan(&wants, 4096, 0);
+        assert_eq!(p.extents.len(), 1);
+        assert_eq!(p.extents[0].file_start, 0);
+        assert_eq!(p.extents[0].file_end, 4096 * 2);
+        assert_eq!(p.placements, vec![100, 150]);
+    }
+
+    #[test]
+    fn far_tensors_and_other_files_split() {
+        let wants = [
+            Want {
+                file: 0,
+                offset: 0,
+                len: 10,
+            },
+            Want {
+                file: 0,
+                offset: 1 << 30,
+                len: 10,
+            },
+            Want {
+                file: 1,
+                offset: 0,
+                len: 10,
+            },
+        ];
+        let p = plan(&wants, 4096, 1 << 20);
+        assert_eq!(p.extents.len(), 3);
+        assert_eq!(p.arena_len, 3 * 4096);
+    }
+
+    proptest! {
+        /// Every wanted byte is covered by exactly the extent that places it, at the right position, and every
+        /// extent and chunk is aligned where O_DIRECT needs it.
+        #[test]
+        fn layout_is_sound(
+            raw in prop::collection::vec((0usize..3, 0u64..1_000_000, 0u64..200_000), 0..40),
+            align_pow in 9u32..14,
+            gap in 0u64..100_000,
+            chunk_mul in 1usize..64,
+        ) {
+            let align = 1u64 << align_pow;
+            let wants: Vec<Want> = raw.iter().map(|&(file, offset, len)| Want { file, offset, len }).collect();
+            let p = plan(&wants, align, gap);
+            let mut prev_end = 0usize;
+            for e in &p.extents {
+                prop_assert_eq!(e.file_start % align, 0);
+                prop_assert_eq!(e.file_end % align, 0);
+                prop_assert_eq!(e.arena_offset as u64 % align, 0);
+                prop_assert!(e.arena_offset >= prev_end, "extents overlap in the arena");
+                prop_assert!(e.needed_end <= e.file_end && e.needed_end > e.file_start);
+                prev_end = e.arena_offset + e.len() as usize;
+            }
+            prop_assert_eq!(prev_end, p.arena_len);
+            for (i, w) in wants.iter().enumerate() {
+                if w.len == 0 { continue; }
+                let e = p.extents.iter().find(|e| e.file == w.file && e.file_start <= w.offset
+                    && w.offset + w.len <= e.needed_end).expect("a covering extent");
+                prop_assert_eq!(p.placements[i], e.arena_offset + (w.offset - e.file_start) as usize);
+            }
+            let chunk = chunk_mul * align as usize;
+            let chunks = p.chunks(chunk);
+            let total: usize = chunks.iter().map(|c| c.len).sum();
+            prop_assert_eq!(total as u64, p.read_bytes());
+            for c in &chunks {
+                prop_assert!(c.len <= chunk && c.len > 0);
+                prop_assert_eq!(c.file_offset % align, 0);
+                prop_assert_eq!(c.arena_offset as u64 % align, 0);
+                prop_assert!(c.needed <= c.len);
+            }
+        }
+    }
+}

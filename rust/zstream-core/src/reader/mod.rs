@@ -1,0 +1,184 @@
+//! The three readers that move tensor bytes from shard files into an arena.
+//!
+//! - [`uring`]: io_uring with `O_DIRECT`, many reads in flight, registered buffers for reused arenas. The default.
+//! - [`pread`]: a thread pool of `pread`s, `O_DIRECT` where the filesystem allows it. Chosen automatically where
+//!   io_uring is unavailable (seccomp, gVisor, `io_uring_disabled`) or a shard refuses `O_DIRECT` (tmpfs).
+//! - [`mmap`]: copies out of a read-only mapping. Never chosen automatically; a reference and a fallback.
+//!
+//! All three fill exactly the bytes a [`ReadPlan`] places, so tests compare them byte for byte.
+
+pub mod mmap;
+pub mod pread;
+pub mod uring;
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use crate::arena::Arena;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::plan::ReadPlan;
+
+/// Which reader to use. `Auto` resolves per read with [`ReaderKind::resolve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReaderKind {
+    Auto,
+    Uring,
+    Pread,
+    Mmap,
+}
+
+impl ReaderKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReaderKind::Auto => "auto",
+            ReaderKind::Uring => "uring",
+            ReaderKind::Pread => "pread",
+            ReaderKind::Mmap => "mmap",
+        }
+    }
+
+    /// `Auto` becomes io_uring where it works and every shard of the read accepts `O_DIRECT`, else the pread pool.
+    pub fn resolve(self, ckpt: &Checkpoint, plan: &ReadPlan) -> Result<ReaderKind> {
+        match self {
+            ReaderKind::Auto => {
+                let direct_everywhere = plan
+                    .extents
+                    .iter()
+                    .all(|e| ckpt.shards[e.file].direct.is_some());
+                Ok(if uring::available().is_ok() && direct_everywhere {
+                    ReaderKind::Uring
+                } else {
+                    ReaderKind::Pread
+                })
+            }
+            ReaderKind::Uring => {
+                uring::available().map_err(|reason| Error::ReaderUnavailable {
+                    reader: "uring",
+                    reason,
+                })?;
+                Ok(ReaderKind::Uring)
+            }
+            k => Ok(k),
+        }
+    }
+}
+
+impl FromStr for ReaderKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(ReaderKind::Auto),
+            "uring" => Ok(ReaderKind::Uring),
+            "pread" => Ok(ReaderKind::Pread),
+            "mmap" => Ok(ReaderKind::Mmap),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown reader {other:?}: expected \"auto\", \"uring\", \"pread\" or \"mmap\""
+            ))),
+        }
+    }
+}
+
+/// Tuning knobs. The defaults come from measurements recorded in docs/performance.md.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadOptions {
+    /// io_uring reads in flight per ring.
+    pub queue_depth: u32,
+    /// Bytes per I/O (a multiple of the alignment).
+    pub chunk_size: usize,
+    /// Threads of the pread pool and of the mmap copy.
+    pub threads: usize,
+    /// Neighbouring tensors whose gap is at most this many bytes are read as one extent.
+    pub max_gap: u64,
+    /// `O_DIRECT` alignment of offsets, lengths and addresses.
+    pub align: u64,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            queue_depth: 64,
+            chunk_size: 1 << 20,
+            threads: 8,
+            max_gap: 256 << 10,
+            align: 4096,
+        }
+    }
+}
+
+impl ReadOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.queue_depth == 0 || self.queue_depth > 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "queue_depth {} is not in 1..=4096",
+                self.queue_depth
+            )));
+        }
+        if self.chunk_size == 0
+            || self.chunk_size as u64 % self.align != 0
+            || self.chunk_size > 1 << 30
+        {
+            return Err(Error::InvalidArgument(format!(
+                "chunk_size {} must be a positive multiple of {} of at most 1 GiB",
+                self.chunk_size, self.align
+            )));
+        }
+        if self.threads == 0 || self.threads > 256 {
+            return Err(Error::InvalidArgument(format!(
+                "threads {} is not in 1..=256",
+                self.threads
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Per-thread reader state that outlives one read: the io_uring ring and its registered buffers.
+#[derive(Default)]
+pub struct ReaderState {
+    pub ring: Option<uring::Ring>,
+}
+
+/// Fill `arena` as `plan` lays out, with reader `kind` (already resolved). `reuse` marks an arena that will be
+/// read into again (a pool slot): io_uring registers such arenas as fixed buffers once.
+#[allow(clippy::too_many_arguments)] // one call site (the worker); a struct would only rename them
+pub fn read_into(
+    kind: ReaderKind,
+    ckpt: &Checkpoint,
+    plan: &ReadPlan,
+    arena: &Arena,
+    opts: &ReadOptions,
+    state: &mut ReaderState,
+    reuse: bool,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    assert!(plan.arena_len <= arena.len(), "arena smaller than its plan");
+    match kind {
+        ReaderKind::Uring | ReaderKind::Auto => {
+            if state.ring.is_none() {
+                state.ring = Some(uring::Ring::new(opts.queue_depth)?);
+            }
+            let ring = state.ring.as_mut().expect("ring was just created");
+            ring.read(ckpt, plan, arena, opts, reuse, cancel)
+        }
+        ReaderKind::Pread => pread::read(ckpt, plan, arena, opts, cancel),
+        ReaderKind::Mmap => mmap::read(ckpt, plan, arena, opts, cancel),
+    }
+}
+
+pub(crate) fn check_cancel(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        Err(Error::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+/// Probe once whether io_uring works here.
+pub(crate) fn probe_once(
+    cell: &OnceLock<Result<(), String>>,
+    f: impl FnOnce() -> Result<(), String>,
+) -> Result<(), String> {
+    cell.get_or_init(f).clone()
+}

@@ -1,0 +1,352 @@
+//! The io_uring reader: `O_DIRECT` reads, `queue_depth` of them in flight, into an arena.
+//!
+//! Arenas that are read into again and again (the store's slot pool) are registered with the ring as fixed
+//! buffers once, so the kernel skips pinning their pages on every read. One-shot arenas use plain reads.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::OnceLock;
+
+use io_uring::{opcode, types, IoUring};
+
+use super::{check_cancel, probe_once, ReadOptions};
+use crate::arena::Arena;
+use crate::checkpoint::{Checkpoint, Shard};
+use crate::error::{Error, Result};
+use crate::plan::{Chunk, ReadPlan};
+
+/// The kernel caps one registered buffer at 1 GiB: larger arenas take several table entries.
+const FIXED_ENTRY_BYTES: usize = 1 << 30;
+/// Table entries per ring: enough for a ring of pool slots of a few GiB each.
+const FIXED_TABLE_LEN: usize = 64;
+
+static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Whether io_uring works in this process (probed once: setup, one NOP submitted and reaped).
+pub fn available() -> Result<(), String> {
+    probe_once(&PROBE, || {
+        let mut ring = IoUring::new(2).map_err(|e| describe_setup_error(&e))?;
+        let nop = opcode::Nop::new().build().user_data(7);
+        // SAFETY: a NOP references no memory.
+        unsafe { ring.submission().push(&nop) }.map_err(|_| "submission queue full".to_string())?;
+        ring.submit_and_wait(1)
+            .map_err(|e| format!("io_uring_enter failed: {e}"))?;
+        let reaped = ring
+            .completion()
+            .next()
+            .map(|c| (c.user_data(), c.result()));
+        match reaped {
+            Some((7, res)) if res >= 0 => Ok(()),
+            Some((_, res)) => Err(format!("NOP completed with {res}")),
+            None => Err("NOP did not complete".to_string()),
+        }
+    })
+}
+
+fn describe_setup_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => {
+            "io_uring_setup is not implemented (old kernel, gVisor or seccomp)".into()
+        }
+        Some(libc::EPERM) => {
+            "io_uring_setup is not permitted (kernel.io_uring_disabled or seccomp)".into()
+        }
+        _ => format!("io_uring_setup failed: {e}"),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct FixedEntry {
+    arena_id: u64,
+    last_use: u64,
+}
+
+/// One ring, owned by one thread, with its table of registered buffers.
+pub struct Ring {
+    uring: IoUring,
+    depth: u32,
+    /// `None` where the kernel refused a sparse buffer table (older than 5.13): plain reads only.
+    fixed: Option<Vec<Option<FixedEntry>>>,
+    clock: u64,
+}
+
+/// One read in flight.
+#[derive(Clone, Copy)]
+struct Op {
+    chunk: usize,
+    /// Bytes of the chunk already in.
+    done: usize,
+    /// Using the buffered descriptor (after a short read left an unaligned remainder, or O_DIRECT was refused).
+    buffered: bool,
+}
+
+impl Ring {
+    pub fn new(depth: u32) -> Result<Ring> {
+        available().map_err(|reason| Error::ReaderUnavailable {
+            reader: "uring",
+            reason,
+        })?;
+        let ring =
+            IoUring::new(depth.next_power_of_two()).map_err(|e| Error::ReaderUnavailable {
+                reader: "uring",
+                reason: describe_setup_error(&e),
+            })?;
+        let fixed = ring
+            .submitter()
+            .register_buffers_sparse(FIXED_TABLE_LEN as u32)
+            .ok()
+            .map(|()| vec![None; FIXED_TABLE_LEN]);
+        Ok(Ring {
+            uring: ring,
+            depth,
+            fixed,
+            clock: 0,
+        })
+    }
+
+    /// Make sure `arena` is in the fixed-buffer table; returns its first table index, or `None` when it cannot be
+    /// registered (no table, or the kernel refused: memlock limit). Least recently used arenas are evicted.
+    fn ensure_fixed(&mut self, arena: &Arena) -> Option<u32> {
+        self.clock += 1;
+        let clock = self.clock;
+        let table = self.fixed.as_mut()?;
+        let need = arena.len().div_ceil(FIXED_ENTRY_BYTES);
+        if need > table.len() {
+            return None;
+        }
+        if let Some(i) = table
+            .iter()
+            .position(|e| e.is_some_and(|e| e.arena_id == arena.id()))
+        {
+            for e in table[i..i + need].iter_mut().flatten() {
+                e.last_use = clock;
+            }
+            return Some(i as u32);
+        }
+        loop {
+            if let Some(start) =
+                (0..=table.len() - need).find(|&s| table[s..s + need].iter().all(Option::is_none))
+            {
+                let iovecs: Vec<libc::iovec> = (0..need)
+                    .map(|k| {
+                        let off = k * FIXED_ENTRY_BYTES;
+                        libc::iovec {
+                            // SAFETY: off < arena.len(), so the pointer stays inside the arena.
+                            iov_base: unsafe { arena.as_ptr().add(off) }.cast(),
+                            iov_len: (arena.len() - off).min(FIXED_ENTRY_BYTES),
+                        }
+                    })
+                    .collect();
+                // SAFETY: the iovecs cover live arena memory. The kernel holds its own page references for
+                // registered buffers, and ReadFixed is only issued for an entry whose arena id matches a live
+                // arena, so a stale entry of a dropped arena is never written through.
+                let ok = unsafe {
+                    self.uring
+                        .submitter()
+                        .register_buffers_update(start as u32, &iovecs, None)
+                }
+                .is_ok();
+                if !ok {
+                    return None;
+                }
+                for e in &mut table[start..start + need] {
+                    *e = Some(FixedEntry {
+                        arena_id: arena.id(),
+                        last_use: clock,
+                    });
+                }
+                return Some(start as u32);
+            }
+            // Evict the least recently used arena.
+            let victim = table
+                .iter()
+                .flatten()
+                .min_by_key(|e| e.last_use)
+                .map(|e| e.arena_id)?;
+            let empty = libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            };
+            for (i, e) in table.iter_mut().enumerate() {
+                if e.is_some_and(|e| e.arena_id == victim) {
+                    // SAFETY: an empty iovec clears the entry.
+                    unsafe {
+                        self.uring
+                            .submitter()
+                            .register_buffers_update(i as u32, &[empty], None)
+                    }
+                    .ok()?;
+                    *e = None;
+                }
+            }
+        }
+    }
+
+    pub fn read(
+        &mut self,
+        ckpt: &Checkpoint,
+        plan: &ReadPlan,
+        arena: &Arena,
+        opts: &ReadOptions,
+        reuse: bool,
+        cancel: &AtomicBool,
+    ) -> Result<()> {
+        let chunks = plan.chunks(opts.chunk_size);
+        let fixed_base = if reuse {
+            self.ensure_fixed(arena)
+        } else {
+            None
+        };
+        let depth = (self.depth as usize).min(chunks.len().max(1));
+        let base = arena.as_ptr() as usize;
+
+        let mut slots: Vec<Option<Op>> = vec![None; depth];
+        let mut free: Vec<usize> = (0..depth).rev().collect();
+        let mut retry: Vec<Op> = Vec::new();
+        let mut next = 0usize;
+        let mut outstanding = 0usize;
+        let mut failure: Option<Error> = None;
+
+        loop {
+            // Fill the queue, unless a failure or a cancel means we only drain what the kernel still holds.
+            if failure.is_none() {
+                if let Err(e) = check_cancel(cancel) {
+                    failure = Some(e);
+                }
+            }
+            while failure.is_none()
+                && !free.is_empty()
+                && (!retry.is_empty() || next < chunks.len())
+            {
+                let op = retry.pop().unwrap_or_else(|| {
+                    next += 1;
+                    Op {
+                        chunk: next - 1,
+                        done: 0,
+                        buffered: false,
+                    }
+                });
+                let slot = free.pop().expect("checked non-empty");
+                let sqe = build_sqe(
+                    &ckpt.shards[chunks[op.chunk].file],
+                    &chunks[op.chunk],
+                    op,
+                    base,
+                    fixed_base,
+                    plan.align,
+                )
+                .user_data(slot as u64);
+                slots[slot] = Some(op);
+                // SAFETY: the SQE points into the arena at this chunk's own range, which stays valid: this function
+                // does not return while any read is outstanding (failures drain first).
+                unsafe { self.uring.submission().push(&sqe) }
+                    .expect("queue has room: outstanding <= entries");
+                outstanding += 1;
+            }
+            if outstanding == 0 {
+                break;
+            }
+            match self.uring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // The kernel did not take the queue: nothing is in flight that we do not know about, and
+                    // waiting again would spin. Report it.
+                    return Err(Error::Internal(format!("io_uring_enter failed: {e}")));
+                }
+            }
+            let completions: Vec<(u64, i32)> = self
+                .uring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (slot, res) in completions {
+                let slot = slot as usize;
+                let mut op = slots[slot].take().expect("completion for a slot in use");
+                outstanding -= 1;
+                free.push(slot);
+                let c = &chunks[op.chunk];
+                let shard = &ckpt.shards[c.file];
+                if res < 0 {
+                    let errno = -res;
+                    match errno {
+                        libc::EINTR | libc::EAGAIN => retry.push(op),
+                        libc::EINVAL if !op.buffered => {
+                            op.buffered = true;
+                            retry.push(op);
+                        }
+                        _ => {
+                            failure.get_or_insert(Error::Read {
+                                path: shard.path.clone(),
+                                offset: c.file_offset + op.done as u64,
+                                len: (c.len - op.done) as u64,
+                                source: io::Error::from_raw_os_error(errno),
+                            });
+                        }
+                    }
+                    continue;
+                }
+                let n = res as usize;
+                if n == 0 && op.done < c.needed {
+                    failure.get_or_insert(Error::Truncated {
+                        path: shard.path.clone(),
+                        file_end: c.file_offset + op.done as u64,
+                        needed_end: c.file_offset + c.needed as u64,
+                    });
+                    continue;
+                }
+                op.done += n;
+                if op.done < c.needed {
+                    // A short read: ask for the rest (an unaligned rest goes through the buffered descriptor).
+                    retry.push(op);
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn build_sqe(
+    shard: &Shard,
+    c: &Chunk,
+    op: Op,
+    base: usize,
+    fixed_base: Option<u32>,
+    align: u64,
+) -> io_uring::squeue::Entry {
+    let offset = c.file_offset + op.done as u64;
+    let len = c.len - op.done;
+    let dst = base + c.arena_offset + op.done;
+    let aligned = offset % align == 0 && len as u64 % align == 0 && dst as u64 % align == 0;
+    let fd = match (&shard.direct, aligned && !op.buffered) {
+        (Some(f), true) => f.as_raw_fd(),
+        _ => shard.file.as_raw_fd(),
+    };
+    let start = c.arena_offset + op.done;
+    let entry = start / FIXED_ENTRY_BYTES;
+    let same_entry = (start + len - 1) / FIXED_ENTRY_BYTES == entry;
+    match fixed_base {
+        Some(first) if same_entry => opcode::ReadFixed::new(
+            types::Fd(fd),
+            dst as *mut u8,
+            len as u32,
+            (first as usize + entry) as u16,
+        )
+        .offset(offset)
+        .build(),
+        _ => opcode::Read::new(types::Fd(fd), dst as *mut u8, len as u32)
+            .offset(offset)
+            .build(),
+    }
+}

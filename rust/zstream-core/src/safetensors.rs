@@ -1,0 +1,257 @@
+//! Parsing and validating one safetensors header.
+//!
+//! Layout: `u64` little-endian header length N, then N bytes of JSON, then the data section. Each tensor entry
+//! gives `dtype`, `shape` and `data_offsets` relative to the data section. Everything here is checked before
+//! a single tensor byte is trusted: a bad header must become an error naming the file, never a wrong tensor.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+
+/// Headers larger than this are refused before allocating for them (safetensors uses the same cap).
+pub const MAX_HEADER_LEN: u64 = 100 << 20;
+
+/// One tensor as a header describes it, with offsets made absolute in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the first byte in the file.
+    pub offset: u64,
+    pub nbytes: u64,
+}
+
+/// A parsed header: entries sorted by offset, plus where the data section starts.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub data_start: u64,
+    pub entries: Vec<TensorEntry>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: (u64, u64),
+}
+
+/// Read the length prefix: the number of header bytes that follow it.
+pub fn header_len(path: &Path, prefix: [u8; 8], file_size: u64) -> Result<u64> {
+    if file_size < 8 {
+        return Err(Error::checkpoint(
+            path,
+            format!("file is {file_size} bytes, too short for a safetensors header"),
+        ));
+    }
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_HEADER_LEN {
+        return Err(Error::checkpoint(
+            path,
+            format!("header length {n} exceeds the {MAX_HEADER_LEN}-byte cap"),
+        ));
+    }
+    if n.checked_add(8).is_none_or(|end| end > file_size) {
+        return Err(Error::checkpoint(
+            path,
+            format!("header length {n} runs past the end of the {file_size}-byte file (truncated download?)"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Parse and validate the JSON header of a file of `file_size` bytes whose header is `json`.
+pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> {
+    let data_start = 8 + json.len() as u64;
+    let data_len = file_size - data_start;
+    let value: serde_json::Value = serde_json::from_slice(json)
+        .map_err(|e| Error::checkpoint(path, format!("header is not valid JSON: {e}")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(Error::checkpoint(path, "header JSON is not an object"));
+    };
+
+    let mut entries = Vec::with_capacity(map.len());
+    let mut metadata = BTreeMap::new();
+    for (name, v) in map {
+        if name == "__metadata__" {
+            let m: BTreeMap<String, String> = serde_json::from_value(v).map_err(|e| {
+                Error::checkpoint(
+                    path,
+                    format!("__metadata__ must map strings to strings: {e}"),
+                )
+            })?;
+            metadata = m;
+            continue;
+        }
+        let raw: RawEntry = serde_json::from_value(v).map_err(|e| {
+            Error::checkpoint(path, format!("tensor {name:?}: malformed entry: {e}"))
+        })?;
+        let dtype: Dtype = raw.dtype.parse().map_err(|()| {
+            Error::checkpoint(
+                path,
+                format!("tensor {name:?}: unknown dtype {:?}", raw.dtype),
+            )
+        })?;
+        let (begin, end) = raw.data_offsets;
+        if begin > end {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {name:?}: data_offsets [{begin}, {end}] are reversed"),
+            ));
+        }
+        if end > data_len {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "tensor {name:?}: data_offsets [{begin}, {end}] run past the {data_len}-byte data section \
+                     (truncated file?)"
+                ),
+            ));
+        }
+        let expected = raw
+            .shape
+            .iter()
+            .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                Error::checkpoint(
+                    path,
+                    format!("tensor {name:?}: shape {:?} overflows", raw.shape),
+                )
+            })?;
+        if expected != end - begin {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "tensor {name:?}: dtype {dtype} x shape {:?} is {expected} bytes but data_offsets span {}",
+                    raw.shape,
+                    end - begin
+                ),
+            ));
+        }
+        let shape = raw
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                Error::checkpoint(
+                    path,
+                    format!("tensor {name:?}: dimension does not fit in memory"),
+                )
+            })?;
+        entries.push(TensorEntry {
+            name,
+            dtype,
+            shape,
+            offset: data_start + begin,
+            nbytes: end - begin,
+        });
+    }
+
+    entries.sort_by_key(|a| (a.offset, a.nbytes));
+    for w in entries.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        // Empty tensors occupy no bytes and may share an offset with anything.
+        if a.nbytes > 0 && b.nbytes > 0 && a.offset + a.nbytes > b.offset {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "tensors {:?} and {:?} overlap (bytes {}..{} and {}..{} of the file)",
+                    a.name,
+                    b.name,
+                    a.offset,
+                    a.offset + a.nbytes,
+                    b.offset,
+                    b.offset + b.nbytes
+                ),
+            ));
+        }
+    }
+    Ok(Header {
+        data_start,
+        entries,
+        metadata,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str, data_len: u64) -> Result<Header> {
+        parse_header(
+            Path::new("x.safetensors"),
+            json.as_bytes(),
+            8 + json.len() as u64 + data_len,
+        )
+    }
+
+    #[test]
+    fn valid_header_gets_absolute_offsets() {
+        let json = r#"{"b":{"dtype":"F16","shape":[2],"data_offsets":[4,8]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"format":"pt"}}"#;
+        let h = parse(json, 8).unwrap();
+        assert_eq!(h.entries[0].name, "a");
+        assert_eq!(h.entries[1].offset, 8 + json.len() as u64 + 4);
+        assert_eq!(h.metadata["format"], "pt");
+    }
+
+    #[test]
+    fn faults_are_named() {
+        let cases = [
+            (
+                r#"{"a":{"dtype":"F16","shape":[3],"data_offsets":[0,4]}}"#,
+                "x shape",
+            ),
+            (
+                r#"{"a":{"dtype":"F16","shape":[2],"data_offsets":[0,40]}}"#,
+                "run past",
+            ),
+            (
+                r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,4]}}"#,
+                "unknown dtype",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#,
+                "overlap",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,0]}}"#,
+                "reversed",
+            ),
+            (r"[1,2]", "not an object"),
+            (r#"{"a":"#, "not valid JSON"),
+            (
+                r#"{"a":{"dtype":"U8","shape":[18446744073709551615,2],"data_offsets":[0,4]}}"#,
+                "overflows",
+            ),
+        ];
+        for (json, needle) in cases {
+            let err = parse(json, 8).unwrap_err().to_string();
+            assert!(err.contains(needle), "{json}: {err}");
+            assert!(err.starts_with("x.safetensors: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn header_length_checks() {
+        let p = Path::new("f");
+        assert!(header_len(p, 100u64.to_le_bytes(), 50)
+            .unwrap_err()
+            .to_string()
+            .contains("past the end"));
+        assert!(header_len(p, u64::MAX.to_le_bytes(), 50)
+            .unwrap_err()
+            .to_string()
+            .contains("cap"));
+        assert!(header_len(p, [0; 8], 4)
+            .unwrap_err()
+            .to_string()
+            .contains("too short"));
+        assert_eq!(header_len(p, 10u64.to_le_bytes(), 18).unwrap(), 10);
+    }
+}
