@@ -1,0 +1,73 @@
+"""Model families: the math of each supported architecture, independent of where its weights live.
+
+``family_for(config, tensor_names)`` picks the family of a Hugging Face ``config.json`` dict. A family
+object holds no weights; it tells the caller which tensors to fetch and runs pure functions on them:
+
+    fam = family_for(config, tensor_names)          # ModelError if unsupported / config incomplete
+    fam.validate(infos)                              # ModelError if tensors are missing or mis-shaped
+
+    # sizes, from the config
+    fam.num_blocks, fam.hidden_size, fam.num_heads, fam.num_kv_heads, fam.head_dim,
+    fam.max_positions, fam.vocab_size, fam.dtype
+
+    # which checkpoint tensors each function needs: {local name: checkpoint name}
+    fam.block_tensors(i)      # block i
+    fam.outer_tensors()       # embeddings, final norm, head ("lm_head" -> the embedding if tied)
+    fam.expected_shapes()     # {checkpoint name: shape} of every tensor, in checkpoint order
+
+    # one forward pass over T new tokens (w = {local name: tensor on the compute device})
+    ctx = fam.context(attention_mask, T, dtype)      # once per forward: positions, mask, ALiBi, RoPE
+    h = fam.embed(w_outer, input_ids, ctx)           # (B, T) -> (B, T, C)
+    for i in range(fam.num_blocks):
+        h = fam.block(w_block[i], h, cache.layer(i), ctx)   # (B, T, C); writes K/V at ctx.start
+    logits = fam.head(w_outer, h)                    # (B, T, vocab)
+
+``attention_mask`` is (B, S): 1 for real tokens, 0 for left padding, over the cached tokens and the T
+new ones (S = cached + T). ``cache.layer(i)`` is a ``zstream.generation.LayerCache``: anything with
+``update(k, v, start) -> (keys, values)`` that stores k, v (B, nkv, T, hs) at slots [start, start + T)
+and returns the keys/values of slots [0, start + T).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional, Type
+
+from ..errors import ModelError
+from .bloom import Bloom
+from .common import Family, StepContext
+from .llama import Llama
+from .opt import OPT
+
+FAMILIES: tuple[Type[Family], ...] = (Bloom, OPT, Llama)
+
+# config "model_type" -> family class
+_BY_MODEL_TYPE: Dict[str, Type[Family]] = {mt: fam for fam in FAMILIES for mt in fam.model_types}
+_BY_ARCHITECTURE: Dict[str, Type[Family]] = {a: fam for fam in FAMILIES for a in fam.architectures}
+
+
+def supported_architectures() -> list[str]:
+    return [a for fam in FAMILIES for a in fam.architectures]
+
+
+def family_for(config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> Family:
+    """The family object for a config.json dict, given the checkpoint's tensor names (None: assume the
+    names transformers' save_pretrained writes). Raises ModelError for an unsupported architecture
+    (naming the supported ones) or a config missing keys the family needs."""
+    if not isinstance(config, Mapping):
+        raise ModelError(f"config must be a dict (config.json), not {type(config).__name__}")
+    cls = _BY_MODEL_TYPE.get(str(config.get("model_type")))
+    if cls is None:
+        for arch in config.get("architectures") or ():
+            if arch in _BY_ARCHITECTURE:
+                cls = _BY_ARCHITECTURE[arch]
+                break
+    if cls is None:
+        what = config.get("architectures") or config.get("model_type") or "no model_type / architectures"
+        raise ModelError(f"unsupported architecture {what!r}; zstream supports "
+                         f"{', '.join(supported_architectures())} "
+                         f"(model_type {', '.join(sorted(_BY_MODEL_TYPE))})")
+    return cls(config, tensor_names)
+
+
+__all__ = ["FAMILIES", "OPT", "Bloom", "Family", "Llama", "StepContext", "family_for",
+           "supported_architectures"]

@@ -1,0 +1,158 @@
+"""BLOOM (BigScience): ALiBi attention biases, a LayerNorm right after the embedding, fused QKV.
+
+Matches transformers' ``BloomForCausalLM``; the head is tied to the word embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .common import (
+    Family,
+    Shape,
+    StepContext,
+    attention,
+    check_divisible,
+    find_prefix,
+    layer_norm,
+    linear,
+    merge_heads,
+    require,
+)
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """(nh,) ALiBi slopes: a geometric sequence for the largest power of two <= nh, then every other
+    slope of the next power of two for the remaining heads (as in the ALiBi paper and transformers)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = torch.pow(torch.tensor(base), torch.arange(1, 1 + closest, dtype=torch.float32))
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        remaining = min(closest, num_heads - closest)
+        odd = torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.float32)
+        extra = torch.pow(torch.tensor(extra_base), odd)
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+class Bloom(Family):
+    name = "bloom"
+    model_types = ("bloom",)
+    architectures = ("BloomForCausalLM",)
+    _always_mask = True  # the ALiBi bias is an attention mask
+    _embedding_local = "word_embeddings"
+
+    def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
+        super().__init__(config, tensor_names)
+        f = self.name
+        self.num_blocks = int(require(config, "n_layer", "num_hidden_layers", family=f))
+        self.hidden_size = int(require(config, "hidden_size", "n_embed", family=f))
+        self.num_heads = int(require(config, "n_head", "num_attention_heads", family=f))
+        self.vocab_size = int(require(config, "vocab_size", family=f))
+        check_divisible(self.hidden_size, self.num_heads, "hidden_size must divide into n_head heads", f)
+        self.num_kv_heads = self.num_heads
+        self.head_dim = self.hidden_size // self.num_heads
+        # ALiBi has no position table; this is the training context (BLOOM's "seq_length")
+        self.max_positions = int(config.get("seq_length") or config.get("max_position_embeddings") or 2048)
+        self.eps = float(config.get("layer_norm_epsilon", 1e-5))
+        self.residual_post_ln = bool(config.get("apply_residual_connection_post_layernorm", False))
+        self.tied = bool(config.get("tie_word_embeddings", True))
+        # save_pretrained writes "transformer.h.0...", a bare BloomModel (the hub's bigscience/bloom) "h.0..."
+        self.prefix = "transformer."
+        if self.tensor_names is not None:
+            self.prefix = find_prefix(self.tensor_names, "word_embeddings.weight", ("transformer.", ""), f)
+        self._slopes = alibi_slopes(self.num_heads)
+
+    # ---- weight names -------------------------------------------------------------------------
+
+    def _block_shapes(self) -> Dict[str, Shape]:
+        C = self.hidden_size
+        return {
+            "input_layernorm.weight": (C,),
+            "input_layernorm.bias": (C,),
+            "self_attention.query_key_value.weight": (3 * C, C),
+            "self_attention.query_key_value.bias": (3 * C,),
+            "self_attention.dense.weight": (C, C),
+            "self_attention.dense.bias": (C,),
+            "post_attention_layernorm.weight": (C,),
+            "post_attention_layernorm.bias": (C,),
+            "mlp.dense_h_to_4h.weight": (4 * C, C),
+            "mlp.dense_h_to_4h.bias": (4 * C,),
+            "mlp.dense_4h_to_h.weight": (C, 4 * C),
+            "mlp.dense_4h_to_h.bias": (C,),
+        }
+
+    def _outer_shapes(self) -> Dict[str, Shape]:
+        C = self.hidden_size
+        shapes: Dict[str, Shape] = {
+            "word_embeddings": (self.vocab_size, C),
+            "word_embeddings_layernorm.weight": (C,),
+            "word_embeddings_layernorm.bias": (C,),
+            "ln_f.weight": (C,),
+            "ln_f.bias": (C,),
+        }
+        if not self.tied:
+            shapes["lm_head"] = (self.vocab_size, C)
+        return shapes
+
+    _after_blocks = ("ln_f.weight", "ln_f.bias", "lm_head")
+
+    def _block_name(self, i: int, local: str) -> str:
+        return f"{self.prefix}h.{i}.{local}"
+
+    def _outer_name(self, local: str) -> str:
+        if local == "lm_head":
+            return "lm_head.weight"
+        if local == "word_embeddings":
+            return f"{self.prefix}word_embeddings.weight"
+        return self.prefix + local
+
+    # ---- per-forward context ------------------------------------------------------------------
+
+    def context(self, attention_mask: Tensor, num_new: int, dtype: torch.dtype) -> StepContext:
+        ctx = super().context(attention_mask, num_new, dtype)
+        # ALiBi: bias = slope_h * (position of the key). Adding a per-query constant would not change the
+        # softmax, so this equals -slope_h * (query - key) distance, as transformers computes it.
+        mask = attention_mask.long()
+        key_pos = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)  # (B, S)
+        slopes = self._slopes.to(attention_mask.device)
+        alibi = (slopes[None, :, None, None] * key_pos[:, None, None, :]).to(dtype)  # (B, nh, 1, S)
+        assert ctx.mask is not None  # _always_mask
+        ctx.mask = ctx.mask + alibi  # (B, nh, T, S)
+        return ctx
+
+    # ---- math ---------------------------------------------------------------------------------
+
+    def embed(self, w: Mapping[str, Tensor], input_ids: Tensor, ctx: StepContext) -> Tensor:
+        x = torch.nn.functional.embedding(input_ids, w["word_embeddings"])  # (B, T, C)
+        return layer_norm(x, w, "word_embeddings_layernorm", self.eps)
+
+    def block(self, w: Mapping[str, Tensor], hidden: Tensor, cache: Any, ctx: StepContext) -> Tensor:
+        B, T, _ = hidden.shape
+        nh, hs = self.num_heads, self.head_dim
+
+        ln = layer_norm(hidden, w, "input_layernorm", self.eps)
+        residual = ln if self.residual_post_ln else hidden
+        # BLOOM's fused QKV is laid out per head: [q_h, k_h, v_h] for each head h in turn
+        qkv = linear(ln, w, "self_attention.query_key_value").view(B, T, nh, 3, hs)
+        q = qkv[..., 0, :].transpose(1, 2)  # (B, nh, T, hs)
+        k = qkv[..., 1, :].transpose(1, 2)
+        v = qkv[..., 2, :].transpose(1, 2)
+        k, v = cache.update(k, v, ctx.start)  # (B, nh, S, hs)
+        y = merge_heads(attention(q, k, v, ctx))  # (B, T, C)
+        hidden = residual + linear(y, w, "self_attention.dense")
+
+        ln = layer_norm(hidden, w, "post_attention_layernorm", self.eps)
+        residual = ln if self.residual_post_ln else hidden
+        # BLOOM's gelu is the tanh approximation (from Megatron-DeepSpeed)
+        h = torch.nn.functional.gelu(linear(ln, w, "mlp.dense_h_to_4h"), approximate="tanh")
+        return residual + linear(h, w, "mlp.dense_4h_to_h")
+
+    def head(self, w: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
+        hidden = layer_norm(hidden, w, "ln_f", self.eps)
+        return torch.nn.functional.linear(hidden, w["lm_head"])  # (B, T, vocab)

@@ -1,0 +1,360 @@
+"""What every model family shares: the ``Family`` base class, the per-forward ``StepContext``, attention.
+
+A family turns a Hugging Face ``config.json`` (a plain dict) and the checkpoint's tensor names into
+pure functions over weight dicts. It holds no weights itself: the caller (``ResidentModel`` or the
+streaming engine) hands each function the tensors it needs, already on the compute device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ModelError
+
+Shape = Tuple[int, ...]
+
+# safetensors dtype strings (as in a file header) -> torch dtypes
+SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+# config.json "torch_dtype" / "dtype" strings -> torch dtypes
+CONFIG_DTYPES: Dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@dataclass
+class StepContext:
+    """Everything a block needs that is the same for every block of one forward pass.
+
+    Built once per forward by ``Family.context`` and passed, unchanged, to every ``Family.block`` call,
+    so masks, ALiBi biases and RoPE tables are computed once per step, not once per block.
+    """
+
+    start: int  # cache write index: the new keys/values go to cache slots [start, start + T)
+    positions: Tensor  # (B, T) int64 position ids of the new tokens (from the attention-mask cumsum)
+    mask: Optional[Tensor]  # (B, 1 or nh, T, S) additive float bias for SDPA, S = start + T; None = no mask
+    is_causal: bool  # True only when mask is None, start == 0 and T > 1 (lets SDPA pick flash kernels)
+    rope: Optional[Tuple[Tensor, Tensor]] = None  # (cos, sin), each (B, 1, T, hs), RoPE families only
+
+    @property
+    def num_new(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new
+
+
+def require(config: Mapping[str, Any], *keys: str, family: str) -> Any:
+    """The value of the first of ``keys`` present in ``config``; ModelError naming them all if none is."""
+    for key in keys:
+        if key in config and config[key] is not None:
+            return config[key]
+    wanted = " or ".join(repr(k) for k in keys)
+    raise ModelError(f"{family} config is missing {wanted}")
+
+
+def config_dtype(config: Mapping[str, Any]) -> torch.dtype:
+    """The dtype a config declares ("dtype" in transformers 5, "torch_dtype" before); float32 if none."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if isinstance(name, torch.dtype):
+        return name
+    name = str(name).replace("torch.", "")
+    if name not in CONFIG_DTYPES:
+        raise ModelError(f"unsupported dtype {name!r} in config (supported: {', '.join(CONFIG_DTYPES)})")
+    return CONFIG_DTYPES[name]
+
+
+def _info_shape_dtype(info: Any) -> Tuple[Shape, Optional[torch.dtype]]:
+    """Shape and dtype of one tensor description: an object with .shape/.dtype, a (shape, dtype) pair,
+    or a bare shape. dtype may be a torch dtype or a safetensors string ("F16")."""
+    if hasattr(info, "shape"):
+        shape, dtype = info.shape, getattr(info, "dtype", None)
+    elif isinstance(info, tuple) and len(info) == 2 and not isinstance(info[1], int):
+        shape, dtype = info
+    else:
+        shape, dtype = info, None
+    if isinstance(dtype, str):
+        dtype = SAFETENSORS_DTYPES.get(dtype.upper()) or CONFIG_DTYPES.get(dtype.replace("torch.", ""))
+    return tuple(int(d) for d in shape), dtype
+
+
+def find_prefix(names: Iterable[str], anchor: str, candidates: Sequence[str], family: str) -> str:
+    """Which of ``candidates`` the checkpoint puts in front of its tensor names, found via ``anchor``.
+
+    save_pretrained writes e.g. "transformer.h.0..." (BLOOM) but hub checkpoints saved from the bare
+    model have no prefix ("h.0..."), so the prefix is read off the names rather than assumed.
+    """
+    names = set(names)
+    for prefix in candidates:
+        if prefix + anchor in names:
+            return prefix
+    tried = ", ".join(repr(p + anchor) for p in candidates)
+    raise ModelError(f"{family} checkpoint has none of {tried}: not a {family} checkpoint?")
+
+
+class Family:
+    """One model architecture: weight names and shapes, and the math of embed / block / head.
+
+    Subclasses set the class attributes and implement ``_block_shapes``, ``_outer_shapes``,
+    ``embed``, ``block`` and ``head``; they may extend ``context`` (ALiBi, RoPE).
+    """
+
+    name: ClassVar[str]  # short family name, e.g. "llama"
+    model_types: ClassVar[Tuple[str, ...]]  # config.json "model_type" values this family runs
+    architectures: ClassVar[Tuple[str, ...]]  # config.json "architectures" values this family runs
+
+    # set by subclasses in __init__
+    num_blocks: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    vocab_size: int
+    dtype: torch.dtype
+    sliding_window: Optional[int] = None
+    # families whose attention needs a bias tensor even without padding (ALiBi) set this
+    _always_mask: ClassVar[bool] = False
+
+    def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
+        self.config = dict(config)
+        self.dtype = config_dtype(config)
+        # None = the names save_pretrained writes; otherwise detect the prefix from the real names
+        self.tensor_names = None if tensor_names is None else frozenset(tensor_names)
+
+    # ---- weight names -------------------------------------------------------------------------
+
+    def _block_shapes(self) -> Dict[str, Shape]:
+        """local name -> shape of the tensors of one block (the same for every block)."""
+        raise NotImplementedError
+
+    def _outer_shapes(self) -> Dict[str, Shape]:
+        """local name -> shape of the tensors outside the blocks, as stored (tied head excluded)."""
+        raise NotImplementedError
+
+    def _block_name(self, i: int, local: str) -> str:
+        raise NotImplementedError
+
+    def _outer_name(self, local: str) -> str:
+        raise NotImplementedError
+
+    def block_tensors(self, i: int) -> Dict[str, str]:
+        """local name -> checkpoint name for the tensors of block ``i``."""
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(f"block {i} out of range: {self.name} has {self.num_blocks} blocks")
+        return {local: self._block_name(i, local) for local in self._block_shapes()}
+
+    def outer_tensors(self) -> Dict[str, str]:
+        """local name -> checkpoint name for embeddings, final norm and head.
+
+        A tied head maps "lm_head" to the embedding tensor's name (the same storage serves both)."""
+        names = {local: self._outer_name(local) for local in self._outer_shapes()}
+        if self.tied_embeddings:
+            names["lm_head"] = names[self._embedding_local]
+        return names
+
+    # the outer local name of the token embedding, which a tied head reuses
+    _embedding_local: ClassVar[str] = "embed_tokens"
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return "lm_head" not in self._outer_shapes()
+
+    def expected_shapes(self) -> Dict[str, Shape]:
+        """checkpoint name -> shape of every tensor the model reads, in save_pretrained order."""
+        outer = self._outer_shapes()
+        shapes: Dict[str, Shape] = {}
+        head = {k: v for k, v in outer.items() if k in self._after_blocks}
+        for local, shape in outer.items():
+            if local not in head:
+                shapes[self._outer_name(local)] = shape
+        block = self._block_shapes()
+        for i in range(self.num_blocks):
+            for local, shape in block.items():
+                shapes[self._block_name(i, local)] = shape
+        for local, shape in head.items():
+            shapes[self._outer_name(local)] = shape
+        return shapes
+
+    # outer local names that come after the blocks in a checkpoint (final norm, head)
+    _after_blocks: ClassVar[Tuple[str, ...]] = ()
+
+    def validate(self, infos: Mapping[str, Any]) -> None:
+        """Check that the checkpoint has every tensor, with the shape the config implies.
+
+        ``infos`` maps checkpoint names to a shape, a (shape, dtype) pair, or an object with ``.shape``
+        (and optionally ``.dtype``: torch dtype or safetensors string); only floating dtypes are accepted.
+        Raises ModelError listing the first few problems.
+        """
+        problems = []
+        for name, want in self.expected_shapes().items():
+            if name not in infos:
+                block = self._block_of(name)
+                where = f" (block {block})" if block is not None else ""
+                problems.append(f"missing tensor {name!r}{where}")
+                continue
+            shape, dtype = _info_shape_dtype(infos[name])
+            if shape != want:
+                problems.append(f"{name!r} has shape {list(shape)}, the config implies {list(want)}")
+            if dtype is not None and not dtype.is_floating_point:
+                problems.append(f"{name!r} has non-floating dtype {dtype}")
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ModelError(f"{self.name} checkpoint does not match its config: "
+                             + "; ".join(problems[:5]) + more)
+
+    def _block_of(self, name: str) -> Optional[int]:
+        for i in range(self.num_blocks):
+            if name in self.block_tensors(i).values():
+                return i
+        return None
+
+    # ---- per-forward context ------------------------------------------------------------------
+
+    def context(self, attention_mask: Tensor, num_new: int, dtype: torch.dtype) -> StepContext:
+        """The StepContext of a forward pass over the last ``num_new`` tokens.
+
+        attention_mask: (B, S) 1 for real tokens, 0 for (left) padding, over every token so far: the
+        cached ones and the new ones. The new keys/values go to cache slots [S - num_new, S).
+        """
+        S = attention_mask.shape[1]
+        T = num_new
+        start = S - T
+        device = attention_mask.device
+        valid = attention_mask.bool()  # (B, S)
+        # positions count real tokens only, so left padding does not shift them (as transformers does)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+        limit = self.max_positions
+        # cheap test first: positions < S, so only a long sequence can overflow (avoids a device sync)
+        if positions.shape[1] and limit < S and int(positions.max()) >= limit:
+            raise ModelError(f"sequence of {int(positions.max()) + 1} tokens is longer than the "
+                             f"{self.max_positions} positions {self.name} supports")
+
+        plain = not self._always_mask and self.sliding_window is None
+        if plain and (T == 1 or start == 0) and bool(valid.all()):
+            # no padding, no window: plain causal attention, no mask tensor needed
+            return StepContext(start, positions, None, is_causal=T > 1)
+
+        q_idx = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = k_idx <= q_idx  # (T, S) causal
+        if self.sliding_window is not None:
+            allowed = allowed & (k_idx > q_idx - self.sliding_window)
+        allowed = allowed[None] & valid[:, None, :]  # (B, T, S)
+        # a padding query sees no real key; let it see itself so its softmax row is not all -inf (NaN)
+        allowed = allowed | (k_idx == q_idx)[None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask = mask.masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, T, S)
+        return StepContext(start, positions, mask, is_causal=False)
+
+    # ---- math ---------------------------------------------------------------------------------
+
+    def embed(self, w: Mapping[str, Tensor], input_ids: Tensor, ctx: StepContext) -> Tensor:
+        """(B, T) token ids -> (B, T, C) hidden states. ``w`` holds the outer tensors."""
+        raise NotImplementedError
+
+    def block(self, w: Mapping[str, Tensor], hidden: Tensor, cache: Any, ctx: StepContext) -> Tensor:
+        """One transformer block: (B, T, C) -> (B, T, C); writes this step's keys/values into ``cache``.
+
+        ``w`` holds this block's tensors by local name; ``cache`` is the block's ``LayerCache``."""
+        raise NotImplementedError
+
+    def head(self, w: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, vocab) logits. ``w`` holds the outer tensors."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(blocks={self.num_blocks}, hidden={self.hidden_size}, "
+                f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, vocab={self.vocab_size})")
+
+
+# ---- shared math ------------------------------------------------------------------------------
+
+_SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
+    """Causal multi-head attention over the cache. q: (B, nh, T, hs); k, v: (B, nkv, S, hs)."""
+    if k.shape[1] != q.shape[1]:
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
+                                                  enable_gqa=True)
+        # older torch: expand the kv heads (a copy, but correct)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
+
+
+def linear(x: Tensor, w: Mapping[str, Tensor], name: str) -> Tensor:
+    """x @ W.T + b, where the bias "<name>.bias" is optional."""
+    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def layer_norm(x: Tensor, w: Mapping[str, Tensor], name: str, eps: float) -> Tensor:
+    """LayerNorm whose weight/bias may be absent (OPT's layer_norm_elementwise_affine=False)."""
+    return F.layer_norm(x, (x.shape[-1],), w.get(f"{name}.weight"), w.get(f"{name}.bias"), eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # in float32 like transformers' LlamaRMSNorm, so fp16 activations don't overflow in the square
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+}
+
+
+def activation(name: str, family: str) -> Callable[[Tensor], Tensor]:
+    if name not in ACTIVATIONS:
+        raise ModelError(f"{family}: unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, T, nh * hs) -> (B, nh, T, hs)"""
+    B, T, _ = x.shape
+    return x.view(B, T, num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, nh, T, hs) -> (B, T, nh * hs)"""
+    B, nh, T, hs = x.shape
+    return x.transpose(1, 2).reshape(B, T, nh * hs)
+
+
+def check_divisible(a: int, b: int, what: str, family: str) -> None:
+    if b <= 0 or a % b:
+        raise ModelError(f"{family}: {what} ({a} is not divisible by {b})")
