@@ -41,3 +41,10 @@ class OutOfMemoryError(ZStreamError, MemoryError):
 
 
 __all__ = ["CheckpointError", "ModelError", "OutOfMemoryError", "ReadError", "ZStreamError"]
+
+
+class ReadTimeoutError(ReadError, TimeoutError):
+    """A wait for a read ran past its timeout; the read itself goes on in the background."""
+
+
+__all__ += ["ReadTimeoutError"]

@@ -66,10 +66,7 @@ impl Arena {
             )
         };
         if map_ptr == libc::MAP_FAILED {
-            return Err(Error::Alloc {
-                bytes: len,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(Error::Alloc { bytes: len, source: std::io::Error::last_os_error() });
         }
         let base = map_ptr as usize;
         let aligned = base.next_multiple_of(align);
@@ -106,10 +103,7 @@ impl Arena {
     }
 
     pub fn pin_state(&self) -> PinState {
-        *self
-            .pin
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self.pin.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Register the whole arena with CUDA once. Returns `Ok(false)` when no CUDA runtime was installed (a no-op:
@@ -118,10 +112,7 @@ impl Arena {
         let Some(api) = cuda_host_api() else {
             return Ok(false);
         };
-        let mut state = self
-            .pin
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.pin.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match *state {
             PinState::Pinned(f) if f == flags => return Ok(true),
             PinState::Pinned(_) => {
@@ -134,10 +125,7 @@ impl Arena {
         // SAFETY: ptr..ptr+len is a live mapping owned by this arena, which unregisters it before unmapping.
         let code = unsafe { (api.register)(self.ptr.as_ptr().cast(), self.len, flags) };
         if code != 0 {
-            return Err(Error::Pin {
-                bytes: self.len,
-                code,
-            });
+            return Err(Error::Pin { bytes: self.len, code });
         }
         *state = PinState::Pinned(flags);
         Ok(true)

@@ -56,48 +56,25 @@ impl Checkpoint {
     /// Open a `.safetensors` file or a checkpoint directory and validate every header.
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let root = path.as_ref().to_path_buf();
-        let meta = std::fs::metadata(&root)
-            .map_err(|e| Error::checkpoint(&root, format!("cannot open checkpoint: {e}")))?;
-        let (shard_paths, index) = if meta.is_dir() {
-            Self::discover(&root)?
-        } else {
-            (vec![root.clone()], None)
-        };
+        let meta =
+            std::fs::metadata(&root).map_err(|e| Error::checkpoint(&root, format!("cannot open checkpoint: {e}")))?;
+        let (shard_paths, index) = if meta.is_dir() { Self::discover(&root)? } else { (vec![root.clone()], None) };
 
         let mut shards = Vec::with_capacity(shard_paths.len());
         let mut tensors: Vec<TensorInfo> = Vec::new();
         let mut by_name: HashMap<String, usize> = HashMap::new();
         for (shard_idx, p) in shard_paths.into_iter().enumerate() {
             let (shard, entries) = open_shard(&p)?;
-            for TensorEntry {
-                name,
-                dtype,
-                shape,
-                offset,
-                nbytes,
-            } in entries
-            {
+            for TensorEntry { name, dtype, shape, offset, nbytes } in entries {
                 if let Some(&prev) = by_name.get(&name) {
-                    let other = &shards
-                        .get(tensors[prev].shard)
-                        .map_or(&p, |s: &Shard| &s.path);
+                    let other = &shards.get(tensors[prev].shard).map_or(&p, |s: &Shard| &s.path);
                     return Err(Error::checkpoint(
                         &p,
-                        format!(
-                            "tensor {name:?} is also in {} (duplicate names across shards)",
-                            other.display()
-                        ),
+                        format!("tensor {name:?} is also in {} (duplicate names across shards)", other.display()),
                     ));
                 }
                 by_name.insert(name.clone(), tensors.len());
-                tensors.push(TensorInfo {
-                    name,
-                    dtype,
-                    shape,
-                    shard: shard_idx,
-                    offset,
-                    nbytes,
-                });
+                tensors.push(TensorInfo { name, dtype, shape, shard: shard_idx, offset, nbytes });
             }
             shards.push(shard);
         }
@@ -114,20 +91,12 @@ impl Checkpoint {
                 if actual.file_name().and_then(|f| f.to_str()) != Some(file.as_str()) {
                     return Err(Error::checkpoint(
                         &index_path,
-                        format!(
-                            "index maps tensor {name:?} to {file}, but it is in {}",
-                            actual.display()
-                        ),
+                        format!("index maps tensor {name:?} to {file}, but it is in {}", actual.display()),
                     ));
                 }
             }
         }
-        Ok(Checkpoint {
-            root,
-            shards,
-            tensors,
-            by_name,
-        })
+        Ok(Checkpoint { root, shards, tensors, by_name })
     }
 
     /// The shard files of a directory, with the index's weight map when there is one.
@@ -152,23 +121,16 @@ impl Checkpoint {
                 }
                 let p = dir.join(f);
                 if !p.is_file() {
-                    return Err(Error::checkpoint(
-                        &index_path,
-                        format!("index names shard {f}, which is missing"),
-                    ));
+                    return Err(Error::checkpoint(&index_path, format!("index names shard {f}, which is missing")));
                 }
                 paths.push(p);
             }
             if paths.is_empty() {
-                return Err(Error::checkpoint(
-                    &index_path,
-                    "index has an empty weight_map",
-                ));
+                return Err(Error::checkpoint(&index_path, "index has an empty weight_map"));
             }
             return Ok((paths, Some((index_path, index.weight_map))));
         }
-        let rd = std::fs::read_dir(dir)
-            .map_err(|e| Error::checkpoint(dir, format!("cannot list directory: {e}")))?;
+        let rd = std::fs::read_dir(dir).map_err(|e| Error::checkpoint(dir, format!("cannot list directory: {e}")))?;
         let mut paths: Vec<PathBuf> = rd
             .filter_map(std::result::Result::ok)
             .map(|e| e.path())
@@ -176,27 +138,18 @@ impl Checkpoint {
             .collect();
         paths.sort();
         if paths.is_empty() {
-            return Err(Error::checkpoint(
-                dir,
-                "directory holds no .safetensors files",
-            ));
+            return Err(Error::checkpoint(dir, "directory holds no .safetensors files"));
         }
         Ok((paths, None))
     }
 
     pub fn get(&self, name: &str) -> Result<&TensorInfo> {
-        self.by_name
-            .get(name)
-            .map(|&i| &self.tensors[i])
-            .ok_or_else(|| Error::UnknownTensor(name.to_owned()))
+        self.by_name.get(name).map(|&i| &self.tensors[i]).ok_or_else(|| Error::UnknownTensor(name.to_owned()))
     }
 
     /// Position of `name` in [`Checkpoint::tensors`].
     pub fn index(&self, name: &str) -> Result<usize> {
-        self.by_name
-            .get(name)
-            .copied()
-            .ok_or_else(|| Error::UnknownTensor(name.to_owned()))
+        self.by_name.get(name).copied().ok_or_else(|| Error::UnknownTensor(name.to_owned()))
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -218,34 +171,16 @@ impl Checkpoint {
 }
 
 fn open_shard(path: &Path) -> Result<(Shard, Vec<TensorEntry>)> {
-    let mut file =
-        File::open(path).map_err(|e| Error::checkpoint(path, format!("cannot open: {e}")))?;
-    let size = file
-        .metadata()
-        .map_err(|e| Error::checkpoint(path, format!("cannot stat: {e}")))?
-        .len();
+    let mut file = File::open(path).map_err(|e| Error::checkpoint(path, format!("cannot open: {e}")))?;
+    let size = file.metadata().map_err(|e| Error::checkpoint(path, format!("cannot stat: {e}")))?.len();
     let mut prefix = [0u8; 8];
     if size >= 8 {
-        file.read_exact(&mut prefix)
-            .map_err(|e| Error::checkpoint(path, format!("cannot read header: {e}")))?;
+        file.read_exact(&mut prefix).map_err(|e| Error::checkpoint(path, format!("cannot read header: {e}")))?;
     }
     let n = header_len(path, prefix, size)?;
     let mut json = vec![0u8; n as usize];
-    file.read_exact_at(&mut json, 8)
-        .map_err(|e| Error::checkpoint(path, format!("cannot read header: {e}")))?;
+    file.read_exact_at(&mut json, 8).map_err(|e| Error::checkpoint(path, format!("cannot read header: {e}")))?;
     let header = parse_header(path, &json, size)?;
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok();
-    Ok((
-        Shard {
-            path: path.to_path_buf(),
-            file,
-            direct,
-            size,
-        },
-        header.entries,
-    ))
+    let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
+    Ok((Shard { path: path.to_path_buf(), file, direct, size }, header.entries))
 }

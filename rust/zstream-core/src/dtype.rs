@@ -86,9 +86,7 @@ impl Dtype {
         let bits = (self.size() * 8) as u8;
         let code = match self {
             Dtype::Bool => dl_code::BOOL,
-            Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64 | Dtype::F8E4M3 | Dtype::F8E5M2 => {
-                dl_code::UINT
-            }
+            Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64 | Dtype::F8E4M3 | Dtype::F8E5M2 => dl_code::UINT,
             Dtype::I8 | Dtype::I16 | Dtype::I32 | Dtype::I64 => dl_code::INT,
             Dtype::F16 | Dtype::F32 | Dtype::F64 => dl_code::FLOAT,
             Dtype::Bf16 => dl_code::BFLOAT,

@@ -14,20 +14,11 @@ pub enum Error {
 
     /// An I/O call failed while reading tensor data.
     #[error("{}: reading {len} bytes at offset {offset} failed: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        offset: u64,
-        len: u64,
-        source: io::Error,
-    },
+    Read { path: PathBuf, offset: u64, len: u64, source: io::Error },
 
     /// The file is shorter than its header says: truncated after `open`, or never complete.
     #[error("{}: file ends at byte {file_end}, but tensor data runs to byte {needed_end}", path.display())]
-    Truncated {
-        path: PathBuf,
-        file_end: u64,
-        needed_end: u64,
-    },
+    Truncated { path: PathBuf, file_end: u64, needed_end: u64 },
 
     /// A name that no shard of the checkpoint holds.
     #[error("no tensor named {0:?} in this checkpoint")]
@@ -39,10 +30,7 @@ pub enum Error {
 
     /// The requested reader cannot work here (io_uring disabled by seccomp, kernel too old, ...).
     #[error("reader {reader:?} is unavailable here: {reason}")]
-    ReaderUnavailable {
-        reader: &'static str,
-        reason: String,
-    },
+    ReaderUnavailable { reader: &'static str, reason: String },
 
     /// Anonymous memory for an arena could not be mapped.
     #[error("could not allocate a {bytes}-byte host arena: {source}")]
@@ -67,9 +55,6 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Checkpoint {
-            path: path.into(),
-            msg: msg.into(),
-        }
+        Error::Checkpoint { path: path.into(), msg: msg.into() }
     }
 }

@@ -7,8 +7,7 @@
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::OnceLock;
 
-pub type HostRegisterFn =
-    unsafe extern "C" fn(ptr: *mut c_void, size: usize, flags: c_uint) -> c_int;
+pub type HostRegisterFn = unsafe extern "C" fn(ptr: *mut c_void, size: usize, flags: c_uint) -> c_int;
 pub type HostUnregisterFn = unsafe extern "C" fn(ptr: *mut c_void) -> c_int;
 
 /// `cudaHostRegister` flags (cuda_runtime_api.h).

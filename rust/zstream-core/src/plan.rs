@@ -83,25 +83,18 @@ pub fn plan(wants: &[Want], align: u64, max_gap: u64) -> ReadPlan {
     let mut open: Option<(usize, u64, u64)> = None;
     let mut members: Vec<usize> = Vec::new();
 
-    let mut close =
-        |open: (usize, u64, u64), members: &mut Vec<usize>, extents: &mut Vec<Extent>| {
-            let (file, start, end) = open;
-            let file_start = align_down(start, align);
-            let file_end = align_up(end, align);
-            let arena_offset = arena_len;
-            arena_len += (file_end - file_start) as usize;
-            for &m in members.iter() {
-                placements[m] = arena_offset + (wants[m].offset - file_start) as usize;
-            }
-            members.clear();
-            extents.push(Extent {
-                file,
-                file_start,
-                file_end,
-                needed_end: end,
-                arena_offset,
-            });
-        };
+    let mut close = |open: (usize, u64, u64), members: &mut Vec<usize>, extents: &mut Vec<Extent>| {
+        let (file, start, end) = open;
+        let file_start = align_down(start, align);
+        let file_end = align_up(end, align);
+        let arena_offset = arena_len;
+        arena_len += (file_end - file_start) as usize;
+        for &m in members.iter() {
+            placements[m] = arena_offset + (wants[m].offset - file_start) as usize;
+        }
+        members.clear();
+        extents.push(Extent { file, file_start, file_end, needed_end: end, arena_offset });
+    };
 
     for &i in &order {
         let w = wants[i];
@@ -122,21 +115,13 @@ pub fn plan(wants: &[Want], align: u64, max_gap: u64) -> ReadPlan {
         close(prev, &mut members, &mut extents);
     }
     // Empty tensors point at the start of the arena: any valid address will do, nothing is read through it.
-    ReadPlan {
-        extents,
-        placements,
-        arena_len,
-        align,
-    }
+    ReadPlan { extents, placements, arena_len, align }
 }
 
 impl ReadPlan {
     /// Split every extent into I/Os of at most `chunk` bytes (`chunk` a multiple of `align`).
     pub fn chunks(&self, chunk: usize) -> Vec<Chunk> {
-        assert!(
-            chunk > 0 && chunk as u64 % self.align == 0,
-            "chunk must be a positive multiple of the alignment"
-        );
+        assert!(chunk > 0 && chunk as u64 % self.align == 0, "chunk must be a positive multiple of the alignment");
         let mut out = Vec::new();
         for e in &self.extents {
             let mut off = e.file_start;
@@ -169,18 +154,7 @@ mod tests {
 
     #[test]
     fn adjacent_tensors_coalesce() {
-        let wants = [
-            Want {
-                file: 0,
-                offset: 100,
-                len: 50,
-            },
-            Want {
-                file: 0,
-                offset: 150,
-                len: 4000,
-            },
-        ];
+        let wants = [Want { file: 0, offset: 100, len: 50 }, Want { file: 0, offset: 150, len: 4000 }];
         let p = plan(&wants, 4096, 0);
         assert_eq!(p.extents.len(), 1);
         assert_eq!(p.extents[0].file_start, 0);
@@ -191,21 +165,9 @@ mod tests {
     #[test]
     fn far_tensors_and_other_files_split() {
         let wants = [
-            Want {
-                file: 0,
-                offset: 0,
-                len: 10,
-            },
-            Want {
-                file: 0,
-                offset: 1 << 30,
-                len: 10,
-            },
-            Want {
-                file: 1,
-                offset: 0,
-                len: 10,
-            },
+            Want { file: 0, offset: 0, len: 10 },
+            Want { file: 0, offset: 1 << 30, len: 10 },
+            Want { file: 1, offset: 0, len: 10 },
         ];
         let p = plan(&wants, 4096, 1 << 20);
         assert_eq!(p.extents.len(), 3);

@@ -44,17 +44,11 @@ struct RawEntry {
 /// Read the length prefix: the number of header bytes that follow it.
 pub fn header_len(path: &Path, prefix: [u8; 8], file_size: u64) -> Result<u64> {
     if file_size < 8 {
-        return Err(Error::checkpoint(
-            path,
-            format!("file is {file_size} bytes, too short for a safetensors header"),
-        ));
+        return Err(Error::checkpoint(path, format!("file is {file_size} bytes, too short for a safetensors header")));
     }
     let n = u64::from_le_bytes(prefix);
     if n > MAX_HEADER_LEN {
-        return Err(Error::checkpoint(
-            path,
-            format!("header length {n} exceeds the {MAX_HEADER_LEN}-byte cap"),
-        ));
+        return Err(Error::checkpoint(path, format!("header length {n} exceeds the {MAX_HEADER_LEN}-byte cap")));
     }
     if n.checked_add(8).is_none_or(|end| end > file_size) {
         return Err(Error::checkpoint(
@@ -69,8 +63,8 @@ pub fn header_len(path: &Path, prefix: [u8; 8], file_size: u64) -> Result<u64> {
 pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> {
     let data_start = 8 + json.len() as u64;
     let data_len = file_size - data_start;
-    let value: serde_json::Value = serde_json::from_slice(json)
-        .map_err(|e| Error::checkpoint(path, format!("header is not valid JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| Error::checkpoint(path, format!("header is not valid JSON: {e}")))?;
     let serde_json::Value::Object(map) = value else {
         return Err(Error::checkpoint(path, "header JSON is not an object"));
     };
@@ -79,24 +73,17 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
     let mut metadata = BTreeMap::new();
     for (name, v) in map {
         if name == "__metadata__" {
-            let m: BTreeMap<String, String> = serde_json::from_value(v).map_err(|e| {
-                Error::checkpoint(
-                    path,
-                    format!("__metadata__ must map strings to strings: {e}"),
-                )
-            })?;
+            let m: BTreeMap<String, String> = serde_json::from_value(v)
+                .map_err(|e| Error::checkpoint(path, format!("__metadata__ must map strings to strings: {e}")))?;
             metadata = m;
             continue;
         }
-        let raw: RawEntry = serde_json::from_value(v).map_err(|e| {
-            Error::checkpoint(path, format!("tensor {name:?}: malformed entry: {e}"))
-        })?;
-        let dtype: Dtype = raw.dtype.parse().map_err(|()| {
-            Error::checkpoint(
-                path,
-                format!("tensor {name:?}: unknown dtype {:?}", raw.dtype),
-            )
-        })?;
+        let raw: RawEntry = serde_json::from_value(v)
+            .map_err(|e| Error::checkpoint(path, format!("tensor {name:?}: malformed entry: {e}")))?;
+        let dtype: Dtype = raw
+            .dtype
+            .parse()
+            .map_err(|()| Error::checkpoint(path, format!("tensor {name:?}: unknown dtype {:?}", raw.dtype)))?;
         let (begin, end) = raw.data_offsets;
         if begin > end {
             return Err(Error::checkpoint(
@@ -117,12 +104,7 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
             .shape
             .iter()
             .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| {
-                Error::checkpoint(
-                    path,
-                    format!("tensor {name:?}: shape {:?} overflows", raw.shape),
-                )
-            })?;
+            .ok_or_else(|| Error::checkpoint(path, format!("tensor {name:?}: shape {:?} overflows", raw.shape)))?;
         if expected != end - begin {
             return Err(Error::checkpoint(
                 path,
@@ -138,19 +120,8 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
             .iter()
             .map(|&d| usize::try_from(d))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| {
-                Error::checkpoint(
-                    path,
-                    format!("tensor {name:?}: dimension does not fit in memory"),
-                )
-            })?;
-        entries.push(TensorEntry {
-            name,
-            dtype,
-            shape,
-            offset: data_start + begin,
-            nbytes: end - begin,
-        });
+            .map_err(|_| Error::checkpoint(path, format!("tensor {name:?}: dimension does not fit in memory")))?;
+        entries.push(TensorEntry { name, dtype, shape, offset: data_start + begin, nbytes: end - begin });
     }
 
     entries.sort_by_key(|a| (a.offset, a.nbytes));
@@ -172,11 +143,7 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
             ));
         }
     }
-    Ok(Header {
-        data_start,
-        entries,
-        metadata,
-    })
+    Ok(Header { data_start, entries, metadata })
 }
 
 #[cfg(test)]
@@ -184,11 +151,7 @@ mod tests {
     use super::*;
 
     fn parse(json: &str, data_len: u64) -> Result<Header> {
-        parse_header(
-            Path::new("x.safetensors"),
-            json.as_bytes(),
-            8 + json.len() as u64 + data_len,
-        )
+        parse_header(Path::new("x.safetensors"), json.as_bytes(), 8 + json.len() as u64 + data_len)
     }
 
     #[test]
@@ -203,32 +166,17 @@ mod tests {
     #[test]
     fn faults_are_named() {
         let cases = [
-            (
-                r#"{"a":{"dtype":"F16","shape":[3],"data_offsets":[0,4]}}"#,
-                "x shape",
-            ),
-            (
-                r#"{"a":{"dtype":"F16","shape":[2],"data_offsets":[0,40]}}"#,
-                "run past",
-            ),
-            (
-                r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,4]}}"#,
-                "unknown dtype",
-            ),
+            (r#"{"a":{"dtype":"F16","shape":[3],"data_offsets":[0,4]}}"#, "x shape"),
+            (r#"{"a":{"dtype":"F16","shape":[2],"data_offsets":[0,40]}}"#, "run past"),
+            (r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,4]}}"#, "unknown dtype"),
             (
                 r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#,
                 "overlap",
             ),
-            (
-                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,0]}}"#,
-                "reversed",
-            ),
+            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,0]}}"#, "reversed"),
             (r"[1,2]", "not an object"),
             (r#"{"a":"#, "not valid JSON"),
-            (
-                r#"{"a":{"dtype":"U8","shape":[18446744073709551615,2],"data_offsets":[0,4]}}"#,
-                "overflows",
-            ),
+            (r#"{"a":{"dtype":"U8","shape":[18446744073709551615,2],"data_offsets":[0,4]}}"#, "overflows"),
         ];
         for (json, needle) in cases {
             let err = parse(json, 8).unwrap_err().to_string();
@@ -240,18 +188,9 @@ mod tests {
     #[test]
     fn header_length_checks() {
         let p = Path::new("f");
-        assert!(header_len(p, 100u64.to_le_bytes(), 50)
-            .unwrap_err()
-            .to_string()
-            .contains("past the end"));
-        assert!(header_len(p, u64::MAX.to_le_bytes(), 50)
-            .unwrap_err()
-            .to_string()
-            .contains("cap"));
-        assert!(header_len(p, [0; 8], 4)
-            .unwrap_err()
-            .to_string()
-            .contains("too short"));
+        assert!(header_len(p, 100u64.to_le_bytes(), 50).unwrap_err().to_string().contains("past the end"));
+        assert!(header_len(p, u64::MAX.to_le_bytes(), 50).unwrap_err().to_string().contains("cap"));
+        assert!(header_len(p, [0; 8], 4).unwrap_err().to_string().contains("too short"));
         assert_eq!(header_len(p, 10u64.to_le_bytes(), 18).unwrap(), 10);
     }
 }

@@ -40,10 +40,7 @@ impl Deref for Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        if let (Some(arena), Some(pool)) = (
-            self.arena.take(),
-            self.pool.as_ref().and_then(Weak::upgrade),
-        ) {
+        if let (Some(arena), Some(pool)) = (self.arena.take(), self.pool.as_ref().and_then(Weak::upgrade)) {
             pool.give_back(arena);
         }
     }
@@ -78,52 +75,38 @@ impl SlotPool {
     }
 
     /// Take a slot of at least `len` bytes: the smallest free one that fits, else a new one (replacing a free
-    /// one that is too small when the pool is full), else wait until one comes back or `cancel` is set.
-    pub fn acquire(self: &Arc<Self>, len: usize, cancel: &AtomicBool) -> Result<Buffer> {
+    /// one that is too small when the pool is full), else wait until one comes back, for at most `wait`
+    /// (`None`: as long as it takes). A wait that runs out is `Error::Timeout`.
+    pub fn acquire(self: &Arc<Self>, len: usize, wait: Option<Duration>) -> Result<Buffer> {
+        let deadline = wait.map(|w| Instant::now() + w);
         let mut free = lock(&self.free);
         loop {
-            if let Some(i) = (0..free.len())
-                .filter(|&i| free[i].len() >= len)
-                .min_by_key(|&i| free[i].len())
-            {
+            if let Some(i) = (0..free.len()).filter(|&i| free[i].len() >= len).min_by_key(|&i| free[i].len()) {
                 let arena = free.swap_remove(i);
-                return Ok(Buffer {
-                    arena: Some(arena),
-                    pool: Some(Arc::downgrade(self)),
-                    pin_error: None,
-                });
+                return Ok(Buffer { arena: Some(arena), pool: Some(Arc::downgrade(self)), pin_error: None });
             }
             let mut total = lock(&self.total);
             let full = self.max_slots.is_some_and(|m| *total >= m);
             if !full || !free.is_empty() {
                 if full {
                     // Every free slot is too small: replace the smallest.
-                    let i = (0..free.len())
-                        .min_by_key(|&i| free[i].len())
-                        .expect("non-empty");
+                    let i = (0..free.len()).min_by_key(|&i| free[i].len()).expect("non-empty");
                     drop(free.swap_remove(i));
                 } else {
                     *total += 1;
                 }
                 drop(total);
                 drop(free);
-                let (arena, pin_error) =
-                    new_arena(len, self.pin_flags).inspect_err(|_| *lock(&self.total) -= 1)?;
-                return Ok(Buffer {
-                    arena: Some(arena),
-                    pool: Some(Arc::downgrade(self)),
-                    pin_error,
-                });
+                let (arena, pin_error) = new_arena(len, self.pin_flags).inspect_err(|_| *lock(&self.total) -= 1)?;
+                return Ok(Buffer { arena: Some(arena), pool: Some(Arc::downgrade(self)), pin_error });
             }
             drop(total);
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            free = self
-                .returned
-                .wait_timeout(free, Duration::from_millis(50))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            let slice = match deadline {
+                Some(d) if Instant::now() >= d => return Err(Error::Timeout(wait.unwrap_or_default().as_secs_f64())),
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => Duration::from_secs(1),
+            };
+            free = self.returned.wait_timeout(free, slice).unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 
@@ -149,12 +132,20 @@ pub struct Placed {
     pub arena_offset: usize,
 }
 
-/// Timings of one job, for traces and throughput figures.
+/// Timings of one job in `CLOCK_MONOTONIC` nanoseconds (Python's `time.monotonic_ns()` clock), 0 = not yet.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct JobTimes {
-    pub queued: Option<Instant>,
-    pub started: Option<Instant>,
-    pub finished: Option<Instant>,
+    pub queued: u64,
+    pub started: u64,
+    pub finished: u64,
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[derive(Debug)]
@@ -174,10 +165,8 @@ impl Job {
     /// Wait up to `timeout` for the job. `None` means still running.
     pub fn wait(&self, timeout: Duration) -> Option<Result<(), Arc<Error>>> {
         let state = lock(&self.state);
-        let (state, _) = self
-            .done
-            .wait_timeout_while(state, timeout, |s| s.is_none())
-            .unwrap_or_else(PoisonError::into_inner);
+        let (state, _) =
+            self.done.wait_timeout_while(state, timeout, |s| s.is_none()).unwrap_or_else(PoisonError::into_inner);
         state.clone()
     }
 
@@ -200,7 +189,7 @@ impl Job {
     }
 
     fn finish(&self, r: Result<()>) {
-        lock(&self.times).finished = Some(Instant::now());
+        lock(&self.times).finished = monotonic_ns();
         *lock(&self.state) = Some(r.map_err(Arc::new));
         self.done.notify_all();
     }
@@ -220,12 +209,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            read: ReadOptions::default(),
-            workers: 2,
-            max_slots: None,
-            pin_flags: None,
-        }
+        StoreOptions { read: ReadOptions::default(), workers: 2, max_slots: None, pin_flags: None }
     }
 }
 
@@ -245,10 +229,7 @@ impl Store {
     pub fn open(path: impl AsRef<std::path::Path>, options: StoreOptions) -> Result<Store> {
         options.read.validate()?;
         if options.workers == 0 || options.workers > 64 {
-            return Err(Error::InvalidArgument(format!(
-                "workers {} is not in 1..=64",
-                options.workers
-            )));
+            return Err(Error::InvalidArgument(format!("workers {} is not in 1..=64", options.workers)));
         }
         let ckpt = Arc::new(Checkpoint::open(path)?);
         let (tx, rx) = mpsc::channel::<Arc<Job>>();
@@ -267,10 +248,7 @@ impl Store {
             ckpt,
             pool: SlotPool::new(options.max_slots, options.pin_flags),
             options,
-            workers: Mutex::new(Workers {
-                queue: Some(tx),
-                handles,
-            }),
+            workers: Mutex::new(Workers { queue: Some(tx), handles }),
         })
     }
 
@@ -280,56 +258,37 @@ impl Store {
 
     /// Plan a read of `names` (duplicates allowed) without reading.
     pub fn plan(&self, names: &[&str]) -> Result<(ReadPlan, Vec<usize>)> {
-        let idx = names
-            .iter()
-            .map(|n| self.ckpt.index(n))
-            .collect::<Result<Vec<_>>>()?;
+        let idx = names.iter().map(|n| self.ckpt.index(n)).collect::<Result<Vec<_>>>()?;
         let wants: Vec<Want> = idx
             .iter()
             .map(|&i| {
                 let t = &self.ckpt.tensors[i];
-                Want {
-                    file: t.shard,
-                    offset: t.offset,
-                    len: t.nbytes,
-                }
+                Want { file: t.shard, offset: t.offset, len: t.nbytes }
             })
             .collect();
-        Ok((
-            plan(&wants, self.options.read.align, self.options.read.max_gap),
-            idx,
-        ))
+        Ok((plan(&wants, self.options.read.align, self.options.read.max_gap), idx))
     }
 
     /// Queue a read of `names`. `pooled` reads go into a reusable pool slot (streaming); others into a fresh
-    /// arena that lives as long as its tensors. `cancel` interrupts a wait for a free slot.
+    /// arena that lives as long as its tensors. A full pool makes a pooled read wait for a slot for at most
+    /// `slot_wait` (`None`: as long as it takes), then fail with `Error::Timeout`.
     pub fn submit(
         &self,
         names: &[&str],
         reader: ReaderKind,
         pooled: bool,
-        cancel: &AtomicBool,
+        slot_wait: Option<Duration>,
     ) -> Result<Arc<Job>> {
         let (plan, idx) = self.plan(names)?;
         let reader = reader.resolve(&self.ckpt, &plan)?;
         let buffer = if pooled {
-            self.pool.acquire(plan.arena_len, cancel)?
+            self.pool.acquire(plan.arena_len, slot_wait)?
         } else {
             let (arena, pin_error) = new_arena(plan.arena_len, self.options.pin_flags)?;
-            Buffer {
-                arena: Some(arena),
-                pool: None,
-                pin_error,
-            }
+            Buffer { arena: Some(arena), pool: None, pin_error }
         };
-        let placed = idx
-            .iter()
-            .zip(&plan.placements)
-            .map(|(&tensor, &arena_offset)| Placed {
-                tensor,
-                arena_offset,
-            })
-            .collect();
+        let placed =
+            idx.iter().zip(&plan.placements).map(|(&tensor, &arena_offset)| Placed { tensor, arena_offset }).collect();
         let job = Arc::new(Job {
             plan,
             buffer: Arc::new(buffer),
@@ -339,30 +298,22 @@ impl Store {
             cancel: AtomicBool::new(false),
             state: Mutex::new(None),
             done: Condvar::new(),
-            times: Mutex::new(JobTimes {
-                queued: Some(Instant::now()),
-                ..JobTimes::default()
-            }),
+            times: Mutex::new(JobTimes { queued: monotonic_ns(), ..JobTimes::default() }),
         });
         let workers = lock(&self.workers);
-        let queue = workers
-            .queue
-            .as_ref()
-            .ok_or_else(|| Error::Internal("store is closed".into()))?;
-        queue
-            .send(Arc::clone(&job))
-            .map_err(|_| Error::Internal("reader threads have stopped".into()))?;
+        let queue = workers.queue.as_ref().ok_or_else(|| Error::Internal("store is closed".into()))?;
+        queue.send(Arc::clone(&job)).map_err(|_| Error::Internal("reader threads have stopped".into()))?;
         Ok(job)
     }
 
     /// Read `names` on the calling thread's behalf and wait (no interruption; bindings wait themselves).
     pub fn read_blocking(&self, names: &[&str], reader: ReaderKind) -> Result<Arc<Job>> {
-        let job = self.submit(names, reader, false, &AtomicBool::new(false))?;
+        let job = self.submit(names, reader, false, None)?;
         loop {
             if let Some(r) = job.wait(Duration::from_secs(3600)) {
-                return r.map(|()| job).map_err(|e| {
-                    Arc::try_unwrap(e).unwrap_or_else(|e| Error::Internal(e.to_string()))
-                });
+                return r
+                    .map(|()| job)
+                    .map_err(|e| Arc::try_unwrap(e).unwrap_or_else(|e| Error::Internal(e.to_string())));
             }
         }
     }
@@ -388,22 +339,13 @@ fn worker(rx: &Mutex<mpsc::Receiver<Arc<Job>>>, ckpt: &Checkpoint, opts: &ReadOp
     loop {
         // An error means the store closed its queue.
         let Ok(job) = lock(rx).recv() else { return };
-        lock(&job.times).started = Some(Instant::now());
+        lock(&job.times).started = monotonic_ns();
         let r = if job.cancel.load(Ordering::Relaxed) {
             Err(Error::Cancelled)
         } else {
             // A panic in a reader must not take the job's waiter down with it, nor cross into Python.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                read_into(
-                    job.reader,
-                    ckpt,
-                    &job.plan,
-                    &job.buffer,
-                    opts,
-                    &mut state,
-                    job.reuse,
-                    &job.cancel,
-                )
+                read_into(job.reader, ckpt, &job.plan, &job.buffer, opts, &mut state, job.reuse, &job.cancel)
             }))
             .unwrap_or_else(|_| {
                 state = ReaderState::default();

@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 
 use proptest::prelude::*;
 use zstream_core::{Error, ReadOptions, ReaderKind, Store, StoreOptions};
@@ -12,16 +11,11 @@ use zstream_core::{Error, ReadOptions, ReaderKind, Store, StoreOptions};
 fn write_shard(path: &Path, prefix: &str, sizes: &[usize], seed: u64) -> Vec<(String, Vec<u8>)> {
     let mut rng = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
     let mut next = || {
-        rng = rng
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
+        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (rng >> 33) as u8
     };
-    let tensors: Vec<(String, Vec<u8>)> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (format!("{prefix}.{i}"), (0..n).map(|_| next()).collect()))
-        .collect();
+    let tensors: Vec<(String, Vec<u8>)> =
+        sizes.iter().enumerate().map(|(i, &n)| (format!("{prefix}.{i}"), (0..n).map(|_| next()).collect())).collect();
     let mut header = serde_json::Map::new();
     let mut off = 0usize;
     for (name, data) in &tensors {
@@ -48,27 +42,15 @@ fn write_shard(path: &Path, prefix: &str, sizes: &[usize], seed: u64) -> Vec<(St
 fn check_all_readers(dir: &Path, tensors: &[(String, Vec<u8>)], opts: StoreOptions) {
     let store = Store::open(dir, opts).unwrap();
     let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
-    for kind in [
-        ReaderKind::Uring,
-        ReaderKind::Pread,
-        ReaderKind::Mmap,
-        ReaderKind::Auto,
-    ] {
+    for kind in [ReaderKind::Uring, ReaderKind::Pread, ReaderKind::Mmap, ReaderKind::Auto] {
         for pooled in [false, true] {
-            let job = store
-                .submit(&names, kind, pooled, &AtomicBool::new(false))
-                .unwrap();
-            job.wait(std::time::Duration::from_secs(60))
-                .expect("finished")
-                .unwrap();
+            let job = store.submit(&names, kind, pooled, None).unwrap();
+            job.wait(std::time::Duration::from_secs(60)).expect("finished").unwrap();
             // SAFETY: the job finished; nothing writes the arena any more.
             let bytes = unsafe { job.buffer.as_slice() };
             for (p, (name, want)) in job.placed.iter().zip(tensors) {
                 let got = &bytes[p.arena_offset..p.arena_offset + want.len()];
-                assert!(
-                    got == want.as_slice(),
-                    "{kind:?} pooled={pooled}: tensor {name} differs"
-                );
+                assert!(got == want.as_slice(), "{kind:?} pooled={pooled}: tensor {name} differs");
             }
         }
     }
@@ -77,35 +59,12 @@ fn check_all_readers(dir: &Path, tensors: &[(String, Vec<u8>)], opts: StoreOptio
 #[test]
 fn sharded_checkpoint_round_trips() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut all = write_shard(
-        &dir.path().join("a.safetensors"),
-        "a",
-        &[0, 1, 4095, 4097, 3 << 20, 7],
-        1,
-    );
-    all.extend(write_shard(
-        &dir.path().join("b.safetensors"),
-        "b",
-        &[123_457, 0, 65_537],
-        2,
-    ));
+    let mut all = write_shard(&dir.path().join("a.safetensors"), "a", &[0, 1, 4095, 4097, 3 << 20, 7], 1);
+    all.extend(write_shard(&dir.path().join("b.safetensors"), "b", &[123_457, 0, 65_537], 2));
     check_all_readers(dir.path(), &all, StoreOptions::default());
     // Tiny chunks and a shallow queue force many resubmissions.
-    let read = ReadOptions {
-        queue_depth: 2,
-        chunk_size: 4096,
-        threads: 3,
-        ..ReadOptions::default()
-    };
-    check_all_readers(
-        dir.path(),
-        &all,
-        StoreOptions {
-            read,
-            max_slots: Some(1),
-            ..StoreOptions::default()
-        },
-    );
+    let read = ReadOptions { queue_depth: 2, chunk_size: 4096, threads: 3, ..ReadOptions::default() };
+    check_all_readers(dir.path(), &all, StoreOptions { read, max_slots: Some(1), ..StoreOptions::default() });
 }
 
 #[test]
@@ -115,21 +74,14 @@ fn truncated_after_open_is_an_error_naming_the_file() {
     let t = write_shard(&path, "t", &[100_000, 200_000], 3);
     let store = Store::open(&path, StoreOptions::default()).unwrap();
     let len = std::fs::metadata(&path).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(len - 150_000)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 150_000).unwrap();
     for kind in [ReaderKind::Uring, ReaderKind::Pread, ReaderKind::Mmap] {
         let err = store.read_blocking(&[t[1].0.as_str()], kind).unwrap_err();
         assert!(matches!(err, Error::Truncated { .. }), "{kind:?}: {err}");
         assert!(err.to_string().contains("t.safetensors"), "{err}");
     }
     // The first tensor is still whole and still readable.
-    store
-        .read_blocking(&[t[0].0.as_str()], ReaderKind::Uring)
-        .unwrap();
+    store.read_blocking(&[t[0].0.as_str()], ReaderKind::Uring).unwrap();
 }
 
 proptest! {

@@ -1,1 +1,52 @@
+//! `zstream._core`: thin PyO3 bindings over `zstream-core`. Each Python-facing class has its own file; errors
+//! map onto `zstream.errors` in `error.rs`; every long call waits through `interrupt.rs`.
 
+// PyO3 extracts Python arguments into owned values; borrowing them is not an option.
+#![allow(clippy::needless_pass_by_value)]
+
+mod dlpack;
+mod error;
+mod interrupt;
+mod store;
+mod ticket;
+
+use pyo3::prelude::*;
+
+/// Hand the addresses of `cudaHostRegister` and `cudaHostUnregister` (from the CUDA runtime torch loaded) to the
+/// core, which then pins arenas itself. Returns False if an API was installed before (the first one stays).
+///
+/// # Safety (Python side)
+/// The addresses must be those two functions of a CUDA runtime that stays loaded: `zstream.cuda` finds them.
+#[pyfunction]
+fn install_cuda_host_api(register: usize, unregister: usize) -> bool {
+    // SAFETY: the documented contract of this function; zstream.cuda passes ctypes-resolved runtime symbols.
+    unsafe { zstream_core::pin::install_cuda_host_api(register, unregister) }
+}
+
+/// Whether CUDA host registration is available to the core.
+#[pyfunction]
+fn cuda_host_api_installed() -> bool {
+    zstream_core::pin::cuda_host_api().is_some()
+}
+
+/// `None` if io_uring works in this process, else why not (probed once).
+#[pyfunction]
+fn uring_unavailable_reason() -> Option<String> {
+    zstream_core::reader::uring::available().err()
+}
+
+/// The DLPack device types the capsules can carry.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<store::Store>()?;
+    m.add_class::<ticket::Ticket>()?;
+    m.add_function(wrap_pyfunction!(install_cuda_host_api, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_host_api_installed, m)?)?;
+    m.add_function(wrap_pyfunction!(uring_unavailable_reason, m)?)?;
+    m.add("KDL_CPU", dlpack::KDL_CPU)?;
+    m.add("KDL_CUDA", dlpack::KDL_CUDA)?;
+    m.add("HOST_REGISTER_PORTABLE", zstream_core::pin::flags::PORTABLE)?;
+    m.add("HOST_REGISTER_MAPPED", zstream_core::pin::flags::MAPPED)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -30,13 +30,7 @@ impl Drop for Mapping {
 // SAFETY: a read-only mapping; threads only read from it.
 unsafe impl Sync for Mapping {}
 
-pub fn read(
-    ckpt: &Checkpoint,
-    plan: &ReadPlan,
-    arena: &Arena,
-    opts: &ReadOptions,
-    cancel: &AtomicBool,
-) -> Result<()> {
+pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, opts: &ReadOptions, cancel: &AtomicBool) -> Result<()> {
     let mut maps: Vec<Option<Mapping>> = (0..ckpt.shards.len()).map(|_| None).collect();
     // (source pointer, destination offset, length) copies.
     let mut copies: Vec<(usize, usize, usize)> = Vec::new();
@@ -50,33 +44,17 @@ pub fn read(
         })?;
         let size = size.len();
         if size < e.needed_end {
-            return Err(Error::Truncated {
-                path: shard.path.clone(),
-                file_end: size,
-                needed_end: e.needed_end,
-            });
+            return Err(Error::Truncated { path: shard.path.clone(), file_end: size, needed_end: e.needed_end });
         }
         if maps[e.file].is_none() {
             let len = size as usize;
             // SAFETY: a shared read-only mapping of an open file; the result is checked.
             let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
-                    shard.file.as_raw_fd(),
-                    0,
-                )
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, shard.file.as_raw_fd(), 0)
             };
             if ptr == libc::MAP_FAILED {
                 let source = std::io::Error::last_os_error();
-                return Err(Error::Read {
-                    path: shard.path.clone(),
-                    offset: 0,
-                    len: size,
-                    source,
-                });
+                return Err(Error::Read { path: shard.path.clone(), offset: 0, len: size, source });
             }
             maps[e.file] = Some(Mapping { ptr, len });
         }
@@ -85,11 +63,7 @@ pub fn read(
         let mut off = 0usize;
         while off < len {
             let n = (len - off).min(opts.chunk_size.max(1 << 20));
-            copies.push((
-                m.ptr as usize + e.file_start as usize + off,
-                e.arena_offset + off,
-                n,
-            ));
+            copies.push((m.ptr as usize + e.file_start as usize + off, e.arena_offset + off, n));
             off += n;
         }
     }
@@ -107,13 +81,9 @@ pub fn read(
     }
     let per = copies.len().div_ceil(threads);
     std::thread::scope(|s| {
-        let handles: Vec<_> = copies
-            .chunks(per)
-            .map(|part| s.spawn(move || part.iter().try_for_each(copy)))
-            .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or(Err(Error::Internal("mmap copy thread panicked".into())))
-        })
+        let handles: Vec<_> = copies.chunks(per).map(|part| s.spawn(move || part.iter().try_for_each(copy))).collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or(Err(Error::Internal("mmap copy thread panicked".into()))))
     })
 }

@@ -43,21 +43,11 @@ impl ReaderKind {
     pub fn resolve(self, ckpt: &Checkpoint, plan: &ReadPlan) -> Result<ReaderKind> {
         match self {
             ReaderKind::Auto => {
-                let direct_everywhere = plan
-                    .extents
-                    .iter()
-                    .all(|e| ckpt.shards[e.file].direct.is_some());
-                Ok(if uring::available().is_ok() && direct_everywhere {
-                    ReaderKind::Uring
-                } else {
-                    ReaderKind::Pread
-                })
+                let direct_everywhere = plan.extents.iter().all(|e| ckpt.shards[e.file].direct.is_some());
+                Ok(if uring::available().is_ok() && direct_everywhere { ReaderKind::Uring } else { ReaderKind::Pread })
             }
             ReaderKind::Uring => {
-                uring::available().map_err(|reason| Error::ReaderUnavailable {
-                    reader: "uring",
-                    reason,
-                })?;
+                uring::available().map_err(|reason| Error::ReaderUnavailable { reader: "uring", reason })?;
                 Ok(ReaderKind::Uring)
             }
             k => Ok(k),
@@ -97,38 +87,23 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions {
-            queue_depth: 64,
-            chunk_size: 1 << 20,
-            threads: 8,
-            max_gap: 256 << 10,
-            align: 4096,
-        }
+        ReadOptions { queue_depth: 64, chunk_size: 1 << 20, threads: 8, max_gap: 256 << 10, align: 4096 }
     }
 }
 
 impl ReadOptions {
     pub fn validate(&self) -> Result<()> {
         if self.queue_depth == 0 || self.queue_depth > 4096 {
-            return Err(Error::InvalidArgument(format!(
-                "queue_depth {} is not in 1..=4096",
-                self.queue_depth
-            )));
+            return Err(Error::InvalidArgument(format!("queue_depth {} is not in 1..=4096", self.queue_depth)));
         }
-        if self.chunk_size == 0
-            || self.chunk_size as u64 % self.align != 0
-            || self.chunk_size > 1 << 30
-        {
+        if self.chunk_size == 0 || self.chunk_size as u64 % self.align != 0 || self.chunk_size > 1 << 30 {
             return Err(Error::InvalidArgument(format!(
                 "chunk_size {} must be a positive multiple of {} of at most 1 GiB",
                 self.chunk_size, self.align
             )));
         }
         if self.threads == 0 || self.threads > 256 {
-            return Err(Error::InvalidArgument(format!(
-                "threads {} is not in 1..=256",
-                self.threads
-            )));
+            return Err(Error::InvalidArgument(format!("threads {} is not in 1..=256", self.threads)));
         }
         Ok(())
     }

@@ -11,13 +11,7 @@ use crate::checkpoint::{Checkpoint, Shard};
 use crate::error::{Error, Result};
 use crate::plan::{Chunk, ReadPlan};
 
-pub fn read(
-    ckpt: &Checkpoint,
-    plan: &ReadPlan,
-    arena: &Arena,
-    opts: &ReadOptions,
-    cancel: &AtomicBool,
-) -> Result<()> {
+pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, opts: &ReadOptions, cancel: &AtomicBool) -> Result<()> {
     let chunks = plan.chunks(opts.chunk_size);
     let next = AtomicUsize::new(0);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -31,14 +25,10 @@ pub fn read(
         }
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(c) = chunks.get(i) else { return };
-        let r = check_cancel(cancel)
-            .and_then(|()| read_chunk(&ckpt.shards[c.file], c, base, plan.align));
+        let r = check_cancel(cancel).and_then(|()| read_chunk(&ckpt.shards[c.file], c, base, plan.align));
         if let Err(e) = r {
             failed.store(true, Ordering::Relaxed);
-            first_error
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get_or_insert(e);
+            first_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
             return;
         }
     };
@@ -51,10 +41,7 @@ pub fn read(
             }
         });
     }
-    match first_error
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-    {
+    match first_error.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
         Some(e) => Err(e),
         None => Ok(()),
     }
@@ -75,8 +62,7 @@ pub(crate) fn read_chunk(shard: &Shard, c: &Chunk, arena_base: usize, align: u64
         let n = loop {
             // SAFETY: dst..dst+want lies inside the arena (the plan guarantees chunk bounds) and no other thread
             // writes this chunk's range; fd is open for the life of the checkpoint.
-            let n =
-                unsafe { libc::pread(fd, dst as *mut libc::c_void, want, offset as libc::off_t) };
+            let n = unsafe { libc::pread(fd, dst as *mut libc::c_void, want, offset as libc::off_t) };
             if n >= 0 {
                 break n as usize;
             }
@@ -85,14 +71,7 @@ pub(crate) fn read_chunk(shard: &Shard, c: &Chunk, arena_base: usize, align: u64
                 Some(libc::EINTR | libc::EAGAIN) => {}
                 // The filesystem refused this O_DIRECT read: fall back to the buffered descriptor.
                 Some(libc::EINVAL) if fd != shard.file.as_raw_fd() => fd = shard.file.as_raw_fd(),
-                _ => {
-                    return Err(Error::Read {
-                        path: shard.path.clone(),
-                        offset,
-                        len: want as u64,
-                        source: err,
-                    })
-                }
+                _ => return Err(Error::Read { path: shard.path.clone(), offset, len: want as u64, source: err }),
             }
         };
         if n == 0 {

@@ -30,12 +30,8 @@ pub fn available() -> Result<(), String> {
         let nop = opcode::Nop::new().build().user_data(7);
         // SAFETY: a NOP references no memory.
         unsafe { ring.submission().push(&nop) }.map_err(|_| "submission queue full".to_string())?;
-        ring.submit_and_wait(1)
-            .map_err(|e| format!("io_uring_enter failed: {e}"))?;
-        let reaped = ring
-            .completion()
-            .next()
-            .map(|c| (c.user_data(), c.result()));
+        ring.submit_and_wait(1).map_err(|e| format!("io_uring_enter failed: {e}"))?;
+        let reaped = ring.completion().next().map(|c| (c.user_data(), c.result()));
         match reaped {
             Some((7, res)) if res >= 0 => Ok(()),
             Some((_, res)) => Err(format!("NOP completed with {res}")),
@@ -46,12 +42,8 @@ pub fn available() -> Result<(), String> {
 
 fn describe_setup_error(e: &io::Error) -> String {
     match e.raw_os_error() {
-        Some(libc::ENOSYS) => {
-            "io_uring_setup is not implemented (old kernel, gVisor or seccomp)".into()
-        }
-        Some(libc::EPERM) => {
-            "io_uring_setup is not permitted (kernel.io_uring_disabled or seccomp)".into()
-        }
+        Some(libc::ENOSYS) => "io_uring_setup is not implemented (old kernel, gVisor or seccomp)".into(),
+        Some(libc::EPERM) => "io_uring_setup is not permitted (kernel.io_uring_disabled or seccomp)".into(),
         _ => format!("io_uring_setup failed: {e}"),
     }
 }
@@ -83,26 +75,12 @@ struct Op {
 
 impl Ring {
     pub fn new(depth: u32) -> Result<Ring> {
-        available().map_err(|reason| Error::ReaderUnavailable {
-            reader: "uring",
-            reason,
-        })?;
-        let ring =
-            IoUring::new(depth.next_power_of_two()).map_err(|e| Error::ReaderUnavailable {
-                reader: "uring",
-                reason: describe_setup_error(&e),
-            })?;
-        let fixed = ring
-            .submitter()
-            .register_buffers_sparse(FIXED_TABLE_LEN as u32)
-            .ok()
-            .map(|()| vec![None; FIXED_TABLE_LEN]);
-        Ok(Ring {
-            uring: ring,
-            depth,
-            fixed,
-            clock: 0,
-        })
+        available().map_err(|reason| Error::ReaderUnavailable { reader: "uring", reason })?;
+        let ring = IoUring::new(depth.next_power_of_two())
+            .map_err(|e| Error::ReaderUnavailable { reader: "uring", reason: describe_setup_error(&e) })?;
+        let fixed =
+            ring.submitter().register_buffers_sparse(FIXED_TABLE_LEN as u32).ok().map(|()| vec![None; FIXED_TABLE_LEN]);
+        Ok(Ring { uring: ring, depth, fixed, clock: 0 })
     }
 
     /// Make sure `arena` is in the fixed-buffer table; returns its first table index, or `None` when it cannot be
@@ -115,19 +93,14 @@ impl Ring {
         if need > table.len() {
             return None;
         }
-        if let Some(i) = table
-            .iter()
-            .position(|e| e.is_some_and(|e| e.arena_id == arena.id()))
-        {
+        if let Some(i) = table.iter().position(|e| e.is_some_and(|e| e.arena_id == arena.id())) {
             for e in table[i..i + need].iter_mut().flatten() {
                 e.last_use = clock;
             }
             return Some(i as u32);
         }
         loop {
-            if let Some(start) =
-                (0..=table.len() - need).find(|&s| table[s..s + need].iter().all(Option::is_none))
-            {
+            if let Some(start) = (0..=table.len() - need).find(|&s| table[s..s + need].iter().all(Option::is_none)) {
                 let iovecs: Vec<libc::iovec> = (0..need)
                     .map(|k| {
                         let off = k * FIXED_ENTRY_BYTES;
@@ -141,42 +114,22 @@ impl Ring {
                 // SAFETY: the iovecs cover live arena memory. The kernel holds its own page references for
                 // registered buffers, and ReadFixed is only issued for an entry whose arena id matches a live
                 // arena, so a stale entry of a dropped arena is never written through.
-                let ok = unsafe {
-                    self.uring
-                        .submitter()
-                        .register_buffers_update(start as u32, &iovecs, None)
-                }
-                .is_ok();
+                let ok = unsafe { self.uring.submitter().register_buffers_update(start as u32, &iovecs, None) }.is_ok();
                 if !ok {
                     return None;
                 }
                 for e in &mut table[start..start + need] {
-                    *e = Some(FixedEntry {
-                        arena_id: arena.id(),
-                        last_use: clock,
-                    });
+                    *e = Some(FixedEntry { arena_id: arena.id(), last_use: clock });
                 }
                 return Some(start as u32);
             }
             // Evict the least recently used arena.
-            let victim = table
-                .iter()
-                .flatten()
-                .min_by_key(|e| e.last_use)
-                .map(|e| e.arena_id)?;
-            let empty = libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            };
+            let victim = table.iter().flatten().min_by_key(|e| e.last_use).map(|e| e.arena_id)?;
+            let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
             for (i, e) in table.iter_mut().enumerate() {
                 if e.is_some_and(|e| e.arena_id == victim) {
                     // SAFETY: an empty iovec clears the entry.
-                    unsafe {
-                        self.uring
-                            .submitter()
-                            .register_buffers_update(i as u32, &[empty], None)
-                    }
-                    .ok()?;
+                    unsafe { self.uring.submitter().register_buffers_update(i as u32, &[empty], None) }.ok()?;
                     *e = None;
                 }
             }
@@ -193,11 +146,7 @@ impl Ring {
         cancel: &AtomicBool,
     ) -> Result<()> {
         let chunks = plan.chunks(opts.chunk_size);
-        let fixed_base = if reuse {
-            self.ensure_fixed(arena)
-        } else {
-            None
-        };
+        let fixed_base = if reuse { self.ensure_fixed(arena) } else { None };
         let depth = (self.depth as usize).min(chunks.len().max(1));
         let base = arena.as_ptr() as usize;
 
@@ -215,33 +164,19 @@ impl Ring {
                     failure = Some(e);
                 }
             }
-            while failure.is_none()
-                && !free.is_empty()
-                && (!retry.is_empty() || next < chunks.len())
-            {
+            while failure.is_none() && !free.is_empty() && (!retry.is_empty() || next < chunks.len()) {
                 let op = retry.pop().unwrap_or_else(|| {
                     next += 1;
-                    Op {
-                        chunk: next - 1,
-                        done: 0,
-                        buffered: false,
-                    }
+                    Op { chunk: next - 1, done: 0, buffered: false }
                 });
                 let slot = free.pop().expect("checked non-empty");
-                let sqe = build_sqe(
-                    &ckpt.shards[chunks[op.chunk].file],
-                    &chunks[op.chunk],
-                    op,
-                    base,
-                    fixed_base,
-                    plan.align,
-                )
-                .user_data(slot as u64);
+                let sqe =
+                    build_sqe(&ckpt.shards[chunks[op.chunk].file], &chunks[op.chunk], op, base, fixed_base, plan.align)
+                        .user_data(slot as u64);
                 slots[slot] = Some(op);
                 // SAFETY: the SQE points into the arena at this chunk's own range, which stays valid: this function
                 // does not return while any read is outstanding (failures drain first).
-                unsafe { self.uring.submission().push(&sqe) }
-                    .expect("queue has room: outstanding <= entries");
+                unsafe { self.uring.submission().push(&sqe) }.expect("queue has room: outstanding <= entries");
                 outstanding += 1;
             }
             if outstanding == 0 {
@@ -249,25 +184,14 @@ impl Ring {
             }
             match self.uring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) =>
-                {
-                    continue
-                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => continue,
                 Err(e) => {
                     // The kernel did not take the queue: nothing is in flight that we do not know about, and
                     // waiting again would spin. Report it.
                     return Err(Error::Internal(format!("io_uring_enter failed: {e}")));
                 }
             }
-            let completions: Vec<(u64, i32)> = self
-                .uring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            let completions: Vec<(u64, i32)> = self.uring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (slot, res) in completions {
                 let slot = slot as usize;
                 let mut op = slots[slot].take().expect("completion for a slot in use");
@@ -337,16 +261,11 @@ fn build_sqe(
     let entry = start / FIXED_ENTRY_BYTES;
     let same_entry = (start + len - 1) / FIXED_ENTRY_BYTES == entry;
     match fixed_base {
-        Some(first) if same_entry => opcode::ReadFixed::new(
-            types::Fd(fd),
-            dst as *mut u8,
-            len as u32,
-            (first as usize + entry) as u16,
-        )
-        .offset(offset)
-        .build(),
-        _ => opcode::Read::new(types::Fd(fd), dst as *mut u8, len as u32)
-            .offset(offset)
-            .build(),
+        Some(first) if same_entry => {
+            opcode::ReadFixed::new(types::Fd(fd), dst as *mut u8, len as u32, (first as usize + entry) as u16)
+                .offset(offset)
+                .build()
+        }
+        _ => opcode::Read::new(types::Fd(fd), dst as *mut u8, len as u32).offset(offset).build(),
     }
 }

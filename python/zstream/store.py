@@ -1,0 +1,261 @@
+"""``zstream.WeightStore``: the Rust weight store, with tensors handed to torch through DLPack.
+
+    store = WeightStore.open("ckpt/")                       # validates every safetensors header
+    host = store.read(["h.0.mlp.dense_4h_to_h.weight"])     # {name: torch.Tensor}, zero-copy views of an arena
+    ticket = store.fetch(block_names)                       # background read into a reusable pool slot
+    weights = ticket.wait()                                 # {name: torch.Tensor}
+    ...; del weights; ticket.release()                      # the slot returns once nothing views it
+
+Where a byte goes: ``rust/zstream-core/src/reader`` reads it into an arena (``arena.rs``), pinned through
+``zstream.cuda``; ``rust/zstream-py/src/dlpack.rs`` hands it to torch here, in ``_to_torch``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from . import _core
+from .cuda import install_host_register
+
+Readers = ("auto", "uring", "pread", "mmap")
+
+# Safetensors dtypes that DLPack carries as raw bytes and torch views afterwards.
+_VIEW_AS = {
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+
+_TORCH_DTYPE = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
+    "U64": getattr(torch, "uint64", None), **_VIEW_AS,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    dt = _TORCH_DTYPE.get(name)
+    if dt is None:
+        raise TypeError(f"this torch ({torch.__version__}) has no dtype for safetensors {name}")
+    return dt
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    dtype: str  # safetensors name: "F16", "BF16", ...
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str
+    offset: int  # absolute byte offset in `file`
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+
+def _to_torch(capsules: dict[str, object], dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, capsule in capsules.items():
+        t = torch.from_dlpack(capsule)  # adopts the arena memory: no copy
+        view = _VIEW_AS.get(dtypes[name])
+        if view is not None:
+            t = t.view(view)
+        out[name] = t
+    return out
+
+
+class Ticket:
+    """A background read into a pool slot. ``wait()`` gives the tensors; ``release()`` gives the slot back.
+
+    The slot is reused only when the ticket is released *and* no tensor from it is alive, so a tensor can never
+    change under you; keep the tensors no longer than you need them, or the pool grows instead.
+    """
+
+    __slots__ = ("_dtypes", "_ticket")
+
+    def __init__(self, ticket: _core.Ticket, dtypes: dict[str, str]) -> None:
+        self._ticket = ticket
+        self._dtypes = dtypes
+
+    def wait(self, timeout: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """Block (GIL released, Ctrl-C honoured) until the read is done; raises ReadError if it failed."""
+        return _to_torch(self._ticket.wait(timeout), self._dtypes)
+
+    def done(self) -> bool:
+        return self._ticket.done()
+
+    def cancel(self) -> None:
+        self._ticket.cancel()
+
+    def release(self) -> None:
+        self._ticket.release()
+
+    @property
+    def released(self) -> bool:
+        return self._ticket.released
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes this read moves from disk (aligned, gaps between tensors included)."""
+        return self._ticket.read_bytes
+
+    @property
+    def times(self) -> tuple[int, int, int]:
+        """(queued, started, finished) in ``time.monotonic_ns()`` nanoseconds; 0 where not yet."""
+        return self._ticket.times
+
+    @property
+    def reader(self) -> str:
+        return self._ticket.reader
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        ticket = getattr(self, "_ticket", None)
+        if ticket is not None:
+            ticket.release()
+
+    def __repr__(self) -> str:
+        return repr(self._ticket)
+
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class WeightStore:
+    """A safetensors checkpoint (file or sharded directory), indexed in place, read at the speed of the disk."""
+
+    def __init__(self, core: _core.Store, pinned: bool) -> None:
+        self._core = core
+        self._pinned = pinned
+        self._dtypes: dict[str, str] = {}
+
+    @classmethod
+    def open(
+        cls,
+        path: PathLike,
+        *,
+        reader: str = "auto",
+        pin: Union[bool, str] = "auto",
+        queue_depth: Optional[int] = None,
+        chunk_size: Optional[int] = None,
+        threads: Optional[int] = None,
+        workers: Optional[int] = None,
+        max_slots: Optional[int] = None,
+        mapped: bool = False,
+    ) -> WeightStore:
+        """Open and validate a checkpoint.
+
+        ``reader``: "auto" (io_uring with O_DIRECT where possible, else the pread pool), "uring", "pread" or
+        "mmap". ``pin``: register arenas with CUDA ("auto": when a GPU is present). ``mapped`` registers them
+        mapped into the GPU's address space too (zero-copy reads by kernels). ``queue_depth`` and ``chunk_size``
+        tune io_uring, ``threads`` the pread pool, ``workers`` how many reads run at once, ``max_slots`` caps the
+        streaming pool.
+        """
+        if pin == "auto":
+            pin = torch.cuda.is_available()
+        pinned = bool(pin) and install_host_register()
+        if pin and not pinned:
+            warnings.warn("zstream: pinning asked for, but no CUDA runtime is available; arenas stay pageable",
+                          RuntimeWarning, stacklevel=2)
+        flags = None
+        if pinned:
+            flags = _core.HOST_REGISTER_PORTABLE | (_core.HOST_REGISTER_MAPPED if mapped else 0)
+        core = _core.Store.open(
+            os.fspath(path), reader=reader, queue_depth=queue_depth, chunk_size=chunk_size, threads=threads,
+            workers=workers, max_slots=max_slots, pin_flags=flags,
+        )
+        return cls(core, pinned)
+
+    # --- the index -------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Tensor names, shard by shard in file order."""
+        return self._core.names()
+
+    def info(self, name: str) -> TensorInfo:
+        dtype, shape, nbytes, file, offset = self._core.info(name)
+        return TensorInfo(name, dtype, tuple(shape), nbytes, file, offset)
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._core
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    @property
+    def files(self) -> list[str]:
+        return self._core.files
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of tensor data in the checkpoint."""
+        return self._core.nbytes
+
+    @property
+    def pinned(self) -> bool:
+        """Whether arenas are registered with CUDA."""
+        return self._pinned
+
+    @property
+    def pool_stats(self) -> tuple[int, int]:
+        """(slots in existence, slots free) of the streaming pool."""
+        return self._core.pool_stats
+
+    def plan(self, names: Iterable[str]) -> tuple[int, int, int]:
+        """(bytes read from disk, arena bytes, number of coalesced reads) for reading ``names``."""
+        return self._core.plan(list(names))
+
+    @property
+    def auto_reader(self) -> str:
+        """What reader="auto" resolves to on this checkpoint and machine."""
+        return self._core.auto_reader()
+
+    def _dtype_map(self, names: list[str]) -> dict[str, str]:
+        d = self._dtypes
+        for n in names:
+            if n not in d:
+                d[n] = self._core.info(n)[0]
+        return {n: d[n] for n in names}
+
+    # --- reading ---------------------------------------------------------------------------------------------
+    def read(self, names: Iterable[str], *, reader: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """Read ``names`` into a fresh arena: host tensors, bytes identical to ``safetensors.safe_open``.
+
+        The arena lives as long as any of the returned tensors does, even past ``close()``.
+        """
+        names = list(names)
+        capsules, pin_error = self._core.read(names, reader=reader)
+        if pin_error:
+            warnings.warn(f"zstream: arena left unpinned: {pin_error}", RuntimeWarning, stacklevel=2)
+        return _to_torch(capsules, self._dtype_map(names))
+
+    def fetch(self, names: Iterable[str], *, reader: Optional[str] = None) -> Ticket:
+        """Start reading ``names`` in the background into a reusable slot; returns at once with a Ticket."""
+        names = list(names)
+        return Ticket(self._core.fetch(names, reader=reader), self._dtype_map(names))
+
+    def close(self) -> None:
+        """Stop the reader threads; tensors already read stay valid."""
+        self._core.close()
+
+    def __enter__(self) -> WeightStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._core).replace("<Store", "<WeightStore", 1)

@@ -1,0 +1,177 @@
+//! `zstream._core.Store`: the checkpoint index and the readers, as Python sees them.
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use zstream_core::{ReadOptions, ReaderKind, Store as CoreStore, StoreOptions};
+
+use crate::dlpack::{DLDevice, KDL_CPU};
+use crate::error::IntoPyResult;
+use crate::interrupt::wait_job;
+use crate::ticket::{capsules, Ticket};
+
+/// Shared between the store object and its tickets, so a ticket can outlive `close()`.
+pub struct StoreHandle {
+    pub inner: CoreStore,
+}
+
+#[pyclass(module = "zstream._core", frozen)]
+pub struct Store {
+    handle: Arc<StoreHandle>,
+    default_reader: ReaderKind,
+}
+
+fn parse_reader(py: Python<'_>, reader: Option<&str>, default: ReaderKind) -> PyResult<ReaderKind> {
+    reader.map_or(Ok(default), |r| r.parse::<ReaderKind>().py_err(py))
+}
+
+#[pymethods]
+impl Store {
+    /// Open a `.safetensors` file or checkpoint directory; every header is read and validated here.
+    #[staticmethod]
+    #[pyo3(signature = (path, *, reader="auto", queue_depth=None, chunk_size=None, threads=None, workers=None,
+                        max_slots=None, pin_flags=None, max_gap=None))]
+    #[allow(clippy::too_many_arguments)] // a Python keyword-only signature
+    fn open(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        reader: &str,
+        queue_depth: Option<u32>,
+        chunk_size: Option<usize>,
+        threads: Option<usize>,
+        workers: Option<usize>,
+        max_slots: Option<usize>,
+        pin_flags: Option<u32>,
+        max_gap: Option<u64>,
+    ) -> PyResult<Store> {
+        let default_reader = reader.parse::<ReaderKind>().py_err(py)?;
+        let d = ReadOptions::default();
+        let read = ReadOptions {
+            queue_depth: queue_depth.unwrap_or(d.queue_depth),
+            chunk_size: chunk_size.unwrap_or(d.chunk_size),
+            threads: threads.unwrap_or(d.threads),
+            max_gap: max_gap.unwrap_or(d.max_gap),
+            align: d.align,
+        };
+        let opts = StoreOptions { read, workers: workers.unwrap_or(2), max_slots, pin_flags };
+        let inner = py.detach(move || CoreStore::open(path, opts)).py_err(py)?;
+        Ok(Store { handle: Arc::new(StoreHandle { inner }), default_reader })
+    }
+
+    /// Tensor names in file order (shard by shard).
+    fn names(&self) -> Vec<String> {
+        self.handle.inner.ckpt.tensors.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// `(dtype, shape, nbytes, file, offset)` of one tensor; `offset` is absolute in `file`.
+    fn info(&self, py: Python<'_>, name: &str) -> PyResult<(&'static str, Vec<usize>, u64, String, u64)> {
+        let t = self.handle.inner.tensor(name).py_err(py)?;
+        let file = self.handle.inner.ckpt.shards[t.shard].path.display().to_string();
+        Ok((t.dtype.name(), t.shape.clone(), t.nbytes, file, t.offset))
+    }
+
+    fn __len__(&self) -> usize {
+        self.handle.inner.ckpt.len()
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.handle.inner.ckpt.contains(name)
+    }
+
+    /// The shard files, in order.
+    #[getter]
+    fn files(&self) -> Vec<String> {
+        self.handle.inner.ckpt.shards.iter().map(|s| s.path.display().to_string()).collect()
+    }
+
+    /// Which shards accept `O_DIRECT`.
+    #[getter]
+    fn direct(&self) -> Vec<bool> {
+        self.handle.inner.ckpt.shards.iter().map(|s| s.direct.is_some()).collect()
+    }
+
+    /// Total tensor bytes.
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.handle.inner.ckpt.nbytes()
+    }
+
+    /// `(slots in existence, slots free)` of the streaming pool.
+    #[getter]
+    fn pool_stats(&self) -> (usize, usize) {
+        self.handle.inner.pool.stats()
+    }
+
+    /// Bytes a read of `names` moves from disk, and the arena bytes it needs: `(read_bytes, arena_bytes, extents)`.
+    fn plan(&self, py: Python<'_>, names: Vec<String>) -> PyResult<(u64, usize, usize)> {
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (plan, _) = self.handle.inner.plan(&refs).py_err(py)?;
+        Ok((plan.read_bytes(), plan.arena_len, plan.extents.len()))
+    }
+
+    /// Read `names` into a fresh arena and return `{name: capsule}`. The GIL is released while reading, and
+    /// Ctrl-C raises KeyboardInterrupt promptly. `pin_error` is set when pinning was asked for and failed.
+    #[pyo3(signature = (names, *, reader=None, device_type=KDL_CPU, device_id=0))]
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        names: Vec<String>,
+        reader: Option<&str>,
+        device_type: i32,
+        device_id: i32,
+    ) -> PyResult<(Bound<'py, PyDict>, Option<String>)> {
+        let kind = parse_reader(py, reader, self.default_reader)?;
+        let handle = Arc::clone(&self.handle);
+        let refs: Vec<String> = names.clone();
+        let job = py
+            .detach(move || {
+                let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+                handle.inner.submit(&refs, kind, false, None)
+            })
+            .py_err(py)?;
+        wait_job(py, &job, None)?;
+        let out = capsules(py, &self.handle, &job, &names, DLDevice { device_type, device_id })?;
+        Ok((out, job.buffer.pin_error.clone()))
+    }
+
+    /// Start reading `names` into a pool slot in the background; several tickets may be in flight. Waits (GIL
+    /// released, interruptible) only when the pool is at `max_slots` and every slot is in use.
+    #[pyo3(signature = (names, *, reader=None))]
+    fn fetch(&self, py: Python<'_>, names: Vec<String>, reader: Option<&str>) -> PyResult<Ticket> {
+        let kind = parse_reader(py, reader, self.default_reader)?;
+        loop {
+            let (handle, refs) = (Arc::clone(&self.handle), names.clone());
+            // Wait for a free slot in short slices, so that Ctrl-C is seen in between.
+            let submitted = py.detach(move || {
+                let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+                handle.inner.submit(&refs, kind, true, Some(std::time::Duration::from_millis(50)))
+            });
+            match submitted {
+                Ok(job) => {
+                    return Ok(Ticket { job: std::sync::Mutex::new(Some(job)), store: Arc::clone(&self.handle), names })
+                }
+                Err(zstream_core::Error::Timeout(_)) => py.check_signals()?,
+                Err(e) => return Err(crate::error::to_pyerr(py, &e)),
+            }
+        }
+    }
+
+    /// Stop the reader threads. Tensors already read stay valid. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        let handle = Arc::clone(&self.handle);
+        py.detach(move || handle.inner.close());
+    }
+
+    /// The reader "auto" resolves to for a read of every tensor of this checkpoint.
+    fn auto_reader(&self, py: Python<'_>) -> PyResult<&'static str> {
+        let all: Vec<&str> = self.handle.inner.ckpt.tensors.iter().map(|t| t.name.as_str()).collect();
+        let (plan, _) = self.handle.inner.plan(&all).py_err(py)?;
+        Ok(ReaderKind::Auto.resolve(&self.handle.inner.ckpt, &plan).py_err(py)?.name())
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.handle.inner.ckpt;
+        format!("<Store {} ({} tensors in {} shards, {} bytes)>", c.root.display(), c.len(), c.shards.len(), c.nbytes())
+    }
+}
