@@ -168,11 +168,12 @@ class Llama(Family):
         self.mlp_bias = bool(config.get("mlp_bias", False))
         self.sliding_window = self._sliding_window(config)
         self.rope = rope_parameters(config, f)
+        self.trained_positions = self.max_positions  # what RoPE scaling is relative to
         if self.rope["rope_type"] == "dynamic":
             # dynamic NTK scaling exists to run past the trained context, by up to its factor
             self.max_positions = int(self.max_positions * float(self.rope["factor"]))
         if self.rope["rope_type"] != "dynamic":  # static table, computed once
-            inv_freq, factor = rope_inv_freq(self.rope, self.head_dim, self.max_positions)
+            inv_freq, factor = rope_inv_freq(self.rope, self.head_dim, self.trained_positions)
             self._inv_freq, self._attention_factor = inv_freq, factor
         # save_pretrained writes "model.layers.0..."; a bare LlamaModel "layers.0..."
         self.prefix = "model."
@@ -245,7 +246,7 @@ class Llama(Family):
         ctx = super().context(attention_mask, num_new, dtype)
         if self.rope["rope_type"] == "dynamic":
             seq_len = int(ctx.positions.max()) + 1 if ctx.positions.numel() else 0
-            inv_freq, scale = rope_inv_freq(self.rope, self.head_dim, self.max_positions, seq_len)
+            inv_freq, scale = rope_inv_freq(self.rope, self.head_dim, self.trained_positions, seq_len)
         else:
             inv_freq, scale = self._inv_freq, self._attention_factor
         inv_freq = inv_freq.to(attention_mask.device)

@@ -1,0 +1,256 @@
+"""The model families against transformers: logits and greedy generation of tiny random checkpoints of
+every supported architecture, written by transformers' save_pretrained and by zstream.synthetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from tiny_models import (  # noqa: E402
+    TINY,
+    WRITERS,
+    edit_config,
+    padded_batch,
+    reference_logits,
+    reference_model,
+    save_with_transformers,
+    write_checkpoint,
+)
+
+from zstream.errors import ModelError  # noqa: E402
+from zstream.generation import KVCache, ResidentModel, checkpoint_files  # noqa: E402
+from zstream.models import FAMILIES, family_for, supported_architectures  # noqa: E402
+from zstream.synthetic import PRESETS, make_checkpoint  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=[(n, w) for n in TINY for w in WRITERS], ids=lambda p: f"{p[0]}-{p[1]}")
+def checkpoint(request, tmp_path_factory):
+    name, writer = request.param
+    path = write_checkpoint(name, writer, tmp_path_factory.mktemp(f"{name}-{writer}"))
+    return name, path, reference_model(path), ResidentModel(path)
+
+
+def test_logits_match_transformers_with_left_padding(checkpoint):
+    _, _, ref, model = checkpoint
+    ids, mask = padded_batch()
+    want = reference_logits(ref, ids, mask)
+    got = model(ids, mask)
+    assert got.shape == want.shape
+    real = mask.bool()  # padding positions are garbage in both: compare real tokens only
+    assert (got - want).abs()[real].max().item() <= TOL
+    # and a batch without padding (the no-mask fast path)
+    full = torch.ones_like(ids)
+    assert (model(ids, full) - reference_logits(ref, ids, full)).abs().max().item() <= TOL
+
+
+def test_greedy_generate_matches_transformers(checkpoint):
+    _, _, ref, model = checkpoint
+    ids, mask = padded_batch(lengths=(12, 7))
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                        eos_token_id=None, pad_token_id=0)
+    got = model.generate(ids, max_new_tokens=24, attention_mask=mask)
+    assert got.shape == (2, 12 + 24)
+    assert torch.equal(got, want)
+
+
+def test_incremental_decode_equals_full_forward(checkpoint):
+    # prefill in two chunks (the second one starts mid-cache, with padding) then single tokens
+    _, _, _, model = checkpoint
+    ids, mask = padded_batch(lengths=(18, 11))
+    full = model(ids, mask)
+    cache = model.new_cache(2, ids.shape[1])
+    pieces = [model.forward(ids[:, :10], mask[:, :10], cache), model.forward(ids[:, 10:15], mask[:, 10:15], cache)]
+    pieces += [model.forward(ids[:, t : t + 1], mask[:, t : t + 1], cache) for t in range(15, ids.shape[1])]
+    stepped = torch.cat(pieces, dim=1)
+    assert cache.length == ids.shape[1]
+    assert (stepped - full).abs()[mask.bool()].max().item() <= TOL
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 8},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    ],
+    ids=lambda r: r["rope_type"],
+)
+def test_rope_scaling_matches_transformers(tmp_path, rope):
+    # max_position_embeddings 16 and 28-token sequences: dynamic NTK scaling actually kicks in
+    config = {**PRESETS["tiny-llama"], "max_position_embeddings": 16, "rope_scaling": dict(rope)}
+    config["rope_theta"] = 500.0  # low base: long wavelengths fall inside llama3's and yarn's ramps
+    path = save_with_transformers(config, tmp_path)
+    ref, model = reference_model(path), ResidentModel(path)
+    ids, mask = padded_batch(lengths=(12, 8) if rope["rope_type"] != "dynamic" else (24, 19))
+    assert (model(ids, mask) - reference_logits(ref, ids, mask)).abs()[mask.bool()].max().item() <= TOL
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=4 if rope["rope_type"] != "dynamic" else 8,
+                        min_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = model.generate(ids, max_new_tokens=want.shape[1] - ids.shape[1], attention_mask=mask)
+    assert torch.equal(got, want)
+
+
+def test_rope_variants_differ_from_default():
+    # guard against a scaling type that silently falls back to plain RoPE
+    from zstream.models.llama import rope_inv_freq
+
+    base = {"rope_theta": 500.0, "rope_type": "default"}
+    plain, _ = rope_inv_freq(base, 16, 16)
+    for rope in ({"rope_type": "linear", "factor": 4.0},
+                 {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8},
+                 {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}):
+        scaled, _ = rope_inv_freq({**base, **rope}, 16, 16)
+        assert not torch.allclose(scaled, plain), rope
+    dyn = {**base, "rope_type": "dynamic", "factor": 2.0}
+    assert torch.equal(rope_inv_freq(dyn, 16, 16, seq_len=16)[0], plain)
+    assert not torch.allclose(rope_inv_freq(dyn, 16, 16, seq_len=24)[0], plain)
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("tiny-bloom", "transformer."), ("tiny-opt", "model."),
+                                              ("tiny-llama", "model.")])
+def test_unprefixed_hub_names(tmp_path, name, prefix):
+    # bigscience/bloom and facebook/opt-* on the hub were saved from the bare model: "h.0...", "decoder..."
+    full = make_checkpoint(name, tmp_path / "full", torch.float32, progress=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((full / "config.json").read_text())
+    tensors = safetensors_torch.load_file(full / "model.safetensors")
+    renamed = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    safetensors_torch.save_file(renamed, bare / "model.safetensors", metadata={"format": "pt"})
+
+    fam = family_for(json.loads((bare / "config.json").read_text()), renamed.keys())
+    assert all(n in renamed for n in fam.block_tensors(0).values())
+    ids, mask = padded_batch(lengths=(10, 6))
+    assert torch.equal(ResidentModel(bare)(ids, mask), ResidentModel(full)(ids, mask))
+
+
+def test_family_interface_names():
+    bloom = family_for(PRESETS["tiny-bloom"])
+    assert bloom.block_tensors(1)["self_attention.query_key_value.weight"] == (
+        "transformer.h.1.self_attention.query_key_value.weight")
+    outer = bloom.outer_tensors()
+    assert outer["lm_head"] == outer["word_embeddings"] == "transformer.word_embeddings.weight"
+    llama = family_for(PRESETS["tiny-llama"])
+    assert llama.outer_tensors()["lm_head"] == "lm_head.weight"
+    assert (llama.num_blocks, llama.num_heads, llama.num_kv_heads, llama.head_dim) == (2, 4, 2, 16)
+    assert family_for(PRESETS["tiny-mistral"]).head_dim == 24
+    assert family_for(PRESETS["tiny-mistral"]).sliding_window == 8
+    assert family_for(PRESETS["tiny-qwen2"]).sliding_window is None
+    opt = family_for(PRESETS["tiny-opt-350m-style"])
+    assert opt.outer_tensors()["project_in.weight"] == "model.decoder.project_in.weight"
+    assert "final_layer_norm.weight" not in opt.outer_tensors()  # post-LN OPT has no final LayerNorm
+    with pytest.raises(IndexError):
+        llama.block_tensors(2)
+
+
+def test_context_is_shared_and_holds_alibi_and_rope():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    bloom = family_for(PRESETS["tiny-bloom"])
+    ctx = bloom.context(mask, 5, torch.float32)
+    assert ctx.mask is not None and ctx.mask.shape == (2, 6, 5, 5)  # ALiBi: one bias per head
+    assert ctx.positions.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    llama = family_for(PRESETS["tiny-llama"])
+    ctx = llama.context(torch.ones(2, 7, dtype=torch.long), 1, torch.float32)  # a decode step
+    assert ctx.mask is None and not ctx.is_causal and ctx.start == 6
+    assert ctx.rope is not None and ctx.rope[0].shape == (2, 1, 1, 16)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    with pytest.raises(ModelError) as err:
+        family_for({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64})
+    message = str(err.value)
+    assert "GPT2LMHeadModel" in message
+    for arch in supported_architectures():
+        assert arch in message
+    assert {"BloomForCausalLM", "OPTForCausalLM", "LlamaForCausalLM"} <= set(supported_architectures())
+
+
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama"])
+@pytest.mark.parametrize("key", ["hidden_size", "vocab_size"])
+def test_missing_config_key(name, key):
+    config = dict(PRESETS[name])
+    del config[key]
+    with pytest.raises(ModelError, match=key):
+        family_for(config)
+
+
+def test_missing_layer_count_key_names_it():
+    config = dict(PRESETS["tiny-bloom"])
+    del config["n_layer"]
+    with pytest.raises(ModelError, match="n_layer"):
+        family_for(config)
+
+
+def test_every_family_is_registered():
+    assert {f.name for f in FAMILIES} == {"bloom", "opt", "llama"}
+    for name in TINY:
+        assert family_for(PRESETS[name]).model_types
+
+
+def _drop_tensor(path: Path, victim: str) -> None:
+    file = checkpoint_files(path)[victim]
+    tensors = safetensors_torch.load_file(file)
+    del tensors[victim]
+    safetensors_torch.save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_block_missing_a_tensor(tmp_path):
+    path = make_checkpoint("tiny-llama", tmp_path, torch.float32, progress=False)
+    _drop_tensor(path, "model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(ModelError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*block 1"):
+        ResidentModel(path)
+
+
+def test_shape_disagrees_with_config(tmp_path):
+    path = make_checkpoint("tiny-opt", tmp_path, torch.float32, progress=False)
+    edit_config(path, ffn_dim=96)  # the checkpoint's fc1/fc2 are 128 wide
+    with pytest.raises(ModelError, match=r"fc1\.weight.*\[128, 64\].*\[96, 64\]"):
+        ResidentModel(path)
+
+
+def test_validate_accepts_store_style_infos_and_rejects_bad_ones():
+    fam = family_for(PRESETS["tiny-qwen2"])
+    good = {name: (shape, "F16") for name, shape in fam.expected_shapes().items()}
+    fam.validate(good)
+    bias = "model.layers.0.self_attn.k_proj.bias"
+    with pytest.raises(ModelError, match="k_proj.bias"):
+        fam.validate({k: v for k, v in good.items() if k != bias})
+    with pytest.raises(ModelError, match="non-floating"):
+        fam.validate({**good, bias: (good[bias][0], "I32")})
+
+
+def test_prompt_longer_than_max_positions(tmp_path):
+    path = make_checkpoint("tiny-opt", tmp_path, torch.float32, progress=False)  # 64 positions
+    model = ResidentModel(path)
+    model(torch.zeros(1, 64, dtype=torch.long))  # exactly fits
+    with pytest.raises(ModelError, match="64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ModelError, match="64"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
+    # the family itself refuses too (what the streaming engine calls)
+    with pytest.raises(ModelError, match="longer than"):
+        model.family.context(torch.ones(1, 65, dtype=torch.long), 65, torch.float32)
+    with pytest.raises(ModelError, match="longer than"):
+        family_for(PRESETS["tiny-llama"]).context(torch.ones(1, 129, dtype=torch.long), 1, torch.float32)
+
+
+def test_kv_cache_too_small(tmp_path):
+    path = make_checkpoint("tiny-llama", tmp_path, torch.float32, progress=False)
+    model = ResidentModel(path)
+    cache = KVCache.for_family(model.family, batch=1, max_len=4, dtype=torch.float32)
+    with pytest.raises(ModelError, match="KV cache"):
+        model.forward(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), cache)
