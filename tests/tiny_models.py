@@ -35,8 +35,9 @@ def save_with_transformers(config: Dict[str, Any], path: Path, seed: int = 0) ->
     std = float(config.get("initializer_range") or config.get("init_std") or 0.02)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name or name.endswith("ln_f.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else std * torch.randn_like(p))
+            is_norm = (p.dim() == 1 and "norm" in name) or "ln_f" in name
+            if is_norm and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(std * torch.randn_like(p))
     kwargs = {}
