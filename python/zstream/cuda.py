@@ -41,7 +41,7 @@ def _bundled_cudart() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def install_host_register() -> bool:
     """Give the core CUDA's host-registration entry points. False (and no error) where CUDA is absent."""
     import torch

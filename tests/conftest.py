@@ -1,0 +1,26 @@
+"""Shared fixtures: checkpoints written on the spot (no weights can be downloaded here)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+
+def write_raw_safetensors(path: Path, header: dict, data: bytes, header_len: int | None = None) -> Path:
+    """Write a safetensors file from a raw header dict; `header_len` overrides the length prefix (for corrupt
+    files)."""
+    js = json.dumps(header).encode()
+    n = len(js) if header_len is None else header_len
+    path.write_bytes(struct.pack("<Q", n) + js + data)
+    return path
+
+
+@pytest.fixture
+def tmp_ckpt(tmp_path: Path) -> Path:
+    """A directory on the real disk (not tmpfs), so O_DIRECT paths are exercised where the filesystem allows."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    return d

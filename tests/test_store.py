@@ -1,0 +1,231 @@
+"""The weight store: every reader returns exactly safetensors' bytes; tickets, lifetimes and pinning behave."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import zstream
+from zstream import _core
+
+READERS = ["uring", "pread", "mmap", "auto"]
+
+DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+          torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    raw = torch.randint(0, 256, (int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size(),),
+                        dtype=torch.uint8, generator=gen)
+    if dtype == torch.bool:
+        return (raw % 2).bool().reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN-safe, dtype and shape checked)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def assert_matches_safetensors(store: zstream.WeightStore, files: list[Path], reader: str) -> None:
+    got = store.read(store.names(), reader=reader)
+    seen = 0
+    for f in files:
+        with safe_open(f, "pt") as ref:
+            for k in ref.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                assert same_bytes(got[k], ref.get_tensor(k)), f"{reader}: {k} differs"
+                seen += 1
+    assert seen == len(store)
+
+
+shapes = st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple) | st.sampled_from([(4097,), (3, 1000)])
+tensors = st.dictionaries(st.from_regex(r"[a-z]{1,6}(\.[0-9]{1,2})?", fullmatch=True),
+                          st.tuples(st.sampled_from(DTYPES), shapes), min_size=1, max_size=12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=tensors, shards=st.integers(1, 3), with_index=st.booleans(), seed=st.integers(0, 2**31))
+def test_every_reader_matches_safetensors(tmp_path_factory, spec, shards, with_index, seed):
+    d = tmp_path_factory.mktemp("ckpt")
+    gen = torch.Generator().manual_seed(seed)
+    names = sorted(spec)
+    files, weight_map = [], {}
+    for s in range(shards):
+        part = {n: random_tensor(*spec[n], gen) for n in names[s::shards]}
+        if not part:
+            continue
+        f = d / f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, f, metadata={"format": "pt"})
+        files.append(f)
+        weight_map.update(dict.fromkeys(part, f.name))
+    if with_index:
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    store = zstream.WeightStore.open(d)
+    assert sorted(store.names()) == names
+    for r in READERS:
+        assert_matches_safetensors(store, files, r)
+
+
+def test_info_and_index(tmp_ckpt):
+    save_file({"w": torch.zeros(3, 4, dtype=torch.float16), "b": torch.zeros(4)}, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt / "m.safetensors")
+    info = store.info("w")
+    assert (info.dtype, info.shape, info.nbytes) == ("F16", (3, 4), 24)
+    assert info.file.endswith("m.safetensors")
+    with open(info.file, "rb") as f:  # the offset is absolute in the file
+        f.seek(info.offset)
+        assert f.read(24) == bytes(24)
+    assert len(store) == 2 and "w" in store and "nope" not in store
+    with pytest.raises(KeyError, match="nope"):
+        store.info("nope")
+    with pytest.raises(KeyError, match="nope"):
+        store.read(["nope"])
+    with pytest.raises(ValueError, match="unknown reader"):
+        store.read(["w"], reader="floppy")
+
+
+def test_adjacent_tensors_coalesce(tmp_ckpt):
+    block = {f"h.0.t{i}": torch.randn(257, 31) for i in range(12)}
+    save_file(block, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt)
+    read_bytes, _, extents = store.plan(block)
+    assert extents == 1
+    assert read_bytes >= sum(t.numel() * 4 for t in block.values())
+
+
+def test_tensors_outlive_the_store(tmp_ckpt):
+    ref = {"a": torch.randn(1000), "b": torch.arange(10)}
+    save_file(ref, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt)
+    got = store.read(["a", "b"])
+    ticket = store.fetch(["a"])
+    streamed = ticket.wait()
+    ticket.release()
+    store.close()
+    del store, ticket
+    gc.collect()
+    # Scribble over freed memory if the arena had been unmapped.
+    junk = [torch.full((1000,), 7.0) for _ in range(50)]
+    assert torch.equal(got["a"], ref["a"]) and torch.equal(got["b"], ref["b"])
+    assert torch.equal(streamed["a"], ref["a"])
+    del junk
+
+
+def test_tickets_in_flight_and_slot_reuse(tmp_ckpt):
+    ref = {f"b{i}": torch.randn(4096 + i) for i in range(6)}
+    save_file(ref, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt, workers=3)
+    tickets = [store.fetch([f"b{i}"]) for i in range(6)]  # all in flight at once
+    for i, t in enumerate(tickets):
+        got = t.wait(timeout=30)
+        assert torch.equal(got[f"b{i}"], ref[f"b{i}"])
+        assert t.read_bytes >= ref[f"b{i}"].numel() * 4
+        q, s, f = t.times
+        assert 0 < q <= s <= f
+        del got
+        t.release()
+    created, free = store.pool_stats
+    assert created == free and created <= 6
+
+    # A slot whose tensors are still alive is never handed out again.
+    t1 = store.fetch(["b0"])
+    held = t1.wait()["b0"]
+    t1.release()
+    for _ in range(5):
+        t = store.fetch(["b1"])
+        t.wait()
+        t.release()
+    assert torch.equal(held, ref["b0"])
+    # Once nothing views it, the slot is reused: the pool does not grow.
+    del held
+    before = store.pool_stats[0]
+    for _ in range(5):
+        with store.fetch(["b2"]) as t:
+            t.wait()
+    assert store.pool_stats[0] == before
+
+
+def test_bounded_pool_waits_for_release(tmp_ckpt):
+    save_file({"x": torch.randn(10000)}, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt, max_slots=1)
+    first = store.fetch(["x"])
+    first.wait()
+    threading.Timer(0.2, first.release).start()
+    second = store.fetch(["x"])  # blocks until the timer releases the only slot
+    assert first.released
+    assert torch.equal(second.wait()["x"], store.read(["x"])["x"])
+    second.release()
+
+
+def test_released_ticket_refuses_wait(tmp_ckpt):
+    save_file({"x": torch.randn(10)}, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt)
+    t = store.fetch(["x"])
+    t.release()
+    t.release()  # idempotent
+    with pytest.raises(RuntimeError, match="released"):
+        t.wait()
+
+
+def test_ctrl_c_interrupts_a_long_read(tmp_ckpt):
+    n = 256 << 20
+    save_file({"big": torch.zeros(n, dtype=torch.uint8), "small": torch.arange(5)}, tmp_ckpt / "m.safetensors")
+    # One 4 KiB O_DIRECT read at a time (or 4 KiB preads): slow enough that the signal lands mid-read.
+    reader = "uring" if _core.uring_unavailable_reason() is None else "pread"
+    store = zstream.WeightStore.open(tmp_ckpt, queue_depth=1, chunk_size=4096, threads=1)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        store.read(["big"], reader=reader)
+    timer.join()
+    # The store keeps working afterwards.
+    assert torch.equal(store.read(["small"])["small"], torch.arange(5))
+
+
+def test_pinning_without_cuda_is_a_no_op_that_says_so(tmp_ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the GPU suite covers pinning")
+    save_file({"x": torch.randn(10)}, tmp_ckpt / "m.safetensors")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        store = zstream.WeightStore.open(tmp_ckpt, pin=True)
+    assert not store.pinned
+    assert any("pinning" in str(x.message) for x in w)
+    assert not store.read(["x"])["x"].is_pinned()
+
+
+def test_auto_reader_resolution(tmp_ckpt):
+    save_file({"x": torch.randn(10)}, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt)
+    expected = "uring" if _core.uring_unavailable_reason() is None and all(store._core.direct) else "pread"
+    assert store.auto_reader == expected
+    assert store.fetch(["x"]).reader == expected
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no tmpfs at /dev/shm")
+def test_tmpfs_checkpoint_reads_everywhere():
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        ref = {"x": torch.randn(5000), "y": torch.randint(0, 9, (77,), dtype=torch.int8)}
+        save_file(ref, Path(d) / "m.safetensors")
+        store = zstream.WeightStore.open(d)
+        for r in READERS:
+            got = store.read(["x", "y"], reader=r)
+            assert all(torch.equal(got[k], ref[k]) for k in ref), r
