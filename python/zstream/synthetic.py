@@ -318,12 +318,20 @@ def write_tokenizer(config: Mapping[str, Any], path: Union[str, Path]) -> Option
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     except ImportError:
         return None
-    specials: Dict[str, int] = {}
-    for key, token in (("unk_token_id", "<unk>"), ("bos_token_id", "<s>"), ("eos_token_id", "</s>"),
-                       ("pad_token_id", "<pad>")):
+    # special tokens at the config's ids; roles sharing an id share a token (OPT: bos = eos = "</s>")
+    specials: Dict[str, int] = {}  # token -> id
+    roles: Dict[str, str] = {}  # tokenizer_config key -> token
+    for key, token, role in (("eos_token_id", "</s>", "eos_token"), ("bos_token_id", "<s>", "bos_token"),
+                             ("pad_token_id", "<pad>", "pad_token"), ("unk_token_id", "<unk>", "unk_token")):
         value = config.get(key)
-        if isinstance(value, int) and value not in specials.values():
+        if not isinstance(value, int):
+            continue
+        same = [t for t, i in specials.items() if i == value]
+        if same:
+            token = same[0]
+        else:
             specials[token] = value
+        roles[role] = token
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab: Dict[str, int] = dict(specials)
     next_id = 0
@@ -341,7 +349,6 @@ def write_tokenizer(config: Mapping[str, Any], path: Union[str, Path]) -> Option
     out = Path(path)
     tok.save(str(out / "tokenizer.json"))
     tok_config: Dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left"}
-    names = {"<unk>": "unk_token", "<s>": "bos_token", "</s>": "eos_token", "<pad>": "pad_token"}
-    tok_config.update({names[t]: t for t in specials})
+    tok_config.update(roles)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return out / "tokenizer.json"
