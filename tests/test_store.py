@@ -229,3 +229,21 @@ def test_tmpfs_checkpoint_reads_everywhere():
         for r in READERS:
             got = store.read(["x", "y"], reader=r)
             assert all(torch.equal(got[k], ref[k]) for k in ref), r
+
+
+def test_flat_reads_view_the_same_bytes(tmp_ckpt):
+    ref = {"q": torch.randn(33, 7).half(), "b": torch.randn(7), "i": torch.arange(5)}
+    save_file(ref, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt)
+    flat = store.read_flat(["q", "b", "i", "q"])  # duplicates collapse
+    assert flat.buffer.dtype == torch.uint8 and flat.aligned
+    assert set(flat.layout) == {"q", "b", "i"}
+    views = flat.view()
+    assert all(torch.equal(views[k], ref[k]) for k in ref)
+    # A copy of the flat buffer (as the GPU slot gets) yields the same tensors at the same offsets.
+    copy = flat.buffer.clone()
+    again = flat.view(copy)
+    assert all(torch.equal(again[k], ref[k]) for k in ref)
+    with store.fetch(["i", "b"]) as t:
+        f2 = t.wait_flat()
+        assert torch.equal(f2.view()["i"], ref["i"]) and torch.equal(f2.view()["b"], ref["b"])

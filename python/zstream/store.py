@@ -59,11 +59,54 @@ class TensorInfo(NamedTuple):
         return torch_dtype(self.dtype)
 
 
-def _to_torch(capsules: dict[str, object], dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
+class FlatRead:
+    """Tensors read into one arena, kept as one flat byte tensor (``buffer``) plus where each tensor starts.
+
+    One ``buffer`` copy moves all of them to the GPU at once; ``view(buffer_on_gpu)`` then gives per-tensor views
+    at the same offsets. ``aligned`` says whether every offset suits its dtype (safetensors writers align them).
+    """
+
+    __slots__ = ("buffer", "layout")
+
+    def __init__(self, buffer: torch.Tensor, layout: dict[str, tuple[int, torch.dtype, tuple[int, ...]]]) -> None:
+        self.buffer = buffer  # (nbytes,) uint8
+        self.layout = layout  # name -> (offset, dtype, shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    @property
+    def aligned(self) -> bool:
+        return all(off % _itemsize(dt) == 0 for off, dt, _ in self.layout.values())
+
+    def view(self, buffer: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Per-tensor views into ``buffer`` (default: the host arena), which must hold these bytes at these
+        offsets."""
+        buf = self.buffer if buffer is None else buffer
+        out = {}
+        for name, (off, dt, shape) in self.layout.items():
+            n = _itemsize(dt) * _numel(shape)
+            out[name] = buf[off:off + n].view(dt).view(shape)
+        return out
+
+
+def _itemsize(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _to_torch(capsules: dict[str, object], meta: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
     out = {}
     for name, capsule in capsules.items():
         t = torch.from_dlpack(capsule)  # adopts the arena memory: no copy
-        view = _VIEW_AS.get(dtypes[name])
+        view = _VIEW_AS.get(meta[name][0])
         if view is not None:
             t = t.view(view)
         out[name] = t
@@ -77,15 +120,23 @@ class Ticket:
     change under you; keep the tensors no longer than you need them, or the pool grows instead.
     """
 
-    __slots__ = ("_dtypes", "_ticket")
+    __slots__ = ("_meta", "_ticket")
 
-    def __init__(self, ticket: _core.Ticket, dtypes: dict[str, str]) -> None:
+    def __init__(self, ticket: _core.Ticket, meta: dict[str, tuple[str, tuple[int, ...]]]) -> None:
         self._ticket = ticket
-        self._dtypes = dtypes
+        self._meta = meta
 
     def wait(self, timeout: Optional[float] = None) -> dict[str, torch.Tensor]:
         """Block (GIL released, Ctrl-C honoured) until the read is done; raises ReadError if it failed."""
-        return _to_torch(self._ticket.wait(timeout), self._dtypes)
+        return _to_torch(self._ticket.wait(timeout), self._meta)
+
+    def wait_flat(self, timeout: Optional[float] = None) -> FlatRead:
+        """Like ``wait``, as one flat buffer (the whole slot) plus offsets: see ``FlatRead``."""
+        capsule, offsets = self._ticket.wait_flat(timeout)
+        return FlatRead(torch.from_dlpack(capsule), self._layout(offsets))
+
+    def _layout(self, offsets: list[int]) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
+        return {n: (off, torch_dtype(dt), shape) for (n, (dt, shape)), off in zip(self._meta.items(), offsets)}
 
     def done(self) -> bool:
         return self._ticket.done()
@@ -138,7 +189,7 @@ class WeightStore:
     def __init__(self, core: _core.Store, pinned: bool) -> None:
         self._core = core
         self._pinned = pinned
-        self._dtypes: dict[str, str] = {}
+        self._metas: dict[str, tuple[str, tuple[int, ...]]] = {}
 
     @classmethod
     def open(
@@ -223,12 +274,14 @@ class WeightStore:
         """What reader="auto" resolves to on this checkpoint and machine."""
         return self._core.auto_reader()
 
-    def _dtype_map(self, names: list[str]) -> dict[str, str]:
-        d = self._dtypes
+    def _meta(self, names: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """{name: (safetensors dtype, shape)}, cached: the engine asks for the same blocks every pass."""
+        m = self._metas
         for n in names:
-            if n not in d:
-                d[n] = self._core.info(n)[0]
-        return {n: d[n] for n in names}
+            if n not in m:
+                dtype, shape, *_ = self._core.info(n)
+                m[n] = (dtype, tuple(shape))
+        return {n: m[n] for n in names}
 
     # --- reading ---------------------------------------------------------------------------------------------
     def read(self, names: Iterable[str], *, reader: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -240,12 +293,22 @@ class WeightStore:
         capsules, pin_error = self._core.read(names, reader=reader)
         if pin_error:
             warnings.warn(f"zstream: arena left unpinned: {pin_error}", RuntimeWarning, stacklevel=2)
-        return _to_torch(capsules, self._dtype_map(names))
+        return _to_torch(capsules, self._meta(names))
+
+    def read_flat(self, names: Iterable[str], *, reader: Optional[str] = None) -> FlatRead:
+        """Like ``read``, as one flat arena buffer plus offsets (one copy moves a whole block): see ``FlatRead``."""
+        names = list(dict.fromkeys(names))
+        capsule, offsets, pin_error = self._core.read_flat(names, reader=reader)
+        if pin_error:
+            warnings.warn(f"zstream: arena left unpinned: {pin_error}", RuntimeWarning, stacklevel=2)
+        meta = self._meta(names)
+        layout = {n: (off, torch_dtype(meta[n][0]), meta[n][1]) for n, off in zip(names, offsets)}
+        return FlatRead(torch.from_dlpack(capsule), layout)
 
     def fetch(self, names: Iterable[str], *, reader: Optional[str] = None) -> Ticket:
         """Start reading ``names`` in the background into a reusable slot; returns at once with a Ticket."""
-        names = list(names)
-        return Ticket(self._core.fetch(names, reader=reader), self._dtype_map(names))
+        names = list(dict.fromkeys(names))
+        return Ticket(self._core.fetch(names, reader=reader), self._meta(names))
 
     def close(self) -> None:
         """Stop the reader threads; tensors already read stay valid."""

@@ -9,7 +9,7 @@ use zstream_core::{ReadOptions, ReaderKind, Store as CoreStore, StoreOptions};
 use crate::dlpack::{DLDevice, KDL_CPU};
 use crate::error::IntoPyResult;
 use crate::interrupt::wait_job;
-use crate::ticket::{capsules, Ticket};
+use crate::ticket::{capsules, flat, Ticket};
 
 /// Shared between the store object and its tickets, so a ticket can outlive `close()`.
 pub struct StoreHandle {
@@ -133,6 +133,30 @@ impl Store {
         wait_job(py, &job, None)?;
         let out = capsules(py, &self.handle, &job, &names, DLDevice { device_type, device_id })?;
         Ok((out, job.buffer.pin_error.clone()))
+    }
+
+    /// Like `read`, but return the whole arena as one flat U8 capsule plus each tensor's byte offset in it:
+    /// `(capsule, offsets, pin_error)`. The engine copies a whole block to the GPU in one transfer this way.
+    #[pyo3(signature = (names, *, reader=None, device_type=KDL_CPU, device_id=0))]
+    fn read_flat(
+        &self,
+        py: Python<'_>,
+        names: Vec<String>,
+        reader: Option<&str>,
+        device_type: i32,
+        device_id: i32,
+    ) -> PyResult<(Py<PyAny>, Vec<usize>, Option<String>)> {
+        let kind = parse_reader(py, reader, self.default_reader)?;
+        let handle = Arc::clone(&self.handle);
+        let job = py
+            .detach(move || {
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                handle.inner.submit(&refs, kind, false, None)
+            })
+            .py_err(py)?;
+        wait_job(py, &job, None)?;
+        let (capsule, offsets) = flat(py, &job, DLDevice { device_type, device_id })?;
+        Ok((capsule, offsets, job.buffer.pin_error.clone()))
     }
 
     /// Start reading `names` into a pool slot in the background; several tickets may be in flight. Waits (GIL

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use zstream_core::Job;
+use zstream_core::{Dtype, Job};
 
 use crate::dlpack::{export, DLDevice, KDL_CPU};
 use crate::interrupt::wait_job;
@@ -43,6 +43,20 @@ impl Ticket {
         let job = self.job()?;
         wait_job(py, &job, timeout)?;
         capsules(py, &self.store, &job, &self.names, DLDevice { device_type, device_id })
+    }
+
+    /// Like `wait`, but return the slot as one flat U8 capsule (the planned bytes) and each tensor's offset in it.
+    #[pyo3(signature = (timeout=None, device_type=KDL_CPU, device_id=0))]
+    fn wait_flat(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+        device_type: i32,
+        device_id: i32,
+    ) -> PyResult<(Py<PyAny>, Vec<usize>)> {
+        let job = self.job()?;
+        wait_job(py, &job, timeout)?;
+        flat(py, &job, DLDevice { device_type, device_id })
     }
 
     /// Whether the read has finished (successfully or not).
@@ -105,6 +119,12 @@ impl Ticket {
         };
         format!("<Ticket of {} tensors, {state}>", self.names.len())
     }
+}
+
+/// The planned part of a finished job's arena as one U8 capsule, and where each requested tensor starts in it.
+pub(crate) fn flat(py: Python<'_>, job: &Arc<Job>, device: DLDevice) -> PyResult<(Py<PyAny>, Vec<usize>)> {
+    let capsule = export(py, &job.buffer, 0, Dtype::U8, &[job.plan.arena_len], device)?;
+    Ok((capsule, job.placed.iter().map(|p| p.arena_offset).collect()))
 }
 
 /// `{name: capsule}` for a finished job.

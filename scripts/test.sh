@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, from a clean clone on a fresh machine: install the tools, build the wheel, install it,
+# and test the installed wheel (not the source tree). The README names this script; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" \
+    torch numpy tqdm safetensors "transformers>=4.45" tokenizers hypothesis pytest pytest-benchmark ruff
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+echo "== cargo fmt / clippy / test"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test -p zstream-core
+
+echo "== ruff"
+ruff check python tests benches
+
+echo "== wheel"
+rm -rf dist
+maturin build --release -o dist
+python3 -m pip install -q --disable-pip-version-check --force-reinstall --no-deps dist/zstream-*.whl
+
+echo "== pytest (against the installed wheel)"
+# Run from tests/ so that python/ (the source tree) is not importable: what is tested is what was installed.
+cd tests
+python3 -c "import zstream, zstream._core as c, sys; assert 'site-packages' in c.__file__, c.__file__; print('testing', c.__file__)"
+python3 -m pytest -q -p no:cacheprovider . ../benches --benchmark-disable
