@@ -78,7 +78,7 @@ class FlatRead:
 
     @property
     def aligned(self) -> bool:
-        return all(off % _itemsize(dt) == 0 for off, dt, _ in self.layout.values())
+        return all(off % dt.itemsize == 0 for off, dt, _ in self.layout.values())
 
     def view(self, buffer: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Per-tensor views into ``buffer`` (default: the host arena), which must hold these bytes at these
@@ -86,13 +86,11 @@ class FlatRead:
         buf = self.buffer if buffer is None else buffer
         out = {}
         for name, (off, dt, shape) in self.layout.items():
-            n = _itemsize(dt) * _numel(shape)
-            out[name] = buf[off:off + n].view(dt).view(shape)
+            raw = buf[off:off + dt.itemsize * _numel(shape)]
+            if off % dt.itemsize:
+                raw = raw.clone()  # an unaligned tensor (unusual writer): a copy is the only aligned view
+            out[name] = raw.view(dt).view(shape)
         return out
-
-
-def _itemsize(dt: torch.dtype) -> int:
-    return torch.empty((), dtype=dt).element_size()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -1,0 +1,223 @@
+"""``zstream.load``: open a checkpoint in place, plan where every block lives, and build the streaming model."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from .engine import StreamingModel, Weights, _DeviceRing, _HostTickets, _local
+from .errors import ModelError, OutOfMemoryError
+from .generation import read_config
+from .models import Family, family_for
+from .plan import (
+    OFFLOADS,
+    Plan,
+    Stopwatch,
+    choose_residency,
+    fmt_bytes,
+    host_available_bytes,
+    measure_h2d_gbps,
+    parse_bytes,
+)
+from .store import FlatRead, WeightStore
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(model: Union[str, os.PathLike], *, download: bool = False,
+                       revision: Optional[str] = None) -> Path:
+    """A local checkpoint directory, or a Hugging Face repo id found in the local cache (downloaded only when
+    ``download`` is True). Only config, tokenizer and safetensors files are considered."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    name = os.fspath(model)
+    if not _REPO_ID.match(name):
+        raise ModelError(f"{name}: no such checkpoint directory (and not a Hugging Face repo id)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelError(f"{name}: looks like a Hugging Face repo id, but huggingface_hub is not installed "
+                         "(pip install 'zstream[hub]')") from None
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=not download,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:  # huggingface_hub raises several types for "not cached" / offline / missing repo
+        if download:
+            raise ModelError(f"{name}: could not download from the Hugging Face hub: {e}") from e
+        raise ModelError(f"{name}: not in the local Hugging Face cache, and download=False: pass download=True "
+                         "to fetch it, or give a local directory") from e
+
+
+def _tokenizer(path: Path) -> Any:
+    if not (path / "tokenizer.json").exists():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> int:
+    """KV cache for ``batch`` x ``seq`` tokens plus a working set for activations and last-position logits."""
+    kv = 2 * family.num_blocks * batch * seq * family.num_kv_heads * family.head_dim * dtype.itemsize
+    acts = batch * seq * family.hidden_size * 24 * dtype.itemsize + batch * family.vocab_size * 8
+    return kv + acts + (256 << 20)
+
+
+def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optional[str] = None,
+         dtype: Optional[torch.dtype] = None, gpu_memory: Union[int, str, None] = None, prefetch: int = 2,
+         disk_prefetch: int = 2, max_batch: int = 1, max_seq_len: Optional[int] = None,
+         max_resident_blocks: Optional[int] = None, reader: str = "auto",
+         download: bool = False, revision: Optional[str] = None, progress: bool = True) -> StreamingModel:
+    """Load a checkpoint for streaming inference.
+
+    ``offload``: "none" (everything on the device), "cpu" (weights read once into pinned host arenas, streamed
+    every pass), "nvme" (blocks read from disk every pass through a small ring of host slots), "ats" (GH200 mode)
+    or "auto" (none if it fits with room for the KV cache, else cpu if host memory allows, else nvme).
+    ``gpu_memory``: the device budget (bytes or "20GiB"); default: free memory. Within it the non-block weights
+    stay resident first, then the ring, then as many blocks as fit; ``max_batch`` x ``max_seq_len`` sizes the
+    KV cache the budget keeps room for; ``max_resident_blocks`` caps the resident blocks (0: stream every block).
+    ``device`` defaults to "cuda" when there is one, else "cpu", where "nvme" streams every block from disk
+    unless ``gpu_memory`` gives a host budget for resident ones.
+    """
+    clock = Stopwatch()
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOADS)}, not {offload!r}")
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be at least 1, not {prefetch}")
+    dev = torch.device(device or _default_device())
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError("device='cuda' but torch sees no CUDA device; use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    path = resolve_checkpoint(model, download=download, revision=revision)
+    if offload == "ats":
+        from .ats import load_ats  # the GH200 mode has its own module
+
+        return load_ats(path, device=dev, dtype=dtype, progress=progress, reader=reader)
+
+    config = read_config(path)
+    streaming = offload in ("cpu", "nvme", "auto")
+    store = WeightStore.open(path, reader=reader, pin=dev.type == "cuda" and streaming)
+    family = family_for(config, store.names())
+    family.validate({n: store.info(n) for n in family.expected_shapes()})
+
+    block_names = [family.block_tensors(i) for i in range(family.num_blocks)]
+    outer_names = family.outer_tensors()
+    ckpt_dtype = store.info(next(iter(block_names[0].values()))).torch_dtype if block_names else torch.float32
+    if dtype is None:
+        dtype = ckpt_dtype if dev.type == "cuda" else torch.float32
+    raw = [sum(store.info(n).nbytes for n in names.values()) for names in block_names]
+    scale = max(1.0, dtype.itemsize / ckpt_dtype.itemsize)  # converted blocks are larger on the device
+    on_device = [int(b * scale) for b in raw]
+    outer_bytes = int(sum(store.info(n).nbytes for n in set(outer_names.values())) * scale)
+    seq = min(max_seq_len or 2048, family.max_positions)
+    reserve = _reserve_bytes(family, max_batch, seq, dtype)
+    total = outer_bytes + sum(on_device)
+
+    budget = parse_bytes(gpu_memory)
+    if dev.type == "cuda" and budget is None:
+        budget = torch.cuda.mem_get_info(dev)[0]
+    notes: List[str] = []
+    if offload == "auto":
+        room = budget if budget is not None else host_available_bytes()
+        if total + reserve <= room:
+            offload = "none"
+        elif dev.type == "cuda" and host_available_bytes() > sum(raw) * 1.1 + (2 << 30):
+            offload = "cpu"
+        else:
+            offload = "nvme"
+        notes.append(f"offload='auto' chose {offload!r}: weights {fmt_bytes(total)}, KV+activations "
+                     f"{fmt_bytes(reserve)}, budget {fmt_bytes(room)}")
+    if offload == "none" and budget is not None and total + reserve > budget:
+        raise OutOfMemoryError(f"{path}: the weights ({fmt_bytes(total)}) and KV cache ({fmt_bytes(reserve)}) "
+                               f"do not fit the {fmt_bytes(budget)} device budget: use offload='cpu' or 'nvme'")
+    if offload == "none":
+        resident, streamed = list(range(family.num_blocks)), []
+    elif dev.type == "cpu" and offload == "cpu":
+        resident, streamed = list(range(family.num_blocks)), []  # host memory is the device: nothing to stream
+    elif dev.type == "cpu" and budget is None:
+        resident, streamed = [], list(range(family.num_blocks))  # nvme on the CPU: only staging slots in memory
+    else:
+        resident, streamed = choose_residency(on_device, outer_bytes, budget, prefetch + 1, reserve,
+                                              where=str(path))
+    if max_resident_blocks is not None and len(resident) > max_resident_blocks:
+        resident, streamed = resident[:max_resident_blocks], sorted(streamed + resident[max_resident_blocks:])
+    plan = Plan(offload=offload, device=str(dev), dtype=dtype, block_bytes=raw, outer_bytes=outer_bytes,
+                resident_blocks=resident, streamed_blocks=streamed,
+                ring_slots=min(prefetch + 1, len(streamed)) if dev.type == "cuda" else 0,
+                kv_reserve_bytes=reserve, budget_bytes=budget, notes=notes)
+
+    def to_device(flat: FlatRead, names: Dict[str, str]) -> Weights:
+        if dev.type == "cpu":
+            return _local(flat.view(), names, dtype)
+        return _local(flat.view(flat.buffer.to(dev)), names, dtype)  # one transfer per block
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        host_bytes = sum(raw[i] for i in streamed) if offload == "cpu" else 0
+        bar = tqdm(total=outer_bytes + sum(raw[i] for i in resident) + host_bytes, unit="B", unit_scale=True,
+                   desc=f"zstream load ({offload})", leave=False)
+
+    def read(names: Dict[str, str]) -> FlatRead:
+        flat = store.read_flat(list(dict.fromkeys(names.values())))
+        if bar is not None:
+            bar.update(sum(store.info(n).nbytes for n in set(names.values())))
+        return flat
+
+    outer = to_device(read(outer_names), outer_names)
+    resident_w: Dict[int, Weights] = {}
+    host_blocks: List[Optional[FlatRead]] = [None] * family.num_blocks
+    # Two reads at a time: one block pins its arena while the other is being read.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for i, flat in zip(resident, pool.map(lambda i: read(block_names[i]), resident)):
+            resident_w[i] = to_device(flat, block_names[i])
+        if offload == "cpu" and streamed:
+            for i, flat in zip(streamed, pool.map(lambda i: read(block_names[i]), streamed)):
+                host_blocks[i] = flat
+    if bar is not None:
+        bar.close()
+
+    streamer: Union[_DeviceRing, _HostTickets, None] = None
+    if streamed:
+        if dev.type == "cpu":
+            streamer = _HostTickets(store, streamed, block_names, dtype, disk_prefetch)
+        else:
+            if offload == "cpu" and not all(host_blocks[i].buffer.is_pinned() for i in streamed):  # type: ignore
+                warnings.warn("zstream: host arenas are not pinned; copies to the GPU will be slow",
+                              RuntimeWarning, stacklevel=2)
+            source: Union[List[Optional[FlatRead]], WeightStore] = host_blocks if offload == "cpu" else store
+            streamer = _DeviceRing(dev, streamed, max(raw[i] for i in streamed), prefetch + 1, source,
+                                   block_names, dtype, disk_prefetch)
+        plan.link, plan.link_gbps = _measure_link(store, dev, offload, block_names[streamed[0]])
+    return StreamingModel(store=store, family=family, plan=plan, config=config, outer=outer, resident=resident_w,
+                          streamer=streamer, tokenizer=_tokenizer(path), path=str(path), load_s=clock())
+
+
+def _measure_link(store: WeightStore, dev: torch.device, offload: str, names: Dict[str, str]) -> tuple[str, float]:
+    """The bandwidth that bounds streaming, measured now: pinned host-to-device copies for cpu offload; for nvme
+    the slower of that and an O_DIRECT read of one block."""
+    h2d = measure_h2d_gbps(dev) if dev.type == "cuda" else float("inf")
+    if offload == "cpu":
+        return "pinned host-to-device", h2d
+    clock = Stopwatch()
+    flat = store.read_flat(list(names.values()))
+    disk = flat.nbytes / clock() / 1e9
+    if disk < h2d:
+        return "disk read (O_DIRECT)", disk
+    return "pinned host-to-device", h2d
