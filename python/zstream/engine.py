@@ -18,7 +18,11 @@ weights are the host arenas themselves, and nvme blocks are computed straight fr
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -97,6 +101,9 @@ class _DeviceRing:
             gi, ticket = self.tickets.popleft()
             assert gi == g
             host = ticket.wait_flat()  # blocks until the disk read is done; the device keeps computing
+            if self.trace is not None:
+                _queued, started, finished = ticket.times
+                self.trace.append(("disk", g, self.order[g % len(self.order)], started, finished))
         else:
             assert not isinstance(self.source, WeightStore)
             host = self.source[self.order[g % len(self.order)]]
@@ -228,6 +235,8 @@ class StreamingModel:
         self.load_s = load_s
         self.device = torch.device(plan.device)
         self.dtype = plan.dtype
+        self._trace: Optional[List[Tuple[str, int, int, Any, Any]]] = None
+        self._trace_ref: Optional[Tuple[int, Any]] = None
 
     # --- the forward pass --------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -248,7 +257,14 @@ class StreamingModel:
                 continue
             assert streamer is not None
             w = streamer.acquire(i)
+            if self._trace is not None:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
             hidden = fam.block(w, hidden, cache.layer(i), ctx)      # (B, T, C)
+            if self._trace is not None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._trace.append(("compute", i, i, start, end))
             del w  # the views of the slot must be gone before the slot is reused
             streamer.release()
         if last_only:
@@ -347,6 +363,41 @@ class StreamingModel:
             hint = "offload='cpu' (or 'nvme') streams the weights and frees device memory"
         return OutOfMemoryError(f"{self.path}: out of device memory for {what} ({p.offload} offload, "
                                 f"{fmt_bytes(p.resident_bytes)} resident): {hint}, or use a smaller batch")
+
+    # --- tracing -------------------------------------------------------------------------------------------------
+    def trace_start(self) -> None:
+        """Record, until ``trace_stop``, per streamed block: disk read, copy and compute (CUDA devices only)."""
+        if self.device.type != "cuda":
+            raise ModelError("tracing needs a CUDA device")
+        ref = torch.cuda.Event(enable_timing=True)
+        ref.record()
+        ref.synchronize()
+        self._trace_ref = (time.monotonic_ns(), ref)
+        self._trace = []
+        if isinstance(self.streamer, _DeviceRing):
+            self.streamer.trace = self._trace
+
+    def trace_stop(self, path: Union[str, os.PathLike]) -> None:
+        """Write what was recorded since ``trace_start`` as a Chrome/Perfetto trace (JSON)."""
+        torch.cuda.synchronize(self.device)
+        assert self._trace is not None and self._trace_ref is not None
+        ref_ns, ref = self._trace_ref
+        tracks = {"disk": (1, "disk -> pinned host (io_uring)"), "copy": (2, "host -> device copy (copy stream)"),
+                  "compute": (3, "block compute (compute stream)")}
+        events: List[Dict[str, Any]] = [{"ph": "M", "pid": 1, "tid": tid, "name": "thread_name",
+                                         "args": {"name": name}} for tid, name in tracks.values()]
+        for kind, g, block, a, b in self._trace:
+            if kind == "disk":
+                ts, dur = a / 1e3, (b - a) / 1e3
+            else:
+                ts = ref_ns / 1e3 + ref.elapsed_time(a) * 1e3
+                dur = a.elapsed_time(b) * 1e3
+            events.append({"ph": "X", "pid": 1, "tid": tracks[kind][0], "name": f"block {block}", "ts": ts,
+                           "dur": dur, "args": {"global_index": g}})
+        Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+        self._trace = None
+        if isinstance(self.streamer, _DeviceRing):
+            self.streamer.trace = None
 
     # --- housekeeping ------------------------------------------------------------------------------------------
     def peak_memory(self) -> int:

@@ -1,0 +1,245 @@
+"""``zstream bench``: prefill and decode timings against the bound measured in the same process.
+
+For every offload mode and batch size it prints prefill time, the median decode step, tokens/s, bytes streamed
+per step, the achieved GB/s, the transfer bound and the step as a % of it, peak device memory and load time.
+The bound is measured here, now: pinned host-to-device copy bandwidth for offload="cpu"; an O_DIRECT sequential
+read of the same checkpoint's blocks for offload="nvme" (``--fio`` adds fio on the same shard files).
+``--trace`` writes a Chrome/Perfetto trace of one decode step: per block, the disk read, the copy and the
+compute, each on its own track.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .errors import OutOfMemoryError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint directory, or a synthetic preset name (written once to the cache)")
+    p.add_argument("--offload", default="cpu", help="comma list of none,cpu,nvme,ats")
+    p.add_argument("--batch", default="1,16,64", help="comma list of batch sizes")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--gen", type=int, default=32)
+    p.add_argument("--gpu-memory", default=None, help="device budget(s), comma list, e.g. 8GiB,16GiB")
+    p.add_argument("--max-resident-blocks", type=int, default=None,
+                   help="cap resident blocks (0: stream every block; default 0 for cpu/nvme unless --gpu-memory)")
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--repeats", type=int, default=1, help="repeat each configuration, report medians")
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    p.add_argument("--trace", default=None, help="write a Chrome trace of one decode step here")
+    p.add_argument("--fio", default=None, help="fio binary: also measure the shard files with fio (nvme)")
+    p.add_argument("--max-batch", action="store_true",
+                   help="search the largest batch that fits --gpu-memory with and without offload")
+
+
+def _checkpoint(model: str, dtype: Optional[torch.dtype]) -> Path:
+    path = Path(model)
+    if path.exists():
+        return path
+    from . import synthetic
+    from .cli import _cache_dir
+
+    if model not in synthetic.PRESETS:
+        raise SystemExit(f"{model}: neither a checkpoint directory nor a synthetic preset")
+    out = _cache_dir() / "synthetic" / model
+    if not (out / "config.json").exists():
+        synthetic.make_checkpoint(model, out, dtype=dtype or torch.float16)
+    return out
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[str] = None) -> Dict[str, Any]:
+    """Prefill ``batch`` x ``prompt`` random tokens, then ``gen - 1`` greedy decode steps, timing each."""
+    dev = model.device
+    vocab = model.family.vocab_size
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(10, min(vocab, 30000), (batch, prompt), generator=g)
+    mask = torch.ones_like(ids)
+    cache = model.new_cache(batch, prompt + gen)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    logits = model.forward(ids, mask, cache, last_only=True)
+    nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    _sync(dev)
+    prefill_s = time.perf_counter() - t0
+    one = torch.ones(batch, 1, dtype=torch.long, device=dev)
+    steps: List[float] = []
+    for step in range(gen - 1):
+        tracing = trace is not None and step == (gen - 1) // 2
+        if tracing:
+            model.trace_start()
+        t = time.perf_counter()
+        logits = model.forward(nxt, one, cache, last_only=True)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        _sync(dev)
+        steps.append(time.perf_counter() - t)
+        if tracing:
+            assert trace is not None
+            model.trace_stop(trace)
+    decode = statistics.median(steps) if steps else float("nan")
+    total = prefill_s + sum(steps)
+    return {"batch": batch, "prompt": prompt, "gen": gen, "prefill_s": prefill_s, "decode_step_s": decode,
+            "decode_steps_s": steps, "tokens_per_s": batch * gen / total,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0}
+
+
+def disk_gbps(model: Any) -> float:
+    """O_DIRECT sequential read of every streamed block of this checkpoint, one block at a time."""
+    store, fam = model.store, model.family
+    blocks = model.plan.streamed_blocks or list(range(fam.num_blocks))
+    nbytes, t0 = 0, time.perf_counter()
+    for i in blocks:
+        flat = store.read_flat(list(fam.block_tensors(i).values()))
+        nbytes += flat.nbytes
+        del flat
+    return nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def fio_gbps(fio: str, files: List[str]) -> Optional[float]:
+    """fio --rw=read --bs=1M --iodepth=64 --ioengine=io_uring --direct=1 over the shard files."""
+    if not shutil.which(fio) and not os.path.exists(fio):
+        return None
+    cmd = [fio, "--name=zstream", "--rw=read", "--bs=1M", "--iodepth=64", "--ioengine=io_uring", "--direct=1",
+           "--output-format=json", "--filename=" + ":".join(files)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return None
+    job = json.loads(out.stdout)["jobs"][0]["read"]
+    return job["bw_bytes"] / 1e9
+
+
+def _row(system: str, offload: str, model: Any, r: Dict[str, Any], bound_gbps: Optional[float]) -> Dict[str, Any]:
+    streamed = model.plan.streamed_bytes
+    bound = streamed / (bound_gbps * 1e9) if bound_gbps and streamed else None
+    return {"system": system, "offload": offload, **r, "streamed_bytes": streamed,
+            "achieved_gbps": streamed / r["decode_step_s"] / 1e9 if streamed else 0.0,
+            "bound_gbps": bound_gbps, "bound_step_s": bound,
+            "pct_of_bound": 100 * bound / r["decode_step_s"] if bound else None,
+            "resident_blocks": len(model.plan.resident_blocks), "streamed_blocks": len(model.plan.streamed_blocks),
+            "load_s": model.load_s}
+
+
+def _print_table(rows: List[Dict[str, Any]]) -> None:
+    head = (f"{'offload':8} {'batch':>5} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} {'GB/step':>8} "
+            f"{'GB/s':>6} {'bound ms':>8} {'% bound':>7} {'peak GiB':>8} {'load s':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        bound = f"{r['bound_step_s'] * 1e3:8.1f}" if r.get("bound_step_s") else f"{'-':>8}"
+        pct = f"{r['pct_of_bound']:6.0f}%" if r.get("pct_of_bound") else f"{'-':>7}"
+        print(f"{r['offload']:8} {r['batch']:5d} {r['prefill_s'] * 1e3:10.1f} {r['decode_step_s'] * 1e3:8.1f} "
+              f"{r['tokens_per_s']:8.1f} {r['streamed_bytes'] / 1e9:8.2f} {r['achieved_gbps']:6.1f} {bound} {pct} "
+              f"{r['peak_gpu_bytes'] / 2**30:8.2f} {r['load_s']:6.1f}")
+
+
+def _search_max_batch(load_fn: Any, prompt: int, gen: int) -> List[Dict[str, Any]]:
+    """Largest batch that runs (doubling, then bisecting), and its throughput."""
+    results: List[Dict[str, Any]] = []
+    lo, hi, b = 0, None, 1
+    while hi is None or hi - lo > 1:
+        try:
+            model = load_fn(b)
+            r = run_one(model, b, prompt, min(gen, 4))
+            results.append({"batch": b, "tokens_per_s": r["tokens_per_s"], "decode_step_s": r["decode_step_s"],
+                            "resident_blocks": len(model.plan.resident_blocks)})
+            model.close()
+            del model
+            lo = b
+        except (OutOfMemoryError, torch.cuda.OutOfMemoryError):
+            hi = b
+        torch.cuda.empty_cache()
+        b = b * 2 if hi is None else (lo + hi) // 2
+        if b > 4096:
+            break
+    return results
+
+
+def main(a: argparse.Namespace) -> int:
+    from .cli import _dtype
+    from .loading import load
+
+    dtype = _dtype(a.dtype)
+    path = _checkpoint(a.model, dtype)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batches = [int(x) for x in str(a.batch).split(",")]
+    budgets = [x or None for x in str(a.gpu_memory).split(",")] if a.gpu_memory else [None]
+    rows: List[Dict[str, Any]] = []
+    meta: Dict[str, Any] = {"model": str(path), "device": device, "host": platform.node(),
+                            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if device.startswith("cuda"):
+        meta["card"] = torch.cuda.get_device_name()
+    for offload in a.offload.split(","):
+        for budget in budgets:
+            cap = a.max_resident_blocks
+            if cap is None and offload in ("cpu", "nvme") and budget is None:
+                cap = 0  # stream every block (embeddings, final norm and head stay resident)
+            model = load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
+                         max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap,
+                         progress=False)
+            print(f"\n# {offload}, budget {budget}: {model.plan}")
+            bound = model.plan.link_gbps
+            if offload == "nvme":
+                bound = disk_gbps(model)
+                meta["disk_gbps_odirect"] = bound
+                if a.fio:
+                    meta["fio_gbps"] = fio_gbps(a.fio, model.store.files)
+            elif offload == "cpu" and device.startswith("cuda"):
+                from .plan import measure_h2d_gbps
+
+                bound = measure_h2d_gbps(model.device, 1 << 30)
+                meta["h2d_gbps"] = bound
+            run_one(model, batches[0], min(a.prompt, 16), 3)  # warm-up
+            for b in batches:
+                reps = [run_one(model, b, a.prompt, a.gen, trace=a.trace if (b == batches[0] and offload != "none")
+                                else None) for _ in range(a.repeats)]
+                r = min(reps, key=lambda x: x["decode_step_s"]) if a.repeats == 1 else {
+                    **reps[0], **{k: statistics.median(x[k] for x in reps)
+                                  for k in ("prefill_s", "decode_step_s", "tokens_per_s")}}
+                row = _row("zstream", offload, model, r, bound)
+                row["gpu_memory"] = budget
+                rows.append(row)
+                _print_table([row])
+            model.close()
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    if a.max_batch:
+        budget = budgets[0]
+        for offload in ("none", a.offload.split(",")[0]):
+            def load_fn(b: int, offload: str = offload) -> Any:
+                return load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget,
+                            max_batch=b, max_seq_len=a.prompt + a.gen, progress=False)
+            found = _search_max_batch(load_fn, a.prompt, a.gen)
+            meta[f"max_batch_{offload}"] = found
+            best = max(found, key=lambda r: r["tokens_per_s"]) if found else None
+            print(f"max batch, offload={offload}, budget {budget}: "
+                  + (f"{max(r['batch'] for r in found)}; best {best['tokens_per_s']:.1f} tok/s at batch "
+                     f"{best['batch']}" if best else "none fits"))
+    print()
+    _print_table(rows)
+    for k in ("h2d_gbps", "disk_gbps_odirect", "fio_gbps"):
+        if meta.get(k):
+            print(f"{k}: {meta[k]:.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    return 0
