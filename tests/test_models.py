@@ -10,6 +10,11 @@ import pytest
 import safetensors.torch as safetensors_torch
 import torch
 
+from zstream.errors import ModelError
+from zstream.generation import KVCache, ResidentModel, checkpoint_files
+from zstream.models import FAMILIES, family_for, supported_architectures
+from zstream.synthetic import PRESETS, make_checkpoint
+
 from tiny_models import (
     TINY,
     WRITERS,
@@ -20,10 +25,6 @@ from tiny_models import (
     save_with_transformers,
     write_checkpoint,
 )
-from zstream.errors import ModelError
-from zstream.generation import KVCache, ResidentModel, checkpoint_files
-from zstream.models import FAMILIES, family_for, supported_architectures
-from zstream.synthetic import PRESETS, make_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -98,6 +99,37 @@ def test_rope_scaling_matches_transformers(tmp_path, rope):
                         min_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0)
     got = model.generate(ids, max_new_tokens=want.shape[1] - ids.shape[1], attention_mask=mask)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("name", "changes"),
+    [
+        ("tiny-bloom", {"apply_residual_connection_post_layernorm": True}),
+        ("tiny-bloom", {"n_head": 8, "hidden_size": 64}),  # power-of-two heads
+        ("tiny-opt", {"enable_bias": False}),
+        ("tiny-opt", {"layer_norm_elementwise_affine": False}),
+        ("tiny-opt", {"_remove_final_layer_norm": True}),
+        ("tiny-opt", {"tie_word_embeddings": False}),
+        ("tiny-llama", {"num_key_value_heads": 1}),  # multi-query attention
+        ("tiny-llama", {"hidden_act": "gelu_pytorch_tanh"}),
+        ("tiny-qwen2", {"tie_word_embeddings": True}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()),
+)
+def test_config_variants_match_transformers(tmp_path, name, changes):
+    path = save_with_transformers({**PRESETS[name], **changes}, tmp_path)
+    ref, model = reference_model(path), ResidentModel(path)
+    ids, mask = padded_batch(lengths=(12, 7))
+    assert (model(ids, mask) - reference_logits(ref, ids, mask)).abs()[mask.bool()].max().item() <= TOL
+
+
+def test_padding_queries_never_see_an_empty_row():
+    # a left-padding query has no real key before it; it attends to itself so no backend divides by 0
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    for name in ("tiny-bloom", "tiny-opt", "tiny-mistral"):
+        ctx = family_for(PRESETS[name]).context(mask, 5, torch.float32)
+        assert ctx.mask is not None
+        assert torch.isfinite(ctx.mask).any(dim=-1).all(), name
 
 
 def test_rope_variants_differ_from_default():
