@@ -37,6 +37,26 @@ from .store import FlatRead, Ticket, WeightStore
 Weights = Dict[str, Tensor]
 
 
+# cuBLAS picks its fastest kernels only for 16-byte (better: 256-byte) aligned operands, but a tensor sits in its
+# arena at its file offset modulo 4096, which safetensors aligns to 8 bytes only. A block's tensors usually share
+# one residue, so shifting the whole block by a pad on the device aligns them all.
+DEVICE_ALIGN = 256
+
+
+def block_pad(flat: FlatRead) -> int:
+    """Bytes to shift ``flat`` by on the device so that its first tensor is DEVICE_ALIGN-aligned."""
+    first = min((off for off, _, _ in flat.layout.values()), default=0)
+    return -first % DEVICE_ALIGN
+
+
+def to_device(flat: FlatRead, device: torch.device) -> FlatRead:
+    """One transfer of a whole block to ``device``, shifted so that its tensors are aligned there."""
+    pad = block_pad(flat)
+    buf = torch.empty(flat.nbytes + pad, dtype=torch.uint8, device=device)
+    buf[pad:].copy_(flat.buffer)
+    return FlatRead(buf[pad:], flat.layout)
+
+
 def _local(flat_views: Dict[str, Tensor], names: Dict[str, str], dtype: torch.dtype) -> Weights:
     """{local name: tensor} from {checkpoint name: view}, converted to the compute dtype where needed."""
     out = {}
@@ -59,7 +79,8 @@ class _DeviceRing:
         self.block_names = block_names
         self.dtype = dtype
         self.disk_prefetch = disk_prefetch
-        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(self.slots)]
+        self.buffers = [torch.empty(slot_bytes + DEVICE_ALIGN, dtype=torch.uint8, device=device)
+                        for _ in range(self.slots)]
         self.copy_stream = torch.cuda.Stream(device)
         self.copied = [torch.cuda.Event() for _ in range(self.slots)]    # slot's copy landed
         self.computed = [torch.cuda.Event() for _ in range(self.slots)]  # slot's compute finished
@@ -115,14 +136,15 @@ class _DeviceRing:
             if self.trace is not None:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(stream)
-            self.buffers[slot][: host.nbytes].copy_(host.buffer, non_blocking=True)
+            pad = block_pad(host)
+            self.buffers[slot][pad:pad + host.nbytes].copy_(host.buffer, non_blocking=True)
             self.copied[slot].record(stream)
             if self.trace is not None:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record(stream)
                 self.trace.append(("copy", g, self.order[g % len(self.order)], start, end))
         # Keep only the layout: the host buffer may go back to the pool once the copy is done.
-        self.layouts[slot] = FlatRead(self.buffers[slot], host.layout)
+        self.layouts[slot] = FlatRead(self.buffers[slot][pad:], host.layout)
         if self.nvme:
             done = torch.cuda.Event()
             done.record(stream)

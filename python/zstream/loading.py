@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .engine import StreamingModel, Weights, _DeviceRing, _HostTickets, _local
+from .engine import to_device as block_to_device
 from .errors import ModelError, OutOfMemoryError
 from .generation import read_config
 from .models import Family, family_for
@@ -164,7 +165,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     def to_device(flat: FlatRead, names: Dict[str, str]) -> Weights:
         if dev.type == "cpu":
             return _local(flat.view(), names, dtype)
-        return _local(flat.view(flat.buffer.to(dev)), names, dtype)  # one transfer per block
+        return _local(block_to_device(flat, dev).view(), names, dtype)  # one transfer per block
 
     bar = None
     if progress:
