@@ -12,8 +12,8 @@ import torch
 
 from zstream.errors import ModelError
 from zstream.generation import KVCache, ResidentModel, checkpoint_files
-from zstream.models import FAMILIES, family_for, supported_architectures
-from zstream.synthetic import PRESETS, make_checkpoint
+from zstream.models import FAMILIES, common, family_for, supported_architectures
+from zstream.synthetic import PRESETS, checkpoint_plan, make_checkpoint
 
 from tiny_models import (
     TINY,
@@ -50,6 +50,23 @@ def test_logits_match_transformers_with_left_padding(checkpoint):
     # and a batch without padding (the no-mask fast path)
     full = torch.ones_like(ids)
     assert (model(ids, full) - reference_logits(ref, ids, full)).abs().max().item() <= TOL
+
+
+def test_checkpoint_names_are_exactly_the_expected_ones(checkpoint):
+    # transformers' save_pretrained and the synthetic writer store the same table, and the family
+    # reads every stored tensor (nothing left over, nothing missing)
+    name, path, _, model = checkpoint
+    assert set(checkpoint_files(path)) == set(model.family.expected_shapes())
+    assert set(model.family.expected_shapes()) == {n for n, _, _ in checkpoint_plan(name)}
+
+
+def test_gqa_without_enable_gqa_gives_the_same_logits(checkpoint, monkeypatch):
+    # torch < 2.5 has no SDPA enable_gqa: the fallback repeats the kv heads instead
+    _, _, _, model = checkpoint
+    ids, mask = padded_batch(lengths=(9, 5))
+    want = model(ids, mask)
+    monkeypatch.setattr(common, "_SDPA_HAS_GQA", False)
+    assert (model(ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-5
 
 
 def test_greedy_generate_matches_transformers(checkpoint):

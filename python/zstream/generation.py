@@ -235,14 +235,17 @@ class ResidentModel:
         return KVCache.for_family(self.family, batch, max_len, self.dtype, self.device)
 
     @torch.inference_mode()
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache) -> Tensor:
-        """Run T new tokens (B, T) through the model, appending them to ``cache``; -> logits (B, T, vocab)."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
+        """Run T new tokens (B, T) through the model, appending them to ``cache``; -> logits (B, T, vocab),
+        or (B, 1, vocab) of the last position with ``last_only`` (all that generation needs)."""
         input_ids = input_ids.to(self.device)
         mask, _start = cache.extend(attention_mask.to(self.device))
         ctx = self.family.context(mask, input_ids.shape[1], self.dtype)  # once per forward pass
         hidden = self.family.embed(self.outer, input_ids, ctx)  # (B, T, C)
         for i, w in enumerate(self.blocks):
             hidden = self.family.block(w, hidden, cache.layer(i), ctx)
+        if last_only:
+            hidden = hidden[:, -1:]  # (B, 1, C)
         return self.family.head(self.outer, hidden)  # (B, T, vocab)
 
     def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -261,7 +264,10 @@ class ResidentModel:
             attention_mask = torch.ones_like(input_ids)
         self._check_length(attention_mask, max_new_tokens)
         cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        return generate(self.forward, input_ids.to(self.device), max_new_tokens, cache=cache,
+        def step(ids: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+            return self.forward(ids, mask, cache, last_only=True)
+
+        return generate(step, input_ids.to(self.device), max_new_tokens, cache=cache,
                         attention_mask=attention_mask.to(self.device), **kwargs)
 
     def _check_length(self, attention_mask: Tensor, max_new_tokens: int) -> None:
