@@ -244,7 +244,7 @@ def _write_tensor(f: BinaryIO, name: str, shape: Tuple[int, ...], dtype: torch.d
         # norm gains near 1 keep activations at unit scale; biases are small
         scale = std if kind == "normal" else std / 2
         x = 1.0 + 0.1 * x if kind == "norm" else x * scale
-        f.write(x.to(dtype).view(torch.uint8).numpy().tobytes())
+        f.write(x.to(dtype).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
         done += n
         if progress is not None:
             progress.update(n * torch.empty((), dtype=dtype).element_size())

@@ -132,9 +132,14 @@ class Family:
     max_positions: int
     vocab_size: int
     dtype: torch.dtype
-    sliding_window: Optional[int] = None
+    sliding_window: Optional[int] = None  # attend to at most this many previous tokens (Mistral)
+
     # families whose attention needs a bias tensor even without padding (ALiBi) set this
     _always_mask: ClassVar[bool] = False
+    # the outer local name of the token embedding, which a tied head reuses
+    _embedding_local: ClassVar[str] = "embed_tokens"
+    # outer local names stored after the blocks (final norm, head), for checkpoint order
+    _after_blocks: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         self.config = dict(config)
@@ -173,15 +178,13 @@ class Family:
             names["lm_head"] = names[self._embedding_local]
         return names
 
-    # the outer local name of the token embedding, which a tied head reuses
-    _embedding_local: ClassVar[str] = "embed_tokens"
-
     @property
     def tied_embeddings(self) -> bool:
         return "lm_head" not in self._outer_shapes()
 
     def expected_shapes(self) -> Dict[str, Shape]:
-        """checkpoint name -> shape of every tensor the model reads, in save_pretrained order."""
+        """checkpoint name -> shape of every tensor the checkpoint stores and the model reads, in
+        checkpoint order: embeddings, block 0, block 1, ..., final norm and head."""
         outer = self._outer_shapes()
         shapes: Dict[str, Shape] = {}
         head = {k: v for k, v in outer.items() if k in self._after_blocks}
@@ -195,9 +198,6 @@ class Family:
         for local, shape in head.items():
             shapes[self._outer_name(local)] = shape
         return shapes
-
-    # outer local names that come after the blocks in a checkpoint (final norm, head)
-    _after_blocks: ClassVar[Tuple[str, ...]] = ()
 
     def validate(self, infos: Mapping[str, Any]) -> None:
         """Check that the checkpoint has every tensor, with the shape the config implies.
