@@ -3,6 +3,7 @@ every supported architecture, written by transformers' save_pretrained and by zs
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -285,6 +286,14 @@ def test_validate_accepts_store_style_infos_and_rejects_bad_ones():
         fam.validate({k: v for k, v in good.items() if k != bias})
     with pytest.raises(ModelError, match="non-floating"):
         fam.validate({**good, bias: (good[bias][0], "I32")})
+    # the weight store's TensorInfo: a NamedTuple with .shape and a safetensors dtype string
+    info = collections.namedtuple("TensorInfo", "name dtype shape nbytes file offset")
+    store_infos = {n: info(n, "BF16", s, 0, "f", 0) for n, (s, _) in good.items()}
+    fam.validate(store_infos)
+    wrong = "model.layers.1.mlp.down_proj.weight"
+    store_infos[wrong] = info(wrong, "BF16", (64, 64), 0, "f", 0)
+    with pytest.raises(ModelError, match=r"down_proj\.weight.*\[64, 64\].*\[64, 128\]"):
+        fam.validate(store_infos)
 
 
 def test_prompt_longer_than_max_positions(tmp_path):

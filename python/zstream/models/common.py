@@ -95,6 +95,8 @@ def _info_shape_dtype(info: Any) -> Tuple[Shape, Optional[torch.dtype]]:
         shape, dtype = info, None
     if isinstance(dtype, str):
         dtype = SAFETENSORS_DTYPES.get(dtype.upper()) or CONFIG_DTYPES.get(dtype.replace("torch.", ""))
+    if not isinstance(dtype, torch.dtype):
+        dtype = None  # unknown: check the shape only
     return tuple(int(d) for d in shape), dtype
 
 

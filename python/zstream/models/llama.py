@@ -170,9 +170,10 @@ class Llama(Family):
         self.rope = rope_parameters(config, f)
         self.trained_positions = self.max_positions  # what RoPE scaling is relative to
         if self.rope["rope_type"] == "dynamic":
-            # dynamic NTK scaling exists to run past the trained context, by up to its factor
+            # dynamic NTK scaling exists to run past the trained context, by up to its factor; its
+            # frequencies depend on the sequence length, so context() computes them per forward pass
             self.max_positions = int(self.max_positions * float(self.rope["factor"]))
-        if self.rope["rope_type"] != "dynamic":  # static table, computed once
+        else:  # static frequencies, computed once
             inv_freq, factor = rope_inv_freq(self.rope, self.head_dim, self.trained_positions)
             self._inv_freq, self._attention_factor = inv_freq, factor
         # save_pretrained writes "model.layers.0..."; a bare LlamaModel "layers.0..."
