@@ -221,6 +221,30 @@ def test_context_is_shared_and_holds_alibi_and_rope():
     assert ctx.rope[0].shape == (2, 1, 1, 16)
 
 
+def test_alibi_bias_is_relative_so_low_precision_keeps_it_fine():
+    # at position 1500, slope * position is ~750 for the first head, which bf16 rounds in steps of 4;
+    # the distance form keeps the nearest keys' biases exact
+    from zstream.models.bloom import alibi_slopes
+
+    bloom = family_for(PRESETS["tiny-bloom"])
+    slopes = alibi_slopes(6)
+    ctx = bloom.context(torch.ones(1, 1501, dtype=torch.long), 1, torch.bfloat16)
+    assert ctx.mask is not None
+    assert ctx.mask.shape == (1, 6, 1, 1501)
+    assert torch.equal(ctx.mask[0, :, 0, -1], torch.zeros(6, dtype=torch.bfloat16))  # the token itself
+    want = -(slopes * 3).to(torch.bfloat16)  # three tokens back
+    assert torch.equal(ctx.mask[0, :, 0, -4], want)
+    # and a softmax-equivalent of transformers' bias (per-query constant shift) in float32
+    ctx32 = bloom.context(torch.ones(1, 40, dtype=torch.long), 40, torch.float32)
+    assert ctx32.mask is not None
+    hf = slopes[:, None, None] * torch.arange(40.0)  # (nh, 1, S): slope * key position
+    shift = ctx32.mask[0] - hf  # (nh, T, S): constant along the allowed keys of each query row
+    causal = torch.ones(40, 40).tril().bool()
+    high = torch.where(causal, shift, -torch.inf).amax(-1)  # (nh, T)
+    low = torch.where(causal, shift, torch.inf).amin(-1)
+    assert (high - low).abs().max() < 1e-4
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 

@@ -116,14 +116,16 @@ class Bloom(Family):
 
     def context(self, attention_mask: Tensor, num_new: int, dtype: torch.dtype) -> StepContext:
         ctx = super().context(attention_mask, num_new, dtype)
-        # ALiBi: bias = slope_h * (position of the key). Adding a per-query constant would not change the
-        # softmax, so this equals -slope_h * (query - key) distance, as transformers computes it.
+        # ALiBi: bias = -slope_h * (query position - key position). transformers adds slope_h * (key
+        # position) instead, which differs by a per-query constant that softmax ignores; the distance form
+        # keeps the biases of nearby keys small, so fp16/bf16 round them finely.
         mask = attention_mask.long()
-        key_pos = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)  # (B, S)
+        key_pos = (mask.cumsum(-1) - 1) * mask  # (B, S) positions counting real tokens only
+        dist = (key_pos[:, ctx.start :, None] - key_pos[:, None, :]).float()  # (B, T, S)
         slopes = self._slopes.to(attention_mask.device)
-        alibi = (slopes[None, :, None, None] * key_pos[:, None, None, :]).to(dtype)  # (B, nh, 1, S)
-        assert ctx.mask is not None  # _always_mask
-        ctx.mask = ctx.mask + alibi  # (B, nh, T, S)
+        alibi = (-slopes[None, :, None, None] * dist[:, None]).to(dtype)  # (B, nh, T, S)
+        assert ctx.mask is not None  # _always_mask: the causal / padding mask is always built
+        ctx.mask = alibi.add_(ctx.mask)  # + (B, 1, T, S) mask
         return ctx
 
     # ---- math ---------------------------------------------------------------------------------
