@@ -17,6 +17,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -57,7 +58,7 @@ def _checkpoint(model: str, dtype: Optional[torch.dtype]) -> Path:
         raise SystemExit(f"{model}: neither a checkpoint directory nor a synthetic preset")
     out = _cache_dir() / "synthetic" / model
     if not (out / "config.json").exists():
-        synthetic.make_checkpoint(model, out, dtype=dtype or torch.float16)
+        synthetic.make_checkpoint(model, out, dtype=dtype or torch.float16, progress=sys.stderr.isatty())
     return out
 
 
@@ -66,7 +67,8 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[str] = None) -> Dict[str, Any]:
+def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[str] = None,
+            trace_steps: int = 2) -> Dict[str, Any]:
     """Prefill ``batch`` x ``prompt`` random tokens, then ``gen - 1`` greedy decode steps, timing each."""
     dev = model.device
     vocab = model.family.vocab_size
@@ -85,21 +87,21 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     one = torch.ones(batch, 1, dtype=torch.long, device=dev)
     steps: List[float] = []
     for step in range(gen - 1):
-        tracing = trace is not None and step == (gen - 1) // 2
-        if tracing:
-            model.trace_start()
+        if trace is not None and step == 0:
+            model.trace_start()  # the first decode steps, back to back
         t = time.perf_counter()
         logits = model.forward(nxt, one, cache, last_only=True)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         _sync(dev)
         steps.append(time.perf_counter() - t)
-        if tracing:
-            assert trace is not None
+        if trace is not None and step == min(trace_steps, gen - 1) - 1:
             model.trace_stop(trace)
     decode = statistics.median(steps) if steps else float("nan")
     total = prefill_s + sum(steps)
+    stats = torch.cuda.memory_stats(dev) if dev.type == "cuda" else {}
     return {"batch": batch, "prompt": prompt, "gen": gen, "prefill_s": prefill_s, "decode_step_s": decode,
             "decode_steps_s": steps, "tokens_per_s": batch * gen / total,
+            "alloc_retries": stats.get("num_alloc_retries"), "device_allocs": stats.get("num_device_alloc"),
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0}
 
 

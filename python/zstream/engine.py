@@ -36,6 +36,16 @@ from .store import FlatRead, Ticket, WeightStore
 
 Weights = Dict[str, Tensor]
 
+# cuDNN's attention builds an execution plan for every new (batch, heads, query, key) shape. Decoding grows the key
+# length by one every step, so each step paid a plan build (0.4-0.9 s on the H100, measured: docs/performance.md).
+# Flash and memory-efficient attention need no plans.
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+except ImportError:  # torch < 2.3: no cuDNN attention to avoid
+    sdpa_kernel = None
+
 
 # cuBLAS picks its fastest kernels only for 16-byte (better: 256-byte) aligned operands, but a tensor sits in its
 # arena at its file offset modulo 4096, which safetensors aligns to 8 bytes only. A block's tensors usually share
@@ -261,8 +271,16 @@ class StreamingModel:
         self._trace_ref: Optional[Tuple[int, Any]] = None
 
     # --- the forward pass --------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
+        """Run T new tokens (B, T) through every block, appending them to ``cache``; -> logits (B, T, vocab), or
+        (B, 1, vocab) of the last position with ``last_only`` (generation needs no more)."""
+        if sdpa_kernel is None or self.device.type != "cuda":
+            return self._forward(input_ids, attention_mask, cache, last_only)
+        with sdpa_kernel(_SDPA_BACKENDS):
+            return self._forward(input_ids, attention_mask, cache, last_only)
+
+    @torch.inference_mode()
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache, last_only: bool) -> Tensor:
         """Run T new tokens (B, T) through every block, appending them to ``cache``; -> logits (B, T, vocab), or
         (B, 1, vocab) of the last position with ``last_only`` (generation needs no more)."""
         fam, streamer = self.family, self.streamer
@@ -278,6 +296,8 @@ class StreamingModel:
                 hidden = fam.block(w, hidden, cache.layer(i), ctx)  # (B, T, C)
                 continue
             assert streamer is not None
+            if self._trace is not None:
+                cpu0 = time.monotonic_ns()
             w = streamer.acquire(i)
             if self._trace is not None:
                 start = torch.cuda.Event(enable_timing=True)
@@ -289,6 +309,8 @@ class StreamingModel:
                 self._trace.append(("compute", i, i, start, end))
             del w  # the views of the slot must be gone before the slot is reused
             streamer.release()
+            if self._trace is not None:
+                self._trace.append(("cpu", i, i, cpu0, time.monotonic_ns()))
         if last_only:
             hidden = hidden[:, -1:]                                 # (B, 1, C)
         return fam.head(self.outer, hidden)                         # (B, T, vocab)
@@ -405,11 +427,12 @@ class StreamingModel:
         assert self._trace is not None and self._trace_ref is not None
         ref_ns, ref = self._trace_ref
         tracks = {"disk": (1, "disk -> pinned host (io_uring)"), "copy": (2, "host -> device copy (copy stream)"),
-                  "compute": (3, "block compute (compute stream)")}
+                  "compute": (3, "block compute (compute stream)"),
+                  "cpu": (4, "python: acquire, launch, release")}
         events: List[Dict[str, Any]] = [{"ph": "M", "pid": 1, "tid": tid, "name": "thread_name",
                                          "args": {"name": name}} for tid, name in tracks.values()]
         for kind, g, block, a, b in self._trace:
-            if kind == "disk":
+            if kind in ("disk", "cpu"):
                 ts, dur = a / 1e3, (b - a) / 1e3
             else:
                 ts = ref_ns / 1e3 + ref.elapsed_time(a) * 1e3

@@ -203,7 +203,9 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
                 warnings.warn("zstream: host arenas are not pinned; copies to the GPU will be slow",
                               RuntimeWarning, stacklevel=2)
             source: Union[List[Optional[FlatRead]], WeightStore] = host_blocks if offload == "cpu" else store
-            streamer = _DeviceRing(dev, streamed, max(raw[i] for i in streamed), prefetch + 1, source,
+            # A slot holds a block as its arena lays it out: tensor bytes plus alignment at the extents' ends.
+            slot_bytes = max(store.plan(block_names[i].values())[1] for i in streamed)
+            streamer = _DeviceRing(dev, streamed, slot_bytes, prefetch + 1, source,
                                    block_names, dtype, disk_prefetch)
         plan.link, plan.link_gbps = _measure_link(store, dev, offload, block_names[streamed[0]])
     return StreamingModel(store=store, family=family, plan=plan, config=config, outer=outer, resident=resident_w,
