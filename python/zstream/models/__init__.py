@@ -16,16 +16,21 @@ object holds no weights; it tells the caller which tensors to fetch and runs pur
     fam.expected_shapes()     # {checkpoint name: shape} of every tensor, in checkpoint order
 
     # one forward pass over T new tokens (w = {local name: tensor on the compute device})
-    ctx = fam.context(attention_mask, T, dtype)      # once per forward: positions, mask, ALiBi, RoPE
+    mask, start = cache.extend(new_mask)             # KVCache: (B, S) mask of all tokens so far
+    ctx = fam.context(mask, T, dtype)                # once per forward: positions, mask, ALiBi, RoPE
     h = fam.embed(w_outer, input_ids, ctx)           # (B, T) -> (B, T, C)
     for i in range(fam.num_blocks):
         h = fam.block(w_block[i], h, cache.layer(i), ctx)   # (B, T, C); writes K/V at ctx.start
     logits = fam.head(w_outer, h)                    # (B, T, vocab)
 
-``attention_mask`` is (B, S): 1 for real tokens, 0 for left padding, over the cached tokens and the T
-new ones (S = cached + T). ``cache.layer(i)`` is a ``zstream.generation.LayerCache``: anything with
-``update(k, v, start) -> (keys, values)`` that stores k, v (B, nkv, T, hs) at slots [start, start + T)
-and returns the keys/values of slots [0, start + T).
+``mask`` is (B, S): 1 for real tokens, 0 for left padding, over the cached tokens and the T new ones
+(S = cached + T); the new keys/values go to cache slots [S - T, S) (``ctx.start`` = S - T).
+``cache.layer(i)`` is a ``zstream.generation.LayerCache``, or anything with ``update(k, v, start) ->
+(keys, values)`` that stores k, v (B, nkv, T, hs) at slots [start, start + T) and returns the keys and
+values of slots [0, start + T).
+
+The ``StepContext`` (``models.common``) holds ``start``, ``positions`` (B, T), ``mask`` (an additive
+SDPA bias (B, 1 or nh, T, S), or None for plain causal attention), ``is_causal`` and ``rope`` (cos, sin).
 """
 
 from __future__ import annotations
