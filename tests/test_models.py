@@ -341,3 +341,19 @@ def test_kv_cache_too_small(tmp_path):
     cache = KVCache.for_family(model.family, batch=1, max_len=4, dtype=torch.float32)
     with pytest.raises(ModelError, match="KV cache"):
         model.forward(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt-350m-style", "tiny-mistral"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_stays_close_to_float32(tmp_path, name, dtype):
+    # masks, ALiBi and RoPE tables are built in the compute dtype: half precision must still track float32
+    path = make_checkpoint(name, tmp_path, torch.float32, progress=False)
+    ids, mask = padded_batch(lengths=(16, 9))
+    want = ResidentModel(path)(ids, mask)
+    got = ResidentModel(path, dtype=dtype)(ids, mask)
+    assert got.dtype == dtype
+    real = mask.bool()
+    err = (got.float() - want).abs()[real].max().item()
+    assert err < 0.05 * want[real].abs().max().item()
+    agree = (got.float()[real].argmax(-1) == want[real].argmax(-1)).float().mean().item()
+    assert agree >= 0.9  # near-ties may flip in bf16's 8-bit mantissa, not more
