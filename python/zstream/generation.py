@@ -94,7 +94,8 @@ class KVCache:
 def sample(logits: Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
     """Next tokens (B,) from last-position logits (B, vocab): greedy, or temperature -> top-k -> top-p
-    sampling in the order transformers applies them."""
+    sampling in the order transformers applies them. Unlike transformers (top_k=50 unless told), no
+    top-k / top-p filter applies unless asked for."""
     if not do_sample:
         return logits.argmax(dim=-1)
     if temperature <= 0:
@@ -105,9 +106,9 @@ def sample(logits: Tensor, do_sample: bool = False, temperature: float = 1.0, to
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
         # drop tokens once the mass before them reaches top_p; the most likely token always stays
-        drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         drop[:, 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
