@@ -357,3 +357,29 @@ def test_low_precision_stays_close_to_float32(tmp_path, name, dtype):
     assert err < 0.05 * want[real].abs().max().item()
     agree = (got.float()[real].argmax(-1) == want[real].argmax(-1)).float().mean().item()
     assert agree >= 0.9  # near-ties may flip in bf16's 8-bit mantissa, not more
+
+
+def test_hub_config_spellings():
+    # bigscience/bloom spells hidden size / heads "n_embed" / "num_attention_heads"
+    bloom = {"model_type": "bloom", "architectures": ["BloomForCausalLM"], "n_embed": 14336,
+             "num_attention_heads": 112, "n_layer": 70, "vocab_size": 250880, "torch_dtype": "bfloat16"}
+    fam = family_for(bloom)
+    assert (fam.hidden_size, fam.num_heads, fam.head_dim, fam.num_blocks) == (14336, 112, 128, 70)
+    assert fam.dtype == torch.bfloat16
+    # Llama 3.1: old-style rope_scaling with rope_type llama3, a list of EOS ids, an explicit head_dim
+    llama31 = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+               "max_position_embeddings": 131072, "rope_theta": 500000.0, "eos_token_id": [128001, 128009],
+               "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    fam = family_for(llama31)
+    assert fam.rope["rope_type"] == "llama3"
+    assert fam.rope["rope_theta"] == 500000.0
+    assert (fam.num_kv_heads, fam.head_dim, fam.max_positions) == (8, 128, 131072)
+    # an architecture name alone is enough
+    no_type = {k: v for k, v in llama31.items() if k != "model_type"}
+    mistral = family_for({**no_type, "architectures": ["MistralForCausalLM"], "sliding_window": 4096})
+    assert mistral.model_type == "mistral"
+    assert mistral.sliding_window == 4096
+    with pytest.raises(ModelError, match="rope type 'longrope'"):
+        family_for({**llama31, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})

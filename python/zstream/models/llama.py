@@ -141,7 +141,7 @@ class Llama(Family):
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         super().__init__(config, tensor_names)
-        f = self.model_type = str(config.get("model_type", "llama"))
+        f = self.model_type = str(config.get("model_type") or self._type_from_architectures(config))
         self.num_blocks = int(require(config, "num_hidden_layers", family=f))
         self.hidden_size = int(require(config, "hidden_size", family=f))
         self.num_heads = int(require(config, "num_attention_heads", family=f))
@@ -180,6 +180,14 @@ class Llama(Family):
         self.prefix = "model."
         if self.tensor_names is not None:
             self.prefix = find_prefix(self.tensor_names, "embed_tokens.weight", ("model.", ""), f)
+
+    @staticmethod
+    def _type_from_architectures(config: Mapping[str, Any]) -> str:
+        archs = config.get("architectures") or []
+        for arch, model_type in (("MistralForCausalLM", "mistral"), ("Qwen2ForCausalLM", "qwen2")):
+            if arch in archs:
+                return model_type
+        return "llama"
 
     def _sliding_window(self, config: Mapping[str, Any]) -> Optional[int]:
         window = config.get("sliding_window")
