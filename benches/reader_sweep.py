@@ -171,6 +171,22 @@ FIO_RUNS = {
 }
 
 
+def resolve_fio(fio: str) -> tuple[str, str]:
+    """(binary, version): ``fio``, else ``<fio>-static`` beside it when ``fio`` does not run here (a glibc too
+    old for a dynamically linked build)."""
+    errors = []
+    for cand in (fio, fio + "-static"):
+        try:
+            p = subprocess.run([cand, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        except OSError as e:
+            errors.append(f"{cand}: {e}")
+            continue
+        if p.returncode == 0:
+            return cand, p.stdout.strip()
+        errors.append(f"{cand}: exit {p.returncode}: {(p.stderr or p.stdout).strip()[-300:]}")
+    raise RuntimeError("; ".join(errors))
+
+
 def run_fio(fio: str, path: Path, size: int, engine: str, numjobs: int, extra: list[str], runtime_s: int,
             try_global: bool) -> dict[str, Any]:
     per_job = size // numjobs // (1 << 20) * (1 << 20)
@@ -382,24 +398,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     results["cache_drop"] = probe
     print(f"file {path}: {size / GIB:.2f} GiB, {len(tensors)} tensors, {len(groups)} read groups; "
           f"drop_caches {'permitted' if try_global else 'not permitted (fadvise only)'}", flush=True)
+    if results["machine"].get("fstype") in ("tmpfs", "ramfs", "overlay"):
+        print(f"WARNING: {args.dir} is on {results['machine']['fstype']}: this measures memory or the overlay, "
+              "not the disk; pass a --dir on the disk under test", flush=True)
 
     def save() -> None:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
 
     # (a) and (c): fio, first, so a budget cut never loses the reference.
+    fio = args.fio
     if not args.no_fio:
-        for key in args.fio_runs:
-            try:
-                engine, jobs, extra = FIO_RUNS[key]
-                r = run_fio(args.fio, path, size, engine, jobs, extra, args.fio_runtime, try_global)
-                print(f"fio {key}: {r['GB/s']:.2f} GB/s ({r['io_bytes'] / GIB:.2f} GiB in {r['runtime_ms']} ms)",
-                      flush=True)
-            except Exception as e:  # a sweep outlives any one failure
-                r = {"error": f"{type(e).__name__}: {e}"}
-                print(f"fio {key}: FAILED {r['error']}", flush=True)
-            results["fio"][key] = r
-            save()
+        try:
+            fio, results["fio_version"] = resolve_fio(args.fio)
+            results["fio_binary"] = fio
+        except RuntimeError as e:
+            results["fio_error"] = str(e)
+            print(f"fio does not run: {e}", flush=True)
+    for key in [] if args.no_fio or "fio_error" in results else args.fio_runs:
+        try:
+            engine, jobs, extra = FIO_RUNS[key]
+            r = run_fio(fio, path, size, engine, jobs, extra, args.fio_runtime, try_global)
+            print(f"fio {key}: {r['GB/s']:.2f} GB/s ({r['io_bytes'] / GIB:.2f} GiB in {r['runtime_ms']} ms)",
+                  flush=True)
+        except Exception as e:  # a sweep outlives any one failure
+            r = {"error": f"{type(e).__name__}: {e}"}
+            print(f"fio {key}: FAILED {r['error']}", flush=True)
+        results["fio"][key] = r
+        save()
 
     # (b) zstream
     try:
@@ -488,9 +514,10 @@ def print_table(results: dict[str, Any]) -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     m = results["machine"]
+    direct = next((e["direct"] for e in results["zstream"] if e.get("direct") is not None), "?")
     print(f"\n{results['file_bytes'] / GIB:.2f} GiB file on {m.get('fs_device', '?')} ({m.get('fstype', '?')}, "
-          f"{m.get('model', 'model ?')}); inflight {results['inflight']}; cache drop: {results['cache_drop']}; "
-          f"wall {results.get('wall_s')} s")
+          f"{m.get('model', 'model ?')}); O_DIRECT accepted: {direct}; inflight {results['inflight']}; "
+          f"cache drop: {results['cache_drop']}; wall {results.get('wall_s')} s")
 
 
 if __name__ == "__main__":
