@@ -114,7 +114,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     streaming = offload in ("cpu", "nvme", "auto")
     store = WeightStore.open(path, reader=reader, pin=dev.type == "cuda" and streaming)
     family = family_for(config, store.names())
-    family.validate({n: store.info(n) for n in family.expected_shapes()})
+    family.validate({n: store.info(n) for n in family.expected_shapes() if n in store})
 
     block_names = [family.block_tensors(i) for i in range(family.num_blocks)]
     outer_names = family.outer_tensors()
