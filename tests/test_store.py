@@ -210,12 +210,26 @@ def test_pinning_without_cuda_is_a_no_op_that_says_so(tmp_ckpt):
     assert not store.read(["x"])["x"].is_pinned()
 
 
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def test_auto_reader_resolution(tmp_ckpt):
-    save_file({"x": torch.randn(10)}, tmp_ckpt / "m.safetensors")
+    save_file({"x": torch.randn(100_000)}, tmp_ckpt / "m.safetensors")
+    _evict(tmp_ckpt / "m.safetensors")
     store = zstream.WeightStore.open(tmp_ckpt)
-    expected = "uring" if _core.uring_unavailable_reason() is None and all(store._core.direct) else "pread"
-    assert store.auto_reader == expected
-    assert store.fetch(["x"]).reader == expected
+    cold = "uring" if _core.uring_unavailable_reason() is None and all(store._core.direct) else "pread"
+    assert store.auto_reader == cold
+    assert store.fetch(["x"]).reader == cold
+    # Once the page cache holds the file, copying from memory beats reading the disk again.
+    (tmp_ckpt / "m.safetensors").read_bytes()
+    assert store.auto_reader == "mmap"
+    assert torch.equal(store.read(["x"])["x"], store.read(["x"], reader="pread")["x"])
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no tmpfs at /dev/shm")

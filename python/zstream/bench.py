@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.add_argument("--trace", default=None, help="write a Chrome trace of one decode step here")
     p.add_argument("--fio", default=None, help="fio binary: also measure the shard files with fio (nvme)")
+    p.add_argument("--load-test", action="store_true",
+                   help="time offload=cpu loads from a cold and a warm page cache against disk and memcpy speed")
     p.add_argument("--max-batch", action="store_true",
                    help="search the largest batch that fits --gpu-memory with and without offload")
 
@@ -164,6 +166,65 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
               f"{r['peak_gpu_bytes'] / 2**30:8.2f} {r['load_s']:6.1f}")
 
 
+def drop_page_cache(files: List[str]) -> str:
+    """Empty the page cache of ``files``: drop_caches where permitted, else fadvise(DONTNEED) per file."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "fadvise"
+
+
+def memcpy_gbps(nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
+    dst = torch.empty_like(src).fill_(0)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def load_test(path: Path, device: str, dtype: Optional[torch.dtype], fio: Optional[str]) -> Dict[str, Any]:
+    """offload="cpu" load speed: cold (page cache dropped) against the disk's O_DIRECT bandwidth, warm against
+    memcpy. Pinning is included: every arena is registered before it is read into."""
+    from .loading import load
+
+    out: Dict[str, Any] = {"memcpy_gbps": memcpy_gbps()}
+    for state in ("cold", "warm"):
+        if state == "cold":
+            files = [str(p) for p in sorted(path.glob("*.safetensors"))]
+            out["cache_drop"] = drop_page_cache(files)
+        model = load(path, offload="cpu", device=device, dtype=dtype, max_resident_blocks=0, progress=False)
+        nbytes = model.plan.outer_bytes + sum(model.plan.block_bytes)
+        out[f"{state}_load_s"] = model.load_s
+        out[f"{state}_load_gbps"] = nbytes / model.load_s / 1e9
+        if state == "cold":
+            out["disk_gbps_odirect"] = disk_gbps(model)
+            if fio:
+                drop_page_cache(model.store.files)
+                out["fio_gbps"] = fio_gbps(fio, model.store.files)
+        model.close()
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    disk = max(out["disk_gbps_odirect"], out.get("fio_gbps") or 0)
+    out["cold_pct_of_disk"] = 100 * out["cold_load_gbps"] / disk
+    out["warm_pct_of_memcpy"] = 100 * out["warm_load_gbps"] / out["memcpy_gbps"]
+    print(f"load, offload=cpu: cold {out['cold_load_gbps']:.2f} GB/s = {out['cold_pct_of_disk']:.0f}% of the disk "
+          f"({disk:.2f} GB/s O_DIRECT); warm {out['warm_load_gbps']:.2f} GB/s = {out['warm_pct_of_memcpy']:.0f}% of "
+          f"memcpy ({out['memcpy_gbps']:.2f} GB/s)")
+    return out
+
+
 def _search_max_batch(load_fn: Any, prompt: int, gen: int) -> List[Dict[str, Any]]:
     """Largest batch that runs (doubling, then bisecting), and its throughput."""
     results: List[Dict[str, Any]] = []
@@ -235,6 +296,8 @@ def main(a: argparse.Namespace) -> int:
             del model
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    if a.load_test:
+        meta["load_test"] = load_test(path, device, dtype, a.fio)
     if a.max_batch:
         budget = budgets[0]
         for offload in ("none", a.offload.split(",")[0]):

@@ -11,6 +11,7 @@ pub mod mmap;
 pub mod pread;
 pub mod uring;
 
+use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -39,10 +40,15 @@ impl ReaderKind {
         }
     }
 
-    /// `Auto` becomes io_uring where it works and every shard of the read accepts `O_DIRECT`, else the pread pool.
+    /// `Auto` becomes the mmap copy when the page cache already holds the bytes (a warm checkpoint: copying
+    /// from memory beats re-reading the disk with `O_DIRECT`); else io_uring where it works and every shard of
+    /// the read accepts `O_DIRECT`; else the pread pool.
     pub fn resolve(self, ckpt: &Checkpoint, plan: &ReadPlan) -> Result<ReaderKind> {
         match self {
             ReaderKind::Auto => {
+                if page_cache_holds(ckpt, plan) {
+                    return Ok(ReaderKind::Mmap);
+                }
                 let direct_everywhere = plan.extents.iter().all(|e| ckpt.shards[e.file].direct.is_some());
                 Ok(if uring::available().is_ok() && direct_everywhere { ReaderKind::Uring } else { ReaderKind::Pread })
             }
@@ -140,6 +146,46 @@ pub fn read_into(
         ReaderKind::Pread => pread::read(ckpt, plan, arena, opts, cancel),
         ReaderKind::Mmap => mmap::read(ckpt, plan, arena, opts, cancel),
     }
+}
+
+/// Whether at least 95% of the pages a plan reads are in the page cache (`mincore` over a mapping of each extent).
+pub fn page_cache_holds(ckpt: &Checkpoint, plan: &ReadPlan) -> bool {
+    let page = crate::arena::page_size() as u64;
+    let (mut resident, mut total) = (0u64, 0u64);
+    for e in &plan.extents {
+        let shard = &ckpt.shards[e.file];
+        let end = e.needed_end.min(shard.size);
+        let start = e.file_start - e.file_start % page;
+        if end <= start {
+            continue;
+        }
+        let len = (end - start) as usize;
+        // SAFETY: a read-only shared mapping of an open file within its size at open; unmapped below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                shard.file.as_raw_fd(),
+                start as i64,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return false;
+        }
+        let mut vec = vec![0u8; len.div_ceil(page as usize)];
+        // SAFETY: `vec` has one byte per page of the mapping, as mincore requires.
+        let ok = unsafe { libc::mincore(ptr, len, vec.as_mut_ptr()) } == 0;
+        // SAFETY: exactly the mapping made above.
+        unsafe { libc::munmap(ptr, len) };
+        if !ok {
+            return false;
+        }
+        resident += vec.iter().filter(|&&b| b & 1 == 1).count() as u64;
+        total += vec.len() as u64;
+    }
+    total > 0 && resident * 100 >= total * 95
 }
 
 pub(crate) fn check_cancel(cancel: &AtomicBool) -> Result<()> {
