@@ -247,6 +247,50 @@ def _search_max_batch(load_fn: Any, prompt: int, gen: int) -> List[Dict[str, Any
     return results
 
 
+def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Optional[str], cap: Optional[int],
+                 batches: List[int], device: str, dtype: Optional[torch.dtype], meta: Dict[str, Any]) -> List[Dict]:
+    from .loading import load
+
+    rows: List[Dict[str, Any]] = []
+    try:
+        model = load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
+                     max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False)
+    except OutOfMemoryError as e:
+        print(f"\n# {offload}, budget {budget}, batch {batches}: does not fit: {e}")
+        return rows
+    print(f"\n# {offload}, budget {budget}: {model.plan}")
+    bound = model.plan.link_gbps
+    if offload == "nvme":
+        bound = disk_gbps(model)
+        meta["disk_gbps_odirect"] = bound
+        if a.fio:
+            drop_page_cache(model.store.files)
+            meta["fio_gbps"] = fio_gbps(a.fio, model.store.files)
+            bound = max(bound, meta["fio_gbps"] or 0)
+    elif offload == "cpu" and device.startswith("cuda"):
+        from .plan import measure_h2d_gbps
+
+        bound = measure_h2d_gbps(model.device, 1 << 30)
+        meta["h2d_gbps"] = bound
+    run_one(model, batches[0], min(a.prompt, 16), 3)  # warm-up
+    for b in batches:
+        trace = a.trace if (b == batches[0] and offload != "none" and not meta.get("traced")) else None
+        reps = [run_one(model, b, a.prompt, a.gen, trace=trace) for _ in range(a.repeats)]
+        meta["traced"] = meta.get("traced") or trace is not None
+        r = reps[0] if a.repeats == 1 else {
+            **reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
+                                                                           "tokens_per_s")}}
+        row = _row("zstream", offload, model, r, bound)
+        row["gpu_memory"] = budget
+        rows.append(row)
+        _print_table([row])
+    model.close()
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(a: argparse.Namespace) -> int:
     from .cli import _dtype
     from .loading import load
@@ -266,36 +310,10 @@ def main(a: argparse.Namespace) -> int:
             cap = a.max_resident_blocks
             if cap is None and offload in ("cpu", "nvme") and budget is None:
                 cap = 0  # stream every block (embeddings, final norm and head stay resident)
-            model = load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
-                         max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap,
-                         progress=False)
-            print(f"\n# {offload}, budget {budget}: {model.plan}")
-            bound = model.plan.link_gbps
-            if offload == "nvme":
-                bound = disk_gbps(model)
-                meta["disk_gbps_odirect"] = bound
-                if a.fio:
-                    meta["fio_gbps"] = fio_gbps(a.fio, model.store.files)
-            elif offload == "cpu" and device.startswith("cuda"):
-                from .plan import measure_h2d_gbps
-
-                bound = measure_h2d_gbps(model.device, 1 << 30)
-                meta["h2d_gbps"] = bound
-            run_one(model, batches[0], min(a.prompt, 16), 3)  # warm-up
-            for b in batches:
-                reps = [run_one(model, b, a.prompt, a.gen, trace=a.trace if (b == batches[0] and offload != "none")
-                                else None) for _ in range(a.repeats)]
-                r = min(reps, key=lambda x: x["decode_step_s"]) if a.repeats == 1 else {
-                    **reps[0], **{k: statistics.median(x[k] for x in reps)
-                                  for k in ("prefill_s", "decode_step_s", "tokens_per_s")}}
-                row = _row("zstream", offload, model, r, bound)
-                row["gpu_memory"] = budget
-                rows.append(row)
-                _print_table([row])
-            model.close()
-            del model
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            # Under a budget the KV cache competes with resident blocks: plan each batch on its own.
+            groups = [[b] for b in batches] if budget is not None else [batches]
+            for group in groups:
+                rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta)
     if a.load_test:
         meta["load_test"] = load_test(path, device, dtype, a.fio)
     if a.max_batch:
