@@ -37,7 +37,7 @@ def test_mapped_arena_reads_from_a_kernel(tmp_ckpt):
     ref = torch.randn(4096, 512, dtype=torch.float16)
     save_file({"w": ref}, tmp_ckpt / "m.safetensors")
     store = zstream.WeightStore.open(tmp_ckpt, pin=True, mapped=True)
-    capsule, offsets, err = store._core.read_flat(["w"], device_type=zstream._core.KDL_CUDA, device_id=0)
+    capsule, offsets, err, _ = store._core.read_flat(["w"], device_type=zstream._core.KDL_CUDA, device_id=0)
     assert err is None
     flat = torch.from_dlpack(capsule)
     assert flat.is_cuda

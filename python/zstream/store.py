@@ -202,6 +202,8 @@ class WeightStore:
         workers: Optional[int] = None,
         max_slots: Optional[int] = None,
         mapped: bool = False,
+        numa_node: Optional[int] = None,
+        tensor_align: int = 0,
     ) -> WeightStore:
         """Open and validate a checkpoint.
 
@@ -209,7 +211,8 @@ class WeightStore:
         "mmap". ``pin``: register arenas with CUDA ("auto": when a GPU is present). ``mapped`` registers them
         mapped into the GPU's address space too (zero-copy reads by kernels). ``queue_depth`` and ``chunk_size``
         tune io_uring, ``threads`` the pread pool, ``workers`` how many reads run at once, ``max_slots`` caps the
-        streaming pool.
+        streaming pool. ``numa_node`` places arenas on that host node; ``tensor_align`` shifts each read so that
+        its first tensor starts on that boundary (kernels reading weights in place want 256).
         """
         if pin == "auto":
             pin = torch.cuda.is_available()
@@ -222,7 +225,7 @@ class WeightStore:
             flags = _core.HOST_REGISTER_PORTABLE | (_core.HOST_REGISTER_MAPPED if mapped else 0)
         core = _core.Store.open(
             os.fspath(path), reader=reader, queue_depth=queue_depth, chunk_size=chunk_size, threads=threads,
-            workers=workers, max_slots=max_slots, pin_flags=flags,
+            workers=workers, max_slots=max_slots, pin_flags=flags, numa_node=numa_node, tensor_align=tensor_align,
         )
         return cls(core, pinned)
 
@@ -296,7 +299,7 @@ class WeightStore:
     def read_flat(self, names: Iterable[str], *, reader: Optional[str] = None) -> FlatRead:
         """Like ``read``, as one flat arena buffer plus offsets (one copy moves a whole block): see ``FlatRead``."""
         names = list(dict.fromkeys(names))
-        capsule, offsets, pin_error = self._core.read_flat(names, reader=reader)
+        capsule, offsets, pin_error, _ = self._core.read_flat(names, reader=reader)
         if pin_error:
             warnings.warn(f"zstream: arena left unpinned: {pin_error}", RuntimeWarning, stacklevel=2)
         meta = self._meta(names)

@@ -161,7 +161,7 @@ fn bench_readers(c: &mut Criterion) {
     let samples = env_u64("ZSTREAM_BENCH_SAMPLES", 10).max(10) as usize;
 
     // One worker so that exactly one read is in flight: the numbers are the reader's, not the pipeline's.
-    let opts = StoreOptions { read: ReadOptions::default(), workers: 1, max_slots: Some(1), pin_flags: None };
+    let opts = StoreOptions { read: ReadOptions::default(), workers: 1, max_slots: Some(1), ..StoreOptions::default() };
     let store = Store::open(&path, opts).expect("open the bench file");
     let direct = store.ckpt.shards.iter().all(|s| s.direct.is_some());
     let owned = groups(&store.ckpt, group_bytes);

@@ -54,6 +54,31 @@ pub enum Error {
 }
 
 impl Error {
+    /// A copy of this error (`io::Error` is not `Clone`: the OS error code and message are kept).
+    #[must_use]
+    pub fn duplicate(&self) -> Error {
+        let io = |e: &io::Error| {
+            e.raw_os_error().map_or_else(|| io::Error::new(e.kind(), e.to_string()), io::Error::from_raw_os_error)
+        };
+        match self {
+            Error::Checkpoint { path, msg } => Error::Checkpoint { path: path.clone(), msg: msg.clone() },
+            Error::Read { path, offset, len, source } => {
+                Error::Read { path: path.clone(), offset: *offset, len: *len, source: io(source) }
+            }
+            Error::Truncated { path, file_end, needed_end } => {
+                Error::Truncated { path: path.clone(), file_end: *file_end, needed_end: *needed_end }
+            }
+            Error::UnknownTensor(n) => Error::UnknownTensor(n.clone()),
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::ReaderUnavailable { reader, reason } => Error::ReaderUnavailable { reader, reason: reason.clone() },
+            Error::Alloc { bytes, source } => Error::Alloc { bytes: *bytes, source: io(source) },
+            Error::Pin { bytes, code } => Error::Pin { bytes: *bytes, code: *code },
+            Error::Cancelled => Error::Cancelled,
+            Error::Timeout(t) => Error::Timeout(*t),
+            Error::Internal(m) => Error::Internal(m.clone()),
+        }
+    }
+
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Checkpoint { path: path.into(), msg: msg.into() }
     }

@@ -72,6 +72,14 @@ pub fn align_up(x: u64, a: u64) -> u64 {
 /// Plan reads for `wants`. Neighbours in one file whose gap is at most `max_gap` bytes share an extent: reading a
 /// small gap costs less than another I/O.
 pub fn plan(wants: &[Want], align: u64, max_gap: u64) -> ReadPlan {
+    plan_aligned(wants, align, max_gap, 0)
+}
+
+/// Like [`plan`], but each extent is shifted in the arena so that its first tensor starts on a multiple of
+/// `tensor_align` (0: no shift). Kernels that read weights where they lie (the ats mode) want 256-byte aligned
+/// operands, which a tensor at its file offset modulo 4096 seldom is. The shift gives up `O_DIRECT`'s buffer
+/// alignment: such reads go through the page cache (the readers check every I/O's alignment).
+pub fn plan_aligned(wants: &[Want], align: u64, max_gap: u64, tensor_align: u64) -> ReadPlan {
     assert!(align.is_power_of_two(), "alignment must be a power of two");
     let mut order: Vec<usize> = (0..wants.len()).filter(|&i| wants[i].len > 0).collect();
     order.sort_by_key(|&i| (wants[i].file, wants[i].offset, wants[i].len));
@@ -87,8 +95,14 @@ pub fn plan(wants: &[Want], align: u64, max_gap: u64) -> ReadPlan {
         let (file, start, end) = open;
         let file_start = align_down(start, align);
         let file_end = align_up(end, align);
-        let arena_offset = arena_len;
-        arena_len += (file_end - file_start) as usize;
+        let mut arena_offset = arena_len;
+        if tensor_align > 1 {
+            // Room for the shift, then place the extent so that `start` lands on a multiple of tensor_align.
+            let lead = (start - file_start) as usize;
+            let ta = tensor_align as usize;
+            arena_offset = (arena_offset + lead).next_multiple_of(ta) - lead;
+        }
+        arena_len = arena_offset + (file_end - file_start) as usize;
         for &m in members.iter() {
             placements[m] = arena_offset + (wants[m].offset - file_start) as usize;
         }
@@ -177,6 +191,26 @@ mod tests {
     proptest! {
         /// Every wanted byte is covered by exactly the extent that places it, at the right position, and every
         /// extent and chunk is aligned where O_DIRECT needs it.
+        #[test]
+        fn aligned_layout_puts_first_tensors_on_the_boundary(
+            raw in prop::collection::vec((0usize..2, 0u64..1_000_000, 1u64..200_000), 1..20),
+            ta_pow in 4u32..10,
+        ) {
+            let wants: Vec<Want> = raw.iter().map(|&(file, offset, len)| Want { file, offset, len }).collect();
+            let ta = 1u64 << ta_pow;
+            let p = plan_aligned(&wants, 4096, 0, ta);
+            let mut prev_end = 0usize;
+            for e in &p.extents {
+                prop_assert!(e.arena_offset >= prev_end, "extents overlap in the arena");
+                prev_end = e.arena_offset + e.len() as usize;
+                let first = wants.iter().enumerate()
+                    .filter(|(_, w)| w.file == e.file && w.offset >= e.file_start && w.offset < e.needed_end)
+                    .map(|(i, w)| (w.offset, i)).min().expect("an extent has members");
+                prop_assert_eq!(p.placements[first.1] as u64 % ta, 0);
+            }
+            prop_assert!(prev_end <= p.arena_len);
+        }
+
         #[test]
         fn layout_is_sound(
             raw in prop::collection::vec((0usize..3, 0u64..1_000_000, 0u64..200_000), 0..40),

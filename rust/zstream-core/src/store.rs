@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::arena::Arena;
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::error::{Error, Result};
-use crate::plan::{plan, ReadPlan, Want};
+use crate::plan::{plan_aligned, ReadPlan, Want};
 use crate::reader::{read_into, ReadOptions, ReaderKind, ReaderState};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -56,16 +56,18 @@ pub struct SlotPool {
     total: Mutex<usize>,
     max_slots: Option<usize>,
     pin_flags: Option<u32>,
+    numa_node: Option<u32>,
 }
 
 impl SlotPool {
-    pub fn new(max_slots: Option<usize>, pin_flags: Option<u32>) -> Arc<SlotPool> {
+    pub fn new(max_slots: Option<usize>, pin_flags: Option<u32>, numa_node: Option<u32>) -> Arc<SlotPool> {
         Arc::new(SlotPool {
             free: Mutex::new(Vec::new()),
             returned: Condvar::new(),
             total: Mutex::new(0),
             max_slots,
             pin_flags,
+            numa_node,
         })
     }
 
@@ -97,7 +99,8 @@ impl SlotPool {
                 }
                 drop(total);
                 drop(free);
-                let (arena, pin_error) = new_arena(len, self.pin_flags).inspect_err(|_| *lock(&self.total) -= 1)?;
+                let (arena, pin_error) =
+                    new_arena(len, self.pin_flags, self.numa_node).inspect_err(|_| *lock(&self.total) -= 1)?;
                 return Ok(Buffer { arena: Some(arena), pool: Some(Arc::downgrade(self)), pin_error });
             }
             drop(total);
@@ -116,8 +119,11 @@ impl SlotPool {
     }
 }
 
-fn new_arena(len: usize, pin_flags: Option<u32>) -> Result<(Arena, Option<String>)> {
+fn new_arena(len: usize, pin_flags: Option<u32>, numa_node: Option<u32>) -> Result<(Arena, Option<String>)> {
     let arena = Arena::new(len)?;
+    if let Some(node) = numa_node {
+        arena.prefer_numa_node(node);
+    }
     let pin_error = match pin_flags.map(|f| arena.pin(f)) {
         Some(Err(e)) => Some(e.to_string()),
         _ => None,
@@ -205,11 +211,13 @@ pub struct StoreOptions {
     pub max_slots: Option<usize>,
     /// `cudaHostRegister` flags for every arena, or `None` for unpinned.
     pub pin_flags: Option<u32>,
+    /// NUMA node to place arenas on (the one nearest the GPU), if any.
+    pub numa_node: Option<u32>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { read: ReadOptions::default(), workers: 2, max_slots: None, pin_flags: None }
+        StoreOptions { read: ReadOptions::default(), workers: 2, max_slots: None, pin_flags: None, numa_node: None }
     }
 }
 
@@ -246,7 +254,7 @@ impl Store {
             .collect::<Result<Vec<_>>>()?;
         Ok(Store {
             ckpt,
-            pool: SlotPool::new(options.max_slots, options.pin_flags),
+            pool: SlotPool::new(options.max_slots, options.pin_flags, options.numa_node),
             options,
             workers: Mutex::new(Workers { queue: Some(tx), handles }),
         })
@@ -266,7 +274,8 @@ impl Store {
                 Want { file: t.shard, offset: t.offset, len: t.nbytes }
             })
             .collect();
-        Ok((plan(&wants, self.options.read.align, self.options.read.max_gap), idx))
+        let r = &self.options.read;
+        Ok((plan_aligned(&wants, r.align, r.max_gap, r.tensor_align), idx))
     }
 
     /// Queue a read of `names`. `pooled` reads go into a reusable pool slot (streaming); others into a fresh
@@ -284,7 +293,7 @@ impl Store {
         let buffer = if pooled {
             self.pool.acquire(plan.arena_len, slot_wait)?
         } else {
-            let (arena, pin_error) = new_arena(plan.arena_len, self.options.pin_flags)?;
+            let (arena, pin_error) = new_arena(plan.arena_len, self.options.pin_flags, self.options.numa_node)?;
             Buffer { arena: Some(arena), pool: None, pin_error }
         };
         let placed =
@@ -311,9 +320,7 @@ impl Store {
         let job = self.submit(names, reader, false, None)?;
         loop {
             if let Some(r) = job.wait(Duration::from_secs(3600)) {
-                return r
-                    .map(|()| job)
-                    .map_err(|e| Arc::try_unwrap(e).unwrap_or_else(|e| Error::Internal(e.to_string())));
+                return r.map(|()| job).map_err(|e| e.duplicate());
             }
         }
     }

@@ -16,6 +16,9 @@ pub struct StoreHandle {
     pub inner: CoreStore,
 }
 
+/// `read_flat`'s answer: (arena capsule, tensor offsets, why pinning failed, the same arena as kDLCPU).
+type FlatResult = (Py<PyAny>, Vec<usize>, Option<String>, Option<Py<PyAny>>);
+
 #[pyclass(module = "zstream._core", frozen)]
 pub struct Store {
     handle: Arc<StoreHandle>,
@@ -31,7 +34,7 @@ impl Store {
     /// Open a `.safetensors` file or checkpoint directory; every header is read and validated here.
     #[staticmethod]
     #[pyo3(signature = (path, *, reader="auto", queue_depth=None, chunk_size=None, threads=None, workers=None,
-                        max_slots=None, pin_flags=None, max_gap=None))]
+                        max_slots=None, pin_flags=None, max_gap=None, numa_node=None, tensor_align=None))]
     #[allow(clippy::too_many_arguments)] // a Python keyword-only signature
     fn open(
         py: Python<'_>,
@@ -44,6 +47,8 @@ impl Store {
         max_slots: Option<usize>,
         pin_flags: Option<u32>,
         max_gap: Option<u64>,
+        numa_node: Option<u32>,
+        tensor_align: Option<u64>,
     ) -> PyResult<Store> {
         let default_reader = reader.parse::<ReaderKind>().py_err(py)?;
         let d = ReadOptions::default();
@@ -53,8 +58,9 @@ impl Store {
             threads: threads.unwrap_or(d.threads),
             max_gap: max_gap.unwrap_or(d.max_gap),
             align: d.align,
+            tensor_align: tensor_align.unwrap_or(0),
         };
-        let opts = StoreOptions { read, workers: workers.unwrap_or(2), max_slots, pin_flags };
+        let opts = StoreOptions { read, workers: workers.unwrap_or(2), max_slots, pin_flags, numa_node };
         let inner = py.detach(move || CoreStore::open(path, opts)).py_err(py)?;
         Ok(Store { handle: Arc::new(StoreHandle { inner }), default_reader })
     }
@@ -137,7 +143,10 @@ impl Store {
 
     /// Like `read`, but return the whole arena as one flat U8 capsule plus each tensor's byte offset in it:
     /// `(capsule, offsets, pin_error)`. The engine copies a whole block to the GPU in one transfer this way.
-    #[pyo3(signature = (names, *, reader=None, device_type=KDL_CPU, device_id=0))]
+    /// With a CUDA `device_type`, `host_too` adds a second, kDLCPU capsule of the same arena (the ats mode copies
+    /// from it for prefill and reads the CUDA one in place for decode).
+    #[pyo3(signature = (names, *, reader=None, device_type=KDL_CPU, device_id=0, host_too=false))]
+    #[allow(clippy::too_many_arguments)] // a Python keyword-only signature
     fn read_flat(
         &self,
         py: Python<'_>,
@@ -145,7 +154,8 @@ impl Store {
         reader: Option<&str>,
         device_type: i32,
         device_id: i32,
-    ) -> PyResult<(Py<PyAny>, Vec<usize>, Option<String>)> {
+        host_too: bool,
+    ) -> PyResult<FlatResult> {
         let kind = parse_reader(py, reader, self.default_reader)?;
         let handle = Arc::clone(&self.handle);
         let job = py
@@ -156,7 +166,9 @@ impl Store {
             .py_err(py)?;
         wait_job(py, &job, None)?;
         let (capsule, offsets) = flat(py, &job, DLDevice { device_type, device_id })?;
-        Ok((capsule, offsets, job.buffer.pin_error.clone()))
+        let host =
+            if host_too { Some(flat(py, &job, DLDevice { device_type: KDL_CPU, device_id: 0 })?.0) } else { None };
+        Ok((capsule, offsets, job.buffer.pin_error.clone(), host))
     }
 
     /// Start reading `names` into a pool slot in the background; several tickets may be in flight. Waits (GIL

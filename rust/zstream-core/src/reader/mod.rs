@@ -89,11 +89,20 @@ pub struct ReadOptions {
     pub max_gap: u64,
     /// `O_DIRECT` alignment of offsets, lengths and addresses.
     pub align: u64,
+    /// Shift each extent so its first tensor starts on this boundary (0: no shift; see `plan::plan_aligned`).
+    pub tensor_align: u64,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { queue_depth: 64, chunk_size: 1 << 20, threads: 8, max_gap: 256 << 10, align: 4096 }
+        ReadOptions {
+            queue_depth: 64,
+            chunk_size: 1 << 20,
+            threads: 8,
+            max_gap: 256 << 10,
+            align: 4096,
+            tensor_align: 0,
+        }
     }
 }
 
@@ -106,6 +115,12 @@ impl ReadOptions {
             return Err(Error::InvalidArgument(format!(
                 "chunk_size {} must be a positive multiple of {} of at most 1 GiB",
                 self.chunk_size, self.align
+            )));
+        }
+        if self.tensor_align != 0 && (!self.tensor_align.is_power_of_two() || self.tensor_align > 4096) {
+            return Err(Error::InvalidArgument(format!(
+                "tensor_align {} must be 0 or a power of two of at most 4096",
+                self.tensor_align
             )));
         }
         if self.threads == 0 || self.threads > 256 {

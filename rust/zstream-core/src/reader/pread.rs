@@ -53,12 +53,12 @@ pub(crate) fn read_chunk(shard: &Shard, c: &Chunk, arena_base: usize, align: u64
     while done < c.needed {
         let offset = c.file_offset + done as u64;
         let want = c.len - done;
-        let aligned = offset % align == 0 && want as u64 % align == 0;
+        let dst = arena_base + c.arena_offset + done;
+        let aligned = offset % align == 0 && want as u64 % align == 0 && dst as u64 % align == 0;
         let mut fd = match (&shard.direct, aligned) {
             (Some(f), true) => f.as_raw_fd(),
             _ => shard.file.as_raw_fd(),
         };
-        let dst = arena_base + c.arena_offset + done;
         let n = loop {
             // SAFETY: dst..dst+want lies inside the arena (the plan guarantees chunk bounds) and no other thread
             // writes this chunk's range; fd is open for the life of the checkpoint.
