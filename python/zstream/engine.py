@@ -286,6 +286,8 @@ class StreamingModel:
         fam, streamer = self.family, self.streamer
         if streamer is not None and not streamer.at_pass_start():
             streamer.reset()  # an earlier pass was interrupted midway
+        if streamer is not None and hasattr(streamer, "begin_pass"):
+            streamer.begin_pass(input_ids.numel())  # the ats mode copies blocks for passes with many tokens
         input_ids = input_ids.to(self.device)
         mask, _start = cache.extend(attention_mask.to(self.device))
         ctx = fam.context(mask, input_ids.shape[1], self.dtype)   # positions, mask, ALiBi/RoPE: once per pass

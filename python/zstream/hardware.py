@@ -144,7 +144,7 @@ def probe(attrs: Optional[AttrReader], *, name: Optional[str] = None, memory: in
     return rep
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hardware(device: int = 0, measure: bool = True) -> HardwareReport:
     """The report for CUDA device ``device`` (cached; the bandwidth is measured once)."""
     import torch

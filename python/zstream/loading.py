@@ -15,6 +15,7 @@ from .engine import StreamingModel, Weights, _DeviceRing, _HostTickets, _local
 from .engine import to_device as block_to_device
 from .errors import ModelError, OutOfMemoryError
 from .generation import read_config
+from .hardware import HardwareReport, choose_offload, hardware
 from .models import Family, family_for
 from .plan import (
     OFFLOADS,
@@ -108,7 +109,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     if offload == "ats":
         from .ats import load_ats  # the GH200 mode has its own module
 
-        return load_ats(path, device=dev, dtype=dtype, progress=progress, reader=reader)
+        return load_ats(path, device=dev, dtype=dtype, progress=progress, reader=reader, prefetch=prefetch)
 
     config = read_config(path)
     streaming = offload in ("cpu", "nvme", "auto")
@@ -135,14 +136,17 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     notes: List[str] = []
     if offload == "auto":
         room = budget if budget is not None else host_available_bytes()
-        if total + reserve <= room:
-            offload = "none"
-        elif dev.type == "cuda" and host_available_bytes() > sum(raw) * 1.1 + (2 << 30):
-            offload = "cpu"
-        else:
-            offload = "nvme"
+        rep = hardware(dev.index or 0, measure=False) if dev.type == "cuda" else HardwareReport()
+        offload = choose_offload(rep, total, room, host_available_bytes(), reserve)
+        if offload == "cpu" and dev.type == "cpu":
+            offload = "nvme"  # on the CPU, weights that do not fit host memory can only come from disk
         notes.append(f"offload='auto' chose {offload!r}: weights {fmt_bytes(total)}, KV+activations "
                      f"{fmt_bytes(reserve)}, budget {fmt_bytes(room)}")
+        if offload == "ats":
+            store.close()
+            from .ats import load_ats
+
+            return load_ats(path, device=dev, dtype=dtype, progress=progress, reader=reader, prefetch=prefetch)
     if offload == "none" and budget is not None and total + reserve > budget:
         raise OutOfMemoryError(f"{path}: the weights ({fmt_bytes(total)}) and KV cache ({fmt_bytes(reserve)}) "
                                f"do not fit the {fmt_bytes(budget)} device budget: use offload='cpu' or 'nvme'")
