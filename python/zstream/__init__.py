@@ -22,7 +22,7 @@ _LAZY = {
     "Ticket": "zstream.store",
     "TensorInfo": "zstream.store",
     "load": "zstream.loading",
-    "hardware": "zstream.hardware",
+    "hardware": "zstream.detect",
 }
 _LAZY_MODULES = {"synthetic", "models", "store", "cuda"}
 

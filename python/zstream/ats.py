@@ -19,10 +19,10 @@ from typing import Dict, List, Optional
 import torch
 
 from . import _core
+from .detect import HardwareReport, hardware
 from .engine import DEVICE_ALIGN, StreamingModel, Weights, _DeviceRing, _local, to_device
 from .errors import ModelError
 from .generation import read_config
-from .hardware import HardwareReport, hardware
 from .models import family_for
 from .plan import Plan, Stopwatch
 from .store import FlatRead, WeightStore, torch_dtype

@@ -11,11 +11,11 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+from .detect import HardwareReport, choose_offload, hardware
 from .engine import StreamingModel, Weights, _DeviceRing, _HostTickets, _local
 from .engine import to_device as block_to_device
 from .errors import ModelError, OutOfMemoryError
 from .generation import read_config
-from .hardware import HardwareReport, choose_offload, hardware
 from .models import Family, family_for
 from .plan import (
     OFFLOADS,

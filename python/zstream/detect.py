@@ -1,4 +1,4 @@
-"""``zstream.hardware()``: what this machine's GPU can do with host memory, read from the CUDA driver.
+"""``zstream.hardware()``: what this GPU can do with host memory, read from the CUDA driver (module ``detect``).
 
 The attributes come from ``libcuda`` through ctypes (``cuDeviceGetAttribute``): zstream never links CUDA. The link
 comes from sysfs (PCIe generation and width) or from the attributes (NVLink-C2C: the GPU uses the host's page
