@@ -16,7 +16,8 @@ for stage in "$@"; do
   case $stage in
     test) (cd tests && python3 -m pytest -q -x -p no:cacheprovider test_gpu.py test_store.py > "$OUT/pytest_gpu.log" 2>&1;
            grep -E "passed|failed|Error|assert" "$OUT/pytest_gpu.log" | tail -15) ;;
-    sweep) python3 benches/reader_sweep.py --dir /root/sweep --gib 8 --fio .device/fio --json "$OUT/sweep.json" ;;
+    sweep) python3 benches/reader_sweep.py --dir /root/sweep --gib 8 --fio .device/fio --budget-s "${SWEEP_BUDGET:-240}" \
+             --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; tail -30 "$OUT/sweep.log" ;;
     bench-cpu) $Z bench bloom-7b1 --offload cpu --batch 1,16,64 --prompt 512 --gen 32 \
                  --json "$OUT/bench_cpu.json" --trace "$OUT/trace_cpu.json" ;;
     bench-cpu-quick) $Z bench bloom-7b1 --offload cpu --batch 1,16 --prompt 512 --gen 8 \
@@ -27,9 +28,29 @@ for stage in "$@"; do
     bench-none) $Z bench bloom-7b1 --offload none --batch 1,16,64 --prompt 512 --gen 32 --json "$OUT/bench_none.json" ;;
     bench-budget) $Z bench bloom-7b1 --offload cpu --batch 1,16 --prompt 512 --gen 16 --gpu-memory 8GiB,16GiB,32GiB \
                  --json "$OUT/bench_budget.json" ;;
+    bench-ats) $Z bench bloom-7b1 --offload ats --batch 1,16,64 --prompt 512 --gen 32 --json "$OUT/bench_ats.json" ;;
+    load-test) $Z bench bloom-7b1 --offload cpu --batch 1 --prompt 16 --gen 2 --load-test --fio .device/fio \
+                 --json "$OUT/load_test.json" ;;
     bench-llama) $Z bench llama-2-7b --offload cpu --batch 1,16,64 --prompt 512 --gen 32 --json "$OUT/bench_llama.json" ;;
     max-batch) $Z bench bloom-7b1 --offload cpu --batch 1 --prompt 512 --gen 32 --gpu-memory 16GiB --max-batch \
                  --json "$OUT/max_batch.json" ;;
+    peers) # DeepSpeed ZeRO-Inference (cpu, pinned), Accelerate (device_map, 3 GiB GPU), all on the GPU: same checkpoint
+      python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/ds .device/ds/*.whl
+      CK=$ZSTREAM_CACHE/synthetic/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" > /dev/null
+      for sys in gpu deepspeed accelerate; do
+        PYTHONPATH=/tmp/zs:/tmp/ds timeout "${PEER_TIMEOUT:-240}" python3 .device/peers/run_peer.py --system $sys \
+          --model "$CK" --batch "${PEER_BATCH:-1,16}" --prompt 512 --gen "${PEER_GEN:-32}" 2>"$OUT/peer_$sys.err" \
+          | grep '^{' | tee -a "$OUT/peers.jsonl"; tail -3 "$OUT/peer_$sys.err"
+      done ;;
+    peers-nvme)
+      python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/ds .device/ds/*.whl
+      mkdir -p /tmp/aio && for d in .device/ds/*.deb; do dpkg -x "$d" /tmp/aio; done
+      export CPATH=/tmp/aio/usr/include LIBRARY_PATH=/tmp/aio/usr/lib/x86_64-linux-gnu LD_LIBRARY_PATH=/tmp/aio/usr/lib/x86_64-linux-gnu
+      CK=$ZSTREAM_CACHE/synthetic/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" > /dev/null
+      sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
+      PYTHONPATH=/tmp/zs:/tmp/ds TORCH_CUDA_ARCH_LIST=9.0 timeout "${PEER_TIMEOUT:-300}" python3 .device/peers/run_peer.py --system deepspeed \
+        --offload nvme --model "$CK" --batch 1 --prompt 512 --gen "${PEER_GEN:-4}" 2>"$OUT/peer_ds_nvme.err" \
+        | grep '^{' | tee -a "$OUT/peers.jsonl"; tail -3 "$OUT/peer_ds_nvme.err" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
