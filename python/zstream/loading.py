@@ -29,6 +29,7 @@ from .plan import (
 )
 from .store import FlatRead, WeightStore
 
+READ_CONCURRENCY = 3  # blocks read (and pinned) at once while loading
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -113,7 +114,8 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
 
     config = read_config(path)
     streaming = offload in ("cpu", "nvme", "auto")
-    store = WeightStore.open(path, reader=reader, pin=dev.type == "cuda" and streaming)
+    store = WeightStore.open(path, reader=reader, pin=dev.type == "cuda" and streaming, workers=READ_CONCURRENCY,
+                             threads=min(16, os.cpu_count() or 8))
     family = family_for(config, store.names())
     family.validate({n: store.info(n) for n in family.expected_shapes() if n in store})
 
@@ -188,8 +190,8 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     outer = to_device(read(outer_names), outer_names)
     resident_w: Dict[int, Weights] = {}
     host_blocks: List[Optional[FlatRead]] = [None] * family.num_blocks
-    # Two reads at a time: one block pins its arena while the other is being read.
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    # Several reads at a time: blocks pin their arenas while others are being read.
+    with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
         for i, flat in zip(resident, pool.map(lambda i: read(block_names[i]), resident)):
             resident_w[i] = to_device(flat, block_names[i])
         if offload == "cpu" and streamed:
