@@ -23,12 +23,14 @@ for stage in "$@"; do
     bench-cpu-quick) $Z bench bloom-7b1 --offload cpu --batch 1,16 --prompt 512 --gen 8 \
                  --json "$OUT/bench_cpu_quick.json" --trace "$OUT/trace_cpu.json" ;;
     bench-nvme) sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
-                $Z bench bloom-7b1 --offload nvme --batch 1,16 --prompt 512 --gen 8 --fio .device/fio \
+                $Z bench bloom-7b1 --offload nvme --batch "${NVME_BATCH:-1,16}" --prompt 512 --gen "${NVME_GEN:-8}" --fio .device/fio \
                  --json "$OUT/bench_nvme.json" --trace "$OUT/trace_nvme.json" ;;
     bench-none) $Z bench bloom-7b1 --offload none --batch 1,16,64 --prompt 512 --gen 32 --json "$OUT/bench_none.json" ;;
     bench-budget) $Z bench bloom-7b1 --offload cpu --batch 1,16 --prompt 512 --gen 16 --gpu-memory 8GiB,16GiB,32GiB \
                  --json "$OUT/bench_budget.json" ;;
     bench-ats) $Z bench bloom-7b1 --offload ats --batch 1,16,64 --prompt 512 --gen 32 --json "$OUT/bench_ats.json" ;;
+    bench-ats-in-place) $Z bench bloom-7b1 --offload ats --batch 1,16,64 --prompt 512 --gen 16 --copy-from-tokens 100 \
+                 --json "$OUT/bench_ats_in_place.json" ;;
     load-test) $Z bench bloom-7b1 --offload cpu --batch 1 --prompt 16 --gen 2 --load-test --fio .device/fio \
                  --json "$OUT/load_test.json" ;;
     bench-llama) $Z bench llama-2-7b --offload cpu --batch 1,16,64 --prompt 512 --gen 32 --json "$OUT/bench_llama.json" ;;
