@@ -8,11 +8,13 @@ Inputs, under benches/results/raw/ (``PREFIX`` = ``h100-2026-11-26``):
     ``PREFIX-run*-bench_*.json``: zstream rows (``{"meta": ..., "rows": [...]}``, written by ``zstream bench``);
   * ``PREFIX-run8-peers.jsonl`` and every ``PREFIX-run*-peers.jsonl``: one JSON object a line, systems
     ``gpu`` (everything on the GPU, transformers), ``deepspeed``, ``accelerate``; they give ``peak_gpu_gib``.
-Rows are deduplicated by (system, offload, batch, gpu_memory); the highest run number wins (a file without
-``-runN-`` counts as run 0). ``SKIP`` names raw files left out on purpose, with the reason.
+Rows are deduplicated by (model, system, offload, batch, gpu_memory); the highest run number wins (a file without
+``-runN-`` counts as run 0). The model is part of the key because a run may bench another model with the same
+settings (run9's bench_llama: llama-2-7b next to bloom-7b1). Peer lines carry no model: they ran on the checkpoint
+of the main cpu bench (``gpu_session.sh peers``: bloom-7b1), whose meta names it.
 
 Outputs:
-  * ``benches/results/PREFIX.json``: a list of rows (system, offload, batch, gpu_memory, prompt, gen,
+  * ``benches/results/PREFIX.json``: a list of rows (model, system, offload, batch, gpu_memory, prompt, gen,
     prefill_s, decode_step_s, bound_step_s, tokens_per_s, peak_gpu_bytes, load_s, source, ...). ``bound_step_s``
     is the link bound of the bytes a step streams (zstream rows that stream; null elsewhere, peers included);
   * ``docs/img/decode_step_vs_batch.png``: decode step time against batch, zstream / peers / bound / all-on-GPU;
@@ -36,14 +38,8 @@ PREFIX = "h100-2026-11-26"
 BENCH_FILES = ["run8-bench_cpu.json", "run8-bench_budget.json", "bench_none.json"]
 PEER_FILES = ["run8-peers.jsonl"]
 TRACE_FILE = "run8-trace_cpu.json"
-# Raw files the glob finds but the combined file must not carry.
-SKIP = {
-    "h100-2026-11-26-run6-bench_nvme_old_bound.json":
-        "its nvme bound is the superseded O_DIRECT-only one (13.5 s/step, slower than the measured 7.5 s: "
-        "the page cache served part of the reads); rerun bench-nvme for a usable nvme row",
-}
-KEEP = ["system", "offload", "batch", "gpu_memory", "prompt", "gen", "prefill_s", "decode_step_s", "bound_step_s",
-        "pct_of_bound", "tokens_per_s", "peak_gpu_bytes", "load_s", "streamed_bytes", "streamed_blocks",
+KEEP = ["model", "system", "offload", "batch", "gpu_memory", "prompt", "gen", "prefill_s", "decode_step_s",
+        "bound_step_s", "pct_of_bound", "tokens_per_s", "peak_gpu_bytes", "load_s", "streamed_bytes", "streamed_blocks",
         "resident_blocks", "bound_gbps", "card", "date", "source", "run"]
 TRACKS = {1: "disk read", 2: "host -> device copy", 3: "block compute", 4: "python CPU thread"}
 
@@ -58,11 +54,6 @@ def _input_files(raw: Path, prefix: str) -> Tuple[List[Path], List[Path]]:
     bench |= {Path(p) for p in glob.glob(str(raw / f"{prefix}-run*-bench_*.json"))}
     peers = {raw / f"{prefix}-{f}" for f in PEER_FILES}
     peers |= {Path(p) for p in glob.glob(str(raw / f"{prefix}-run*-peers.jsonl"))}
-    for p in sorted(bench | peers):
-        if p.name in SKIP:
-            print(f"skip {p.name}: {SKIP[p.name]}")
-    bench = {p for p in bench if p.name not in SKIP}
-    peers = {p for p in peers if p.name not in SKIP}
     missing = [p.name for p in bench | peers if not p.exists()]
     if missing:
         raise SystemExit(f"missing raw result files: {', '.join(sorted(missing))}")
@@ -75,12 +66,12 @@ def _bench_rows(path: Path) -> List[Dict[str, Any]]:
     out = []
     for r in d["rows"]:
         row = {k: r.get(k) for k in KEEP}
-        row.update(card=meta.get("card"), date=meta.get("date"))
+        row.update(model=Path(meta.get("model", "?")).name, card=meta.get("card"), date=meta.get("date"))
         out.append(row)
     return out
 
 
-def _peer_rows(path: Path, card: Optional[str]) -> List[Dict[str, Any]]:
+def _peer_rows(path: Path, card: Optional[str], model: Optional[str]) -> List[Dict[str, Any]]:
     out = []
     for line in path.read_text().splitlines():
         line = line.strip()
@@ -91,8 +82,8 @@ def _peer_rows(path: Path, card: Optional[str]) -> List[Dict[str, Any]]:
         if r["system"] == "gpu":
             row["offload"] = "none"  # the runner writes its --offload default on every row; "gpu" offloads nothing
         gib = r.get("peak_gpu_gib")
-        row.update(peak_gpu_bytes=None if gib is None else round(gib * 2**30), bound_step_s=None,
-                   pct_of_bound=None, card=card, date=None)
+        row.update(model=r.get("model", model), peak_gpu_bytes=None if gib is None else round(gib * 2**30),
+                   bound_step_s=None, pct_of_bound=None, card=card, date=None)
         out.append(row)
     return out
 
@@ -101,27 +92,26 @@ def combine(raw: Path = RAW, prefix: str = PREFIX) -> List[Dict[str, Any]]:
     """Every row of ``prefix``'s raw files, one per (system, offload, batch, gpu_memory), highest run first."""
     bench, peers = _input_files(raw, prefix)
     rows: List[Dict[str, Any]] = []
-    card = None
     for p in bench:
         for r in _bench_rows(p):
             r.update(source=p.name, run=run_number(p.name))
-            card = card or r["card"]
             rows.append(r)
+    _, card, _, model = _main_meta(raw, prefix)
     for p in peers:
-        for r in _peer_rows(p, card):
+        for r in _peer_rows(p, card, model):
             r.update(source=p.name, run=run_number(p.name))
             rows.append(r)
     best: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
     for r in rows:
-        key = (r["system"], r["offload"], r["batch"], r["gpu_memory"])
+        key = (r["model"], r["system"], r["offload"], r["batch"], r["gpu_memory"])
         old = best.get(key)
         if old is not None and old["run"] == r["run"]:
             raise SystemExit(f"{key} appears twice in run {r['run']}: {old['source']} and {r['source']}")
         if old is None or r["run"] > old["run"]:
             best[key] = r
     order = {"zstream": 0, "gpu": 1, "deepspeed": 2, "accelerate": 3}
-    return sorted(best.values(), key=lambda r: (order.get(r["system"], 9), r["offload"],
-                                                _budget_bytes(r["gpu_memory"]), r["batch"]))
+    return sorted(best.values(), key=lambda r: (r["model"] != model, r["model"], order.get(r["system"], 9),
+                                                r["offload"], _budget_bytes(r["gpu_memory"]), r["batch"]))
 
 
 def _budget_bytes(s: Optional[str]) -> float:
@@ -133,19 +123,20 @@ def _budget_bytes(s: Optional[str]) -> float:
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
-    print(f"{'system':10} {'offload':7} {'gpu_memory':10} {'batch':>5} {'step ms':>8} {'bound ms':>8} "
+    print(f"{'model':11} {'system':10} {'offload':7} {'gpu_memory':10} {'batch':>5} {'step ms':>8} {'bound ms':>8} "
           f"{'tok/s':>8} {'peak GiB':>8}  source")
     for r in rows:
         bound = "" if r["bound_step_s"] is None else f"{r['bound_step_s'] * 1e3:8.1f}"
         peak = "" if r["peak_gpu_bytes"] is None else f"{r['peak_gpu_bytes'] / 2**30:8.2f}"
-        print(f"{r['system']:10} {r['offload']:7} {r['gpu_memory'] or '-':10} {r['batch']:5d} "
+        print(f"{r['model']:11} {r['system']:10} {r['offload']:7} {r['gpu_memory'] or '-':10} {r['batch']:5d} "
               f"{r['decode_step_s'] * 1e3:8.1f} {bound:>8} {r['tokens_per_s']:8.1f} {peak:>8}  {r['source']}")
 
 
 # --- figures ---------------------------------------------------------------------------------------------------
-def _title_bits(raw: Path, prefix: str) -> Tuple[str, str, str]:
+def _main_meta(raw: Path, prefix: str) -> Tuple[Dict[str, Any], str, str, str]:
+    """(meta, card, date, model name) of the main cpu bench, the run the peers and the trace belong to."""
     meta = json.loads((raw / f"{prefix}-{BENCH_FILES[0]}").read_text()).get("meta", {})
-    return meta.get("card", prefix), (meta.get("date") or "")[:10], Path(meta.get("model", "")).name
+    return meta, meta.get("card", prefix), (meta.get("date") or "")[:10], Path(meta.get("model", "?")).name
 
 
 def plot_decode(rows: List[Dict[str, Any]], out: Path, raw: Path = RAW, prefix: str = PREFIX) -> None:
@@ -153,6 +144,9 @@ def plot_decode(rows: List[Dict[str, Any]], out: Path, raw: Path = RAW, prefix: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    _, card, date, model = _main_meta(raw, prefix)
+    rows = [r for r in rows if r["model"] == model]  # the peers' model only
 
     def pick(system: str, offload: str, field: str = "decode_step_s") -> Tuple[List[int], List[float]]:
         pts = sorted((r["batch"], r[field]) for r in rows if r["system"] == system and r["offload"] == offload
@@ -168,7 +162,6 @@ def plot_decode(rows: List[Dict[str, Any]], out: Path, raw: Path = RAW, prefix: 
          dict(color="black", linestyle="--", marker="")),
         ("everything on the GPU (transformers)", pick("gpu", "none"), dict(color="tab:green", marker="^")),
     ]
-    card, date, model = _title_bits(raw, prefix)
     fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
     for label, (xs, ys), style in series:
         if not xs:
@@ -180,7 +173,7 @@ def plot_decode(rows: List[Dict[str, Any]], out: Path, raw: Path = RAW, prefix: 
                         xytext=(7, -12 if below else 4), fontsize=8, color=style["color"])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    batches = sorted({r["batch"] for r in rows})
+    batches = sorted({b for _, (xs, _), _ in series for b in xs})
     ax.set_xticks(batches)
     ax.set_xticklabels([str(b) for b in batches])
     ax.set_xlim(batches[0] / 1.5, batches[-1] * 1.8)
@@ -325,15 +318,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} ({len(rows)} rows)")
     for r in rows:
         if r["system"] == "zstream" and r["pct_of_bound"] is not None:
-            print(f"  zstream {r['offload']} {r['gpu_memory'] or 'all streamed'} batch {r['batch']}: "
+            print(f"  {r['model']} zstream {r['offload']} {r['gpu_memory'] or 'every block streamed'} "
+                  f"batch {r['batch']}: "
                   f"{r['pct_of_bound']:.1f}% of the bound")
     if a.no_plots:
         return 0
-    card, date, _ = _title_bits(a.raw, a.prefix)
+    _, card, date, model = _main_meta(a.raw, a.prefix)
     img = a.img / "decode_step_vs_batch.png"
     plot_decode(rows, img, a.raw, a.prefix)
     print(f"wrote {img.relative_to(ROOT) if img.is_relative_to(ROOT) else img}")
-    streamed = [r for r in rows if r["system"] == "zstream" and r["offload"] == "cpu" and r["gpu_memory"] is None]
+    streamed = [r for r in rows if r["model"] == model and r["system"] == "zstream" and r["offload"] == "cpu"
+                and r["gpu_memory"] is None]
     block_bytes = streamed[0]["streamed_bytes"] / streamed[0]["streamed_blocks"] if streamed else None
     img = a.img / "trace_blocks.png"
     plot_trace(a.raw / f"{a.prefix}-{TRACE_FILE}", img, card=card, date=date, block_bytes=block_bytes)
