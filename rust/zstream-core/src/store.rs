@@ -7,7 +7,7 @@
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ pub struct Buffer {
     arena: Option<Arena>,
     pool: Option<Weak<SlotPool>>,
     /// Why pinning was skipped, if it was asked for and failed (the caller warns; unpinned still works).
-    pub pin_error: Option<String>,
+    pub pin_error: OnceLock<String>,
 }
 
 impl Deref for Buffer {
@@ -85,7 +85,7 @@ impl SlotPool {
         loop {
             if let Some(i) = (0..free.len()).filter(|&i| free[i].len() >= len).min_by_key(|&i| free[i].len()) {
                 let arena = free.swap_remove(i);
-                return Ok(Buffer { arena: Some(arena), pool: Some(Arc::downgrade(self)), pin_error: None });
+                return Ok(Buffer { arena: Some(arena), pool: Some(Arc::downgrade(self)), pin_error: OnceLock::new() });
             }
             let mut total = lock(&self.total);
             let full = self.max_slots.is_some_and(|m| *total >= m);
@@ -101,7 +101,7 @@ impl SlotPool {
                 drop(free);
                 let (arena, pin_error) =
                     new_arena(len, self.pin_flags, self.numa_node).inspect_err(|_| *lock(&self.total) -= 1)?;
-                return Ok(Buffer { arena: Some(arena), pool: Some(Arc::downgrade(self)), pin_error });
+                return Ok(Buffer { arena: Some(arena), pool: Some(Arc::downgrade(self)), pin_error: once(pin_error) });
             }
             drop(total);
             let slice = match deadline {
@@ -117,6 +117,14 @@ impl SlotPool {
     pub fn stats(&self) -> (usize, usize) {
         (*lock(&self.total), lock(&self.free).len())
     }
+}
+
+fn once(s: Option<String>) -> OnceLock<String> {
+    let cell = OnceLock::new();
+    if let Some(s) = s {
+        let _ = cell.set(s);
+    }
+    cell
 }
 
 fn new_arena(len: usize, pin_flags: Option<u32>, numa_node: Option<u32>) -> Result<(Arena, Option<String>)> {
@@ -160,6 +168,8 @@ pub struct Job {
     pub buffer: Arc<Buffer>,
     pub placed: Vec<Placed>,
     pub reader: ReaderKind,
+    /// Register the arena with CUDA once the read is done (one-shot arenas).
+    pin_after: Option<u32>,
     reuse: bool,
     cancel: AtomicBool,
     state: Mutex<Option<Result<(), Arc<Error>>>>,
@@ -293,8 +303,10 @@ impl Store {
         let buffer = if pooled {
             self.pool.acquire(plan.arena_len, slot_wait)?
         } else {
-            let (arena, pin_error) = new_arena(plan.arena_len, self.options.pin_flags, self.options.numa_node)?;
-            Buffer { arena: Some(arena), pool: None, pin_error }
+            // A one-shot arena is pinned after the read: registering fresh memory would fault in and zero every
+            // page on one thread first, while the readers fault pages in on many threads as they fill them.
+            let (arena, _) = new_arena(plan.arena_len, None, self.options.numa_node)?;
+            Buffer { arena: Some(arena), pool: None, pin_error: OnceLock::new() }
         };
         let placed =
             idx.iter().zip(&plan.placements).map(|(&tensor, &arena_offset)| Placed { tensor, arena_offset }).collect();
@@ -303,6 +315,7 @@ impl Store {
             buffer: Arc::new(buffer),
             placed,
             reader,
+            pin_after: if pooled { None } else { self.options.pin_flags },
             reuse: pooled,
             cancel: AtomicBool::new(false),
             state: Mutex::new(None),
@@ -359,6 +372,11 @@ fn worker(rx: &Mutex<mpsc::Receiver<Arc<Job>>>, ckpt: &Checkpoint, opts: &ReadOp
                 Err(Error::Internal("reader thread panicked".into()))
             })
         };
+        if let (Ok(()), Some(flags)) = (&r, job.pin_after) {
+            if let Err(e) = job.buffer.pin(flags) {
+                let _ = job.buffer.pin_error.set(e.to_string());
+            }
+        }
         job.finish(r);
     }
 }

@@ -138,7 +138,7 @@ impl Store {
             .py_err(py)?;
         wait_job(py, &job, None)?;
         let out = capsules(py, &self.handle, &job, &names, DLDevice { device_type, device_id })?;
-        Ok((out, job.buffer.pin_error.clone()))
+        Ok((out, job.buffer.pin_error.get().cloned()))
     }
 
     /// Like `read`, but return the whole arena as one flat U8 capsule plus each tensor's byte offset in it:
@@ -168,7 +168,7 @@ impl Store {
         let (capsule, offsets) = flat(py, &job, DLDevice { device_type, device_id })?;
         let host =
             if host_too { Some(flat(py, &job, DLDevice { device_type: KDL_CPU, device_id: 0 })?.0) } else { None };
-        Ok((capsule, offsets, job.buffer.pin_error.clone(), host))
+        Ok((capsule, offsets, job.buffer.pin_error.get().cloned(), host))
     }
 
     /// Start reading `names` into a pool slot in the background; several tickets may be in flight. Waits (GIL

@@ -108,7 +108,7 @@ impl Ticket {
     /// Why the slot is not pinned although pinning was asked for, if so.
     #[getter]
     fn pin_error(&self) -> PyResult<Option<String>> {
-        Ok(self.job()?.buffer.pin_error.clone())
+        Ok(self.job()?.buffer.pin_error.get().cloned())
     }
 
     fn __repr__(&self) -> String {
