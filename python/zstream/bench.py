@@ -240,7 +240,7 @@ def _search_max_batch(load_fn: Any, prompt: int, gen: int) -> List[Dict[str, Any
     while hi is None or hi - lo > 1:
         try:
             model = load_fn(b)
-            r = run_one(model, b, prompt, min(gen, 4))
+            r = run_one(model, b, prompt, gen)
             results.append({"batch": b, "tokens_per_s": r["tokens_per_s"], "decode_step_s": r["decode_step_s"],
                             "resident_blocks": len(model.plan.resident_blocks)})
             model.close()
