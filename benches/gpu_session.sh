@@ -53,6 +53,17 @@ for stage in "$@"; do
       PYTHONPATH=/tmp/zs:/tmp/ds TORCH_CUDA_ARCH_LIST=9.0 timeout "${PEER_TIMEOUT:-300}" python3 .device/peers/run_peer.py --system deepspeed \
         --offload nvme --model "$CK" --batch 1 --prompt 512 --gen "${PEER_GEN:-4}" 2>"$OUT/peer_ds_nvme.err" \
         | grep '^{' | tee -a "$OUT/peers.jsonl"; tail -3 "$OUT/peer_ds_nvme.err" ;;
+    criterion) # the criterion bench binary built here (cargo bench --no-run), beside fio on the same file, then
+               # pytest-benchmark at bloom-7b1's block size
+      export CARGO_TARGET_DIR=/root/cb; mkdir -p $CARGO_TARGET_DIR
+      .device/readers-bench --bench 2>&1 | grep -E "^readers|time:|thrpt:" | tee "$OUT/criterion.txt"
+      f=$(ls $CARGO_TARGET_DIR/zstream-bench/readers-*.safetensors | head -1)
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      .device/fio --name=criterion-file --rw=read --bs=1M --iodepth=64 --ioengine=io_uring --direct=1 \
+        --filename="$f" --output-format=json > "$OUT/criterion_fio.json" && python3 -c \
+        "import json,sys; print('fio GB/s', json.load(open(sys.argv[1]))['jobs'][0]['read']['bw_bytes']/1e9)" "$OUT/criterion_fio.json"
+      (cd tests && ZSTREAM_BENCH_HIDDEN=4096 python3 -m pytest -q -p no:cacheprovider ../benches/test_bench_store.py \
+        --benchmark-json "$OUT/pytest_benchmark.json" --benchmark-columns=median,rounds 2>&1 | tail -15) ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
