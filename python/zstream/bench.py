@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .errors import OutOfMemoryError
+from .plan import measure_disk_gbps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,26 +111,11 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0}
 
 
-def disk_gbps(model: Any, inflight: int = 2) -> float:
-    """O_DIRECT sequential read of every streamed block of this checkpoint into the store's (reused, already
-    pinned) pool slots, ``inflight`` blocks at a time as the engine reads them, with no GPU work: the disk limit
-    of the nvme path."""
-    store, fam = model.store, model.family
+def disk_gbps(model: Any) -> float:
+    """The nvme path's disk limit over every streamed block of this model (see ``plan.measure_disk_gbps``)."""
+    fam = model.family
     blocks = model.plan.streamed_blocks or list(range(fam.num_blocks))
-    names = [list(fam.block_tensors(i).values()) for i in blocks]
-    for t in [store.fetch(n) for n in names[:inflight]]:  # warm the pool: slots exist and are pinned
-        t.wait()
-        t.release()
-    nbytes, t0 = 0, time.perf_counter()
-    pending = [store.fetch(n) for n in names[:inflight]]
-    for k in range(len(names)):
-        t = pending.pop(0)
-        t.wait()
-        nbytes += t.read_bytes
-        t.release()
-        if k + inflight < len(names):
-            pending.append(store.fetch(names[k + inflight]))
-    return nbytes / (time.perf_counter() - t0) / 1e9
+    return measure_disk_gbps(model.store, [list(fam.block_tensors(i).values()) for i in blocks])
 
 
 def fio_gbps(fio: str, files: List[str]) -> Optional[float]:

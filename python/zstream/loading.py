@@ -24,6 +24,7 @@ from .plan import (
     choose_residency,
     fmt_bytes,
     host_available_bytes,
+    measure_disk_gbps,
     measure_h2d_gbps,
     parse_bytes,
 )
@@ -213,20 +214,19 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
             slot_bytes = max(store.plan(block_names[i].values())[1] for i in streamed)
             streamer = _DeviceRing(dev, streamed, slot_bytes, prefetch + 1, source,
                                    block_names, dtype, disk_prefetch)
-        plan.link, plan.link_gbps = _measure_link(store, dev, offload, block_names[streamed[0]])
+        plan.link, plan.link_gbps = _measure_link(store, dev, offload, [block_names[i] for i in streamed[:4]])
     return StreamingModel(store=store, family=family, plan=plan, config=config, outer=outer, resident=resident_w,
                           streamer=streamer, tokenizer=_tokenizer(path), path=str(path), load_s=clock())
 
 
-def _measure_link(store: WeightStore, dev: torch.device, offload: str, names: Dict[str, str]) -> tuple[str, float]:
+def _measure_link(store: WeightStore, dev: torch.device, offload: str,
+                  blocks: List[Dict[str, str]]) -> tuple[str, float]:
     """The bandwidth that bounds streaming, measured now: pinned host-to-device copies for cpu offload; for nvme
-    the slower of that and an O_DIRECT read of one block."""
+    the slower of that and the O_DIRECT read of a few blocks through the pool, as the engine reads them."""
     h2d = measure_h2d_gbps(dev) if dev.type == "cuda" else float("inf")
     if offload == "cpu":
         return "pinned host-to-device", h2d
-    clock = Stopwatch()
-    flat = store.read_flat(list(names.values()))
-    disk = flat.nbytes / clock() / 1e9
+    disk = measure_disk_gbps(store, [list(b.values()) for b in blocks])
     if disk < h2d:
         return "disk read (O_DIRECT)", disk
     return "pinned host-to-device", h2d

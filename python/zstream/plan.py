@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -153,6 +153,25 @@ def measure_h2d_gbps(device: torch.device, nbytes: int = 256 << 20, repeats: int
         times.append(start.elapsed_time(end) / 1e3)
     times.sort()
     return nbytes / times[len(times) // 2] / 1e9
+
+
+def measure_disk_gbps(store, blocks: List[List[str]], inflight: int = 2) -> float:
+    """O_DIRECT sequential read of ``blocks`` (lists of tensor names) into the store's reused, already pinned pool
+    slots, ``inflight`` blocks at a time as the engine reads them, with no GPU work: the disk limit of the nvme
+    path. The first ``inflight`` blocks are read once beforehand so that the slots exist."""
+    for t in [store.fetch(n) for n in blocks[:inflight]]:
+        t.wait()
+        t.release()
+    nbytes, t0 = 0, time.perf_counter()
+    pending = [store.fetch(n) for n in blocks[:inflight]]
+    for k in range(len(blocks)):
+        t = pending.pop(0)
+        t.wait()
+        nbytes += t.read_bytes
+        t.release()
+        if k + inflight < len(blocks):
+            pending.append(store.fetch(blocks[k + inflight]))
+    return nbytes / (time.perf_counter() - t0) / 1e9
 
 
 def host_available_bytes() -> int:
