@@ -23,7 +23,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -74,6 +74,15 @@ def _local(flat_views: Dict[str, Tensor], names: Dict[str, str], dtype: torch.dt
         t = flat_views[ckpt]
         out[local] = t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
     return out
+
+
+class Streamer(Protocol):
+    """Where streamed blocks come from during a forward pass, in block order."""
+
+    def acquire(self, block: int) -> Weights: ...   # the block's weights, ready for the compute stream
+    def release(self) -> None: ...                 # the acquired block's compute is enqueued
+    def at_pass_start(self) -> bool: ...           # False after a pass that stopped midway
+    def reset(self) -> None: ...                   # drop everything in flight
 
 
 class _DeviceRing:
@@ -253,7 +262,7 @@ class StreamingModel:
     """
 
     def __init__(self, *, store: WeightStore, family: Family, plan: Plan, config: Dict[str, Any],
-                 outer: Weights, resident: Dict[int, Weights], streamer: Union[_DeviceRing, _HostTickets, None],
+                 outer: Weights, resident: Dict[int, Weights], streamer: Optional[Streamer],
                  tokenizer: Any = None, path: str = "", load_s: float = 0.0) -> None:
         self.store = store
         self.family = family

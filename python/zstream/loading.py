@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .detect import HardwareReport, choose_offload, hardware
-from .engine import StreamingModel, Weights, _DeviceRing, _HostTickets, _local
+from .engine import Streamer, StreamingModel, Weights, _DeviceRing, _HostTickets, _local
 from .engine import to_device as block_to_device
 from .errors import ModelError, OutOfMemoryError
 from .generation import read_config
@@ -201,7 +201,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     if bar is not None:
         bar.close()
 
-    streamer: Union[_DeviceRing, _HostTickets, None] = None
+    streamer: Optional[Streamer] = None
     if streamed:
         if dev.type == "cpu":
             streamer = _HostTickets(store, streamed, block_names, dtype, disk_prefetch)

@@ -29,6 +29,22 @@ fn parse_reader(py: Python<'_>, reader: Option<&str>, default: ReaderKind) -> Py
     reader.map_or(Ok(default), |r| r.parse::<ReaderKind>().py_err(py))
 }
 
+impl Store {
+    /// Read `names` into a fresh arena and wait for it (GIL released, Ctrl-C honoured).
+    fn read_job(&self, py: Python<'_>, names: Vec<String>, reader: Option<&str>) -> PyResult<Arc<zstream_core::Job>> {
+        let kind = parse_reader(py, reader, self.default_reader)?;
+        let handle = Arc::clone(&self.handle);
+        let job = py
+            .detach(move || {
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                handle.inner.submit(&refs, kind, false, None)
+            })
+            .py_err(py)?;
+        wait_job(py, &job, None)?;
+        Ok(job)
+    }
+}
+
 #[pymethods]
 impl Store {
     /// Open a `.safetensors` file or checkpoint directory; every header is read and validated here.
@@ -127,16 +143,7 @@ impl Store {
         device_type: i32,
         device_id: i32,
     ) -> PyResult<(Bound<'py, PyDict>, Option<String>)> {
-        let kind = parse_reader(py, reader, self.default_reader)?;
-        let handle = Arc::clone(&self.handle);
-        let refs: Vec<String> = names.clone();
-        let job = py
-            .detach(move || {
-                let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
-                handle.inner.submit(&refs, kind, false, None)
-            })
-            .py_err(py)?;
-        wait_job(py, &job, None)?;
+        let job = self.read_job(py, names.clone(), reader)?;
         let out = capsules(py, &self.handle, &job, &names, DLDevice { device_type, device_id })?;
         Ok((out, job.buffer.pin_error.get().cloned()))
     }
@@ -156,15 +163,7 @@ impl Store {
         device_id: i32,
         host_too: bool,
     ) -> PyResult<FlatResult> {
-        let kind = parse_reader(py, reader, self.default_reader)?;
-        let handle = Arc::clone(&self.handle);
-        let job = py
-            .detach(move || {
-                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                handle.inner.submit(&refs, kind, false, None)
-            })
-            .py_err(py)?;
-        wait_job(py, &job, None)?;
+        let job = self.read_job(py, names, reader)?;
         let (capsule, offsets) = flat(py, &job, DLDevice { device_type, device_id })?;
         let host =
             if host_too { Some(flat(py, &job, DLDevice { device_type: KDL_CPU, device_id: 0 })?.0) } else { None };
