@@ -109,6 +109,7 @@ class _DeviceRing:
         self.trace: Optional[List[Tuple[str, int, int, Any, Any]]] = None
         self.issued = 0    # global index of the next copy to issue (block order[g % m], slot g % slots)
         self.consumed = 0  # global index of the next block to compute
+        self.busy = False  # between acquire and release: still set after a failure, so the next pass resets
 
     @property
     def nvme(self) -> bool:
@@ -173,6 +174,7 @@ class _DeviceRing:
 
     def acquire(self, block: int) -> Weights:
         """Weights of ``block`` (the next streamed one) on the device; the compute stream waits for the copy."""
+        self.busy = True
         g = self.consumed
         if self.order[g % len(self.order)] != block:
             raise RuntimeError(f"ring out of order: expected block {self.order[g % len(self.order)]}, got {block}")
@@ -191,9 +193,10 @@ class _DeviceRing:
         self.consumed += 1
         while self.issued < self.consumed + self.slots:
             self._issue()
+        self.busy = False
 
     def at_pass_start(self) -> bool:
-        return self.consumed % len(self.order) == 0
+        return not self.busy and self.consumed % len(self.order) == 0
 
     def reset(self) -> None:
         """Drop everything in flight (after an interrupted pass) and start over."""
@@ -204,6 +207,7 @@ class _DeviceRing:
         self._retire_copies(block=True)
         self.layouts = [None] * self.slots
         self.issued = self.consumed = 0
+        self.busy = False
 
 
 class _HostTickets:
@@ -243,7 +247,8 @@ class _HostTickets:
         self._ahead()
 
     def at_pass_start(self) -> bool:
-        return self.consumed % len(self.order) == 0
+        # A block still held means its pass stopped midway (a read error, an interrupt).
+        return self.current is None and self.consumed % len(self.order) == 0
 
     def reset(self) -> None:
         for _, t in self.tickets:

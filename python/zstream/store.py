@@ -204,6 +204,7 @@ class WeightStore:
         mapped: bool = False,
         numa_node: Optional[int] = None,
         tensor_align: int = 0,
+        io_timeout: Optional[float] = 60.0,
     ) -> WeightStore:
         """Open and validate a checkpoint.
 
@@ -212,7 +213,8 @@ class WeightStore:
         mapped into the GPU's address space too (zero-copy reads by kernels). ``queue_depth`` and ``chunk_size``
         tune io_uring, ``threads`` the pread pool, ``workers`` how many reads run at once, ``max_slots`` caps the
         streaming pool. ``numa_node`` places arenas on that host node; ``tensor_align`` shifts each read so that
-        its first tensor starts on that boundary (kernels reading weights in place want 256).
+        its first tensor starts on that boundary (kernels reading weights in place want 256). A read whose I/Os
+        make no progress for ``io_timeout`` seconds fails with ``ReadTimeoutError`` (None: wait, interruptibly).
         """
         if pin == "auto":
             pin = torch.cuda.is_available()
@@ -226,6 +228,7 @@ class WeightStore:
         core = _core.Store.open(
             os.fspath(path), reader=reader, queue_depth=queue_depth, chunk_size=chunk_size, threads=threads,
             workers=workers, max_slots=max_slots, pin_flags=flags, numa_node=numa_node, tensor_align=tensor_align,
+            io_timeout=io_timeout,
         )
         return cls(core, pinned)
 
@@ -310,6 +313,14 @@ class WeightStore:
         """Start reading ``names`` in the background into a reusable slot; returns at once with a Ticket."""
         names = list(dict.fromkeys(names))
         return Ticket(self._core.fetch(names, reader=reader), self._meta(names))
+
+    def inject_fault(self, kind: str, *, after: int = 0, count: int = 1) -> None:
+        """For tests: the next reads meet ``kind`` ("eio", "short", "eintr", "hang") on ``count`` I/Os, starting after
+        ``after`` more I/Os (io_uring and pread readers)."""
+        self._core.inject_fault(kind, after=after, count=count)
+
+    def clear_faults(self) -> None:
+        self._core.clear_faults()
 
     def close(self) -> None:
         """Stop the reader threads; tensors already read stay valid."""

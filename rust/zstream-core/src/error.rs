@@ -40,6 +40,10 @@ pub enum Error {
     #[error("cudaHostRegister of a {bytes}-byte arena failed with CUDA error {code}")]
     Pin { bytes: usize, code: i32 },
 
+    /// An I/O made no progress for the store's I/O timeout (a hung device or network filesystem).
+    #[error("{}: read at offset {offset} made no progress for {secs:.1} s", path.display())]
+    IoTimeout { path: PathBuf, offset: u64, secs: f64 },
+
     /// The caller asked to stop (Ctrl-C) before the read finished.
     #[error("read cancelled")]
     Cancelled,
@@ -73,6 +77,9 @@ impl Error {
             Error::ReaderUnavailable { reader, reason } => Error::ReaderUnavailable { reader, reason: reason.clone() },
             Error::Alloc { bytes, source } => Error::Alloc { bytes: *bytes, source: io(source) },
             Error::Pin { bytes, code } => Error::Pin { bytes: *bytes, code: *code },
+            Error::IoTimeout { path, offset, secs } => {
+                Error::IoTimeout { path: path.clone(), offset: *offset, secs: *secs }
+            }
             Error::Cancelled => Error::Cancelled,
             Error::Timeout(t) => Error::Timeout(*t),
             Error::Internal(m) => Error::Internal(m.clone()),

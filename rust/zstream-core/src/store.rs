@@ -15,7 +15,7 @@ use crate::arena::Arena;
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::error::{Error, Result};
 use crate::plan::{plan_aligned, ReadPlan, Want};
-use crate::reader::{read_into, ReadOptions, ReaderKind, ReaderState};
+use crate::reader::{read_into, FaultInjector, ReadCtx, ReadOptions, ReaderKind, ReaderState};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -162,6 +162,12 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+#[derive(Debug, Default)]
+struct Signal {
+    state: Mutex<Option<Result<(), Arc<Error>>>>,
+    done: Condvar,
+}
+
 #[derive(Debug)]
 pub struct Job {
     pub plan: ReadPlan,
@@ -172,22 +178,25 @@ pub struct Job {
     pin_after: Option<u32>,
     reuse: bool,
     cancel: AtomicBool,
-    state: Mutex<Option<Result<(), Arc<Error>>>>,
-    done: Condvar,
+    /// The outcome and its condition variable, in their own allocation: the worker lets go of the job (and with it,
+    /// possibly, the last hold on a pool slot) before it wakes the waiter, so a released slot is back in the pool
+    /// by the time the waiter can ask for another.
+    signal: Arc<Signal>,
     times: Mutex<JobTimes>,
 }
 
 impl Job {
     /// Wait up to `timeout` for the job. `None` means still running.
     pub fn wait(&self, timeout: Duration) -> Option<Result<(), Arc<Error>>> {
-        let state = lock(&self.state);
+        let signal = &self.signal;
+        let state = lock(&signal.state);
         let (state, _) =
-            self.done.wait_timeout_while(state, timeout, |s| s.is_none()).unwrap_or_else(PoisonError::into_inner);
+            signal.done.wait_timeout_while(state, timeout, |s| s.is_none()).unwrap_or_else(PoisonError::into_inner);
         state.clone()
     }
 
     pub fn is_done(&self) -> bool {
-        lock(&self.state).is_some()
+        lock(&self.signal.state).is_some()
     }
 
     /// Ask the job to stop between I/Os. It still completes (with `Cancelled`) once the kernel is done with it.
@@ -204,10 +213,13 @@ impl Job {
         self.plan.read_bytes()
     }
 
-    fn finish(&self, r: Result<()>) {
+    /// Record the outcome, drop the worker's hold on the job, then wake the waiters.
+    fn finish(self: Arc<Self>, r: Result<()>) {
         lock(&self.times).finished = monotonic_ns();
-        *lock(&self.state) = Some(r.map_err(Arc::new));
-        self.done.notify_all();
+        let signal = Arc::clone(&self.signal);
+        *lock(&signal.state) = Some(r.map_err(Arc::new));
+        drop(self);
+        signal.done.notify_all();
     }
 }
 
@@ -240,6 +252,8 @@ pub struct Store {
     pub ckpt: Arc<Checkpoint>,
     pub options: StoreOptions,
     pub pool: Arc<SlotPool>,
+    /// Faults to inject into this store's reads (tests).
+    pub faults: Arc<FaultInjector>,
     workers: Mutex<Workers>,
 }
 
@@ -252,13 +266,14 @@ impl Store {
         let ckpt = Arc::new(Checkpoint::open(path)?);
         let (tx, rx) = mpsc::channel::<Arc<Job>>();
         let rx = Arc::new(Mutex::new(rx));
+        let faults = Arc::new(FaultInjector::default());
         let handles = (0..options.workers)
             .map(|i| {
-                let (rx, ckpt) = (Arc::clone(&rx), Arc::clone(&ckpt));
+                let (rx, ckpt, faults) = (Arc::clone(&rx), Arc::clone(&ckpt), Arc::clone(&faults));
                 let opts = options.read;
                 std::thread::Builder::new()
                     .name(format!("zstream-read-{i}"))
-                    .spawn(move || worker(&rx, &ckpt, &opts))
+                    .spawn(move || worker(&rx, &ckpt, &opts, &faults))
                     .map_err(|e| Error::Internal(format!("cannot start reader thread: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -266,6 +281,7 @@ impl Store {
             ckpt,
             pool: SlotPool::new(options.max_slots, options.pin_flags, options.numa_node),
             options,
+            faults,
             workers: Mutex::new(Workers { queue: Some(tx), handles }),
         })
     }
@@ -318,8 +334,7 @@ impl Store {
             pin_after: if pooled { None } else { self.options.pin_flags },
             reuse: pooled,
             cancel: AtomicBool::new(false),
-            state: Mutex::new(None),
-            done: Condvar::new(),
+            signal: Arc::new(Signal::default()),
             times: Mutex::new(JobTimes { queued: monotonic_ns(), ..JobTimes::default() }),
         });
         let workers = lock(&self.workers);
@@ -354,7 +369,7 @@ impl Drop for Store {
     }
 }
 
-fn worker(rx: &Mutex<mpsc::Receiver<Arc<Job>>>, ckpt: &Checkpoint, opts: &ReadOptions) {
+fn worker(rx: &Mutex<mpsc::Receiver<Arc<Job>>>, ckpt: &Checkpoint, opts: &ReadOptions, faults: &FaultInjector) {
     let mut state = ReaderState::default();
     loop {
         // An error means the store closed its queue.
@@ -365,7 +380,8 @@ fn worker(rx: &Mutex<mpsc::Receiver<Arc<Job>>>, ckpt: &Checkpoint, opts: &ReadOp
         } else {
             // A panic in a reader must not take the job's waiter down with it, nor cross into Python.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                read_into(job.reader, ckpt, &job.plan, &job.buffer, opts, &mut state, job.reuse, &job.cancel)
+                let ctx = ReadCtx { opts, cancel: &job.cancel, faults };
+                read_into(job.reader, ckpt, &job.plan, &job.buffer, &mut state, job.reuse, &ctx)
             }))
             .unwrap_or_else(|_| {
                 state = ReaderState::default();

@@ -23,7 +23,19 @@ fn raise(py: Python<'_>, cell: &PyOnceLock<Py<PyType>>, class: &str, args: Strin
 }
 
 fn raise_read(py: Python<'_>, msg: String, errno: Option<i32>, file: Option<String>, offset: Option<u64>) -> PyErr {
-    match READ_ERROR.import(py, "zstream.errors", "ReadError") {
+    raise_read_as(py, &READ_ERROR, "ReadError", msg, errno, file, offset)
+}
+
+fn raise_read_as(
+    py: Python<'_>,
+    cell: &PyOnceLock<Py<PyType>>,
+    class: &str,
+    msg: String,
+    errno: Option<i32>,
+    file: Option<String>,
+    offset: Option<u64>,
+) -> PyErr {
+    match cell.import(py, "zstream.errors", class) {
         Ok(ty) => match ty.call1((msg, errno, file, offset)) {
             Ok(obj) => PyErr::from_value(obj),
             Err(e) => e,
@@ -45,6 +57,15 @@ pub fn to_pyerr(py: Python<'_>, err: &Error) -> PyErr {
         }
         Error::Cancelled => raise_read(py, msg, None, None, None),
         Error::Timeout(_) => raise(py, &READ_TIMEOUT_ERROR, "ReadTimeoutError", msg),
+        Error::IoTimeout { path, offset, .. } => raise_read_as(
+            py,
+            &READ_TIMEOUT_ERROR,
+            "ReadTimeoutError",
+            msg,
+            Some(libc::ETIMEDOUT),
+            Some(path.display().to_string()),
+            Some(*offset),
+        ),
         Error::UnknownTensor(_) => PyKeyError::new_err(msg),
         Error::InvalidArgument(_) => PyValueError::new_err(msg),
         Error::Alloc { .. } | Error::Pin { .. } => raise(py, &OOM_ERROR, "OutOfMemoryError", msg),

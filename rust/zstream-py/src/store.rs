@@ -50,7 +50,8 @@ impl Store {
     /// Open a `.safetensors` file or checkpoint directory; every header is read and validated here.
     #[staticmethod]
     #[pyo3(signature = (path, *, reader="auto", queue_depth=None, chunk_size=None, threads=None, workers=None,
-                        max_slots=None, pin_flags=None, max_gap=None, numa_node=None, tensor_align=None))]
+                        max_slots=None, pin_flags=None, max_gap=None, numa_node=None, tensor_align=None,
+                        io_timeout=60.0))]
     #[allow(clippy::too_many_arguments)] // a Python keyword-only signature
     fn open(
         py: Python<'_>,
@@ -65,7 +66,13 @@ impl Store {
         max_gap: Option<u64>,
         numa_node: Option<u32>,
         tensor_align: Option<u64>,
+        io_timeout: Option<f64>,
     ) -> PyResult<Store> {
+        let io_timeout = match io_timeout {
+            Some(t) if t > 0.0 && t.is_finite() => Some(std::time::Duration::from_secs_f64(t)),
+            Some(t) => return Err(pyo3::exceptions::PyValueError::new_err(format!("io_timeout {t} is not > 0"))),
+            None => None,
+        };
         let default_reader = reader.parse::<ReaderKind>().py_err(py)?;
         let d = ReadOptions::default();
         let read = ReadOptions {
@@ -75,6 +82,7 @@ impl Store {
             max_gap: max_gap.unwrap_or(d.max_gap),
             align: d.align,
             tensor_align: tensor_align.unwrap_or(0),
+            io_timeout,
         };
         let opts = StoreOptions { read, workers: workers.unwrap_or(2), max_slots, pin_flags, numa_node };
         let inner = py.detach(move || CoreStore::open(path, opts)).py_err(py)?;
@@ -190,6 +198,20 @@ impl Store {
                 Err(e) => return Err(crate::error::to_pyerr(py, &e)),
             }
         }
+    }
+
+    /// For tests: make the next reads fail. `kind` is "eio", "short", "eintr" or "hang"; the fault fires on `count`
+    /// I/Os after `after` more I/Os, in the io_uring and pread readers.
+    #[pyo3(signature = (kind, *, after=0, count=1))]
+    fn inject_fault(&self, kind: &str, after: u64, count: u64) -> PyResult<()> {
+        let kind: zstream_core::reader::FaultKind = kind.parse().map_err(pyo3::exceptions::PyValueError::new_err)?;
+        self.handle.inner.faults.arm(kind, after, count.max(1));
+        Ok(())
+    }
+
+    /// Disarm injected faults.
+    fn clear_faults(&self) {
+        self.handle.inner.faults.clear();
     }
 
     /// Stop the reader threads. Tensors already read stay valid. Idempotent.

@@ -5,9 +5,8 @@
 //! streaming path does not use this reader.)
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicBool;
 
-use super::{check_cancel, ReadOptions};
+use super::{check_cancel, ReadCtx};
 use crate::arena::Arena;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -30,7 +29,8 @@ impl Drop for Mapping {
 // SAFETY: a read-only mapping; threads only read from it.
 unsafe impl Sync for Mapping {}
 
-pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, opts: &ReadOptions, cancel: &AtomicBool) -> Result<()> {
+pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, ctx: &ReadCtx<'_>) -> Result<()> {
+    let (opts, cancel) = (ctx.opts, ctx.cancel);
     let mut maps: Vec<Option<Mapping>> = (0..ckpt.shards.len()).map(|_| None).collect();
     // (source pointer, destination offset, length) copies.
     let mut copies: Vec<(usize, usize, usize)> = Vec::new();

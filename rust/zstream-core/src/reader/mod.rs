@@ -7,6 +7,7 @@
 //!
 //! All three fill exactly the bytes a [`ReadPlan`] places, so tests compare them byte for byte.
 
+pub mod fault;
 pub mod mmap;
 pub mod pread;
 pub mod uring;
@@ -15,11 +16,13 @@ use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use crate::arena::Arena;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::plan::ReadPlan;
+pub use fault::{FaultInjector, FaultKind, ReadCtx};
 
 /// Which reader to use. `Auto` resolves per read with [`ReaderKind::resolve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,6 +94,9 @@ pub struct ReadOptions {
     pub align: u64,
     /// Shift each extent so its first tensor starts on this boundary (0: no shift; see `plan::plan_aligned`).
     pub tensor_align: u64,
+    /// A read whose I/Os make no progress for this long fails with `Error::IoTimeout` (`None`: wait for ever,
+    /// still interruptible).
+    pub io_timeout: Option<Duration>,
 }
 
 impl Default for ReadOptions {
@@ -102,6 +108,7 @@ impl Default for ReadOptions {
             max_gap: 256 << 10,
             align: 4096,
             tensor_align: 0,
+            io_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -138,28 +145,40 @@ pub struct ReaderState {
 
 /// Fill `arena` as `plan` lays out, with reader `kind` (already resolved). `reuse` marks an arena that will be
 /// read into again (a pool slot): io_uring registers such arenas as fixed buffers once.
-#[allow(clippy::too_many_arguments)] // one call site (the worker); a struct would only rename them
 pub fn read_into(
     kind: ReaderKind,
     ckpt: &Checkpoint,
     plan: &ReadPlan,
     arena: &Arena,
-    opts: &ReadOptions,
     state: &mut ReaderState,
     reuse: bool,
-    cancel: &AtomicBool,
+    ctx: &ReadCtx<'_>,
 ) -> Result<()> {
     assert!(plan.arena_len <= arena.len(), "arena smaller than its plan");
     match kind {
         ReaderKind::Uring | ReaderKind::Auto => {
             if state.ring.is_none() {
-                state.ring = Some(uring::Ring::new(opts.queue_depth)?);
+                state.ring = Some(uring::Ring::new(ctx.opts.queue_depth)?);
             }
             let ring = state.ring.as_mut().expect("ring was just created");
-            ring.read(ckpt, plan, arena, opts, reuse, cancel)
+            ring.read(ckpt, plan, arena, reuse, ctx)
         }
-        ReaderKind::Pread => pread::read(ckpt, plan, arena, opts, cancel),
-        ReaderKind::Mmap => mmap::read(ckpt, plan, arena, opts, cancel),
+        ReaderKind::Pread => pread::read(ckpt, plan, arena, ctx),
+        ReaderKind::Mmap => mmap::read(ckpt, plan, arena, ctx),
+    }
+}
+
+/// An injected hang: wait until cancelled or until the I/O timeout, as a real hung I/O would be ended.
+pub(crate) fn hang(ctx: &ReadCtx<'_>, path: &std::path::Path, offset: u64) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        check_cancel(ctx.cancel)?;
+        if let Some(limit) = ctx.opts.io_timeout {
+            if start.elapsed() >= limit {
+                return Err(Error::IoTimeout { path: path.to_path_buf(), offset, secs: limit.as_secs_f64() });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

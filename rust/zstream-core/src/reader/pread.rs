@@ -3,15 +3,26 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// An injected short read: half of `want`, kept a multiple of `align` so that O_DIRECT still accepts it.
+pub(crate) fn short(want: usize, align: u64) -> usize {
+    let half = (want / 2) & !(align as usize - 1);
+    if half == 0 {
+        want
+    } else {
+        half
+    }
+}
 use std::sync::Mutex;
 
-use super::{check_cancel, ReadOptions};
+use super::{check_cancel, hang, FaultKind, ReadCtx};
 use crate::arena::Arena;
 use crate::checkpoint::{Checkpoint, Shard};
 use crate::error::{Error, Result};
 use crate::plan::{Chunk, ReadPlan};
 
-pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, opts: &ReadOptions, cancel: &AtomicBool) -> Result<()> {
+pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, ctx: &ReadCtx<'_>) -> Result<()> {
+    let opts = ctx.opts;
     let chunks = plan.chunks(opts.chunk_size);
     let next = AtomicUsize::new(0);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -25,7 +36,7 @@ pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, opts: &ReadOption
         }
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(c) = chunks.get(i) else { return };
-        let r = check_cancel(cancel).and_then(|()| read_chunk(&ckpt.shards[c.file], c, base, plan.align));
+        let r = check_cancel(ctx.cancel).and_then(|()| read_chunk(&ckpt.shards[c.file], c, base, plan.align, ctx));
         if let Err(e) = r {
             failed.store(true, Ordering::Relaxed);
             first_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
@@ -48,7 +59,7 @@ pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, opts: &ReadOption
 }
 
 /// Read one chunk, resubmitting after short reads, until its needed bytes are in.
-pub(crate) fn read_chunk(shard: &Shard, c: &Chunk, arena_base: usize, align: u64) -> Result<()> {
+pub(crate) fn read_chunk(shard: &Shard, c: &Chunk, arena_base: usize, align: u64, ctx: &ReadCtx<'_>) -> Result<()> {
     let mut done = 0usize;
     while done < c.needed {
         let offset = c.file_offset + done as u64;
@@ -60,9 +71,20 @@ pub(crate) fn read_chunk(shard: &Shard, c: &Chunk, arena_base: usize, align: u64
             _ => shard.file.as_raw_fd(),
         };
         let n = loop {
-            // SAFETY: dst..dst+want lies inside the arena (the plan guarantees chunk bounds) and no other thread
+            let mut ask = want;
+            match ctx.faults.next() {
+                Some(FaultKind::Eio) => {
+                    let source = io::Error::from_raw_os_error(libc::EIO);
+                    return Err(Error::Read { path: shard.path.clone(), offset, len: want as u64, source });
+                }
+                Some(FaultKind::Eintr) => continue,
+                Some(FaultKind::ShortRead) => ask = short(want, align),
+                Some(FaultKind::Hang) => hang(ctx, &shard.path, offset)?,
+                None => {}
+            }
+            // SAFETY: dst..dst+ask lies inside the arena (the plan guarantees chunk bounds) and no other thread
             // writes this chunk's range; fd is open for the life of the checkpoint.
-            let n = unsafe { libc::pread(fd, dst as *mut libc::c_void, want, offset as libc::off_t) };
+            let n = unsafe { libc::pread(fd, dst as *mut libc::c_void, ask, offset as libc::off_t) };
             if n >= 0 {
                 break n as usize;
             }

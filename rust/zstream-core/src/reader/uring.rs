@@ -5,12 +5,14 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
+use io_uring::types::{SubmitArgs, Timespec};
 use io_uring::{opcode, types, IoUring};
 
-use super::{check_cancel, probe_once, ReadOptions};
+use super::pread::short;
+use super::{check_cancel, probe_once, FaultKind, ReadCtx};
 use crate::arena::Arena;
 use crate::checkpoint::{Checkpoint, Shard};
 use crate::error::{Error, Result};
@@ -22,6 +24,9 @@ const FIXED_ENTRY_BYTES: usize = 1 << 30;
 const FIXED_TABLE_LEN: usize = 64;
 
 static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// user_data of cancel requests (slots are small integers).
+const CANCEL_TAG: u64 = u64::MAX;
 
 /// Whether io_uring works in this process (probed once: setup, one NOP submitted and reaped).
 pub fn available() -> Result<(), String> {
@@ -141,11 +146,10 @@ impl Ring {
         ckpt: &Checkpoint,
         plan: &ReadPlan,
         arena: &Arena,
-        opts: &ReadOptions,
         reuse: bool,
-        cancel: &AtomicBool,
+        ctx: &ReadCtx<'_>,
     ) -> Result<()> {
-        let chunks = plan.chunks(opts.chunk_size);
+        let chunks = plan.chunks(ctx.opts.chunk_size);
         let fixed_base = if reuse { self.ensure_fixed(arena) } else { None };
         let depth = (self.depth as usize).min(chunks.len().max(1));
         let base = arena.as_ptr() as usize;
@@ -153,14 +157,20 @@ impl Ring {
         let mut slots: Vec<Option<Op>> = vec![None; depth];
         let mut free: Vec<usize> = (0..depth).rev().collect();
         let mut retry: Vec<Op> = Vec::new();
+        // Completions made up by injected faults (EIO, EINTR), handled like the kernel's.
+        let mut synthetic: Vec<(u64, i32)> = Vec::new();
+        // Slots of injected hangs: never submitted, ended by the I/O timeout.
+        let mut hung: Vec<usize> = Vec::new();
         let mut next = 0usize;
-        let mut outstanding = 0usize;
+        let mut in_kernel = 0usize;
         let mut failure: Option<Error> = None;
+        let mut last_progress = Instant::now();
+        let mut cancelled_in_kernel = false;
 
         loop {
             // Fill the queue, unless a failure or a cancel means we only drain what the kernel still holds.
             if failure.is_none() {
-                if let Err(e) = check_cancel(cancel) {
+                if let Err(e) = check_cancel(ctx.cancel) {
                     failure = Some(e);
                 }
             }
@@ -170,32 +180,54 @@ impl Ring {
                     Op { chunk: next - 1, done: 0, buffered: false }
                 });
                 let slot = free.pop().expect("checked non-empty");
-                let sqe =
-                    build_sqe(&ckpt.shards[chunks[op.chunk].file], &chunks[op.chunk], op, base, fixed_base, plan.align)
-                        .user_data(slot as u64);
                 slots[slot] = Some(op);
-                // SAFETY: the SQE points into the arena at this chunk's own range, which stays valid: this function
-                // does not return while any read is outstanding (failures drain first).
-                unsafe { self.uring.submission().push(&sqe) }.expect("queue has room: outstanding <= entries");
-                outstanding += 1;
-            }
-            if outstanding == 0 {
-                break;
-            }
-            match self.uring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => continue,
-                Err(e) => {
-                    // The kernel did not take the queue: nothing is in flight that we do not know about, and
-                    // waiting again would spin. Report it.
-                    return Err(Error::Internal(format!("io_uring_enter failed: {e}")));
+                let c = &chunks[op.chunk];
+                let mut limit = c.len - op.done;
+                match ctx.faults.next() {
+                    Some(FaultKind::Eio) => synthetic.push((slot as u64, -libc::EIO)),
+                    Some(FaultKind::Eintr) => synthetic.push((slot as u64, -libc::EINTR)),
+                    Some(FaultKind::Hang) => hung.push(slot),
+                    fault => {
+                        if fault == Some(FaultKind::ShortRead) {
+                            limit = short(limit, plan.align);
+                        }
+                        let sqe = build_sqe(&ckpt.shards[c.file], c, op, limit, base, fixed_base, plan.align)
+                            .user_data(slot as u64);
+                        // SAFETY: the SQE points into the arena at this chunk's own range, which stays valid: this
+                        // function does not return while any read is in the kernel (failures drain first).
+                        unsafe { self.uring.submission().push(&sqe) }.expect("queue has room: in flight <= entries");
+                        in_kernel += 1;
+                    }
                 }
             }
-            let completions: Vec<(u64, i32)> = self.uring.completion().map(|c| (c.user_data(), c.result())).collect();
+            if in_kernel == 0 && synthetic.is_empty() && (hung.is_empty() || failure.is_some()) {
+                break;
+            }
+            // Wait in short slices, so that a cancel or a stalled device is noticed.
+            if synthetic.is_empty() {
+                let ts = Timespec::from(Duration::from_millis(20));
+                let args = SubmitArgs::new().timespec(&ts);
+                match self.uring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
+                    }
+                    Err(e) => return Err(Error::Internal(format!("io_uring_enter failed: {e}"))),
+                }
+            } else if in_kernel > 0 {
+                self.uring.submit().map_err(|e| Error::Internal(format!("io_uring_enter failed: {e}")))?;
+            }
+            let mut completions: Vec<(u64, i32)> =
+                self.uring.completion().map(|c| (c.user_data(), c.result())).collect();
+            completions.retain(|&(ud, _)| ud != CANCEL_TAG);
+            in_kernel -= completions.len();
+            completions.append(&mut synthetic);
+            if !completions.is_empty() {
+                last_progress = Instant::now();
+            }
             for (slot, res) in completions {
                 let slot = slot as usize;
                 let mut op = slots[slot].take().expect("completion for a slot in use");
-                outstanding -= 1;
                 free.push(slot);
                 let c = &chunks[op.chunk];
                 let shard = &ckpt.shards[c.file];
@@ -207,6 +239,7 @@ impl Ring {
                             op.buffered = true;
                             retry.push(op);
                         }
+                        libc::ECANCELED if failure.is_some() => {}
                         _ => {
                             failure.get_or_insert(Error::Read {
                                 path: shard.path.clone(),
@@ -233,6 +266,37 @@ impl Ring {
                     retry.push(op);
                 }
             }
+            // No progress for the I/O timeout: end the read, and ask the kernel to give up what it still holds.
+            let stalled = ctx.opts.io_timeout.is_some_and(|t| last_progress.elapsed() >= t);
+            if stalled && failure.is_none() {
+                let slot = hung.first().copied().or_else(|| slots.iter().position(Option::is_some)).unwrap_or(0);
+                let (path, offset) = slots[slot].map_or_else(
+                    || (ckpt.shards[0].path.clone(), 0),
+                    |op| {
+                        (ckpt.shards[chunks[op.chunk].file].path.clone(), chunks[op.chunk].file_offset + op.done as u64)
+                    },
+                );
+                let secs = ctx.opts.io_timeout.unwrap_or_default().as_secs_f64();
+                failure = Some(Error::IoTimeout { path, offset, secs });
+            }
+            if failure.is_some() {
+                for slot in hung.drain(..) {
+                    slots[slot] = None;
+                    free.push(slot);
+                }
+                if in_kernel > 0 && !cancelled_in_kernel {
+                    for (slot, op) in slots.iter().enumerate() {
+                        if op.is_some() {
+                            let cancel = opcode::AsyncCancel::new(slot as u64).build().user_data(CANCEL_TAG);
+                            // SAFETY: a cancel request references no memory.
+                            if unsafe { self.uring.submission().push(&cancel) }.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    cancelled_in_kernel = true;
+                }
+            }
         }
         match failure {
             Some(e) => Err(e),
@@ -245,12 +309,12 @@ fn build_sqe(
     shard: &Shard,
     c: &Chunk,
     op: Op,
+    len: usize,
     base: usize,
     fixed_base: Option<u32>,
     align: u64,
 ) -> io_uring::squeue::Entry {
     let offset = c.file_offset + op.done as u64;
-    let len = c.len - op.done;
     let dst = base + c.arena_offset + op.done;
     let aligned = offset % align == 0 && len as u64 % align == 0 && dst as u64 % align == 0;
     let fd = match (&shard.direct, aligned && !op.buffered) {
