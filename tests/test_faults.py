@@ -4,6 +4,7 @@ the store and the model keep working afterwards."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import time
 
@@ -113,3 +114,24 @@ def test_bad_fault_names_and_timeouts_are_refused(ckpt):
         store.inject_fault("gremlins")
     with pytest.raises(ValueError, match="io_timeout"):
         zstream.WeightStore.open(path, io_timeout=0)
+
+
+# A stand-in CUDA runtime whose cudaHostRegister always fails with cudaErrorMemoryAllocation (2), as it does under
+# a low RLIMIT_MEMLOCK. Only stores opened with explicit pin flags call it; the callbacks must outlive the process.
+_REGISTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)(lambda p, n, f: 2)
+_UNREGISTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(lambda p: 0)
+
+
+def test_failed_pinning_falls_back_to_pageable_memory_with_a_warning(ckpt):
+    if torch.cuda.is_available() or _core.cuda_host_api_installed():
+        pytest.skip("a real CUDA runtime is installed in this process")
+    path, ref = ckpt
+    _core.install_cuda_host_api(ctypes.cast(_REGISTER, ctypes.c_void_p).value,
+                                ctypes.cast(_UNREGISTER, ctypes.c_void_p).value)
+    core = _core.Store.open(str(path), pin_flags=_core.HOST_REGISTER_PORTABLE)
+    store = zstream.WeightStore(core, pinned=True)
+    with pytest.warns(RuntimeWarning, match=r"unpinned.*cudaHostRegister.*CUDA error 2"):
+        got = store.read(list(ref))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)  # the data is right, only slower to copy
+    with pytest.warns(RuntimeWarning, match="staging slot left unpinned"), store.fetch(list(ref)) as t:
+        assert torch.equal(t.wait()["t0"], ref["t0"])

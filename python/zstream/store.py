@@ -126,11 +126,20 @@ class Ticket:
 
     def wait(self, timeout: Optional[float] = None) -> dict[str, torch.Tensor]:
         """Block (GIL released, Ctrl-C honoured) until the read is done; raises ReadError if it failed."""
-        return _to_torch(self._ticket.wait(timeout), self._meta)
+        out = _to_torch(self._ticket.wait(timeout), self._meta)
+        self._warn_unpinned()
+        return out
+
+    def _warn_unpinned(self) -> None:
+        err = self._ticket.pin_error
+        if err:
+            warnings.warn(f"zstream: staging slot left unpinned (copies to the GPU will be slower): {err}",
+                          RuntimeWarning, stacklevel=3)
 
     def wait_flat(self, timeout: Optional[float] = None) -> FlatRead:
         """Like ``wait``, as one flat buffer (the whole slot) plus offsets: see ``FlatRead``."""
         capsule, offsets = self._ticket.wait_flat(timeout)
+        self._warn_unpinned()
         return FlatRead(torch.from_dlpack(capsule), self._layout(offsets))
 
     def _layout(self, offsets: list[int]) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
