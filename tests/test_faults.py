@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 import zstream
 from zstream import _core
-from zstream.errors import ReadError, ReadTimeoutError
+from zstream.errors import CheckpointError, ReadError, ReadTimeoutError
 
 READERS = ["pread"] + (["uring"] if _core.uring_unavailable_reason() is None else [])
 
@@ -135,3 +136,28 @@ def test_failed_pinning_falls_back_to_pageable_memory_with_a_warning(ckpt):
     assert all(torch.equal(got[k], ref[k]) for k in ref)  # the data is right, only slower to copy
     with pytest.warns(RuntimeWarning, match="staging slot left unpinned"), store.fetch(list(ref)) as t:
         assert torch.equal(t.wait()["t0"], ref["t0"])
+
+
+def test_a_file_replaced_after_open_is_refused_at_read_time(ckpt):
+    path, ref = ckpt
+    store = zstream.WeightStore.open(path)
+    f = path / "m.safetensors"
+    tmp = path / "new.tmp"
+    tmp.write_bytes(f.read_bytes())
+    os.replace(tmp, f)  # a re-download put a new file in its place
+    for reader in ("uring", "pread", "mmap"):
+        with pytest.raises(CheckpointError, match=r"m\.safetensors: was replaced after the store opened it"):
+            store.read(["t0"], reader=reader)
+    assert torch.equal(zstream.WeightStore.open(path).read(["t0"])["t0"], ref["t0"])
+
+
+def test_device_out_of_memory_names_what_would_fit(tmp_path, monkeypatch):
+    path = zstream.synthetic.make_checkpoint("tiny-opt", tmp_path / "m", dtype=torch.float32, progress=False)
+    model = zstream.load(path, offload="nvme", device="cpu", progress=False)
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(zstream.generation.KVCache, "for_family", oom)
+    with pytest.raises(zstream.OutOfMemoryError, match=r"out of device memory for a KV cache.*smaller batch"):
+        model.generate(torch.randint(3, 100, (64, 8)), 4)

@@ -228,7 +228,7 @@ def test_auto_reader_resolution(tmp_ckpt):
     assert store.fetch(["x"]).reader == cold
     # Once the page cache holds the file, copying from memory beats reading the disk again.
     (tmp_ckpt / "m.safetensors").read_bytes()
-    assert store.auto_reader == "mmap"
+    assert store.auto_reader == "pread-cached"
     assert torch.equal(store.read(["x"])["x"], store.read(["x"], reader="pread")["x"])
 
 

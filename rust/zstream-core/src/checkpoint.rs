@@ -164,6 +164,26 @@ impl Checkpoint {
         self.tensors.is_empty()
     }
 
+    /// Check that shard `i` is still the file that was opened, and not shorter than `needed_end`: a file replaced
+    /// after `open` (a re-download) or truncated gives a clear error before any byte of it is read.
+    pub fn check_shard(&self, i: usize, needed_end: u64) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let s = &self.shards[i];
+        let opened = s.file.metadata().map_err(|e| Error::checkpoint(&s.path, format!("cannot stat: {e}")))?;
+        if let Ok(now) = std::fs::metadata(&s.path) {
+            if (now.dev(), now.ino()) != (opened.dev(), opened.ino()) {
+                return Err(Error::checkpoint(
+                    &s.path,
+                    "was replaced after the store opened it: open the checkpoint again to read the new file",
+                ));
+            }
+        }
+        if opened.len() < needed_end {
+            return Err(Error::Truncated { path: s.path.clone(), file_end: opened.len(), needed_end });
+        }
+        Ok(())
+    }
+
     /// Total bytes of tensor data.
     pub fn nbytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.nbytes).sum()

@@ -315,6 +315,9 @@ impl Store {
         slot_wait: Option<Duration>,
     ) -> Result<Arc<Job>> {
         let (plan, idx) = self.plan(names)?;
+        for e in &plan.extents {
+            self.ckpt.check_shard(e.file, e.needed_end)?;
+        }
         let reader = reader.resolve(&self.ckpt, &plan)?;
         let buffer = if pooled {
             self.pool.acquire(plan.arena_len, slot_wait)?

@@ -31,6 +31,9 @@ pub enum ReaderKind {
     Uring,
     Pread,
     Mmap,
+    /// The pread pool through the page cache (no `O_DIRECT`): what `Auto` picks when the cache already holds a
+    /// read. Unlike the mmap copy it cannot fault (SIGBUS) if a file shrinks during the copy.
+    PreadCached,
 }
 
 impl ReaderKind {
@@ -40,17 +43,19 @@ impl ReaderKind {
             ReaderKind::Uring => "uring",
             ReaderKind::Pread => "pread",
             ReaderKind::Mmap => "mmap",
+            ReaderKind::PreadCached => "pread-cached",
         }
     }
 
-    /// `Auto` becomes the mmap copy when the page cache already holds the bytes (a warm checkpoint: copying
-    /// from memory beats re-reading the disk with `O_DIRECT`); else io_uring where it works and every shard of
+    /// `Auto` becomes the pread pool through the page cache when the cache already holds the bytes (a warm
+    /// checkpoint: copying from memory beats re-reading the disk with `O_DIRECT`); else io_uring where it works and
+    /// every shard of
     /// the read accepts `O_DIRECT`; else the pread pool.
     pub fn resolve(self, ckpt: &Checkpoint, plan: &ReadPlan) -> Result<ReaderKind> {
         match self {
             ReaderKind::Auto => {
                 if page_cache_holds(ckpt, plan) {
-                    return Ok(ReaderKind::Mmap);
+                    return Ok(ReaderKind::PreadCached);
                 }
                 let direct_everywhere = plan.extents.iter().all(|e| ckpt.shards[e.file].direct.is_some());
                 Ok(if uring::available().is_ok() && direct_everywhere { ReaderKind::Uring } else { ReaderKind::Pread })
@@ -72,6 +77,7 @@ impl FromStr for ReaderKind {
             "uring" => Ok(ReaderKind::Uring),
             "pread" => Ok(ReaderKind::Pread),
             "mmap" => Ok(ReaderKind::Mmap),
+            "pread-cached" => Ok(ReaderKind::PreadCached),
             other => Err(Error::InvalidArgument(format!(
                 "unknown reader {other:?}: expected \"auto\", \"uring\", \"pread\" or \"mmap\""
             ))),
@@ -163,7 +169,8 @@ pub fn read_into(
             let ring = state.ring.as_mut().expect("ring was just created");
             ring.read(ckpt, plan, arena, reuse, ctx)
         }
-        ReaderKind::Pread => pread::read(ckpt, plan, arena, ctx),
+        ReaderKind::Pread => pread::read(ckpt, plan, arena, ctx, true),
+        ReaderKind::PreadCached => pread::read(ckpt, plan, arena, ctx, false),
         ReaderKind::Mmap => mmap::read(ckpt, plan, arena, ctx),
     }
 }

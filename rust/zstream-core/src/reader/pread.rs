@@ -21,7 +21,8 @@ use crate::checkpoint::{Checkpoint, Shard};
 use crate::error::{Error, Result};
 use crate::plan::{Chunk, ReadPlan};
 
-pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, ctx: &ReadCtx<'_>) -> Result<()> {
+/// `direct`: use `O_DIRECT` where the shard and the I/O allow it; else read through the page cache.
+pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, ctx: &ReadCtx<'_>, direct: bool) -> Result<()> {
     let opts = ctx.opts;
     let chunks = plan.chunks(opts.chunk_size);
     let next = AtomicUsize::new(0);
@@ -36,7 +37,8 @@ pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, ctx: &ReadCtx<'_>
         }
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(c) = chunks.get(i) else { return };
-        let r = check_cancel(ctx.cancel).and_then(|()| read_chunk(&ckpt.shards[c.file], c, base, plan.align, ctx));
+        let r =
+            check_cancel(ctx.cancel).and_then(|()| read_chunk(&ckpt.shards[c.file], c, base, plan.align, ctx, direct));
         if let Err(e) = r {
             failed.store(true, Ordering::Relaxed);
             first_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
@@ -59,14 +61,21 @@ pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, ctx: &ReadCtx<'_>
 }
 
 /// Read one chunk, resubmitting after short reads, until its needed bytes are in.
-pub(crate) fn read_chunk(shard: &Shard, c: &Chunk, arena_base: usize, align: u64, ctx: &ReadCtx<'_>) -> Result<()> {
+pub(crate) fn read_chunk(
+    shard: &Shard,
+    c: &Chunk,
+    arena_base: usize,
+    align: u64,
+    ctx: &ReadCtx<'_>,
+    direct: bool,
+) -> Result<()> {
     let mut done = 0usize;
     while done < c.needed {
         let offset = c.file_offset + done as u64;
         let want = c.len - done;
         let dst = arena_base + c.arena_offset + done;
         let aligned = offset % align == 0 && want as u64 % align == 0 && dst as u64 % align == 0;
-        let mut fd = match (&shard.direct, aligned) {
+        let mut fd = match (&shard.direct, aligned && direct) {
             (Some(f), true) => f.as_raw_fd(),
             _ => shard.file.as_raw_fd(),
         };
