@@ -1,0 +1,179 @@
+"""Process hygiene: loading, generating and dropping models over and over, or Ctrl-C in the middle, leaves no file
+descriptors, threads or memory behind, and the process keeps working.
+
+Counts come from /proc: ``threading`` does not see the Rust reader threads, and ``gc`` does not see file
+descriptors or native memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import zstream
+
+ROUNDS = 50
+WARMUP = 3
+RSS_SLACK = 4 << 20  # bytes of RSS growth allowed over all ROUNDS (allocator noise; a leak of a store is ~MBs)
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def settle() -> tuple[int, int]:
+    """(fds, threads) once garbage is collected and exiting threads are gone."""
+    gc.collect()
+    deadline = time.monotonic() + 2.0
+    last = (fds(), threads())
+    while time.monotonic() < deadline:  # a joined thread leaves /proc/self/task a moment after join returns
+        time.sleep(0.02)
+        now = (fds(), threads())
+        if now == last:
+            break
+        last = now
+    return last
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return zstream.synthetic.make_checkpoint("tiny-llama", tmp_path_factory.mktemp("tiny") / "m",
+                                             dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory) -> Path:
+    """A checkpoint large enough (~150 MB of fp16) that loading it, or a generation step, takes a good part of a
+    second on the CPU: enough for a Ctrl-C to land in the middle."""
+    config = {**zstream.synthetic.PRESETS["tiny-llama"], "hidden_size": 1024, "intermediate_size": 2816,
+              "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 8}
+    return zstream.synthetic.make_checkpoint(config, tmp_path_factory.mktemp("slow") / "m", dtype=torch.float16,
+                                             progress=False)
+
+
+PROMPT = torch.tensor([[5, 6, 7, 8]])
+
+
+def one_round(path: Path, tokens: int = 3) -> torch.Tensor:
+    model = zstream.load(path, offload="nvme", device="cpu", progress=False)
+    out = model.generate(PROMPT, tokens)
+    model.close()
+    del model
+    gc.collect()
+    return out
+
+
+def test_fifty_load_generate_drop_rounds_leave_nothing_behind(tiny):
+    want = one_round(tiny)
+    for _ in range(WARMUP - 1):  # torch's thread pools, allocator arenas, import caches
+        one_round(tiny)
+    fd0, th0 = settle()
+    rss0 = rss()
+
+    # While a model is open its store holds files and reader threads: the counts can see a leak.
+    model = zstream.load(tiny, offload="nvme", device="cpu", progress=False)
+    assert fds() > fd0 and threads() > th0
+    model.close()
+    del model
+
+    for _ in range(ROUNDS):
+        assert torch.equal(one_round(tiny), want)
+    fd1, th1 = settle()
+    grown = rss() - rss0
+    assert fd1 == fd0, f"file descriptors: {fd0} -> {fd1} over {ROUNDS} rounds"
+    assert th1 == th0, f"threads: {th0} -> {th1} over {ROUNDS} rounds"
+    assert grown < RSS_SLACK, f"RSS grew {grown / 2**20:.1f} MiB over {ROUNDS} rounds ({grown / ROUNDS:.0f} B/round)"
+
+
+def test_dropping_a_model_without_close_frees_it(tiny):
+    one_round(tiny)
+    fd0, th0 = settle()
+    for _ in range(5):
+        model = zstream.load(tiny, offload="nvme", device="cpu", progress=False)
+        model.generate(PROMPT, 2)
+        del model  # no close(): the store's files and threads go with the last reference
+    assert settle() == (fd0, th0)
+
+
+def _interrupt_after(seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+class _InterruptOnceStarted(threading.Thread):
+    """Sends SIGINT to this process as soon as a new native thread appears (a store opening its reader threads,
+    i.e. a load under way). A fixed timer raced the load on a fast machine; this lands in it every time."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+        self.fired = False
+
+    def run(self) -> None:
+        start = threads()  # counts this thread too
+        while not self.stop.is_set():
+            if threads() > start:
+                os.kill(os.getpid(), signal.SIGINT)
+                self.fired = True
+                return
+            time.sleep(0.0005)
+
+
+def test_ctrl_c_during_load_leaves_the_process_usable(slow):
+    want = one_round(slow, tokens=2)  # also warms torch's thread pools up
+    fd0, th0 = settle()
+    watcher = _InterruptOnceStarted()
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            # offload="cpu" on the CPU reads and converts every block while loading
+            zstream.load(slow, offload="cpu", device="cpu", progress=False)
+    finally:
+        watcher.stop.set()
+        watcher.join()
+    assert watcher.fired
+    assert settle() == (fd0, th0), "an interrupted load left files or threads behind"
+    assert torch.equal(one_round(slow, tokens=2), want)
+    assert settle() == (fd0, th0)
+
+
+def test_ctrl_c_during_generate_leaves_the_model_usable(slow):
+    model = zstream.load(slow, offload="nvme", device="cpu", progress=False)
+    want = model.generate(PROMPT, 2)
+    slots = model.store.pool_stats[0]
+    fd0, th0 = settle()
+    timer = _interrupt_after(0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate(PROMPT, 100)  # tens of seconds of work: the signal lands in the middle of a pass
+    finally:
+        timer.cancel()
+        timer.join()
+    # The same model runs again (the stream restarts cleanly after a pass that stopped midway) ...
+    assert torch.equal(model.generate(PROMPT, 2), want)
+    assert settle() == (fd0, th0)
+    assert model.store.pool_stats[0] == slots, "the interrupted pass's staging slots were not reused"
+    model.close()
+    del model
+    # ... and so does a fresh one.
+    assert torch.equal(one_round(slow, tokens=2), want)
