@@ -18,12 +18,14 @@ weights are the host arenas themselves, and nvme blocks are computed straight fr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -260,6 +262,22 @@ class _HostTickets:
         self.consumed = 0
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _serialised(method: _F) -> _F:
+    """Run ``method`` holding the model's lock. Why: the streamer is one ring of blocks in flight, consumed in block
+    order; two threads in passes at once would take each other's blocks (or reset the ring under each other). A
+    second caller waits instead. Reentrant: generate -> forward, __call__ -> forward."""
+
+    @functools.wraps(method)
+    def locked(self: StreamingModel, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 class StreamingModel:
     """A causal LM whose blocks live where the plan says: on the device, in pinned host memory, or on disk.
 
@@ -283,8 +301,10 @@ class StreamingModel:
         self.dtype = plan.dtype
         self._trace: Optional[List[Tuple[str, int, int, Any, Any]]] = None
         self._trace_ref: Optional[Tuple[int, Any]] = None
+        self._lock = threading.RLock()  # one pass at a time through the streamer: see _serialised
 
     # --- the forward pass --------------------------------------------------------------------------------------
+    @_serialised
     def forward(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
         """Run T new tokens (B, T) through every block, appending them to ``cache``; -> logits (B, T, vocab), or
         (B, 1, vocab) of the last position with ``last_only`` (generation needs no more)."""
@@ -337,6 +357,7 @@ class StreamingModel:
         except torch.cuda.OutOfMemoryError as e:
             raise self._oom(f"a KV cache for batch {batch} x {max_len} tokens") from e
 
+    @_serialised
     def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """Logits (B, T, vocab) of whole sequences (left-padded where ``attention_mask`` has zeros)."""
         if attention_mask is None:
@@ -349,6 +370,7 @@ class StreamingModel:
             raise self._oom(f"a forward pass of {tuple(input_ids.shape)} tokens") from e
 
     # --- generation --------------------------------------------------------------------------------------------
+    @_serialised
     def generate(self, inputs: Union[Tensor, str, Sequence[str]], max_new_tokens: int = 20,
                  attention_mask: Optional[Tensor] = None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -465,6 +487,7 @@ class StreamingModel:
         """Peak device memory allocated by torch in this process (bytes); 0 on the CPU."""
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
 
+    @_serialised  # waits for a pass in progress on another thread
     def close(self) -> None:
         """Finish everything in flight and let go of the store; the model cannot run afterwards."""
         if self.streamer is not None:
