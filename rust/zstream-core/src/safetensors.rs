@@ -65,9 +65,19 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
     let data_len = file_size - data_start;
     let value: serde_json::Value =
         serde_json::from_slice(json).map_err(|e| Error::checkpoint(path, format!("header is not valid JSON: {e}")))?;
-    let serde_json::Value::Object(map) = value else {
+    if !value.is_object() {
         return Err(Error::checkpoint(path, "header JSON is not an object"));
-    };
+    }
+    // serde_json keeps only the last of two equal keys; read the pairs again, in order, to refuse duplicates (a bit
+    // flip in a name can make two entries share one, and then a tensor silently goes missing).
+    let Pairs(map) =
+        serde_json::from_slice(json).map_err(|e| Error::checkpoint(path, format!("header is not valid JSON: {e}")))?;
+    let mut seen = std::collections::HashSet::with_capacity(map.len());
+    for (name, _) in &map {
+        if !seen.insert(name.as_str()) {
+            return Err(Error::checkpoint(path, format!("tensor {name:?} appears twice in the header")));
+        }
+    }
 
     let mut entries = Vec::with_capacity(map.len());
     let mut metadata = BTreeMap::new();
@@ -115,6 +125,12 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
                 ),
             ));
         }
+        if raw.shape.iter().any(|&d| i64::try_from(d).is_err()) {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {name:?}: shape {:?} has a dimension past 2^63 (DLPack shapes are int64)", raw.shape),
+            ));
+        }
         let shape = raw
             .shape
             .iter()
@@ -125,25 +141,54 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
     }
 
     entries.sort_by_key(|a| (a.offset, a.nbytes));
-    for w in entries.windows(2) {
-        let (a, b) = (&w[0], &w[1]);
-        // Empty tensors occupy no bytes and may share an offset with anything.
-        if a.nbytes > 0 && b.nbytes > 0 && a.offset + a.nbytes > b.offset {
-            return Err(Error::checkpoint(
-                path,
-                format!(
-                    "tensors {:?} and {:?} overlap (bytes {}..{} and {}..{} of the file)",
-                    a.name,
-                    b.name,
-                    a.offset,
-                    a.offset + a.nbytes,
-                    b.offset,
-                    b.offset + b.nbytes
-                ),
-            ));
+    // Empty tensors occupy no bytes and may sit anywhere; among the others, each must start at or after the
+    // furthest end so far (comparing neighbours only would let an empty tensor in between hide an overlap).
+    let mut furthest: Option<&TensorEntry> = None;
+    for b in entries.iter().filter(|e| e.nbytes > 0) {
+        if let Some(a) = furthest {
+            if a.offset + a.nbytes > b.offset {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "tensors {:?} and {:?} overlap (bytes {}..{} and {}..{} of the file)",
+                        a.name,
+                        b.name,
+                        a.offset,
+                        a.offset + a.nbytes,
+                        b.offset,
+                        b.offset + b.nbytes
+                    ),
+                ));
+            }
+        }
+        if furthest.is_none_or(|a| b.offset + b.nbytes > a.offset + a.nbytes) {
+            furthest = Some(b);
         }
     }
     Ok(Header { data_start, entries, metadata })
+}
+
+/// A JSON object's members in order, duplicates kept.
+struct Pairs(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Pairs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Pairs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Pairs, A::Error> {
+                let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
+                while let Some(pair) = m.next_entry()? {
+                    out.push(pair);
+                }
+                Ok(Pairs(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 #[cfg(test)]
@@ -177,6 +222,15 @@ mod tests {
             (r"[1,2]", "not an object"),
             (r#"{"a":"#, "not valid JSON"),
             (r#"{"a":{"dtype":"U8","shape":[18446744073709551615,2],"data_offsets":[0,4]}}"#, "overflows"),
+            (
+                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#,
+                "appears twice",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"e":{"dtype":"U8","shape":[0],"data_offsets":[4,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[5,7]}}"#,
+                "overlap",
+            ),
+            (r#"{"a":{"dtype":"U8","shape":[0,18446744073709551615],"data_offsets":[0,0]}}"#, "past 2^63"),
         ];
         for (json, needle) in cases {
             let err = parse(json, 8).unwrap_err().to_string();
