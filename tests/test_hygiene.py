@@ -54,6 +54,12 @@ def settle() -> tuple[int, int]:
     return last
 
 
+def assert_no_growth(before: tuple[int, int], what: str = "") -> None:
+    """No more fds or threads than ``before`` (fewer is fine: a thread of an earlier test may have ended)."""
+    after = settle()
+    assert after[0] <= before[0] and after[1] <= before[1], f"(fds, threads): {before} -> {after} {what}"
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return zstream.synthetic.make_checkpoint("tiny-llama", tmp_path_factory.mktemp("tiny") / "m",
@@ -99,8 +105,8 @@ def test_fifty_load_generate_drop_rounds_leave_nothing_behind(tiny):
         assert torch.equal(one_round(tiny), want)
     fd1, th1 = settle()
     grown = rss() - rss0
-    assert fd1 == fd0, f"file descriptors: {fd0} -> {fd1} over {ROUNDS} rounds"
-    assert th1 == th0, f"threads: {th0} -> {th1} over {ROUNDS} rounds"
+    assert fd1 <= fd0, f"file descriptors: {fd0} -> {fd1} over {ROUNDS} rounds"
+    assert th1 <= th0, f"threads: {th0} -> {th1} over {ROUNDS} rounds"
     assert grown < RSS_SLACK, f"RSS grew {grown / 2**20:.1f} MiB over {ROUNDS} rounds ({grown / ROUNDS:.0f} B/round)"
 
 
@@ -111,7 +117,7 @@ def test_dropping_a_model_without_close_frees_it(tiny):
         model = zstream.load(tiny, offload="nvme", device="cpu", progress=False)
         model.generate(PROMPT, 2)
         del model  # no close(): the store's files and threads go with the last reference
-    assert settle() == (fd0, th0)
+    assert_no_growth((fd0, th0))
 
 
 def _interrupt_after(seconds: float) -> threading.Timer:
@@ -152,9 +158,9 @@ def test_ctrl_c_during_load_leaves_the_process_usable(slow):
         watcher.stop.set()
         watcher.join()
     assert watcher.fired
-    assert settle() == (fd0, th0), "an interrupted load left files or threads behind"
+    assert_no_growth((fd0, th0), "an interrupted load left files or threads behind")
     assert torch.equal(one_round(slow, tokens=2), want)
-    assert settle() == (fd0, th0)
+    assert_no_growth((fd0, th0))
 
 
 def test_ctrl_c_during_generate_leaves_the_model_usable(slow):
@@ -171,7 +177,7 @@ def test_ctrl_c_during_generate_leaves_the_model_usable(slow):
         timer.join()
     # The same model runs again (the stream restarts cleanly after a pass that stopped midway) ...
     assert torch.equal(model.generate(PROMPT, 2), want)
-    assert settle() == (fd0, th0)
+    assert_no_growth((fd0, th0))
     assert model.store.pool_stats[0] == slots, "the interrupted pass's staging slots were not reused"
     model.close()
     del model
