@@ -8,6 +8,7 @@ share nothing and run side by side.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -99,3 +100,24 @@ def test_two_threads_generating_on_one_model(ckpts, offload):
         assert torch.equal(got[THREADS], logits)
     finally:
         model.close()
+
+
+def test_close_waits_for_a_generate_in_progress(ckpts):
+    model = zstream.load(ckpts["tiny-llama"], offload="nvme", device="cpu", progress=False)
+    ids = prompt(7)
+    want = model.generate(ids, 100)
+    started = threading.Event()
+    out: list[torch.Tensor] = []
+
+    def generate() -> None:
+        started.set()
+        out.append(model.generate(ids, 100))
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    started.wait()
+    time.sleep(0.02)  # well inside the ~100 passes of that call
+    assert worker.is_alive(), "the generate call ended before close(): nothing was tested"
+    model.close()  # must wait, not pull the store and streamer from under the running pass
+    worker.join(timeout=60)
+    assert out and torch.equal(out[0], want)
