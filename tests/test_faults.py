@@ -4,7 +4,6 @@ the store and the model keep working afterwards."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import time
@@ -16,6 +15,8 @@ from safetensors.torch import save_file
 import zstream
 from zstream import _core
 from zstream.errors import CheckpointError, ReadError, ReadTimeoutError
+
+import fake_cuda
 
 READERS = ["pread"] + (["uring"] if _core.uring_unavailable_reason() is None else [])
 
@@ -117,18 +118,10 @@ def test_bad_fault_names_and_timeouts_are_refused(ckpt):
         zstream.WeightStore.open(path, io_timeout=0)
 
 
-# A stand-in CUDA runtime whose cudaHostRegister always fails with cudaErrorMemoryAllocation (2), as it does under
-# a low RLIMIT_MEMLOCK. Only stores opened with explicit pin flags call it; the callbacks must outlive the process.
-_REGISTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)(lambda p, n, f: 2)
-_UNREGISTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(lambda p: 0)
-
-
 def test_failed_pinning_falls_back_to_pageable_memory_with_a_warning(ckpt):
-    if torch.cuda.is_available() or _core.cuda_host_api_installed():
-        pytest.skip("a real CUDA runtime is installed in this process")
+    runtime = fake_cuda.install()
+    runtime.fail = True  # as under a low RLIMIT_MEMLOCK
     path, ref = ckpt
-    _core.install_cuda_host_api(ctypes.cast(_REGISTER, ctypes.c_void_p).value,
-                                ctypes.cast(_UNREGISTER, ctypes.c_void_p).value)
     core = _core.Store.open(str(path), pin_flags=_core.HOST_REGISTER_PORTABLE)
     store = zstream.WeightStore(core, pinned=True)
     with pytest.warns(RuntimeWarning, match=r"unpinned.*cudaHostRegister.*CUDA error 2"):
@@ -136,6 +129,7 @@ def test_failed_pinning_falls_back_to_pageable_memory_with_a_warning(ckpt):
     assert all(torch.equal(got[k], ref[k]) for k in ref)  # the data is right, only slower to copy
     with pytest.warns(RuntimeWarning, match="staging slot left unpinned"), store.fetch(list(ref)) as t:
         assert torch.equal(t.wait()["t0"], ref["t0"])
+    runtime.fail = False
 
 
 def test_a_file_replaced_after_open_is_refused_at_read_time(ckpt):

@@ -18,6 +18,9 @@ import pytest
 import torch
 
 import zstream
+from zstream import _core
+
+import fake_cuda
 
 ROUNDS = 50
 WARMUP = 3
@@ -183,3 +186,25 @@ def test_ctrl_c_during_generate_leaves_the_model_usable(slow):
     del model
     # ... and so does a fresh one.
     assert torch.equal(one_round(slow, tokens=2), want)
+
+
+def test_pinned_memory_returns_to_its_starting_level(tmp_path):
+    """50 rounds of a pinned store (open, read, fetch, drop) register and unregister every arena: the bytes held
+    registered with CUDA come back to where they started. (A stand-in runtime on CPU-only machines.)"""
+    runtime = fake_cuda.install()
+    path = zstream.synthetic.make_checkpoint("tiny-llama", tmp_path / "m", dtype=torch.float32, progress=False)
+    start, start_unreg = _core.pinned_bytes(), runtime.unregistered
+    for _ in range(50):
+        core = _core.Store.open(str(path), pin_flags=_core.HOST_REGISTER_PORTABLE)
+        store = zstream.WeightStore(core, pinned=True)
+        names = store.names()
+        held = store.read(names[:3])
+        assert _core.pinned_bytes() > start  # the arena is registered while its tensors live
+        with store.fetch(names[3:6]) as t:
+            t.wait()
+        del held, t
+        store.close()
+        del store, core
+        gc.collect()
+    assert _core.pinned_bytes() == start
+    assert runtime.unregistered - start_unreg >= 100  # every read and fetch arena was unregistered

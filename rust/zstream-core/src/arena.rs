@@ -15,6 +15,12 @@ use crate::pin::cuda_host_api;
 pub const HUGE_PAGE: usize = 2 << 20;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// Bytes currently registered with CUDA by arenas of this process (hygiene tests watch it return to its level).
+static PINNED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+pub fn pinned_bytes() -> u64 {
+    PINNED_BYTES.load(Ordering::Relaxed)
+}
 
 /// How an arena is registered with CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +148,7 @@ impl Arena {
             PinState::Pinned(_) => {
                 // SAFETY: the arena was registered by this object and nothing else unregisters it.
                 unsafe { (api.unregister)(self.ptr.as_ptr().cast()) };
+                PINNED_BYTES.fetch_sub(self.len as u64, Ordering::Relaxed);
                 *state = PinState::Unpinned;
             }
             PinState::Unpinned => {}
@@ -152,6 +159,7 @@ impl Arena {
             return Err(Error::Pin { bytes: self.len, code });
         }
         *state = PinState::Pinned(flags);
+        PINNED_BYTES.fetch_add(self.len as u64, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -170,6 +178,7 @@ impl Drop for Arena {
         if let (PinState::Pinned(_), Some(api)) = (self.pin_state(), cuda_host_api()) {
             // SAFETY: registered by `pin`; CUDA must forget the range before it is unmapped.
             unsafe { (api.unregister)(self.ptr.as_ptr().cast()) };
+            PINNED_BYTES.fetch_sub(self.len as u64, Ordering::Relaxed);
         }
         // SAFETY: `map_ptr`/`map_len` are exactly what mmap returned; no reference into the arena outlives `self`
         // (tensors hold an `Arc` of the arena, so `drop` runs only after the last of them).

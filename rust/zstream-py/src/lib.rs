@@ -29,6 +29,12 @@ fn cuda_host_api_installed() -> bool {
     zstream_core::pin::cuda_host_api().is_some()
 }
 
+/// Bytes this process's arenas currently hold registered with CUDA.
+#[pyfunction]
+fn pinned_bytes() -> u64 {
+    zstream_core::arena::pinned_bytes()
+}
+
 /// `None` if io_uring works in this process, else why not (probed once).
 #[pyfunction]
 fn uring_unavailable_reason() -> Option<String> {
@@ -43,6 +49,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(install_cuda_host_api, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_host_api_installed, m)?)?;
     m.add_function(wrap_pyfunction!(uring_unavailable_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(pinned_bytes, m)?)?;
     m.add("KDL_CPU", dlpack::KDL_CPU)?;
     m.add("KDL_CUDA", dlpack::KDL_CUDA)?;
     m.add("HOST_REGISTER_PORTABLE", zstream_core::pin::flags::PORTABLE)?;
