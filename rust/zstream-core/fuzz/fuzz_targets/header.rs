@@ -2,6 +2,7 @@
 //! Never panics; every accepted header satisfies the layout invariants the readers rely on.
 #![no_main]
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
@@ -27,6 +28,11 @@ fuzz_target!(|data: &[u8]| {
         let elems = e.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).expect("shape overflows");
         assert_eq!(e.nbytes, e.dtype.size() as u64 * elems, "{}: nbytes vs dtype x shape", e.name);
         assert_ne!(e.name, "__metadata__");
+        assert!(e.shape.iter().all(|&d| i64::try_from(d).is_ok()), "{}: dimension past 2^63 (DLPack is int64)", e.name);
+    }
+    let mut names = HashSet::new();
+    for e in &h.entries {
+        assert!(names.insert(e.name.as_str()), "{:?} appears twice", e.name);
     }
     for w in h.entries.windows(2) {
         assert!((w[0].offset, w[0].nbytes) <= (w[1].offset, w[1].nbytes), "entries not sorted");
