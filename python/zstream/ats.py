@@ -33,7 +33,8 @@ class _InPlaceBlocks:
 
     def __init__(self, in_place: List[FlatRead], ring: _DeviceRing, block_names: List[Dict[str, str]],
                  dtype: torch.dtype, copy_from_tokens: int) -> None:
-        self.in_place = in_place
+        # The in-place views never change: build them once, not every pass.
+        self.in_place = [_local(flat.view(), names, dtype) for flat, names in zip(in_place, block_names)]
         self.ring = ring
         self.block_names = block_names
         self.dtype = dtype
@@ -50,7 +51,7 @@ class _InPlaceBlocks:
     def acquire(self, block: int) -> Weights:
         if self.copying:
             return self.ring.acquire(block)
-        return _local(self.in_place[block].view(), self.block_names[block], self.dtype)
+        return self.in_place[block]
 
     def release(self) -> None:
         if self.copying:
