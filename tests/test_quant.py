@@ -1,0 +1,115 @@
+"""Group-wise int8/int4 quantization: bit-for-bit equal to a plain numpy version of the same scheme."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zstream.quant import QuantizationError, dequantize, quantize
+
+
+def numpy_reference(w: np.ndarray, bits: int, gs: int, symmetric: bool):
+    """The scheme of zstream.quant, written again with numpy (float32, round half to even)."""
+    out_f, in_f = w.shape
+    g = w.astype(np.float32).reshape(out_f, in_f // gs, gs)
+    qmax = np.float32(2**bits - 1)
+    f16 = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731
+    if symmetric:
+        half = np.float32(2 ** (bits - 1))
+        scale = f16(np.abs(g).max(axis=-1) / (half - 1))
+        safe = np.where(scale == 0, np.float32(1), scale)
+        q = np.clip(np.round(g / safe[..., None]), -(half - 1), half - 1) + half
+        zero = None
+        deq = (q - half) * scale[..., None]
+    else:
+        zero = f16(g.min(axis=-1))
+        scale = f16((g.max(axis=-1) - zero) / qmax)
+        safe = np.where(scale == 0, np.float32(1), scale)
+        q = np.clip(np.round((g - zero[..., None]) / safe[..., None]), 0, qmax)
+        deq = q * scale[..., None] + zero[..., None]
+    codes = q.reshape(out_f, in_f).astype(np.uint8)
+    return codes, scale, zero, deq.reshape(out_f, in_f)
+
+
+def unpack(qt) -> np.ndarray:
+    codes = qt.codes.numpy()
+    if qt.bits == 4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(qt.shape)
+    return codes
+
+
+finite = st.floats(-8, 8, allow_nan=False, allow_infinity=False, width=16)
+
+
+@st.composite
+def weights(draw):
+    gs = draw(st.sampled_from([2, 4, 8, 16, 64]))
+    out_f, groups = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    scale = draw(st.sampled_from([1e-3, 0.02, 1.0, 100.0]))
+    w = draw(st.lists(finite, min_size=out_f * groups * gs, max_size=out_f * groups * gs))
+    arr = np.asarray(w, dtype=np.float32).reshape(out_f, groups * gs) * np.float32(scale)
+    if draw(st.booleans()):  # an all-equal group, and an all-zero one
+        arr[0, :gs] = arr[0, 0]
+        arr[-1, -gs:] = 0
+    return arr.astype(np.float16).astype(np.float32), gs
+
+
+@settings(max_examples=300, deadline=None)
+@given(wg=weights(), bits=st.sampled_from([4, 8]), symmetric=st.booleans())
+def test_bit_for_bit_equal_to_numpy(wg, bits, symmetric):
+    w, gs = wg
+    qt = quantize(torch.from_numpy(w), bits=bits, group_size=gs, symmetric=symmetric)
+    codes, scale, zero, deq = numpy_reference(w, bits, gs, symmetric)
+    assert np.array_equal(unpack(qt), codes)
+    assert np.array_equal(qt.scale.float().numpy(), scale)
+    if zero is None:
+        assert qt.zero is None
+    else:
+        assert np.array_equal(qt.zero.float().numpy(), zero)
+    got = dequantize(qt, torch.float32).numpy()
+    assert np.array_equal(got, deq)
+    # And it is a quantization: every value within one step of where it started (plus fp16 rounding of the zero).
+    step = np.repeat(scale, gs, axis=-1).reshape(w.shape)
+    assert np.all(np.abs(got - w) <= step + np.abs(w) * 2e-3 + 1e-6)
+
+
+def test_all_equal_groups_are_exact():
+    w = torch.full((3, 64), 0.3125, dtype=torch.float16)
+    for bits in (4, 8):
+        qt = quantize(w, bits=bits, group_size=64)
+        assert torch.equal(dequantize(qt), w)
+
+
+@pytest.mark.parametrize(("bits", "floor"), [(8, 0.999), (4, 0.98)])
+def test_accuracy_on_random_weights(bits, floor):
+    w = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
+    back = dequantize(quantize(w.half(), bits=bits, group_size=64), torch.float32)
+    cos = torch.nn.functional.cosine_similarity(w.flatten(), back.flatten(), dim=0).item()
+    assert cos >= floor, cos
+
+
+def test_bytes_per_weight():
+    w = torch.randn(256, 1024).half()
+    fp16 = w.numel() * 2
+    assert quantize(w, bits=4).nbytes / fp16 <= 0.29
+    assert quantize(w, bits=8).nbytes / fp16 <= 0.54
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_values_are_refused(bad):
+    w = torch.zeros(2, 64)
+    w[1, 5] = bad
+    with pytest.raises(QuantizationError, match="inf or NaN"):
+        quantize(w)
+
+
+def test_shapes_the_group_size_does_not_divide_are_refused():
+    with pytest.raises(QuantizationError, match="does not divide"):
+        quantize(torch.zeros(2, 100), group_size=64)
+    with pytest.raises(QuantizationError, match=r"\(out, in\) matrix"):
+        quantize(torch.zeros(64))
+    with pytest.raises(QuantizationError, match="bits"):
+        quantize(torch.zeros(2, 64), bits=3)
