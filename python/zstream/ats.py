@@ -12,20 +12,20 @@ with the copy engine wins; the crossover (tokens per pass) is measured at load, 
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from . import _core
 from .detect import HardwareReport, hardware
 from .engine import DEVICE_ALIGN, StreamingModel, Weights, _DeviceRing, _local, to_device
 from .errors import ModelError
 from .generation import read_config
 from .models import family_for
 from .plan import Plan, Stopwatch
-from .store import FlatRead, WeightStore, torch_dtype
+from .store import FlatRead, WeightStore
 
 
 class _InPlaceBlocks:
@@ -131,24 +131,17 @@ def load_ats(path: Path, *, device: torch.device, dtype: Optional[torch.dtype], 
 
         bar = tqdm(total=family.num_blocks, desc="zstream load (ats)", leave=False)
     for names in block_names:
-        unique = list(dict.fromkeys(names.values()))
-        cap_dev, offsets, pin_error, cap_host = store._core.read_flat(
-            unique, device_type=_core.KDL_CUDA, device_id=device.index or 0, host_too=True)
-        if pin_error:
-            raise ModelError(f"{path}: offload='ats' could not map an arena into the GPU: {pin_error}")
-        layout = {}
-        for n, off in zip(unique, offsets):
-            info = store.info(n)
-            layout[n] = (off, torch_dtype(info.dtype), info.shape)
-        in_place.append(FlatRead(torch.from_dlpack(cap_dev), layout))
-        host.append(FlatRead(torch.from_dlpack(cap_host), layout))
+        dev_flat, host_flat = store.read_in_place(names.values(), device_id=device.index or 0)
+        in_place.append(dev_flat)
+        host.append(host_flat)
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
 
     # The largest weight of block 0, read in place and copied: where does copying start to win?
-    name = max(in_place[0].layout, key=lambda n: in_place[0].layout[n][1].itemsize * _numel(in_place[0].layout[n][2]))
+    layout = in_place[0].layout
+    name = max(layout, key=lambda n: layout[n][1].itemsize * math.prod(layout[n][2]))
     views_dev, views_host = in_place[0].view(), host[0].view()
     measured, read_gbps, detail = measure_crossover(views_dev[name], views_host[name], device)
     crossover = copy_from_tokens or measured
@@ -172,10 +165,3 @@ def load_ats(path: Path, *, device: torch.device, dtype: Optional[torch.dtype], 
 
     model.tokenizer = _tokenizer(path)
     return model
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -12,6 +12,7 @@ Where a byte goes: ``rust/zstream-core/src/reader`` reads it into an arena (``ar
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -21,6 +22,7 @@ import torch
 
 from . import _core
 from .cuda import install_host_register
+from .errors import ReadError
 
 Readers = ("auto", "uring", "pread", "mmap")
 
@@ -86,18 +88,11 @@ class FlatRead:
         buf = self.buffer if buffer is None else buffer
         out = {}
         for name, (off, dt, shape) in self.layout.items():
-            raw = buf[off:off + dt.itemsize * _numel(shape)]
+            raw = buf[off:off + dt.itemsize * math.prod(shape)]
             if off % dt.itemsize:
                 raw = raw.clone()  # an unaligned tensor (unusual writer): a copy is the only aligned view
             out[name] = raw.view(dt).view(shape)
         return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _to_torch(capsules: dict[str, object], meta: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
@@ -317,6 +312,19 @@ class WeightStore:
         meta = self._meta(names)
         layout = {n: (off, torch_dtype(meta[n][0]), meta[n][1]) for n, off in zip(names, offsets)}
         return FlatRead(torch.from_dlpack(capsule), layout)
+
+    def read_in_place(self, names: Iterable[str], device_id: int = 0) -> tuple[FlatRead, FlatRead]:
+        """Read ``names`` into a fresh arena and hand it over twice: as a CUDA tensor whose pointer is the host
+        memory (kernels read it in place: ATS, or a store opened with ``mapped=True``) and as a CPU tensor (the copy
+        engine's source). Raises ReadError if the arena could not be mapped."""
+        names = list(dict.fromkeys(names))
+        cap_dev, offsets, pin_error, cap_host = self._core.read_flat(
+            names, device_type=_core.KDL_CUDA, device_id=device_id, host_too=True)
+        if pin_error:
+            raise ReadError(f"{self._core.files[0]}: could not map an arena into the GPU: {pin_error}")
+        meta = self._meta(names)
+        layout = {n: (off, torch_dtype(meta[n][0]), meta[n][1]) for n, off in zip(names, offsets)}
+        return FlatRead(torch.from_dlpack(cap_dev), layout), FlatRead(torch.from_dlpack(cap_host), layout)
 
     def fetch(self, names: Iterable[str], *, reader: Optional[str] = None) -> Ticket:
         """Start reading ``names`` in the background into a reusable slot; returns at once with a Ticket."""
