@@ -171,6 +171,12 @@ class Family:
             raise IndexError(f"block {i} out of range: {self.name} has {self.num_blocks} blocks")
         return {local: self._block_name(i, local) for local in self._block_shapes()}
 
+    def linear_weights(self) -> Tuple[str, ...]:
+        """Local names of a block's linear-layer weights: the (out, in) matrices ``linear`` multiplies by, which
+        quantization (``zstream.quant``) replaces. Norms and biases stay in the checkpoint dtype."""
+        return tuple(local for local, shape in self._block_shapes().items()
+                     if len(shape) == 2 and local.endswith(".weight"))
+
     def outer_tensors(self) -> Dict[str, str]:
         """local name -> checkpoint name for embeddings, final norm and head.
 
