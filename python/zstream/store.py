@@ -241,6 +241,10 @@ class WeightStore:
         """Tensor names, shard by shard in file order."""
         return self._core.names()
 
+    def metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` of the shard headers, merged (the first shard to set a key wins)."""
+        return dict(self._core.metadata())
+
     def info(self, name: str) -> TensorInfo:
         dtype, shape, nbytes, file, offset = self._core.info(name)
         return TensorInfo(name, dtype, tuple(shape), nbytes, file, offset)

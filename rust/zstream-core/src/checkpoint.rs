@@ -24,6 +24,8 @@ pub struct Shard {
     pub direct: Option<File>,
     /// Size at open time. A shard that shrinks later is caught at read time.
     pub size: u64,
+    /// The header's `__metadata__` (string to string), empty when it has none.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Where one tensor lives.
@@ -202,5 +204,5 @@ fn open_shard(path: &Path) -> Result<(Shard, Vec<TensorEntry>)> {
     file.read_exact_at(&mut json, 8).map_err(|e| Error::checkpoint(path, format!("cannot read header: {e}")))?;
     let header = parse_header(path, &json, size)?;
     let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
-    Ok((Shard { path: path.to_path_buf(), file, direct, size }, header.entries))
+    Ok((Shard { path: path.to_path_buf(), file, direct, size, metadata: header.metadata }, header.entries))
 }

@@ -94,6 +94,17 @@ impl Store {
         self.handle.inner.ckpt.tensors.iter().map(|t| t.name.clone()).collect()
     }
 
+    /// The `__metadata__` of every shard header, merged; the first shard that sets a key wins.
+    fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        let mut merged = std::collections::BTreeMap::new();
+        for shard in &self.handle.inner.ckpt.shards {
+            for (k, v) in &shard.metadata {
+                merged.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        merged
+    }
+
     /// `(dtype, shape, nbytes, file, offset)` of one tensor; `offset` is absolute in `file`.
     fn info(&self, py: Python<'_>, name: &str) -> PyResult<(&'static str, Vec<usize>, u64, String, u64)> {
         let t = self.handle.inner.tensor(name).py_err(py)?;
