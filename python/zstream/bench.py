@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-resident-blocks", type=int, default=None,
                    help="cap resident blocks (0: stream every block; default 0 for cpu/nvme unless --gpu-memory)")
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="quantize the linear weights at load (offload none/cpu); a packed checkpoint needs none")
+    p.add_argument("--group-size", type=int, default=64, help="inputs per quantization group")
     p.add_argument("--copy-from-tokens", type=int, default=None,
                    help="ats: tokens per pass from which blocks are copied instead of read in place "
                         "(default: the crossover measured at load)")
@@ -248,7 +251,8 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
     rows: List[Dict[str, Any]] = []
     try:
         model = load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
-                     max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False)
+                     max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False,
+                     quantize=a.quantize, group_size=a.group_size)
         if offload == "ats" and a.copy_from_tokens is not None:
             model.streamer.copy_from_tokens = a.copy_from_tokens
     except OutOfMemoryError as e:
@@ -278,6 +282,10 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
                                                                            "tokens_per_s")}}
         row = _row("zstream", offload, model, r, bound)
         row["gpu_memory"] = budget
+        row["quantize"] = model.plan.quantization
+        if model.plan.unquantized_block_bytes is not None:
+            row["unquantized_bytes_per_step"] = sum(model.plan.unquantized_block_bytes[i]
+                                                    for i in model.plan.streamed_blocks)
         rows.append(row)
         _print_table([row])
     model.close()

@@ -34,9 +34,11 @@ from .errors import ModelError, OutOfMemoryError
 from .generation import KVCache, generate
 from .models import Family
 from .plan import Plan, fmt_bytes
+from .quant import CODES, SCALE, ZERO, BlockQuant
 from .store import FlatRead, Ticket, WeightStore
 
 Weights = Dict[str, Tensor]
+PACKED_SUFFIXES = (CODES, SCALE, ZERO)
 
 # cuDNN's attention builds an execution plan for every new (batch, heads, query, key) shape. Decoding grows the key
 # length by one every step, so each step paid a plan build (0.4-0.9 s on the H100, measured: docs/performance.md).
@@ -74,7 +76,8 @@ def _local(flat_views: Dict[str, Tensor], names: Dict[str, str], dtype: torch.dt
     out = {}
     for local, ckpt in names.items():
         t = flat_views[ckpt]
-        out[local] = t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
+        keep = t.dtype == dtype or not t.is_floating_point() or local.endswith(PACKED_SUFFIXES)
+        out[local] = t if keep else t.to(dtype)  # packed scales stay fp16: they are part of the codes
     return out
 
 
@@ -286,7 +289,8 @@ class StreamingModel:
 
     def __init__(self, *, store: WeightStore, family: Family, plan: Plan, config: Dict[str, Any],
                  outer: Weights, resident: Dict[int, Weights], streamer: Optional[Streamer],
-                 tokenizer: Any = None, path: str = "", load_s: float = 0.0) -> None:
+                 tokenizer: Any = None, path: str = "", load_s: float = 0.0,
+                 quant: Optional[BlockQuant] = None) -> None:
         self.store = store
         self.family = family
         self.plan = plan
@@ -297,6 +301,7 @@ class StreamingModel:
         self.tokenizer = tokenizer
         self.path = path
         self.load_s = load_s
+        self.quant = quant  # packed blocks: dequantized on the device just before their matmuls
         self.device = torch.device(plan.device)
         self.dtype = plan.dtype
         self._trace: Optional[List[Tuple[str, int, int, Any, Any]]] = None
@@ -326,9 +331,12 @@ class StreamingModel:
         mask, _start = cache.extend(attention_mask.to(self.device))
         ctx = fam.context(mask, input_ids.shape[1], self.dtype)   # positions, mask, ALiBi/RoPE: once per pass
         hidden = fam.embed(self.outer, input_ids, ctx)              # (B, T, C)
+        quant = self.quant
         for i in range(fam.num_blocks):
             w = self.resident.get(i)
             if w is not None:
+                if quant is not None:
+                    w = quant.dequantize(w)
                 hidden = fam.block(w, hidden, cache.layer(i), ctx)  # (B, T, C)
                 continue
             assert streamer is not None
@@ -338,6 +346,8 @@ class StreamingModel:
             if self._trace is not None:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
+            if quant is not None:
+                w = quant.dequantize(w)  # reads the slot: must be enqueued before release
             hidden = fam.block(w, hidden, cache.layer(i), ctx)      # (B, T, C)
             if self._trace is not None:
                 end = torch.cuda.Event(enable_timing=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -28,6 +30,7 @@ from .plan import (
     measure_h2d_gbps,
     parse_bytes,
 )
+from .quant import CODES, BlockQuant, QuantConfig, QuantizationError, block_quant_for
 from .store import FlatRead, WeightStore
 
 READ_CONCURRENCY = 3  # blocks read (and pinned) at once while loading
@@ -84,6 +87,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
          dtype: Optional[torch.dtype] = None, gpu_memory: Union[int, str, None] = None, prefetch: int = 2,
          disk_prefetch: int = 2, max_batch: int = 1, max_seq_len: Optional[int] = None,
          max_resident_blocks: Optional[int] = None, reader: str = "auto",
+         quantize: Optional[str] = None, group_size: int = 64, symmetric: bool = False,
          download: bool = False, revision: Optional[str] = None, progress: bool = True) -> StreamingModel:
     """Load a checkpoint for streaming inference.
 
@@ -95,6 +99,10 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     KV cache the budget keeps room for; ``max_resident_blocks`` caps the resident blocks (0: stream every block).
     ``device`` defaults to "cuda" when there is one, else "cpu", where "nvme" streams every block from disk
     unless ``gpu_memory`` gives a host budget for resident ones.
+    ``quantize``: "int8" or "int4" quantizes each block's linear weights group-wise (``group_size`` inputs per
+    fp16 scale and minimum, or ``symmetric``) as the block is loaded, for offload "none" or "cpu"; fewer bytes then
+    cross the link, and the GPU dequantizes each block in its slot. A checkpoint written by ``zstream pack`` is
+    quantized already (its header says how) and loads with any offload, "nvme" included.
     """
     clock = Stopwatch()
     if offload not in OFFLOADS:
@@ -115,22 +123,60 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
 
     config = read_config(path)
     streaming = offload in ("cpu", "nvme", "auto")
-    store = WeightStore.open(path, reader=reader, pin=dev.type == "cuda" and streaming, workers=READ_CONCURRENCY,
-                             threads=min(16, os.cpu_count() or 8))
+    wanted = QuantConfig.parse(quantize, group_size, symmetric)
+    # Quantizing at load reads each block once into temporary arenas: pinning those would be wasted work.
+    store = WeightStore.open(path, reader=reader, pin=dev.type == "cuda" and streaming and wanted is None,
+                             workers=READ_CONCURRENCY, threads=min(16, os.cpu_count() or 8))
     family = family_for(config, store.names())
-    family.validate({n: store.info(n) for n in family.expected_shapes() if n in store})
+    packed = QuantConfig.from_metadata(store.metadata(), where=str(path))
+    if packed is not None and wanted is not None and wanted != packed:
+        store.close()
+        raise QuantizationError(f"{path} is packed as {packed}; it cannot be loaded with quantize={quantize!r}, "
+                                f"group_size={group_size}, symmetric={symmetric} (leave quantize unset)")
+    family.validate(_tensor_infos(store, family, packed))
 
     block_names = [family.block_tensors(i) for i in range(family.num_blocks)]
     outer_names = family.outer_tensors()
-    ckpt_dtype = store.info(next(iter(block_names[0].values()))).torch_dtype if block_names else torch.float32
+    ckpt_dtype = store.info(next(iter(outer_names.values()))).torch_dtype
     if dtype is None:
         dtype = ckpt_dtype if dev.type == "cuda" else torch.float32
-    raw = [sum(store.info(n).nbytes for n in names.values()) for names in block_names]
+    bq: Optional[BlockQuant] = None
+    if packed is not None:
+        first = block_names[0] if block_names else {}
+        bq = block_quant_for(packed, family.block_shapes(), family.linear_weights(), dtype,
+                             present={local: first[local] + CODES in store for local in family.linear_weights()})
+    elif wanted is not None:
+        if offload in ("nvme", "ats"):
+            store.close()
+            raise QuantizationError(f"{path}: quantize={quantize!r} quantizes while loading into memory, so it "
+                                    f"works with offload 'none', 'cpu' or 'auto'; for offload={offload!r} write a "
+                                    f"quantized checkpoint once with `zstream pack {path} OUT --quantize {quantize}`")
+        bq = block_quant_for(wanted, family.block_shapes(), family.linear_weights(), dtype)
+        if not bq.shapes:
+            store.close()
+            raise QuantizationError(f"{path}: group_size {group_size} divides the input dimension of none of "
+                                    f"{family.name}'s linear weights ({', '.join(family.linear_weights())})")
+    unquantized = [sum(store.info(n).nbytes for n in names.values()) for names in block_names] if packed is None \
+        else None
+    if bq is not None:
+        shapes = family.block_shapes()
+        itemsize = {local: ckpt_dtype.itemsize for local in shapes}
+        fp_block = sum(math.prod(shapes[local]) * ckpt_dtype.itemsize for local in shapes)
+        unquantized = [fp_block] * family.num_blocks
+        if packed is not None:  # the streaming names are the packed tensors themselves
+            block_names = [bq.names(names) for names in block_names]
+            raw = [sum(store.info(n).nbytes for n in names.values()) for names in block_names]
+        else:
+            raw = [bq.nbytes(shapes, itemsize)] * family.num_blocks
+    else:
+        raw = list(unquantized or [])
     scale = max(1.0, dtype.itemsize / ckpt_dtype.itemsize)  # converted blocks are larger on the device
     on_device = [int(b * scale) for b in raw]
     outer_bytes = int(sum(store.info(n).nbytes for n in set(outer_names.values())) * scale)
     seq = min(max_seq_len or 2048, family.max_positions)
     reserve = _reserve_bytes(family, max_batch, seq, dtype)
+    if bq is not None:  # a block's weights exist dequantized while it computes
+        reserve += sum(math.prod(s) for s in bq.shapes.values()) * dtype.itemsize
     total = outer_bytes + sum(on_device)
 
     budget = parse_bytes(gpu_memory)
@@ -167,7 +213,9 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     plan = Plan(offload=offload, device=str(dev), dtype=dtype, block_bytes=raw, outer_bytes=outer_bytes,
                 resident_blocks=resident, streamed_blocks=streamed,
                 ring_slots=min(prefetch + 1, len(streamed)) if dev.type == "cuda" else 0,
-                kv_reserve_bytes=reserve, budget_bytes=budget, notes=notes)
+                kv_reserve_bytes=reserve, budget_bytes=budget, notes=notes,
+                quantization=bq.cfg.describe() if bq is not None else None,
+                unquantized_block_bytes=unquantized if bq is not None else None)
 
     def to_device(flat: FlatRead, names: Dict[str, str]) -> Weights:
         if dev.type == "cpu":
@@ -188,16 +236,36 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
             bar.update(sum(store.info(n).nbytes for n in set(names.values())))
         return flat
 
+    quantize_now = bq is not None and packed is None
+    if quantize_now:
+        assert bq is not None
+        fp_names = block_names
+        block_names = [bq.names(names) for names in fp_names]
+
+        def quantized(i: int, flat: FlatRead, dest: Union[torch.device, str]) -> FlatRead:
+            """Block i read in its checkpoint dtype -> its packed form in ``dest`` (quantized on the device)."""
+            assert bq is not None
+            buf, layout = bq.pack(flat.view(), fp_names[i], work=dev, dest=dest)
+            return FlatRead(buf, layout)
+
     outer = to_device(read(outer_names), outer_names)
     resident_w: Dict[int, Weights] = {}
     host_blocks: List[Optional[FlatRead]] = [None] * family.num_blocks
     # Several reads at a time: blocks pin their arenas while others are being read.
     with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
-        for i, flat in zip(resident, pool.map(lambda i: read(block_names[i]), resident)):
-            resident_w[i] = to_device(flat, block_names[i])
-        if offload == "cpu" and streamed:
-            for i, flat in zip(streamed, pool.map(lambda i: read(block_names[i]), streamed)):
-                host_blocks[i] = flat
+        if quantize_now:
+            for i, flat in zip(resident, _bounded_map(pool, lambda i: read(fp_names[i]), resident)):
+                resident_w[i] = _local(quantized(i, flat, dev).view(), block_names[i], dtype)
+            if offload == "cpu" and streamed:
+                dest = "pinned" if dev.type == "cuda" else dev
+                for i, flat in zip(streamed, _bounded_map(pool, lambda i: read(fp_names[i]), streamed)):
+                    host_blocks[i] = quantized(i, flat, dest)
+        else:
+            for i, flat in zip(resident, _bounded_map(pool, lambda i: read(block_names[i]), resident)):
+                resident_w[i] = to_device(flat, block_names[i])
+            if offload == "cpu" and streamed:
+                for i, flat in zip(streamed, _bounded_map(pool, lambda i: read(block_names[i]), streamed)):
+                    host_blocks[i] = flat
     if bar is not None:
         bar.close()
 
@@ -211,12 +279,52 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
                               RuntimeWarning, stacklevel=2)
             source: Union[List[Optional[FlatRead]], WeightStore] = host_blocks if offload == "cpu" else store
             # A slot holds a block as its arena lays it out: tensor bytes plus alignment at the extents' ends.
-            slot_bytes = max(store.plan(block_names[i].values())[1] for i in streamed)
+            if quantize_now:
+                slot_bytes = max(host_blocks[i].nbytes for i in streamed)  # type: ignore[union-attr]
+            else:
+                slot_bytes = max(store.plan(block_names[i].values())[1] for i in streamed)
             streamer = _DeviceRing(dev, streamed, slot_bytes, prefetch + 1, source,
                                    block_names, dtype, disk_prefetch)
         plan.link, plan.link_gbps = _measure_link(store, dev, offload, [block_names[i] for i in streamed[:4]])
     return StreamingModel(store=store, family=family, plan=plan, config=config, outer=outer, resident=resident_w,
-                          streamer=streamer, tokenizer=_tokenizer(path), path=str(path), load_s=clock())
+                          streamer=streamer, tokenizer=_tokenizer(path), path=str(path), load_s=clock(),
+                          quant=bq)
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[int], FlatRead], items: List[int]) -> Iterator[FlatRead]:
+    """``pool.map`` with at most READ_CONCURRENCY + 1 results alive: blocks arrive as fast as they are read, but
+    a consumer slower than the disk (quantizing, copying to the device) does not pile up the whole model in host
+    memory."""
+    pending: Deque[Future[FlatRead]] = deque()
+    for i in items:
+        pending.append(pool.submit(fn, i))
+        if len(pending) > READ_CONCURRENCY:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _tensor_infos(store: WeightStore, family: Family, packed: Optional[QuantConfig]) -> Dict[str, Any]:
+    """{checkpoint name: (shape, dtype)} of what the family expects; a packed weight counts as the (out, in)
+    floating-point matrix it stands for, once its packed tensors' shapes have been checked against each other."""
+    infos: Dict[str, Any] = {}
+    for name in family.expected_shapes():
+        if name in store:
+            infos[name] = store.info(name)
+        elif packed is not None and name + CODES in store:
+            codes = store.info(name + CODES).shape
+            if len(codes) != 2:
+                raise QuantizationError(f"{store.info(name + CODES).file}: {name + CODES} has shape {list(codes)}, "
+                                        "not (out, in) codes")
+            shape = (codes[0], codes[1] * (2 if packed.bits == 4 else 1))
+            for part, (dt, want) in packed.packed(name, shape).items():
+                info = store.info(part) if part in store else None
+                if info is None or tuple(info.shape) != want or info.torch_dtype != dt:
+                    got = "missing" if info is None else f"{info.dtype} {list(info.shape)}"
+                    raise QuantizationError(f"{store.info(name + CODES).file}: packed tensor {part} is {got}; "
+                                            f"{packed} packs {name} {list(shape)} as {str(dt)[6:]} {list(want)}")
+            infos[name] = (shape, torch.float16)
+    return infos
 
 
 def _measure_link(store: WeightStore, dev: torch.device, offload: str,

@@ -62,6 +62,8 @@ class Plan:
     link: str = ""                 # what limits streaming: "pinned host-to-device", "disk (O_DIRECT)", ...
     link_gbps: Optional[float] = None  # measured in this process
     notes: list[str] = field(default_factory=list)
+    quantization: Optional[str] = None  # e.g. "int4, group 64, asymmetric"; None: weights as in the checkpoint
+    unquantized_block_bytes: Optional[list[int]] = None  # block_bytes before quantization (checkpoint dtype)
 
     @property
     def num_blocks(self) -> int:
@@ -101,6 +103,12 @@ class Plan:
             f"reserved for KV cache and activations: {fmt_bytes(self.kv_reserve_bytes)}"
             + (f" of a {fmt_bytes(self.budget_bytes)} budget" if self.budget_bytes is not None else ""),
         ]
+        if self.quantization is not None and self.unquantized_block_bytes is not None:
+            before = sum(self.unquantized_block_bytes[i] for i in self.streamed_blocks)
+            lines.append(f"quantized {self.quantization}: blocks {fmt_bytes(sum(self.block_bytes))} "
+                         f"(from {fmt_bytes(sum(self.unquantized_block_bytes))}); streamed per pass "
+                         f"{fmt_bytes(self.streamed_bytes)} instead of {fmt_bytes(before)}"
+                         + (f" ({self.streamed_bytes / before:.3f}x)" if before else ""))
         if self.streamed_blocks:
             link = f"{self.link_gbps:.1f} GB/s" if self.link_gbps else "not measured"
             lines.append(f"link: {self.link} {link}; predicted step (transfer bound): "

@@ -171,6 +171,10 @@ class Family:
             raise IndexError(f"block {i} out of range: {self.name} has {self.num_blocks} blocks")
         return {local: self._block_name(i, local) for local in self._block_shapes()}
 
+    def block_shapes(self) -> Dict[str, Shape]:
+        """local name -> shape of the tensors of one block (every block has the same)."""
+        return dict(self._block_shapes())
+
     def linear_weights(self) -> Tuple[str, ...]:
         """Local names of a block's linear-layer weights: the (out, in) matrices ``linear`` multiplies by, which
         quantization (``zstream.quant``) replaces. Norms and biases stay in the checkpoint dtype."""
