@@ -2,7 +2,9 @@
 # One GPU-machine session: install the carried wheel, then run the named stages. Results go under $OUT.
 #   bash benches/gpu_session.sh test bench-cpu ...      (carry .device: the wheel, fio, the peers' runner)
 # Stages: test (GPU pytest), sweep (reader sweep vs fio), bench-cpu, bench-nvme, bench-budget, bench-llama,
-#         peers (DeepSpeed / Accelerate / all-on-GPU on the same checkpoint).
+#         peers (DeepSpeed / Accelerate / all-on-GPU on the same checkpoint);
+#         quantized: test-quant, dequant, accuracy, bench-int4, bench-int8, bench-int4-llama, bench-int4-nvme,
+#         peers-int4 (DeepSpeed ZeRO-Inference with its 4-bit weights, same checkpoint).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -64,6 +66,30 @@ for stage in "$@"; do
         "import json,sys; print('fio GB/s', json.load(open(sys.argv[1]))['jobs'][0]['read']['bw_bytes']/1e9)" "$OUT/criterion_fio.json"
       (cd tests && ZSTREAM_BENCH_HIDDEN=4096 python3 -m pytest -q -p no:cacheprovider ../benches/test_bench_store.py \
         --benchmark-json "$OUT/pytest_benchmark.json" --benchmark-columns=median,rounds 2>&1 | tail -15) ;;
+    test-quant) (cd tests && python3 -m pytest -q -p no:cacheprovider test_kernels.py test_quant.py \
+                   test_quantized_models.py "test_gpu.py::test_quantized_streaming_on_the_gpu_matches_the_cpu" \
+                   > "$OUT/pytest_quant.log" 2>&1; grep -E "passed|failed|Error|assert" "$OUT/pytest_quant.log" | tail -15) ;;
+    dequant) python3 benches/dequant_bench.py --check --json "$OUT/dequant.json" 2>&1 | tail -20 ;;
+    accuracy) python3 benches/quant_accuracy.py bloom-7b1 llama-2-7b --json "$OUT/quant_accuracy.json" 2>&1 | grep '^{' ;;
+    bench-int4) $Z bench bloom-7b1 --offload cpu --quantize int4 --batch 1,16,64 --prompt 512 --gen 32 \
+                 --json "$OUT/bench_int4.json" --trace "$OUT/trace_int4.json" ;;
+    bench-int8) $Z bench bloom-7b1 --offload cpu --quantize int8 --batch 1,16,64 --prompt 512 --gen 32 \
+                 --json "$OUT/bench_int8.json" ;;
+    bench-int4-llama) for q in int4 int8; do $Z bench llama-2-7b --offload cpu --quantize $q --batch 1,16,64 \
+                 --prompt 512 --gen 32 --json "$OUT/bench_llama_$q.json"; done ;;
+    bench-int4-nvme) # pack once (quantized on the GPU), then stream the packed checkpoint from disk, caches dropped
+      CK=$ZSTREAM_CACHE/synthetic/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" > /dev/null
+      P=$ZSTREAM_CACHE/packed/bloom-7b1-int4; [ -f "$P/config.json" ] || { /usr/bin/time -f "pack %e s" \
+        $Z pack "$CK" "$P" --quantize int4 2>&1 | tail -3; }
+      sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
+      $Z bench "$P" --offload nvme --batch "${NVME_BATCH:-1,16}" --prompt 512 --gen "${NVME_GEN:-8}" --fio .device/fio \
+        --json "$OUT/bench_int4_nvme.json" ;;
+    peers-int4) # DeepSpeed ZeRO-Inference, 4-bit group-64 weights (quantized_initialization), cpu offload, pinned
+      python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/ds .device/ds/*.whl
+      CK=$ZSTREAM_CACHE/synthetic/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" > /dev/null
+      PYTHONPATH=/tmp/zs:/tmp/ds timeout "${PEER_TIMEOUT:-300}" python3 benches/peers/run_peer.py --system deepspeed \
+        --quant-bits 4 --model "$CK" --batch "${PEER_BATCH:-1,16,64}" --prompt 512 --gen "${PEER_GEN:-32}" \
+        2>"$OUT/peer_ds_int4.err" | grep '^{' | tee -a "$OUT/peers.jsonl"; tail -3 "$OUT/peer_ds_int4.err" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
