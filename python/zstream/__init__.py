@@ -23,6 +23,7 @@ _LAZY = {
     "TensorInfo": "zstream.store",
     "load": "zstream.loading",
     "hardware": "zstream.detect",
+    "pack": "zstream.pack",
 }
 _LAZY_MODULES = {"synthetic", "models", "store", "cuda"}
 
@@ -48,4 +49,5 @@ __all__ = [
     "ZStreamError",
     "hardware",
     "load",
+    "pack",
 ]

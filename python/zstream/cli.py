@@ -1,4 +1,4 @@
-"""The ``zstream`` command: demo, generate, info, make-checkpoint, bench."""
+"""The ``zstream`` command: demo, generate, info, make-checkpoint, pack, bench."""
 
 from __future__ import annotations
 
@@ -105,6 +105,15 @@ def cmd_make_checkpoint(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(a: argparse.Namespace) -> int:
+    from .pack import pack
+
+    path = pack(a.model, a.out, quantize=a.quantize, group_size=a.group_size, symmetric=a.symmetric,
+                shard_size=a.shard_size, device=a.device, progress=not a.quiet)
+    print(path)
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
@@ -142,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out")
     m.add_argument("--dtype", default="fp16")
     m.set_defaults(func=cmd_make_checkpoint)
+
+    k = sub.add_parser("pack", help="write a copy of a checkpoint with its linear weights quantized (int4/int8)")
+    k.add_argument("model", help="checkpoint directory or Hugging Face repo id (from the local cache)")
+    k.add_argument("out", help="new directory for the packed checkpoint (must not exist, or be empty)")
+    k.add_argument("--quantize", required=True, choices=["int4", "int8"])
+    k.add_argument("--group-size", type=int, default=64, help="inputs per fp16 scale (default 64)")
+    k.add_argument("--symmetric", action="store_true", help="no per-group zero: scale only")
+    k.add_argument("--shard-size", default="4GB", help="largest shard, e.g. 4GB or 2GiB (blocks are never split)")
+    k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where quantization runs")
+    k.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    k.set_defaults(func=cmd_pack)
 
     from .bench import add_arguments
 
