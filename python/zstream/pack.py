@@ -36,10 +36,9 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from .errors import ZStreamError
 from .quant import CODES, METADATA_KEY, QuantConfig, QuantizationError, QuantizedTensor
@@ -96,38 +95,11 @@ class _Unit:
         return list(dict.fromkeys(e.source for e in self.entries))
 
 
-class _ExactDivision(TorchFunctionMode):
-    """Makes ``quant.quantize`` give the same bits on a CUDA device as on the CPU.
-
-    On CUDA, PyTorch divides a tensor by a Python number as ``a * (1 / b)`` (``div_true_kernel_cuda``'s CPU-scalar
-    shortcut), which can differ from ``a / b`` by one float32 ulp; ``quantize`` divides by ``2**bits - 1`` and
-    ``2**(bits-1) - 1`` that way. For fp16/bf16 weights an ulp never moves the fp16 scale, but for float32 weights
-    it does now and then (on an H100: 4 to 386 of 524k groups, per bits/symmetric). The CPU kernel divides
-    exactly. Inside this mode such a number becomes a 0-dim tensor on the operand's device, so CUDA takes its
-    IEEE division path too; every other step of the scheme (min/max, fp16 rounding, round-half-to-even, clamp)
-    is exact on both devices. ``tests/test_pack.py`` checks the bits on a GPU.
-    """
-
-    _DIVISIONS: ClassVar[frozenset] = frozenset({
-        torch.div, torch.true_divide, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.div_,
-        torch.Tensor.__itruediv__, torch.Tensor.true_divide})
-
-    def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
-                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
-        kwargs = kwargs or {}
-        if (func in self._DIVISIONS and len(args) == 2 and isinstance(args[1], (int, float))
-                and isinstance(args[0], torch.Tensor) and args[0].is_cuda and args[0].is_floating_point()
-                and not kwargs.get("rounding_mode")):
-            args = (args[0], torch.tensor(float(args[1]), dtype=args[0].dtype, device=args[0].device))
-        return func(*args, **kwargs)
-
-
 def _quantize(w: torch.Tensor, cfg: QuantConfig, device: torch.device) -> QuantizedTensor:
     """``quant.quantize`` of a host weight, computed on ``device``; the packed tensors come back on the host."""
     if device.type == "cpu":
         return quantize_weight(w, cfg.bits, cfg.group_size, cfg.symmetric)
-    with _ExactDivision():
-        qt = quantize_weight(w.to(device, non_blocking=True), cfg.bits, cfg.group_size, cfg.symmetric)
+    qt = quantize_weight(w.to(device, non_blocking=True), cfg.bits, cfg.group_size, cfg.symmetric)
     zero = None if qt.zero is None else qt.zero.cpu()
     return QuantizedTensor(qt.codes.cpu(), qt.scale.cpu(), zero, qt.shape, qt.bits, qt.group_size)
 
