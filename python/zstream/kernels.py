@@ -25,9 +25,12 @@ Each program owns ``BLOCK`` consecutive outputs (a power of two; 4096 by default
   hits L1 (all of a tile's groups are a few hundred bytes);
 * arithmetic: float32, exactly the operations of ``zstream.quant.dequantize`` in the same order, ``q * scale + zero``
   (asymmetric) or ``(q - 2**(bits-1)) * scale`` (symmetric), then one round-to-nearest-even cast to the output
-  dtype. The launch passes ``enable_fp_fusion=False``: otherwise the compiler contracts ``q * scale + zero`` into an
-  FMA, which rounds once instead of twice and differs from torch in the last bit of a few percent of weights.
-  With it off, every output is bit-identical to the torch path, for float16, bfloat16 and float32;
+  dtype. The launch passes ``enable_fp_fusion=False`` so ``q * scale + zero`` stays a ``mul.rn`` and an
+  ``add.rn`` (the GPU test reads the PTX), rounding where torch rounds. Contraction would in fact be harmless
+  here: a code (<= 8 bits) times an fp16 scale (11 significant bits) is exact in float32, so the add is the only
+  rounding either way (``test_products_are_exact_so_contraction_cannot_change_bits``; on an H100 the FMA build
+  gave the same bits too). The flag keeps bit-identity from resting on that argument if the formula changes.
+  Every output is bit-identical to the torch path, for float16, bfloat16 and float32;
 * stores: ``BLOCK`` contiguous outputs, 16-byte vector stores.
 
 Offsets are 64-bit at the tile base (``program_id * BLOCK``) and 32-bit inside a tile, so weights past 2**31
@@ -175,7 +178,7 @@ def _launch(qt: QuantizedTensor, out: Tensor, *, block: Optional[int] = None, nu
         BITS=qt.bits, GROUP_SIZE=gs, HAS_ZERO=qt.zero is not None, BLOCK=block,
         BROADCAST=broadcast, GROUPS_PER_BLOCK=groups_per_block, GROUP_IN_BLOCK=group_in_block,
         num_warps=DEFAULT_WARPS if num_warps is None else num_warps,
-        enable_fp_fusion=fp_fusion,  # off: q * scale + zero must round twice, as torch does, not once in an FMA
+        enable_fp_fusion=fp_fusion,  # off: q * scale + zero rounds where torch's mul and add round
     )
 
 
