@@ -22,6 +22,7 @@ _LAZY = {
     "Ticket": "zstream.store",
     "TensorInfo": "zstream.store",
     "load": "zstream.loading",
+    "plan_batch": "zstream.plan",
     "hardware": "zstream.detect",
     "pack": "zstream.pack",
 }
@@ -50,4 +51,5 @@ __all__ = [
     "hardware",
     "load",
     "pack",
+    "plan_batch",
 ]

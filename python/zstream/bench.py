@@ -295,9 +295,71 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
     return rows
 
 
+def _max_batch(a: argparse.Namespace, path: Path, budget: Optional[str], device: str,
+               dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    """The largest batch with and without offload, searched by running it; next to it the planner's prediction
+    (``plan.plan_batch``) for every batch tried, and its own best choice, measured too if the search skipped it."""
+    from .loading import load
+    from .plan import BatchPlan, plan_batch
+
+    out: Dict[str, Any] = {}
+    stream = a.offload.split(",")[0]
+    predicted: Optional[BatchPlan] = None
+    if stream in ("none", "cpu", "nvme"):  # the planner models the ring of cpu and nvme offload, not ats
+        predicted = plan_batch(path, gpu_memory=budget, prompt=a.prompt, gen=a.gen, offload=stream, device=device,
+                               dtype=dtype, prefetch=a.prefetch)
+        print(predicted.summary())
+        out["batch_plan"] = predicted.to_dict()
+        if predicted.best is not None:
+            out["predicted_best_batch"] = predicted.best.batch
+            out["predicted_best_resident_blocks"] = predicted.best.resident_blocks
+            out["predicted_best_offload"] = predicted.best.offload
+            out["predicted_tokens_per_s"] = predicted.best.tokens_per_s
+    measured: Dict[tuple, float] = {}
+    for offload in ("none", stream):
+        def load_fn(b: int, offload: str = offload) -> Any:
+            return load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
+                        max_batch=b, max_seq_len=a.prompt + a.gen, progress=False)
+        found = _search_max_batch(load_fn, a.prompt, a.gen)
+        for r in found:
+            measured[(r["batch"], r["resident_blocks"])] = r["tokens_per_s"]
+            c = predicted.candidate(r["batch"], r["resident_blocks"]) if predicted else None
+            r["predicted_tokens_per_s"] = c.tokens_per_s if c else None
+            r["predicted_decode_step_s"] = c.decode_step_s if c else None
+        out[f"max_batch_{offload}"] = found
+        best = max(found, key=lambda r: r["tokens_per_s"]) if found else None
+        print(f"max batch, offload={offload}, budget {budget}: "
+              + (f"{max(r['batch'] for r in found)}; best {best['tokens_per_s']:.1f} tok/s at batch "
+                 f"{best['batch']}" if best else "none fits")
+              + (f"; predicted max {predicted.max_batch(offload)}" if predicted else ""))
+        for r in found:
+            pred = r["predicted_tokens_per_s"]
+            print(f"  batch {r['batch']:4d}, {r['resident_blocks']:3d} resident: measured {r['tokens_per_s']:8.1f} "
+                  f"tok/s, step {r['decode_step_s'] * 1e3:7.1f} ms; predicted "
+                  + (f"{pred:8.1f} tok/s, step {r['predicted_decode_step_s'] * 1e3:7.1f} ms" if pred else "-"))
+    if predicted is not None and predicted.best is not None:
+        b = predicted.best
+        key = (b.batch, b.resident_blocks)
+        if key not in measured:  # the planner's own choice, run once like the search's batches
+            try:
+                model = load(path, progress=False, **predicted.load_kwargs())
+                measured[key] = run_one(model, b.batch, a.prompt, a.gen)["tokens_per_s"]
+                model.close()
+                del model
+            except (OutOfMemoryError, torch.cuda.OutOfMemoryError) as e:
+                print(f"planner's choice (batch {b.batch}, {b.resident_blocks} resident) does not run: {e}")
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        got = measured.get(key)
+        out["predicted_best_measured_tokens_per_s"] = got
+        print(f"planner's choice (batch {b.batch}, {b.resident_blocks} resident): predicted {b.tokens_per_s:.1f} "
+              f"tok/s, measured " + (f"{got:.1f}" if got is not None else "-")
+              + f"; best measured in the search {max(measured.values(), default=0):.1f} tok/s")
+    return out
+
+
 def main(a: argparse.Namespace) -> int:
     from .cli import _dtype
-    from .loading import load
 
     dtype = _dtype(a.dtype)
     path = _checkpoint(a.model, dtype)
@@ -321,17 +383,7 @@ def main(a: argparse.Namespace) -> int:
     if a.load_test:
         meta["load_test"] = load_test(path, device, dtype, a.fio)
     if a.max_batch:
-        budget = budgets[0]
-        for offload in ("none", a.offload.split(",")[0]):
-            def load_fn(b: int, offload: str = offload) -> Any:
-                return load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget,
-                            max_batch=b, max_seq_len=a.prompt + a.gen, progress=False)
-            found = _search_max_batch(load_fn, a.prompt, a.gen)
-            meta[f"max_batch_{offload}"] = found
-            best = max(found, key=lambda r: r["tokens_per_s"]) if found else None
-            print(f"max batch, offload={offload}, budget {budget}: "
-                  + (f"{max(r['batch'] for r in found)}; best {best['tokens_per_s']:.1f} tok/s at batch "
-                     f"{best['batch']}" if best else "none fits"))
+        meta.update(_max_batch(a, path, budgets[0], device, dtype))
     print()
     _print_table(rows)
     for k in ("h2d_gbps", "disk_gbps_odirect", "fio_gbps"):

@@ -1,0 +1,256 @@
+"""The predictive batch planner (``zstream.plan_batch``): its memory arithmetic against the loader's, its ring
+schedule against hand-worked cases, its choices under synthetic compute models, and a calibration on the CPU.
+
+No assertion on an absolute time: the calibration test checks signs and ordering only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import zstream
+from zstream.errors import OutOfMemoryError
+from zstream.models import family_for
+from zstream.plan import (
+    _COMPUTE_CACHE,
+    ComputeModel,
+    Linear3,
+    ModelSizes,
+    ThroughputModel,
+    calibrate_compute,
+    choose_batch,
+    choose_residency,
+    parse_bytes,
+    plan_batch,
+)
+
+MB = 10**6
+
+
+def compute_model(num_blocks: int, block_s: float = 1e-3, per_token: float = 2e-5, per_key: float = 1e-8,
+                  outer_s: float = 5e-4) -> ComputeModel:
+    """A synthetic compute model: a block costs ``block_s`` plus ``per_token`` a row plus attention; prefill
+    costs ``per_token`` / 10 a token (matmuls over many tokens run far nearer peak than decode's)."""
+    return ComputeModel(num_blocks=num_blocks,
+                        decode_block=Linear3(block_s, per_token, per_key),
+                        decode_outer=Linear3(outer_s, per_token, 0.0),
+                        prefill_block=Linear3(block_s, per_token / 10, per_key),
+                        prefill_outer=Linear3(outer_s, 0.0, 0.0))
+
+
+def toy_sizes(n: int = 10, block: int = 100 * MB, outer: int = 50 * MB, per_token: int = 100_000) -> ModelSizes:
+    """``n`` equal blocks; the reserve is ``per_token`` bytes per (row x position) plus a constant."""
+    return ModelSizes(block_bytes=[block] * n, device_block_bytes=[block] * n, outer_bytes=outer,
+                      reserve=lambda batch, seq: batch * seq * per_token + 10 * MB, max_positions=4096)
+
+
+def bloom_sizes() -> tuple[ModelSizes, object]:
+    """bloom-7b1's sizes in fp16, from its config alone, as ``load`` computes them."""
+    family = family_for(zstream.synthetic.PRESETS["bloom-7b1"])
+    shapes = family.expected_shapes()
+    blocks = [sum(math.prod(shapes[n]) * 2 for n in family.block_tensors(i).values())
+              for i in range(family.num_blocks)]
+    outer = sum(math.prod(shapes[n]) * 2 for n in set(family.outer_tensors().values()))
+    return ModelSizes.of_family(family, blocks, outer, torch.float16, torch.float16), family
+
+
+# ---- memory: the loader's arithmetic -----------------------------------------------------------------------------
+
+
+def test_memory_reproduces_the_h100_max_batches():
+    """docs/performance.md, run 12: at gpu_memory="16GiB", prompt 512, 32 new tokens, bloom-7b1 ran batch 7 at most
+    without offload and 36 with. The planner's memory arithmetic is the loader's, so it finds the same limits."""
+    sizes, _ = bloom_sizes()
+    plan = choose_batch(sizes, compute_model(30), budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0,
+                        stream="cpu")
+    assert plan.max_batch("none") == 7
+    assert plan.max_batch("cpu") == 36
+    assert plan.candidate(36, 0) is not None and plan.candidate(36, 1) is None
+    assert plan.candidate(37, 0) is None
+
+
+def test_every_candidate_fits_and_residency_is_choose_residencys():
+    sizes = toy_sizes()
+    budget = 700 * MB
+    plan = choose_batch(sizes, compute_model(10), budget=budget, prompt=100, gen=20, link_gbps=10.0, stream="cpu")
+    assert plan.table
+    seq = 120
+    for c in plan.table:
+        assert c.memory_bytes <= budget
+        resident, _ = choose_residency(sizes.device_block_bytes, sizes.outer_bytes, budget, 3,
+                                       sizes.reserve(c.batch, seq), where="t")
+        assert c.resident_blocks <= len(resident)
+    for batch in {c.batch for c in plan.table}:
+        most = max(c.resident_blocks for c in plan.table if c.batch == batch)
+        assert most == sizes.max_resident(budget, batch, seq, 3)
+        assert {c.resident_blocks for c in plan.table if c.batch == batch} == set(range(most + 1))
+    # the first batch left out is the first that does not fit, even with every block streamed
+    top = plan.max_batch()
+    assert sizes.max_resident(budget, top + 1, seq, 3) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_bloom(tmp_path_factory):
+    config = {**zstream.synthetic.PRESETS["tiny-bloom"], "n_layer": 6}
+    return zstream.synthetic.make_checkpoint(config, tmp_path_factory.mktemp("planner") / "m", dtype=torch.float32,
+                                             progress=False)
+
+
+def test_chosen_configurations_load_under_the_budget(tiny_bloom):
+    """Every batch's best residency, and the overall best, load with ``zstream.load`` under the same budget (the CPU
+    as the device, ``gpu_memory`` as its budget) with the residency predicted, and generate; one batch more does not
+    load at all."""
+    probe = zstream.load(tiny_bloom, offload="nvme", device="cpu", progress=False).plan
+    block = max(probe.block_bytes)
+    budget = probe.outer_bytes + probe.kv_reserve_bytes + 3 * block + 4 * block  # ring of 3, about 4 blocks more
+    plan = plan_batch(tiny_bloom, gpu_memory=budget, prompt=12, gen=4, offload="nvme", device="cpu",
+                      link_gbps=1.0, compute=compute_model(6, per_token=1e-4))
+    front = plan.frontier()
+    assert plan.best is not None and len(front) > 4
+    assert {c.offload for c in front} == {"none", "nvme"}  # small batches keep every block, large ones stream
+    picks = [front[0], front[len(front) // 2], front[-1], plan.best, plan.candidate(front[-1].batch, 0)]
+    for c in picks:
+        assert c is not None
+        model = zstream.load(tiny_bloom, progress=False, **plan.load_kwargs(c))
+        assert model.plan.offload == c.offload
+        assert len(model.plan.resident_blocks) == c.resident_blocks
+        assert model.plan.kv_reserve_bytes + model.plan.resident_bytes <= budget
+        out = model.generate(torch.randint(3, 200, (c.batch, 12)), 4)
+        assert out.shape == (c.batch, 16)
+        model.close()
+    top = plan.max_batch()
+    with pytest.raises(OutOfMemoryError):
+        zstream.load(tiny_bloom, offload="nvme", device="cpu", gpu_memory=budget, max_batch=top + 1, max_seq_len=16,
+                     progress=False)
+    with pytest.raises(OutOfMemoryError):
+        zstream.load(tiny_bloom, offload="none", device="cpu", gpu_memory=budget,
+                     max_batch=plan.max_batch("none") + 1, max_seq_len=16, progress=False)
+
+
+# ---- the schedule ----------------------------------------------------------------------------------------------
+
+
+def test_schedule_without_compute_is_the_transfer_bound():
+    """Nothing to overlap with: a pass is the streamed bytes over the link, whatever the ring."""
+    tm = ThroughputModel(compute_model(10), [100 * MB] * 10, link_gbps=10.0, ring_slots=3)
+    for resident in (0, 4, 9):
+        step, xfer, _ = tm.pass_s(resident, block_s=0.0, outer_s=0.0)
+        assert xfer == pytest.approx((10 - resident) * 0.01)
+        assert step == pytest.approx(xfer)
+
+
+def test_schedule_with_an_infinite_link_is_the_compute():
+    tm = ThroughputModel(compute_model(10), [100 * MB] * 10, link_gbps=1e12, ring_slots=3)
+    step, _, comp = tm.pass_s(2, block_s=1e-3, outer_s=5e-4)
+    assert comp == pytest.approx(10e-3 + 5e-4)
+    assert step == pytest.approx(comp, rel=1e-6)
+
+
+def test_schedule_idles_the_link_while_resident_blocks_compute():
+    """Hand-worked: 6 resident blocks of 1 ms, 4 streamed of 10 ms copies, 3 slots. The first 3 streamed blocks
+    landed last pass; block 9's copy waits for block 6's compute (slot reuse), at 7 ms; the next pass's 3 copies
+    follow: 7 + 4 * 10 = 47 ms, against max(40, 10) = 40 ms for the simple bound."""
+    tm = ThroughputModel(compute_model(10), [100 * MB] * 10, link_gbps=10.0, ring_slots=3)
+    step, xfer, comp = tm.pass_s(6, block_s=1e-3, outer_s=0.0)
+    assert xfer == pytest.approx(0.04) and comp == pytest.approx(0.01)
+    assert step == pytest.approx(0.047)
+    # every block streamed: the link starts after block 0's compute and never waits again
+    step, xfer, _ = tm.pass_s(0, block_s=1e-3, outer_s=0.0)
+    assert step == pytest.approx(1e-3 + xfer)
+
+
+def test_tokens_per_s_counts_like_the_bench():
+    sizes = toy_sizes()
+    plan = choose_batch(sizes, compute_model(10), budget=None, prompt=64, gen=16, link_gbps=None, stream=None,
+                        max_batch=8)
+    for c in plan.table:
+        assert c.offload == "none" and c.resident_blocks == 10
+        assert c.tokens_per_s == pytest.approx(c.batch * 16 / (c.prefill_s + 15 * c.decode_step_s))
+    assert plan.max_batch() == 8  # no budget: only the cap ends the batches
+
+
+# ---- choices -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link", [5.0, 55.0, 400.0])
+def test_more_budget_never_predicts_fewer_tokens(link):
+    sizes, _ = bloom_sizes()
+    compute = compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10)
+    last = 0.0
+    for gib in (10, 12, 14, 16, 20, 24, 32, 48):
+        plan = choose_batch(sizes, compute, budget=gib * 2**30, prompt=512, gen=32, link_gbps=link, stream="cpu")
+        assert plan.best is not None
+        assert plan.best.tokens_per_s >= last * (1 - 1e-12)
+        last = plan.best.tokens_per_s
+
+
+def test_fast_links_make_offload_pay():
+    """bloom-7b1 at 16 GiB with a compute model like the H100's (9 ms steps at small batches): on PCIe (55 GB/s)
+    keeping every block resident at batch <= 7 wins, as the H100 search found; on a GH200-like link (400 GB/s)
+    streaming some blocks for a larger batch wins."""
+    sizes, _ = bloom_sizes()
+    compute = compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10)
+    budget = parse_bytes("16GiB")
+    slow = choose_batch(sizes, compute, budget=budget, prompt=512, gen=32, link_gbps=55.0, stream="cpu")
+    fast = choose_batch(sizes, compute, budget=budget, prompt=512, gen=32, link_gbps=400.0, stream="cpu")
+    assert slow.best is not None and fast.best is not None
+    assert slow.best.offload == "none" and slow.best.batch <= 7
+    assert fast.best.offload == "cpu" and fast.best.batch > 7
+    assert fast.best.tokens_per_s > slow.best.tokens_per_s
+    # with the link fixed, a slower device (compute-bound sooner) tips the same way
+    slow_device = compute_model(30, block_s=2.8e-3, per_token=2e-4, per_key=2e-8)
+    tipped = choose_batch(sizes, slow_device, budget=budget, prompt=512, gen=32, link_gbps=55.0, stream="cpu")
+    assert tipped.best is not None and tipped.best.offload == "cpu"
+
+
+def test_streaming_needs_a_link():
+    with pytest.raises(ValueError, match="link"):
+        choose_batch(toy_sizes(), compute_model(10), budget=10**9, prompt=8, gen=8, link_gbps=None, stream="cpu")
+
+
+def test_linear_fit_recovers_and_stays_non_negative():
+    samples = [(x, y, 1e-3 + 2e-5 * x + 3e-8 * x * y) for x in (1, 8, 64) for y in (100, 600)]
+    fit = Linear3.fit(samples)
+    assert (fit.c0, fit.c1, fit.c2) == pytest.approx((1e-3, 2e-5, 3e-8), rel=1e-6)
+    falling = [(1, 1, 2.0), (10, 1, 1.0), (100, 1, 1.5)]  # noise that least squares would fit with c1 < 0
+    fit = Linear3.fit(falling)
+    assert min(fit.c0, fit.c1, fit.c2) >= 0
+
+
+# ---- calibration on the CPU ------------------------------------------------------------------------------------
+
+
+def test_calibration_on_the_cpu_gives_positive_growing_costs(tmp_path):
+    family = family_for(zstream.synthetic.PRESETS["tiny-llama"])
+    cache = tmp_path / "compute.json"
+    model = calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8, cache=cache)
+    assert model.samples and all(s["block_s"] > 0 and s["outer_s"] > 0 for s in model.samples)
+    for fit in (model.decode_block, model.decode_outer, model.prefill_block, model.prefill_outer):
+        assert min(fit.c0, fit.c1, fit.c2) >= 0
+    assert 0 < model.decode_s(1, 40) <= model.decode_s(64, 40)
+    assert model.decode_s(64, 40) <= model.decode_s(64, 400)
+    assert 0 < model.prefill_s(1, 32) < model.prefill_s(64, 32)
+    # cached in the process, and in the file across processes
+    assert calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8) is model
+    _COMPUTE_CACHE.clear()
+    again = calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8, cache=cache)
+    assert again is not model and again.to_dict() == model.to_dict()
+
+
+def test_plan_batch_calibrates_and_measures_on_the_cpu(tiny_bloom):
+    """Nothing given: the link (the disk, for nvme on the CPU) and the compute are measured; the choice loads."""
+    probe = zstream.load(tiny_bloom, offload="nvme", device="cpu", progress=False)
+    budget = probe.plan.outer_bytes + probe.plan.kv_reserve_bytes + 8 * max(probe.plan.block_bytes)
+    plan = zstream.plan_batch(tiny_bloom, gpu_memory=budget, prompt=8, gen=4, offload="nvme", device="cpu")
+    assert plan.link_gbps and plan.link_gbps > 0 and "disk" in plan.link
+    assert plan.best is not None and plan.best.tokens_per_s > 0
+    assert "predicted best: batch" in plan.summary()
+    model = zstream.load(tiny_bloom, progress=False, **plan.load_kwargs())
+    assert len(model.plan.resident_blocks) == plan.best.resident_blocks
+    # a loaded model plans with its own sizes, link and budget
+    same = zstream.plan_batch(probe, gpu_memory=budget, prompt=8, gen=4, offload="nvme", compute=plan.compute)
+    assert [c.to_dict()["memory_bytes"] for c in same.table] == [c.to_dict()["memory_bytes"] for c in plan.table]
+    probe.close()
+    model.close()
