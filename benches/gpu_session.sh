@@ -70,7 +70,10 @@ for stage in "$@"; do
                    test_quantized_models.py "test_gpu.py::test_quantized_streaming_on_the_gpu_matches_the_cpu" \
                    > "$OUT/pytest_quant.log" 2>&1; grep -E "passed|failed|Error|assert" "$OUT/pytest_quant.log" | tail -15) ;;
     dequant) python3 benches/dequant_bench.py --check --json "$OUT/dequant.json" 2>&1 | tail -20 ;;
-    accuracy) python3 benches/quant_accuracy.py bloom-7b1 llama-2-7b --json "$OUT/quant_accuracy.json" 2>&1 | grep '^{' ;;
+    accuracy) # after peers-int4, which saves DeepSpeed's 4-bit logits for the same tokens
+      python3 benches/quant_accuracy.py bloom-7b1 --peer-logits /tmp/ds_int4_logits.pt --peer-name "deepspeed int4" \
+        --json "$OUT/quant_accuracy_bloom.json" 2>&1 | grep '^{'
+      python3 benches/quant_accuracy.py llama-2-7b --json "$OUT/quant_accuracy_llama.json" 2>&1 | grep '^{' ;;
     bench-int4) $Z bench bloom-7b1 --offload cpu --quantize int4 --batch 1,16,64 --prompt 512 --gen 32 \
                  --json "$OUT/bench_int4.json" --trace "$OUT/trace_int4.json" ;;
     bench-int8) $Z bench bloom-7b1 --offload cpu --quantize int8 --batch 1,16,64 --prompt 512 --gen 32 \
@@ -87,8 +90,8 @@ for stage in "$@"; do
     peers-int4) # DeepSpeed ZeRO-Inference, 4-bit group-64 weights (quantized_initialization), cpu offload, pinned
       python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/ds .device/ds/*.whl
       CK=$ZSTREAM_CACHE/synthetic/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" > /dev/null
-      PYTHONPATH=/tmp/zs:/tmp/ds timeout "${PEER_TIMEOUT:-300}" python3 benches/peers/run_peer.py --system deepspeed \
-        --quant-bits 4 --model "$CK" --batch "${PEER_BATCH:-1,16,64}" --prompt 512 --gen "${PEER_GEN:-32}" \
+      PYTHONPATH=/tmp/zs:/tmp/ds TORCH_CUDA_ARCH_LIST=9.0 timeout "${PEER_TIMEOUT:-400}" python3 benches/peers/run_peer.py \
+        --system deepspeed --quant-bits 4 --logits-out /tmp/ds_int4_logits.pt --model "$CK" --batch "${PEER_BATCH:-1,16,64}" --prompt 512 --gen "${PEER_GEN:-32}" \
         2>"$OUT/peer_ds_int4.err" | grep '^{' | tee -a "$OUT/peers.jsonl"; tail -3 "$OUT/peer_ds_int4.err" ;;
     *) echo "unknown stage $stage" ;;
   esac

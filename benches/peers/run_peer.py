@@ -30,6 +30,8 @@ p.add_argument("--gen", type=int, default=32)
 p.add_argument("--gpu-mem-gib", type=float, default=3.0, help="GPU budget for accelerate's max_memory")
 p.add_argument("--quant-bits", type=int, choices=[4, 8], default=None, help="deepspeed: quantized weights")
 p.add_argument("--quant-group", type=int, default=64)
+p.add_argument("--logits-out", default=None,
+               help="save the logits of benches/quant_accuracy.py's input (seed 0, 4 x 128 tokens) here, for accuracy")
 a = p.parse_args()
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402  (after argparse: --help stays fast)
@@ -71,6 +73,12 @@ else:
     model = deepspeed.initialize(model=model, config_params=ds)[0].module
 model.eval()
 load_s = time.perf_counter() - t0
+
+if a.logits_out:  # the same tokens as benches/quant_accuracy.py: torch.randint(3, vocab, (4, 128)), seed 0
+    vocab = AutoConfig.from_pretrained(a.model).vocab_size
+    ids = torch.randint(3, vocab, (4, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits.float().cpu(), a.logits_out)
 
 for bs in [int(x) for x in a.batch.split(",")]:
     ids = torch.randint(100, 1000, (bs, a.prompt), device="cuda")
