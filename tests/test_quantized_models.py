@@ -169,3 +169,23 @@ def test_damaged_packed_checkpoint_is_refused(checkpoint, tmp_path):
     save_file(tensors, files[0], metadata=metadata)
     with pytest.raises(QuantizationError, match=victim.replace(".", r"\.")):
         zstream.load(packed, device="cpu", progress=False)
+
+
+def test_packed_checkpoint_names_and_disk_bound(checkpoint, tmp_path):
+    """What the store holds for a packed block (its packed tensors) is what the disk bound is measured over."""
+    from zstream.bench import disk_gbps
+
+    path, _ = checkpoint
+    packed = zstream.pack(path, tmp_path / "p", quantize="int4", group_size=32, progress=False)
+    model = zstream.load(packed, offload="nvme", device="cpu", progress=False)
+    names = model.block_tensors(0)
+    assert any(n.endswith(CODES) for n in names.values()) and all(n in model.store for n in names.values())
+    assert disk_gbps(model) > 0
+    at_load = zstream.load(path, offload="cpu", device="cpu", quantize="int4", group_size=32, progress=False)
+    assert at_load.block_tensors(0) == at_load.family.block_tensors(0)  # quantized in memory: the store is fp
+
+
+def test_ats_cannot_quantize(checkpoint):
+    path, _ = checkpoint
+    with pytest.raises(QuantizationError, match="ats"):
+        zstream.load(path, offload="ats", quantize="int4", progress=False)

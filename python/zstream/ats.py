@@ -25,6 +25,7 @@ from .errors import ModelError
 from .generation import read_config
 from .models import family_for
 from .plan import Plan, Stopwatch
+from .quant import QuantConfig, QuantizationError
 from .store import FlatRead, WeightStore
 
 
@@ -112,6 +113,12 @@ def load_ats(path: Path, *, device: torch.device, dtype: Optional[torch.dtype], 
     store = WeightStore.open(path, reader=reader, pin=not native, mapped=not native, numa_node=node,
                              tensor_align=DEVICE_ALIGN)
     family = family_for(config, store.names())
+    packed = QuantConfig.from_metadata(store.metadata(), where=str(path))
+    if packed is not None:
+        store.close()
+        raise QuantizationError(f"{path} is packed ({packed.describe()}); offload='ats' reads checkpoint weights in "
+                                "place for the kernels, so it needs an unquantized checkpoint: stream this one with "
+                                "offload='cpu' or 'nvme'")
     family.validate({n: store.info(n) for n in family.expected_shapes() if n in store})
     block_names = [family.block_tensors(i) for i in range(family.num_blocks)]
     ckpt_dtype = store.info(next(iter(block_names[0].values()))).torch_dtype

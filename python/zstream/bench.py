@@ -118,7 +118,7 @@ def disk_gbps(model: Any) -> float:
     """The nvme path's disk limit over every streamed block of this model (see ``plan.measure_disk_gbps``)."""
     fam = model.family
     blocks = model.plan.streamed_blocks or list(range(fam.num_blocks))
-    return measure_disk_gbps(model.store, [list(fam.block_tensors(i).values()) for i in blocks])
+    return measure_disk_gbps(model.store, [list(model.block_tensors(i).values()) for i in blocks])
 
 
 def fio_gbps(fio: str, files: List[str]) -> Optional[float]:

@@ -361,6 +361,15 @@ class StreamingModel:
             hidden = hidden[:, -1:]                                 # (B, 1, C)
         return fam.head(self.outer, hidden)                         # (B, T, vocab)
 
+    def block_tensors(self, i: int) -> Dict[str, str]:
+        """{local: checkpoint name} of block ``i`` as the store holds it: a packed checkpoint's packed tensors."""
+        names = self.family.block_tensors(i)
+        if self.quant is not None:
+            packed = self.quant.names(names)
+            if all(n in self.store for n in packed.values()):
+                return packed
+        return names
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         try:
             return KVCache.for_family(self.family, batch, max_len, self.dtype, self.device)

@@ -116,6 +116,9 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
     path = resolve_checkpoint(model, download=download, revision=revision)
+    if offload == "ats" and quantize is not None:
+        raise QuantizationError(f"{path}: offload='ats' reads checkpoint weights in place and cannot quantize them; "
+                                "use offload='cpu' with quantize, or pack the checkpoint and stream it with 'nvme'")
     if offload == "ats":
         from .ats import load_ats  # the GH200 mode has its own module
 
