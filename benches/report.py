@@ -40,7 +40,7 @@ PEER_FILES = ["run8-peers.jsonl"]
 TRACE_FILE = "run8-trace_cpu.json"
 KEEP = ["model", "system", "offload", "batch", "gpu_memory", "prompt", "gen", "prefill_s", "decode_step_s",
         "bound_step_s", "pct_of_bound", "tokens_per_s", "peak_gpu_bytes", "load_s", "streamed_bytes", "streamed_blocks",
-        "resident_blocks", "bound_gbps", "card", "date", "source", "run"]
+        "resident_blocks", "bound_gbps", "card", "date", "source", "run", "weights", "unquantized_bytes_per_step"]
 TRACKS = {1: "disk read", 2: "host -> device copy", 3: "block compute", 4: "python CPU thread"}
 
 
@@ -60,13 +60,24 @@ def _input_files(raw: Path, prefix: str) -> Tuple[List[Path], List[Path]]:
     return sorted(bench), sorted(peers)
 
 
+def weights_of(r: Dict[str, Any]) -> str:
+    """"fp16", "int8" or "int4": zstream rows say ``quantize`` ("int4, group 64, asymmetric"), the peer runner
+    ``quant_bits``."""
+    if r.get("quantize"):
+        return str(r["quantize"]).split(",")[0]
+    if r.get("quant_bits"):
+        return f"int{r['quant_bits']}"
+    return "fp16"
+
+
 def _bench_rows(path: Path) -> List[Dict[str, Any]]:
     d = json.loads(path.read_text())
     meta = d.get("meta", {})
     out = []
     for r in d["rows"]:
         row = {k: r.get(k) for k in KEEP}
-        row.update(model=Path(meta.get("model", "?")).name, card=meta.get("card"), date=meta.get("date"))
+        row.update(model=_model_name(meta.get("model", "?")), card=meta.get("card"), date=meta.get("date"),
+                   weights=weights_of(r))
         out.append(row)
     return out
 
@@ -79,6 +90,7 @@ def _peer_rows(path: Path, card: Optional[str], model: Optional[str]) -> List[Di
             continue
         r = json.loads(line)
         row = {k: r.get(k) for k in KEEP}
+        row["weights"] = weights_of(r)
         if r["system"] == "gpu":
             row["offload"] = "none"  # the runner writes its --offload default on every row; "gpu" offloads nothing
         gib = r.get("peak_gpu_gib")
@@ -103,15 +115,21 @@ def combine(raw: Path = RAW, prefix: str = PREFIX) -> List[Dict[str, Any]]:
             rows.append(r)
     best: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
     for r in rows:
-        key = (r["model"], r["system"], r["offload"], r["batch"], r["gpu_memory"])
+        key = (r["model"], r["system"], r["weights"], r["offload"], r["batch"], r["gpu_memory"])
         old = best.get(key)
         if old is not None and old["run"] == r["run"]:
             raise SystemExit(f"{key} appears twice in run {r['run']}: {old['source']} and {r['source']}")
         if old is None or r["run"] > old["run"]:
             best[key] = r
     order = {"zstream": 0, "gpu": 1, "deepspeed": 2, "accelerate": 3}
-    return sorted(best.values(), key=lambda r: (r["model"] != model, r["model"], order.get(r["system"], 9),
-                                                r["offload"], _budget_bytes(r["gpu_memory"]), r["batch"]))
+    return sorted(best.values(), key=lambda r: (r["model"] != model, r["model"], r["weights"] != "fp16",
+                                                r["weights"], order.get(r["system"], 9), r["offload"],
+                                                _budget_bytes(r["gpu_memory"]), r["batch"]))
+
+
+def _model_name(path: str) -> str:
+    """The bench's model: a packed checkpoint (".../packed/bloom-7b1-int4") counts as its source model."""
+    return re.sub(r"-int[48]$", "", Path(path).name)
 
 
 def _budget_bytes(s: Optional[str]) -> float:
@@ -123,12 +141,13 @@ def _budget_bytes(s: Optional[str]) -> float:
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
-    print(f"{'model':11} {'system':10} {'offload':7} {'gpu_memory':10} {'batch':>5} {'step ms':>8} {'bound ms':>8} "
-          f"{'tok/s':>8} {'peak GiB':>8}  source")
+    print(f"{'model':11} {'system':10} {'weights':7} {'offload':7} {'gpu_memory':10} {'batch':>5} {'step ms':>8} "
+          f"{'bound ms':>8} {'tok/s':>8} {'peak GiB':>8}  source")
     for r in rows:
         bound = "" if r["bound_step_s"] is None else f"{r['bound_step_s'] * 1e3:8.1f}"
         peak = "" if r["peak_gpu_bytes"] is None else f"{r['peak_gpu_bytes'] / 2**30:8.2f}"
-        print(f"{r['model']:11} {r['system']:10} {r['offload']:7} {r['gpu_memory'] or '-':10} {r['batch']:5d} "
+        print(f"{r['model']:11} {r['system']:10} {r['weights']:7} {r['offload']:7} {r['gpu_memory'] or '-':10} "
+              f"{r['batch']:5d} "
               f"{r['decode_step_s'] * 1e3:8.1f} {bound:>8} {r['tokens_per_s']:8.1f} {peak:>8}  {r['source']}")
 
 
@@ -148,9 +167,10 @@ def plot_decode(rows: List[Dict[str, Any]], out: Path, raw: Path = RAW, prefix: 
     _, card, date, model = _main_meta(raw, prefix)
     rows = [r for r in rows if r["model"] == model]  # the peers' model only
 
-    def pick(system: str, offload: str, field: str = "decode_step_s") -> Tuple[List[int], List[float]]:
+    def pick(system: str, offload: str, field: str = "decode_step_s",
+             weights: str = "fp16") -> Tuple[List[int], List[float]]:
         pts = sorted((r["batch"], r[field]) for r in rows if r["system"] == system and r["offload"] == offload
-                     and r["gpu_memory"] is None and r[field] is not None)
+                     and r["gpu_memory"] is None and r[field] is not None and r["weights"] == weights)
         return [b for b, _ in pts], [v * 1e3 for _, v in pts]
 
     series = [  # label, (batches, ms), style
@@ -161,6 +181,12 @@ def plot_decode(rows: List[Dict[str, Any]], out: Path, raw: Path = RAW, prefix: 
         ("PCIe bound of the streamed bytes (pinned H2D)", pick("zstream", "cpu", "bound_step_s"),
          dict(color="black", linestyle="--", marker="")),
         ("everything on the GPU (transformers)", pick("gpu", "none"), dict(color="tab:green", marker="^")),
+        ("DeepSpeed ZeRO-Inference, 4-bit weights (cpu offload)", pick("deepspeed", "cpu", weights="int4"),
+         dict(color="tab:orange", marker="D", linestyle=":")),
+        ("zstream, int4 weights (cpu offload, every block streamed)", pick("zstream", "cpu", weights="int4"),
+         dict(color="tab:purple", marker="o", linewidth=2.5)),
+        ("PCIe bound of the int4 streamed bytes", pick("zstream", "cpu", "bound_step_s", weights="int4"),
+         dict(color="gray", linestyle="--", marker="")),
     ]
     fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
     for label, (xs, ys), style in series:
