@@ -4,6 +4,9 @@ Where a weight byte goes, in order:
   disk --(Rust reader, io_uring O_DIRECT)--> host arena (pinned)            [store.read_flat / store.fetch]
        --(one cudaMemcpyAsync per block, copy stream)--> device ring slot   [_DeviceRing._issue]
        --(views at the arena's offsets)--> family.block(...) matmuls        [StreamingModel.forward]
+With quantized weights (``quantize="int4"`` or a packed checkpoint) the slot holds the packed block, and
+``BlockQuant.dequantize`` (a Triton kernel, ``kernels.py``) turns it into the matrices on the compute stream,
+just before the matmuls.
 
 Streamed blocks go through a ring of ``prefetch + 1`` device slots. While block g computes on the compute
 stream, blocks g+1 .. g+prefetch are being copied on the copy stream; a slot is refilled only after the compute
