@@ -38,6 +38,8 @@ elements work without paying for 64-bit vector index math.
 
 ``dequantize`` runs the Triton kernel for CUDA tensors when Triton imports, and falls back to
 ``zstream.quant.dequantize`` everywhere else (CPU tensors, no Triton); ``backend`` says which one a tensor gets.
+``linear(x, qt, bias)`` is dequantize then ``F.linear``: the hook where a fused dequantize-and-matmul for decode
+would go (its docstring says what two attempts measured and why neither stayed).
 ``_triton_dequantize`` runs the kernel unconditionally: with ``TRITON_INTERPRET=1`` set before Triton is
 imported, Triton's interpreter runs it on CPU tensors, which is how ``tests/test_kernels.py`` checks the kernel's
 bits on a machine without a GPU.
@@ -45,8 +47,6 @@ bits on a machine without a GPU.
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -66,8 +66,6 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
 __all__ = ["HAS_TRITON", "backend", "dequantize", "linear"]
 
 HAS_TRITON = triton is not None
-# Triton decides at decoration time whether kernels run in its interpreter; read the same variable, once.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Output elements per program and warps per program. 4096 outputs over 4 warps is 32 outputs a thread: one 16-byte
 # load of int4 codes (two of int8) and four 16-byte fp16 stores. Measured with benches/dequant_bench.py on an H100
@@ -187,82 +185,21 @@ def _launch(qt: QuantizedTensor, out: Tensor, *, block: Optional[int] = None, nu
     )
 
 
-# ---- fused dequantize + matmul for decode (few rows) -------------------------------------------------------------
-
-LINEAR_MAX_ROWS = 16  # tl.dot's smallest tile: up to 16 rows of x cost what one does
-LINEAR_BLOCK_N = 64
-LINEAR_BLOCK_K = 128
-LINEAR_WARPS = 4
-
+# ---- linear: the hook for a fused dequantize + matmul -----------------------------------------------------------
 
 def linear(x: Tensor, qt: QuantizedTensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, dequantize(qt, x.dtype), bias)``, reading the packed weight once when that pays.
+    """``x @ W.T + bias`` with ``W = dequantize(qt, x.dtype)``: dequantize (Triton on CUDA) then ``F.linear``.
 
-    At decode (a few rows of activations) a linear layer is bound by reading its weight: dequantizing first
-    writes and rereads 2 bytes a weight, while the fused kernel reads the 0.5 (int4) or 1 (int8) packed bytes and
-    dequantizes in registers. Used for CUDA fp16/bf16 ``x`` with at most ``LINEAR_MAX_ROWS`` rows (leading dims
-    flattened); anything else (more rows: a matmul is compute-bound and cuBLAS on the dequantized weight wins;
-    float32; CPU) falls back to dequantize + ``F.linear``. Not bit-identical to the fallback: each weight is
-    rounded to ``x.dtype`` exactly as ``dequantize`` rounds it, but the products are summed in another order
-    (float32 accumulation, split over K, then one rounding to ``x.dtype``)."""
-    rows = math.prod(x.shape[:-1])
-    if (backend(qt) == "triton" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and 0 < rows <= LINEAR_MAX_ROWS):
-        return _triton_linear(x, qt, bias)
+    The place for a fused dequantize-and-matmul at decode, where reading the 0.5-1 byte packed weight once
+    beats writing and rereading 2 bytes. Two Triton versions were tried and taken out. The first (commit b1525eb:
+    nibbles interleaved, per-weight dequantization, tiles of 64 x 128) timed 0.32 ms (int4) and 0.17 ms (int8) a
+    bloom-7b1 block at 1 row on an H100, against 0.48 / 0.40 ms for this path (fp16 weights resident: 0.19 ms),
+    but its results were never checked on a GPU. The second (low and high nibbles in separate dots, scales applied
+    to the dot's result) was slower (0.44 / 0.37 ms) and gave wrong sums on the H100 (Triton 3.6),
+    deterministically, for some tilings (4 warps with 16- or 32-wide weight tiles, mostly symmetric int4), which
+    Triton's interpreter did not reproduce. Until a fused kernel is both checked on the GPU and faster, this is
+    the whole function."""
     return F.linear(x, dequantize(qt, x.dtype), bias)
-
-
-def _triton_linear(x: Tensor, qt: QuantizedTensor, bias: Optional[Tensor] = None, *,
-                   block_n: int = LINEAR_BLOCK_N, block_k: int = LINEAR_BLOCK_K, split_k: Optional[int] = None,
-                   num_warps: int = LINEAR_WARPS) -> Tensor:
-    """The fused kernel whatever the device (CPU under ``TRITON_INTERPRET=1``, for the tests).
-
-    Grid: (N / block_n) x split_k programs; each dequantizes a (block_n, K / split_k) slab of the weight tile by
-    tile and multiplies it with all rows of x (padded to 16 for ``tl.dot``), accumulating in float32. The split_k
-    partial sums go to a float32 workspace summed afterwards (deterministic, unlike atomics). split_k defaults to
-    enough programs to fill the GPU about four times over."""
-    if not HAS_TRITON:
-        raise RuntimeError("Triton is not importable")
-    if x.dtype not in (torch.float16, torch.bfloat16):  # a float32 tl.dot would run in tf32
-        raise ValueError(f"the fused kernel takes float16 or bfloat16 x, not {x.dtype}")
-    out_f, in_f = _check(qt, x.dtype)
-    if x.shape[-1] != in_f:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {in_f}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_f)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    if rows > LINEAR_MAX_ROWS:
-        raise ValueError(f"the fused kernel takes at most {LINEAR_MAX_ROWS} rows, not {rows}")
-    if block_k & (block_k - 1) or block_n & (block_n - 1) or block_k < 16 or block_n < 16:
-        raise ValueError("block_n and block_k must be powers of two >= 16")
-    k_tiles = triton.cdiv(in_f, block_k)
-    n_tiles = triton.cdiv(out_f, block_n)
-    if split_k is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-        split_k = min(k_tiles, max(1, triton.cdiv(4 * sms, n_tiles)))
-    tiles_per_split = triton.cdiv(k_tiles, split_k)
-    split_k = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
-    ws = torch.empty((split_k, rows, out_f), dtype=torch.float32, device=x.device)
-    gs = qt.group_size
-    broadcast = gs & (gs - 1) == 0
-    groups, inner = (block_k // gs, gs) if gs <= block_k else (1, block_k)
-    if rows and out_f:
-        _linear_kernel[(n_tiles, split_k)](
-            x2, qt.codes, qt.scale, qt.zero if qt.zero is not None else qt.scale, ws,
-            rows, out_f, in_f, x2.stride(0), tiles_per_split * block_k,
-            BITS=qt.bits, GROUP_SIZE=gs, HAS_ZERO=qt.zero is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            BROADCAST=broadcast, GROUPS_PER_TILE=groups, GROUP_IN_TILE=inner,
-            # Triton's interpreter multiplies bf16 dot operands as their raw uint16 bits: there, and only there,
-            # the bf16 tiles (already rounded to bf16) are widened to float32 first, which is exact.
-            DOT_F32=_INTERPRETED and x.dtype == torch.bfloat16,
-            num_warps=num_warps, enable_fp_fusion=False,
-        )
-    y = ws.sum(0) if split_k > 1 else ws[0]
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, out_f)
 
 
 if HAS_TRITON:
@@ -322,63 +259,3 @@ if HAS_TRITON:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + (0x7FFF + ((bits >> 16) & 1))
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-    @triton.jit
-    def _linear_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, ws_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BROADCAST: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
-                       GROUP_IN_TILE: tl.constexpr, DOT_F32: tl.constexpr):
-        """ws[split, :M, n-tile] = x[:M, k-slab] @ dequantize(W[n-tile, k-slab]).T, in float32."""
-        BLOCK_M: tl.constexpr = 16
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        m = tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mmask = m < M
-        nmask = n < N
-        n64 = n.to(tl.int64)  # row offsets into the packed weight can pass 2**31 bytes
-        n_groups = K // GROUP_SIZE
-        k_lo = pid_k * K_PER_SPLIT
-        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < K
-            xt = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
-            if BITS == 4:
-                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                c = tl.load(codes_ptr + n64[:, None] * (K // 2) + kb[None, :],
-                            mask=nmask[:, None] & (kb < K // 2)[None, :], other=0)
-                q = tl.reshape(tl.join(c & 0xF, c >> 4), (BLOCK_N, BLOCK_K))
-            else:
-                q = tl.load(codes_ptr + n64[:, None] * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-            q = q.to(tl.float32)
-            if not HAS_ZERO:
-                q = q - (1 << (BITS - 1))
-            if BROADCAST:
-                g = k0 // GROUP_SIZE + tl.arange(0, GROUPS_PER_TILE)
-                gidx = n64[:, None] * n_groups + g[None, :]
-                gmask = nmask[:, None] & (g * GROUP_SIZE < K)[None, :]
-                s = tl.load(scale_ptr + gidx, mask=gmask, other=0).to(tl.float32)
-                w = tl.reshape(q, (BLOCK_N, GROUPS_PER_TILE, GROUP_IN_TILE)) * s[:, :, None]
-                if HAS_ZERO:
-                    z = tl.load(zero_ptr + gidx, mask=gmask, other=0).to(tl.float32)
-                    w = w + z[:, :, None]
-                w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-            else:
-                gidx = n64[:, None] * n_groups + (k // GROUP_SIZE)[None, :]
-                wmask = nmask[:, None] & kmask[None, :]
-                w = q * tl.load(scale_ptr + gidx, mask=wmask, other=0).to(tl.float32)
-                if HAS_ZERO:
-                    w = w + tl.load(zero_ptr + gidx, mask=wmask, other=0).to(tl.float32)
-            # the weight in x's dtype, rounded as dequantize rounds it (masked entries are 0: scale and zero are 0)
-            if x_ptr.dtype.element_ty == tl.bfloat16:  # noqa: SIM108 (a compile-time branch, kept explicit)
-                w = _to_bf16_rtne(w)
-            else:
-                w = w.to(x_ptr.dtype.element_ty)
-            if DOT_F32:
-                acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(xt, tl.trans(w))
-        out = ws_ptr + pid_k * M * N + m[:, None] * N + n[None, :]
-        tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
