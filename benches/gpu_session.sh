@@ -69,6 +69,7 @@ for stage in "$@"; do
     test-quant) (cd tests && python3 -m pytest -q -p no:cacheprovider test_kernels.py test_quant.py \
                    test_quantized_models.py "test_gpu.py::test_quantized_streaming_on_the_gpu_matches_the_cpu" \
                    > "$OUT/pytest_quant.log" 2>&1; grep -E "passed|failed|Error|assert" "$OUT/pytest_quant.log" | tail -15) ;;
+    register) python3 benches/register_scaling.py "$OUT/register_scaling.json" ;;
     dequant) python3 benches/dequant_bench.py --check --json "$OUT/dequant.json" 2>&1 | tail -20 ;;
     accuracy) # after peers-int4, which saves DeepSpeed's 4-bit logits for the same tokens
       python3 benches/quant_accuracy.py bloom-7b1 --peer-logits /tmp/ds_int4_logits.pt --peer-name "deepspeed int4" \
