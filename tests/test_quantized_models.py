@@ -189,3 +189,13 @@ def test_ats_cannot_quantize(checkpoint):
     path, _ = checkpoint
     with pytest.raises(QuantizationError, match="ats"):
         zstream.load(path, offload="ats", quantize="int4", progress=False)
+
+
+def test_auto_offload_with_quantize(checkpoint):
+    """offload='auto' plans with the quantized sizes and never picks a mode that cannot quantize at load."""
+    path, ref = checkpoint
+    ids, mask = _batch(ref.config.vocab_size, seed=4)
+    model = zstream.load(path, offload="auto", device="cpu", quantize="int4", group_size=32, progress=False)
+    assert model.plan.offload in ("none", "cpu") and model.quant is not None
+    want = zstream.load(path, offload="none", device="cpu", quantize="int4", group_size=32, progress=False)
+    assert torch.equal(model(ids, mask), want(ids, mask))

@@ -159,20 +159,17 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
             store.close()
             raise QuantizationError(f"{path}: group_size {group_size} divides the input dimension of none of "
                                     f"{family.name}'s linear weights ({', '.join(family.linear_weights())})")
-    unquantized = [sum(store.info(n).nbytes for n in names.values()) for names in block_names] if packed is None \
-        else None
-    if bq is not None:
+    unquantized: Optional[List[int]] = None  # block bytes before quantization, for the plan's before/after
+    if bq is None:
+        raw = [sum(store.info(n).nbytes for n in names.values()) for names in block_names]
+    else:
         shapes = family.block_shapes()
-        itemsize = {local: ckpt_dtype.itemsize for local in shapes}
-        fp_block = sum(math.prod(shapes[local]) * ckpt_dtype.itemsize for local in shapes)
-        unquantized = [fp_block] * family.num_blocks
-        if packed is not None:  # the streaming names are the packed tensors themselves
+        unquantized = [sum(math.prod(shape) for shape in shapes.values()) * ckpt_dtype.itemsize] * family.num_blocks
+        if packed is not None:  # the store holds the packed tensors: stream them under their own names
             block_names = [bq.names(names) for names in block_names]
             raw = [sum(store.info(n).nbytes for n in names.values()) for names in block_names]
         else:
-            raw = [bq.nbytes(shapes, itemsize)] * family.num_blocks
-    else:
-        raw = list(unquantized or [])
+            raw = [bq.nbytes(shapes, {local: ckpt_dtype.itemsize for local in shapes})] * family.num_blocks
     scale = max(1.0, dtype.itemsize / ckpt_dtype.itemsize)  # converted blocks are larger on the device
     on_device = [int(b * scale) for b in raw]
     outer_bytes = int(sum(store.info(n).nbytes for n in set(outer_names.values())) * scale)
@@ -194,6 +191,15 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
             offload = "nvme"  # on the CPU, weights that do not fit host memory can only come from disk
         notes.append(f"offload='auto' chose {offload!r}: weights {fmt_bytes(total)}, KV+activations "
                      f"{fmt_bytes(reserve)}, budget {fmt_bytes(room)}")
+        if bq is not None and offload == "ats":
+            offload = "cpu"  # ats reads checkpoint weights in place: quantized blocks stream by copies instead
+            notes.append("quantized weights: offload 'cpu' instead of 'ats'")
+        if wanted is not None and packed is None and offload == "nvme":
+            store.close()
+            raise QuantizationError(f"{path}: the weights quantized ({fmt_bytes(total)}) do not fit host memory "
+                                    f"({fmt_bytes(host_available_bytes())} available), and quantize= quantizes into "
+                                    f"memory; write a quantized checkpoint with `zstream pack {path} OUT --quantize "
+                                    f"{quantize}` and load that with offload='nvme'")
         if offload == "ats":
             store.close()
             from .ats import load_ats
@@ -218,7 +224,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
                 ring_slots=min(prefetch + 1, len(streamed)) if dev.type == "cuda" else 0,
                 kv_reserve_bytes=reserve, budget_bytes=budget, notes=notes,
                 quantization=bq.cfg.describe() if bq is not None else None,
-                unquantized_block_bytes=unquantized if bq is not None else None)
+                unquantized_block_bytes=unquantized)
 
     def to_device(flat: FlatRead, names: Dict[str, str]) -> Weights:
         if dev.type == "cpu":
