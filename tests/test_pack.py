@@ -4,7 +4,6 @@ in one shard, and refuses what it must not overwrite or re-pack."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import struct
 from pathlib import Path
@@ -302,12 +301,12 @@ def test_cli_refusal_message(source, tmp_path, capsys):
     assert err.startswith("zstream: error: group size 48 divides the input dimension of no linear weight")
 
 
-def test_lazy_export_is_callable_even_after_importing_the_submodule(source, tmp_path, monkeypatch):
-    """``zstream.pack`` is the function (lazy export) or, once the import system has bound the submodule there,
-    the module, which calls the function: either way ``zstream.pack(...)`` packs."""
-    module = importlib.import_module("zstream.pack")
-    assert "pack" in zstream.__all__ and zstream.pack in (module, module.pack)
-    monkeypatch.setattr(zstream, "pack", module)  # what a fresh process that ran the CLI first would see
+def test_pack_is_the_function_even_after_the_cli_imported_its_module(source, tmp_path):
+    """The module is ``zstream.packing``, so importing it never rebinds ``zstream.pack`` (the function)."""
+    import zstream.cli
+    import zstream.packing
+
+    assert "pack" in zstream.__all__ and zstream.pack is zstream.packing.pack
     out = zstream.pack(source("tiny-opt"), tmp_path / "out", quantize="int4", device="cpu", progress=False)
     assert (out / "model.safetensors").exists()
 
@@ -325,7 +324,7 @@ def test_refuses_an_already_packed_source(source, tmp_path):
 
 
 def test_refuses_an_output_that_is_not_empty(source, tmp_path):
-    from zstream.pack import OutputExistsError
+    from zstream.packing import OutputExistsError
 
     out = tmp_path / "out"
     out.mkdir()
@@ -359,7 +358,7 @@ def test_refuses_a_bad_shard_size(source, tmp_path):
 
 
 def test_a_failure_midway_leaves_nothing_behind(source, tmp_path, monkeypatch):
-    module = importlib.import_module("zstream.pack")  # `import zstream.pack as m` gives the lazy function
+    import zstream.packing as module
 
     calls = []
     real = module._quantize
@@ -382,7 +381,7 @@ def test_a_failure_midway_leaves_nothing_behind(source, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gives_the_same_bytes_as_the_cpu(source, tmp_path):
-    from zstream.pack import _quantize
+    from zstream.packing import _quantize
 
     gen = torch.Generator().manual_seed(0)
     cuda = torch.device("cuda")

@@ -24,7 +24,7 @@ _LAZY = {
     "load": "zstream.loading",
     "plan_batch": "zstream.plan",
     "hardware": "zstream.detect",
-    "pack": "zstream.pack",
+    "pack": "zstream.packing",
 }
 _LAZY_MODULES = {"synthetic", "models", "store", "cuda"}
 

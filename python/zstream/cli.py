@@ -106,7 +106,7 @@ def cmd_make_checkpoint(a: argparse.Namespace) -> int:
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
-    from .pack import pack
+    from .packing import pack
 
     path = pack(a.model, a.out, quantize=a.quantize, group_size=a.group_size, symmetric=a.symmetric,
                 shard_size=a.shard_size, device=a.device, progress=not a.quiet)

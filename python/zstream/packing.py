@@ -31,7 +31,6 @@ import os
 import shutil
 import struct
 import sys
-import types
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -379,18 +378,3 @@ def pack(model: PathLike, out: PathLike, *, quantize: str = "int4", group_size: 
               f"({block_out / block_in:.2f}x streamed per pass), all tensors {_fmt(total_in)} -> {_fmt(total_out)} "
               f"({total_out / total_in:.2f}x)", file=sys.stderr)
     return dst
-
-
-class _PackModule(types.ModuleType):
-    """``zstream.pack`` names both this module and its function ``pack`` (a lazy export of ``zstream``). Once
-    the submodule has been imported (by the CLI, or ``from zstream.pack import ...``) the import system binds the
-    attribute ``zstream.pack`` to the module, shadowing the lazy function; calling the module calls the function,
-    so ``zstream.pack(model, out, ...)`` works whichever of the two it is."""
-
-    def __call__(self, model: PathLike, out: PathLike, **kwargs: Any) -> Path:
-        return pack(model, out, **kwargs)
-
-
-sys.modules[__name__].__class__ = _PackModule
-
-__all__ = ["OutputExistsError", "pack"]
