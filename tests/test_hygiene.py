@@ -208,3 +208,33 @@ def test_pinned_memory_returns_to_its_starting_level(tmp_path):
         gc.collect()
     assert _core.pinned_bytes() == start
     assert runtime.unregistered - start_unreg >= 100  # every read and fetch arena was unregistered
+
+
+def test_host_buffers_are_pinned_and_given_back(tmp_path):
+    """The arenas that hold weights quantized at load (``store.host_buffer``) are registered while a tensor views
+    them and unregistered when the last one dies: a model's packed blocks do not stay pinned after it is gone."""
+    runtime = fake_cuda.install()
+    start, start_unreg = _core.pinned_bytes(), runtime.unregistered
+    for _ in range(20):
+        capsule, err = _core.host_buffer(3 << 20, pin=True, flags=_core.HOST_REGISTER_PORTABLE)
+        assert err is None
+        buf = torch.from_dlpack(capsule)
+        view = buf[4096:]
+        del buf
+        assert _core.pinned_bytes() >= start + (3 << 20)  # the view keeps the arena (and its registration)
+        view.fill_(7)
+        del view, capsule
+        gc.collect()
+        assert _core.pinned_bytes() == start
+    assert runtime.unregistered - start_unreg == 20
+
+
+def test_host_buffer_without_a_runtime_stays_pageable_and_says_so():
+    from zstream.store import host_buffer
+
+    if torch.cuda.is_available():
+        pytest.skip("a real CUDA runtime is present")
+    with pytest.warns(RuntimeWarning, match="stays pageable"):
+        buf = host_buffer(1 << 20, pin=True)
+    assert buf.numel() == 1 << 20 and buf.data_ptr() % 4096 == 0
+    assert host_buffer(8, pin=False).numel() == 8  # no pinning asked: no warning

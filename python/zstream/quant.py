@@ -277,7 +277,9 @@ class BlockQuant:
             layout[name] = (size, t.dtype, tuple(t.shape))
             size += t.numel() * t.element_size()
         if dest == "pinned":
-            buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            from .store import host_buffer  # a core arena: unpinned and freed with the model, not cached by torch
+
+            buf = host_buffer(size, pin=True)
         else:
             buf = torch.empty(size, dtype=torch.uint8, device=dest)
         for name, t in tensors.items():

@@ -61,6 +61,19 @@ class TensorInfo(NamedTuple):
         return torch_dtype(self.dtype)
 
 
+def host_buffer(nbytes: int, *, pin: bool) -> torch.Tensor:
+    """A fresh page-aligned host arena of ``nbytes`` as a uint8 tensor, pinned (registered with CUDA through the
+    runtime torch loaded) when ``pin``; for bytes zstream makes rather than reads, such as weights quantized at load.
+    Unlike torch's pinned allocator, which keeps freed pinned memory cached for the process, the arena is unpinned
+    and unmapped when its last tensor dies, and it counts in ``zstream._core.pinned_bytes()``."""
+    pinned = pin and install_host_register()
+    capsule, pin_error = _core.host_buffer(nbytes, pin=pinned, flags=_core.HOST_REGISTER_PORTABLE)
+    if pin and (not pinned or pin_error):
+        why = pin_error or "no CUDA runtime is available"
+        warnings.warn(f"zstream: a host buffer of {nbytes} bytes stays pageable: {why}", RuntimeWarning, stacklevel=2)
+    return torch.from_dlpack(capsule)
+
+
 class FlatRead:
     """Tensors read into one arena, kept as one flat byte tensor (``buffer``) plus where each tensor starts.
 

@@ -139,6 +139,16 @@ fn new_arena(len: usize, pin_flags: Option<u32>, numa_node: Option<u32>) -> Resu
     Ok((arena, pin_error))
 }
 
+impl Buffer {
+    /// A one-shot buffer of `len` bytes that the caller fills itself (e.g. with weights quantized at load),
+    /// registered with CUDA when `pin_flags` is given. Unpinned on the last drop, like every arena; the error
+    /// string says why pinning was skipped, if it was.
+    pub fn host(len: usize, pin_flags: Option<u32>) -> Result<(Buffer, Option<String>)> {
+        let (arena, pin_error) = new_arena(len, pin_flags, None)?;
+        Ok((Buffer { arena: Some(arena), pool: None, pin_error: OnceLock::new() }, pin_error))
+    }
+}
+
 /// Where one requested tensor landed.
 #[derive(Debug, Clone)]
 pub struct Placed {

@@ -41,6 +41,21 @@ fn uring_unavailable_reason() -> Option<String> {
     zstream_core::reader::uring::available().err()
 }
 
+/// `(capsule, pin_error)`: a fresh page-aligned host arena of `nbytes`, as a uint8 CPU tensor capsule, registered
+/// with CUDA (`flags`) when `pin` is true and a runtime is installed. For bytes zstream makes itself rather than
+/// reads (weights quantized at load); freed, and unregistered, with the last tensor that views it.
+#[pyfunction]
+#[pyo3(signature = (nbytes, *, pin, flags=0))]
+fn host_buffer(py: Python<'_>, nbytes: usize, pin: bool, flags: u32) -> PyResult<(Py<PyAny>, Option<String>)> {
+    use crate::error::IntoPyResult;
+    let (buffer, pin_error) =
+        py.detach(|| zstream_core::store::Buffer::host(nbytes, pin.then_some(flags))).py_err(py)?;
+    let buffer = std::sync::Arc::new(buffer);
+    let device = dlpack::DLDevice { device_type: dlpack::KDL_CPU, device_id: 0 };
+    let capsule = dlpack::export(py, &buffer, 0, zstream_core::Dtype::U8, &[nbytes], device)?;
+    Ok((capsule, pin_error))
+}
+
 /// The DLPack device types the capsules can carry.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -50,6 +65,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_host_api_installed, m)?)?;
     m.add_function(wrap_pyfunction!(uring_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(pinned_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(host_buffer, m)?)?;
     m.add("KDL_CPU", dlpack::KDL_CPU)?;
     m.add("KDL_CUDA", dlpack::KDL_CUDA)?;
     m.add("HOST_REGISTER_PORTABLE", zstream_core::pin::flags::PORTABLE)?;
