@@ -5,7 +5,7 @@
     python3 benches/regression.py --update        # rewrite benches/results/cpu_ratios.json (median of --runs)
 
 Absolute times differ from machine to machine; a ratio to plain torch work measured in the same run, on the same
-CPU, does much less. The two ratios:
+CPU, does much less. The ratios:
 
 * ``store_read_vs_memcpy`` (higher is better): ``WeightStore.open(ckpt, threads=1).read(names, reader="mmap")``
   of a ~256 MiB checkpoint already in the page cache, in bytes/s, over ``dst.copy_(src)`` of as many bytes between
@@ -17,6 +17,9 @@ CPU, does much less. The two ratios:
   over the same model loaded with ``offload="none"`` (weights resident: a plain torch forward). 25 rounds of the
   two, interleaved; a round is the median of 16 steps after an 8-token prompt (fresh KV cache). A regression:
   measured / committed > 2.
+* ``int4_decode_vs_resident`` (lower is better): the same decode step with ``quantize="int4"`` (``offload="none"``:
+  every block's weights dequantized by the torch path each step, as CI's CPU runs it) over the unquantized model.
+  Rounds and the regression test as for nvme.
 
 Across samples or rounds each side takes its 10th percentile (``low``), not the median: on a shared 2-core machine
 other jobs slow some rounds of the nvme path (a woken reader thread waits a time slice for a core) and the median
@@ -62,6 +65,8 @@ RATIOS = {
                                    "checkpoint / torch dst.copy_(src) bytes/s (1 thread)"),
     "nvme_decode_vs_resident": (False, "tiny-llama fp32 decode step, offload='nvme' / offload='none' "
                                        "(device='cpu')"),
+    "int4_decode_vs_resident": (False, "tiny-llama fp32 decode step, quantize='int4' (group 32, dequantized in torch "
+                                       "every step) / unquantized, both offload='none' (device='cpu')"),
 }
 
 
@@ -177,7 +182,14 @@ def _decode_round(model: Any, steps: int, prompt: int, seed: int) -> float:
     return statistics.median(times)
 
 
-def measure_decode(d: Path, rounds: int = 25, steps: int = 16, prompt: int = 8) -> Dict[str, float]:
+DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {  # what each decode ratio loads, against offload="none"
+    "nvme": {"offload": "nvme"},
+    "int4": {"offload": "none", "quantize": "int4", "group_size": 32},
+}
+
+
+def measure_decode(d: Path, rounds: int = 25, steps: int = 16, prompt: int = 8, variant: str = "nvme"
+                   ) -> Dict[str, float]:
     import zstream
     from zstream.synthetic import make_checkpoint
 
@@ -185,9 +197,12 @@ def measure_decode(d: Path, rounds: int = 25, steps: int = 16, prompt: int = 8) 
     try:
         make_checkpoint("tiny-llama", ckpt, dtype=torch.float32, progress=False)
         with one_thread():
-            models = {o: zstream.load(ckpt, offload=o, device="cpu", progress=False) for o in ("nvme", "none")}
+            models = {variant: zstream.load(ckpt, device="cpu", progress=False, **DECODE_VARIANTS[variant]),
+                      "none": zstream.load(ckpt, offload="none", device="cpu", progress=False)}
             try:
-                assert models["nvme"].plan.streamed_blocks and not models["none"].plan.streamed_blocks
+                assert not models["none"].plan.streamed_blocks
+                assert variant != "nvme" or models["nvme"].plan.streamed_blocks
+                assert variant != "int4" or models["int4"].quant is not None
                 for m in models.values():
                     _decode_round(m, 4, prompt, seed=0)  # warm-up
                 per: Dict[str, List[float]] = {o: [] for o in models}
@@ -199,15 +214,17 @@ def measure_decode(d: Path, rounds: int = 25, steps: int = 16, prompt: int = 8) 
                     m.close()
     finally:
         shutil.rmtree(ckpt, ignore_errors=True)
-    nvme, none = low(per["nvme"]), low(per["none"])
+    other, none = low(per[variant]), low(per["none"])
     if os.environ.get("ZSTREAM_REGRESSION_DEBUG"):
         print("rounds ms:", {o: [round(x * 1e3, 3) for x in v] for o, v in per.items()})
-    return {"nvme_decode_vs_resident": nvme / none, "nvme_step_ms": nvme * 1e3, "none_step_ms": none * 1e3}
+    return {f"{variant}_decode_vs_resident": other / none, f"{variant}_step_ms": other * 1e3,
+            "none_step_ms": none * 1e3}
 
 
 MEASURES: Dict[str, Callable[[Path], Dict[str, float]]] = {
     "store_read_vs_memcpy": measure_read,
     "nvme_decode_vs_resident": measure_decode,
+    "int4_decode_vs_resident": lambda d: measure_decode(d, variant="int4"),
 }
 
 
