@@ -199,3 +199,12 @@ def test_auto_offload_with_quantize(checkpoint):
     assert model.plan.offload in ("none", "cpu") and model.quant is not None
     want = zstream.load(path, offload="none", device="cpu", quantize="int4", group_size=32, progress=False)
     assert torch.equal(model(ids, mask), want(ids, mask))
+
+
+def test_cli_info_shows_bytes_before_and_after(checkpoint, capsys):
+    from zstream.cli import main
+
+    path, _ = checkpoint
+    assert main(["info", str(path), "--offload", "cpu", "--device", "cpu", "--quantize", "int8",
+                 "--group-size", "32"]) == 0
+    assert "quantized int8, group 32, asymmetric" in capsys.readouterr().out

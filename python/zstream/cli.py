@@ -38,13 +38,17 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=int, default=2, help="blocks in flight ahead of the compute")
     p.add_argument("--max-resident-blocks", type=int, default=None, help="0 streams every block")
     p.add_argument("--download", action="store_true", help="allow downloading a repo id missing from the cache")
+    p.add_argument("--quantize", default=None, choices=["int4", "int8"],
+                   help="quantize the blocks' linear weights while loading (offload none/cpu/auto)")
+    p.add_argument("--group-size", type=int, default=64, help="inputs per quantization group (default 64)")
 
 
 def _load(a: argparse.Namespace, **extra):
     from .loading import load
 
     return load(a.model, offload=a.offload, device=a.device, dtype=_dtype(a.dtype), gpu_memory=a.gpu_memory,
-                prefetch=a.prefetch, max_resident_blocks=a.max_resident_blocks, download=a.download, **extra)
+                prefetch=a.prefetch, max_resident_blocks=a.max_resident_blocks, download=a.download,
+                quantize=a.quantize, group_size=a.group_size, **extra)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
