@@ -51,7 +51,8 @@ def run_number(name: str) -> int:
 
 def _input_files(raw: Path, prefix: str) -> Tuple[List[Path], List[Path]]:
     bench = {raw / f"{prefix}-{f}" for f in BENCH_FILES}
-    bench |= {Path(p) for p in glob.glob(str(raw / f"{prefix}-run*-bench_*.json"))}
+    # "quick" runs (gen 8, a smoke test of a final build) check a build; they do not replace the full runs' rows
+    bench |= {Path(p) for p in glob.glob(str(raw / f"{prefix}-run*-bench_*.json")) if "_quick" not in p}
     peers = {raw / f"{prefix}-{f}" for f in PEER_FILES}
     peers |= {Path(p) for p in glob.glob(str(raw / f"{prefix}-run*-peers.jsonl"))}
     missing = [p.name for p in bench | peers if not p.exists()]
