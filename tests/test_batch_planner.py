@@ -254,3 +254,55 @@ def test_plan_batch_calibrates_and_measures_on_the_cpu(tiny_bloom):
     assert [c.to_dict()["memory_bytes"] for c in same.table] == [c.to_dict()["memory_bytes"] for c in plan.table]
     probe.close()
     model.close()
+
+
+# ---- quantized blocks --------------------------------------------------------------------------------------------
+
+
+def test_quantized_plans_match_what_load_accepts(tiny_bloom, tmp_path):
+    """A packed checkpoint is planned with its packed bytes and the loader's dequantization room: every choice loads
+    under the budget with the predicted residency, and the same budget keeps more packed blocks than fp blocks."""
+    packed = zstream.pack(tiny_bloom, tmp_path / "p", quantize="int8", group_size=32, progress=False)
+    probe = zstream.load(packed, offload="nvme", device="cpu", progress=False)
+    assert probe.quant is not None
+    block = max(probe.plan.block_bytes)
+    budget = probe.plan.outer_bytes + probe.plan.kv_reserve_bytes + 3 * block + 3 * block
+    compute = compute_model(probe.family.num_blocks, per_token=1e-4)
+    plan = plan_batch(packed, gpu_memory=budget, prompt=12, gen=4, offload="nvme", device="cpu", link_gbps=1.0,
+                      compute=compute)
+    assert plan.quantize == {}  # packed: nothing to pass to load, the headers say it
+    for c in [plan.best, *plan.frontier()[::3]]:
+        assert c is not None
+        model = zstream.load(packed, progress=False, **plan.load_kwargs(c))
+        assert model.quant is not None and len(model.plan.resident_blocks) == c.resident_blocks
+        assert model.plan.kv_reserve_bytes + model.plan.resident_bytes <= budget
+        model.close()
+    fp = plan_batch(tiny_bloom, gpu_memory=budget, prompt=12, gen=4, offload="nvme", device="cpu", link_gbps=1.0,
+                    compute=compute)
+    assert plan.candidate(1, 0) is not None
+    assert max(c.resident_blocks for c in plan.table) >= max(c.resident_blocks for c in fp.table)
+    probe.close()
+
+
+def test_quantize_at_load_is_planned_and_loaded(tiny_bloom):
+    plan = plan_batch(tiny_bloom, gpu_memory="1GiB", prompt=8, gen=4, offload="none", device="cpu",
+                      quantize="int4", group_size=32, compute=compute_model(2))
+    assert plan.quantize == {"quantize": "int4", "group_size": 32, "symmetric": False}
+    model = zstream.load(tiny_bloom, progress=False, **plan.load_kwargs())
+    assert model.quant is not None and model.quant.cfg.bits == 4
+    with pytest.raises(zstream.ZStreamError, match="zstream pack"):
+        plan_batch(tiny_bloom, gpu_memory="1GiB", prompt=8, gen=4, offload="nvme", device="cpu", quantize="int4",
+                   group_size=32, compute=compute_model(2), link_gbps=1.0)
+
+
+def test_calibration_times_the_dequantization(tiny_bloom):
+    """The compute model of quantized blocks is measured with their dequantization in each block call (CPU here)."""
+    from zstream.plan import calibrate_compute
+    from zstream.quant import QuantConfig, block_quant_for
+
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    fam = model.family
+    bq = block_quant_for(QuantConfig.parse("int4", 32), fam.block_shapes(), fam.linear_weights(), torch.float32)
+    cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1, quant=bq)
+    assert "quant=int4, group 32, asymmetric" in cm.key
+    assert cm.decode_block_s(1, 8) > 0 and cm.prefill_block_s(1, 8) > 0

@@ -12,6 +12,7 @@ loader's memory arithmetic, the measured link and a compute model timed on the d
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import OutOfMemoryError
+from .quant import QuantizationError
 
 OFFLOADS = ("auto", "none", "cpu", "nvme", "ats")
 
@@ -362,7 +364,7 @@ def compute_key(family: Any, dtype: torch.dtype, device: Union[str, torch.device
 def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torch.dtype, *, max_batch: int,
                       prompt: int, gen: int, rounds: int = 5, min_sample_s: float = 0.005,
                       max_prefill_tokens: int = 32768, cache: Union[str, os.PathLike, None] = None,
-                      seed: int = 0) -> ComputeModel:
+                      seed: int = 0, quant: Any = None) -> ComputeModel:
     """Measure the compute model of ``family`` on ``device``: one block of the real shapes on random weights,
     and the per-pass work (mask, embedding, head), timed at the corners of the range the planner will ask about.
 
@@ -374,8 +376,9 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     its median kept: on a shared host the speed of launching kernels from Python drifts by up to 2x for seconds at a
     time (seen on the H100 VM), and interleaving spreads such a spell over all points instead of one.
     ``cache``: a JSON file of calibrations by key and range, read first and written after; calibrations are also
-    kept for the life of the process."""
-    from .engine import _SDPA_BACKENDS, sdpa_kernel
+    kept for the life of the process. ``quant`` (a ``quant.BlockQuant``): the block is timed as the engine runs a
+    quantized one, its packed weights dequantized before the block's matmuls."""
+    from .engine import _SDPA_BACKENDS, _local, sdpa_kernel
     from .generation import LayerCache
 
     dev = torch.device(device)
@@ -383,7 +386,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     longest = min(prompt + gen, family.max_positions)
     prompt = max(1, min(prompt, longest))
     key = (f"{compute_key(family, dtype, dev)} batch<={max_batch} prompt={prompt} gen={gen} "
-           f"prefill<={max_prefill_tokens}")
+           f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else ""))
     if key in _COMPUTE_CACHE:
         return _COMPUTE_CACHE[key]
     stored: Dict[str, Any] = {}
@@ -395,6 +398,14 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
 
     g = torch.Generator().manual_seed(seed)
     block_w = _random_weights(family, family.block_tensors(0), dtype, dev, g)
+    weights: Callable[[], Dict[str, Tensor]] = lambda: block_w  # noqa: E731
+    if quant is not None:  # the block's packed form, dequantized on every call as the engine does
+        names = family.block_tensors(0)
+        from .store import FlatRead
+
+        buf, layout = quant.pack({names[k]: v for k, v in block_w.items()}, names, work=dev, dest=dev)
+        packed_w = _local(FlatRead(buf, layout).view(), quant.names(names), dtype)
+        weights = lambda: quant.dequantize(packed_w)  # noqa: E731
     outer_w = _random_weights(family, family.outer_tensors(), dtype, dev, g)
     C, nkv, hs = family.hidden_size, family.num_kv_heads, family.head_dim
 
@@ -406,7 +417,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         cache = LayerCache(torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev),          # (B, nkv, L, hs)
                            torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev))
         ctx = family.context(torch.ones(B, S, dtype=torch.long, device=dev), T, dtype)
-        return _seconds(lambda: family.block(block_w, hidden, cache, ctx), dev, min_sample_s)
+        return _seconds(lambda: family.block(weights(), hidden, cache, ctx), dev, min_sample_s)
 
     def time_outer(B: int, T: int, S: int) -> float:
         """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
@@ -603,6 +614,7 @@ class BatchPlan:
     device: str = ""
     dtype: Optional[torch.dtype] = None
     link: str = ""                  # what the link is ("pinned host-to-device", "disk read (O_DIRECT)", given)
+    quantize: Dict[str, Any] = field(default_factory=dict)  # load's quantize arguments (empty: none, or packed)
 
     def candidate(self, batch: int, resident: int) -> Optional[Candidate]:
         for c in self.table:
@@ -642,6 +654,7 @@ class BatchPlan:
             kw["device"] = self.device
         if self.dtype is not None:
             kw["dtype"] = self.dtype
+        kw.update(self.quantize)
         return kw
 
     def summary(self, rows: Optional[List[int]] = None) -> str:
@@ -710,7 +723,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                offload: str = "cpu", device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                prefetch: int = 2, link_gbps: Optional[float] = None, compute: Optional[ComputeModel] = None,
                max_batch: int = 1024, cache: Union[str, os.PathLike, None] = None,
-               step_overhead_s: float = 0.0) -> BatchPlan:
+               step_overhead_s: float = 0.0, quantize: Optional[str] = None, group_size: int = 64,
+               symmetric: bool = False) -> BatchPlan:
     """The batch and residency that maximise tokens/s for a budget, predicted from measurements made now.
 
     ``model``: a checkpoint directory (only its headers are read) or a model ``zstream.load`` returned (its plan's
@@ -718,7 +732,9 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     ``offload``: the mode that may stream ("cpu", "nvme", "auto"), or "none". The link is measured as the loader
     measures it (pinned host-to-device copies; for nvme the slower of that and an O_DIRECT read of a few blocks)
     unless ``link_gbps`` is given; the compute is calibrated on the device (``calibrate_compute``) unless given.
-    ``zstream.load(path, **plan.load_kwargs())`` then loads the chosen configuration."""
+    ``zstream.load(path, **plan.load_kwargs())`` then loads the chosen configuration. Quantized blocks (a packed
+    checkpoint, a loaded quantized model, or ``quantize=`` as ``load`` takes it) are planned with their packed bytes,
+    the room ``load`` keeps for one dequantized block, and a compute model that times the dequantization too."""
     from .loading import _default_device, _measure_link, resolve_checkpoint
     from .models import family_for
     from .store import WeightStore
@@ -726,8 +742,6 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     if offload not in ("auto", "none", "cpu", "nvme"):
         raise ValueError(f"offload must be one of auto, none, cpu, nvme for planning, not {offload!r}")
     loaded = hasattr(model, "plan") and hasattr(model, "family")
-    if loaded and getattr(model, "quant", None) is not None:
-        raise NotImplementedError("plan_batch does not model quantized blocks yet (their dequantization)")
     if loaded:
         dev = torch.device(model.plan.device)
         family, store = model.family, model.store
@@ -744,16 +758,23 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     try:
         block_names = [family.block_tensors(i) for i in range(family.num_blocks)]
         outer_names = family.outer_tensors()
-        missing = [n for n in block_names[0].values() if n not in store] if block_names else []
-        if missing:
-            raise NotImplementedError(f"plan_batch: {missing[0]} is not in the checkpoint (a packed, quantized "
-                                      "checkpoint?): quantized blocks are not modelled yet")
-        raw = [sum(store.info(n).nbytes for n in names.values()) for names in block_names]
         ckpt_dtype = store.info(next(iter(outer_names.values()))).torch_dtype
         if dtype is None:
             dtype = ckpt_dtype if dev.type == "cuda" else torch.float32
+        bq, packed = _block_quant(model if loaded else None, store, family, dtype, quantize, group_size, symmetric)
+        if bq is not None and packed:
+            block_names = [bq.names(names) for names in block_names]
+        if bq is not None and not packed:  # quantized in memory at load: packed sizes from the shapes
+            shapes = family.block_shapes()
+            raw = [bq.nbytes(shapes, {k: ckpt_dtype.itemsize for k in shapes})] * family.num_blocks
+        else:
+            raw = [sum(store.info(n).nbytes for n in names.values()) for names in block_names]
         outer = sum(store.info(n).nbytes for n in set(outer_names.values()))
         sizes = ModelSizes.of_family(family, raw, outer, dtype, ckpt_dtype)
+        if bq is not None:  # as load: room for one block's dequantized weights while it computes
+            workspace = sum(math.prod(s) for s in bq.shapes.values()) * dtype.itemsize
+            base = sizes.reserve
+            sizes.reserve = lambda batch, seq: base(batch, seq) + workspace
 
         budget = parse_bytes(gpu_memory)
         if budget is None and loaded:
@@ -767,6 +788,9 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
             stream = "nvme" if dev.type == "cpu" or host_available_bytes() < sum(raw) else "cpu"
         elif offload == "nvme" or (offload == "cpu" and dev.type == "cuda"):
             stream = offload
+        if bq is not None and not packed and stream == "nvme":
+            raise QuantizationError("quantize= quantizes into memory at load, so nothing quantized can stream from "
+                                    "disk: plan a checkpoint written by `zstream pack` for offload='nvme'")
         # offload="cpu" on the CPU keeps every block in host memory: nothing streams (as ``load`` does)
         link = "given"
         if stream is not None and link_gbps is None:
@@ -778,14 +802,41 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
             seq = min(prompt + gen, family.max_positions)
             fits = _fitting(sizes, budget, seq, prefetch + 1, stream is not None, max_batch)
             compute = calibrate_compute(family, dev, dtype, max_batch=max((b for b, _, _ in fits), default=1),
-                                        prompt=prompt, gen=gen, cache=cache)
+                                        prompt=prompt, gen=gen, cache=cache, quant=bq)
     finally:
         if not loaded:
             store.close()
     plan = choose_batch(sizes, compute, budget=budget, prompt=prompt, gen=gen, link_gbps=link_gbps, stream=stream,
                         prefetch=prefetch, max_batch=max_batch, step_overhead_s=step_overhead_s)
     plan.device, plan.dtype, plan.link = str(dev), dtype, link if stream is not None else ""
+    if bq is not None and not packed and not loaded:
+        plan.quantize = {"quantize": bq.cfg.name, "group_size": bq.cfg.group_size, "symmetric": bq.cfg.symmetric}
     return plan
+
+
+def _block_quant(model: Any, store: Any, family: Any, dtype: torch.dtype, quantize: Optional[str], group_size: int,
+                 symmetric: bool) -> Tuple[Any, bool]:
+    """(the BlockQuant the loader would use, whether the store holds the packed tensors): a loaded model's own; a
+    packed checkpoint's (its headers); ``quantize=`` for one quantized at load; (None, False) for fp weights."""
+    from .quant import CODES, QuantConfig, block_quant_for
+
+    if model is not None:
+        bq = getattr(model, "quant", None)
+        if bq is None:
+            return None, False
+        first = family.block_tensors(0)
+        return bq, all(first[local] + CODES in store for local in bq.shapes)
+    packed = QuantConfig.from_metadata(store.metadata(), where="plan_batch")
+    wanted = QuantConfig.parse(quantize, group_size, symmetric)
+    if packed is not None:
+        if wanted is not None and wanted != packed:
+            raise QuantizationError(f"the checkpoint is packed as {packed}; plan it without quantize=")
+        first = family.block_tensors(0)
+        present = {local: first[local] + CODES in store for local in family.linear_weights()}
+        return block_quant_for(packed, family.block_shapes(), family.linear_weights(), dtype, present), True
+    if wanted is None:
+        return None, False
+    return block_quant_for(wanted, family.block_shapes(), family.linear_weights(), dtype), False
 
 
 
