@@ -367,7 +367,7 @@ def main(a: argparse.Namespace) -> int:
     batches = [int(x) for x in str(a.batch).split(",")]
     budgets = [x or None for x in str(a.gpu_memory).split(",")] if a.gpu_memory else [None]
     rows: List[Dict[str, Any]] = []
-    meta: Dict[str, Any] = {"model": str(path), "device": device, "host": platform.node(),
+    meta: Dict[str, Any] = {"model": path.name, "device": device, "host": platform.node(),
                             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if device.startswith("cuda"):
         meta["card"] = torch.cuda.get_device_name()
