@@ -58,7 +58,8 @@ def check(calib: Path, step_overhead_s: float) -> List[Dict[str, Any]]:
     print(f"{'source':42} {'offload':7} {'budget':>6} {'batch':>5} {'res':>3} {'step ms':>8} {'pred':>7} {'ratio':>6} "
           f"{'prefill ms':>10} {'pred':>7} {'ratio':>6}")
     rows = [r for r in json.loads(COMBINED.read_text()) if r["model"] == "bloom-7b1" and r["system"] == "zstream"
-            and r["offload"] in ("none", "cpu") and r["streamed_blocks"] is not None]
+            and r["offload"] in ("none", "cpu") and r["streamed_blocks"] is not None
+            and r.get("weights", "fp16") == "fp16"]  # the calibration is of fp16 blocks
     for r in rows:
         tm = ThroughputModel(compute, sizes.block_bytes, r["bound_gbps"], 3, step_overhead_s)
         step, _, _ = tm.decode_step(r["batch"], r["resident_blocks"], r["prompt"] + r["gen"] / 2)
