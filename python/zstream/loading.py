@@ -131,41 +131,28 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     store = WeightStore.open(path, reader=reader, pin=dev.type == "cuda" and streaming and wanted is None,
                              workers=READ_CONCURRENCY, threads=min(16, os.cpu_count() or 8))
     family = family_for(config, store.names())
-    packed = QuantConfig.from_metadata(store.metadata(), where=str(path))
-    if packed is not None and wanted is not None and wanted != packed:
-        store.close()
-        raise QuantizationError(f"{path} is packed as {packed}; it cannot be loaded with quantize={quantize!r}, "
-                                f"group_size={group_size}, symmetric={symmetric} (leave quantize unset)")
-    family.validate(_tensor_infos(store, family, packed))
-
     block_names = [family.block_tensors(i) for i in range(family.num_blocks)]
     outer_names = family.outer_tensors()
     ckpt_dtype = store.info(next(iter(outer_names.values()))).torch_dtype
     if dtype is None:
         dtype = ckpt_dtype if dev.type == "cuda" else torch.float32
-    bq: Optional[BlockQuant] = None
-    if packed is not None:
-        first = block_names[0] if block_names else {}
-        bq = block_quant_for(packed, family.block_shapes(), family.linear_weights(), dtype,
-                             present={local: first[local] + CODES in store for local in family.linear_weights()})
-    elif wanted is not None:
-        if offload in ("nvme", "ats"):
-            store.close()
+    try:
+        bq, packed = checkpoint_quant(store, family, dtype, wanted, where=str(path))
+        if bq is not None and not packed and offload in ("nvme", "ats"):
             raise QuantizationError(f"{path}: quantize={quantize!r} quantizes while loading into memory, so it "
                                     f"works with offload 'none', 'cpu' or 'auto'; for offload={offload!r} write a "
                                     f"quantized checkpoint once with `zstream pack {path} OUT --quantize {quantize}`")
-        bq = block_quant_for(wanted, family.block_shapes(), family.linear_weights(), dtype)
-        if not bq.shapes:
-            store.close()
-            raise QuantizationError(f"{path}: group_size {group_size} divides the input dimension of none of "
-                                    f"{family.name}'s linear weights ({', '.join(family.linear_weights())})")
+        family.validate(_tensor_infos(store, family, bq.cfg if packed and bq is not None else None))
+    except Exception:
+        store.close()
+        raise
     unquantized: Optional[List[int]] = None  # block bytes before quantization, for the plan's before/after
     if bq is None:
         raw = [sum(store.info(n).nbytes for n in names.values()) for names in block_names]
     else:
         shapes = family.block_shapes()
         unquantized = [sum(math.prod(shape) for shape in shapes.values()) * ckpt_dtype.itemsize] * family.num_blocks
-        if packed is not None:  # the store holds the packed tensors: stream them under their own names
+        if packed:  # the store holds the packed tensors: stream them under their own names
             block_names = [bq.names(names) for names in block_names]
             raw = [sum(store.info(n).nbytes for n in names.values()) for names in block_names]
         else:
@@ -176,7 +163,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
     seq = min(max_seq_len or 2048, family.max_positions)
     reserve = _reserve_bytes(family, max_batch, seq, dtype)
     if bq is not None:  # a block's weights exist dequantized while it computes
-        reserve += sum(math.prod(s) for s in bq.shapes.values()) * dtype.itemsize
+        reserve += bq.dequantized_nbytes
     total = outer_bytes + sum(on_device)
 
     budget = parse_bytes(gpu_memory)
@@ -194,7 +181,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
         if bq is not None and offload == "ats":
             offload = "cpu"  # ats reads checkpoint weights in place: quantized blocks stream by copies instead
             notes.append("quantized weights: offload 'cpu' instead of 'ats'")
-        if wanted is not None and packed is None and offload == "nvme":
+        if bq is not None and not packed and offload == "nvme":
             store.close()
             raise QuantizationError(f"{path}: the weights quantized ({fmt_bytes(total)}) do not fit host memory "
                                     f"({fmt_bytes(host_available_bytes())} available), and quantize= quantizes into "
@@ -245,7 +232,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Optio
             bar.update(sum(store.info(n).nbytes for n in set(names.values())))
         return flat
 
-    quantize_now = bq is not None and packed is None
+    quantize_now = bq is not None and not packed
     if quantize_now:
         assert bq is not None
         fp_names = block_names
@@ -311,6 +298,29 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[int], FlatRead], items:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def checkpoint_quant(store: WeightStore, family: Family, dtype: torch.dtype, wanted: Optional[QuantConfig], *,
+                     where: str) -> tuple[Optional[BlockQuant], bool]:
+    """(how a checkpoint's blocks are quantized, whether the store holds them packed). A packed checkpoint's headers
+    decide, and a different ``wanted`` is refused; otherwise ``wanted`` (quantized at load), refused if its group
+    size divides none of the linear weights; otherwise (None, False). ``load`` and ``plan_batch`` both ask here."""
+    packed = QuantConfig.from_metadata(store.metadata(), where=where)
+    linear, shapes = family.linear_weights(), family.block_shapes()
+    if packed is not None:
+        if wanted is not None and wanted != packed:
+            raise QuantizationError(f"{where} is packed as {packed.describe()}; it cannot be loaded as "
+                                    f"{wanted.describe()} (leave quantize unset)")
+        first = family.block_tensors(0) if family.num_blocks else {}
+        present = {local: local in first and first[local] + CODES in store for local in linear}
+        return block_quant_for(packed, shapes, linear, dtype, present), True
+    if wanted is None:
+        return None, False
+    bq = block_quant_for(wanted, shapes, linear, dtype)
+    if not bq.shapes:
+        raise QuantizationError(f"{where}: group_size {wanted.group_size} divides the input dimension of none of "
+                                f"{family.name}'s linear weights ({', '.join(linear)})")
+    return bq, False
 
 
 def _tensor_infos(store: WeightStore, family: Family, packed: Optional[QuantConfig]) -> Dict[str, Any]:

@@ -12,7 +12,6 @@ loader's memory arithmetic, the measured link and a compute model timed on the d
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import statistics
@@ -772,7 +771,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
         outer = sum(store.info(n).nbytes for n in set(outer_names.values()))
         sizes = ModelSizes.of_family(family, raw, outer, dtype, ckpt_dtype)
         if bq is not None:  # as load: room for one block's dequantized weights while it computes
-            workspace = sum(math.prod(s) for s in bq.shapes.values()) * dtype.itemsize
+            workspace = bq.dequantized_nbytes
             base = sizes.reserve
             sizes.reserve = lambda batch, seq: base(batch, seq) + workspace
 
@@ -816,28 +815,16 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
 
 def _block_quant(model: Any, store: Any, family: Any, dtype: torch.dtype, quantize: Optional[str], group_size: int,
                  symmetric: bool) -> Tuple[Any, bool]:
-    """(the BlockQuant the loader would use, whether the store holds the packed tensors): a loaded model's own; a
-    packed checkpoint's (its headers); ``quantize=`` for one quantized at load; (None, False) for fp weights."""
-    from .quant import CODES, QuantConfig, block_quant_for
+    """(the BlockQuant the loader would use, whether the store holds the packed tensors): a loaded model's own, else
+    what ``loading.checkpoint_quant`` says of the checkpoint and ``quantize=``."""
+    from .loading import checkpoint_quant
+    from .quant import QuantConfig
 
     if model is not None:
         bq = getattr(model, "quant", None)
-        if bq is None:
-            return None, False
-        first = family.block_tensors(0)
-        return bq, all(first[local] + CODES in store for local in bq.shapes)
-    packed = QuantConfig.from_metadata(store.metadata(), where="plan_batch")
-    wanted = QuantConfig.parse(quantize, group_size, symmetric)
-    if packed is not None:
-        if wanted is not None and wanted != packed:
-            raise QuantizationError(f"the checkpoint is packed as {packed}; plan it without quantize=")
-        first = family.block_tensors(0)
-        present = {local: first[local] + CODES in store for local in family.linear_weights()}
-        return block_quant_for(packed, family.block_shapes(), family.linear_weights(), dtype, present), True
-    if wanted is None:
-        return None, False
-    return block_quant_for(wanted, family.block_shapes(), family.linear_weights(), dtype), False
-
+        return bq, bq is not None and model.block_tensors(0) != family.block_tensors(0)
+    return checkpoint_quant(store, family, dtype, QuantConfig.parse(quantize, group_size, symmetric),
+                            where="plan_batch")
 
 
 def _fitting(sizes: ModelSizes, budget: Optional[int], seq: int, slots: int, stream: bool,

@@ -227,6 +227,11 @@ class BlockQuant:
     shapes: Dict[str, Tuple[int, int]]
     dtype: torch.dtype
 
+    @property
+    def dequantized_nbytes(self) -> int:
+        """Device bytes of one block's quantized weights once dequantized (they exist while the block computes)."""
+        return sum(math.prod(s) for s in self.shapes.values()) * self.dtype.itemsize
+
     def names(self, block: Mapping[str, str]) -> Dict[str, str]:
         """A block's {local: checkpoint name} with each quantized weight replaced by its packed tensors."""
         out: Dict[str, str] = {}
