@@ -295,10 +295,13 @@ def test_quantize_at_load_is_planned_and_loaded(tiny_bloom):
                    group_size=32, compute=compute_model(2), link_gbps=1.0)
 
 
-def test_calibration_times_the_dequantization(tiny_bloom):
-    """The compute model of quantized blocks is measured with their dequantization in each block call (CPU here)."""
+def test_calibration_times_the_dequantization(tiny_bloom, monkeypatch):
+    """The compute model of quantized blocks is measured with their dequantization in each block call (CPU here):
+    a dequantization made 20 ms slower shows up in every block's time."""
+    import time
+
     from zstream.plan import calibrate_compute
-    from zstream.quant import QuantConfig, block_quant_for
+    from zstream.quant import BlockQuant, QuantConfig, block_quant_for
 
     model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
     fam = model.family
@@ -306,3 +309,12 @@ def test_calibration_times_the_dequantization(tiny_bloom):
     cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1, quant=bq)
     assert "quant=int4, group 32, asymmetric" in cm.key
     assert cm.decode_block_s(1, 8) > 0 and cm.prefill_block_s(1, 8) > 0
+    real = BlockQuant.dequantize
+
+    def slow(self, w):
+        time.sleep(0.02)
+        return real(self, w)
+
+    monkeypatch.setattr(BlockQuant, "dequantize", slow)
+    cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=3, rounds=1, quant=bq)
+    assert cm.decode_block_s(1, 8) >= 0.015 and cm.prefill_block_s(1, 8) >= 0.015
