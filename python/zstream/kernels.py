@@ -68,8 +68,9 @@ __all__ = ["HAS_TRITON", "backend", "dequantize", "linear"]
 HAS_TRITON = triton is not None
 
 # Output elements per program and warps per program. 4096 outputs over 4 warps is 32 outputs a thread: one 16-byte
-# load of int4 codes (two of int8) and four 16-byte fp16 stores. Measured with benches/dequant_bench.py on an H100
-# (torch 2.11, Triton 3.6; group 64, fp16 out), a bloom-7b1 block: int4 0.19 ms (2.1 TB/s of output, 2.7 TB/s
+# load of int4 codes (two of int8) and four 16-byte fp16 stores. Measured while tuning, with benches/dequant_bench.py
+# on an H100 (torch 2.11, Triton 3.6; group 64, fp16 out; these tuning runs are not kept in benches/results, run 15's
+# is: 0.31 ms for the int4 block), a bloom-7b1 block: int4 0.19 ms (2.1 TB/s of output, 2.7 TB/s
 # moved: 91% of a 3.0 TB/s device-to-device copy), int8 0.23 ms; the torch code 3.2 / 2.7 ms. Every block size
 # from 1024 to 16384 at 4 or 8 warps was within 3% of this one, except 1024 at 8 warps (-18%); the per-element
 # scale gather (--gather) was 10-20% slower at these sizes and up to 2x slower at 8192+, hence per-group loads for

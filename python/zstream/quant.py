@@ -263,7 +263,7 @@ class BlockQuant:
         """Quantize one block read in its checkpoint dtype into one buffer laid out like a packed checkpoint's block.
 
         ``views``: {checkpoint name: tensor} of the block (host memory); ``work``: where quantization runs (the GPU
-        when there is one: ~9x faster than 16 CPU cores, docs/quantization.md); ``dest``: a device, or "pinned" for
+        when there is one); ``dest``: a device, or "pinned" for
         page-locked host memory that streams to the GPU at the link's speed. Returns (uint8 buffer, layout) with
         the layout {checkpoint name: (offset, dtype, shape)} that ``store.FlatRead`` takes.
         """
