@@ -1,7 +1,20 @@
-"""The zstream exception hierarchy.
+"""The zstream exception hierarchy: every exception class zstream defines lives here.
 
-Every error zstream raises on purpose is a ``ZStreamError``; its message names the file (or model) and the fault.
-The Rust core raises these same classes (``rust/zstream-py/src/error.rs`` maps its errors onto them).
+Every error zstream raises on purpose is a ``ZStreamError``; its message names the file, model or value and the
+fault, and where there is one, the fix. The Rust core raises these same classes (``rust/zstream-py/src/error.rs``
+maps its errors onto them). Classes that stand for a kind of built-in error also derive from it (a ``ReadError``
+is an ``OSError``, a ``UsageError`` a ``ValueError``), so ``except OSError`` and friends keep working.
+
+    ZStreamError
+    ├── UsageError             an argument zstream cannot use (also ValueError)
+    ├── CheckpointError        a malformed checkpoint: header, index, shards
+    ├── ReadError              reading weights failed (also OSError)
+    │   └── ReadTimeoutError   ... because a wait ran past its timeout (also TimeoutError)
+    ├── ModelError             a model cannot be built or run: architecture, config, tensors, lengths
+    │   └── ModelClosedError   the model was closed
+    ├── QuantizationError      a tensor or checkpoint cannot be quantized as asked (also ValueError)
+    ├── OutOfMemoryError       GPU or pinned host memory ran out (also MemoryError)
+    └── OutputExistsError      an output directory already holds something (also FileExistsError)
 """
 
 from __future__ import annotations
@@ -9,6 +22,10 @@ from __future__ import annotations
 
 class ZStreamError(Exception):
     """Base class of every error zstream raises on purpose."""
+
+
+class UsageError(ZStreamError, ValueError):
+    """An argument zstream cannot use: the message names the value and what to pass instead."""
 
 
 class CheckpointError(ZStreamError):
@@ -32,19 +49,31 @@ class ReadError(ZStreamError, OSError):
         return str(self.args[0])
 
 
+class ReadTimeoutError(ReadError, TimeoutError):
+    """A wait for a read ran past its timeout; the read itself goes on in the background."""
+
+
 class ModelError(ZStreamError):
-    """A model cannot be built: unsupported architecture, missing config keys, tensors that disagree."""
+    """A model cannot be built or run: unsupported architecture, missing config keys, tensors that disagree."""
+
+
+class ModelClosedError(ModelError):
+    """The model was closed (``close()``, or the end of its ``with`` block): load it again to use it."""
+
+
+class QuantizationError(ZStreamError, ValueError):
+    """A tensor cannot be quantized as asked (non-finite values, a shape the group size does not divide), or a
+    checkpoint's quantization does not fit the request."""
 
 
 class OutOfMemoryError(ZStreamError, MemoryError):
     """GPU or pinned host memory ran out; the message says which ``gpu_memory`` or ``offload`` would fit."""
 
 
-__all__ = ["CheckpointError", "ModelError", "OutOfMemoryError", "ReadError", "ZStreamError"]
+class OutputExistsError(ZStreamError, FileExistsError):
+    """A command that writes a new checkpoint was pointed at an output that already holds something; zstream never
+    overwrites."""
 
 
-class ReadTimeoutError(ReadError, TimeoutError):
-    """A wait for a read ran past its timeout; the read itself goes on in the background."""
-
-
-__all__ += ["ReadTimeoutError"]
+__all__ = ["CheckpointError", "ModelClosedError", "ModelError", "OutOfMemoryError", "OutputExistsError",
+           "QuantizationError", "ReadError", "ReadTimeoutError", "UsageError", "ZStreamError"]

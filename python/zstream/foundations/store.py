@@ -7,7 +7,7 @@
     ...; del weights; ticket.release()                      # the slot returns once nothing views it
 
 Where a byte goes: ``rust/zstream-core/src/reader`` reads it into an arena (``arena.rs``), pinned through
-``zstream.cuda``; ``rust/zstream-py/src/dlpack.rs`` hands it to torch here, in ``_to_torch``.
+``zstream.foundations.cuda``; ``rust/zstream-py/src/dlpack.rs`` hands it to torch here, in ``_to_torch``.
 """
 
 from __future__ import annotations
@@ -20,33 +20,10 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import _core
+from .. import _core
+from ..errors import ReadError
 from .cuda import install_host_register
-from .errors import ReadError
-
-Readers = ("auto", "uring", "pread", "mmap")
-
-# Safetensors dtypes that DLPack carries as raw bytes and torch views afterwards.
-_VIEW_AS = {
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}
-
-_TORCH_DTYPE = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
-    "U64": getattr(torch, "uint64", None), **_VIEW_AS,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name."""
-    dt = _TORCH_DTYPE.get(name)
-    if dt is None:
-        raise TypeError(f"this torch ({torch.__version__}) has no dtype for safetensors {name}")
-    return dt
-
+from .units import VIEWED_DTYPES, torch_dtype
 
 class TensorInfo(NamedTuple):
     name: str
@@ -112,10 +89,8 @@ def _to_torch(capsules: dict[str, object], meta: dict[str, tuple[str, tuple[int,
     out = {}
     for name, capsule in capsules.items():
         t = torch.from_dlpack(capsule)  # adopts the arena memory: no copy
-        view = _VIEW_AS.get(meta[name][0])
-        if view is not None:
-            t = t.view(view)
-        out[name] = t
+        dtype = meta[name][0]
+        out[name] = t.view(torch_dtype(dtype)) if dtype in VIEWED_DTYPES else t
     return out
 
 

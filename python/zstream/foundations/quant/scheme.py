@@ -1,4 +1,4 @@
-"""Group-wise int8 / int4 weight quantization: the scheme that quantized streaming (issue 7) builds on.
+"""Group-wise int8 / int4 weight quantization: the scheme, and the torch reference of its arithmetic.
 
 A weight (out, in) is cut into groups of ``group_size`` consecutive inputs per output row. Each group keeps an fp16
 ``scale`` and, for the asymmetric scheme, an fp16 ``zero`` (the group's minimum, so a range that does not include
@@ -36,17 +36,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .errors import ZStreamError
-
-
-class QuantizationError(ZStreamError, ValueError):
-    """A tensor cannot be quantized as asked (non-finite values, a shape the group size does not divide)."""
-
+from ...errors import QuantizationError
 
 METADATA_KEY = "zstream.quantization"
 FORMAT_VERSION = 1
@@ -208,99 +203,3 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float16) -> Tenso
     scale = qt.scale.float()[..., None]
     w = q * scale + qt.zero.float()[..., None] if qt.zero is not None else (q - 2 ** (qt.bits - 1)) * scale
     return w.reshape(out_f, in_f).to(dtype)
-
-
-# ---- whole blocks: what the loader and the engine use ---------------------------------------------------------
-
-PACKED_ALIGN = 256  # each packed tensor starts 256-byte aligned in a block buffer (vector loads, cuBLAS)
-
-
-@dataclass
-class BlockQuant:
-    """Which weights of a block are packed, and how to turn them back into matrices in the slot.
-
-    The same for every block of a model (families repeat one block). ``shapes`` maps the local name of each
-    quantized weight to its (out, in) shape; ``dtype`` is the compute dtype the weights are dequantized to.
-    """
-
-    cfg: QuantConfig
-    shapes: Dict[str, Tuple[int, int]]
-    dtype: torch.dtype
-
-    @property
-    def dequantized_nbytes(self) -> int:
-        """Device bytes of one block's quantized weights once dequantized (they exist while the block computes)."""
-        return sum(math.prod(s) for s in self.shapes.values()) * self.dtype.itemsize
-
-    def names(self, block: Mapping[str, str]) -> Dict[str, str]:
-        """A block's {local: checkpoint name} with each quantized weight replaced by its packed tensors."""
-        out: Dict[str, str] = {}
-        for local, ckpt in block.items():
-            if local in self.shapes:
-                for suffix in self.cfg.packed("", self.shapes[local]):
-                    out[local + suffix] = ckpt + suffix
-            else:
-                out[local] = ckpt
-        return out
-
-    def nbytes(self, block: Mapping[str, Tuple[int, ...]], itemsize: Mapping[str, int]) -> int:
-        """Packed bytes of a block given {local: shape} and {local: bytes per element} of its tensors."""
-        return sum(self.cfg.packed_nbytes(self.shapes[local]) if local in self.shapes  # type: ignore[arg-type]
-                   else math.prod(shape) * itemsize[local] for local, shape in block.items())
-
-    def dequantize(self, w: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        """The block's weights for its matmuls: packed weights dequantized (on their device: the GPU slot, or the
-        CPU), everything else passed through."""
-        from .kernels import dequantize as dequantize_kernel  # Triton on CUDA, torch elsewhere
-
-        out = {k: v for k, v in w.items() if not k.endswith((CODES, SCALE, ZERO))}
-        for local, shape in self.shapes.items():
-            out[local] = dequantize_kernel(QuantizedTensor.from_tensors(w, local, shape, self.cfg), self.dtype)
-        return out
-
-    def pack(self, views: Mapping[str, Tensor], block: Mapping[str, str], *, work: torch.device,
-             dest: Union[torch.device, str]) -> Tuple[Tensor, Dict[str, Tuple[int, torch.dtype, Tuple[int, ...]]]]:
-        """Quantize one block read in its checkpoint dtype into one buffer laid out like a packed checkpoint's block.
-
-        ``views``: {checkpoint name: tensor} of the block (host memory); ``work``: where quantization runs (the GPU
-        when there is one); ``dest``: a device, or "pinned" for
-        page-locked host memory that streams to the GPU at the link's speed. Returns (uint8 buffer, layout) with
-        the layout {checkpoint name: (offset, dtype, shape)} that ``store.FlatRead`` takes.
-        """
-        tensors: Dict[str, Tensor] = {}
-        for local, ckpt in block.items():
-            if local in self.shapes:
-                w = views[ckpt].to(work, non_blocking=False)
-                qt = quantize(w, self.cfg.bits, self.cfg.group_size, self.cfg.symmetric)
-                tensors.update(qt.tensors(ckpt))
-            else:
-                tensors[ckpt] = views[ckpt]
-        layout: Dict[str, Tuple[int, torch.dtype, Tuple[int, ...]]] = {}
-        size = 0
-        for name, t in tensors.items():
-            size = -(-size // PACKED_ALIGN) * PACKED_ALIGN
-            layout[name] = (size, t.dtype, tuple(t.shape))
-            size += t.numel() * t.element_size()
-        if dest == "pinned":
-            from .store import host_buffer  # a core arena: unpinned and freed with the model, not cached by torch
-
-            buf = host_buffer(size, pin=True)
-        else:
-            buf = torch.empty(size, dtype=torch.uint8, device=dest)
-        for name, t in tensors.items():
-            off, dt, shape = layout[name]
-            buf[off:off + t.numel() * t.element_size()].view(dt).view(shape).copy_(t)
-        return buf, layout
-
-
-def block_quant_for(cfg: QuantConfig, block_shapes: Mapping[str, Tuple[int, ...]], linear: Tuple[str, ...],
-                    dtype: torch.dtype, present: Optional[Mapping[str, bool]] = None) -> BlockQuant:
-    """The BlockQuant of a family's block: its linear weights whose input dimension the group size divides (or,
-    for a packed checkpoint, those ``present`` says were packed)."""
-    shapes: Dict[str, Tuple[int, int]] = {}
-    for local in linear:
-        shape = tuple(block_shapes[local])
-        packed = present[local] if present is not None else cfg.accepts(shape)
-        if packed:
-            shapes[local] = (int(shape[0]), int(shape[1]))
-    return BlockQuant(cfg, shapes, dtype)

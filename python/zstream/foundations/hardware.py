@@ -1,4 +1,5 @@
-"""``zstream.hardware()``: what this GPU can do with host memory, read from the CUDA driver (module ``detect``).
+"""``zstream.hardware()``: what this GPU can do with host memory, read from the CUDA driver; and which device a
+``device=`` argument means (``resolve_device``: the one place that decides it).
 
 The attributes come from ``libcuda`` through ctypes (``cuDeviceGetAttribute``): zstream never links CUDA. The link
 comes from sysfs (PCIe generation and width) or from the attributes (NVLink-C2C: the GPU uses the host's page
@@ -12,7 +13,13 @@ import functools
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
+
+from ..errors import UsageError
+from .measure import measure_h2d
+
+if TYPE_CHECKING:
+    import torch
 
 # CUdevice_attribute values (cuda.h)
 ATTR = {
@@ -154,20 +161,28 @@ def hardware(device: int = 0, measure: bool = True) -> HardwareReport:
     props = torch.cuda.get_device_properties(device)
     rep = probe(driver_attributes(device), name=props.name, memory=props.total_memory)
     if measure:
-        from .plan import measure_h2d_gbps
-
-        rep.h2d_gbps = measure_h2d_gbps(torch.device("cuda", device))
+        rep.h2d_gbps = measure_h2d(torch.device("cuda", device)).gbps
     return rep
 
 
-def choose_offload(rep: HardwareReport, weights_bytes: int, device_budget: int, host_available: int,
-                   reserve: int = 0) -> str:
-    """What offload="auto" picks: everything on the device if it fits; else ATS where the GPU reads host memory
-    through its page tables; else pinned host memory if it holds the weights; else NVMe."""
-    if weights_bytes + reserve <= device_budget:
-        return "none"
-    if rep.ats:
-        return "ats"
-    if host_available > weights_bytes * 1.1 + (2 << 30):
-        return "cpu"
-    return "nvme"
+def resolve_device(device: Union[str, "torch.device", None]) -> "torch.device":
+    """The device a ``device=`` argument means: None -> the current CUDA device if torch sees one, else the CPU;
+    "cuda" -> the current CUDA device, with its index. Refuses what cannot run (no CUDA, not cuda or cpu)."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device: cannot read {device!r} as a device: use 'cuda', 'cuda:1' or 'cpu'") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise UsageError(f"device: zstream runs on 'cuda' or 'cpu', not {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device={device!r}, but torch sees no CUDA device: use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device={device!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return dev

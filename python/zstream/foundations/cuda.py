@@ -13,7 +13,7 @@ import glob
 import os
 import warnings
 
-from . import _core
+from .. import _core
 
 
 def _loaded_cudart() -> str | None:

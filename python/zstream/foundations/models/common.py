@@ -1,8 +1,8 @@
 """What every model family shares: the ``Family`` base class, the per-forward ``StepContext``, attention.
 
 A family turns a Hugging Face ``config.json`` (a plain dict) and the checkpoint's tensor names into
-pure functions over weight dicts. It holds no weights itself: the caller (``ResidentModel`` or the
-streaming engine) hands each function the tensors it needs, already on the compute device.
+pure functions over weight dicts. It holds no weights itself: the caller (the streaming engine) hands each
+function the tensors it needs, already on the compute device.
 """
 
 from __future__ import annotations
@@ -14,32 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ModelError
+from ...errors import ModelError, UsageError
+from ..units import parse_dtype, torch_dtype
 
 Shape = Tuple[int, ...]
-
-# safetensors dtype strings (as in a file header) -> torch dtypes
-SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-# config.json "torch_dtype" / "dtype" strings -> torch dtypes
-CONFIG_DTYPES: Dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
 
 @dataclass
 class StepContext:
@@ -76,12 +54,11 @@ def require(config: Mapping[str, Any], *keys: str, family: str) -> Any:
 def config_dtype(config: Mapping[str, Any]) -> torch.dtype:
     """The dtype a config declares ("dtype" in transformers 5, "torch_dtype" before); float32 if none."""
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    if isinstance(name, torch.dtype):
-        return name
-    name = str(name).replace("torch.", "")
-    if name not in CONFIG_DTYPES:
-        raise ModelError(f"unsupported dtype {name!r} in config (supported: {', '.join(CONFIG_DTYPES)})")
-    return CONFIG_DTYPES[name]
+    try:
+        dtype = parse_dtype(name, what="config dtype")
+    except UsageError as e:
+        raise ModelError(str(e)) from None
+    return dtype or torch.float32
 
 
 def _info_shape_dtype(info: Any) -> Tuple[Shape, Optional[torch.dtype]]:
@@ -94,7 +71,10 @@ def _info_shape_dtype(info: Any) -> Tuple[Shape, Optional[torch.dtype]]:
     else:
         shape, dtype = info, None
     if isinstance(dtype, str):
-        dtype = SAFETENSORS_DTYPES.get(dtype.upper()) or CONFIG_DTYPES.get(dtype.replace("torch.", ""))
+        try:
+            dtype = torch_dtype(dtype.upper())
+        except TypeError:
+            dtype = None
     if not isinstance(dtype, torch.dtype):
         dtype = None  # unknown: check the shape only
     return tuple(int(d) for d in shape), dtype

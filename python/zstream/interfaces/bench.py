@@ -20,33 +20,37 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import OutOfMemoryError
-from .plan import measure_disk_gbps
+from ..errors import OutOfMemoryError, UsageError
+from ..foundations.measure import Rate, measure_copy, measure_disk, measure_h2d, measure_memcpy
+from ..foundations.units import parse_dtype
+from .cli import DTYPE_CHOICES, OFFLOAD_CHOICES, cache_dir, comma_list, positive, size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory, or a synthetic preset name (written once to the cache)")
-    p.add_argument("--offload", default="cpu", help="comma list of none,cpu,nvme,ats")
-    p.add_argument("--batch", default="1,16,64", help="comma list of batch sizes")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--gen", type=int, default=32)
-    p.add_argument("--gpu-memory", default=None, help="device budget(s), comma list, e.g. 8GiB,16GiB")
+    p.add_argument("--offload", type=comma_list(str, OFFLOAD_CHOICES[1:]), default=["cpu"],
+                   help="comma list of none,cpu,nvme,ats")
+    p.add_argument("--batch", type=comma_list(positive), default=[1, 16, 64], help="comma list of batch sizes")
+    p.add_argument("--prompt", type=positive, default=512)
+    p.add_argument("--gen", type=positive, default=32)
+    p.add_argument("--gpu-memory", type=comma_list(size), default=None,
+                   help="device budget(s), comma list, e.g. 8GiB,16GiB")
     p.add_argument("--max-resident-blocks", type=int, default=None,
                    help="cap resident blocks (0: stream every block; default 0 for cpu/nvme unless --gpu-memory)")
-    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--prefetch", type=positive, default=2)
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="quantize the linear weights at load (offload none/cpu); a packed checkpoint needs none")
-    p.add_argument("--group-size", type=int, default=64, help="inputs per quantization group")
-    p.add_argument("--copy-from-tokens", type=int, default=None,
+    p.add_argument("--group-size", type=positive, default=64, help="inputs per quantization group")
+    p.add_argument("--copy-from-tokens", type=positive, default=None,
                    help="ats: tokens per pass from which blocks are copied instead of read in place "
                         "(default: the crossover measured at load)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--repeats", type=int, default=1, help="repeat each configuration, report medians")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
+    p.add_argument("--repeats", type=positive, default=1, help="repeat each configuration, report medians")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.add_argument("--trace", default=None, help="write a Chrome trace of one decode step here")
     p.add_argument("--fio", default=None, help="fio binary: also measure the shard files with fio (nvme)")
@@ -60,13 +64,15 @@ def _checkpoint(model: str, dtype: Optional[torch.dtype]) -> Path:
     path = Path(model)
     if path.exists():
         return path
-    from . import synthetic
-    from .cli import _cache_dir
+    from ..api import synthetic
 
     if model not in synthetic.PRESETS:
-        raise SystemExit(f"{model}: neither a checkpoint directory nor a synthetic preset")
-    out = _cache_dir() / "synthetic" / model
-    if not (out / "config.json").exists():
+        raise UsageError(f"{model}: neither a checkpoint directory nor a synthetic preset "
+                         f"({', '.join(synthetic.PRESETS)})")
+    out = cache_dir() / "synthetic" / model
+    if not synthetic.is_current(out, model):
+        if out.exists():
+            shutil.rmtree(out)
         synthetic.make_checkpoint(model, out, dtype=dtype or torch.float16, progress=sys.stderr.isatty())
     return out
 
@@ -81,6 +87,7 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     """Prefill ``batch`` x ``prompt`` random tokens, then ``gen - 1`` greedy decode steps, timing each."""
     dev = model.device
     vocab = model.family.vocab_size
+    waited0 = model.waited_s
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(10, min(vocab, 30000), (batch, prompt), generator=g)
     mask = torch.ones_like(ids)
@@ -108,17 +115,47 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     decode = statistics.median(steps) if steps else float("nan")
     total = prefill_s + sum(steps)
     stats = torch.cuda.memory_stats(dev) if dev.type == "cuda" else {}
+    waited = (model.waited_s - waited0) / (1 + len(steps))
+    limit, why = limit_of(model, decode, waited) if steps else ("-", "no decode step")
     return {"batch": batch, "prompt": prompt, "gen": gen, "prefill_s": prefill_s, "decode_step_s": decode,
             "decode_steps_s": steps, "tokens_per_s": batch * gen / total,
             "alloc_retries": stats.get("num_alloc_retries"), "device_allocs": stats.get("num_device_alloc"),
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0}
+            "peak_gpu_bytes": peak_bytes(model), "waited_s_per_pass": waited, "limit": limit, "limit_why": why}
 
 
-def disk_gbps(model: Any) -> float:
-    """The nvme path's disk limit over every streamed block of this model (see ``plan.measure_disk_gbps``)."""
-    fam = model.family
-    blocks = model.plan.streamed_blocks or list(range(fam.num_blocks))
-    return measure_disk_gbps(model.store, [list(model.block_tensors(i).values()) for i in blocks])
+def disk_rate(model: Any, blocks: int = 10, rounds: int = 3) -> Rate:
+    """The nvme path's disk limit: ``rounds`` O_DIRECT passes over (up to ``blocks`` of) this model's streamed blocks,
+    as the engine reads them (``measure.measure_disk``)."""
+    streamed = model.plan.streamed_blocks or list(range(model.family.num_blocks))
+    return measure_disk(model.store, [list(model.block_tensors(i).values()) for i in streamed[:blocks]],
+                        rounds=rounds)
+
+
+def peak_bytes(model: Any) -> int:
+    """Peak device memory allocated by torch; on the CPU, the process's peak resident memory (the device's)."""
+    if model.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(model.device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def limit_of(model: Any, step_s: float, waited_s: float) -> Tuple[str, str]:
+    """(what limits a decode step, why it says so). Nothing streamed: compute. On the CPU, where the host thread
+    is the compute, the time it spent blocked on blocks (``waited_s`` a step) against the rest. On a GPU, the step
+    against its transfer bound (streamed bytes over the link measured at load)."""
+    p = model.plan
+    if not p.streamed_blocks:
+        return "compute", "nothing streams"
+    if model.device.type == "cpu":
+        share = waited_s / step_s if step_s else 0.0
+        limit = p.link if share >= 0.5 else "compute"
+        return limit, f"the CPU waited for blocks {100 * share:.0f}% of a step and computed the rest"
+    bound = p.predicted_step_s
+    if not bound:
+        return "unknown", "the link was not measured"
+    limit = p.link if step_s <= 1.25 * bound else "compute or overheads"
+    return limit, f"the step is {step_s / bound:.2f}x its transfer bound of {bound * 1e3:.1f} ms"
 
 
 def fio_gbps(fio: str, files: List[str]) -> Optional[float]:
@@ -147,7 +184,7 @@ def _row(system: str, offload: str, model: Any, r: Dict[str, Any], bound_gbps: O
 
 def _print_table(rows: List[Dict[str, Any]]) -> None:
     head = (f"{'offload':8} {'batch':>5} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} {'GB/step':>8} "
-            f"{'GB/s':>6} {'bound ms':>8} {'% bound':>7} {'peak GiB':>8} {'load s':>6}")
+            f"{'GB/s':>6} {'bound ms':>8} {'% bound':>7} {'peak GiB':>8} {'load s':>6}  limit")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -155,7 +192,7 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
         pct = f"{r['pct_of_bound']:6.0f}%" if r.get("pct_of_bound") else f"{'-':>7}"
         print(f"{r['offload']:8} {r['batch']:5d} {r['prefill_s'] * 1e3:10.1f} {r['decode_step_s'] * 1e3:8.1f} "
               f"{r['tokens_per_s']:8.1f} {r['streamed_bytes'] / 1e9:8.2f} {r['achieved_gbps']:6.1f} {bound} {pct} "
-              f"{r['peak_gpu_bytes'] / 2**30:8.2f} {r['load_s']:6.1f}")
+              f"{r['peak_gpu_bytes'] / 2**30:8.2f} {r['load_s']:6.1f}  {r.get('limit', '-')}")
 
 
 def drop_page_cache(files: List[str]) -> str:
@@ -174,23 +211,12 @@ def drop_page_cache(files: List[str]) -> str:
         return "fadvise"
 
 
-def memcpy_gbps(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
-    dst = torch.empty_like(src).fill_(0)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times) / 1e9
-
-
 def load_test(path: Path, device: str, dtype: Optional[torch.dtype], fio: Optional[str]) -> Dict[str, Any]:
     """offload="cpu" load speed: cold (page cache dropped) against the disk's O_DIRECT bandwidth, warm against
     memcpy. Pinning is included: every arena is registered before it is read into."""
-    from .loading import load
+    from ..api.load import load
 
-    out: Dict[str, Any] = {"memcpy_gbps": memcpy_gbps()}
+    out: Dict[str, Any] = {"memcpy_gbps": measure_memcpy(1 << 30).gbps}
     for state in ("cold", "warm"):
         files = [str(p) for p in sorted(path.glob("*.safetensors"))]
         if state == "cold":
@@ -205,7 +231,7 @@ def load_test(path: Path, device: str, dtype: Optional[torch.dtype], fio: Option
         out[f"{state}_load_s"] = model.load_s
         out[f"{state}_load_gbps"] = nbytes / model.load_s / 1e9
         if state == "cold":
-            out["disk_gbps_odirect"] = disk_gbps(model)
+            out["disk_gbps_odirect"] = disk_rate(model).gbps
             if fio:
                 drop_page_cache(model.store.files)
                 out["fio_gbps"] = fio_gbps(fio, model.store.files)
@@ -246,32 +272,32 @@ def _search_max_batch(load_fn: Any, prompt: int, gen: int) -> List[Dict[str, Any
 
 def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Optional[str], cap: Optional[int],
                  batches: List[int], device: str, dtype: Optional[torch.dtype], meta: Dict[str, Any]) -> List[Dict]:
-    from .loading import load
+    from ..api.load import load
 
     rows: List[Dict[str, Any]] = []
     try:
         model = load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
                      max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False,
-                     quantize=a.quantize, group_size=a.group_size)
-        if offload == "ats" and a.copy_from_tokens is not None:
-            model.streamer.copy_from_tokens = a.copy_from_tokens
+                     quantize=a.quantize, group_size=a.group_size,
+                     copy_from_tokens=a.copy_from_tokens if offload == "ats" else None)
     except OutOfMemoryError as e:
         print(f"\n# {offload}, budget {budget}, batch {batches}: does not fit: {e}")
         return rows
     print(f"\n# {offload}, budget {budget}: {model.plan}")
     bound = model.plan.link_gbps
     if offload == "nvme":
-        bound = disk_gbps(model)
-        meta["disk_gbps_odirect"] = bound
+        rate = disk_rate(model)
+        bound = rate.gbps
+        meta["disk_gbps_odirect"], meta["disk_gbps_spread"] = rate.gbps, [rate.low, rate.high]
         if a.fio:
             drop_page_cache(model.store.files)
             meta["fio_gbps"] = fio_gbps(a.fio, model.store.files)
             bound = max(bound, meta["fio_gbps"] or 0)
-    elif offload == "cpu" and device.startswith("cuda"):
-        from .plan import measure_h2d_gbps
-
-        bound = measure_h2d_gbps(model.device, 1 << 30)
-        meta["h2d_gbps"] = bound
+    elif offload == "cpu":
+        rate = measure_h2d(model.device, 1 << 30) if device.startswith("cuda") else measure_copy(model.device)
+        bound = rate.gbps
+        meta["h2d_gbps" if device.startswith("cuda") else "memcpy_gbps"] = rate.gbps
+        meta["link_gbps_spread"] = [rate.low, rate.high]
     run_one(model, batches[0], min(a.prompt, 16), 3)  # warm-up
     for b in batches:
         trace = a.trace if (b == batches[0] and offload != "none" and not meta.get("traced")) else None
@@ -299,11 +325,12 @@ def _max_batch(a: argparse.Namespace, path: Path, budget: Optional[str], device:
                dtype: Optional[torch.dtype]) -> Dict[str, Any]:
     """The largest batch with and without offload, searched by running it; next to it the planner's prediction
     (``plan.plan_batch``) for every batch tried, and its own best choice, measured too if the search skipped it."""
-    from .loading import load
-    from .plan import BatchPlan, plan_batch
+    from ..api.load import load
+    from ..api.plan_batch import plan_batch
+    from ..planning.batch import BatchPlan
 
     out: Dict[str, Any] = {}
-    stream = a.offload.split(",")[0]
+    stream = a.offload[0]
     predicted: Optional[BatchPlan] = None
     if stream in ("none", "cpu", "nvme"):  # the planner models the ring of cpu and nvme offload, not ats
         predicted = plan_batch(path, gpu_memory=budget, prompt=a.prompt, gen=a.gen, offload=stream, device=device,
@@ -359,19 +386,17 @@ def _max_batch(a: argparse.Namespace, path: Path, budget: Optional[str], device:
 
 
 def main(a: argparse.Namespace) -> int:
-    from .cli import _dtype
-
-    dtype = _dtype(a.dtype)
+    dtype = parse_dtype(a.dtype)
     path = _checkpoint(a.model, dtype)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    batches = [int(x) for x in str(a.batch).split(",")]
-    budgets = [x or None for x in str(a.gpu_memory).split(",")] if a.gpu_memory else [None]
+    batches = list(a.batch)
+    budgets = list(a.gpu_memory) if a.gpu_memory else [None]
     rows: List[Dict[str, Any]] = []
     meta: Dict[str, Any] = {"model": path.name, "device": device, "host": platform.node(),
                             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if device.startswith("cuda"):
         meta["card"] = torch.cuda.get_device_name()
-    for offload in a.offload.split(","):
+    for offload in a.offload:
         for budget in budgets:
             cap = a.max_resident_blocks
             if cap is None and offload in ("cpu", "nvme") and budget is None:
@@ -386,7 +411,7 @@ def main(a: argparse.Namespace) -> int:
         meta.update(_max_batch(a, path, budgets[0], device, dtype))
     print()
     _print_table(rows)
-    for k in ("h2d_gbps", "disk_gbps_odirect", "fio_gbps"):
+    for k in ("h2d_gbps", "memcpy_gbps", "disk_gbps_odirect", "fio_gbps"):
         if meta.get(k):
             print(f"{k}: {meta[k]:.2f}")
     if a.json:

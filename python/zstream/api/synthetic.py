@@ -3,31 +3,34 @@
     make_checkpoint("llama-2-7b", "ckpt/")        # 13.5 GB of fp16 noise, laid out like save_pretrained
     make_checkpoint("tiny-llama", "tiny/")         # a few hundred KB, for tests
 
-The directory gets ``config.json`` (loadable by transformers' AutoConfig / AutoModelForCausalLM),
-``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` shards plus
-``model.safetensors.index.json``, and a byte-level ``tokenizer.json`` so text prompts work.
+The directory gets ``config.json`` (loadable by transformers' AutoConfig / AutoModelForCausalLM, and marked as
+random weights: ``"zstream_synthetic"``), ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` shards plus
+``model.safetensors.index.json``, and a byte-level BPE ``tokenizer.json`` whose ids cover the whole vocabulary, so
+text prompts work and generated ids decode to visible (if meaningless) text.
 
-Writing streams tensor by tensor, in chunks: bloom-176b (350 GB) never has more than one chunk in
-memory. The safetensors format is written directly: an 8-byte little-endian header length, a JSON
-header (dtype, shape, data_offsets per tensor, "__metadata__": {"format": "pt"}) padded with spaces to
-a multiple of 8, then the raw tensor bytes in header order.
+Writing streams tensor by tensor, in chunks (``foundations.writer``): bloom-176b (350 GB) never has more than one
+chunk in memory. The checkpoint appears under its name only once complete.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import re
-import struct
+import math
+import warnings
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .errors import ModelError
-from .models import family_for
+from ..errors import ModelError
+from ..foundations.checkpoint import SYNTHETIC_KEY
+from ..foundations.models import family_for
+from ..foundations.units import dtype_name, parse_bytes, parse_dtype
+from ..foundations.writer import Entry, header, new_checkpoint_dir, shard_names, split_shards, write_index
 
+SYNTHETIC_VERSION = 2  # what is written: bump it when a cached checkpoint from before must be rebuilt
 ConfigLike = Union[str, Path, Mapping[str, Any]]
 PlanEntry = Tuple[str, Tuple[int, ...], torch.dtype]
 
@@ -143,10 +146,6 @@ for _cfg in PRESETS.values():
     _cfg.pop("rope_scaling", None)  # null in the hub configs; leave it out so any transformers reads it
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
 def resolve_config(name_or_config: ConfigLike) -> Dict[str, Any]:
     """A config dict from a preset name, a config dict, a config.json path, or a checkpoint directory."""
     if isinstance(name_or_config, Mapping):
@@ -170,50 +169,7 @@ def checkpoint_plan(name_or_config: ConfigLike, dtype: torch.dtype = torch.float
 
 def estimate_bytes(name_or_config: ConfigLike, dtype: torch.dtype = torch.float16) -> int:
     """Bytes of tensor data in a checkpoint of this config (the files add a few KB of headers)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for _, shape, _ in checkpoint_plan(name_or_config, dtype):
-        n = 1
-        for d in shape:
-            n *= d
-        total += n * size
-    return total
-
-
-def parse_size(size: Union[int, str]) -> int:
-    """"2GB" -> 2_000_000_000, "512MiB" -> 536_870_912 (the units transformers' max_shard_size takes)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
-    if not m:
-        raise ValueError(f"cannot parse size {size!r}")
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    if m.group(2) not in units:
-        raise ValueError(f"cannot parse size {size!r}")
-    return int(float(m.group(1)) * units[m.group(2)])
-
-
-def _nbytes(shape: Tuple[int, ...], dtype: torch.dtype) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for d in shape:
-        n *= d
-    return n
-
-
-def shard_plan(plan: List[PlanEntry], shard_size: int) -> List[List[PlanEntry]]:
-    """Split the tensors into shards of at most shard_size bytes, in order (like save_pretrained); a
-    tensor larger than shard_size gets a shard of its own."""
-    shards: List[List[PlanEntry]] = [[]]
-    used = 0
-    for entry in plan:
-        size = _nbytes(entry[1], entry[2])
-        if shards[-1] and used + size > shard_size:
-            shards.append([])
-            used = 0
-        shards[-1].append(entry)
-        used += size
-    return shards
+    return sum(Entry(*e).nbytes for e in checkpoint_plan(name_or_config, dtype))
 
 
 def _init_kind(name: str) -> str:
@@ -231,9 +187,7 @@ _CHUNK = 1 << 24  # elements generated at a time: 64 MB of float32
 
 def _write_tensor(f: BinaryIO, name: str, shape: Tuple[int, ...], dtype: torch.dtype, std: float, seed: int,
                   progress: Any) -> None:
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     # one generator per tensor, seeded by name: the values do not depend on sharding or order
     # Random numbers on the GPU where there is one: the CPU generator (one core, ~150 MB/s) made writing a 14 GB
     # checkpoint take a minute per fresh GPU machine. Values are deterministic per seed and device type.
@@ -253,105 +207,117 @@ def _write_tensor(f: BinaryIO, name: str, shape: Tuple[int, ...], dtype: torch.d
             progress.update(n * torch.empty((), dtype=dtype).element_size())
 
 
-def _write_shard(path: Path, entries: List[PlanEntry], std: float, seed: int, progress: Any) -> None:
-    header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype in entries:
-        size = _nbytes(shape, dtype)
-        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, shape, dtype in entries:
-            _write_tensor(f, name, shape, dtype, std, seed, progress)
-
-
 def make_checkpoint(name_or_config: ConfigLike, path: Union[str, Path], dtype: torch.dtype = torch.float16, *,
                     seed: int = 0, shard_size: Union[int, str] = "2GB", progress: bool = True,
                     tokenizer: bool = True) -> Path:
-    """Write a random-weight checkpoint of ``name_or_config`` (a preset, a config dict or a config.json
-    path) to directory ``path``; returns the path. Deterministic for a given seed."""
-    if dtype not in _SAFETENSORS_NAMES:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, _SAFETENSORS_NAMES))}, not {dtype}")
+    """Write a random-weight checkpoint of ``name_or_config`` (a preset, a config dict or a config.json path) to
+    the new directory ``path``; returns the path. Deterministic for a given seed. Refuses a ``path`` that holds
+    anything (``OutputExistsError``); an interrupted write leaves nothing behind."""
+    dtype = parse_dtype(dtype, what="dtype") or torch.float16
     config = resolve_config(name_or_config)
-    config["dtype"] = _DTYPE_NAMES[dtype]
+    config["dtype"] = dtype_name(dtype)
     config.pop("torch_dtype", None)
     plan = checkpoint_plan(config, dtype)  # also validates the config (ModelError)
     std = float(config.get("initializer_range") or config.get("init_std") or 0.02)
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    shards = shard_plan(plan, parse_size(shard_size))
-    total = sum(_nbytes(shape, dt) for _, shape, dt in plan)
-
+    config[SYNTHETIC_KEY] = {"version": SYNTHETIC_VERSION, "seed": seed,
+                             "preset": name_or_config if isinstance(name_or_config, str) else None}
+    limit = parse_bytes(shard_size, what="shard_size")
+    assert limit is not None
+    shards = split_shards([[Entry(*e)] for e in plan], limit)
+    total = sum(e.nbytes for shard in shards for e in shard)
+    out = Path(path).expanduser()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress)
-    try:
-        if len(shards) == 1:
-            _write_shard(out / "model.safetensors", shards[0], std, seed, bar)
-        else:
-            weight_map = {}
-            for i, entries in enumerate(shards, 1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _write_shard(out / file, entries, std, seed, bar)
-                weight_map.update({name: file for name, _, _ in entries})
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    finally:
-        bar.close()
-    if tokenizer:
-        write_tokenizer(config, out)
+    with new_checkpoint_dir(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}",
+                                              disable=not progress) as bar:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for file, shard in zip(shard_names(len(shards)), shards):
+            with open(tmp / file, "wb") as f:
+                f.write(header(shard, {"format": "pt"}))
+                for e in shard:
+                    _write_tensor(f, e.name, e.shape, e.dtype, std, seed, bar)
+        write_index(tmp, shards)
+        if tokenizer:
+            write_tokenizer(config, tmp)
     return out
 
 
-# ---- a byte-level tokenizer -------------------------------------------------------------------
+def is_current(path: Union[str, Path], preset: str) -> bool:
+    """Whether ``path`` holds a complete synthetic checkpoint of ``preset`` written by this version of the format
+    (a cache of one can be reused; anything else is rebuilt)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    marker = config.get(SYNTHETIC_KEY) if isinstance(config, dict) else None
+    return isinstance(marker, dict) and marker.get("version") == SYNTHETIC_VERSION and marker.get("preset") == preset
+
+
+# ---- a tokenizer that covers the vocabulary --------------------------------------------------------------------
+
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+_SPACE = "\u0120"  # how byte-level BPE spells a space ("Ġ")
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def _pseudo_words() -> Iterator[Tuple[str, str]]:
+    """Merges (left, right) of a byte-level BPE, each making a new token: syllables, then " " + syllable, then words
+    of two, three, four syllables, so that every token decodes to pronounceable text."""
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    yield from ((s[0], s[1]) for s in syllables)
+    words = [_SPACE + s for s in syllables]
+    yield from ((_SPACE, s) for s in syllables)
+    for _ in range(3):
+        longer = []
+        for w in words:
+            for s in syllables:
+                longer.append(w + s)
+                yield w, s
+        words = longer
 
 
 def write_tokenizer(config: Mapping[str, Any], path: Union[str, Path]) -> Optional[Path]:
-    """Write a byte-level ``tokenizer.json`` (+ tokenizer_config.json) whose special tokens sit at the
-    config's ids and whose 256 byte tokens follow, so any text encodes and decodes losslessly.
-    Skipped (returns None) if the vocabulary is too small or the tokenizers package is missing."""
-    try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    except ImportError:
-        return None
-    # special tokens at the config's ids; roles sharing an id share a token (OPT: bos = eos = "</s>")
-    specials: Dict[str, int] = {}  # token -> id
-    roles: Dict[str, str] = {}  # tokenizer_config key -> token
+    """Write a byte-level BPE ``tokenizer.json`` (+ tokenizer_config.json with a chat template) whose ids cover the
+    config's whole vocabulary: its special tokens at the config's ids, the 256 byte tokens, then pseudo-words made of
+    syllables, so any text encodes and any id a random model generates decodes to visible text. A vocabulary too small
+    for the byte tokens gets no tokenizer (a warning says so; the model then takes token ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab_size = int(config.get("vocab_size", 0))
+    specials: Dict[str, int] = {}  # token -> id; roles sharing an id share a token (OPT: bos = eos = "</s>")
+    roles: Dict[str, str] = {}     # tokenizer_config key -> token
     for key, token, role in (("eos_token_id", "</s>", "eos_token"), ("bos_token_id", "<s>", "bos_token"),
                              ("pad_token_id", "<pad>", "pad_token"), ("unk_token_id", "<unk>", "unk_token")):
         value = config.get(key)
         if not isinstance(value, int):
             continue
         same = [t for t, i in specials.items() if i == value]
-        if same:
-            token = same[0]
-        else:
-            specials[token] = value
+        token = same[0] if same else token
+        specials.setdefault(token, value)
         roles[role] = token
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab: Dict[str, int] = dict(specials)
-    next_id = 0
-    for ch in sorted(alphabet):
-        while next_id in specials.values():
-            next_id += 1
-        vocab[ch] = next_id
-        next_id += 1
-    if max(vocab.values()) >= int(config.get("vocab_size", 0)):
+    free = (i for i in range(vocab_size) if i not in specials.values())
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < len(specials) + len(alphabet) or max(specials.values(), default=0) >= vocab_size:
+        warnings.warn(f"vocabulary of {vocab_size} is too small for a byte-level tokenizer: the checkpoint gets none "
+                      "and takes token ids only", RuntimeWarning, stacklevel=2)
         return None
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    vocab: Dict[str, int] = dict(specials)
+    vocab.update({ch: next(free) for ch in alphabet})
+    merges: List[Tuple[str, str]] = []
+    for left, right in _pseudo_words():
+        if len(vocab) >= vocab_size:
+            break
+        merges.append((left, right))
+        vocab[left + right] = next(free)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(specials))
     out = Path(path)
     tok.save(str(out / "tokenizer.json"))
-    tok_config: Dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left"}
+    tok_config: Dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left",
+                                  "chat_template": CHAT_TEMPLATE, "model_max_length": 1 << 30}
     tok_config.update(roles)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return out / "tokenizer.json"

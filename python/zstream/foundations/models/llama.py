@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ModelError
+from ...errors import ModelError
 from .common import (
     Family,
     Shape,

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Mapping, Optional, Type
 
-from ..errors import ModelError
+from ...errors import ModelError
 from .bloom import Bloom
 from .common import Family, StepContext
 from .llama import Llama
@@ -57,17 +57,22 @@ def supported_architectures() -> list[str]:
 def family_for(config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> Family:
     """The family object for a config.json dict, given the checkpoint's tensor names (None: assume the
     names transformers' save_pretrained writes). Raises ModelError for an unsupported architecture
-    (naming the supported ones) or a config missing keys the family needs."""
+    (naming the supported ones), for a config whose ``model_type`` and ``architectures`` name different
+    architectures, or for a config missing keys the family needs."""
     if not isinstance(config, Mapping):
         raise ModelError(f"config must be a dict (config.json), not {type(config).__name__}")
-    cls = _BY_MODEL_TYPE.get(str(config.get("model_type")))
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or ()
+    if isinstance(architectures, str):
+        architectures = (architectures,)
+    by_type = _BY_MODEL_TYPE.get(str(model_type)) if model_type is not None else None
+    by_arch = {_BY_ARCHITECTURE[a] for a in architectures if a in _BY_ARCHITECTURE}
+    if (model_type is not None and by_arch and by_arch != {by_type}) or len(by_arch) > 1:
+        raise ModelError(f"config.json disagrees with itself: model_type {model_type!r} but architectures "
+                         f"{list(architectures)}; fix one of them (zstream will not guess which is right)")
+    cls = by_type or (next(iter(by_arch)) if by_arch else None)
     if cls is None:
-        for arch in config.get("architectures") or ():
-            if arch in _BY_ARCHITECTURE:
-                cls = _BY_ARCHITECTURE[arch]
-                break
-    if cls is None:
-        what = config.get("architectures") or config.get("model_type") or "no model_type / architectures"
+        what = list(architectures) or model_type or "no model_type / architectures"
         raise ModelError(f"unsupported architecture {what!r}; zstream supports "
                          f"{', '.join(supported_architectures())} "
                          f"(model_type {', '.join(sorted(_BY_MODEL_TYPE))})")

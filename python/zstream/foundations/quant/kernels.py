@@ -1,4 +1,4 @@
-"""Device-side dequantization of ``zstream.quant`` packed weights: one Triton kernel, bit-identical to the torch code.
+"""Device-side dequantization of ``quant.scheme`` packed weights: one Triton kernel, bit-identical to the torch code.
 
 The streaming engine copies a block's packed bytes into a GPU slot and must turn them back into fp16/bf16
 weights before the block's matmuls, while the next block's bytes are crossing the link. The int4 bloom-7b1 block
@@ -23,7 +23,7 @@ Each program owns ``BLOCK`` consecutive outputs (a power of two; 4096 by default
   one group that holds the tile, when the group is longer than the tile), broadcast over a ``(groups, group)``
   view of the tile. Any other group size (e.g. 96) takes a per-element gather ``scale[e // group_size]``, which
   hits L1 (all of a tile's groups are a few hundred bytes);
-* arithmetic: float32, exactly the operations of ``zstream.quant.dequantize`` in the same order, ``q * scale + zero``
+* arithmetic: float32, exactly the operations of ``scheme.dequantize`` in the same order, ``q * scale + zero``
   (asymmetric) or ``(q - 2**(bits-1)) * scale`` (symmetric), then one round-to-nearest-even cast to the output
   dtype. The launch passes ``enable_fp_fusion=False`` so ``q * scale + zero`` stays a ``mul.rn`` and an
   ``add.rn`` (the GPU test reads the PTX), rounding where torch rounds. Contraction would in fact be harmless
@@ -37,9 +37,9 @@ Offsets are 64-bit at the tile base (``program_id * BLOCK``) and 32-bit inside a
 elements work without paying for 64-bit vector index math.
 
 ``dequantize`` runs the Triton kernel for CUDA tensors when Triton imports, and falls back to
-``zstream.quant.dequantize`` everywhere else (CPU tensors, no Triton); ``backend`` says which one a tensor gets.
-``linear(x, qt, bias)`` is dequantize then ``F.linear``: the hook where a fused dequantize-and-matmul for decode
-would go (its docstring says what two attempts measured and why neither stayed).
+``scheme.dequantize`` everywhere else (CPU tensors, no Triton); ``backend`` says which one a tensor gets.
+A fused dequantize-and-matmul for decode was tried twice and taken out (docs/quantization.md says what was
+measured and why neither stayed): a link-bound step does not get shorter from it.
 ``_triton_dequantize`` runs the kernel unconditionally: with ``TRITON_INTERPRET=1`` set before Triton is
 imported, Triton's interpreter runs it on CPU tensors, which is how ``tests/test_kernels.py`` checks the kernel's
 bits on a machine without a GPU.
@@ -50,11 +50,10 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import quant
-from .quant import QuantizedTensor
+from . import scheme
+from .scheme import QuantizedTensor
 
 try:  # Triton is optional: without it (CPU-only installs, macOS) everything runs through the torch path.
     import triton
@@ -63,7 +62,7 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
     triton = None
     tl = None
 
-__all__ = ["HAS_TRITON", "backend", "dequantize", "linear"]
+__all__ = ["HAS_TRITON", "backend", "dequantize"]
 
 HAS_TRITON = triton is not None
 
@@ -93,14 +92,13 @@ def backend(t: Union[Tensor, QuantizedTensor, torch.device]) -> str:
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float16, out: Optional[Tensor] = None) -> Tensor:
-    """The (out, in) weight ``qt`` stands for, in ``dtype``: bit-identical to ``zstream.quant.dequantize``.
+    """The (out, in) weight ``qt`` stands for, in ``dtype``: bit-identical to ``scheme.dequantize``.
 
     On CUDA with Triton, one kernel launch on the current stream; otherwise the torch code. ``out``, if given,
-    must be a contiguous (out, in) tensor of ``dtype`` on ``qt``'s device; it is filled and returned (the engine
-    passes a reused per-slot buffer so dequantizing allocates nothing)."""
+    must be a contiguous (out, in) tensor of ``dtype`` on ``qt``'s device; it is filled and returned."""
     if backend(qt) == "triton":
         return _triton_dequantize(qt, dtype, out)
-    w = quant.dequantize(qt, dtype)
+    w = scheme.dequantize(qt, dtype)
     if out is None:
         return w
     _check_out(qt, dtype, out)
@@ -184,23 +182,6 @@ def _launch(qt: QuantizedTensor, out: Tensor, *, block: Optional[int] = None, nu
         num_warps=DEFAULT_WARPS if num_warps is None else num_warps,
         enable_fp_fusion=fp_fusion,  # off: q * scale + zero rounds where torch's mul and add round
     )
-
-
-# ---- linear: the hook for a fused dequantize + matmul -----------------------------------------------------------
-
-def linear(x: Tensor, qt: QuantizedTensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ W.T + bias`` with ``W = dequantize(qt, x.dtype)``: dequantize (Triton on CUDA) then ``F.linear``.
-
-    The place for a fused dequantize-and-matmul at decode, where reading the 0.5-1 byte packed weight once
-    beats writing and rereading 2 bytes. Two Triton versions were tried and taken out. The first (commit b1525eb:
-    nibbles interleaved, per-weight dequantization, tiles of 64 x 128) timed 0.32 ms (int4) and 0.17 ms (int8) a
-    bloom-7b1 block at 1 row on an H100, against 0.48 / 0.40 ms for this path (fp16 weights resident: 0.19 ms),
-    but its results were never checked on a GPU. The second (low and high nibbles in separate dots, scales applied
-    to the dot's result) was slower (0.44 / 0.37 ms) and gave wrong sums on the H100 (Triton 3.6),
-    deterministically, for some tilings (4 warps with 16- or 32-wide weight tiles, mostly symmetric int4), which
-    Triton's interpreter did not reproduce. Until a fused kernel is both checked on the GPU and faster, this is
-    the whole function."""
-    return F.linear(x, dequantize(qt, x.dtype), bias)
 
 
 if HAS_TRITON:

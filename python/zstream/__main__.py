@@ -1,0 +1,7 @@
+"""``python -m zstream``: the ``zstream`` command."""
+
+import sys
+
+from .interfaces.cli import main
+
+sys.exit(main())

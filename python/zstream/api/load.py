@@ -1,0 +1,97 @@
+"""``zstream.load``: resolve the arguments and the checkpoint, read its facts, plan, build."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional, Union
+
+import torch
+
+from ..foundations import checkpoint
+from ..foundations.hardware import HardwareReport, hardware
+from ..foundations.measure import host_available_bytes
+from ..foundations.models import family_for
+from ..foundations.store import WeightStore
+from ..planning.facts import checkpoint_facts
+from ..planning.residency import Resources, plan_load
+from ..streaming.build import READ_CONCURRENCY, build, build_in_place
+from ..streaming.model import StreamingModel
+from .options import LoadOptions, load_options
+
+
+def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union[str, torch.device, None] = None,
+         dtype: Union[str, torch.dtype, None] = None, torch_dtype: Union[str, torch.dtype, None] = None,
+         gpu_memory: Union[int, str, None] = None, prefetch: int = 2, disk_prefetch: int = 2, max_batch: int = 1,
+         max_seq_len: Optional[int] = None, max_resident_blocks: Optional[int] = None, reader: str = "auto",
+         quantize: Optional[str] = None, group_size: int = 64, symmetric: bool = False,
+         copy_from_tokens: Optional[int] = None, download: Optional[bool] = None, revision: Optional[str] = None,
+         progress: bool = True, **unknown: Any) -> StreamingModel:
+    """Load a checkpoint for streaming inference.
+
+    ``model``: a checkpoint directory, or a Hugging Face repo id (from the local cache; downloaded when missing, as
+    ``from_pretrained`` does, unless ``download=False`` or ``HF_HUB_OFFLINE=1``; ``revision`` picks a branch, tag or
+    commit).
+    ``offload``: "none" (everything on the device), "cpu" (weights read once into pinned host arenas, streamed
+    every pass), "nvme" (blocks read from disk every pass through a small ring of host slots), "ats" (GH200 mode:
+    read in place) or "auto" (none if it fits with room for the KV cache; ats on a GH200; cpu if host memory holds
+    the weights; else nvme).
+    ``gpu_memory``: the device budget (bytes or "20GiB"); default: free memory. Within it the non-block weights
+    stay resident first, then the ring, then as many blocks as fit; ``max_batch`` x ``max_seq_len`` sizes the KV
+    cache the budget keeps room for; ``max_resident_blocks`` caps the resident blocks (0: stream every block).
+    ``device``: "cuda", "cuda:1" or "cpu" (default: cuda when there is one). ``dtype`` (or ``torch_dtype``):
+    "auto", "fp16"/"float16", "bf16"/"bfloat16", "fp32"/"float32" or a torch dtype (default: the checkpoint's on a
+    GPU, float32 on the CPU).
+    ``quantize``: "int8" or "int4" quantizes each block's linear weights group-wise (``group_size`` inputs per fp16
+    scale and minimum, or ``symmetric``) as the block is loaded, for offload "none" or "cpu"; fewer bytes then
+    cross the link, and the GPU dequantizes each block in its slot. A checkpoint written by ``zstream pack`` is
+    quantized already (its header says how) and loads with any offload but "ats", "nvme" included.
+    ``prefetch``: blocks in flight ahead of the compute (the ring has prefetch + 1 slots); ``disk_prefetch``: disk
+    reads ahead of the copies (nvme); ``reader``: "auto", "uring", "pread" or "mmap"; ``copy_from_tokens`` (ats):
+    passes of this many tokens copy blocks instead of reading them in place (default: measured at load).
+
+    The model is a context manager: ``with zstream.load(...) as model:`` closes it at the end.
+    """
+    started = time.perf_counter()
+    options = load_options(offload=offload, device=device, dtype=dtype, torch_dtype=torch_dtype,
+                           gpu_memory=gpu_memory, prefetch=prefetch, disk_prefetch=disk_prefetch, max_batch=max_batch,
+                           max_seq_len=max_seq_len, max_resident_blocks=max_resident_blocks, reader=reader,
+                           quantize=quantize, group_size=group_size, symmetric=symmetric,
+                           copy_from_tokens=copy_from_tokens, progress=progress, unknown=unknown)
+    path = checkpoint.resolve(model, download=download, revision=revision)
+    config = checkpoint.read_config(path)
+    store = _open_store(path, options)
+    try:
+        facts = checkpoint_facts(store, family_for(config, store.names()), dtype=options.dtype,
+                                 device_type=options.device.type, quantize=options.quantize, where=str(path))
+        resources = _resources(options)
+        plan = plan_load(facts, resources, options.plan_options(), where=str(path))
+        if plan.offload == "ats":
+            store.close()  # the GH200 mode reads into arenas of its own kind
+            return build_in_place(path, facts, plan, config=config, report=resources.report, reader=options.reader,
+                                  prefetch=options.prefetch, copy_from_tokens=options.copy_from_tokens,
+                                  progress=options.progress, started=started)
+        return build(store, facts, plan, config=config, path=str(path), prefetch=options.prefetch,
+                     disk_prefetch=options.disk_prefetch, progress=options.progress, started=started)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _open_store(path: os.PathLike, options: LoadOptions) -> WeightStore:
+    """The checkpoint's store. Arenas are pinned when blocks may stream to a GPU from host memory; weights quantized
+    at load go through temporary arenas, where pinning would be wasted work."""
+    streaming = options.offload in ("cpu", "nvme", "auto")
+    pin = options.device.type == "cuda" and streaming and options.quantize is None
+    return WeightStore.open(path, reader=options.reader, pin=pin, workers=READ_CONCURRENCY,
+                            threads=min(16, os.cpu_count() or 8))
+
+
+def _resources(options: LoadOptions) -> Resources:
+    """What this machine offers, as the plan needs it (the GPU's abilities only when the offload depends on them)."""
+    dev = options.device
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+    report = HardwareReport()
+    if dev.type == "cuda" and options.offload in ("auto", "ats"):
+        report = hardware(dev.index or 0, measure=False)
+    return Resources(device=str(dev), device_free=free, host_available=host_available_bytes(), report=report)

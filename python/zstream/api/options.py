@@ -1,0 +1,93 @@
+"""The arguments of ``zstream.load``, checked once: every bad value becomes one ``UsageError`` (or a
+``QuantizationError``) naming the value and the fix, before anything is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from ..errors import UsageError
+from ..foundations.hardware import resolve_device
+from ..foundations.quant import QuantConfig
+from ..foundations.units import parse_bytes, parse_dtype
+from ..planning.offload import OFFLOADS
+from ..planning.residency import PlanOptions
+
+READERS = ("auto", "uring", "pread", "mmap")
+
+# from_pretrained arguments people pass by habit, and what to use instead
+_HABITS = {
+    "device_map": "zstream places the weights itself: give the device budget with gpu_memory='20GiB' and where "
+                  "the rest lives with offload='cpu' or 'nvme'",
+    "max_memory": "give the device budget with gpu_memory='20GiB'",
+    "low_cpu_mem_usage": "zstream always reads weights in place, block by block: leave it out",
+    "trust_remote_code": "zstream runs its own code for BLOOM, OPT, LLaMA, Mistral and Qwen2 only: leave it out",
+    "load_in_8bit": "use quantize='int8'",
+    "load_in_4bit": "use quantize='int4'",
+    "quantization_config": "use quantize='int4' or 'int8' (and group_size=)",
+    "attn_implementation": "zstream picks its attention kernels itself: leave it out",
+}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    offload: str
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    budget: Optional[int]
+    prefetch: int
+    disk_prefetch: int
+    max_batch: int
+    max_seq_len: Optional[int]
+    max_resident_blocks: Optional[int]
+    reader: str
+    quantize: Optional[QuantConfig]
+    copy_from_tokens: Optional[int]
+    progress: bool
+
+    def plan_options(self) -> PlanOptions:
+        return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
+                           max_batch=self.max_batch, max_seq_len=self.max_seq_len,
+                           max_resident_blocks=self.max_resident_blocks)
+
+
+def _count(name: str, value: Any, lowest: int, optional: bool = False) -> Optional[int]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise UsageError(f"{name} must be an integer >= {lowest}{' or None' if optional else ''}, not {value!r}")
+    return value
+
+
+def load_options(*, offload: str = "auto", device: Union[str, torch.device, None] = None,
+                 dtype: Union[str, torch.dtype, None] = None, torch_dtype: Union[str, torch.dtype, None] = None,
+                 gpu_memory: Union[int, str, None] = None, prefetch: int = 2, disk_prefetch: int = 2,
+                 max_batch: int = 1, max_seq_len: Optional[int] = None, max_resident_blocks: Optional[int] = None,
+                 reader: str = "auto", quantize: Optional[str] = None, group_size: int = 64, symmetric: bool = False,
+                 copy_from_tokens: Optional[int] = None, progress: bool = True,
+                 unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
+    """``LoadOptions`` from ``load``'s keywords; ``unknown`` holds keywords ``load`` does not take."""
+    if unknown:
+        name = sorted(unknown)[0]
+        hint = _HABITS.get(name, "see help(zstream.load) for what it takes")
+        raise UsageError(f"load() takes no argument {name!r}: {hint}")
+    if offload not in OFFLOADS:
+        raise UsageError(f"offload must be one of {', '.join(OFFLOADS)}, not {offload!r} (offload='none' keeps "
+                         "every weight on the GPU)")
+    if reader not in READERS:
+        raise UsageError(f"reader must be one of {', '.join(READERS)}, not {reader!r}")
+    wanted = parse_dtype(dtype)
+    alias = parse_dtype(torch_dtype, what="torch_dtype")
+    if wanted is not None and alias is not None and wanted != alias:
+        raise UsageError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one of them")
+    _count("group_size", group_size, 1)
+    return LoadOptions(
+        offload=offload, device=resolve_device(device), dtype=wanted or alias,
+        budget=parse_bytes(gpu_memory, what="gpu_memory"),
+        prefetch=_count("prefetch", prefetch, 1), disk_prefetch=_count("disk_prefetch", disk_prefetch, 1),
+        max_batch=_count("max_batch", max_batch, 1), max_seq_len=_count("max_seq_len", max_seq_len, 1, True),
+        max_resident_blocks=_count("max_resident_blocks", max_resident_blocks, 0, True), reader=reader,
+        quantize=QuantConfig.parse(quantize, group_size, symmetric),
+        copy_from_tokens=_count("copy_from_tokens", copy_from_tokens, 1, True), progress=bool(progress))

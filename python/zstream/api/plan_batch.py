@@ -1,0 +1,116 @@
+"""``zstream.plan_batch``: the batch and residency that maximise tokens/s under a device budget, predicted from the
+checkpoint's facts, the link measured now and a compute model measured on the device."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Tuple, Union
+
+import torch
+
+from ..errors import QuantizationError, UsageError
+from ..foundations import checkpoint
+from ..foundations.hardware import resolve_device
+from ..foundations.measure import host_available_bytes, measure_link
+from ..foundations.models import family_for
+from ..foundations.quant import QuantConfig
+from ..foundations.store import WeightStore
+from ..foundations.units import parse_bytes, parse_dtype
+from ..planning.batch import BatchPlan, ComputeModel, ModelSizes, choose_batch, fitting_batches
+from ..planning.facts import CheckpointFacts, checkpoint_facts
+from ..planning.offload import streaming_offload
+from ..streaming.calibrate import calibrate_compute
+from ..streaming.model import StreamingModel
+
+
+def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: int = 512, gen: int = 32,
+               offload: str = "cpu", device: Optional[str] = None, dtype: Union[str, torch.dtype, None] = None,
+               prefetch: int = 2, link_gbps: Optional[float] = None, compute: Optional[ComputeModel] = None,
+               max_batch: int = 1024, cache: Union[str, os.PathLike, None] = None,
+               step_overhead_s: float = 0.0, quantize: Optional[str] = None, group_size: int = 64,
+               symmetric: bool = False) -> BatchPlan:
+    """The batch and residency that maximise tokens/s for a budget, predicted from measurements made now.
+
+    ``model``: a checkpoint directory (only its headers are read) or a model ``zstream.load`` returned (its plan's
+    sizes and link). ``gpu_memory``: the budget (default: free device memory; a loaded model's own budget).
+    ``offload``: the mode that may stream ("cpu", "nvme", "auto": the rule of ``offload="auto"``), or "none". The
+    link is measured as the loader measures it unless ``link_gbps`` is given; the compute is calibrated on the
+    device (``calibrate_compute``) unless given. ``zstream.load(path, **plan.load_kwargs())`` then loads the chosen
+    configuration. Quantized blocks (a packed checkpoint, a loaded quantized model, or ``quantize=`` as ``load``
+    takes it) are planned with their packed bytes, the room ``load`` keeps for one dequantized block, and a compute
+    model that times the dequantization too."""
+    if offload not in ("auto", "none", "cpu", "nvme"):
+        raise UsageError(f"offload must be one of auto, none, cpu, nvme for planning, not {offload!r}")
+    if prompt < 1 or gen < 1:
+        raise UsageError(f"prompt and gen must be at least 1, not {prompt} and {gen}")
+    loaded = isinstance(model, StreamingModel)
+    store, facts, dev = _facts(model, device, dtype, QuantConfig.parse(quantize, group_size, symmetric))
+    try:
+        sizes = ModelSizes.of(facts)
+        budget = parse_bytes(gpu_memory, what="gpu_memory")
+        if budget is None and loaded:
+            budget = model.plan.budget_bytes
+        if budget is None and dev.type == "cuda":
+            budget = torch.cuda.mem_get_info(dev)[0]
+        if budget is None:  # the CPU: host memory is the device's (``load`` keeps blocks resident only under one)
+            budget = host_available_bytes() or None
+        stream = _stream(offload, facts, dev)
+        link = "given"
+        if stream is not None and link_gbps is None:
+            if loaded and model.plan.link_gbps and model.plan.offload == stream:
+                link, link_gbps = model.plan.link, model.plan.link_gbps
+            else:
+                blocks = [list(names.values()) for names in facts.stored_block_names[:4]]
+                link, rate = measure_link(stream, dev, store, blocks)
+                link_gbps = rate.gbps
+        if compute is None:  # calibrated over the batches that can run: the fit is trusted inside its range
+            seq = min(prompt + gen, facts.family.max_positions)
+            fits = fitting_batches(sizes, budget, seq, prefetch + 1, stream is not None, max_batch)
+            compute = calibrate_compute(facts.family, dev, facts.dtype, max_batch=max((b for b, _, _ in fits),
+                                                                                       default=1),
+                                        prompt=prompt, gen=gen, cache=cache, quant=facts.quant)
+    finally:
+        if not loaded:
+            store.close()
+    plan = choose_batch(sizes, compute, budget=budget, prompt=prompt, gen=gen, link_gbps=link_gbps, stream=stream,
+                        prefetch=prefetch, max_batch=max_batch, step_overhead_s=step_overhead_s)
+    plan.device, plan.dtype, plan.link = str(dev), facts.dtype, link if stream is not None else ""
+    if facts.quantize_at_load and not loaded:
+        assert facts.quant is not None
+        cfg = facts.quant.cfg
+        plan.quantize = {"quantize": cfg.name, "group_size": cfg.group_size, "symmetric": cfg.symmetric}
+    return plan
+
+
+def _facts(model: Any, device: Optional[str], dtype: Union[str, torch.dtype, None],
+           quantize: Optional[QuantConfig]) -> Tuple[WeightStore, CheckpointFacts, torch.device]:
+    """(store, facts, device) of a loaded model (its own), or of a checkpoint's headers (a store opened here)."""
+    if isinstance(model, StreamingModel):
+        model.ensure_open()
+        return model.store, model.facts, model.device
+    dev = resolve_device(device)
+    path = checkpoint.resolve(model)
+    store = WeightStore.open(path, pin=False)
+    try:
+        family = family_for(checkpoint.read_config(path), store.names())
+        facts = checkpoint_facts(store, family, dtype=parse_dtype(dtype), device_type=dev.type, quantize=quantize,
+                                 where=str(path))
+    except BaseException:
+        store.close()
+        raise
+    return store, facts, dev
+
+
+def _stream(offload: str, facts: CheckpointFacts, dev: torch.device) -> Optional[str]:
+    """The mode blocks stream in, or None when every block stays resident (offload "none"; "cpu" on the CPU, where
+    ``load`` keeps every block in host memory)."""
+    if offload == "auto":
+        stream: Optional[str] = streaming_offload(facts.device_bytes, host_available_bytes(), device_type=dev.type)
+    elif offload == "nvme" or (offload == "cpu" and dev.type == "cuda"):
+        stream = offload
+    else:
+        stream = None
+    if facts.quantize_at_load and stream == "nvme":
+        raise QuantizationError("quantize= quantizes into memory at load, so nothing quantized can stream from "
+                                "disk: plan a checkpoint written by `zstream pack` for offload='nvme'")
+    return stream

@@ -1,0 +1,128 @@
+"""Measurements of the machine that bound streaming: the host-to-device link, the disk, host memory.
+
+Every bandwidth is measured several times and reported as a ``Rate``: the median, and the spread (lowest and
+highest) of the samples, so a reader can tell a steady limit from a noisy one. Shared machines are noisy; one
+sample is not a measurement.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, List, Sequence, Tuple
+
+import torch
+
+if TYPE_CHECKING:
+    from .store import WeightStore
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A bandwidth in GB/s: the median of ``samples`` measurements, and their lowest and highest."""
+
+    gbps: float
+    low: float
+    high: float
+    samples: int
+
+    @classmethod
+    def of(cls, nbytes: Sequence[float], seconds: Sequence[float]) -> Rate:
+        rates = [b / s / 1e9 for b, s in zip(nbytes, seconds)]
+        return cls(statistics.median(rates), min(rates), max(rates), len(rates))
+
+    @property
+    def spread(self) -> float:
+        """(highest - lowest) / median: 0.02 is a steady limit, 0.5 a noisy one."""
+        return (self.high - self.low) / self.gbps if self.gbps else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.gbps:.2f} GB/s (median of {self.samples}: {self.low:.2f}-{self.high:.2f})"
+
+
+def measure_h2d(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> Rate:
+    """Pinned host-to-device copies of ``nbytes``, timed with CUDA events, ``repeats`` times after a warm-up."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return Rate.of([nbytes] * repeats, times)
+
+
+def measure_memcpy(nbytes: int = 64 << 20, repeats: int = 5) -> Rate:
+    """Host memory to host memory copies of ``nbytes`` (both buffers touched first): what moving a block into a
+    CPU "device" slot costs, and the warm page cache's ceiling for a load."""
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
+    dst = torch.empty_like(src).fill_(0)
+    return Rate.of([nbytes] * repeats, [_timed(lambda: dst.copy_(src)) for _ in range(repeats)])
+
+
+def measure_copy(device: torch.device) -> Rate:
+    """What a streamed block's copy into its device slot runs at: the pinned host-to-device link on a GPU, a host
+    memory copy when the device is the CPU."""
+    return measure_h2d(device) if device.type == "cuda" else measure_memcpy()
+
+
+def measure_link(offload: str, device: torch.device, store: WeightStore, blocks: List[List[str]]) -> Tuple[str, Rate]:
+    """(what bounds streaming, its rate), measured now: the copy into a device slot (pinned host-to-device on a GPU,
+    a memory copy on the CPU) for offload "cpu"; for "nvme" the slower of that and O_DIRECT reads of ``blocks`` (a
+    few blocks' tensor names) through the store's pool, as the engine reads them."""
+    copy = measure_copy(device)
+    link = ("pinned host-to-device" if device.type == "cuda" else "host memory copy"), copy
+    if offload == "nvme":
+        disk = measure_disk(store, blocks[:3])
+        if disk.gbps < copy.gbps:
+            link = "disk read (O_DIRECT)", disk
+    return link
+
+
+def measure_disk(store: WeightStore, blocks: List[List[str]], inflight: int = 2, rounds: int = 3) -> Rate:
+    """O_DIRECT sequential reads of ``blocks`` (lists of tensor names) into the store's reused, already pinned pool
+    slots, ``inflight`` blocks at a time as the engine reads them, with no GPU work: the disk limit of the nvme
+    path. ``rounds`` passes over the blocks, each one sample; the first ``inflight`` blocks are read once beforehand
+    so that the slots exist."""
+    for t in [store.fetch(n) for n in blocks[:inflight]]:
+        t.wait()
+        t.release()
+    nbytes: List[float] = []
+    seconds: List[float] = []
+    for _ in range(max(1, rounds)):
+        moved, t0 = 0, time.perf_counter()
+        pending = [store.fetch(n) for n in blocks[:inflight]]
+        for k in range(len(blocks)):
+            t = pending.pop(0)
+            t.wait()
+            moved += t.read_bytes
+            t.release()
+            if k + inflight < len(blocks):
+                pending.append(store.fetch(blocks[k + inflight]))
+        nbytes.append(moved)
+        seconds.append(time.perf_counter() - t0)
+    return Rate.of(nbytes, seconds)
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what can be pinned without swapping), or 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

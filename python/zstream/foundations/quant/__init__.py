@@ -1,0 +1,13 @@
+"""Group-wise int4/int8 quantization of the blocks' linear weights.
+
+- ``scheme``: the numbers (``quantize``, ``dequantize`` in torch, ``QuantConfig``, the packed layout);
+- ``kernels``: the Triton dequantization kernel, bit-identical to ``scheme.dequantize``;
+- ``blocks``: whole blocks (``BlockQuant``: pack at load, dequantize in the slot) and ``checkpoint_quant``, which
+  decides how a checkpoint's blocks are quantized.
+"""
+
+from .blocks import BlockQuant, block_quant_for, checkpoint_quant, tensor_infos
+from .scheme import CODES, METADATA_KEY, SCALE, ZERO, QuantConfig, QuantizedTensor, dequantize, quantize
+
+__all__ = ["CODES", "METADATA_KEY", "SCALE", "ZERO", "BlockQuant", "QuantConfig", "QuantizedTensor",
+           "block_quant_for", "checkpoint_quant", "dequantize", "quantize", "tensor_infos"]

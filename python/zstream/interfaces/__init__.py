@@ -1,0 +1,1 @@
+"""What people run: the ``zstream`` command (``cli``), its ``demo`` and ``bench``."""

@@ -1,0 +1,377 @@
+"""The predictive batch planner: the (batch, residency) that gives the most tokens/s under a device budget.
+
+Pure arithmetic over a checkpoint's sizes, the measured link and a compute model measured on the device
+(``streaming.calibrate`` measures it; ``api.plan_batch`` puts the pieces together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import OutOfMemoryError
+from ..foundations.units import fmt_bytes
+from .facts import CheckpointFacts
+from .residency import choose_residency, reserve_bytes
+
+# ---- the predictive batch planner ------------------------------------------------------------------------------
+#
+# Under a device budget the KV cache competes with resident blocks: a larger batch spreads every streamed byte over
+# more tokens, but leaves room for fewer resident blocks, so more bytes stream every step. Which (batch, residency)
+# gives the most tokens/s depends on the link and on how the device's compute grows with the batch. Both are
+# measured (the link by the loader's own probes, the compute by timing one block of the real shapes on the device);
+# the memory of a candidate is the loader's own arithmetic (``choose_residency`` over ``reserve_bytes``); the
+# step is the ring's schedule played out (``ThroughputModel.pass_s``).
+
+
+@dataclass(frozen=True)
+class Linear3:
+    """``seconds = c0 + c1 * x + c2 * x * y`` with every coefficient >= 0 (a cost never falls as x or y grows).
+
+    Decode: x = batch (one new token a row), y = context (keys attended to): c0 is reading the weights and launching
+    the kernels, c1 the per-token matmul work, c2 attention over the KV cache. Prefill: x = batch * prompt new
+    tokens, y = prompt: c2 is then attention's quadratic term."""
+
+    c0: float
+    c1: float
+    c2: float
+
+    def __call__(self, x: float, y: float) -> float:
+        return self.c0 + self.c1 * x + self.c2 * x * y
+
+    @classmethod
+    def fit(cls, samples: Sequence[Tuple[float, float, float]]) -> Linear3:
+        """Least squares over (x, y, seconds) in *relative* error, so that the fast small-batch timings weigh as much
+        as the slow large ones. Non-negative by exhaustion: every subset of the three terms is fitted and the best
+        fit whose coefficients are all >= 0 wins (three unknowns: eight tiny solves)."""
+        if not samples or any(t <= 0 for _, _, t in samples):
+            raise ValueError(f"need positive timings to fit, got {list(samples)}")
+        rows = torch.tensor([[1.0, x, x * y] for x, y, _ in samples], dtype=torch.float64)
+        t = torch.tensor([s[2] for s in samples], dtype=torch.float64)
+        a, ones = rows / t[:, None], torch.ones(len(samples), 1, dtype=torch.float64)  # relative: (n, 3), (n, 1)
+        best: Optional[Tuple[float, List[float]]] = None
+        for mask in range(1, 8):
+            cols = [j for j in range(3) if mask >> j & 1]
+            sol = torch.linalg.lstsq(a[:, cols], ones).solution[:, 0]  # (len(cols),)
+            if bool((sol < 0).any()):
+                continue
+            coef = [0.0, 0.0, 0.0]
+            for j, v in zip(cols, sol.tolist()):
+                coef[j] = v
+            err = float(((a @ torch.tensor(coef, dtype=torch.float64)) - 1).pow(2).sum())
+            if best is None or err < best[0] - 1e-12:
+                best = (err, coef)
+        if best is None:  # unreachable for positive timings: c0 alone is always a non-negative fit
+            raise ValueError(f"no non-negative fit for {list(samples)}")
+        return cls(*best[1])
+
+
+@dataclass
+class ComputeModel:
+    """Compute time of a forward pass on one device, fitted to timings of one block (and of the per-pass work:
+    mask / ALiBi, embedding, head) of the real shapes on that device. A pass is ``num_blocks`` blocks plus the
+    outer work; each block costs the same (every block has the same shapes).
+
+    Timings are of back-to-back calls with one synchronisation at the end, as the engine issues them: a block costs
+    whichever is longer, its kernels or launching them from Python."""
+
+    num_blocks: int
+    decode_block: Linear3   # x = batch, y = context
+    decode_outer: Linear3   # x = batch, y = context
+    prefill_block: Linear3  # x = batch * prompt, y = prompt
+    prefill_outer: Linear3  # x = batch * prompt, y = prompt
+    key: str = ""           # what was calibrated: family shapes, dtype, device
+    samples: List[Dict[str, Any]] = field(default_factory=list)  # the timings behind the fits
+
+    def decode_block_s(self, batch: int, context: float) -> float:
+        return self.decode_block(batch, context)
+
+    def decode_outer_s(self, batch: int, context: float) -> float:
+        return self.decode_outer(batch, context)
+
+    def prefill_block_s(self, batch: int, prompt: int) -> float:
+        return self.prefill_block(batch * prompt, prompt)
+
+    def prefill_outer_s(self, batch: int, prompt: int) -> float:
+        return self.prefill_outer(batch * prompt, prompt)
+
+    def decode_s(self, batch: int, context: float) -> float:
+        """One decode step with every block resident."""
+        return self.num_blocks * self.decode_block_s(batch, context) + self.decode_outer_s(batch, context)
+
+    def prefill_s(self, batch: int, prompt: int) -> float:
+        """The prefill pass with every block resident."""
+        return self.num_blocks * self.prefill_block_s(batch, prompt) + self.prefill_outer_s(batch, prompt)
+
+    def to_dict(self) -> Dict[str, Any]:
+        fits = {k: [getattr(self, k).c0, getattr(self, k).c1, getattr(self, k).c2]
+                for k in ("decode_block", "decode_outer", "prefill_block", "prefill_outer")}
+        return {"num_blocks": self.num_blocks, "key": self.key, **fits, "samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> ComputeModel:
+        fits = {k: Linear3(*d[k]) for k in ("decode_block", "decode_outer", "prefill_block", "prefill_outer")}
+        return cls(num_blocks=int(d["num_blocks"]), key=str(d.get("key", "")), samples=list(d.get("samples", [])),
+                   **fits)
+
+
+@dataclass
+class ModelSizes:
+    """What the batch planner needs to know of a checkpoint, in the loader's units (``plan_load``'s)."""
+
+    block_bytes: List[int]            # per block, as it crosses the link (checkpoint dtype)
+    device_block_bytes: List[int]     # per block on the device (converted to the compute dtype)
+    outer_bytes: int                  # embeddings, final norm, head, on the device
+    reserve: Callable[[int, int], int]  # (batch, seq) -> bytes the loader keeps for KV cache and activations
+    max_positions: int
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_bytes)
+
+    @classmethod
+    def of(cls, facts: CheckpointFacts) -> ModelSizes:
+        """The sizes as ``plan_load`` computes them: blocks on the device in the compute dtype, the reserve of
+        ``reserve_bytes`` (with room for a dequantized block when blocks are quantized)."""
+        family, dtype, quant = facts.family, facts.dtype, facts.quant
+        return cls(block_bytes=list(facts.block_bytes), device_block_bytes=facts.device_block_bytes,
+                   outer_bytes=facts.device_outer_bytes,
+                   reserve=lambda batch, seq: reserve_bytes(family, batch, seq, dtype, quant),
+                   max_positions=family.max_positions)
+
+    def memory_bytes(self, batch: int, resident: int, seq: int, ring_slots: int) -> int:
+        """Device bytes the loader budgets for ``resident`` blocks kept and the rest streamed: outer weights,
+        resident blocks, a ring of ``ring_slots`` of the largest block (only if anything streams), and the reserve."""
+        n = self.num_blocks
+        ring = ring_slots * max(self.device_block_bytes, default=0) if resident < n else 0
+        return self.outer_bytes + sum(self.device_block_bytes[:resident]) + ring + self.reserve(batch, seq)
+
+    def max_resident(self, budget: Optional[int], batch: int, seq: int, ring_slots: int) -> Optional[int]:
+        """The most blocks ``load`` keeps resident for this batch (``choose_residency`` itself); None if not even
+        the outer weights, the reserve and the ring fit."""
+        try:
+            resident, _ = choose_residency(self.device_block_bytes, self.outer_bytes, budget, ring_slots,
+                                           self.reserve(batch, seq), where="plan")
+        except OutOfMemoryError:
+            return None
+        return len(resident)
+
+
+@dataclass
+class ThroughputModel:
+    """Predicted prefill and decode times of a residency, from the measured compute and the measured link.
+
+    A pass runs the outer work and the resident blocks (the first ``resident``, as the loader keeps them), then the
+    streamed ones through a ring of ``ring_slots`` device slots: the copy of streamed block j waits for the link and
+    for the compute of block j - slots (its slot's previous tenant); block j's compute waits for its copy. In the
+    steady state of a decode loop the ring's first slots were filled during the previous pass, and the pass ends
+    when its compute is done and the next pass's first slots have landed (a step synchronises the device). When
+    copies never wait for a slot this is max(streamed bytes / link, compute); with many resident blocks the link
+    idles while they compute, once the ring is full, and the schedule says by how much."""
+
+    compute: ComputeModel
+    block_bytes: List[int]          # per block, as it crosses the link
+    link_gbps: Optional[float]      # GB/s; None: nothing may stream
+    ring_slots: int = 3             # prefetch + 1
+    step_overhead_s: float = 0.0    # per pass, on top of the schedule (Python, synchronisation)
+
+    def pass_s(self, resident: int, block_s: float, outer_s: float) -> Tuple[float, float, float]:
+        """(seconds, transfer seconds, compute seconds) of one pass."""
+        n = len(self.block_bytes)
+        compute = n * block_s + outer_s
+        if resident >= n:
+            return compute + self.step_overhead_s, 0.0, compute
+        if not self.link_gbps:
+            raise ValueError("blocks stream, but no link bandwidth was given")
+        copy = [self.block_bytes[i] / (self.link_gbps * 1e9) for i in range(resident, n)]
+        s = len(copy)
+        slots = min(self.ring_slots, s)
+        t = outer_s + resident * block_s   # the compute stream, after the work that needs no streamed block
+        link = 0.0                          # the copy stream: the ring's first slots landed last pass
+        done: List[float] = []              # compute end of streamed block j
+        for j in range(s):
+            landed = 0.0
+            if j >= slots:
+                link = max(link, done[j - slots]) + copy[j]
+                landed = link
+            t = max(t, landed) + block_s
+            done.append(t)
+        for j in range(s, s + slots):       # the next pass's first blocks, into the slots freed last
+            link = max(link, done[j - slots]) + copy[j - s]
+        return max(t, link) + self.step_overhead_s, sum(copy), compute
+
+    def decode_step(self, batch: int, resident: int, context: float) -> Tuple[float, float, float]:
+        return self.pass_s(resident, self.compute.decode_block_s(batch, context),
+                           self.compute.decode_outer_s(batch, context))
+
+    def prefill(self, batch: int, resident: int, prompt: int) -> Tuple[float, float, float]:
+        return self.pass_s(resident, self.compute.prefill_block_s(batch, prompt),
+                           self.compute.prefill_outer_s(batch, prompt))
+
+
+@dataclass
+class Candidate:
+    """One (batch, residency) that fits the budget, and what it is predicted to do."""
+
+    batch: int
+    resident_blocks: int
+    num_blocks: int
+    offload: str             # "none" when every block is resident, else the streaming mode ("cpu", "nvme")
+    memory_bytes: int        # what the loader budgets: outer + resident weights + ring + KV cache and activations
+    prefill_s: float
+    decode_step_s: float     # at the mean context of the decode steps
+    transfer_s: float        # of a decode step: streamed bytes over the link
+    compute_s: float         # of a decode step: every block's compute and the outer work
+    tokens_per_s: float      # batch * gen / (prefill + (gen - 1) decode steps), as ``zstream bench`` counts
+
+    @property
+    def streamed_blocks(self) -> int:
+        return self.num_blocks - self.resident_blocks
+
+    @property
+    def limit(self) -> str:
+        """What bounds the decode step: the link, the compute, or the ring (the link idles while resident blocks
+        compute and the slots are full)."""
+        if self.transfer_s == 0.0:
+            return "compute"
+        if self.decode_step_s > 1.02 * max(self.transfer_s, self.compute_s):
+            return "ring"
+        return "link" if self.transfer_s >= self.compute_s else "compute"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"batch": self.batch, "resident_blocks": self.resident_blocks, "offload": self.offload,
+                "memory_bytes": self.memory_bytes, "prefill_s": self.prefill_s, "decode_step_s": self.decode_step_s,
+                "transfer_s": self.transfer_s, "compute_s": self.compute_s, "tokens_per_s": self.tokens_per_s,
+                "limit": self.limit}
+
+
+@dataclass
+class BatchPlan:
+    """Every (batch, residency) that fits, predicted; ``best`` maximises tokens/s."""
+
+    best: Optional[Candidate]
+    table: List[Candidate]          # every candidate, by batch then resident blocks
+    budget_bytes: Optional[int]
+    prompt: int
+    gen: int
+    link_gbps: Optional[float]
+    prefetch: int
+    compute: ComputeModel
+    device: str = ""
+    dtype: Optional[torch.dtype] = None
+    link: str = ""                  # what the link is ("pinned host-to-device", "disk read (O_DIRECT)", given)
+    quantize: Dict[str, Any] = field(default_factory=dict)  # load's quantize arguments (empty: none, or packed)
+
+    def candidate(self, batch: int, resident: int) -> Optional[Candidate]:
+        for c in self.table:
+            if c.batch == batch and c.resident_blocks == resident:
+                return c
+        return None
+
+    def frontier(self) -> List[Candidate]:
+        """For each batch, its best residency (the most resident blocks that fit, unless the schedule says
+        otherwise)."""
+        best: Dict[int, Candidate] = {}
+        for c in self.table:
+            if c.batch not in best or c.tokens_per_s > best[c.batch].tokens_per_s:
+                best[c.batch] = c
+        return [best[b] for b in sorted(best)]
+
+    def max_batch(self, offload: Optional[str] = None) -> int:
+        """The largest batch that fits; with ``offload="none"`` the largest with every block resident (0: none)."""
+        pool = [c.batch for c in self.table if offload != "none" or c.offload == "none"]
+        return max(pool, default=0)
+
+    def load_kwargs(self, candidate: Optional[Candidate] = None) -> Dict[str, Any]:
+        """Arguments of ``zstream.load`` that give ``candidate`` (default: the best) under the same budget."""
+        c = candidate or self.best
+        if c is None:
+            raise OutOfMemoryError(f"nothing fits the budget of {fmt_bytes(self.budget_bytes or 0)}")
+        kw: Dict[str, Any] = {"offload": c.offload, "gpu_memory": self.budget_bytes, "max_batch": c.batch,
+                              "max_seq_len": self.prompt + self.gen, "prefetch": self.prefetch}
+        if c.offload != "none":
+            kw["max_resident_blocks"] = c.resident_blocks
+        if self.device:
+            kw["device"] = self.device
+        if self.dtype is not None:
+            kw["dtype"] = self.dtype
+        kw.update(self.quantize)
+        return kw
+
+    def summary(self, rows: Optional[List[int]] = None) -> str:
+        """The best choice, then the frontier at batches 1, 2, 4, ..., the largest, the best (or ``rows``)."""
+        front = self.frontier()
+        if not front or self.best is None:
+            return f"predicted: nothing fits the budget of {fmt_bytes(self.budget_bytes or 0)}"
+        b = self.best
+        link = f"{self.link_gbps:.1f} GB/s" + (f" ({self.link})" if self.link else "") if self.link_gbps else "none"
+        head = [f"predicted best: batch {b.batch}, {b.resident_blocks}/{b.num_blocks} blocks resident "
+                f"(offload={b.offload}), {b.tokens_per_s:.1f} tokens/s; budget "
+                + (fmt_bytes(self.budget_bytes) if self.budget_bytes is not None else "unlimited")
+                + f", prompt {self.prompt}, gen {self.gen}, link {link}",
+                f"{'batch':>5} {'resident':>8} {'offload':>7} {'memory':>10} {'prefill ms':>10} {'step ms':>8} "
+                f"{'xfer ms':>8} {'comp ms':>8} {'tok/s':>8} limit"]
+        wanted = set(rows) if rows is not None else (
+            {1 << k for k in range(16)} | {front[-1].batch, b.batch, self.max_batch("none")})
+        for c in front:
+            if c.batch in wanted:
+                head.append(f"{c.batch:5d} {c.resident_blocks:4d}/{c.num_blocks:<3d} {c.offload:>7} "
+                            f"{fmt_bytes(c.memory_bytes):>10} {c.prefill_s * 1e3:10.1f} {c.decode_step_s * 1e3:8.1f} "
+                            f"{c.transfer_s * 1e3:8.1f} {c.compute_s * 1e3:8.1f} {c.tokens_per_s:8.1f} {c.limit}")
+        return "\n".join(head)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The choice, the inputs and the frontier (not every candidate), for JSON."""
+        return {"best": self.best.to_dict() if self.best else None, "budget_bytes": self.budget_bytes,
+                "prompt": self.prompt, "gen": self.gen, "link_gbps": self.link_gbps, "link": self.link,
+                "prefetch": self.prefetch, "compute": self.compute.to_dict(),
+                "frontier": [c.to_dict() for c in self.frontier()]}
+
+
+def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[int], prompt: int, gen: int,
+                 link_gbps: Optional[float], stream: Optional[str] = "cpu", prefetch: int = 2,
+                 max_batch: int = 1024, step_overhead_s: float = 0.0) -> BatchPlan:
+    """Every (batch, resident blocks) the loader would accept under ``budget``, with its predicted tokens/s; the
+    best of them. ``stream``: the offload mode that streams ("cpu" or "nvme"), or None to keep every block resident
+    (offload="none"). Batches run from 1 to the largest that fits (at most ``max_batch``); for each, every
+    residency from 0 blocks to the most that fit. Tokens/s counts as ``zstream bench`` does: batch * gen tokens over
+    the prefill (which gives the first token) and gen - 1 decode steps, taken at their mean context."""
+    if prompt < 1 or gen < 1:
+        raise ValueError(f"prompt and gen must be at least 1, not {prompt} and {gen}")
+    if stream is not None and not link_gbps:
+        raise ValueError(f"stream={stream!r} needs the link bandwidth (link_gbps), or stream=None")
+    seq = min(prompt + gen, sizes.max_positions)
+    n, slots = sizes.num_blocks, prefetch + 1
+    tm = ThroughputModel(compute, sizes.block_bytes, link_gbps, slots, step_overhead_s)
+    context = prompt + gen / 2  # decode steps attend to prompt + 1 .. prompt + gen - 1 keys
+    table: List[Candidate] = []
+    for batch, lowest, most in fitting_batches(sizes, budget, seq, slots, stream is not None, max_batch):
+        for resident in range(lowest, most + 1):
+            prefill, _, _ = tm.prefill(batch, resident, prompt)
+            step, xfer, comp = tm.decode_step(batch, resident, context)
+            total = prefill + (gen - 1) * step
+            table.append(Candidate(batch=batch, resident_blocks=resident, num_blocks=n,
+                                   offload="none" if resident == n else str(stream),
+                                   memory_bytes=sizes.memory_bytes(batch, resident, seq, slots),
+                                   prefill_s=prefill, decode_step_s=step, transfer_s=xfer, compute_s=comp,
+                                   tokens_per_s=batch * gen / total))
+    best = max(table, key=lambda c: c.tokens_per_s, default=None)
+    return BatchPlan(best=best, table=table, budget_bytes=budget, prompt=prompt, gen=gen, link_gbps=link_gbps,
+                     prefetch=prefetch, compute=compute)
+
+
+def fitting_batches(sizes: ModelSizes, budget: Optional[int], seq: int, slots: int, stream: bool,
+             max_batch: int) -> List[Tuple[int, int, int]]:
+    """(batch, fewest, most resident blocks) for every batch from 1 that the loader accepts, up to ``max_batch``.
+    Without streaming only "every block resident" counts. Memory grows with the batch, so the first batch that does
+    not fit ends the list."""
+    n, out = sizes.num_blocks, []
+    for batch in range(1, max_batch + 1):
+        most = sizes.max_resident(budget, batch, seq, slots)
+        lowest = 0 if stream else n
+        if most is None or most < lowest:
+            break
+        out.append((batch, lowest, most))
+    return out

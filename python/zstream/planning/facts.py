@@ -1,0 +1,98 @@
+"""What planning needs to know of a checkpoint, read from its headers alone: the one home of its sizes.
+
+``checkpoint_facts`` validates the checkpoint against its family, decides how its blocks are quantized (packed on
+disk, quantized at load, or not at all) and works out the bytes of every block as it crosses the link and as it
+sits on the device. ``load``, ``plan_batch`` and the GH200 mode all plan from these facts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from ..foundations.models import Family
+from ..foundations.quant import BlockQuant, QuantConfig, checkpoint_quant, tensor_infos
+from ..foundations.store import WeightStore
+
+
+def compute_dtype(requested: Optional[torch.dtype], checkpoint: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype blocks compute in: as asked; else the checkpoint's own on a GPU and float32 on the CPU (where half
+    precision matmuls are slow or missing)."""
+    if requested is not None:
+        return requested
+    return checkpoint if device_type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """A checkpoint's family, dtypes, quantization and sizes, as the loader will hold them."""
+
+    family: Family
+    checkpoint_dtype: torch.dtype        # of the outer (embedding) tensors, as stored
+    dtype: torch.dtype                   # compute dtype
+    stored_block_names: List[Dict[str, str]]   # {local: checkpoint name} per block, as the files hold them
+    block_names: List[Dict[str, str]]    # ... as the engine streams them (packed names once quantized)
+    outer_names: Dict[str, str]          # embeddings, final norm, head
+    block_bytes: List[int]               # per block, as it crosses the link
+    outer_bytes: int                     # outer tensors, as stored
+    quant: Optional[BlockQuant] = None   # how blocks are quantized; None: as in the checkpoint
+    packed: bool = False                 # the files hold the packed tensors (``zstream pack``)
+    unquantized_block_bytes: Optional[List[int]] = None  # per block before quantization (checkpoint dtype)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_bytes)
+
+    @property
+    def quantize_at_load(self) -> bool:
+        return self.quant is not None and not self.packed
+
+    @property
+    def device_scale(self) -> float:
+        """How much larger weights are on the device: blocks converted to a wider compute dtype grow."""
+        return max(1.0, self.dtype.itemsize / self.checkpoint_dtype.itemsize)
+
+    @property
+    def device_block_bytes(self) -> List[int]:
+        return [int(b * self.device_scale) for b in self.block_bytes]
+
+    @property
+    def device_outer_bytes(self) -> int:
+        return int(self.outer_bytes * self.device_scale)
+
+    @property
+    def device_bytes(self) -> int:
+        """Every weight on the device: what offload="none" needs."""
+        return self.device_outer_bytes + sum(self.device_block_bytes)
+
+
+def checkpoint_facts(store: WeightStore, family: Family, *, dtype: Optional[torch.dtype], device_type: str,
+                     quantize: Optional[QuantConfig], where: str) -> CheckpointFacts:
+    """The facts of the checkpoint ``store`` holds for ``family``; raises ModelError / QuantizationError where the
+    tensors do not match the config or the quantization asked for does not fit."""
+    stored = [family.block_tensors(i) for i in range(family.num_blocks)]
+    outer = family.outer_tensors()
+    ckpt_dtype = store.info(next(iter(outer.values()))).torch_dtype
+    dtype = compute_dtype(dtype, ckpt_dtype, device_type)
+    bq, packed = checkpoint_quant(store, family, dtype, quantize, where=where)
+    family.validate(tensor_infos(store, family, bq.cfg if packed and bq is not None else None))
+    outer_bytes = sum(store.info(n).nbytes for n in set(outer.values()))
+    if bq is None:
+        return CheckpointFacts(family, ckpt_dtype, dtype, stored, stored, outer, _stored_bytes(store, stored),
+                               outer_bytes)
+    shapes = family.block_shapes()
+    unquantized = [sum(math.prod(s) for s in shapes.values()) * ckpt_dtype.itemsize] * family.num_blocks
+    streamed = [bq.names(names) for names in stored]
+    if packed:  # the files hold the packed tensors: stream them under their own names
+        return CheckpointFacts(family, ckpt_dtype, dtype, streamed, streamed, outer,
+                               _stored_bytes(store, streamed), outer_bytes, bq, True, unquantized)
+    per_block = bq.nbytes(shapes, {local: ckpt_dtype.itemsize for local in shapes})
+    return CheckpointFacts(family, ckpt_dtype, dtype, stored, streamed, outer, [per_block] * family.num_blocks,
+                           outer_bytes, bq, False, unquantized)
+
+
+def _stored_bytes(store: WeightStore, blocks: List[Dict[str, str]]) -> List[int]:
+    return [sum(store.info(n).nbytes for n in dict.fromkeys(names.values())) for names in blocks]

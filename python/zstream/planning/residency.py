@@ -1,0 +1,242 @@
+"""The load plan: what stays on the compute device, what streams, and what a step should cost.
+
+``plan_load`` is a pure function of the checkpoint's facts, the machine's resources (a device budget, host
+memory, a hardware report: real or made up in a test) and the load options; it does no device work. Under a
+budget it keeps the non-block weights (embeddings, final norm, head) resident first, then a ring of
+``prefetch + 1`` slots for streamed blocks, then as many whole blocks as still fit; everything else streams every
+forward pass. The link bandwidth is measured later, by the builder, and ``predicted_step_s`` is the streamed bytes
+over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..errors import ModelError, OutOfMemoryError, QuantizationError, UsageError
+from ..foundations.hardware import HardwareReport
+from ..foundations.models import Family
+from ..foundations.quant import BlockQuant
+from ..foundations.units import dtype_name, fmt_bytes
+from .facts import CheckpointFacts
+from .offload import OFFLOADS, choose_offload
+
+DEFAULT_SEQ_LEN = 2048  # the KV cache a load keeps room for when max_seq_len is not given (or the model's limit)
+WORKSPACE_BYTES = 256 << 20  # allocator slack and kernels' workspaces
+
+
+def reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype, quant: Optional[BlockQuant] = None) -> int:
+    """Device bytes kept free of weights: the KV cache for ``batch`` x ``seq`` tokens, a working set for activations
+    and last-position logits, and for quantized blocks room for one block's weights dequantized while it computes."""
+    kv = 2 * family.num_blocks * batch * seq * family.num_kv_heads * family.head_dim * dtype.itemsize
+    acts = batch * seq * family.hidden_size * 24 * dtype.itemsize + batch * family.vocab_size * 8
+    dequantized = quant.dequantized_nbytes if quant is not None else 0
+    return kv + acts + dequantized + WORKSPACE_BYTES
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the machine offers a load: the compute device, its free memory, host memory, and what the GPU can do
+    with host memory. Tests make these up."""
+
+    device: str                               # "cuda:0", "cpu"
+    device_free: Optional[int] = None         # free device memory (None on the CPU: host memory is the device's)
+    host_available: int = 0                   # MemAvailable
+    report: HardwareReport = field(default_factory=HardwareReport)
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """The load arguments that shape the plan."""
+
+    offload: str = "auto"
+    budget: Optional[int] = None              # gpu_memory; None: the device's free memory (no limit on the CPU)
+    prefetch: int = 2                         # blocks in flight ahead of the compute
+    max_batch: int = 1
+    max_seq_len: Optional[int] = None
+    max_resident_blocks: Optional[int] = None
+
+
+@dataclass
+class Plan:
+    """Where every weight lives, and what a forward pass moves."""
+
+    offload: str                   # "none", "cpu", "nvme" or "ats" (never "auto": resolved at load)
+    device: str                    # "cuda:0", "cpu"
+    dtype: torch.dtype             # compute dtype
+    block_bytes: list[int]         # bytes streamed for each block (checkpoint dtype, as it crosses the link)
+    outer_bytes: int               # embeddings, final norm, head
+    resident_blocks: list[int]
+    streamed_blocks: list[int]
+    ring_slots: int                # device slots for streamed blocks (prefetch + 1), 0 if nothing streams
+    kv_reserve_bytes: int          # KV cache + activations reserved at load (batch/sequence given to load)
+    budget_bytes: Optional[int]    # memory budget on the compute device; None = unlimited (CPU)
+    link: str = ""                 # what limits streaming: "pinned host-to-device", "disk read (O_DIRECT)", ...
+    link_gbps: Optional[float] = None  # measured in this process (the median of several samples)
+    link_spread: Optional[Tuple[float, float]] = None  # the lowest and highest sample, GB/s
+    notes: list[str] = field(default_factory=list)
+    quantization: Optional[str] = None  # e.g. "int4, group 64, asymmetric"; None: weights as in the checkpoint
+    unquantized_block_bytes: Optional[list[int]] = None  # block_bytes before quantization (checkpoint dtype)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_bytes)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes that cross the link every forward pass."""
+        return sum(self.block_bytes[i] for i in self.streamed_blocks)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.outer_bytes + sum(self.block_bytes[i] for i in self.resident_blocks)
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.ring_slots * max((self.block_bytes[i] for i in self.streamed_blocks), default=0)
+
+    @property
+    def predicted_step_s(self) -> Optional[float]:
+        """Transfer-bound time of one forward pass: streamed bytes over the measured link bandwidth."""
+        if not self.streamed_blocks:
+            return 0.0
+        if not self.link_gbps:
+            return None
+        return self.streamed_bytes / (self.link_gbps * 1e9)
+
+    def summary(self) -> str:
+        pred = self.predicted_step_s
+        lines = [
+            f"offload={self.offload} device={self.device} dtype={dtype_name(self.dtype)}",
+            f"resident: outer weights + {len(self.resident_blocks)}/{self.num_blocks} blocks "
+            f"= {fmt_bytes(self.resident_bytes)}",
+            f"streamed: {len(self.streamed_blocks)} blocks = {fmt_bytes(self.streamed_bytes)} per forward pass"
+            + (f", through a ring of {self.ring_slots} slots ({fmt_bytes(self.ring_bytes)})"
+               if self.ring_slots else ""),
+            f"reserved for KV cache and activations: {fmt_bytes(self.kv_reserve_bytes)}"
+            + (f" of a {fmt_bytes(self.budget_bytes)} budget" if self.budget_bytes is not None else ""),
+        ]
+        if self.quantization is not None and self.unquantized_block_bytes is not None:
+            before = sum(self.unquantized_block_bytes[i] for i in self.streamed_blocks)
+            lines.append(f"quantized {self.quantization}: blocks {fmt_bytes(sum(self.block_bytes))} "
+                         f"(from {fmt_bytes(sum(self.unquantized_block_bytes))}); streamed per pass "
+                         f"{fmt_bytes(self.streamed_bytes)} instead of {fmt_bytes(before)}"
+                         + (f" ({self.streamed_bytes / before:.3f}x)" if before else ""))
+        if self.streamed_blocks:
+            link = f"{self.link_gbps:.1f} GB/s" if self.link_gbps else "not measured"
+            if self.link_gbps and self.link_spread:
+                link += f" (samples {self.link_spread[0]:.1f}-{self.link_spread[1]:.1f})"
+            lines.append(f"link: {self.link} {link}; predicted step (transfer bound): "
+                         + (f"{pred * 1e3:.1f} ms" if pred is not None else "unknown"))
+        lines += self.notes
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def choose_residency(block_bytes: List[int], outer_bytes: int, budget: Optional[int], ring_slots: int,
+                     reserve: int, *, where: str) -> Tuple[List[int], List[int]]:
+    """(resident blocks, streamed blocks) under ``budget``: the first blocks that fit stay. Raises OutOfMemoryError
+    naming what would fit."""
+    n = len(block_bytes)
+    if budget is None or outer_bytes + sum(block_bytes) + reserve <= budget:
+        return list(range(n)), []
+    ring = ring_slots * max(block_bytes, default=0)
+    avail = budget - outer_bytes - reserve - ring
+    if avail < 0:
+        need = outer_bytes + reserve + ring
+        raise OutOfMemoryError(
+            f"{where}: the budget of {fmt_bytes(budget)} cannot hold even the non-block weights "
+            f"({fmt_bytes(outer_bytes)}), the KV cache and activations ({fmt_bytes(reserve)}) and a ring of "
+            f"{ring_slots} block slots ({fmt_bytes(ring)}): give gpu_memory of at least {fmt_bytes(need)}, "
+            f"a smaller batch or sequence, or prefetch=1")
+    resident: List[int] = []
+    for i in range(n):
+        if block_bytes[i] > avail:
+            break
+        resident.append(i)
+        avail -= block_bytes[i]
+    return resident, list(range(len(resident), n))
+
+
+def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions, *, where: str) -> Plan:
+    """Where every weight lives for this checkpoint on this machine under these options."""
+    if options.offload not in OFFLOADS:
+        raise UsageError(f"offload must be one of {', '.join(OFFLOADS)}, not {options.offload!r}")
+    family, device_type = facts.family, resources.device_type
+    seq = min(options.max_seq_len or DEFAULT_SEQ_LEN, family.max_positions)
+    reserve = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant)
+    budget = options.budget if options.budget is not None else resources.device_free
+    notes: List[str] = []
+    offload = options.offload
+    if offload == "auto":
+        offload, note = choose_offload(facts.device_bytes, reserve, budget, resources.host_available,
+                                       device_type=device_type, ats=resources.report.ats,
+                                       quantized=facts.quant is not None,
+                                       quantize_at_load=facts.quantize_at_load, where=where)
+        notes.append(note)
+    _check_offload(facts, resources, offload, where)
+    if offload == "ats":
+        return _in_place_plan(facts, resources, options, notes)
+    n = facts.num_blocks
+    if offload == "none" and budget is not None and facts.device_bytes + reserve > budget:
+        raise OutOfMemoryError(f"{where}: the weights ({fmt_bytes(facts.device_bytes)}) and KV cache "
+                               f"({fmt_bytes(reserve)}) do not fit the {fmt_bytes(budget)} device budget: use "
+                               "offload='cpu' or 'nvme'")
+    if offload == "none" or (device_type == "cpu" and offload == "cpu"):
+        resident = list(range(n))  # on the CPU, host memory is the device: blocks stream only under a cap
+    elif device_type == "cpu" and budget is None:
+        resident = []  # nvme on the CPU: only the ring's slots in memory, unless gpu_memory gives a host budget
+    else:
+        resident, _ = choose_residency(facts.device_block_bytes, facts.device_outer_bytes, budget,
+                                       options.prefetch + 1, reserve, where=where)
+    if options.max_resident_blocks is not None:
+        resident = resident[:options.max_resident_blocks]
+    streamed = [i for i in range(n) if i not in set(resident)]
+    return Plan(offload=offload, device=resources.device, dtype=facts.dtype, block_bytes=facts.block_bytes,
+                outer_bytes=facts.device_outer_bytes, resident_blocks=resident, streamed_blocks=streamed,
+                ring_slots=min(options.prefetch + 1, len(streamed)), kv_reserve_bytes=reserve, budget_bytes=budget,
+                notes=notes, quantization=facts.quant.cfg.describe() if facts.quant is not None else None,
+                unquantized_block_bytes=facts.unquantized_block_bytes)
+
+
+def _check_offload(facts: CheckpointFacts, resources: Resources, offload: str, where: str) -> None:
+    """Refuse an offload this checkpoint or machine cannot run, naming one that can."""
+    if facts.quantize_at_load and offload in ("nvme", "ats"):
+        assert facts.quant is not None
+        name = facts.quant.cfg.name
+        raise QuantizationError(f"{where}: quantize={name!r} quantizes while loading into memory, so it works with "
+                                f"offload 'none', 'cpu' or 'auto'; for offload={offload!r} write a quantized "
+                                f"checkpoint once with `zstream pack {where} OUT --quantize {name}`")
+    if offload != "ats":
+        return
+    if facts.packed:
+        assert facts.quant is not None
+        raise QuantizationError(f"{where} is packed ({facts.quant.cfg.describe()}); offload='ats' reads checkpoint "
+                                "weights in place for the kernels, so it needs an unquantized checkpoint: stream this "
+                                "one with offload='cpu' or 'nvme'")
+    if resources.device_type != "cuda":
+        raise ModelError("offload='ats' reads weights from GPU kernels: it needs a CUDA device")
+    rep = resources.report
+    if not rep.ats and not (rep.can_map_host_memory and rep.host_pointer_for_registered_mem):
+        raise ModelError(f"offload='ats' needs a GPU that reads host memory in place (ATS, or mapped pinned memory "
+                         f"with host pointers); {rep.gpu} has neither: use offload='cpu'")
+    if facts.dtype != facts.checkpoint_dtype:
+        raise ModelError(f"offload='ats' reads weights in place, so it computes in the checkpoint's dtype "
+                         f"({facts.checkpoint_dtype}), not {facts.dtype}")
+
+
+def _in_place_plan(facts: CheckpointFacts, resources: Resources, options: PlanOptions, notes: List[str]) -> Plan:
+    """offload="ats": every block read in place from host memory (passes of many tokens copy them through a ring)."""
+    n = facts.num_blocks
+    link = "ATS (pageable memory read in place)" if resources.report.ats else "mapped pinned memory read in place"
+    return Plan(offload="ats", device=resources.device, dtype=facts.dtype, block_bytes=facts.block_bytes,
+                outer_bytes=facts.outer_bytes, resident_blocks=[], streamed_blocks=list(range(n)),
+                ring_slots=options.prefetch + 1, kv_reserve_bytes=0, budget_bytes=None, link=link, notes=notes)

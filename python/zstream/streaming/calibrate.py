@@ -1,0 +1,166 @@
+"""Measuring the compute model the batch planner predicts with: one block of the real shapes, and the per-pass
+work, timed on the device with the engine's own pieces (its attention kernels, its dequantization)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..foundations.store import FlatRead
+from ..planning.batch import ComputeModel, Linear3
+from .cache import LayerCache
+from .weights import attention_kernels, local_weights
+
+_COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by ComputeModel.key
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> float:
+    """Seconds per call of ``fn``: ``inner`` calls back to back (enough for ``min_sample_s``, so that timer resolution
+    washes out) with one synchronisation at the end, after a warm-up call (allocator, kernel selection)."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    one = time.perf_counter() - t0
+    inner = max(1, min(50, int(min_sample_s / max(one, 1e-7))))
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / inner
+
+
+def _random_weights(family: Any, names: Dict[str, str], dtype: torch.dtype, device: torch.device,
+                    gen: torch.Generator) -> Dict[str, Tensor]:
+    """{local name: random tensor of the checkpoint's shape}, N(0, 0.02): values only need to be finite (the
+    kernels' speed does not depend on them); tensors a tied head shares with the embedding are shared here too."""
+    shapes = family.expected_shapes()
+    made: Dict[str, Tensor] = {}
+    for ckpt in set(names.values()):
+        t = torch.randn(shapes[ckpt], generator=gen, dtype=torch.float32).mul_(0.02)
+        made[ckpt] = t.to(device=device, dtype=dtype)
+    return {local: made[ckpt] for local, ckpt in names.items()}
+
+
+def compute_key(family: Any, dtype: torch.dtype, device: Union[str, torch.device]) -> str:
+    """What a calibration depends on: the block's shapes, the vocabulary, the dtype and the device (its name)."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    shapes = family.expected_shapes()
+    block = ",".join(f"{local}={list(shapes[c])}" for local, c in sorted(family.block_tensors(0).items()))
+    return (f"{type(family).__name__} blocks={family.num_blocks} vocab={family.vocab_size} [{block}] "
+            f"{str(dtype).replace('torch.', '')} {name}")
+
+
+def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torch.dtype, *, max_batch: int,
+                      prompt: int, gen: int, rounds: int = 5, min_sample_s: float = 0.005,
+                      max_prefill_tokens: int = 32768, cache: Union[str, os.PathLike, None] = None,
+                      seed: int = 0, quant: Any = None) -> ComputeModel:
+    """Measure the compute model of ``family`` on ``device``: one block of the real shapes on random weights,
+    and the per-pass work (mask, embedding, head), timed at the corners of the range the planner will ask about.
+
+    Decode is timed at batches 1, ~sqrt(max_batch) and max_batch, each at a short and the longest context
+    (prompt + gen); prefill at batches 1 and max_batch (capped at ``max_prefill_tokens`` tokens: beyond, the fit is
+    linear in tokens) over half the prompt and the whole prompt. A cost grows nonlinearly between few tokens (reading
+    the weights dominates) and many (the matmuls dominate), so the fit is only trusted inside that range, which is
+    why the range comes from the question being asked. Every point is timed once per round, ``rounds`` rounds, and
+    its median kept: on a shared host the speed of launching kernels from Python drifts by up to 2x for seconds at a
+    time (seen on the H100 VM), and interleaving spreads such a spell over all points instead of one.
+    ``cache``: a JSON file of calibrations by key and range, read first and written after; calibrations are also
+    kept for the life of the process. ``quant`` (a ``quant.BlockQuant``): the block is timed as the engine runs a
+    quantized one, its packed weights dequantized before the block's matmuls."""
+    dev = torch.device(device)
+    max_batch = max(1, int(max_batch))
+    longest = min(prompt + gen, family.max_positions)
+    prompt = max(1, min(prompt, longest))
+    key = (f"{compute_key(family, dtype, dev)} batch<={max_batch} prompt={prompt} gen={gen} "
+           f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else ""))
+    if key in _COMPUTE_CACHE:
+        return _COMPUTE_CACHE[key]
+    stored: Dict[str, Any] = {}
+    if cache is not None and Path(cache).exists():
+        stored = json.loads(Path(cache).read_text())
+        if key in stored:
+            _COMPUTE_CACHE[key] = ComputeModel.from_dict(stored[key])
+            return _COMPUTE_CACHE[key]
+
+    g = torch.Generator().manual_seed(seed)
+    block_w = _random_weights(family, family.block_tensors(0), dtype, dev, g)
+    weights: Callable[[], Dict[str, Tensor]] = lambda: block_w  # noqa: E731
+    if quant is not None:  # the block's packed form, dequantized on every call as the engine does
+        names = family.block_tensors(0)
+        buf, layout = quant.pack({names[k]: v for k, v in block_w.items()}, names, work=dev, dest=dev)
+        packed_w = local_weights(FlatRead(buf, layout), quant.names(names), dtype)
+        weights = lambda: quant.dequantize(packed_w)  # noqa: E731
+    outer_w = _random_weights(family, family.outer_tensors(), dtype, dev, g)
+    C, nkv, hs = family.hidden_size, family.num_kv_heads, family.head_dim
+
+    def time_block(B: int, T: int, S: int) -> float:
+        """One block over T new tokens a row (B rows), attending to S keys (the cache holds S - T before). The cache
+        is as long as a real run's (prompt + gen), so attention reads the same strided views of it."""
+        hidden = torch.randn(B, T, C, device=dev, dtype=dtype)                           # (B, T, C)
+        L = max(S, longest)
+        cache = LayerCache(torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev),          # (B, nkv, L, hs)
+                           torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev))
+        ctx = family.context(torch.ones(B, S, dtype=torch.long, device=dev), T, dtype)
+        return _seconds(lambda: family.block(weights(), hidden, cache, ctx), dev, min_sample_s)
+
+    def time_outer(B: int, T: int, S: int) -> float:
+        """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
+        head."""
+        ids = torch.randint(0, family.vocab_size, (B, T), device=dev)                    # (B, T)
+        mask = torch.ones(B, S, dtype=torch.long, device=dev)                           # (B, S)
+
+        def outer() -> Tensor:
+            ctx = family.context(mask, T, dtype)
+            h = family.embed(outer_w, ids, ctx)                                        # (B, T, C)
+            return family.head(outer_w, h[:, -1:])                                     # (B, 1, vocab)
+        return _seconds(outer, dev, min_sample_s)
+
+    # (phase, batch, new tokens a row, keys attended to)
+    points = [("decode", B, 1, S) for B in sorted({1, max(1, round(max_batch ** 0.5)), max_batch})
+              for S in sorted({max(1, prompt // 2), longest})]
+    points += [("prefill", B, P, P) for B in sorted({1, max(1, min(max_batch, max_prefill_tokens // prompt))})
+               for P in sorted({max(1, prompt // 2), prompt})]
+    times: Dict[Tuple[str, int, int, int], Tuple[List[float], List[float]]] = {p: ([], []) for p in points}
+    with torch.inference_mode(), attention_kernels(dev):
+        for _ in range(max(1, rounds)):
+            for p in points:
+                _, B, T, S = p
+                times[p][0].append(time_block(B, T, S))
+                times[p][1].append(time_outer(B, T, S))
+    samples: List[Dict[str, Any]] = []
+    for (phase, B, T, S), (blk, out) in times.items():
+        where = {"context": S} if phase == "decode" else {"prompt": T}
+        samples.append({"phase": phase, "batch": B, **where, "block_s": statistics.median(blk),
+                        "outer_s": statistics.median(out), "block_rounds_s": blk, "outer_rounds_s": out})
+
+    dec = [s for s in samples if s["phase"] == "decode"]
+    pre = [s for s in samples if s["phase"] == "prefill"]
+    model = ComputeModel(
+        num_blocks=family.num_blocks,
+        decode_block=Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec]),
+        decode_outer=Linear3.fit([(s["batch"], s["context"], s["outer_s"]) for s in dec]),
+        prefill_block=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in pre]),
+        prefill_outer=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
+        key=key, samples=samples)
+    _COMPUTE_CACHE[key] = model
+    if cache is not None:
+        stored[key] = model.to_dict()
+        Path(cache).write_text(json.dumps(stored, indent=1))
+    return model
+
+
