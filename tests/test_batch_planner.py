@@ -12,7 +12,7 @@ import torch
 
 import zstream
 from zstream.errors import OutOfMemoryError
-from zstream.models import family_for
+from zstream.foundations.models import family_for
 from zstream.plan import (
     _COMPUTE_CACHE,
     ComputeModel,

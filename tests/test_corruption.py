@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 import zstream
 from zstream.errors import CheckpointError, ModelError, ZStreamError
-from zstream.store import torch_dtype
+from zstream.foundations.units import torch_dtype
 
 READERS = ["uring", "pread", "mmap"]
 PRESETS = ["tiny-llama", "tiny-opt", "tiny-bloom"]

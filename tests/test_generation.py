@@ -1,15 +1,21 @@
-"""zstream.generation: the KV cache, sampling, the decode loop with EOS / padding, ResidentModel.generate."""
+"""Generation: the KV cache, the decode loop, and ``generate`` through the streaming engine against transformers'
+own ``generate`` on the same weights (greedy, sampling with a seed, EOS lists, left padding, penalties), text in
+and out, streamers, chat templates and stop strings."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+import transformers
 
-from zstream.errors import ModelError
-from zstream.generation import KVCache, ResidentModel, generate, sample
-from zstream.synthetic import make_checkpoint
+import zstream
+from zstream.errors import ModelClosedError, ModelError, UsageError
+from zstream.streaming import generate as gen
+from zstream.streaming.cache import KVCache
 
-from tiny_models import padded_batch, reference_model
+from tiny_models import padded_batch, reference_model, save_with_transformers
 
 V = 16
 
@@ -48,133 +54,218 @@ def test_kv_cache_tracks_the_mask():
     assert cache.length == 0
 
 
-# ---- sampling ---------------------------------------------------------------------------------
-
-
-def test_greedy_is_argmax():
-    logits = torch.randn(5, V)
-    assert torch.equal(sample(logits), logits.argmax(-1))
-
-
-def test_top_k_1_and_tiny_top_p_are_greedy():
-    logits = torch.randn(8, V)
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(sample(logits, True, top_k=1, generator=g), logits.argmax(-1))
-    assert torch.equal(sample(logits, True, top_p=1e-6, generator=g), logits.argmax(-1))
-
-
-def test_sampling_follows_the_distribution():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    logits = probs.log().expand(20000, 4)
-    g = torch.Generator().manual_seed(1)
-    freq = torch.bincount(sample(logits, True, generator=g), minlength=4).float() / 20000
-    assert torch.allclose(freq, probs, atol=0.015)
-    # temperature 2 flattens it: p ** (1/2), renormalized
-    flat = probs.sqrt() / probs.sqrt().sum()
-    freq = torch.bincount(sample(logits, True, temperature=2.0, generator=g), minlength=4).float() / 20000
-    assert torch.allclose(freq, flat, atol=0.015)
-    # top_k 2: only the two most likely, renormalized
-    freq = torch.bincount(sample(logits, True, top_k=2, generator=g), minlength=4).float() / 20000
-    assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0, 0]), atol=0.015)
-    # top_p 0.7: 0.5 + 0.3 reach it, so the last two are cut
-    freq = torch.bincount(sample(logits, True, top_p=0.7, generator=g), minlength=4).float() / 20000
-    assert freq[2:].sum() == 0
-    assert torch.allclose(freq[:2], torch.tensor([0.625, 0.375]), atol=0.015)
-
-
-def test_sampling_is_reproducible_with_a_seed():
-    logits = torch.randn(4, V)
-    a = sample(logits, True, generator=torch.Generator().manual_seed(7))
-    b = sample(logits, True, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="temperature"):
-        sample(logits, True, temperature=0.0)
-
-
 # ---- the decode loop, on a fake model ---------------------------------------------------------
 
 
 def counting_model(calls: list):
-    """A fake forward_fn: the next token is always (last token + 1) mod V. Records its inputs."""
+    """A fake step: the next token is always (last token + 1) mod V. Records its inputs."""
 
-    def forward(ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
         calls.append((ids.clone(), mask.clone()))
         cache.extend(mask)
-        return torch.nn.functional.one_hot((ids + 1) % V, V).float() * 10  # (B, T, V)
+        return torch.nn.functional.one_hot((ids[:, -1:] + 1) % V, V).float() * 10  # (B, 1, V)
 
-    return forward
+    return step
 
 
-def test_generate_runs_max_new_tokens_and_feeds_one_token_per_step():
+def run(ids, mask=None, calls=None, **kwargs):
+    config, explicit = gen.resolve_config(transformers.GenerationConfig(), None, kwargs)
+    mask = torch.ones_like(ids) if mask is None else mask
+    s = gen.setup(config, explicit, ids, mask, tokenizer=None)
+    cache = KVCache(1, ids.shape[0], ids.shape[1] + s.max_new_tokens, 1, 4)
+    steps = list(gen.decode(counting_model([] if calls is None else calls), ids, mask, cache, s))
+    return torch.cat([ids] + [t[:, None] for t in steps], dim=1), cache
+
+
+def test_decode_runs_max_new_tokens_and_feeds_one_token_per_step():
     calls = []
-    ids = torch.tensor([[1, 2, 3], [7, 8, 9]])
-    cache = KVCache(1, 2, 8, 1, 4)
-    out = generate(counting_model(calls), ids, 5, cache=cache)
+    out, cache = run(torch.tensor([[1, 2, 3], [7, 8, 9]]), calls=calls, max_new_tokens=5)
     assert out.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [7, 8, 9, 10, 11, 12, 13, 14]]
     assert [c[0].shape for c in calls] == [(2, 3)] + [(2, 1)] * 4  # prefill, then decode steps
     assert cache.length == 7  # the last token is never fed back
 
 
-def test_generate_stops_at_eos_and_pads_finished_rows():
-    ids = torch.tensor([[0, 1], [0, 4]])
-    mask = torch.tensor([[0, 1], [1, 1]])
-    out = generate(counting_model([]), ids, 10, cache=KVCache(1, 2, 12, 1, 4), attention_mask=mask,
-                   eos_token_id=6, pad_token_id=0)
+def test_decode_stops_at_eos_and_pads_finished_rows():
+    ids, mask = torch.tensor([[0, 1], [0, 4]]), torch.tensor([[0, 1], [1, 1]])
+    out, _ = run(ids, mask, max_new_tokens=10, eos_token_id=6, pad_token_id=0)
     # row 1 hits EOS (6) after 2 steps and is padded; row 0 reaches 6 after 5 steps and generation stops
     assert out.tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 4, 5, 6, 0, 0, 0]]
-    # several EOS ids; pad defaults to the first
-    out = generate(counting_model([]), ids, 10, cache=KVCache(1, 2, 12, 1, 4), eos_token_id=[3, 6])
+    out, _ = run(ids, mask, max_new_tokens=10, eos_token_id=[3, 6])  # several EOS ids; pad: the first
     assert out.tolist() == [[0, 1, 2, 3], [0, 4, 5, 6]]
 
 
-def test_generate_checks_the_cache():
-    ids = torch.ones(1, 4, dtype=torch.long)
-    with pytest.raises(ModelError, match="KV cache"):
-        generate(counting_model([]), ids, 5, cache=KVCache(1, 1, 8, 1, 4))
-    cache = KVCache(1, 1, 16, 1, 4)
-    cache.extend(torch.ones(1, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="empty"):
-        generate(counting_model([]), ids, 5, cache=cache)
+def test_max_length_counts_the_prompt_and_the_default_is_20_new_tokens():
+    ids = torch.tensor([[1, 2, 3]])
+    assert run(ids, max_length=7)[0].shape == (1, 7)
+    assert run(ids)[0].shape == (1, 3 + gen.DEFAULT_MAX_NEW_TOKENS)
+    with pytest.raises(UsageError, match="shorter than the prompt"):
+        run(ids, max_length=2)
 
 
-# ---- on a real (tiny) model -------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"max_new_token": 5}, "unknown argument"), ({"num_beams": 4}, "beam search"),
+    ({"do_sample": True, "temperature": 0.0}, "temperature"), ({"guidance_scale": 2.0}, "guidance"),
+])
+def test_refusals_name_the_argument(kwargs, match):
+    with pytest.raises(UsageError, match=match):
+        run(torch.tensor([[1, 2]]), max_new_tokens=2, **kwargs)
+
+
+# ---- through the engine, against transformers -----------------------------------------------------------------
+
+MODES = [("none", {}), ("cpu", {"max_resident_blocks": 0}), ("nvme", {"max_resident_blocks": 0})]
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-opt", "tiny-bloom"])
+def checkpoint(request, tmp_path_factory):
+    path = save_with_transformers(zstream.PRESETS[request.param], tmp_path_factory.mktemp(request.param) / "m")
+    return path, reference_model(path)
+
+
+@pytest.mark.parametrize(("offload", "kw"), MODES, ids=[m for m, _ in MODES])
+def test_greedy_with_an_eos_list_and_left_padding_equals_transformers(checkpoint, offload, kw):
+    path, ref = checkpoint
+    ids, mask = padded_batch(vocab=ref.config.vocab_size, lengths=(10, 6, 8))
+    with zstream.load(path, offload=offload, device="cpu", progress=False, **kw) as model:
+        free = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+        eos = [int(free[0, ids.shape[1] + 3]), int(free[2, ids.shape[1] + 5])]  # tokens rows 0 and 2 produce
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                        pad_token_id=0)
+    assert torch.equal(got, want)
+    T = ids.shape[1]
+    for row in (0, 2):  # each row stops at its EOS, then pads
+        new = got[row, T:].tolist()
+        first = min(new.index(e) for e in eos if e in new)
+        assert set(new[first + 1:]) <= {0}
+
+
+SAMPLING = [
+    {"temperature": 0.7, "top_k": 20},
+    {"temperature": 1.3, "top_p": 0.8},
+    {"top_k": 0, "top_p": 0.9, "repetition_penalty": 1.3},
+    {"temperature": 0.9, "min_p": 0.05, "no_repeat_ngram_size": 2},
+]
+
+
+@pytest.mark.parametrize("settings", SAMPLING, ids=lambda s: ",".join(s))
+@pytest.mark.parametrize(("offload", "kw"), MODES[1:], ids=[m for m, _ in MODES[1:]])
+def test_sampling_with_a_seed_equals_transformers(checkpoint, settings, offload, kw):
+    """Same weights, same settings, same seed: the same tokens. The logits agree to float32 rounding and each step
+    samples with torch.multinomial over the same processed scores, as transformers' _sample does."""
+    path, ref = checkpoint
+    ids, mask = padded_batch(vocab=ref.config.vocab_size, lengths=(9, 5))
+    eos = [5, 7]
+    with zstream.load(path, offload=offload, device="cpu", progress=False, **kw) as model:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, seed=11, eos_token_id=eos,
+                             pad_token_id=0, **settings)
+    torch.manual_seed(11)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, eos_token_id=eos,
+                        pad_token_id=0, **settings)
+    assert torch.equal(got, want)
+
+
+def test_the_seed_decides_and_settings_reach_the_sampler(checkpoint):
+    """Dropping temperature / top_k / top_p on the way to the sampler changes what is drawn."""
+    path, _ = checkpoint
+    ids, mask = padded_batch(lengths=(8, 5))
+    with zstream.load(path, offload="cpu", device="cpu", max_resident_blocks=0, progress=False) as model:
+        def draw(seed, **kw):
+            return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, seed=seed,
+                                  eos_token_id=None, **kw)
+
+        a = draw(3)
+        assert torch.equal(a, draw(3))
+        assert not torch.equal(a, draw(4))
+        assert not torch.equal(a, draw(3, temperature=3.0))
+        assert not torch.equal(a, draw(3, top_k=1))
+        assert torch.equal(draw(3, top_k=1), draw(9, top_k=1))  # top_k=1 is greedy, whatever the seed
+        assert torch.equal(draw(5, top_k=1), model.generate(ids, attention_mask=mask, max_new_tokens=12,
+                                                            eos_token_id=None))
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    path = make_checkpoint("tiny-llama", tmp_path_factory.mktemp("llama"), torch.float32, progress=False)
-    return path, ResidentModel(path)
+def synthetic_llama(tmp_path_factory):
+    config = {**zstream.PRESETS["tiny-llama"], "vocab_size": 4096}  # room for pseudo-words: text with spaces
+    return zstream.make_checkpoint(config, tmp_path_factory.mktemp("syn") / "m", torch.float32, progress=False)
 
 
-def test_greedy_with_eos_matches_transformers(tiny_llama):
-    path, model = tiny_llama
-    ref = reference_model(path)
-    ids, mask = padded_batch(lengths=(10, 6))
-    free = model.generate(ids, 12, attention_mask=mask)
-    eos = int(free[0, ids.shape[1] + 3])  # a token row 0 produces at its 4th step
-    want = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
-                        pad_token_id=0)
-    got = model.generate(ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(got, want)
-    assert got.shape[1] <= free.shape[1]
+def test_text_in_text_out_and_padding_does_not_change_a_row(synthetic_llama):
+    with zstream.load(synthetic_llama, offload="nvme", device="cpu", progress=False) as model, \
+            pytest.warns(UserWarning, match="random weights"):
+        out = model.generate(["Hello", "a longer prompt"], max_new_tokens=6, eos_token_id=None)
+        single = model.generate("Hello", max_new_tokens=6, eos_token_id=None)
+    assert isinstance(out, list) and out[0].startswith("Hello") and out[1].startswith("a longer prompt")
+    assert single == out[0]
+    assert len(single) > len("Hello")  # the new tokens decode to visible text
 
 
-def test_sampled_generate_is_seeded(tiny_llama):
-    _, model = tiny_llama
-    ids, mask = padded_batch(lengths=(8, 5))
-    kwargs = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
-    a = model.generate(ids, 10, attention_mask=mask, seed=3, **kwargs)
-    b = model.generate(ids, 10, attention_mask=mask, seed=3, **kwargs)
-    c = model.generate(ids, 10, attention_mask=mask, seed=4, **kwargs)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-    assert torch.equal(a[:, : ids.shape[1]], ids)
+def test_stream_yields_the_continuation_in_pieces(synthetic_llama):
+    with zstream.load(synthetic_llama, offload="cpu", device="cpu", max_resident_blocks=0, progress=False) as model:
+        full = model.generate("Hello there", max_new_tokens=10, eos_token_id=None)
+        pieces = list(model.stream("Hello there", max_new_tokens=10, eos_token_id=None))
+        with pytest.raises(ModelError, match="one prompt"):
+            next(model.stream(["a", "b"]))
+    assert len(pieces) > 1
+    assert "Hello there" + "".join(pieces) == full
 
 
-def test_padding_does_not_change_a_row(tiny_llama):
-    # the same prompt alone and left-padded in a batch gives the same greedy continuation
-    _, model = tiny_llama
-    ids, mask = padded_batch(lengths=(14, 6))
-    batch = model.generate(ids, 10, attention_mask=mask)
-    alone = model.generate(ids[1:, -6:], 10)
-    assert torch.equal(batch[1, -16:], alone[0])
+def test_transformers_streamers(synthetic_llama):
+    with zstream.load(synthetic_llama, offload="nvme", device="cpu", progress=False) as model:
+        want = model.generate("Hi", max_new_tokens=8, eos_token_id=None)
+        it = transformers.TextIteratorStreamer(model.tokenizer, skip_prompt=True, timeout=60)
+        worker = threading.Thread(target=model.generate, args=("Hi",),
+                                  kwargs={"max_new_tokens": 8, "eos_token_id": None, "streamer": it})
+        worker.start()
+        text = "".join(it)
+        worker.join()
+    assert "Hi" + text == want
+
+
+def test_stop_strings_and_chat_template(synthetic_llama):
+    with zstream.load(synthetic_llama, offload="none", device="cpu", progress=False) as model:
+        free = model.generate("Hello", max_new_tokens=12, eos_token_id=None)
+        stop = free[len("Hello"):][2:4]  # two characters the model produces
+        cut = model.generate("Hello", max_new_tokens=12, eos_token_id=None, stop_strings=stop)
+        assert stop in cut and len(cut) < len(free) and free.startswith(cut)  # ends with the token that holds it
+        assert stop not in cut[:-1 - len(stop) - 4]  # ... and not long after it appeared (a token is <= 5 chars)
+        reply = model.generate([{"role": "user", "content": "Hello"}], max_new_tokens=5, eos_token_id=None)
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],
+                                                     add_generation_prompt=True, tokenize=False)
+        assert (prompt + reply).startswith("user: Hello\nassistant:")
+        ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        tokens = model.generate(ids, max_new_tokens=5, eos_token_id=None)
+        assert model.tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True) == reply
+
+
+def test_generation_config_and_processors(synthetic_llama):
+    with zstream.load(synthetic_llama, offload="none", device="cpu", progress=False) as model:
+        ids = torch.tensor([[5, 6, 7, 8]])
+        cfg = transformers.GenerationConfig(max_new_tokens=6, eos_token_id=None)
+        a = model.generate(ids, cfg)
+        assert a.shape == (1, 10)
+        banned = int(a[0, 4])
+
+        class Ban(transformers.LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                scores[:, banned] = -float("inf")
+                return scores
+
+        b = model.generate(ids, cfg, logits_processor=[Ban()])
+        assert banned not in b[0, 4:].tolist()
+        with pytest.raises(UsageError, match="max_new_tokens=6 by name"):
+            model.generate(ids, 6)
+
+
+def test_a_closed_model_says_so(synthetic_llama):
+    model = zstream.load(synthetic_llama, offload="nvme", device="cpu", progress=False)
+    with model as m:
+        assert m is model
+    assert model.closed and "closed" in repr(model)
+    for call in (lambda: model.generate(torch.tensor([[1, 2]]), max_new_tokens=2), lambda: model(torch.ones(1, 2).long()),
+                 lambda: next(model.stream("a"))):
+        with pytest.raises(ModelClosedError, match="closed"):
+            call()
+    model.close()  # twice: harmless
+    with pytest.raises(ModelClosedError), model:
+        pass

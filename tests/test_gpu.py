@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 import zstream
-from zstream import synthetic
-from zstream.generation import ResidentModel
+from zstream.api import synthetic
+from resident import ResidentModel
 
 pytestmark = [
     pytest.mark.gpu,

@@ -262,7 +262,7 @@ def test_host_buffers_are_pinned_and_given_back(tmp_path):
 
 
 def test_host_buffer_without_a_runtime_stays_pageable_and_says_so():
-    from zstream.store import host_buffer
+    from zstream.foundations.store import host_buffer
 
     if torch.cuda.is_available():
         pytest.skip("a real CUDA runtime is present")

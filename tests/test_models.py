@@ -12,9 +12,10 @@ import safetensors.torch as safetensors_torch
 import torch
 
 from zstream.errors import ModelError
-from zstream.generation import KVCache, ResidentModel, checkpoint_files
-from zstream.models import FAMILIES, common, family_for, supported_architectures
-from zstream.synthetic import PRESETS, checkpoint_plan, make_checkpoint
+from zstream.streaming.cache import KVCache
+from resident import ResidentModel, checkpoint_files
+from zstream.foundations.models import FAMILIES, common, family_for, supported_architectures
+from zstream.api.synthetic import PRESETS, checkpoint_plan, make_checkpoint
 
 from tiny_models import (
     TINY,
@@ -152,7 +153,7 @@ def test_padding_queries_never_see_an_empty_row():
 
 def test_rope_variants_differ_from_default():
     # guard against a scaling type that silently falls back to plain RoPE
-    from zstream.models.llama import rope_inv_freq
+    from zstream.foundations.models.llama import rope_inv_freq
 
     base = {"rope_theta": 500.0, "rope_type": "default"}
     plain, _ = rope_inv_freq(base, 16, 16)
@@ -224,7 +225,7 @@ def test_context_is_shared_and_holds_alibi_and_rope():
 def test_alibi_bias_is_relative_so_low_precision_keeps_it_fine():
     # at position 1500, slope * position is ~750 for the first head, which bf16 rounds in steps of 4;
     # the distance form keeps the nearest keys' biases exact
-    from zstream.models.bloom import alibi_slopes
+    from zstream.foundations.models.bloom import alibi_slopes
 
     bloom = family_for(PRESETS["tiny-bloom"])
     slopes = alibi_slopes(6)

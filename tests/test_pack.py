@@ -14,12 +14,13 @@ import torch
 from safetensors import safe_open
 
 import zstream
-from zstream import synthetic
-from zstream.cli import main as cli_main
-from zstream.generation import read_config
-from zstream.models import family_for
-from zstream.quant import METADATA_KEY, QuantConfig, QuantizationError, quantize
-from zstream.store import WeightStore
+from zstream.api import synthetic
+from zstream.interfaces.cli import main as cli_main
+from zstream.foundations.checkpoint import read_config
+from zstream.foundations.models import family_for
+from zstream.errors import QuantizationError
+from zstream.foundations.quant import METADATA_KEY, QuantConfig, quantize
+from zstream.foundations.store import WeightStore
 
 Layout = List[Tuple[str, str, int, int]]  # (file, tensor name, start, end) in file order
 
@@ -303,7 +304,7 @@ def test_cli_refusal_message(source, tmp_path, capsys):
 
 def test_pack_is_the_function_even_after_the_cli_imported_its_module(source, tmp_path):
     """The module is ``zstream.packing``, so importing it never rebinds ``zstream.pack`` (the function)."""
-    import zstream.cli
+    import zstream.interfaces.cli
     import zstream.packing
 
     assert "pack" in zstream.__all__ and zstream.pack is zstream.packing.pack

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zstream.quant import QuantizationError, dequantize, quantize
+from zstream.errors import QuantizationError
+from zstream.foundations.quant import dequantize, quantize
 
 
 def numpy_reference(w: np.ndarray, bits: int, gs: int, symmetric: bool):

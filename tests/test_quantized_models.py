@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import zstream
-from zstream.models import family_for
-from zstream.quant import CODES, QuantConfig, QuantizationError, block_quant_for
-from zstream.synthetic import PRESETS
+from zstream.foundations.models import family_for
+from zstream.errors import QuantizationError
+from zstream.foundations.quant import CODES, QuantConfig, block_quant_for
+from zstream.api.synthetic import PRESETS
 
 from tiny_models import reference_model, save_with_transformers
 
@@ -202,7 +203,7 @@ def test_auto_offload_with_quantize(checkpoint):
 
 
 def test_cli_info_shows_bytes_before_and_after(checkpoint, capsys):
-    from zstream.cli import main
+    from zstream.interfaces.cli import main
 
     path, _ = checkpoint
     assert main(["info", str(path), "--offload", "cpu", "--device", "cpu", "--quantize", "int8",

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from zstream import synthetic
-from zstream.errors import ModelError
-from zstream.synthetic import PRESETS, checkpoint_plan, estimate_bytes, make_checkpoint, parse_size
+from zstream.api import synthetic
+from zstream.errors import ModelError, OutputExistsError
+from zstream.api.synthetic import PRESETS, checkpoint_plan, estimate_bytes, is_current, make_checkpoint
 
 from tiny_models import TINY, hf_config
 
@@ -207,7 +207,7 @@ def test_writing_streams_in_chunks(tmp_path, monkeypatch):
 
 
 def test_fp16_forward_is_finite(tmp_path):
-    from zstream.generation import ResidentModel
+    from resident import ResidentModel
 
     path = make_checkpoint("tiny-bloom", tmp_path, torch.float16, progress=False)
     logits = ResidentModel(path, dtype=torch.float32)(torch.arange(4, 36)[None])
@@ -220,9 +220,9 @@ def test_tokenizer_roundtrip(tmp_path, name):
     path = make_checkpoint(name, tmp_path, progress=False)
     config = PRESETS[name]
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    text = "Hello, wörld! 🚀"
+    text = "Hello, wörld! 🚀 bako"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(text.encode())  # one token per byte
+    assert len(ids) < len(text.encode())  # syllables merge
     assert max(ids) < config["vocab_size"]
     assert tok.decode(ids) == text
     for role in ("eos", "bos", "pad"):
@@ -230,10 +230,48 @@ def test_tokenizer_roundtrip(tmp_path, name):
     assert tok.padding_side == "left"
 
 
+@pytest.mark.parametrize("vocab", [320, 50272])
+def test_tokenizer_covers_the_vocabulary_with_visible_text(tmp_path, vocab):
+    """A random model picks any id of its vocabulary: every one must decode to something a person can see (the
+    specials excepted), or generated text comes out empty. The 50272 of OPT's vocabulary: pseudo-words."""
+    config = {**PRESETS["tiny-opt"], "vocab_size": vocab}
+    path = make_checkpoint(config, tmp_path, progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    assert len(tok) == vocab
+    specials = set(tok.all_special_ids)
+    words = [tok.decode([i]) for i in range(vocab) if i not in specials]
+    assert len(words) == vocab - len(specials)
+    assert all(w for w in words)
+    if vocab > 1000:  # past the 256 bytes, every token is letters, most of them a word of its own
+        tail = words[-1000:]
+        assert all(w.strip().isalpha() and w.isascii() for w in tail)
+        assert sum(w.startswith(" ") for w in tail) == 1000
+
+
 def test_no_tokenizer_for_tiny_vocab(tmp_path):
     config = {**PRESETS["tiny-llama"], "vocab_size": 100}
-    path = make_checkpoint(config, tmp_path, progress=False)
+    with pytest.warns(RuntimeWarning, match="too small"):
+        path = make_checkpoint(config, tmp_path, progress=False)
     assert not (path / "tokenizer.json").exists()
+
+
+def test_chat_template_renders(tmp_path):
+    path = make_checkpoint("tiny-llama", tmp_path, progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text == "user: hi\nassistant:"
+
+
+def test_marked_random_and_current(tmp_path):
+    path = make_checkpoint("tiny-opt", tmp_path / "m", progress=False)
+    config = json.loads((path / "config.json").read_text())
+    assert config["zstream_synthetic"]["preset"] == "tiny-opt"
+    assert is_current(path, "tiny-opt")
+    assert not is_current(path, "tiny-llama")
+    assert not is_current(tmp_path / "missing", "tiny-opt")
+    config["zstream_synthetic"]["version"] = 1  # written by an older zstream: rebuilt, not reused
+    (path / "config.json").write_text(json.dumps(config))
+    assert not is_current(path, "tiny-opt")
 
 
 def test_resolve_config_sources(tmp_path):
@@ -247,10 +285,22 @@ def test_resolve_config_sources(tmp_path):
     assert not (tmp_path / "x").exists()  # nothing written for a bad config
 
 
-def test_parse_size():
-    assert parse_size("2GB") == 2 * 10**9
-    assert parse_size("512MiB") == 512 * 2**20
-    assert parse_size(" 1.5 kb ") == 1500
-    assert parse_size(123) == 123
-    with pytest.raises(ValueError, match="parse"):
-        parse_size("lots")
+def test_refuses_an_output_that_holds_something(tmp_path):
+    path = make_checkpoint("tiny-opt", tmp_path / "m", progress=False)
+    before = (path / "model.safetensors").read_bytes()
+    with pytest.raises(OutputExistsError, match="not empty"):
+        make_checkpoint("tiny-opt", path, seed=1, progress=False)
+    assert (path / "model.safetensors").read_bytes() == before  # not overwritten
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="not a directory"):
+        make_checkpoint("tiny-opt", tmp_path / "file", progress=False)
+
+
+def test_an_interrupted_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C after the weights, while the tokenizer is written
+
+    monkeypatch.setattr(synthetic, "write_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_checkpoint("tiny-opt", tmp_path / "m", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary directory

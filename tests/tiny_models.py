@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 import torch
 
-from zstream.synthetic import PRESETS, make_checkpoint
+from zstream.api.synthetic import PRESETS, make_checkpoint
 
 TINY = [name for name in PRESETS if name.startswith("tiny-")]
 WRITERS = ["transformers", "synthetic"]

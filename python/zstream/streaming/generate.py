@@ -186,7 +186,7 @@ def decode(step: StepFn, input_ids: Tensor, attention_mask: Tensor, cache: KVCac
     step_ids, step_mask = input_ids, attention_mask
     sample = bool(_get(s.config, "do_sample"))
     for _ in range(s.max_new_tokens):
-        logits = step(step_ids, step_mask, cache)[:, -1].to(dtype=torch.float32, device=tokens.device)  # (B, V)
+        logits = step(step_ids, step_mask, cache)[:, -1].to(tokens.device, torch.float32, copy=True)  # (B, V)
         scores = s.processors(tokens, logits)
         if sample:
             nxt = torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
