@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Dequantization speed on the GPU: ``zstream.kernels`` (Triton) against the torch code it replaces.
+"""Dequantization speed on the GPU: ``zstream.foundations.quant.kernels`` (Triton) against the torch code it replaces.
 
     python3 benches/dequant_bench.py --json dequant.json          # time, print a table, write JSON
     python3 benches/dequant_bench.py --check                      # also assert bit-equality on the GPU
     python3 benches/dequant_bench.py --block 2048,4096 --warps 4,8   # tiling sweep of the Triton kernel
-    python3 benches/dequant_bench.py --linear 1,16                # also decode-shaped kernels.linear
+    python3 benches/dequant_bench.py --linear 1,16                # also decode-shaped dequantize + F.linear
 
 Why: the streaming engine dequantizes each block's linear weights in its GPU slot while the next block crosses the
 link. For int4 bloom-7b1 that link time is ~2 ms a block on an H100, so dequantization must cost a small fraction
@@ -12,9 +12,9 @@ of it; the kernel's target is >= 1 TB/s of fp16 output written.
 
 What: the four linear weights of a bloom-7b1 block, (out, in) = (12288, 4096) query_key_value, (4096, 4096)
 dense, (16384, 4096) dense_h_to_4h, (4096, 16384) dense_4h_to_h: 201M parameters. Random fp16 weights quantized on
-the GPU with ``zstream.quant.quantize`` (int4 and int8, ``--group-size``, ``--symmetric``), then dequantized into a
-preallocated output: by ``zstream.kernels._triton_dequantize`` for each tiling asked for, and by
-``zstream.quant.dequantize`` (the torch fallback). Each is timed with CUDA events around one call, ``--reps``
+the GPU with ``quant.scheme.quantize`` (int4 and int8, ``--group-size``, ``--symmetric``), then dequantized into a
+preallocated output: by ``quant.kernels._triton_dequantize`` for each tiling asked for, and by
+``quant.scheme.dequantize`` (the torch fallback). Each is timed with CUDA events around one call, ``--reps``
 times after ``--warmup`` calls; the median is reported. Before each timed call 256 MB of other writes evict the L2
 cache (50 MB on an H100), so no call finds its inputs or outputs cached by the one before.
 
@@ -24,12 +24,12 @@ ceiling: a device-to-device copy of the block's fp16 bytes, counting bytes read 
 compares every Triton output with the torch one bit for bit, for float16, bfloat16 and float32, and exits
 non-zero on any difference.
 
-``--linear ROWS``: decode-shaped ``x @ W.T`` over the same weights, x of ROWS rows: ``kernels.linear``
+``--linear ROWS``: decode-shaped ``x @ W.T`` over the same weights, x of ROWS rows: dequantize + ``F.linear``
 (dequantize, then ``F.linear``) and ``F.linear`` on resident fp16 weights; ms per block and GB/s of packed
 weight bytes.
 
 The checkout's ``python/`` goes first on ``sys.path``, so the bench measures this checkout's kernels even where an
-older zstream is installed (``zstream.kernels`` needs no native extension). Needs: CUDA, torch, Triton.
+older zstream is installed (the kernels need no native extension). Needs: CUDA, torch, Triton.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
-from zstream import kernels, quant  # noqa: E402
+from zstream.foundations.quant import kernels  # noqa: E402
+from zstream.foundations.quant import scheme as quant  # noqa: E402
 
 BLOOM_7B1_BLOCK = {
     "query_key_value": (12288, 4096),
@@ -137,14 +138,14 @@ def copy_ceiling(reps: int, warmup: int) -> Dict[str, float]:
 
 def bench_linear(qts: Dict[str, quant.QuantizedTensor], rows: int, dtype: torch.dtype, reps: int,
                  warmup: int) -> List[Dict[str, Any]]:
-    """Decode-shaped matmuls over the block's weights: ``kernels.linear`` (dequantize + F.linear) against
+    """Decode-shaped matmuls over the block's weights: dequantize + F.linear against
     F.linear on resident fp16 weights (2 bytes a weight read, no dequantization): what a fused kernel would have
     to beat."""
     gen = torch.Generator(device="cuda").manual_seed(rows)
     xs = {n: torch.randn(rows, qt.shape[1], generator=gen, device="cuda").to(dtype) for n, qt in qts.items()}
     dense = {n: kernels.dequantize(qt, dtype) for n, qt in qts.items()}
     impls: List[Tuple[str, Callable[[str], Any]]] = [
-        ("kernels.linear", lambda n: kernels.linear(xs[n], qts[n])),
+        ("dequantize + F.linear", lambda n: torch.nn.functional.linear(xs[n], kernels.dequantize(qts[n], dtype))),
         ("F.linear fp16 resident", lambda n: torch.nn.functional.linear(xs[n], dense[n])),
     ]
     out = []
@@ -174,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--gather", action="store_true", help="also time the per-element scale gather variant")
     ap.add_argument("--no-torch", action="store_true", help="skip timing the torch fallback")
     ap.add_argument("--linear", type=int_list, default=None, metavar="ROWS",
-                    help="also time kernels.linear for these row counts, e.g. 1,16")
+                    help="also time dequantize + F.linear for these row counts, e.g. 1,16")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():

@@ -4,7 +4,7 @@
     python3 benches/planner_retrofit.py check calib.json                # anywhere: predicted vs measured
 
 ``calibrate`` times one bloom-7b1 block (random fp16 weights of the real shapes) and the per-pass work on this
-device (``zstream.plan.calibrate_compute``) over batches 1-64, prompt 512, 32 new tokens: no checkpoint is read.
+device (``streaming.calibrate.calibrate_compute``) over batches 1-64, prompt 512, 32 new tokens: no checkpoint is read.
 ``check`` predicts, with that compute model, every bloom-7b1 ``none``/``cpu`` row of
 ``benches/results/h100-2026-11-26.json`` (each at the link bandwidth measured in its own run) and the
 ``--max-batch`` search of run 12 (``raw/h100-2026-11-26-run12-max_batch.json``, 16 GiB), and prints measured /
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List
@@ -24,8 +23,11 @@ from typing import Any, Dict, List
 import torch
 
 import zstream
-from zstream.models import family_for
-from zstream.plan import ComputeModel, ModelSizes, ThroughputModel, calibrate_compute, choose_batch, parse_bytes
+from zstream.foundations.models import family_for
+from zstream.foundations.units import parse_bytes
+from zstream.planning.batch import ComputeModel, ModelSizes, ThroughputModel, choose_batch
+from zstream.planning.facts import facts_from_shapes
+from zstream.streaming.calibrate import calibrate_compute
 
 ROOT = Path(__file__).resolve().parent.parent
 COMBINED = ROOT / "benches" / "results" / "h100-2026-11-26.json"
@@ -34,11 +36,7 @@ RUN12 = ROOT / "benches" / "results" / "raw" / "h100-2026-11-26-run12-max_batch.
 
 def bloom() -> tuple[Any, ModelSizes]:
     family = family_for(zstream.synthetic.PRESETS["bloom-7b1"])
-    shapes = family.expected_shapes()
-    blocks = [sum(math.prod(shapes[n]) * 2 for n in family.block_tensors(i).values())
-              for i in range(family.num_blocks)]
-    outer = sum(math.prod(shapes[n]) * 2 for n in set(family.outer_tensors().values()))
-    return family, ModelSizes.of_family(family, blocks, outer, torch.float16, torch.float16)
+    return family, ModelSizes.of(facts_from_shapes(family, torch.float16))
 
 
 def calibrate(out: Path) -> None:

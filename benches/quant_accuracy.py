@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, List
 import torch
 
 import zstream
-from zstream.bench import _checkpoint
-from zstream.quant import dequantize, quantize
+from zstream.foundations.quant import dequantize, quantize
+from zstream.interfaces.bench import checkpoint_for
 
 BATCH, TOKENS = 4, 128  # run_peer.py --logits-out uses the same tokens
 ZSTREAM = [("zstream fp16", None, False), ("zstream int8", "int8", False), ("zstream int4", "int4", False),
@@ -98,7 +98,7 @@ def main() -> int:
     a = p.parse_args()
     rows: List[Dict[str, Any]] = []
     for name in a.models:
-        path = _checkpoint(name, torch.float16)
+        path = checkpoint_for(name, torch.float16)
         ids = tokens(json.loads((path / "config.json").read_text())["vocab_size"])
         want, control = reference_rows(name, path, ids, a.group_size)
         gc.collect()

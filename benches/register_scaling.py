@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from zstream.cuda import _bundled_cudart, _loaded_cudart
+from zstream.foundations.cuda import _bundled_cudart, _loaded_cudart
 
 GiB = 1 << 30
 N = 14  # GiB: the bloom-7b1 checkpoint

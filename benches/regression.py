@@ -191,7 +191,7 @@ DECODE_VARIANTS: Dict[str, Dict[str, Any]] = {  # what each decode ratio loads, 
 def measure_decode(d: Path, rounds: int = 25, steps: int = 16, prompt: int = 8, variant: str = "nvme"
                    ) -> Dict[str, float]:
     import zstream
-    from zstream.synthetic import make_checkpoint
+    from zstream.api.synthetic import make_checkpoint
 
     ckpt = Path(tempfile.mkdtemp(prefix="tiny-llama-", dir=d))
     try:

@@ -5,26 +5,19 @@ No assertion on an absolute time: the calibration test checks signs and ordering
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import zstream
+from zstream.api.plan_batch import plan_batch
 from zstream.errors import OutOfMemoryError
 from zstream.foundations.models import family_for
-from zstream.plan import (
-    _COMPUTE_CACHE,
-    ComputeModel,
-    Linear3,
-    ModelSizes,
-    ThroughputModel,
-    calibrate_compute,
-    choose_batch,
-    choose_residency,
-    parse_bytes,
-    plan_batch,
-)
+from zstream.foundations.units import parse_bytes
+from zstream.planning.batch import ComputeModel, Linear3, ModelSizes, ThroughputModel, choose_batch
+from zstream.planning.facts import facts_from_shapes
+from zstream.planning.residency import choose_residency
+from zstream.streaming import calibrate
+from zstream.streaming.calibrate import calibrate_compute
 
 MB = 10**6
 
@@ -49,11 +42,7 @@ def toy_sizes(n: int = 10, block: int = 100 * MB, outer: int = 50 * MB, per_toke
 def bloom_sizes() -> tuple[ModelSizes, object]:
     """bloom-7b1's sizes in fp16, from its config alone, as ``load`` computes them."""
     family = family_for(zstream.synthetic.PRESETS["bloom-7b1"])
-    shapes = family.expected_shapes()
-    blocks = [sum(math.prod(shapes[n]) * 2 for n in family.block_tensors(i).values())
-              for i in range(family.num_blocks)]
-    outer = sum(math.prod(shapes[n]) * 2 for n in set(family.outer_tensors().values()))
-    return ModelSizes.of_family(family, blocks, outer, torch.float16, torch.float16), family
+    return ModelSizes.of(facts_from_shapes(family, torch.float16)), family
 
 
 # ---- memory: the loader's arithmetic -----------------------------------------------------------------------------
@@ -117,7 +106,7 @@ def test_chosen_configurations_load_under_the_budget(tiny_bloom):
         assert model.plan.offload == c.offload
         assert len(model.plan.resident_blocks) == c.resident_blocks
         assert model.plan.kv_reserve_bytes + model.plan.resident_bytes <= budget
-        out = model.generate(torch.randint(3, 200, (c.batch, 12)), 4)
+        out = model.generate(torch.randint(3, 200, (c.batch, 12)), max_new_tokens=4)
         assert out.shape == (c.batch, 16)
         model.close()
     top = plan.max_batch()
@@ -234,7 +223,7 @@ def test_calibration_on_the_cpu_gives_positive_growing_costs(tmp_path):
     assert 0 < model.prefill_s(1, 32) < model.prefill_s(64, 32)
     # cached in the process, and in the file across processes
     assert calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8) is model
-    _COMPUTE_CACHE.clear()
+    calibrate._COMPUTE_CACHE.clear()
     again = calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8, cache=cache)
     assert again is not model and again.to_dict() == model.to_dict()
 
@@ -244,7 +233,7 @@ def test_plan_batch_calibrates_and_measures_on_the_cpu(tiny_bloom):
     probe = zstream.load(tiny_bloom, offload="nvme", device="cpu", progress=False)
     budget = probe.plan.outer_bytes + probe.plan.kv_reserve_bytes + 8 * max(probe.plan.block_bytes)
     plan = zstream.plan_batch(tiny_bloom, gpu_memory=budget, prompt=8, gen=4, offload="nvme", device="cpu")
-    assert plan.link_gbps and plan.link_gbps > 0 and "disk" in plan.link
+    assert plan.link_gbps and plan.link_gbps > 0 and plan.link in ("disk read (O_DIRECT)", "host memory copy")
     assert plan.best is not None and plan.best.tokens_per_s > 0
     assert "predicted best: batch" in plan.summary()
     model = zstream.load(tiny_bloom, progress=False, **plan.load_kwargs())
@@ -300,8 +289,7 @@ def test_calibration_times_the_dequantization(tiny_bloom, monkeypatch):
     a dequantization made 20 ms slower shows up in every block's time."""
     import time
 
-    from zstream.plan import calibrate_compute
-    from zstream.quant import BlockQuant, QuantConfig, block_quant_for
+    from zstream.foundations.quant import BlockQuant, QuantConfig, block_quant_for
 
     model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
     fam = model.family

@@ -62,7 +62,7 @@ def test_two_models_in_one_process(ckpts):
     alone = {}
     for name, path in ckpts.items():
         model = zstream.load(path, offload="nvme", device="cpu", progress=False)
-        alone[name] = model.generate(ids[name], 8)
+        alone[name] = model.generate(ids[name], max_new_tokens=8, eos_token_id=None)
         model.close()
     assert not torch.equal(alone["tiny-llama"], alone["tiny-opt"])
 
@@ -70,10 +70,12 @@ def test_two_models_in_one_process(ckpts):
     try:
         for _ in range(REPEATS):  # interleaved calls from one thread
             for name, model in models.items():
-                assert torch.equal(model.generate(ids[name], 8), alone[name]), name
+                again = model.generate(ids[name], max_new_tokens=8, eos_token_id=None)
+                assert torch.equal(again, alone[name]), name
         # and both models generating at the same time, one thread each
         names = list(models)
-        got = run_threads([lambda n=n: models[n].generate(ids[n], 8) for n in names])
+        got = run_threads([lambda n=n: models[n].generate(ids[n], max_new_tokens=8, eos_token_id=None)
+                           for n in names])
         for name, out in zip(names, got):
             assert torch.equal(out, alone[name]), name
     finally:
@@ -86,15 +88,17 @@ def test_two_threads_generating_on_one_model(ckpts, offload):
     model = zstream.load(ckpts["tiny-llama"], offload=offload, device="cpu", progress=False)
     try:
         prompts = [prompt(i, length=4 + i) for i in range(THREADS)]
-        want = [model.generate(p, 12) for p in prompts]  # sequential calls
+        want = [model.generate(p, max_new_tokens=12, eos_token_id=None) for p in prompts]  # sequential calls
         assert not torch.equal(want[0][:, -12:], want[1][:, -12:])  # a swapped result would show
         for _ in range(REPEATS):
-            got = run_threads([lambda p=p: model.generate(p, 12) for p in prompts])
+            got = run_threads([lambda p=p: model.generate(p, max_new_tokens=12, eos_token_id=None)
+                               for p in prompts])
             for w, g in zip(want, got):
                 assert torch.equal(g, w)
         # a forward pass (``model(ids)``) from a third thread, while two generate
         logits = model(prompts[0])
-        got = run_threads([lambda p=p: model.generate(p, 12) for p in prompts] + [lambda: model(prompts[0])])
+        got = run_threads([lambda p=p: model.generate(p, max_new_tokens=12, eos_token_id=None) for p in prompts]
+                          + [lambda: model(prompts[0])])
         for w, g in zip(want, got[:THREADS]):
             assert torch.equal(g, w)
         assert torch.equal(got[THREADS], logits)
@@ -105,13 +109,13 @@ def test_two_threads_generating_on_one_model(ckpts, offload):
 def test_close_waits_for_a_generate_in_progress(ckpts):
     model = zstream.load(ckpts["tiny-llama"], offload="nvme", device="cpu", progress=False)
     ids = prompt(7)
-    want = model.generate(ids, 100)
+    want = model.generate(ids, max_new_tokens=100, eos_token_id=None)
     started = threading.Event()
     out: list[torch.Tensor] = []
 
     def generate() -> None:
         started.set()
-        out.append(model.generate(ids, 100))
+        out.append(model.generate(ids, max_new_tokens=100, eos_token_id=None))
 
     worker = threading.Thread(target=generate)
     worker.start()

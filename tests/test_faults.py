@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import zstream
+import zstream.streaming.cache
 from zstream import _core
 from zstream.errors import CheckpointError, ReadError, ReadTimeoutError
 
@@ -102,11 +103,11 @@ def test_a_fault_during_generate_leaves_the_model_working(tmp_path):
     # The file was just written, so "auto" would copy it from the page cache: read it with pread instead.
     model = zstream.load(path, offload="nvme", device="cpu", progress=False, reader="pread")
     ids = torch.randint(3, 200, (2, 6))
-    want = model.generate(ids, 6)
+    want = model.generate(ids, max_new_tokens=6, eos_token_id=None)
     model.store.inject_fault("eio", after=5)
     with pytest.raises(ReadError):
-        model.generate(ids, 6)
-    assert torch.equal(model.generate(ids, 6), want)
+        model.generate(ids, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, eos_token_id=None), want)
 
 
 def test_bad_fault_names_and_timeouts_are_refused(ckpt):
@@ -152,6 +153,6 @@ def test_device_out_of_memory_names_what_would_fit(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(zstream.generation.KVCache, "for_family", oom)
+    monkeypatch.setattr(zstream.streaming.cache.KVCache, "for_family", oom)
     with pytest.raises(zstream.OutOfMemoryError, match=r"out of device memory for a KV cache.*smaller batch"):
-        model.generate(torch.randint(3, 100, (64, 8)), 4)
+        model.generate(torch.randint(3, 100, (64, 8)), max_new_tokens=4, eos_token_id=None)

@@ -191,9 +191,9 @@ def synthetic_llama(tmp_path_factory):
 
 
 def test_text_in_text_out_and_padding_does_not_change_a_row(synthetic_llama):
-    with zstream.load(synthetic_llama, offload="nvme", device="cpu", progress=False) as model, \
-            pytest.warns(UserWarning, match="random weights"):
-        out = model.generate(["Hello", "a longer prompt"], max_new_tokens=6, eos_token_id=None)
+    with zstream.load(synthetic_llama, offload="nvme", device="cpu", progress=False) as model:
+        with pytest.warns(UserWarning, match="random weights"):
+            out = model.generate(["Hello", "a longer prompt"], max_new_tokens=6, eos_token_id=None)
         single = model.generate("Hello", max_new_tokens=6, eos_token_id=None)
     assert isinstance(out, list) and out[0].startswith("Hello") and out[1].startswith("a longer prompt")
     assert single == out[0]
@@ -262,8 +262,8 @@ def test_a_closed_model_says_so(synthetic_llama):
     with model as m:
         assert m is model
     assert model.closed and "closed" in repr(model)
-    for call in (lambda: model.generate(torch.tensor([[1, 2]]), max_new_tokens=2), lambda: model(torch.ones(1, 2).long()),
-                 lambda: next(model.stream("a"))):
+    for call in (lambda: model.generate(torch.tensor([[1, 2]]), max_new_tokens=2),
+                 lambda: model(torch.ones(1, 2).long()), lambda: next(model.stream("a"))):
         with pytest.raises(ModelClosedError, match="closed"):
             call()
     model.close()  # twice: harmless

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import zstream
 from zstream.api import synthetic
+
 from resident import ResidentModel
 
 pytestmark = [
@@ -59,7 +60,7 @@ def test_streaming_matches_resident_in_fp16(tmp_path, preset):
     baseline = zstream.load(path, offload="none", device="cuda", progress=False)
     # fp16, and different attention kernels (zstream keeps cuDNN attention out): rounding-level differences.
     torch.testing.assert_close(baseline(ids, mask).float()[real], want[real], rtol=1e-2, atol=1e-2)
-    want_tokens = baseline.generate(ids, 24, attention_mask=mask)
+    want_tokens = baseline.generate(ids, max_new_tokens=24, attention_mask=mask)
     for offload, kw in [("cpu", {"max_resident_blocks": 0}), ("cpu", {"max_resident_blocks": 1}),
                         ("nvme", {"max_resident_blocks": 0}), ("nvme", {"max_resident_blocks": 0, "prefetch": 1})]:
         model = zstream.load(path, offload=offload, device="cuda", progress=False, **kw)
@@ -69,7 +70,7 @@ def test_streaming_matches_resident_in_fp16(tmp_path, preset):
         torch.testing.assert_close(got[real], baseline(ids, mask).float()[real], rtol=0, atol=0,
                                    msg=f"{offload} {kw}")
         for _ in range(2):  # twice: the ring carries over between passes and calls
-            assert torch.equal(model.generate(ids, 24, attention_mask=mask), want_tokens), (offload, kw)
+            assert torch.equal(model.generate(ids, max_new_tokens=24, attention_mask=mask), want_tokens), (offload, kw)
         model.close()
 
 
@@ -94,14 +95,17 @@ def test_ats_reads_weights_in_place(tmp_path, preset):
     baseline = zstream.load(path, offload="none", device="cuda", progress=False)
     ids = torch.randint(0, 250, (2, 13))
     want = baseline(ids).float()
-    in_place = zstream.load(path, offload="ats", device="cuda", progress=False, prefetch=1)
-    assert in_place.plan.offload == "ats" and in_place.plan.link_gbps > 0
-    in_place.streamer.copy_from_tokens = 10**9  # force reads in place
-    torch.testing.assert_close(in_place(ids).float(), want, rtol=1e-2, atol=1e-2)
-    in_place.streamer.copy_from_tokens = 1  # force the copy path
-    torch.testing.assert_close(in_place(ids).float(), want, rtol=0, atol=0)
-    in_place.streamer.copy_from_tokens = 16  # prefill copies, decode reads in place
-    out = in_place.generate(ids, 8)
+    def ats(copy_from_tokens: int):
+        return zstream.load(path, offload="ats", device="cuda", progress=False, prefetch=1,
+                            copy_from_tokens=copy_from_tokens)
+
+    with ats(10**9) as in_place:  # reads in place only
+        assert in_place.plan.offload == "ats" and in_place.plan.link_gbps > 0
+        torch.testing.assert_close(in_place(ids).float(), want, rtol=1e-2, atol=1e-2)
+    with ats(1) as copying:  # the copy path only
+        torch.testing.assert_close(copying(ids).float(), want, rtol=0, atol=0)
+    with ats(16) as both:  # prefill copies, decode reads in place
+        out = both.generate(ids, max_new_tokens=8, eos_token_id=None)
     assert out.shape == (2, 21)
     assert torch.equal(out[:, :13].cpu(), ids)
 
@@ -123,4 +127,4 @@ def test_quantized_streaming_on_the_gpu_matches_the_cpu(tmp_path, preset, quanti
     nvme = zstream.load(packed, offload="nvme", device="cuda", max_resident_blocks=0, dtype=torch.float32,
                         progress=False)
     torch.testing.assert_close(nvme(ids).cpu(), want, rtol=1e-4, atol=1e-4)
-    assert torch.equal(nvme.generate(ids, 8), gpu.generate(ids, 8))
+    assert torch.equal(nvme.generate(ids, max_new_tokens=8), gpu.generate(ids, max_new_tokens=8))

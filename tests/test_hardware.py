@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 import zstream
 from zstream import _core
-from zstream.detect import HardwareReport, choose_offload, probe
+from zstream.foundations.hardware import HardwareReport, probe
+from zstream.planning.offload import choose_offload
 
 GH200 = {"pageable_memory_access": 1, "pageable_memory_access_uses_host_page_tables": 1,
          "can_use_host_pointer_for_registered_mem": 1, "can_map_host_memory": 1, "pci_bus_id": 1,
@@ -40,7 +41,7 @@ def test_gh200_is_ats_over_c2c(tmp_path):
     assert rep.ats and rep.link == "NVLink-C2C"
     assert rep.gpu_numa_node == 1
     assert "ATS" in str(rep)
-    assert choose_offload(rep, weights_bytes=350 << 30, device_budget=90 << 30, host_available=400 << 30) == "ats"
+    assert choose_offload(350 << 30, 0, 90 << 30, 400 << 30, device_type="cuda", ats=rep.ats)[0] == "ats"
 
 
 def test_pcie_h100_has_no_ats(tmp_path):
@@ -48,9 +49,9 @@ def test_pcie_h100_has_no_ats(tmp_path):
     assert not rep.ats
     assert rep.link == "PCIe gen5 x16" and (rep.pcie_gen, rep.pcie_width) == (5, 16)
     assert rep.host_pointer_for_registered_mem
-    assert choose_offload(rep, 14 << 30, 78 << 30, 100 << 30) == "none"
-    assert choose_offload(rep, 140 << 30, 78 << 30, 200 << 30) == "cpu"
-    assert choose_offload(rep, 350 << 30, 78 << 30, 100 << 30) == "nvme"
+    assert choose_offload(14 << 30, 0, 78 << 30, 100 << 30, device_type="cuda", ats=rep.ats)[0] == "none"
+    assert choose_offload(140 << 30, 0, 78 << 30, 200 << 30, device_type="cuda", ats=rep.ats)[0] == "cpu"
+    assert choose_offload(350 << 30, 0, 78 << 30, 100 << 30, device_type="cuda", ats=rep.ats)[0] == "nvme"
 
 
 def test_hmm_without_host_page_tables_is_not_ats(tmp_path):

@@ -84,7 +84,7 @@ PROMPT = torch.tensor([[5, 6, 7, 8]])
 
 def one_round(path: Path, tokens: int = 3) -> torch.Tensor:
     model = zstream.load(path, offload="nvme", device="cpu", progress=False)
-    out = model.generate(PROMPT, tokens)
+    out = model.generate(PROMPT, max_new_tokens=tokens, eos_token_id=None)
     model.close()
     del model
     gc.collect()
@@ -125,7 +125,7 @@ def test_quantized_load_rounds_leave_nothing_behind(tmp_path):
 
     def q_round() -> torch.Tensor:
         model = zstream.load(path, offload="cpu", device="cpu", quantize="int4", progress=False)
-        out = model.generate(PROMPT, 2)
+        out = model.generate(PROMPT, max_new_tokens=2, eos_token_id=None)
         model.close()
         del model
         gc.collect()
@@ -150,7 +150,7 @@ def test_dropping_a_model_without_close_frees_it(tiny):
     fd0, th0 = settle()
     for _ in range(5):
         model = zstream.load(tiny, offload="nvme", device="cpu", progress=False)
-        model.generate(PROMPT, 2)
+        model.generate(PROMPT, max_new_tokens=2, eos_token_id=None)
         del model  # no close(): the store's files and threads go with the last reference
     assert_no_growth((fd0, th0))
 
@@ -200,18 +200,19 @@ def test_ctrl_c_during_load_leaves_the_process_usable(slow):
 
 def test_ctrl_c_during_generate_leaves_the_model_usable(slow):
     model = zstream.load(slow, offload="nvme", device="cpu", progress=False)
-    want = model.generate(PROMPT, 2)
+    want = model.generate(PROMPT, max_new_tokens=2, eos_token_id=None)
     slots = model.store.pool_stats[0]
     fd0, th0 = settle()
     timer = _interrupt_after(0.5)
     try:
         with pytest.raises(KeyboardInterrupt):
-            model.generate(PROMPT, 100)  # tens of seconds of work: the signal lands in the middle of a pass
+            # tens of seconds of work: the signal lands in the middle of a pass
+            model.generate(PROMPT, max_new_tokens=100, eos_token_id=None)
     finally:
         timer.cancel()
         timer.join()
     # The same model runs again (the stream restarts cleanly after a pass that stopped midway) ...
-    assert torch.equal(model.generate(PROMPT, 2), want)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=2, eos_token_id=None), want)
     assert_no_growth((fd0, th0))
     assert model.store.pool_stats[0] == slots, "the interrupted pass's staging slots were not reused"
     model.close()

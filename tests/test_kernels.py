@@ -29,9 +29,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zstream.foundations.quant import kernels
+from zstream.foundations.quant import QuantizedTensor, kernels
 from zstream.foundations.quant import scheme as quant
-from zstream.foundations.quant import QuantizedTensor
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -11,12 +11,12 @@ import pytest
 import safetensors.torch as safetensors_torch
 import torch
 
-from zstream.errors import ModelError
-from zstream.streaming.cache import KVCache
-from resident import ResidentModel, checkpoint_files
-from zstream.foundations.models import FAMILIES, common, family_for, supported_architectures
 from zstream.api.synthetic import PRESETS, checkpoint_plan, make_checkpoint
+from zstream.errors import ModelError
+from zstream.foundations.models import FAMILIES, common, family_for, supported_architectures
+from zstream.streaming.cache import KVCache
 
+from resident import ResidentModel, checkpoint_files
 from tiny_models import (
     TINY,
     WRITERS,

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import zstream
-from zstream.foundations.models import family_for
-from zstream.errors import QuantizationError
-from zstream.foundations.quant import CODES, QuantConfig, block_quant_for
 from zstream.api.synthetic import PRESETS
+from zstream.errors import QuantizationError
+from zstream.foundations.models import family_for
+from zstream.foundations.quant import CODES, QuantConfig, block_quant_for
 
 from tiny_models import reference_model, save_with_transformers
 
@@ -100,8 +100,8 @@ def test_packed_checkpoint_streams_like_quantize_at_load(checkpoint, offload, tm
     if offload == "nvme":
         assert model.plan.streamed_blocks == list(range(model.family.num_blocks))
     assert torch.equal(model(ids, mask), at_load(ids, mask))
-    want = at_load.generate(ids, 12, attention_mask=mask)
-    assert torch.equal(model.generate(ids, 12, attention_mask=mask), want)
+    want = at_load.generate(ids, max_new_tokens=12, attention_mask=mask)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, attention_mask=mask), want)
     assert model.plan.block_bytes == at_load.plan.block_bytes  # the same packed bytes, read or made
 
 
@@ -174,14 +174,14 @@ def test_damaged_packed_checkpoint_is_refused(checkpoint, tmp_path):
 
 def test_packed_checkpoint_names_and_disk_bound(checkpoint, tmp_path):
     """What the store holds for a packed block (its packed tensors) is what the disk bound is measured over."""
-    from zstream.bench import disk_gbps
+    from zstream.interfaces.bench import disk_rate
 
     path, _ = checkpoint
     packed = zstream.pack(path, tmp_path / "p", quantize="int4", group_size=32, progress=False)
     model = zstream.load(packed, offload="nvme", device="cpu", progress=False)
     names = model.block_tensors(0)
     assert any(n.endswith(CODES) for n in names.values()) and all(n in model.store for n in names.values())
-    assert disk_gbps(model) > 0
+    assert disk_rate(model).gbps > 0
     at_load = zstream.load(path, offload="cpu", device="cpu", quantize="int4", group_size=32, progress=False)
     assert at_load.block_tensors(0) == at_load.family.block_tensors(0)  # quantized in memory: the store is fp
 

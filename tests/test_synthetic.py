@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from zstream.api import synthetic
-from zstream.errors import ModelError, OutputExistsError
 from zstream.api.synthetic import PRESETS, checkpoint_plan, estimate_bytes, is_current, make_checkpoint
+from zstream.errors import ModelError, OutputExistsError
 
 from tiny_models import TINY, hf_config
 

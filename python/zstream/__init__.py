@@ -16,7 +16,7 @@ Heavy submodules (torch, the native core) load on first use, so ``import zstream
 from __future__ import annotations
 
 import importlib
-from typing import Any, List
+from typing import TYPE_CHECKING, Any, List
 
 from .errors import (
     CheckpointError,
@@ -30,6 +30,17 @@ from .errors import (
     UsageError,
     ZStreamError,
 )
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .api.load import load
+    from .api.pack import pack
+    from .api.plan_batch import plan_batch
+    from .api.synthetic import PRESETS, make_checkpoint
+    from .foundations.hardware import hardware
+    from .foundations.store import TensorInfo, Ticket, WeightStore
+    from .planning.batch import BatchPlan
+    from .planning.residency import Plan
+    from .streaming.model import StreamingModel
 
 try:
     from importlib.metadata import PackageNotFoundError

@@ -180,7 +180,8 @@ class _Packer:
             if k != len(items):
                 raise QuantizationError(f"internal error: {path.name}: wrote {k} of {len(items)} tensors")
 
-    def _write_read(self, f: BinaryIO, items: List[_Item], k: int, wanted: set, tensors: Dict[str, torch.Tensor]) -> int:
+    def _write_read(self, f: BinaryIO, items: List[_Item], k: int, wanted: set,
+                    tensors: Dict[str, torch.Tensor]) -> int:
         """Write the items from ``k`` on that derive from the tensors of one read; returns the next item's index."""
         packed: Dict[str, torch.Tensor] = {}
         while k < len(items) and items[k].source in wanted:

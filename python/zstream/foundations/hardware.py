@@ -165,7 +165,7 @@ def hardware(device: int = 0, measure: bool = True) -> HardwareReport:
     return rep
 
 
-def resolve_device(device: Union[str, "torch.device", None]) -> "torch.device":
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     """The device a ``device=`` argument means: None -> the current CUDA device if torch sees one, else the CPU;
     "cuda" -> the current CUDA device, with its index. Refuses what cannot run (no CUDA, not cuda or cpu)."""
     import torch

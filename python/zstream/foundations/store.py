@@ -25,6 +25,7 @@ from ..errors import ReadError
 from .cuda import install_host_register
 from .units import VIEWED_DTYPES, torch_dtype
 
+
 class TensorInfo(NamedTuple):
     name: str
     dtype: str  # safetensors name: "F16", "BF16", ...

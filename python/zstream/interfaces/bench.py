@@ -27,7 +27,7 @@ import torch
 from ..errors import OutOfMemoryError, UsageError
 from ..foundations.measure import Rate, measure_copy, measure_disk, measure_h2d, measure_memcpy
 from ..foundations.units import parse_dtype
-from .cli import DTYPE_CHOICES, OFFLOAD_CHOICES, cache_dir, comma_list, positive, size
+from .args import DTYPE_CHOICES, OFFLOAD_CHOICES, cache_dir, comma_list, positive, size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="search the largest batch that fits --gpu-memory with and without offload")
 
 
-def _checkpoint(model: str, dtype: Optional[torch.dtype]) -> Path:
+def checkpoint_for(model: str, dtype: Optional[torch.dtype]) -> Path:
+    """A checkpoint directory as given, or a synthetic preset written once to the cache (rebuilt when stale)."""
     path = Path(model)
     if path.exists():
         return path
@@ -387,7 +388,7 @@ def _max_batch(a: argparse.Namespace, path: Path, budget: Optional[str], device:
 
 def main(a: argparse.Namespace) -> int:
     dtype = parse_dtype(a.dtype)
-    path = _checkpoint(a.model, dtype)
+    path = checkpoint_for(a.model, dtype)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batches = list(a.batch)
     budgets = list(a.gpu_memory) if a.gpu_memory else [None]

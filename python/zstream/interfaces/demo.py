@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .cli import cache_dir
+from .args import cache_dir
 
 
 def demo(*, preset: str, device: Optional[str], batch: int, max_new_tokens: int) -> int:
@@ -47,7 +47,8 @@ def demo(*, preset: str, device: Optional[str], batch: int, max_new_tokens: int)
               f"{model.device}")
         if p.link_gbps:
             moved = p.streamed_bytes / step_s / 1e9
-            spread = f" (median of several reads: {p.link_spread[0]:.2f}-{p.link_spread[1]:.2f})" if p.link_spread else ""
+            low, high = p.link_spread or (p.link_gbps, p.link_gbps)
+            spread = f" (median of several samples: {low:.2f}-{high:.2f})"
             print(f"streamed {p.streamed_bytes / 1e9:.2f} GB per pass at {moved:.2f} GB/s: "
                   f"{100 * moved / p.link_gbps:.0f}% of the {p.link} limit measured in this run, "
                   f"{p.link_gbps:.2f} GB/s{spread}")

@@ -94,5 +94,16 @@ def checkpoint_facts(store: WeightStore, family: Family, *, dtype: Optional[torc
                            outer_bytes, bq, False, unquantized)
 
 
+def facts_from_shapes(family: Family, dtype: torch.dtype) -> CheckpointFacts:
+    """The facts a checkpoint of ``family`` in ``dtype`` would have (unquantized), from its config alone: planning a
+    model before (or without) writing it."""
+    shapes = family.expected_shapes()
+    blocks = [family.block_tensors(i) for i in range(family.num_blocks)]
+    outer = family.outer_tensors()
+    block_bytes = [sum(math.prod(shapes[n]) for n in names.values()) * dtype.itemsize for names in blocks]
+    outer_bytes = sum(math.prod(shapes[n]) for n in set(outer.values())) * dtype.itemsize
+    return CheckpointFacts(family, dtype, dtype, blocks, blocks, outer, block_bytes, outer_bytes)
+
+
 def _stored_bytes(store: WeightStore, blocks: List[Dict[str, str]]) -> List[int]:
     return [sum(store.info(n).nbytes for n in dict.fromkeys(names.values())) for names in blocks]

@@ -130,6 +130,11 @@ class _CpuState:
                 s.thread.join()
 
 
+def _block_until(state: _CpuState, event: CpuEvent, target: int) -> None:
+    with state.cond:
+        state.cond.wait_for(lambda: event.done >= target or state.closed)
+
+
 def _work(state: _CpuState, stream: CpuStream) -> None:
     """A CPU stream's worker: run the queue in order until the device closes."""
     cond = state.cond
@@ -143,6 +148,7 @@ def _work(state: _CpuState, stream: CpuStream) -> None:
             fn()
         except BaseException as e:  # kept for the next wait on the host; later work still runs
             stream.error = stream.error or e
+        del fn  # what it refers to (buffers, the device) must not outlive the work
         with cond:
             stream.queue.popleft()
             cond.notify_all()
@@ -191,27 +197,24 @@ class CpuDevice:
         self._enqueue(stream, lambda: dst.copy_(src))
 
     def record(self, event: CpuEvent, stream: CpuStream) -> None:
-        with self._state.cond:
+        state = self._state  # the work refers to the state, never to the device: see _CpuState
+        with state.cond:
             event.recorded += 1
             target = event.recorded
 
         def reach() -> None:
-            with self._state.cond:
+            with state.cond:
                 event.done = max(event.done, target)
                 event.time_ns = time.monotonic_ns()
-                self._state.cond.notify_all()
+                state.cond.notify_all()
 
         self._enqueue(stream, reach)
 
     def wait(self, stream: CpuStream, event: CpuEvent) -> None:
-        with self._state.cond:
-            target = event.recorded  # the latest record now, as a CUDA stream waits for it
-        self._enqueue(stream, lambda: self._block_until(event, target))
-
-    def _block_until(self, event: CpuEvent, target: int) -> None:
         state = self._state
         with state.cond:
-            state.cond.wait_for(lambda: event.done >= target or state.closed)
+            target = event.recorded  # the latest record now, as a CUDA stream waits for it
+        self._enqueue(stream, lambda: _block_until(state, event, target))
 
     def query(self, event: CpuEvent) -> bool:
         with self._state.cond:
@@ -220,7 +223,7 @@ class CpuDevice:
     def wait_host(self, event: CpuEvent) -> None:
         with self._state.cond:
             target = event.recorded
-        self._block_until(event, target)
+        _block_until(self._state, event, target)
         self._raise_errors()
 
     def synchronize(self) -> None:

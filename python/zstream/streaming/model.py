@@ -210,7 +210,7 @@ class StreamingModel:
         """The continuation of one prompt (or the reply to one conversation), as pieces of text while they are
         generated: ``for piece in model.stream("Hello", max_new_tokens=64): print(piece, end="")``."""
         self.ensure_open()
-        ids, mask, kind = self._inputs(inputs, None)
+        ids, mask, _ = self._inputs(inputs, None)
         if ids.shape[0] != 1:
             raise ModelError("stream takes one prompt or one conversation; use generate for a batch")
         self._warn_random()

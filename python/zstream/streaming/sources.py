@@ -64,9 +64,10 @@ class StoreReads:
         while nxt < g + 1 + self.depth:  # keep `depth` reads queued behind this one
             self.ahead.append((nxt, self.store.fetch(self.names[self.order[nxt % len(self.order)]])))
             nxt += 1
-        gi, ticket = self.ahead.popleft()
+        gi, ticket = self.ahead[0]
         assert gi == g, f"read {gi} ahead, the ring asks for {g}"
         flat = ticket.wait_flat()  # blocks until the disk read is done; the device keeps computing
+        self.ahead.popleft()  # only now: a wait interrupted (Ctrl-C) leaves the ticket where reset releases it
         self.current = (g, ticket, flat)
         return flat
 

@@ -88,10 +88,9 @@ class BlockQuant:
             size = -(-size // PACKED_ALIGN) * PACKED_ALIGN
             layout[name] = (size, t.dtype, tuple(t.shape))
             size += t.numel() * t.element_size()
-        if dest == "pinned":  # a core arena: unpinned and freed with the model, not cached by torch
-            buf = host_buffer(size, pin=True)
-        else:
-            buf = torch.empty(size, dtype=torch.uint8, device=dest)
+        # "pinned": a core arena, unpinned and freed with the model, not kept in torch's pinned cache
+        pinned = dest == "pinned"
+        buf = host_buffer(size, pin=True) if pinned else torch.empty(size, dtype=torch.uint8, device=dest)
         for name, t in tensors.items():
             off, dt, shape = layout[name]
             buf[off:off + t.numel() * t.element_size()].view(dt).view(shape).copy_(t)
