@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" \
-    torch numpy tqdm safetensors "transformers>=4.45" tokenizers hypothesis pytest pytest-benchmark ruff
+    torch numpy tqdm safetensors "transformers>=4.45" tokenizers huggingface_hub hypothesis pytest pytest-benchmark \
+    ruff import-linter
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 echo "== cargo fmt / clippy / test"
@@ -15,6 +16,9 @@ cargo test -p zstream-core
 
 echo "== ruff"
 ruff check python tests benches
+
+echo "== import layers (import-linter: pyproject.toml [tool.importlinter])"
+(cd python && lint-imports --config ../pyproject.toml)
 
 echo "== wheel"
 rm -rf dist

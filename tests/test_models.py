@@ -13,7 +13,7 @@ import torch
 
 from zstream.api.synthetic import PRESETS, checkpoint_plan, make_checkpoint
 from zstream.errors import ModelError
-from zstream.foundations.models import FAMILIES, common, family_for, supported_architectures
+from zstream.foundations.models import FAMILIES, family_for, ops, supported_architectures
 from zstream.streaming.cache import KVCache
 
 from resident import ResidentModel, checkpoint_files
@@ -67,7 +67,7 @@ def test_gqa_without_enable_gqa_gives_the_same_logits(checkpoint, monkeypatch):
     _, _, _, model = checkpoint
     ids, mask = padded_batch(lengths=(9, 5))
     want = model(ids, mask)
-    monkeypatch.setattr(common, "_SDPA_HAS_GQA", False)
+    monkeypatch.setattr(ops, "_SDPA_HAS_GQA", False)
     assert (model(ids, mask) - want).abs()[mask.bool()].max().item() <= 1e-5
 
 

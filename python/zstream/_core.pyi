@@ -21,7 +21,6 @@ class Store:
         workers: Optional[int] = None,
         max_slots: Optional[int] = None,
         pin_flags: Optional[int] = None,
-        max_gap: Optional[int] = None,
         numa_node: Optional[int] = None,
         tensor_align: Optional[int] = None,
         io_timeout: Optional[float] = 60.0,
@@ -33,8 +32,6 @@ class Store:
     def __contains__(self, name: str) -> bool: ...
     @property
     def files(self) -> list[str]: ...
-    @property
-    def direct(self) -> list[bool]: ...
     @property
     def nbytes(self) -> int: ...
     @property

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use zstream_core::store::Buffer;
-use zstream_core::Dtype;
+use zstream_core::{Dtype, Job, Store as CoreStore};
 
 pub const KDL_CPU: i32 = 1;
 pub const KDL_CUDA: i32 = 2;
@@ -118,4 +119,26 @@ pub fn export(
     }
     // SAFETY: PyCapsule_New returned a new, owned reference.
     Ok(unsafe { Bound::from_owned_ptr(py, capsule) }.unbind())
+}
+
+/// The planned part of a finished job's arena as one U8 capsule, and where each requested tensor starts in it.
+pub(crate) fn job_flat(py: Python<'_>, job: &Arc<Job>, device: DLDevice) -> PyResult<(Py<PyAny>, Vec<usize>)> {
+    let capsule = export(py, &job.buffer, 0, Dtype::U8, &[job.plan.arena_len], device)?;
+    Ok((capsule, job.placed.iter().map(|p| p.arena_offset).collect()))
+}
+
+/// `{name: capsule}` for a finished job of `store`.
+pub(crate) fn job_capsules<'py>(
+    py: Python<'py>,
+    store: &CoreStore,
+    job: &Arc<Job>,
+    names: &[String],
+    device: DLDevice,
+) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    for (name, placed) in names.iter().zip(&job.placed) {
+        let t = &store.ckpt.tensors[placed.tensor];
+        out.set_item(name, export(py, &job.buffer, placed.arena_offset, t.dtype, &t.shape, device)?)?;
+    }
+    Ok(out)
 }

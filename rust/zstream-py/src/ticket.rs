@@ -4,18 +4,17 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use zstream_core::{Dtype, Job};
+use zstream_core::{Job, Store as CoreStore};
 
-use crate::dlpack::{export, DLDevice, KDL_CPU};
+use crate::dlpack::{job_capsules, job_flat, DLDevice, KDL_CPU};
 use crate::interrupt::wait_job;
-use crate::store::StoreHandle;
 
 /// A read in flight. `wait()` returns the tensors (as DLPack capsules); `release()` gives up the ticket's hold on
 /// its slot, which returns to the pool once no tensor views it any more.
 #[pyclass(module = "zstream._core", frozen)]
 pub struct Ticket {
     pub(crate) job: std::sync::Mutex<Option<Arc<Job>>>,
-    pub(crate) store: Arc<StoreHandle>,
+    pub(crate) store: Arc<CoreStore>,
     pub(crate) names: Vec<String>,
 }
 
@@ -42,7 +41,7 @@ impl Ticket {
     ) -> PyResult<Bound<'py, PyDict>> {
         let job = self.job()?;
         wait_job(py, &job, timeout)?;
-        capsules(py, &self.store, &job, &self.names, DLDevice { device_type, device_id })
+        job_capsules(py, &self.store, &job, &self.names, DLDevice { device_type, device_id })
     }
 
     /// Like `wait`, but return the slot as one flat U8 capsule (the planned bytes) and each tensor's offset in it.
@@ -56,7 +55,7 @@ impl Ticket {
     ) -> PyResult<(Py<PyAny>, Vec<usize>)> {
         let job = self.job()?;
         wait_job(py, &job, timeout)?;
-        flat(py, &job, DLDevice { device_type, device_id })
+        job_flat(py, &job, DLDevice { device_type, device_id })
     }
 
     /// Whether the read has finished (successfully or not).
@@ -119,26 +118,4 @@ impl Ticket {
         };
         format!("<Ticket of {} tensors, {state}>", self.names.len())
     }
-}
-
-/// The planned part of a finished job's arena as one U8 capsule, and where each requested tensor starts in it.
-pub(crate) fn flat(py: Python<'_>, job: &Arc<Job>, device: DLDevice) -> PyResult<(Py<PyAny>, Vec<usize>)> {
-    let capsule = export(py, &job.buffer, 0, Dtype::U8, &[job.plan.arena_len], device)?;
-    Ok((capsule, job.placed.iter().map(|p| p.arena_offset).collect()))
-}
-
-/// `{name: capsule}` for a finished job.
-pub(crate) fn capsules<'py>(
-    py: Python<'py>,
-    store: &StoreHandle,
-    job: &Arc<Job>,
-    names: &[String],
-    device: DLDevice,
-) -> PyResult<Bound<'py, PyDict>> {
-    let out = PyDict::new(py);
-    for (name, placed) in names.iter().zip(&job.placed) {
-        let t = &store.inner.ckpt.tensors[placed.tensor];
-        out.set_item(name, export(py, &job.buffer, placed.arena_offset, t.dtype, &t.shape, device)?)?;
-    }
-    Ok(out)
 }

@@ -11,18 +11,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .common import (
-    Family,
-    Shape,
-    StepContext,
-    attention,
-    check_divisible,
-    find_prefix,
-    layer_norm,
-    linear,
-    merge_heads,
-    require,
-)
+from .common import Family, Shape, StepContext, check_divisible, find_prefix, read_sizes
+from .ops import attention, layer_norm, linear, merge_heads
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -44,16 +34,16 @@ class Bloom(Family):
     name = "bloom"
     model_types = ("bloom",)
     architectures = ("BloomForCausalLM",)
+    _blocks_path = "h"
+    _weight_locals = ("word_embeddings",)
     _always_mask = True  # the ALiBi bias is an attention mask
     _embedding_local = "word_embeddings"
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         super().__init__(config, tensor_names)
         f = self.name
-        self.num_blocks = int(require(config, "n_layer", "num_hidden_layers", family=f))
-        self.hidden_size = int(require(config, "hidden_size", "n_embed", family=f))
-        self.num_heads = int(require(config, "n_head", "num_attention_heads", family=f))
-        self.vocab_size = int(require(config, "vocab_size", family=f))
+        read_sizes(self, config, f, num_blocks=("n_layer", "num_hidden_layers"), hidden_size=("hidden_size", "n_embed"),
+                   num_heads=("n_head", "num_attention_heads"), vocab_size="vocab_size")
         check_divisible(self.hidden_size, self.num_heads, "hidden_size must divide into n_head heads", f)
         self.num_kv_heads = self.num_heads
         self.head_dim = self.hidden_size // self.num_heads
@@ -102,15 +92,7 @@ class Bloom(Family):
 
     _after_blocks = ("ln_f.weight", "ln_f.bias", "lm_head")
 
-    def _block_name(self, i: int, local: str) -> str:
-        return f"{self.prefix}h.{i}.{local}"
 
-    def _outer_name(self, local: str) -> str:
-        if local == "lm_head":
-            return "lm_head.weight"
-        if local == "word_embeddings":
-            return f"{self.prefix}word_embeddings.weight"
-        return self.prefix + local
 
     # ---- per-forward context ------------------------------------------------------------------
 

@@ -8,10 +8,9 @@ function the tensors it needs, already on the compute device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ModelError, UsageError
@@ -80,6 +79,14 @@ def _info_shape_dtype(info: Any) -> Tuple[Shape, Optional[torch.dtype]]:
     return tuple(int(d) for d in shape), dtype
 
 
+def read_sizes(target: Any, config: Mapping[str, Any], family: str, **keys: Union[str, Tuple[str, ...]]) -> None:
+    """Set each attribute of ``target`` to the integer under the first of its config keys that is present:
+    ``read_sizes(self, config, "opt", num_blocks="num_hidden_layers", hidden_size=("hidden_size", "n_embed"))``.
+    ModelError names the keys of the first one missing."""
+    for attr, names in keys.items():
+        setattr(target, attr, int(require(config, *((names,) if isinstance(names, str) else names), family=family)))
+
+
 def find_prefix(names: Iterable[str], anchor: str, candidates: Sequence[str], family: str) -> str:
     """Which of ``candidates`` the checkpoint puts in front of its tensor names, found via ``anchor``.
 
@@ -122,6 +129,11 @@ class Family:
     _embedding_local: ClassVar[str] = "embed_tokens"
     # outer local names stored after the blocks (final norm, head), for checkpoint order
     _after_blocks: ClassVar[Tuple[str, ...]] = ()
+    # where block i's tensors live under the prefix: "{prefix}{_blocks_path}.{i}.{local}"
+    _blocks_path: ClassVar[str] = "layers"
+    # outer locals stored as "{prefix}{local}.weight" (embeddings); other outer locals are "{prefix}{local}"
+    _weight_locals: ClassVar[Tuple[str, ...]] = ("embed_tokens",)
+    prefix: str = ""  # what the checkpoint puts before every name but the head's ("model.", "transformer.", "")
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         self.config = dict(config)
@@ -140,10 +152,14 @@ class Family:
         raise NotImplementedError
 
     def _block_name(self, i: int, local: str) -> str:
-        raise NotImplementedError
+        return f"{self.prefix}{self._blocks_path}.{i}.{local}"
 
     def _outer_name(self, local: str) -> str:
-        raise NotImplementedError
+        if local == "lm_head":
+            return "lm_head.weight"
+        if local in self._weight_locals:
+            return f"{self.prefix}{local}.weight"
+        return self.prefix + local
 
     def block_tensors(self, i: int) -> Dict[str, str]:
         """local name -> checkpoint name for the tensors of block ``i``."""
@@ -278,73 +294,6 @@ class Family:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(blocks={self.num_blocks}, hidden={self.hidden_size}, "
                 f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, vocab={self.vocab_size})")
-
-
-# ---- shared math ------------------------------------------------------------------------------
-
-_SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
-    """Causal multi-head attention over the cache. q: (B, nh, T, hs); k, v: (B, nkv, S, hs)."""
-    if k.shape[1] != q.shape[1]:
-        if _SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
-                                                  enable_gqa=True)
-        # older torch: expand the kv heads (a copy, but correct)
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
-
-
-def linear(x: Tensor, w: Mapping[str, Tensor], name: str) -> Tensor:
-    """x @ W.T + b, where the bias "<name>.bias" is optional."""
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
-
-
-def layer_norm(x: Tensor, w: Mapping[str, Tensor], name: str, eps: float) -> Tensor:
-    """LayerNorm whose weight/bias may be absent (OPT's layer_norm_elementwise_affine=False)."""
-    return F.layer_norm(x, (x.shape[-1],), w.get(f"{name}.weight"), w.get(f"{name}.bias"), eps)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # in float32 like transformers' LlamaRMSNorm, so fp16 activations don't overflow in the square
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-}
-
-
-def activation(name: str, family: str) -> Callable[[Tensor], Tensor]:
-    if name not in ACTIVATIONS:
-        raise ModelError(f"{family}: unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
-
-
-def split_heads(x: Tensor, num_heads: int) -> Tensor:
-    """(B, T, nh * hs) -> (B, nh, T, hs)"""
-    B, T, _ = x.shape
-    return x.view(B, T, num_heads, -1).transpose(1, 2)
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, nh, T, hs) -> (B, T, nh * hs)"""
-    B, nh, T, hs = x.shape
-    return x.transpose(1, 2).reshape(B, T, nh * hs)
 
 
 def check_divisible(a: int, b: int, what: str, family: str) -> None:

@@ -19,20 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ModelError
-from .common import (
-    Family,
-    Shape,
-    StepContext,
-    activation,
-    attention,
-    check_divisible,
-    find_prefix,
-    linear,
-    merge_heads,
-    require,
-    rms_norm,
-    split_heads,
-)
+from .common import Family, Shape, StepContext, check_divisible, find_prefix, read_sizes
+from .ops import activation, attention, linear, merge_heads, rms_norm, split_heads
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -142,12 +130,9 @@ class Llama(Family):
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         super().__init__(config, tensor_names)
         f = self.model_type = str(config.get("model_type") or self._type_from_architectures(config))
-        self.num_blocks = int(require(config, "num_hidden_layers", family=f))
-        self.hidden_size = int(require(config, "hidden_size", family=f))
-        self.num_heads = int(require(config, "num_attention_heads", family=f))
-        self.intermediate_size = int(require(config, "intermediate_size", family=f))
-        self.vocab_size = int(require(config, "vocab_size", family=f))
-        self.max_positions = int(require(config, "max_position_embeddings", family=f))
+        read_sizes(self, config, f, num_blocks="num_hidden_layers", hidden_size="hidden_size",
+                   num_heads="num_attention_heads", intermediate_size="intermediate_size", vocab_size="vocab_size",
+                   max_positions="max_position_embeddings")
         self.num_kv_heads = int(config.get("num_key_value_heads") or self.num_heads)
         check_divisible(self.num_heads, self.num_kv_heads, "attention heads must group over kv heads", f)
         if config.get("head_dim"):
@@ -239,15 +224,7 @@ class Llama(Family):
             shapes["lm_head"] = (self.vocab_size, self.hidden_size)
         return shapes
 
-    def _block_name(self, i: int, local: str) -> str:
-        return f"{self.prefix}layers.{i}.{local}"
 
-    def _outer_name(self, local: str) -> str:
-        if local == "lm_head":
-            return "lm_head.weight"
-        if local == "embed_tokens":
-            return f"{self.prefix}embed_tokens.weight"
-        return self.prefix + local
 
     # ---- per-forward context ------------------------------------------------------------------
 

@@ -12,20 +12,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (
-    Family,
-    Shape,
-    StepContext,
-    activation,
-    attention,
-    check_divisible,
-    find_prefix,
-    layer_norm,
-    linear,
-    merge_heads,
-    require,
-    split_heads,
-)
+from .common import Family, Shape, StepContext, check_divisible, find_prefix, read_sizes
+from .ops import activation, attention, layer_norm, linear, merge_heads, split_heads
 
 # OPT's position table has two extra rows at the start (a fairseq padding_idx artifact)
 POSITION_OFFSET = 2
@@ -35,17 +23,15 @@ class OPT(Family):
     name = "opt"
     model_types = ("opt",)
     architectures = ("OPTForCausalLM",)
+    _weight_locals = ("embed_tokens", "embed_positions")
     _after_blocks = ("final_layer_norm.weight", "final_layer_norm.bias", "project_out.weight", "lm_head")
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         super().__init__(config, tensor_names)
         f = self.name
-        self.num_blocks = int(require(config, "num_hidden_layers", family=f))
-        self.hidden_size = int(require(config, "hidden_size", family=f))
-        self.num_heads = int(require(config, "num_attention_heads", family=f))
-        self.ffn_dim = int(require(config, "ffn_dim", family=f))
-        self.vocab_size = int(require(config, "vocab_size", family=f))
-        self.max_positions = int(require(config, "max_position_embeddings", family=f))
+        read_sizes(self, config, f, num_blocks="num_hidden_layers", hidden_size="hidden_size",
+                   num_heads="num_attention_heads", ffn_dim="ffn_dim", vocab_size="vocab_size",
+                   max_positions="max_position_embeddings")
         check_divisible(self.hidden_size, self.num_heads, "hidden_size must divide into the heads", f)
         self.num_kv_heads = self.num_heads
         self.head_dim = self.hidden_size // self.num_heads
@@ -101,15 +87,7 @@ class OPT(Family):
             shapes["lm_head"] = (self.vocab_size, P)
         return shapes
 
-    def _block_name(self, i: int, local: str) -> str:
-        return f"{self.prefix}layers.{i}.{local}"
 
-    def _outer_name(self, local: str) -> str:
-        if local == "lm_head":
-            return "lm_head.weight"
-        if local in ("embed_tokens", "embed_positions"):
-            return f"{self.prefix}{local}.weight"
-        return self.prefix + local
 
     # ---- math ---------------------------------------------------------------------------------
 
