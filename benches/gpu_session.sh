@@ -4,7 +4,9 @@
 # Stages: test (GPU pytest), sweep (reader sweep vs fio), bench-cpu, bench-nvme, bench-budget, bench-llama,
 #         peers (DeepSpeed / Accelerate / all-on-GPU on the same checkpoint);
 #         quantized: test-quant, dequant, accuracy, bench-int4, bench-int8, bench-int4-llama, bench-int4-nvme,
-#         peers-int4 (DeepSpeed ZeRO-Inference with its 4-bit weights, same checkpoint).
+#         peers-int4 (DeepSpeed ZeRO-Inference with its 4-bit weights, same checkpoint);
+#         compare: this build against the one in .device/baseline/ (bench bloom-7b1, cpu offload, fp16 and int4,
+#         batch 1 and 16, runs interleaved), the step/bound ratios side by side (benches/compare_builds.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,7 +14,7 @@ python3 -m pip install -q --upgrade --no-deps --no-index --target /tmp/zs .devic
 export PYTHONPATH=/tmp/zs
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current,driver_version --format=csv \
   | tee "$OUT/gpu.txt"
-Z="python3 -m zstream.cli"
+Z="python3 -m zstream"
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
@@ -94,6 +96,20 @@ for stage in "$@"; do
       PYTHONPATH=/tmp/zs:/tmp/ds TORCH_CUDA_ARCH_LIST=9.0 timeout "${PEER_TIMEOUT:-400}" python3 benches/peers/run_peer.py \
         --system deepspeed --quant-bits 4 --logits-out /tmp/ds_int4_logits.pt --model "$CK" --batch "${PEER_BATCH:-1,16,64}" --prompt 512 --gen "${PEER_GEN:-32}" \
         2>"$OUT/peer_ds_int4.err" | grep '^{' | tee -a "$OUT/peers.jsonl"; tail -3 "$OUT/peer_ds_int4.err" ;;
+    compare)
+      python3 -m pip install -q --upgrade --no-deps --no-index --target /tmp/zs_old .device/baseline/zstream-*.whl || exit 1
+      CK=$ZSTREAM_CACHE/synthetic/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" > /dev/null
+      start=$SECONDS
+      for round in 1 2 3; do for q in fp16 int4; do for build in baseline new; do
+        [ $((SECONDS - start)) -gt "${COMPARE_BUDGET_S:-330}" ] && break 3
+        args=(bench "$CK" --offload cpu --batch 1,16 --prompt 512 --gen "${COMPARE_GEN:-32}"
+              --json "$OUT/compare_${build}_${q}_${round}.json")
+        [ $q = int4 ] && args+=(--quantize int4)
+        if [ $build = baseline ]; then PYTHONPATH=/tmp/zs_old python3 -m zstream.cli "${args[@]}" > /dev/null 2>&1
+        else $Z "${args[@]}" > /dev/null 2>&1; fi
+        echo "round $round $q $build done at $((SECONDS - start)) s"
+      done; done; done
+      python3 benches/compare_builds.py "$OUT" | tee "$OUT/compare.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
