@@ -1,0 +1,260 @@
+"""The device ring, on the CPU: the same code that streams on the GPU, over the CPU's device seam (a worker thread
+runs the copy stream). A recording device logs every copy, event record and wait; a checking streamer compares
+each block's weights with the checkpoint's own bytes (read with safetensors, not with zstream) when its compute
+starts and when it ends. Together they check what the ring promises: every block computes with its own bytes, a
+slot is refilled only after the compute on it, copies run ``prefetch`` blocks ahead and carry over between passes,
+and a pass that stopped midway leaves the ring able to start over."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import zstream
+from zstream.streaming.device import CpuDevice
+
+from tiny_models import padded_batch, reference_logits, reference_model, save_with_transformers
+
+PRESET = "tiny-llama"
+NUM_BLOCKS = 5
+CONFIG = {**zstream.PRESETS[PRESET], "num_hidden_layers": NUM_BLOCKS}
+
+
+@dataclass
+class Op:
+    kind: str                 # "copy", "record", "wait", "acquire", "release"
+    stream: str = ""          # "copy" or "compute"
+    event: Optional[int] = None
+    seq: int = 0              # the event's record count: after the record, or the one waited for
+    g: int = -1               # the ring's global index: of the copy, or of the compute a record closes
+    slot: int = -1
+    block: int = -1
+
+
+@dataclass
+class Log:
+    ops: List[Op] = field(default_factory=list)
+    ring: Any = None          # the model's ring, once built
+
+    def of(self, kind: str) -> List[Op]:
+        return [o for o in self.ops if o.kind == kind]
+
+
+class RecordingDevice(CpuDevice):
+    """The CPU seam, logging what the ring asks of it (in the order it asks)."""
+
+    def __init__(self, log: Log) -> None:
+        super().__init__()
+        self.log = log
+
+    def _stream(self, stream: Any) -> str:
+        return "compute" if stream is self.compute_stream() else "copy"
+
+    def _slot(self, dst: torch.Tensor) -> int:
+        for s, buf in enumerate(self.log.ring.buffers):
+            if buf.data_ptr() <= dst.data_ptr() < buf.data_ptr() + buf.numel():
+                return s
+        return -1
+
+    def copy(self, dst, src, stream) -> None:
+        ring = self.log.ring
+        self.log.ops.append(Op("copy", self._stream(stream), g=ring.issued, slot=self._slot(dst),
+                               block=ring.block_at(ring.issued)))
+        super().copy(dst, src, stream)
+
+    def record(self, event, stream) -> None:
+        super().record(event, stream)
+        self.log.ops.append(Op("record", self._stream(stream), id(event), event.recorded, g=self.log.ring.consumed))
+
+    def wait(self, stream, event) -> None:
+        self.log.ops.append(Op("wait", self._stream(stream), id(event), event.recorded))
+        super().wait(stream, event)
+
+
+class Checking:
+    """Wraps the model's streamer chain: each block's weights equal the checkpoint's own when its compute starts
+    and still when it ends; ``fail_at`` (pass, block) raises there, like a read error midway through a pass."""
+
+    def __init__(self, inner: Any, truth: List[Dict[str, torch.Tensor]], log: Log) -> None:
+        self.inner, self.truth, self.log = inner, truth, log
+        self.passes = 0
+        self.fail_at: Optional[Tuple[int, int]] = None
+        self.held: Dict[str, torch.Tensor] = {}
+        self.checked = 0
+
+    def begin_pass(self, tokens: int) -> None:
+        self.passes += 1
+        self.inner.begin_pass(tokens)
+
+    def _check(self, block: int, w: Dict[str, torch.Tensor], when: str) -> None:
+        for name, want in self.truth[block].items():
+            assert torch.equal(w[name], want), f"block {block}: {name} is not its own bytes {when}"
+        self.checked += 1
+
+    def acquire(self, block: int) -> Dict[str, torch.Tensor]:
+        if self.fail_at == (self.passes, block):
+            self.fail_at = None
+            raise OSError(f"injected failure at block {block}")
+        w = self.inner.acquire(block)
+        self.log.ops.append(Op("acquire", block=block, g=self.log.ring.consumed))  # the block's compute starts
+        self._check(block, w, "when its compute starts")
+        self.held = w
+        return w
+
+    def release(self, block: int) -> None:
+        self._check(block, self.held, "when its compute ends")
+        self.held = {}
+        self.log.ops.append(Op("release", block=block))
+        self.inner.release(block)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = save_with_transformers(CONFIG, tmp_path_factory.mktemp("ring") / "m")
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
+    family = zstream.models.family_for(CONFIG)
+    truth = [{local: tensors[name] for local, name in family.block_tensors(i).items()} for i in range(NUM_BLOCKS)]
+    return path, reference_model(path), truth
+
+
+def streaming_model(path: Path, truth, monkeypatch, **kw) -> Tuple[Any, Checking, Log]:
+    """A model whose streamed blocks go through a recording device, its chain wrapped in a checking streamer."""
+    log = Log()
+    monkeypatch.setattr("zstream.streaming.build.device_for", lambda dev: RecordingDevice(log))
+    model = zstream.load(path, device="cpu", progress=False, **kw)
+    rings = model.blocks.rings()
+    assert len(rings) == 1, "the plan must stream"
+    log.ring = rings[0]
+    log.ops.clear()  # the link measurement at load copies nothing through the ring; start clean anyway
+    checking = Checking(model.blocks, truth, log)
+    model.blocks = checking
+    return model, checking, log
+
+
+MODES = [("cpu", {"max_resident_blocks": 0}), ("cpu", {"max_resident_blocks": 2}),
+         ("nvme", {}), ("nvme", {"prefetch": 1, "disk_prefetch": 1}), ("nvme", {"prefetch": 3})]
+
+
+@pytest.mark.parametrize(("offload", "kw"), MODES, ids=[f"{o}-{'-'.join(f'{k}{v}' for k, v in kw.items())}"
+                                                       for o, kw in MODES])
+def test_every_block_computes_with_its_own_bytes_and_logits_equal_transformers(checkpoint, monkeypatch, offload, kw):
+    path, ref, truth = checkpoint
+    model, checking, log = streaming_model(path, truth, monkeypatch, offload=offload, **kw)
+    ids, mask = padded_batch(vocab=CONFIG["vocab_size"], lengths=(9, 6))
+    want = reference_logits(ref, ids, mask)
+    real = mask.bool()
+    for _ in range(3):  # passes carry the ring over
+        got = model(ids, mask)
+        assert (got[real] - want[real]).abs().max().item() <= 1e-4
+    streamed = model.plan.streamed_blocks
+    assert checking.checked == 2 * 3 * NUM_BLOCKS  # every block, at the start and the end of its compute
+    assert [o.block for o in log.of("copy")][:3 * len(streamed)] == streamed * 3  # only streamed blocks are copied
+    model.close()
+
+
+def test_a_slot_is_refilled_only_after_the_compute_on_it(checkpoint, monkeypatch):
+    """Every copy into a slot for global index g >= slots is ordered, on the copy stream, after a wait for the event
+    the compute stream recorded when it enqueued the compute of index g - slots: the copy cannot overwrite weights a
+    block is still reading (on a GPU, the compute runs behind the Python thread)."""
+    path, _, truth = checkpoint
+    model, _, log = streaming_model(path, truth, monkeypatch, offload="cpu", max_resident_blocks=0, prefetch=2)
+    ids = torch.randint(3, 300, (2, 7))
+    for _ in range(3):
+        model(ids)
+    ring = log.ring
+    slots = ring.slots
+    computed = {s: id(e) for s, e in enumerate(ring.computed)}
+    closing = {o.g: o for o in log.of("record") if o.stream == "compute" and o.event in computed.values()}
+    copies = log.of("copy")
+    assert len(copies) >= 3 * NUM_BLOCKS
+    for k, copy in enumerate(copies):
+        assert copy.stream == "copy" and copy.slot == copy.g % slots and copy.g == k
+        if copy.g < slots:
+            continue
+        before = log.ops[:log.ops.index(copy)]
+        waits = [o for o in before if o.kind == "wait" and o.stream == "copy" and o.event == computed[copy.slot]]
+        done = closing[copy.g - slots]
+        assert any(w.seq >= done.seq for w in waits), f"copy {copy.g} into slot {copy.slot} does not wait for " \
+                                                      f"the compute of {copy.g - slots}"
+    model.close()
+
+
+def test_copies_run_prefetch_ahead_and_carry_over_between_passes(checkpoint, monkeypatch):
+    path, _, truth = checkpoint
+    for prefetch in (1, 2, 3):
+        model, _, log = streaming_model(path, truth, monkeypatch, offload="nvme", prefetch=prefetch)
+        slots = prefetch + 1
+        model(torch.randint(3, 300, (1, 5)))
+        for i, op in enumerate(log.ops):
+            if op.kind == "acquire":  # when block g computes, g+1 .. g+prefetch are already on their way
+                issued = len([o for o in log.ops[:i + 2] if o.kind == "copy"])
+                assert issued >= min(op.g + slots, op.g + slots), (prefetch, op.g, issued)
+        # the pass is over: the next pass's first `slots` blocks are copied already
+        assert [o.g for o in log.of("copy")] == list(range(NUM_BLOCKS + slots))
+        assert [o.block for o in log.of("copy")][NUM_BLOCKS:] == list(range(slots))
+        model.close()
+
+
+def test_a_pass_that_stops_midway_restarts_the_ring(checkpoint, monkeypatch):
+    path, ref, truth = checkpoint
+    model, checking, log = streaming_model(path, truth, monkeypatch, offload="nvme", prefetch=2)
+    ids, mask = padded_batch(vocab=CONFIG["vocab_size"], lengths=(8, 8))
+    want = reference_logits(ref, ids, mask)
+    model(ids, mask)
+    checking.fail_at = (2, 3)  # the second pass fails at block 3, with copies of blocks 4, 0, 1 in flight
+    with pytest.raises(OSError, match="injected failure at block 3"):
+        model(ids, mask)
+    store_slots = model.store.pool_stats
+    n = len(log.of("copy"))
+    got = model(ids, mask)  # the third pass: the ring starts over from the first block
+    assert (got - want).abs().max().item() <= 1e-4
+    restart = log.of("copy")[n:]
+    assert [o.g for o in restart][:3] == [0, 1, 2] and [o.block for o in restart][:3] == [0, 1, 2]
+    assert model.store.pool_stats[0] == store_slots[0]  # the failed pass's read slots came back to the pool
+    model.close()
+
+
+def test_trace_is_perfetto_json_with_a_copy_and_a_compute_per_streamed_block(tmp_path):
+    """On the CPU too: one copy and one compute event for every streamed block of the traced passes (the disk reads
+    too, for nvme), on their own tracks; copies run on the copy stream while blocks compute."""
+    config = {**zstream.PRESETS[PRESET], "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6,
+              "num_attention_heads": 8, "num_key_value_heads": 8}  # 13 MB blocks: copies take long enough to see
+    path = zstream.make_checkpoint(config, tmp_path / "m", torch.float32, progress=False)
+    with zstream.load(path, offload="nvme", device="cpu", progress=False) as model:
+        ids = torch.randint(3, 300, (1, 4))
+        model(ids)
+        model.trace_start()
+        for _ in range(2):
+            model(ids)
+        doc = model.trace_stop(tmp_path / "trace.json")
+        assert json.loads((tmp_path / "trace.json").read_text()) == doc
+        with pytest.raises(zstream.ModelError, match="no trace"):
+            model.trace_stop(tmp_path / "again.json")
+    events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    names = {e["args"]["name"]: e["tid"] for e in doc["traceEvents"] if e["ph"] == "M"}
+    tid = {kind: names[n] for kind, n in (("disk", "disk -> pinned host (io_uring)"),
+                                            ("copy", "host -> device copy (copy stream)"),
+                                            ("compute", "block compute (compute stream)"),
+                                            ("cpu", "python: acquire, launch, release"))}
+    by = {k: [e for e in events if e["tid"] == t] for k, t in tid.items()}
+    assert [e["name"] for e in by["compute"]] == [f"block {i}" for i in range(6)] * 2
+    assert len(by["cpu"]) == 12
+    computed = {e["args"]["global_index"] for e in by["compute"]}
+    copied = {e["args"]["global_index"]: e for e in by["copy"]}
+    assert len(by["copy"]) == len(copied) and len(by["disk"]) == len(by["copy"])  # one of each per block
+    for e in events:
+        assert e["dur"] >= 0 and e["ts"] > 0
+    overlapping = [c for c in by["copy"] for k in by["compute"]
+                   if c["ts"] < k["ts"] + k["dur"] and k["ts"] < c["ts"] + c["dur"]]
+    assert overlapping, "no copy ran while a block computed"
+    assert len(computed) == 12
