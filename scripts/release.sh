@@ -18,7 +18,8 @@ PYTHON=${PYTHON:-python3}
 MATURIN_REQ="maturin>=1.16,<2"
 ZIG_REQ="ziglang>=0.13,<0.18"   # 0.13.0, 0.14.1, 0.15.2 and 0.17.1 tried with maturin 1.16.0
 # readme_renderer[md] brings cmarkgfm, the renderer PyPI uses: without it, twine check passes Markdown it never rendered.
-CHECK_REQS=("auditwheel>=6,<7" "twine>=6,<8" "readme_renderer[md]>=42")
+# trove-classifiers: PyPI refuses an upload with an unknown classifier, which twine check does not look at.
+CHECK_REQS=("auditwheel>=6,<7" "twine>=6,<8" "readme_renderer[md]>=42" "trove-classifiers")
 
 ARCH=$(uname -m)
 WANT_TAGS="cp39-abi3-manylinux2014_${ARCH} cp39-abi3-manylinux_2_17_${ARCH}"
@@ -86,13 +87,14 @@ echo "  -> $policy: installable with glibc >= 2.17"
 say "check: twine check --strict"
 twine check --strict "$WHEEL" "$SDIST"
 
-say "check: metadata (name, version, README as the long description, rendered)"
+say "check: metadata (name, version, classifiers, README as the long description, rendered)"
 "$TOOLS/python" - "$WHEEL" "$SDIST" README.md <<'EOF'
 import email.parser, re, sys, tarfile, zipfile
 
 import warnings
 
 import readme_renderer.markdown
+from trove_classifiers import classifiers as known_classifiers
 
 # "Markdown renderers are not available" must fail, not pass unrendered
 warnings.filterwarnings("error", module="readme_renderer")
@@ -116,9 +118,12 @@ for label, m in (("wheel", wmeta), ("sdist", smeta)):
     html = readme_renderer.markdown.render(body, variant="GFM")
     ok = html and re.search(r"<h1[^>]*>zstream", html) and "<table>" in html and "<pre" in html
     assert ok, f"{label}: the README does not render (no title, table or code block in the HTML)"
+    unknown = [c for c in m.get_all("Classifier") or [] if c not in known_classifiers]
+    assert not unknown, f"{label}: classifiers PyPI does not know: {unknown}"
     extras = m.get_all("Provides-Extra") or []
     print(f"  {label}: {m['Name']} {m['Version']}, Requires-Python {m['Requires-Python']}, "
           f"{len(m.get_all('Requires-Dist') or [])} Requires-Dist, extras {extras}, "
+          f"{len(m.get_all('Classifier') or [])} known classifiers, "
           f"README rendered ({len(html)} bytes of HTML)")
 EOF
 
