@@ -8,39 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from oracles import numpy_reference, pack_nibbles, unpack
 from zstream.errors import QuantizationError
 from zstream.foundations.quant import dequantize, quantize
-
-
-def numpy_reference(w: np.ndarray, bits: int, gs: int, symmetric: bool):
-    """The scheme of zstream.quant, written again with numpy (float32, round half to even)."""
-    out_f, in_f = w.shape
-    g = w.astype(np.float32).reshape(out_f, in_f // gs, gs)
-    qmax = np.float32(2**bits - 1)
-    f16 = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731
-    if symmetric:
-        half = np.float32(2 ** (bits - 1))
-        scale = f16(np.abs(g).max(axis=-1) / (half - 1))
-        safe = np.where(scale == 0, np.float32(1), scale)
-        q = np.clip(np.round(g / safe[..., None]), -(half - 1), half - 1) + half
-        zero = None
-        deq = (q - half) * scale[..., None]
-    else:
-        zero = f16(g.min(axis=-1))
-        scale = f16((g.max(axis=-1) - zero) / qmax)
-        safe = np.where(scale == 0, np.float32(1), scale)
-        q = np.clip(np.round((g - zero[..., None]) / safe[..., None]), 0, qmax)
-        deq = q * scale[..., None] + zero[..., None]
-    codes = q.reshape(out_f, in_f).astype(np.uint8)
-    return codes, scale, zero, deq.reshape(out_f, in_f)
-
-
-def unpack(qt) -> np.ndarray:
-    codes = qt.codes.numpy()
-    if qt.bits == 4:
-        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(qt.shape)
-    return codes
-
 
 finite = st.floats(-8, 8, allow_nan=False, allow_infinity=False, width=16)
 
@@ -65,6 +35,7 @@ def test_bit_for_bit_equal_to_numpy(wg, bits, symmetric):
     qt = quantize(torch.from_numpy(w), bits=bits, group_size=gs, symmetric=symmetric)
     codes, scale, zero, deq = numpy_reference(w, bits, gs, symmetric)
     assert np.array_equal(unpack(qt), codes)
+    assert np.array_equal(qt.codes.numpy(), pack_nibbles(codes) if bits == 4 else codes)
     assert np.array_equal(qt.scale.float().numpy(), scale)
     if zero is None:
         assert qt.zero is None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import zstream
+from oracles import numpy_reference
 from zstream.api.synthetic import PRESETS
 from zstream.errors import QuantizationError
 from zstream.foundations.models import family_for
@@ -75,15 +76,26 @@ def test_accuracy_against_fp32_reference(checkpoint, quantize, symmetric, record
     model.close()
 
 
-def test_quantized_forward_equals_dequantized_weights_in_a_plain_model(checkpoint):
-    """The engine's output is the fp32 model run on the dequantized weights: nothing else changes."""
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_quantized_forward_equals_reference_dequantized_weights_in_a_plain_model(checkpoint, symmetric):
+    """The engine's output is the fp32 model run on the weights the numpy reference of the scheme
+    (``oracles.numpy_reference``) makes of the checkpoint's linear weights: nothing else changes."""
     path, ref = checkpoint
     ids, mask = _batch(ref.config.vocab_size, seed=2)
-    model = zstream.load(path, offload="none", device="cpu", quantize="int4", group_size=32, progress=False)
+    model = zstream.load(path, offload="none", device="cpu", quantize="int4", group_size=32, symmetric=symmetric,
+                         progress=False)
     plain = zstream.load(path, offload="none", device="cpu", progress=False)
-    bq = model.quant
-    for i, w in model.resident.items():
-        plain.resident[i].update(bq.dequantize(w))
+    assert plain.resident.keys() == model.resident.keys() and plain.resident
+    for block in plain.resident.values():
+        # a block's 2-D weights are its linear weights (norms and biases are 1-D); group 32 divides every input
+        # dimension of the tiny presets, so each of them is quantized
+        linear = {name for name, w in block.items() if w.dim() == 2}
+        assert linear and all(block[name].shape[1] % 32 == 0 for name in linear)
+        assert set(model.quant.shapes) == linear  # the engine quantized exactly those
+        for name in linear:
+            w = block[name]
+            deq = numpy_reference(w.float().numpy(), 4, 32, symmetric)[3]
+            block[name] = torch.from_numpy(deq).to(w.dtype)
     assert torch.equal(model(ids, mask), plain(ids, mask))
 
 

@@ -5,6 +5,7 @@ tokens/s against the limit measured in the same run, naming what limits it."""
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 import warnings
 from typing import Optional
@@ -25,7 +26,7 @@ def demo(*, preset: str, device: Optional[str], batch: int, max_new_tokens: int)
             print(f"{path} is from an older zstream or incomplete: writing it again")
             shutil.rmtree(path)
         print(f"writing a random-weight {preset} checkpoint to {path} (once)")
-        synthetic.make_checkpoint(preset, path, dtype=torch.float16)
+        synthetic.make_checkpoint(preset, path, dtype=torch.float16, progress=sys.stderr.isatty())
     with load(path, offload="nvme", device=device, max_resident_blocks=0, progress=False) as model:
         print(model.plan)
         base = ["The Grace Hopper superchip", "Streaming weights from disk"]

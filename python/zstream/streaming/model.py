@@ -401,14 +401,15 @@ class StreamingModel:
     def __repr__(self) -> str:
         p = self.plan
         params = sum(math.prod(shape) for shape in self.family.expected_shapes().values())
-        state = "closed" if self._closed else (
-            f"{len(p.resident_blocks)}/{p.num_blocks} blocks resident, {len(p.streamed_blocks)} streamed "
-            f"({fmt_bytes(p.streamed_bytes)} a pass)")
+        size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
         quant = f", {p.quantization}" if p.quantization else ""
-        step = p.predicted_step_s
-        pred = f", predicted step {step * 1e3:.1f} ms" if step else ""
         noise = ", random weights" if self.synthetic else ""
-        return (f"<StreamingModel {self.family.name} at {self.path}: {self.family.num_blocks} blocks, "
-                f"hidden {self.family.hidden_size}, {params / 1e9:.2f}B parameters, {dtype_name(p.dtype)}"
-                f"{quant}{noise}; offload={p.offload} on {p.device}; {state}{pred}>")
-
+        head = (f"<StreamingModel {self.family.name} at {self.path}: {self.family.num_blocks} blocks, hidden "
+                f"{self.family.hidden_size}, {size} parameters, {dtype_name(p.dtype)}{quant}{noise}; offload={p.offload} "
+                f"on {p.device}; ")
+        if self._closed:
+            return head + "closed>"
+        step = p.predicted_step_s
+        return (head + f"{len(p.resident_blocks)}/{p.num_blocks} blocks resident, {len(p.streamed_blocks)} streamed "
+                f"({fmt_bytes(p.streamed_bytes)} a pass)" + (f", predicted step {step * 1e3:.1f} ms" if step else "")
+                + ">")
