@@ -42,7 +42,7 @@ def run_python(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedPro
     site = tmp_path / "site" if (tmp_path / "site").exists() else without_test_extras(tmp_path)
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(site)]
     full = {**os.environ, "ZSTREAM_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(path), **env}
-    check = "import importlib.util as u; assert not any(u.find_spec(m) for m in %r)\n" % (TEST_EXTRAS,)
+    check = f"import importlib.util as u; assert not any(u.find_spec(m) for m in {TEST_EXTRAS!r})\n"
     return subprocess.run([sys.executable, "-S", "-c", check + textwrap.dedent(code)], capture_output=True,
                           text=True, env=full, timeout=900, check=False)
 

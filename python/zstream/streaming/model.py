@@ -405,8 +405,8 @@ class StreamingModel:
         quant = f", {p.quantization}" if p.quantization else ""
         noise = ", random weights" if self.synthetic else ""
         head = (f"<StreamingModel {self.family.name} at {self.path}: {self.family.num_blocks} blocks, hidden "
-                f"{self.family.hidden_size}, {size} parameters, {dtype_name(p.dtype)}{quant}{noise}; offload={p.offload} "
-                f"on {p.device}; ")
+                f"{self.family.hidden_size}, {size} parameters, {dtype_name(p.dtype)}{quant}{noise}; "
+                f"offload={p.offload} on {p.device}; ")
         if self._closed:
             return head + "closed>"
         step = p.predicted_step_s
