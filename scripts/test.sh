@@ -30,3 +30,7 @@ echo "== pytest (against the installed wheel)"
 cd tests
 python3 -c "import zstream, zstream._core as c, sys; assert 'site-packages' in c.__file__, c.__file__; print('testing', c.__file__)"
 python3 -m pytest -q -p no:cacheprovider . ../benches --benchmark-disable
+
+echo "== CPU regression guard (ratios measured in one process against benches/results/cpu_ratios.json)"
+# A benchmark, not a unit test: timing stays out of pytest. Ratios to plain torch work on the same CPU, 2x slack.
+python3 ../benches/regression.py --check

@@ -8,7 +8,6 @@ share nothing and run side by side.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -110,18 +109,38 @@ def test_close_waits_for_a_generate_in_progress(ckpts):
     model = zstream.load(ckpts["tiny-llama"], offload="nvme", device="cpu", progress=False)
     ids = prompt(7)
     want = model.generate(ids, max_new_tokens=100, eos_token_id=None)
-    started = threading.Event()
+    in_pass, go_on = threading.Event(), threading.Event()
     out: list[torch.Tensor] = []
+    chain = model.blocks
 
-    def generate() -> None:
-        started.set()
-        out.append(model.generate(ids, max_new_tokens=100, eos_token_id=None))
+    class Pausing:
+        """Holds the third pass of the worker's call at block 1 until close() has been called."""
 
-    worker = threading.Thread(target=generate)
+        def __init__(self) -> None:
+            self.passes = 0
+
+        def begin_pass(self, tokens: int) -> None:
+            self.passes += 1
+            chain.begin_pass(tokens)
+
+        def acquire(self, block: int):
+            if (self.passes, block) == (3, 1):
+                in_pass.set()
+                go_on.wait()
+            return chain.acquire(block)
+
+        def __getattr__(self, name: str):
+            return getattr(chain, name)
+
+    model.blocks = Pausing()
+    worker = threading.Thread(target=lambda: out.append(model.generate(ids, max_new_tokens=100, eos_token_id=None)))
     worker.start()
-    started.wait()
-    time.sleep(0.02)  # well inside the ~100 passes of that call
-    assert worker.is_alive(), "the generate call ended before close(): nothing was tested"
-    model.close()  # must wait, not pull the store and streamer from under the running pass
+    assert in_pass.wait(timeout=60)
+    closer = threading.Thread(target=model.close)  # must wait, not pull the store and ring from under the pass
+    closer.start()
+    closer.join(timeout=0.5)
+    assert closer.is_alive(), "close() returned while a pass was in progress"
+    go_on.set()
+    closer.join(timeout=60)
     worker.join(timeout=60)
     assert out and torch.equal(out[0], want)

@@ -32,10 +32,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import zstream
-from zstream.errors import CheckpointError, ModelError, ZStreamError
+from zstream import _core
+from zstream.errors import CheckpointError, ModelError
 from zstream.foundations.units import torch_dtype
 
-READERS = ["uring", "pread", "mmap"]
+# io_uring may be unavailable (seccomp, an old kernel): there every read with it would fail for a reason that is
+# not the checkpoint's
+READERS = ["uring", "pread", "mmap"] if _core.uring_unavailable_reason() is None else ["pread", "mmap"]
 PRESETS = ["tiny-llama", "tiny-opt", "tiny-bloom"]
 
 DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "F16": 2,
@@ -58,6 +61,11 @@ class Header:
         self.entries = entries
 
 
+# A fault the reference finds in a file: the fragments a refusal's message must all hold to name it (the offending
+# tensor's name, quoted, where the fault is one tensor's; and words saying what is wrong with it).
+Fault = tuple[str, ...]
+
+
 def _is_u64(x: object) -> bool:
     return type(x) is int and 0 <= x <= U64_MAX  # bool is not a number here, as in serde
 
@@ -66,48 +74,91 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def reference_header(raw: bytes) -> Optional[Header]:
-    """The header of safetensors file bytes ``raw``, or None where no reader may accept the file: besides what
-    makes a tensor unreadable, a name twice, overlapping tensors and dimensions past int64 (DLPack's shapes).
-    Gaps between tensors are allowed (zstream reads each tensor at its own offsets)."""
+def _quoted(name: str) -> tuple[str, ...]:
+    """The fragment that names tensor ``name`` in a message: the name in double quotes. Empty (the fault is then
+    identified by its words alone) for a name with a quote, a backslash or a non-printable or non-ASCII character,
+    which a message may escape in more than one way."""
+    simple = all(" " <= c <= "~" for c in name) and '"' not in name and "\\" not in name
+    return (f'"{name}"',) if simple else ()
+
+
+def _strings(x: object) -> list[str]:
+    """Every string in a parsed JSON value, keys included."""
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, list):
+        return [s for v in x for s in _strings(v)]
+    if isinstance(x, dict):
+        return [s for k, v in x.items() for s in (k, *_strings(v))]
+    return []
+
+
+def reference_check(raw: bytes) -> tuple[Optional[Header], list[Fault]]:
+    """The header of safetensors file bytes ``raw`` and every fault found in it (the header is None where a fault
+    leaves nothing to describe). A file with faults is one no reader may accept: besides what makes a tensor
+    unreadable, a name twice, overlapping tensors and dimensions past int64 (DLPack's shapes). Gaps between
+    tensors are allowed (zstream reads each tensor at its own offsets)."""
     if len(raw) < 8:
-        return None
+        return None, [("too short",)]
     n = int.from_bytes(raw[:8], "little")
-    if n > MAX_HEADER or 8 + n > len(raw):
-        return None
+    if n > MAX_HEADER:
+        return None, [("header length", "cap")]
+    if 8 + n > len(raw):
+        return None, [("header length", "past the end")]
     try:
         text = raw[8:8 + n].decode("utf-8")
         obj = json.loads(text, parse_constant=_reject_constant)
         top = json.loads(text, object_pairs_hook=list)  # the top-level (name, entry) pairs, duplicates kept
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
+        for string in _strings(obj):
+            string.encode("utf-8")  # a lone surrogate (an escape like \ud800) is not a Unicode string
+    except (UnicodeError, ValueError, RecursionError):
+        return None, [("not valid JSON",)]
     if not isinstance(obj, dict):
-        return None
-    names = [k for k, _ in top if k != "__metadata__"]
-    if len(names) != len(set(names)):
-        return None
+        return None, [("not an object",)]
+    faults: list[Fault] = []
+    keys = [k for k, _ in top]
+    faults += [(*_quoted(k), "appears twice") for k in sorted({k for k in keys if keys.count(k) > 1})]
     data_start, data_len = 8 + n, len(raw) - 8 - n
     entries = {}
     for name, v in obj.items():
         if name == "__metadata__":
             if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
-                return None
+                faults.append(("__metadata__",))
             continue
+        named = _quoted(name)
         if not isinstance(v, dict):
-            return None
+            faults.append((*named, "malformed entry"))
+            continue
         dtype, shape, offs = v.get("dtype"), v.get("shape"), v.get("data_offsets")
-        if dtype not in DTYPE_SIZE or not isinstance(shape, list) or not all(_is_u64(d) and d < 2**63 for d in shape):
-            return None
-        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_u64(o) for o in offs):
-            return None
+        if (not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_u64(d) for d in shape)
+                or not isinstance(offs, list) or len(offs) != 2 or not all(_is_u64(o) for o in offs)):
+            faults.append((*named, "malformed entry"))
+            continue
+        if dtype not in DTYPE_SIZE:
+            faults.append((*named, "unknown dtype"))
+            continue
         begin, end = offs
-        if begin > end or end > data_len or math.prod(shape) * DTYPE_SIZE[dtype] != end - begin:
-            return None
-        entries[name] = (dtype, tuple(shape), data_start + begin, end - begin)
-    spans = sorted((off, off + nb) for _, _, off, nb in entries.values() if nb > 0)
-    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):  # sorted by start: a neighbour overlap is any overlap
-        return None
-    return Header(data_start, entries)
+        size, overflow = DTYPE_SIZE[dtype], False
+        for d in shape:  # the byte size, refused as soon as a partial product leaves u64
+            size *= d
+            overflow = overflow or size > U64_MAX
+        bad = [(*named, "reversed")] if begin > end else []
+        bad += [(*named, "run past")] if end > data_len else []
+        bad += [(*named, "overflows")] if overflow else []
+        bad += [(*named, "data_offsets span")] if not overflow and begin <= end and size != end - begin else []
+        bad += [(*named, "2^63")] if any(d >= 2**63 for d in shape) else []
+        faults += bad
+        if not bad:
+            entries[name] = (dtype, tuple(shape), data_start + begin, end - begin)
+    spans = sorted((off, off + nb, name) for name, (_, _, off, nb) in entries.items() if nb > 0)
+    for i, (_, e0, a) in enumerate(spans):
+        faults += [("overlap", *_quoted(a), *_quoted(b)) for b1, _, b in spans[i + 1:] if b1 < e0]
+    return (None if faults else Header(data_start, entries)), faults
+
+
+def reference_header(raw: bytes) -> Optional[Header]:
+    """The header of safetensors file bytes ``raw``, or None where no reader may accept the file."""
+    return reference_check(raw)[0]
 
 
 def safetensors_accepts(path: Path) -> bool:
@@ -132,13 +183,33 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generat
 
 
 # --- the property -----------------------------------------------------------------------------------------------
-def check_checkpoint(target: Path, files: list[Path], *, must_refuse: bool = False) -> Optional[zstream.WeightStore]:
+def file_faults(files: list[Path]) -> list[tuple[str, Fault]]:
+    """(file name, fault) of every fault the reference finds in ``files``."""
+    return [(f.name, fault) for f in files for fault in reference_check(f.read_bytes())[1]]
+
+
+def assert_names_a_fault(refusal: str, faults: list[tuple[str, Fault]]) -> None:
+    """The refusal names one of the faults: the file at fault, then every fragment of the fault after it."""
+    for fname, fault in faults:
+        _, sep, detail = refusal.partition(f"{fname}: ")
+        if sep and all(fragment in detail for fragment in fault):
+            return
+    raise AssertionError(f"the refusal {refusal!r} names none of the faults the reference found: {faults}")
+
+
+def check_checkpoint(target: Path, files: list[Path], *, faults: Optional[list[tuple[str, Fault]]] = None,
+                     must_refuse: bool = False) -> Optional[zstream.WeightStore]:
     """Open ``target`` (a file or directory made of ``files``) and read every tensor with every reader; assert the
-    property of this module. Returns the store where zstream accepted the checkpoint, None where it refused."""
+    property of this module. ``faults``: (file name, fault) of what is wrong with the checkpoint, by default what
+    the reference parser finds in ``files``; ``must_refuse`` says the caller knows there is one.
+
+    Without a fault, zstream must accept the checkpoint and every reader must return every tensor the reference
+    describes, byte for byte. With one, zstream must raise CheckpointError naming one of the faults. Returns the
+    store where zstream accepted the checkpoint, None where it refused."""
     raws = {f.resolve(): f.read_bytes() for f in files}
     headers = {f: reference_header(raw) for f, raw in raws.items()}
-    if any(h is None for h in headers.values()):
-        must_refuse = True
+    faults = file_faults(files) if faults is None else faults
+    assert faults or not must_refuse, "the test says the checkpoint is bad, but the reference finds no fault"
     try:
         store = zstream.WeightStore.open(target)
     except CheckpointError as e:
@@ -146,10 +217,10 @@ def check_checkpoint(target: Path, files: list[Path], *, must_refuse: bool = Fal
     else:
         refusal = None
     if refusal is not None:
-        # The message names the file at fault (or the directory / index that names it).
-        assert any(f.name in refusal for f in files) or str(target) in refusal or "index" in refusal, refusal
+        assert faults, f"zstream refused a checkpoint the reference finds nothing wrong with: {refusal}"
+        assert_names_a_fault(refusal, faults)
         return None
-    assert not must_refuse, f"zstream accepted a checkpoint no reader may accept: {target}"
+    assert not faults, f"zstream accepted a checkpoint no reader may accept ({faults}): {target}"
 
     names = store.names()
     assert len(set(names)) == len(names) == len(store)
@@ -169,24 +240,41 @@ def check_checkpoint(target: Path, files: list[Path], *, must_refuse: bool = Fal
 
     accepted = {f: safetensors_accepts(f) for f in by_file}
     for reader in READERS:
-        try:
-            got = store.read(names, reader=reader)
-        except ZStreamError:
-            continue  # refusing to read is allowed; a wrong tensor is not
-        assert set(got) == set(names)
+        got = store.read(names, reader=reader)  # a valid checkpoint reads: refusing it is a failure too
+        assert set(got) == set(names), reader
         for f, own in by_file.items():
             ref = safe_open(f, "pt") if accepted[f] else None
             for name in own:
-                info = store.info(name)
+                dtype, shape, offset, nbytes = headers[f].entries[name]
                 t = got[name]
-                assert t.dtype == torch_dtype(info.dtype) and tuple(t.shape) == info.shape, (reader, name)
-                assert as_bytes(t) == raws[f][info.offset:info.offset + info.nbytes], f"{reader}: {name} bytes"
+                assert t.dtype == torch_dtype(dtype) and tuple(t.shape) == shape, (reader, name)
+                assert as_bytes(t) == raws[f][offset:offset + nbytes], f"{reader}: {name} bytes"
                 if ref is not None:
                     want = ref.get_tensor(name)
                     assert want.dtype == t.dtype and as_bytes(want) == as_bytes(t), f"{reader}: {name} != safetensors"
     with pytest.raises(KeyError):
         store.read(["no such tensor \u2603"])
     return store
+
+
+def test_the_property_accepts_valid_files_and_refuses_with_the_fault(tmp_path):
+    """The property itself: a valid file (even with gaps, which safetensors refuses) must be read back whole, and
+    an overlap must be refused by naming both tensors; a store that refuses everything, or refuses for another
+    reason, fails it."""
+    h = {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+         "b": {"dtype": "I16", "shape": [2], "data_offsets": [6, 10]}}
+    f = _raw_file(tmp_path / "gap.safetensors", json.dumps(h).encode(), bytes(range(10)))
+    assert reference_check(f.read_bytes())[1] == []
+    store = check_checkpoint(f, [f])
+    assert store is not None and as_bytes(store.read(["b"])["b"]) == bytes(range(6, 10))
+    h["b"]["data_offsets"] = [2, 6]
+    f = _raw_file(tmp_path / "overlap.safetensors", json.dumps(h).encode(), bytes(range(10)))
+    assert reference_check(f.read_bytes())[1] == [("overlap", '"a"', '"b"')]
+    assert check_checkpoint(f, [f]) is None
+    with pytest.raises(AssertionError, match="names none of the faults"):
+        assert_names_a_fault(f'{f}: tensor "a": unknown dtype "U8"', [(f.name, ("overlap", '"a"', '"b"'))])
+    with pytest.raises(AssertionError, match="names none of the faults"):
+        assert_names_a_fault('elsewhere.safetensors: tensors "a" and "b" overlap', [(f.name, ("overlap",))])
 
 
 # --- checkpoints to corrupt -------------------------------------------------------------------------------------
@@ -427,6 +515,22 @@ def _index_mutation(names: list[str], shards: list[str]) -> st.SearchStrategy[tu
     )
 
 
+def index_faults(d: Path, wm: dict[str, str], truth: dict[str, str]) -> list[tuple[str, Fault]]:
+    """(file name, fault) of everything wrong with the checkpoint directory ``d`` whose index maps ``wm``, the
+    tensors really being where ``truth`` says: shards outside the directory or missing, the faults of each shard
+    it names, entries that name a tensor no shard holds or the wrong shard, an empty map."""
+    faults: list[tuple[str, Fault]] = [] if wm else [(INDEX, ("empty weight_map",))]
+    for f in sorted(set(wm.values())):
+        if "/" in f or f == "..":
+            faults.append((INDEX, (f'"{f}"', "outside the directory")))
+        elif not (d / f).is_file():
+            faults.append((INDEX, (f"names shard {f}, which is missing",)))
+        else:  # a shard (or the index itself, named as one) is opened as a safetensors file
+            faults += file_faults([d / f])
+    faults += [(INDEX, (f'maps tensor "{name}" to {f},',)) for name, f in wm.items() if truth.get(name) != f]
+    return faults
+
+
 @settings(SETTINGS, max_examples=100)
 @given(data=st.data())
 def test_index_with_wrong_missing_and_extra_entries(tiny, tmp_path_factory, data):
@@ -436,22 +540,18 @@ def test_index_with_wrong_missing_and_extra_entries(tiny, tmp_path_factory, data
     index = json.loads((d / INDEX).read_text())
     wm: dict[str, str] = index["weight_map"]
     truth = dict(wm)  # where each tensor really is
-    must_refuse = False
     for kind, name, shard in data.draw(st.lists(_index_mutation(sorted(wm), sorted({f.name for f in files})),
                                                 min_size=1, max_size=4)):
         if kind == "drop":
             wm.pop(name, None)
         else:
             wm[name] = shard
-    for name, shard in wm.items():
-        if truth.get(name) != shard:
-            must_refuse = True  # names a tensor that is not there, or a shard that is not where it is
-    if not wm:
-        must_refuse = True
+    # names a tensor that is not there, or a shard that is not where it is
+    must_refuse = not wm or any(truth.get(name) != shard for name, shard in wm.items())
     (d / INDEX).write_text(json.dumps(index))
-    store = check_checkpoint(d, files, must_refuse=must_refuse)
+    faults = index_faults(d, wm, truth)
+    store = check_checkpoint(d, files, faults=faults, must_refuse=must_refuse)
     if store is None:
-        assert must_refuse, "zstream refused an index whose every entry is right"
         return
     # Shards the index still names are opened whole; the others are not part of the checkpoint.
     named = set(wm.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 
+from ..errors import ReadError
 from ..foundations.store import FlatRead, Ticket, WeightStore
 from .device import Device
 
@@ -92,10 +93,17 @@ class StoreReads:
             ticket.release()
 
     def reset(self) -> None:
-        for _, ticket in self.ahead:
-            ticket.release()
+        """Cancel the reads ahead and wait until the disk is done with their slots, so that the next pass finds them
+        back in the pool instead of growing it."""
+        pending = [t for _, t in self.ahead] + ([self.current[1]] if self.current is not None else [])
         self.ahead.clear()
-        if self.current is not None:
-            self.current[1].release()
-            self.current = None
+        self.current = None
+        for ticket in pending:
+            ticket.cancel()
+        for ticket in pending:
+            try:
+                ticket.wait()  # completes (cancelled, or read) once the kernel has let go of the slot
+            except ReadError:
+                pass
+            ticket.release()
         self._retire(block=True)

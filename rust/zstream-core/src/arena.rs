@@ -18,8 +18,16 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Bytes currently registered with CUDA by arenas of this process (hygiene tests watch it return to its level).
 static PINNED_BYTES: AtomicU64 = AtomicU64::new(0);
 
+/// Bytes currently mapped by the arenas of this process, pinned or not (hygiene tests watch it return to its level:
+/// a count the allocator's noise cannot blur, unlike the process's resident memory).
+static MAPPED_BYTES: AtomicU64 = AtomicU64::new(0);
+
 pub fn pinned_bytes() -> u64 {
     PINNED_BYTES.load(Ordering::Relaxed)
+}
+
+pub fn mapped_bytes() -> u64 {
+    MAPPED_BYTES.load(Ordering::Relaxed)
 }
 
 /// How an arena is registered with CUDA.
@@ -74,6 +82,7 @@ impl Arena {
         if map_ptr == libc::MAP_FAILED {
             return Err(Error::Alloc { bytes: len, source: std::io::Error::last_os_error() });
         }
+        MAPPED_BYTES.fetch_add(map_len as u64, Ordering::Relaxed);
         let base = map_ptr as usize;
         let aligned = base.next_multiple_of(align);
         if align > page {
@@ -183,6 +192,7 @@ impl Drop for Arena {
         // SAFETY: `map_ptr`/`map_len` are exactly what mmap returned; no reference into the arena outlives `self`
         // (tensors hold an `Arc` of the arena, so `drop` runs only after the last of them).
         unsafe { libc::munmap(self.map_ptr, self.map_len) };
+        MAPPED_BYTES.fetch_sub(self.map_len as u64, Ordering::Relaxed);
     }
 }
 
@@ -200,5 +210,15 @@ mod tests {
         assert_ne!(a.id(), b.id());
         // Without an installed CUDA runtime, pinning is a no-op that says so.
         assert!(!a.pin(0).unwrap());
+    }
+
+    #[test]
+    fn mapped_bytes_count_live_arenas() {
+        // Other tests map arenas concurrently: look for this arena's own contribution, which is at least its size.
+        // Exact before/after equality is the Python hygiene tests' job (one process, nothing else mapping).
+        let before = mapped_bytes();
+        let a = Arena::new(5 * HUGE_PAGE).unwrap();
+        assert!(mapped_bytes() >= before + 5 * HUGE_PAGE as u64);
+        drop(a);
     }
 }

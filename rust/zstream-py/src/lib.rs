@@ -35,6 +35,12 @@ fn pinned_bytes() -> u64 {
     zstream_core::arena::pinned_bytes()
 }
 
+/// Bytes currently mapped by the core's host arenas, pinned or not.
+#[pyfunction]
+fn mapped_bytes() -> u64 {
+    zstream_core::arena::mapped_bytes()
+}
+
 /// `None` if io_uring works in this process, else why not (probed once).
 #[pyfunction]
 fn uring_unavailable_reason() -> Option<String> {
@@ -65,6 +71,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_host_api_installed, m)?)?;
     m.add_function(wrap_pyfunction!(uring_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(pinned_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(mapped_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(host_buffer, m)?)?;
     m.add("KDL_CPU", dlpack::KDL_CPU)?;
     m.add("KDL_CUDA", dlpack::KDL_CUDA)?;

@@ -88,9 +88,13 @@ class BlockQuant:
             size = -(-size // PACKED_ALIGN) * PACKED_ALIGN
             layout[name] = (size, t.dtype, tuple(t.shape))
             size += t.numel() * t.element_size()
-        # "pinned": a core arena, unpinned and freed with the model, not kept in torch's pinned cache
+        # Host memory is a core arena (pinned for "pinned"): freed with the model, counted by the core, and for pinned
+        # memory not kept in torch's pinned cache. Device memory is torch's.
         pinned = dest == "pinned"
-        buf = host_buffer(size, pin=True) if pinned else torch.empty(size, dtype=torch.uint8, device=dest)
+        if pinned or torch.device(dest).type == "cpu":
+            buf = host_buffer(size, pin=pinned)
+        else:
+            buf = torch.empty(size, dtype=torch.uint8, device=dest)
         for name, t in tensors.items():
             off, dt, shape = layout[name]
             buf[off:off + t.numel() * t.element_size()].view(dt).view(shape).copy_(t)
