@@ -247,4 +247,66 @@ mod tests {
         assert!(header_len(p, [0; 8], 4).unwrap_err().to_string().contains("too short"));
         assert_eq!(header_len(p, 10u64.to_le_bytes(), 18).unwrap(), 10);
     }
+
+    #[test]
+    fn header_length_boundaries() {
+        let p = Path::new("f");
+        // An 8-byte file with an empty header is long enough (the JSON check comes later).
+        assert_eq!(header_len(p, [0; 8], 8).unwrap(), 0);
+        assert!(header_len(p, [0; 8], 7).unwrap_err().to_string().contains("too short"));
+        // Exactly at the 100 MiB cap is allowed, one byte more is not.
+        let cap: u64 = 104_857_600;
+        assert_eq!(header_len(p, cap.to_le_bytes(), cap + 8).unwrap(), cap);
+        assert!(header_len(p, (cap + 1).to_le_bytes(), cap + 9).unwrap_err().to_string().contains("cap"));
+        // The header may end exactly at the end of the file, not one byte past it.
+        assert_eq!(header_len(p, 10u64.to_le_bytes(), 18).unwrap(), 10);
+        assert!(header_len(p, 11u64.to_le_bytes(), 18).unwrap_err().to_string().contains("past the end"));
+    }
+
+    #[test]
+    fn entries_by_hand() {
+        // Offsets are absolute: 8 (length prefix) + the JSON's length + data_offsets[0].
+        let json = r#"{"w":{"dtype":"BF16","shape":[2,3],"data_offsets":[4,16]},"s":{"dtype":"I64","shape":[],"data_offsets":[16,24]},"e":{"dtype":"F32","shape":[0,7],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
+        let d = 8 + json.len() as u64;
+        let h = parse(json, 24).unwrap();
+        assert_eq!(h.data_start, d);
+        assert!(h.metadata.is_empty());
+        let got: Vec<(&str, Dtype, &[usize], u64, u64)> =
+            h.entries.iter().map(|e| (e.name.as_str(), e.dtype, e.shape.as_slice(), e.offset, e.nbytes)).collect();
+        // Sorted by (offset, length): the empty tensor first, then b, w, s.
+        assert_eq!(
+            got,
+            vec![
+                ("e", Dtype::F32, &[0usize, 7][..], d, 0),
+                ("b", Dtype::U8, &[4][..], d, 4),
+                ("w", Dtype::Bf16, &[2, 3][..], d + 4, 12),
+                ("s", Dtype::I64, &[][..], d + 16, 8),
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_tensors_may_sit_inside_others() {
+        // "e" has no bytes; its offset inside "a" is no overlap.
+        let json = r#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"e":{"dtype":"U8","shape":[0],"data_offsets":[4,4]}}"#;
+        let h = parse(json, 8).unwrap();
+        assert_eq!(h.entries.len(), 2);
+    }
+
+    #[test]
+    fn overlap_with_the_latest_tensor_is_found() {
+        // a = 0..4, b = 4..5 (adjacent, fine), c = 4..6 overlaps b but not a: the check must compare c with the
+        // furthest end so far (b's), not with a's.
+        let json = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[1],"data_offsets":[4,5]},"c":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}}"#;
+        let d = 8 + json.len() as u64;
+        let err = parse(json, 8).unwrap_err().to_string();
+        let want = format!(
+            "x.safetensors: tensors \"b\" and \"c\" overlap (bytes {}..{} and {}..{} of the file)",
+            d + 4,
+            d + 5,
+            d + 4,
+            d + 6
+        );
+        assert_eq!(err, want);
+    }
 }
