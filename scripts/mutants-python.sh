@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Mutation testing of the Python package with mutmut (docs/testing.md has the results and every survivor):
+#   bash scripts/mutants-python.sh [MODULE_GLOB ...]     default: the engine, generation, quantization and models
+# mutmut imports the mutated copy from mutants/src, so the package is staged as src/zstream (with the native module
+# built here) under target/mutmut, beside a copy of tests/. Too slow for CI (hours on 2 cores): run it by hand.
+# Results: target/mutmut/mutants/ (mutmut's own), and a per-module kill rate printed at the end
+# (killed / (killed + survived); "no tests" and timeouts are counted apart).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+STAGE=$ROOT/target/mutmut
+python3 -m pip install -q --disable-pip-version-check "mutmut>=3.8,<4"
+
+globs=("$@")
+[ ${#globs[@]} -gt 0 ] || globs=("src/zstream/streaming/*" "src/zstream/foundations/quant/*"
+                                  "src/zstream/foundations/models/*")
+
+# The native module, built once for the staged package.
+so=$(ls python/zstream/_core*.so 2>/dev/null | head -1 || true)
+if [ -z "$so" ]; then
+    maturin build --release -o target/mutmut-wheel >/dev/null
+    unzip -o -j target/mutmut-wheel/zstream-*.whl 'zstream/_core*.so' -d python/zstream/ >/dev/null
+fi
+
+rm -rf "$STAGE"
+mkdir -p "$STAGE/src"
+cp -r python/zstream "$STAGE/src/zstream"
+cp -r tests "$STAGE/tests"
+only=$(printf '"%s", ' "${globs[@]}")
+cat > "$STAGE/pyproject.toml" <<TOML
+[tool.mutmut]
+source_paths = ["src/zstream"]
+only_mutate = [${only%, }]
+# the Triton kernel's body is compiled by Triton from its source: mutmut's trampolines cannot stand in it
+do_not_mutate = ["src/zstream/foundations/quant/kernels.py"]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]
+# the tests that exercise these modules on the CPU (the GPU tests skip here)
+pytest_add_cli_args_test_selection = ["tests/test_ring.py", "tests/test_engine.py", "tests/test_generation.py",
+    "tests/test_quant.py", "tests/test_quantized_models.py", "tests/test_pack.py", "tests/test_models.py",
+    "tests/test_planning.py", "tests/test_kernels.py", "tests/test_first_run.py", "tests/test_hygiene.py",
+    "tests/test_concurrency.py", "tests/test_faults.py", "tests/test_batch_planner.py", "tests/test_corruption.py"]
+process_isolation = "forkserver"   # torch is not fork-safe once its threads run
+timeout_multiplier = 5.0
+
+[tool.pytest.ini_options]
+testpaths = ["tests"]
+markers = ["gpu: needs a CUDA device", "slow: longer tests"]
+TOML
+cd "$STAGE"
+MUTMUT_MAX_CHILDREN=${MUTMUT_MAX_CHILDREN:-2}
+mutmut run --max-children "$MUTMUT_MAX_CHILDREN" || true
+python3 "$ROOT/scripts/mutants_summary.py" "$STAGE"
