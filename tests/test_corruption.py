@@ -284,9 +284,12 @@ specs = st.dictionaries(st.from_regex(r"[a-z]{1,5}(\.[0-9])?", fullmatch=True),
 
 
 def write_random(path: Path, spec: dict[str, tuple[torch.dtype, tuple[int, ...]]], seed: int) -> bytes:
+    """Write a random-tensor file with safetensors and check the property on it unmodified (so it must be accepted
+    and read back whole) before the caller corrupts it; returns its bytes."""
     gen = torch.Generator().manual_seed(seed)
     save_file({n: random_tensor(dt, shape, gen) for n, (dt, shape) in sorted(spec.items())}, path,
               metadata={"format": "pt"})
+    assert check_checkpoint(path, [path]) is not None
     return path.read_bytes()
 
 
@@ -298,6 +301,15 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     out["sharded"] = zstream.synthetic.make_checkpoint("tiny-llama", root / "sharded", dtype=torch.float16,
                                                        shard_size="60KB", progress=False)
     return out
+
+
+@pytest.mark.parametrize("preset", [*PRESETS, "sharded"])
+def test_unmodified_tiny_checkpoints_are_read_back_whole(tiny, preset):
+    """The checkpoints the tests below corrupt, as written: accepted, every tensor read back byte for byte."""
+    files = sorted(tiny[preset].glob("*.safetensors"))
+    target = tiny[preset] if preset == "sharded" else files[0]
+    store = check_checkpoint(target, files)
+    assert store is not None and len(store) == sum(len(reference_header(f.read_bytes()).entries) for f in files)
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:

@@ -16,22 +16,33 @@ from tiny_models import TINY, reference_model, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
-# (offload, load kwargs): every way a block can reach the compute
+# (offload, load kwargs): every way a block can reach the compute. On the CPU, host memory is the device: the tiny
+# models fit any budget, so streaming is forced (a cap on resident blocks, or a budget that holds one block).
 MODES = [
     ("none", {}),
-    ("cpu", {}),
-    ("nvme", {}),                                    # every block streamed through tickets
-    ("nvme", {"prefetch": 1, "disk_prefetch": 1}),  # the shallowest pipeline
-    ("nvme", {"gpu_memory": "1GiB"}),                # a host budget keeps blocks resident
+    ("cpu", {}),                                     # every block resident (host memory is the CPU's device)
+    ("cpu", {"max_resident_blocks": 0}),             # every block streamed through the ring from host arenas
+    ("cpu", {"max_resident_blocks": 1}),             # one resident, the rest streamed
+    ("nvme", {}),                                    # every block streamed from disk through the ring
+    ("nvme", {"prefetch": 1, "disk_prefetch": 1}),   # the shallowest pipeline
+    ("nvme", {"gpu_memory": "one block", "prefetch": 1}),  # a budget that holds the outer weights, a ring, one block
     ("auto", {}),
+    ("auto", {"gpu_memory": "one block", "prefetch": 1}),  # the budget decides: it streams (from disk, on the CPU)
 ]
+
+
+def budget_for_one_block(path) -> int:
+    probe = zstream.load(path, offload="nvme", device="cpu", progress=False)
+    p = probe.plan
+    probe.close()
+    return p.outer_bytes + p.kv_reserve_bytes + 2 * max(p.block_bytes) + max(p.block_bytes) + 1000  # prefetch=1
 
 
 @pytest.fixture(scope="module", params=[(n, w) for n in TINY for w in ("transformers", "synthetic")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def checkpoint(request, tmp_path_factory):
     name, writer = request.param
-    path = write_checkpoint(name, writer, tmp_path_factory.mktemp(name) / "ckpt")
+    path = write_checkpoint(name, writer, tmp_path_factory.mktemp(name) / "ckpt", blocks=4)  # room to stream some
     return path, reference_model(path)
 
 
@@ -48,9 +59,17 @@ def _batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_logits_match_transformers_in_every_mode(checkpoint, offload, kw):
     path, ref = checkpoint
     ids, mask = _batch(ref.config.vocab_size)
+    if kw.get("gpu_memory") == "one block":
+        kw = {**kw, "gpu_memory": budget_for_one_block(path)}
     model = zstream.load(path, offload=offload, device="cpu", progress=False, **kw)
-    if offload == "nvme" and not kw.get("gpu_memory"):
-        assert model.plan.streamed_blocks == list(range(model.family.num_blocks))
+    n = model.family.num_blocks
+    if offload == "nvme" and not kw:
+        assert model.plan.streamed_blocks == list(range(n))
+    if "gpu_memory" in kw or kw.get("max_resident_blocks") == 1:
+        assert model.plan.resident_blocks == [0] and model.plan.streamed_blocks == list(range(1, n))
+    if kw.get("max_resident_blocks") == 0:
+        assert model.plan.streamed_blocks == list(range(n))
+    assert bool(model.plan.streamed_blocks) == bool(model.blocks.rings())  # what streams goes through a ring
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits
     got = model(ids, mask)

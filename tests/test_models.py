@@ -54,12 +54,58 @@ def test_logits_match_transformers_with_left_padding(checkpoint):
     assert (model(ids, full) - reference_logits(ref, ids, full)).abs().max().item() <= TOL
 
 
-def test_checkpoint_names_are_exactly_the_expected_ones(checkpoint):
-    # transformers' save_pretrained and the synthetic writer store the same table, and the family
-    # reads every stored tensor (nothing left over, nothing missing)
+def stored_shapes(path: Path) -> dict:
+    """{tensor name: shape} of a checkpoint on disk, read from its safetensors headers (by safetensors)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(set(checkpoint_files(path).values())):
+        with safe_open(file, framework="pt") as f:
+            out.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.fixture(scope="module")
+def transformers_shapes(tmp_path_factory):
+    """{tensor name: shape} of what transformers' own save_pretrained stores for a preset's config: worked out by
+    transformers (its modules, its tied-weight rule), not by zstream. Written once per preset."""
+    made: dict = {}
+
+    def get(name: str) -> dict:
+        if name not in made:
+            made[name] = stored_shapes(save_with_transformers(PRESETS[name], tmp_path_factory.mktemp(f"hf-{name}")))
+        return made[name]
+
+    return get
+
+
+def test_checkpoint_tables_are_the_ones_transformers_saves(checkpoint, transformers_shapes):
+    # The table the family expects, the one the synthetic writer plans and what either writer stored on disk are
+    # each what transformers' save_pretrained stores for the same config: names and shapes, nothing left over,
+    # nothing missing (a tied head is not stored).
     name, path, _, model = checkpoint
-    assert set(checkpoint_files(path)) == set(model.family.expected_shapes())
-    assert set(model.family.expected_shapes()) == {n for n, _, _ in checkpoint_plan(name)}
+    want = transformers_shapes(name)
+    assert stored_shapes(path) == want
+    assert {n: tuple(s) for n, s in model.family.expected_shapes().items()} == want
+    plan = checkpoint_plan(name)
+    assert len(plan) == len(want) and {n: tuple(s) for n, s, _ in plan} == want
+    assert {dt for _, _, dt in plan} == {torch.float16}
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
+def test_expected_shapes_worked_out_by_hand(name):
+    # hidden 64, vocab 320, 2 blocks, intermediate 128, untied head; tiny-llama: 4 heads of 64 / 4 = 16 and 2 kv
+    # heads, so k/v are 2 * 16 = 32 wide; tiny-mistral: an explicit head_dim 24, so q is 4 * 24 = 96 wide, k/v
+    # 2 * 24 = 48, and o maps 96 back to 64
+    q, kv = (64, 32) if name == "tiny-llama" else (96, 48)
+    block = {"self_attn.q_proj.weight": (q, 64), "self_attn.k_proj.weight": (kv, 64),
+             "self_attn.v_proj.weight": (kv, 64), "self_attn.o_proj.weight": (64, q),
+             "mlp.gate_proj.weight": (128, 64), "mlp.up_proj.weight": (128, 64), "mlp.down_proj.weight": (64, 128),
+             "input_layernorm.weight": (64,), "post_attention_layernorm.weight": (64,)}
+    want = {"model.embed_tokens.weight": (320, 64), "model.norm.weight": (64,), "lm_head.weight": (320, 64)}
+    want.update({f"model.layers.{i}.{local}": shape for i in range(2) for local, shape in block.items()})
+    assert {n: tuple(s) for n, s in family_for(PRESETS[name]).expected_shapes().items()} == want
+    assert {n: tuple(s) for n, s, _ in checkpoint_plan(name)} == want
 
 
 def test_gqa_without_enable_gqa_gives_the_same_logits(checkpoint, monkeypatch):
@@ -277,8 +323,15 @@ def test_missing_layer_count_key_names_it():
 
 def test_every_family_is_registered():
     assert {f.name for f in FAMILIES} == {"bloom", "opt", "llama"}
-    for name in TINY:
-        assert family_for(PRESETS[name]).model_types
+    # which family serves each tiny preset, and the model type it reports, by hand
+    family_of = {"tiny-bloom": ("bloom", "bloom"), "tiny-opt": ("opt", "opt"), "tiny-opt-350m-style": ("opt", "opt"),
+                 "tiny-llama": ("llama", "llama"), "tiny-llama-tied": ("llama", "llama"),
+                 "tiny-qwen2": ("llama", "qwen2"), "tiny-mistral": ("llama", "mistral")}
+    assert set(family_of) == set(TINY)
+    for name, (family, model_type) in family_of.items():
+        fam = family_for(PRESETS[name])
+        assert fam.name == family and model_type in fam.model_types, name
+        assert getattr(fam, "model_type", model_type) == model_type, name  # the llama family keeps which one
 
 
 def _drop_tensor(path: Path, victim: str) -> None:
@@ -302,9 +355,12 @@ def test_shape_disagrees_with_config(tmp_path):
         ResidentModel(path)
 
 
-def test_validate_accepts_store_style_infos_and_rejects_bad_ones():
+def test_validate_accepts_store_style_infos_and_rejects_bad_ones(transformers_shapes):
     fam = family_for(PRESETS["tiny-qwen2"])
-    good = {name: (shape, "F16") for name, shape in fam.expected_shapes().items()}
+    # what transformers stores for this config, not the family's own table
+    good = {name: (shape, "F16") for name, shape in transformers_shapes("tiny-qwen2").items()}
+    assert "model.layers.0.self_attn.k_proj.bias" in good  # qwen2: q/k/v carry biases
+    assert good["model.layers.1.mlp.down_proj.weight"][0] == (64, 128)
     fam.validate(good)
     bias = "model.layers.0.self_attn.k_proj.bias"
     with pytest.raises(ModelError, match=r"k_proj\.bias"):

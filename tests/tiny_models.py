@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -47,8 +47,14 @@ def save_with_transformers(config: Dict[str, Any], path: Path, seed: int = 0) ->
     return path
 
 
-def write_checkpoint(name: str, writer: str, path: Path) -> Path:
-    config = PRESETS[name]
+def with_blocks(name: str, blocks: int) -> Dict[str, Any]:
+    """Preset ``name`` with ``blocks`` blocks (BLOOM calls them n_layer, the others num_hidden_layers)."""
+    key = "n_layer" if "n_layer" in PRESETS[name] else "num_hidden_layers"
+    return {**PRESETS[name], key: blocks}
+
+
+def write_checkpoint(name: str, writer: str, path: Path, blocks: Optional[int] = None) -> Path:
+    config = PRESETS[name] if blocks is None else with_blocks(name, blocks)
     if writer == "transformers":
         return save_with_transformers(config, path)
     return make_checkpoint(config, path, torch.float32, progress=False)

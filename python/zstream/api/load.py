@@ -38,7 +38,8 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     the weights; else nvme).
     ``gpu_memory``: the device budget (bytes or "20GiB"); default: free memory. Within it the non-block weights
     stay resident first, then the ring, then as many blocks as fit; ``max_batch`` x ``max_seq_len`` sizes the KV
-    cache the budget keeps room for; ``max_resident_blocks`` caps the resident blocks (0: stream every block).
+    cache the budget keeps room for; ``max_resident_blocks`` caps the resident blocks of offload cpu and nvme (0: stream
+    every block).
     ``device``: "cuda", "cuda:1" or "cpu" (default: cuda when there is one). ``dtype`` (or ``torch_dtype``):
     "auto", "fp16"/"float16", "bf16"/"bfloat16", "fp32"/"float32" or a torch dtype (default: the checkpoint's on a
     GPU, float32 on the CPU).

@@ -197,7 +197,7 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
     else:
         resident, _ = choose_residency(facts.device_block_bytes, facts.device_outer_bytes, budget,
                                        options.prefetch + 1, reserve, where=where)
-    if options.max_resident_blocks is not None:
+    if options.max_resident_blocks is not None and offload != "none":  # "none" keeps every block on the device
         resident = resident[:options.max_resident_blocks]
     streamed = [i for i in range(n) if i not in set(resident)]
     return Plan(offload=offload, device=resources.device, dtype=facts.dtype, block_bytes=facts.block_bytes,
