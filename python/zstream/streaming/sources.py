@@ -8,6 +8,7 @@ the source may reuse the memory.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 
@@ -101,9 +102,7 @@ class StoreReads:
         for ticket in pending:
             ticket.cancel()
         for ticket in pending:
-            try:
+            with contextlib.suppress(ReadError):
                 ticket.wait()  # completes (cancelled, or read) once the kernel has let go of the slot
-            except ReadError:
-                pass
             ticket.release()
         self._retire(block=True)
