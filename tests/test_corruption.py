@@ -1,15 +1,19 @@
 """Corrupt checkpoints, generated: truncations, bit flips, mangled header entries, broken indexes, bad configs.
 
-The property, every time: ``WeightStore.open`` plus a read of every tensor with every reader either raises a
-``ZStreamError`` (KeyError only for a name the checkpoint does not have), or returns tensors whose bytes are what
-the (possibly corrupted) header says they are. Never a crash, never a silently wrong tensor.
+The property, every time (``check_checkpoint``), decided by a reference parser written here from the safetensors
+format, not by zstream (``reference_check``: the header, and every fault it finds):
 
-"What the header says" is decided here by a reference parser written from the safetensors format, not by
-zstream: where safetensors itself accepts the file, zstream must return safetensors' bytes; where it refuses but
-zstream accepts (zstream tolerates gaps between tensors, for writers that align them), zstream's bytes must be the
-file's bytes at ``8 + header length + data_offsets[0]``, with the header's dtype and shape. A file that breaks a
-rule no reader can read past (bad JSON, offsets beyond the file, a size that disagrees with dtype x shape, an
-unknown dtype) must be refused outright.
+* a file the reference finds no fault in (unmodified, or a mutation that leaves it valid) is accepted by
+  ``WeightStore.open``, and every reader returns every tensor, byte for byte what the header describes: the file's
+  bytes at ``8 + header length + data_offsets[0]``, with the header's dtype and shape, and safetensors' own bytes
+  where safetensors accepts the file (it refuses gaps between tensors, which zstream tolerates for writers that
+  align them). Refusing to open or to read such a file fails, so a store that refuses everything does not pass;
+* a file with a fault (bad JSON, offsets beyond the file, a size that disagrees with dtype x shape, an unknown
+  dtype, a name twice, overlapping tensors, ...) is refused outright at open, with a ``CheckpointError`` whose
+  message names the file and one of the faults the reference found: the words for it and, where the fault is one
+  tensor's (or two tensors'), their quoted names.
+
+KeyError only for a name the checkpoint does not have. Never a crash, never a silently wrong tensor.
 
 Bit flips are aimed at the prefix and the JSON header only: a flip in the data section changes a tensor's value,
 which the header still describes correctly; that is not corruption a reader can see.
@@ -349,8 +353,9 @@ def test_truncated_tiny_checkpoint(tiny, tmp_path_factory, preset, cut, data):
     victim.write_bytes(raw[:int(cut * len(raw))])
     target = d if preset == "sharded" else victim
     assert check_checkpoint(target, files, must_refuse=True) is None
-    with pytest.raises(CheckpointError, match=victim.name):
+    with pytest.raises(CheckpointError, match=victim.name) as e:
         zstream.load(d, offload="nvme", device="cpu", progress=False)
+    assert_names_a_fault(str(e.value), file_faults(files))
 
 
 # --- bit flips in the prefix and the JSON header --------------------------------------------------------------
