@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" \
     torch numpy tqdm safetensors "transformers>=4.45" tokenizers huggingface_hub hypothesis pytest pytest-benchmark \
-    ruff import-linter
+    ruff import-linter pytest-cov
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 echo "== cargo fmt / clippy / test"
@@ -29,7 +29,9 @@ echo "== pytest (against the installed wheel)"
 # Run from tests/ so that python/ (the source tree) is not importable: what is tested is what was installed.
 cd tests
 python3 -c "import zstream, zstream._core as c, sys; assert 'site-packages' in c.__file__, c.__file__; print('testing', c.__file__)"
-python3 -m pytest -q -p no:cacheprovider . ../benches --benchmark-disable
+python3 -m pytest -q -p no:cacheprovider . ../benches --benchmark-disable --cov=zstream --cov-report=json:coverage.json \
+    --cov-report=term:skip-covered
+python3 ../scripts/coverage_check.py coverage.json
 
 echo "== CPU regression guard (ratios measured in one process against benches/results/cpu_ratios.json)"
 # A benchmark, not a unit test: timing stays out of pytest. Ratios to plain torch work on the same CPU, 2x slack.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 import pytest
 import torch
@@ -106,3 +107,14 @@ def test_arena_exports_as_a_cuda_tensor_over_host_memory(tmp_ckpt):
     assert (t.data + offsets[0]) % 256 == 0  # shifted so kernels reading in place get aligned operands
     assert torch.equal(host[offsets[0]:offsets[0] + ref.numel() * 2].view(torch.float16), ref)
     assert err is None
+
+
+def test_the_cuda_runtime_is_found_where_torch_keeps_it():
+    """Where pinning gets cudaHostRegister from: the libcudart mapped into this process, else the one in the
+    nvidia-* wheels beside torch. Each answer is None or a libcudart that exists (a CPU-only torch has neither)."""
+    from zstream.foundations.cuda import _bundled_cudart, _loaded_cudart
+
+    for found in (_loaded_cudart(), _bundled_cudart()):
+        assert found is None or ("libcudart.so" in found and os.path.exists(found))
+    if torch.version.cuda and not torch.cuda.is_available():  # a CUDA build of torch from PyPI, on a CPU machine
+        assert _bundled_cudart() is not None

@@ -35,9 +35,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oracles import dequantize_packed, numpy_dequantize, numpy_reference, same_array_bits, unpack_codes
 from zstream.foundations.quant import QuantizedTensor, kernels
 from zstream.foundations.quant import scheme as quant
+
+from oracles import dequantize_packed, numpy_dequantize, numpy_reference, same_array_bits, unpack_codes
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

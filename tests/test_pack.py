@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 
 import zstream
-from oracles import packed_reference, same_array_bits
 from zstream.api import synthetic
 from zstream.errors import QuantizationError
 from zstream.foundations.checkpoint import read_config
@@ -23,6 +22,8 @@ from zstream.foundations.models import family_for
 from zstream.foundations.quant import METADATA_KEY, QuantConfig
 from zstream.foundations.store import WeightStore
 from zstream.interfaces.cli import main as cli_main
+
+from oracles import packed_reference, same_array_bits
 
 Layout = List[Tuple[str, str, int, int]]  # (file, tensor name, start, end) in file order
 

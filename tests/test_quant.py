@@ -8,9 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oracles import numpy_reference, pack_nibbles, unpack
 from zstream.errors import QuantizationError
 from zstream.foundations.quant import dequantize, quantize
+
+from oracles import numpy_reference, pack_nibbles, unpack
 
 finite = st.floats(-8, 8, allow_nan=False, allow_infinity=False, width=16)
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import zstream
-from oracles import numpy_reference
 from zstream.api.synthetic import PRESETS
 from zstream.errors import QuantizationError
 from zstream.foundations.models import family_for
 from zstream.foundations.quant import CODES, QuantConfig, block_quant_for
 
+from oracles import numpy_reference
 from tiny_models import reference_model, save_with_transformers
 
 transformers = pytest.importorskip("transformers")

@@ -48,6 +48,12 @@ def install_host_register() -> bool:
 
     if not torch.cuda.is_available():
         return False
+    return _install_from_runtime()
+
+
+def _install_from_runtime() -> bool:  # GPU only: the CUDA runtime's entry points, handed to the core
+    import torch
+
     torch.cuda.init()
     path = _loaded_cudart() or _bundled_cudart()
     if path is None:

@@ -76,7 +76,7 @@ class HardwareReport:
                 f"page size {self.page_size}")
 
 
-def driver_attributes(ordinal: int = 0) -> Optional[AttrReader]:
+def driver_attributes(ordinal: int = 0) -> Optional[AttrReader]:  # GPU only: libcuda
     """A reader of CUDA device attributes through libcuda, or None where there is no driver or device."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
@@ -158,6 +158,12 @@ def hardware(device: int = 0, measure: bool = True) -> HardwareReport:
 
     if not torch.cuda.is_available():
         return probe(None)
+    return _gpu_report(device, measure)
+
+
+def _gpu_report(device: int, measure: bool) -> HardwareReport:  # GPU only
+    import torch
+
     props = torch.cuda.get_device_properties(device)
     rep = probe(driver_attributes(device), name=props.name, memory=props.total_memory)
     if measure:

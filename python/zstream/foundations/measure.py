@@ -41,7 +41,7 @@ class Rate:
         return f"{self.gbps:.2f} GB/s (median of {self.samples}: {self.low:.2f}-{self.high:.2f})"
 
 
-def measure_h2d(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> Rate:
+def measure_h2d(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> Rate:  # GPU only
     """Pinned host-to-device copies of ``nbytes``, timed with CUDA events, ``repeats`` times after a warm-up."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)

@@ -139,9 +139,9 @@ def _set_link(plan: Plan, link: str, rate: Rate) -> None:
     plan.link, plan.link_gbps, plan.link_spread = link, rate.gbps, (rate.low, rate.high)
 
 
-def build_in_place(path: Path, facts: CheckpointFacts, plan: Plan, *, config: Dict[str, Any], report: HardwareReport,
-                   reader: str, prefetch: int, copy_from_tokens: Optional[int], progress: bool,
-                   started: float) -> StreamingModel:
+def build_in_place(  # GPU only: the GH200 mode (ATS, or mapped pinned memory on PCIe GPUs)
+        path: Path, facts: CheckpointFacts, plan: Plan, *, config: Dict[str, Any], report: HardwareReport, reader: str,
+        prefetch: int, copy_from_tokens: Optional[int], progress: bool, started: float) -> StreamingModel:
     """offload="ats": every block read into arenas the GPU reads in place (pageable memory next to the GPU under
     ATS, mapped pinned memory elsewhere); passes of many tokens copy them through a ring instead."""
     dev = torch.device(plan.device)

@@ -45,7 +45,7 @@ class Device(Protocol):
     def close(self) -> None: ...
 
 
-class CudaDevice:
+class CudaDevice:  # GPU only
     """The seam on a CUDA GPU: ``torch.cuda`` streams and events."""
 
     def __init__(self, device: torch.device) -> None:

@@ -22,7 +22,7 @@ from .ring import DeviceRing
 from .weights import Weights
 
 
-class InPlaceBlocks:
+class InPlaceBlocks:  # GPU only: kernels read host memory in place
     """Blocks read in place from host memory; passes with many tokens copy them through a device ring instead."""
 
     def __init__(self, in_place: List[Weights], ring: DeviceRing, copy_from_tokens: int) -> None:
@@ -57,7 +57,7 @@ class InPlaceBlocks:
         self.ring.close()
 
 
-def _median_ms(fn: Callable[[], object], repeats: int = 3) -> float:
+def _median_ms(fn: Callable[[], object], repeats: int = 3) -> float:  # GPU only
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -69,7 +69,8 @@ def _median_ms(fn: Callable[[], object], repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure_crossover(in_place: torch.Tensor, host: torch.Tensor, device: torch.device) -> tuple[int, float, dict]:
+def measure_crossover(in_place: torch.Tensor, host: torch.Tensor,  # GPU only
+                      device: torch.device) -> tuple[int, float, dict]:
     """Tokens per pass from which copying a weight to the device beats reading it in place, and the in-place read
     bandwidth (GB/s). ``in_place``/``host``: the same (out, in) weight as a CUDA view of host memory and as a CPU
     tensor."""

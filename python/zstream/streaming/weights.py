@@ -27,7 +27,7 @@ def block_pad(flat: FlatRead) -> int:
     return -first % DEVICE_ALIGN
 
 
-def to_device(flat: FlatRead, device: torch.device) -> FlatRead:
+def to_device(flat: FlatRead, device: torch.device) -> FlatRead:  # GPU only (the CPU views its arenas)
     """One transfer of a whole block to ``device``, shifted so that its tensors are aligned there."""
     pad = block_pad(flat)
     buf = torch.empty(flat.nbytes + pad, dtype=torch.uint8, device=device)
@@ -53,6 +53,10 @@ def attention_kernels(device: torch.device) -> ContextManager[object]:
     on the H100, measured: docs/performance.md). Flash and memory-efficient attention need no plans."""
     if device.type != "cuda":
         return contextlib.nullcontext()
+    return _without_cudnn()
+
+
+def _without_cudnn() -> ContextManager[object]:  # GPU only
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # torch < 2.3: no cuDNN attention to avoid

@@ -1,0 +1,74 @@
+"""``zstream bench`` on the CPU: every option runs and reports what it measured (no assertion on a time: the
+numbers are the machine's; what is checked is that they are there, finite and consistent with each other)."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import sys
+
+import pytest
+
+from zstream.interfaces.cli import main
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZSTREAM_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_repeats_trace_and_json(cache, capsys):
+    out = cache / "b.json"
+    assert main(["bench", "tiny-llama", "--offload", "nvme", "--batch", "1,2", "--prompt", "6", "--gen", "3",
+                 "--repeats", "2", "--trace", str(cache / "t.json"), "--json", str(out), "--fio", "/no/fio"]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert len(r["decode_steps_s"]) == 2 and math.isfinite(r["decode_step_s"]) and r["tokens_per_s"] > 0
+        assert r["pct_of_bound"] == pytest.approx(100 * r["bound_step_s"] / r["decode_step_s"])
+        assert r["streamed_blocks"] == 2 and r["resident_blocks"] == 0
+    assert doc["meta"]["model"] == "tiny-llama" and "fio_gbps" in doc["meta"] and doc["meta"]["fio_gbps"] is None
+    trace = json.loads((cache / "t.json").read_text())
+    assert any(e.get("name") == "block 1" for e in trace["traceEvents"])
+    assert "disk_gbps_odirect" in capsys.readouterr().out
+
+
+def test_budgets_and_the_max_batch_search(cache, capsys):
+    """Under a host budget on the CPU: the planner's prediction beside a search that runs each batch; every batch
+    it ran has a prediction, and the planner's own choice is run too."""
+    out = cache / "m.json"
+    assert main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "1", "--prompt", "4", "--gen", "2",
+                 "--gpu-memory", "258MiB,260MiB", "--max-batch", "--json", str(out)]) == 0
+    meta = json.loads(out.read_text())["meta"]
+    found = meta["max_batch_none"]
+    assert found and all(r["predicted_tokens_per_s"] for r in found)
+    assert meta["predicted_best_batch"] >= 1 and meta["predicted_best_measured_tokens_per_s"] > 0
+    text = capsys.readouterr().out
+    assert "predicted best: batch" in text and "max batch, offload=none" in text
+
+
+def test_load_test_against_disk_and_memcpy(cache, capsys):
+    out = cache / "l.json"
+    assert main(["bench", "tiny-opt", "--offload", "cpu", "--batch", "1", "--prompt", "4", "--gen", "2",
+                 "--load-test", "--json", str(out)]) == 0
+    load = json.loads(out.read_text())["meta"]["load_test"]
+    for key in ("cold_load_gbps", "warm_load_gbps", "disk_gbps_odirect", "memcpy_gbps"):
+        assert load[key] > 0, key
+    assert load["cold_pct_of_disk"] == pytest.approx(100 * load["cold_load_gbps"] / load["disk_gbps_odirect"])
+    assert "load, offload=cpu: cold" in capsys.readouterr().out
+
+
+def test_a_budget_that_cannot_hold_the_model_is_reported_not_raised(cache, capsys):
+    assert main(["bench", "tiny-opt", "--offload", "none", "--batch", "1", "--prompt", "4", "--gen", "2",
+                 "--gpu-memory", "1KiB"]) == 0
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_python_dash_m_zstream(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["zstream", "--version"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("zstream", run_name="__main__")
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("zstream ")
