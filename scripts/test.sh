@@ -29,7 +29,7 @@ echo "== pytest (against the installed wheel)"
 # Run from tests/ so that python/ (the source tree) is not importable: what is tested is what was installed.
 cd tests
 python3 -c "import zstream, zstream._core as c, sys; assert 'site-packages' in c.__file__, c.__file__; print('testing', c.__file__)"
-python3 -m pytest -q -p no:cacheprovider . ../benches --benchmark-disable --cov=zstream --cov-report=json:coverage.json \
+python3 -m pytest -q -p no:cacheprovider . ../benches --benchmark-disable --cov=zstream --cov-config=../pyproject.toml --cov-report=json:coverage.json \
     --cov-report=term:skip-covered
 python3 ../scripts/coverage_check.py coverage.json
 

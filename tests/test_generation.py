@@ -269,3 +269,15 @@ def test_a_closed_model_says_so(synthetic_llama):
     model.close()  # twice: harmless
     with pytest.raises(ModelClosedError), model:
         pass
+
+
+def test_a_progress_bar_for_long_generations(synthetic_llama, capsys):
+    """progress=True: a bar over the new tokens (tqdm.auto: a widget in a notebook, text here); the default shows one
+    only past 2 s; progress=False never."""
+    with zstream.load(synthetic_llama, offload="none", device="cpu", progress=False) as model:
+        ids = torch.tensor([[5, 6, 7]])
+        model.generate(ids, max_new_tokens=5, eos_token_id=None, progress=True)
+        assert "zstream generate" in capsys.readouterr().err
+        model.generate(ids, max_new_tokens=5, eos_token_id=None)  # quick: under the 2 s delay
+        model.generate(ids, max_new_tokens=5, eos_token_id=None, progress=False)
+        assert "zstream generate" not in capsys.readouterr().err
