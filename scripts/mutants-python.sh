@@ -47,6 +47,10 @@ testpaths = ["tests"]
 markers = ["gpu: needs a CUDA device", "slow: longer tests"]
 TOML
 cd "$STAGE"
+# Tests that start a Python subprocess (the Triton interpreter, the demo) import the mutated copy too. The folder
+# exists before Python starts, or the import system caches it as missing.
+mkdir -p "$STAGE/mutants/src"
+export PYTHONPATH=$STAGE/mutants/src
 MUTMUT_MAX_CHILDREN=${MUTMUT_MAX_CHILDREN:-2}
 mutmut run --max-children "$MUTMUT_MAX_CHILDREN" || true
 python3 "$ROOT/scripts/mutants_summary.py" "$STAGE"
