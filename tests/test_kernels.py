@@ -35,6 +35,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import zstream
 from zstream.foundations.quant import QuantizedTensor, kernels
 from zstream.foundations.quant import scheme as quant
 
@@ -215,8 +216,9 @@ def interpreter_worker(mode: str) -> int:
 
 
 def run_worker(mode: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    here = str(Path(zstream.__file__).resolve().parent.parent)  # the zstream this process imported, not the tree
+    path = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, __file__, mode], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, f"interpreter worker {mode} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"

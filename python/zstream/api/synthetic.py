@@ -219,6 +219,9 @@ def make_checkpoint(name_or_config: ConfigLike, path: Union[str, Path], dtype: t
     config.pop("torch_dtype", None)
     plan = checkpoint_plan(config, dtype)  # also validates the config (ModelError)
     std = float(config.get("initializer_range") or config.get("init_std") or 0.02)
+    from transformers import __version__ as transformers_version
+
+    config.setdefault("transformers_version", transformers_version)  # as save_pretrained writes it
     config[SYNTHETIC_KEY] = {"version": SYNTHETIC_VERSION, "seed": seed,
                              "preset": name_or_config if isinstance(name_or_config, str) else None}
     limit = parse_bytes(shard_size, what="shard_size")

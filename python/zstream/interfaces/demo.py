@@ -35,7 +35,8 @@ def demo(*, preset: str, device: Optional[str], batch: int, max_new_tokens: int)
             warnings.simplefilter("ignore", UserWarning)  # said below, once, in plain words
             model.generate(prompts[:1], max_new_tokens=1, progress=False)  # warm-up: kernels, allocator, page tables
             waited0, t0 = model.waited_s, time.perf_counter()
-            texts = model.generate(prompts, max_new_tokens=max_new_tokens, progress=False)
+            # Sampled: greedy decoding of random weights repeats the last token (a tied head reads its own embedding)
+            texts = model.generate(prompts, max_new_tokens=max_new_tokens, do_sample=True, seed=0, progress=False)
             if model.device.type == "cuda":
                 torch.cuda.synchronize(model.device)
             dt, waited = time.perf_counter() - t0, model.waited_s - waited0
