@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import zstream
 from zstream.api import synthetic
@@ -326,6 +327,22 @@ def test_refuses_an_already_packed_source(source, tmp_path):
     assert not (tmp_path / "again").exists()
     with WeightStore.open(packed, pin=False) as store:
         assert METADATA_KEY in store.metadata()
+
+
+def test_packed_tensors_without_their_metadata_are_refused_not_guessed(source, tmp_path):
+    """A checkpoint that holds *.qcodes tensors but whose headers do not say how they were packed (a hand-edited or
+    foreign file): load and pack both refuse it, naming the missing metadata."""
+    packed = zstream.pack(source("tiny-opt"), tmp_path / "p", quantize="int4", device="cpu", progress=False)
+    stripped = tmp_path / "stripped"
+    stripped.mkdir()
+    with safe_open(packed / "model.safetensors", framework="pt") as f:
+        save_file({n: f.get_tensor(n) for n in f.keys()}, stripped / "model.safetensors",  # noqa: SIM118
+                  metadata={"format": "pt"})
+    (stripped / "config.json").write_text((packed / "config.json").read_text())
+    for call in (lambda: zstream.load(stripped, device="cpu", progress=False),
+                 lambda: zstream.pack(stripped, tmp_path / "again", quantize="int8", device="cpu", progress=False)):
+        with pytest.raises(QuantizationError, match=r"holds packed tensors \(\*\.qcodes\) but no zstream\.quantization"):
+            call()
 
 
 def test_refuses_an_output_that_is_not_empty(source, tmp_path):

@@ -41,7 +41,7 @@ from ..errors import QuantizationError
 from ..foundations import checkpoint
 from ..foundations.hardware import resolve_device
 from ..foundations.models import Family, family_for
-from ..foundations.quant import CODES, METADATA_KEY, QuantConfig, QuantizedTensor, quantize
+from ..foundations.quant import METADATA_KEY, QuantConfig, QuantizedTensor, packed_config, quantize
 from ..foundations.store import WeightStore
 from ..foundations.units import fmt_bytes, parse_bytes
 from ..foundations.writer import Entry, header, new_checkpoint_dir, shard_names, split_shards, write_index, write_tensor
@@ -233,9 +233,9 @@ def pack(model: PathLike, out: PathLike, *, quantize: str = "int4", group_size: 
     store = WeightStore.open(src, pin=dev.type == "cuda")
     try:
         names = store.names()
-        if METADATA_KEY in store.metadata() or any(n.endswith(CODES) for n in names):
-            raise QuantizationError(f"{src}: already packed ({store.metadata().get(METADATA_KEY, 'has .qcodes')}); "
-                                    "pack an unquantized checkpoint")
+        already = packed_config(store, where=str(src))
+        if already is not None:
+            raise QuantizationError(f"{src}: already packed ({already.describe()}); pack an unquantized checkpoint")
         family = family_for(config, names)
         family.validate({n: store.info(n) for n in names})
         units, skipped = _plan(store, family, cfg)

@@ -6,8 +6,9 @@
   decides how a checkpoint's blocks are quantized.
 """
 
-from .blocks import BlockQuant, block_quant_for, checkpoint_quant, tensor_infos
+from .blocks import BlockQuant, block_quant_for, checkpoint_quant, packed_config, tensor_infos
 from .scheme import CODES, METADATA_KEY, SCALE, ZERO, QuantConfig, QuantizedTensor, dequantize, quantize
 
 __all__ = ["CODES", "METADATA_KEY", "SCALE", "ZERO", "BlockQuant", "QuantConfig", "QuantizedTensor",
-           "block_quant_for", "checkpoint_quant", "dequantize", "quantize", "tensor_infos"]
+           "block_quant_for", "checkpoint_quant", "dequantize", "packed_config", "quantize",
+           "tensor_infos"]

@@ -15,7 +15,7 @@ from torch import Tensor
 from ...errors import QuantizationError
 from ..store import host_buffer
 from . import kernels
-from .scheme import CODES, SCALE, ZERO, QuantConfig, QuantizedTensor, quantize
+from .scheme import CODES, METADATA_KEY, SCALE, ZERO, QuantConfig, QuantizedTensor, quantize
 
 if TYPE_CHECKING:
     from ..models import Family
@@ -114,12 +114,23 @@ def block_quant_for(cfg: QuantConfig, block_shapes: Mapping[str, Tuple[int, ...]
     return BlockQuant(cfg, shapes, dtype)
 
 
+def packed_config(store: WeightStore, *, where: str) -> Optional[QuantConfig]:
+    """How the checkpoint's files are packed (its headers' ``__metadata__``, as ``zstream pack`` writes it); None for
+    an unquantized checkpoint. The one test of "is this checkpoint packed": packed tensors without that metadata are
+    refused rather than guessed at."""
+    packed = QuantConfig.from_metadata(store.metadata(), where=where)
+    if packed is None and any(n.endswith(CODES) for n in store.names()):
+        raise QuantizationError(f"{where}: holds packed tensors (*{CODES}) but no {METADATA_KEY} metadata saying how "
+                                "they were packed; write it again with `zstream pack`")
+    return packed
+
+
 def checkpoint_quant(store: WeightStore, family: Family, dtype: torch.dtype, wanted: Optional[QuantConfig], *,
                      where: str) -> Tuple[Optional[BlockQuant], bool]:
     """(how a checkpoint's blocks are quantized, whether the store holds them packed). A packed checkpoint's headers
     decide, and a different ``wanted`` is refused; otherwise ``wanted`` (quantized at load), refused if its group
     size divides none of the linear weights; otherwise (None, False)."""
-    packed = QuantConfig.from_metadata(store.metadata(), where=where)
+    packed = packed_config(store, where=where)
     linear, shapes = family.linear_weights(), family.block_shapes()
     if packed is not None:
         if wanted is not None and wanted != packed:
