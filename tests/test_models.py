@@ -440,3 +440,43 @@ def test_hub_config_spellings():
     assert mistral.sliding_window == 4096
     with pytest.raises(ModelError, match="rope type 'longrope'"):
         family_for({**llama31, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+
+
+ROPES = [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 2.0, "_seq_len": 8},
+    {"rope_type": "dynamic", "factor": 2.0, "_seq_len": 40},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+    {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8, "beta_fast": 16.0, "beta_slow": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4, "mscale": 1.0, "mscale_all_dim": 0.5},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8, "attention_factor": 0.8},
+    {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 8, "truncate": False},
+]
+
+
+@pytest.mark.parametrize("theta", [500.0, 10000.0])
+@pytest.mark.parametrize("head_dim", [16, 32])
+@pytest.mark.parametrize("rope", ROPES, ids=lambda r: "-".join(f"{k}{v}" for k, v in r.items() if k != "rope_type"))
+def test_rope_frequencies_equal_transformers(rope, head_dim, theta):
+    """The inverse frequencies and attention factor of every RoPE variant, against transformers' own
+    ROPE_INIT_FUNCTIONS on the same config (not only through greedy tokens, which small errors do not move)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from zstream.foundations.models.llama import rope_inv_freq, rope_parameters
+
+    rope = dict(rope)
+    seq_len = rope.pop("_seq_len", None)
+    config = {**PRESETS["tiny-llama"], "num_attention_heads": 4, "hidden_size": 4 * head_dim,
+              "max_position_embeddings": 16, "rope_theta": theta, "rope_scaling": rope}
+    got, got_factor = rope_inv_freq(rope_parameters(config, "llama"), head_dim, 16, seq_len)
+    hf = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, max_position_embeddings=16,
+                     rope_parameters={**rope, "rope_theta": theta})
+    want, want_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu", seq_len=seq_len)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    assert got_factor == pytest.approx(want_factor, rel=1e-9)

@@ -241,8 +241,17 @@ def test_trace_is_perfetto_json_with_a_copy_and_a_compute_per_streamed_block(tmp
         assert json.loads((tmp_path / "trace.json").read_text()) == doc
         with pytest.raises(zstream.ModelError, match="no trace"):
             model.trace_stop(tmp_path / "again.json")
+    assert doc["displayTimeUnit"] == "ms"
+    meta = [e for e in doc["traceEvents"] if e["ph"] == "M"]
     events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
-    names = {e["args"]["name"]: e["tid"] for e in doc["traceEvents"] if e["ph"] == "M"}
+    assert len(meta) + len(events) == len(doc["traceEvents"])  # nothing but track names and complete events
+    # The Chrome / Perfetto trace-event format: a process, a thread per track named by a thread_name record
+    assert all(set(e) == {"ph", "pid", "tid", "name", "args"} and e["name"] == "thread_name" and e["pid"] == 1
+               and set(e["args"]) == {"name"} for e in meta)
+    assert sorted(e["tid"] for e in meta) == [1, 2, 3, 4]
+    assert all(set(e) == {"ph", "pid", "tid", "name", "ts", "dur", "args"} and e["pid"] == 1
+               and set(e["args"]) == {"global_index"} for e in events)
+    names = {e["args"]["name"]: e["tid"] for e in meta}
     tid = {kind: names[n] for kind, n in (("disk", "disk -> pinned host (io_uring)"),
                                             ("copy", "host -> device copy (copy stream)"),
                                             ("compute", "block compute (compute stream)"),
