@@ -4,6 +4,7 @@ and out, streamers, chat templates and stop strings."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -281,3 +282,89 @@ def test_a_progress_bar_for_long_generations(synthetic_llama, capsys):
         model.generate(ids, max_new_tokens=5, eos_token_id=None)  # quick: under the 2 s delay
         model.generate(ids, max_new_tokens=5, eos_token_id=None, progress=False)
         assert "zstream generate" not in capsys.readouterr().err
+
+
+def test_the_random_weights_warning_points_at_the_caller_once_per_model(synthetic_llama):
+    import warnings
+
+    with zstream.load(synthetic_llama, offload="none", device="cpu", progress=False) as model:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.generate("Hi", max_new_tokens=2)
+            model.generate("Hi", max_new_tokens=2)
+        assert [(w.category, w.filename) for w in seen] == [(UserWarning, __file__)]
+        assert "random weights" in str(seen[0].message) and "the speed is real" in str(seen[0].message)
+    with zstream.load(synthetic_llama, offload="none", device="cpu", progress=False) as model:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            list(model.stream("Hi", max_new_tokens=2))
+        assert [(w.category, w.filename) for w in seen] == [(UserWarning, __file__)]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.generate(torch.tensor([[5, 6]]), max_new_tokens=2)  # token ids in, ids out: nothing to say
+        assert not seen
+
+
+def test_text_gets_the_tokenizers_own_special_tokens_and_a_chat_does_not(synthetic_llama):
+    """Text is encoded as the tokenizer encodes it (LLaMA's puts BOS first), so generating from text equals
+    generating from the tokenizer's own ids; a conversation's template writes its own specials."""
+    with zstream.load(synthetic_llama, offload="none", device="cpu", progress=False) as model:
+        tok = model.tokenizer
+        ids = tok("Hello there", return_tensors="pt")["input_ids"]
+        assert ids[0, 0].item() == tok.bos_token_id
+        text = model.generate("Hello there", max_new_tokens=6, eos_token_id=None)
+        assert text == tok.decode(model.generate(ids, max_new_tokens=6, eos_token_id=None)[0], skip_special_tokens=True)
+        chat = [{"role": "user", "content": "Hello"}]
+        prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        plain = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        reply = model.generate(chat, max_new_tokens=4, eos_token_id=None)
+        tokens = model.generate(plain, max_new_tokens=4, eos_token_id=None)
+        assert reply == tok.decode(tokens[0, plain.shape[1] :], skip_special_tokens=True)
+
+
+def test_what_text_needs_is_named(synthetic_llama, tmp_path):
+    bare = zstream.make_checkpoint("tiny-llama", tmp_path / "bare", torch.float32, progress=False, tokenizer=False)
+    with zstream.load(bare, offload="none", device="cpu", progress=False) as model:
+        assert model.tokenizer is None
+        with pytest.raises(ModelError, match=r"bare: text needs the checkpoint's tokenizer, and it has none"):
+            model.generate("Hello")
+        with pytest.raises(ModelError, match=r"bare: a conversation needs the checkpoint's tokenizer"):
+            model.generate([{"role": "user", "content": "Hi"}])
+        with pytest.raises(ModelError, match=r"token ids as a LongTensor \(B, T\); got a torch.float32 tensor"):
+            model.generate(torch.ones(1, 3))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in synthetic_llama.iterdir():
+        (plain / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with (
+        zstream.load(plain, offload="none", device="cpu", progress=False) as model,
+        pytest.raises(ModelError, match="its tokenizer has no chat template"),
+    ):
+        model.generate([{"role": "user", "content": "Hi"}])
+
+
+def test_stream_takes_a_generation_config_and_a_seed_and_hides_special_tokens(synthetic_llama):
+    with zstream.load(synthetic_llama, offload="none", device="cpu", progress=False) as model:
+        cfg = transformers.GenerationConfig(max_new_tokens=8, do_sample=True, top_k=20, eos_token_id=None)
+        full = model.generate("Hello there", cfg, seed=5)
+        assert "Hello there" + "".join(model.stream("Hello there", cfg, seed=5)) == full
+        assert full != model.generate("Hello there", cfg, seed=6)
+        eos = model.tokenizer.eos_token
+        pieces = "".join(
+            model.stream("Hello", max_new_tokens=4, eos_token_id=None, forced_eos_token_id=model.tokenizer.eos_token_id)
+        )
+        assert eos not in pieces  # the forced EOS at the end is a special token: not shown
+        with pytest.raises(ModelError, match="stream takes one prompt or one conversation; use generate for a batch"):
+            next(model.stream(["a", "b"]))
+
+
+def test_kv_cache_reset_starts_over():
+    cache = KVCache(1, 2, 6, 1, 4)
+    cache.extend(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    cache.reset()
+    assert cache.length == 0 and cache.mask.shape == (2, 0)
+    mask, start = cache.extend(torch.tensor([[1, 1], [0, 1]]))
+    assert start == 0 and mask.tolist() == [[1, 1], [0, 1]]

@@ -260,6 +260,7 @@ def is_current(path: Union[str, Path], preset: str) -> bool:
 
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 _SPACE = "\u0120"  # how byte-level BPE spells a space ("Ġ")
+BOS_FIRST = ("llama", "mistral", "opt")  # families whose tokenizers put BOS before every text (BLOOM, Qwen2: none)
 CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
@@ -285,7 +286,7 @@ def write_tokenizer(config: Mapping[str, Any], path: Union[str, Path]) -> Option
     config's whole vocabulary: its special tokens at the config's ids, the 256 byte tokens, then pseudo-words made of
     syllables, so any text encodes and any id a random model generates decodes to visible text. A vocabulary too small
     for the byte tokens gets no tokenizer (a warning says so; the model then takes token ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab_size = int(config.get("vocab_size", 0))
     specials: Dict[str, int] = {}  # token -> id; roles sharing an id share a token (OPT: bos = eos = "</s>")
@@ -317,6 +318,11 @@ def write_tokenizer(config: Mapping[str, Any], path: Union[str, Path]) -> Option
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(specials))
+    bos = roles.get("bos_token")
+    if bos is not None and config.get("model_type") in BOS_FIRST:  # as these families' own tokenizers do
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, specials[bos])]
+        )
     out = Path(path)
     tok.save(str(out / "tokenizer.json"))
     tok_config: Dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left",

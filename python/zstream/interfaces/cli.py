@@ -51,7 +51,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         if model.synthetic:
             print(f"note: {a.model} holds random weights: the text is noise", file=sys.stderr)
         prompt: Any = [{"role": "user", "content": a.prompt}] if a.chat else a.prompt
-        streamer = TextStreamer(model.tokenizer, skip_prompt=a.chat) if model.tokenizer is not None else None
+        streamer = (TextStreamer(model.tokenizer, skip_prompt=a.chat, skip_special_tokens=True)
+                    if model.tokenizer is not None else None)
         kwargs = {"max_new_tokens": a.max_new_tokens, "do_sample": a.sample, "seed": a.seed}
         kwargs.update({k: v for k, v in (("temperature", a.temperature), ("top_k", a.top_k), ("top_p", a.top_p),
                                          ("repetition_penalty", a.repetition_penalty)) if v is not None})

@@ -151,8 +151,10 @@ class StreamingModel:
         """The checkpoint's tokenizer, as transformers' ``AutoTokenizer`` loads it (on first use); None if the
         checkpoint has none."""
         if not self._tokenizer_loaded:
-            self._tokenizer = load_tokenizer(self.path)
-            self._tokenizer_loaded = True
+            tok = load_tokenizer(self.path)
+            if tok is not None and tok.pad_token is None:
+                tok.pad_token = tok.eos_token  # what transformers users do for batches of prompts
+            self._tokenizer, self._tokenizer_loaded = tok, True
         return self._tokenizer
 
     @tokenizer.setter
@@ -197,7 +199,7 @@ class StreamingModel:
                                 logits_processor=logits_processor, stopping_criteria=stopping_criteria)
         if kind == "ids":
             return tokens
-        self._warn_random()
+        self._warn_random(stacklevel=3)  # generate <- _serialised's wrapper <- the caller
         keep = torch.cat([mask.cpu(), torch.ones(tokens.shape[0], tokens.shape[1] - mask.shape[1],
                                                   dtype=mask.dtype)], dim=1)
         start = ids.shape[1] if kind == "chat" else 0
@@ -213,7 +215,7 @@ class StreamingModel:
         ids, mask, _ = self._inputs(inputs, None)
         if ids.shape[0] != 1:
             raise ModelError("stream takes one prompt or one conversation; use generate for a batch")
-        self._warn_random()
+        self._warn_random(stacklevel=2)  # this generator <- the caller's loop
         pieces = gen.text_pieces(self.tokenizer)
         config, explicit = gen.resolve_config(self.generation_config, generation_config, kwargs)
         for _ in self._steps(ids, mask, config, explicit, streamer=pieces, seed=seed):
@@ -295,27 +297,22 @@ class StreamingModel:
         return self.tokenizer
 
     def _encode(self, prompts: List[str], special: bool = True) -> Tuple[Tensor, Tensor]:
-        """Token ids (B, T) of ``prompts``, left-padded to a common length, and their mask."""
+        """Token ids (B, T) of ``prompts`` and their mask, left-padded by the tokenizer (the last token of every row
+        aligned, as decoding needs); ``special``: the tokenizer's own BOS and the like (a chat template has them)."""
         tok = self._require_tokenizer("text")
-        rows = [tok(p, add_special_tokens=special)["input_ids"] for p in prompts]
-        pad = self.generation_config.pad_token_id
-        if pad is None:
-            eos = gen.eos_list(self.generation_config.eos_token_id)
-            pad = eos[0] if eos else 0
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), int(pad), dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for b, r in enumerate(rows):  # left padding: the last token of every row is aligned
-            if r:
-                ids[b, T - len(r):] = torch.tensor(r)
-                mask[b, T - len(r):] = 1
-        return ids, mask
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = tok(prompts, padding=True, add_special_tokens=special, return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        return enc["input_ids"], enc["attention_mask"]
 
-    def _warn_random(self) -> None:
+    def _warn_random(self, stacklevel: int) -> None:
+        """Once per model, where the user called (``stacklevel`` counts the frames between)."""
         if self.synthetic and not self._warned_random:
             self._warned_random = True
             warnings.warn(f"{self.path} holds random weights (zstream make-checkpoint): the text it generates is "
-                          "noise; the speed is real", UserWarning, stacklevel=3)
+                          "noise; the speed is real", UserWarning, stacklevel=stacklevel + 1)
 
     def _check_length(self, attention_mask: Tensor, max_new_tokens: int) -> None:
         longest = int(attention_mask.sum(dim=1).max()) + max_new_tokens if attention_mask.numel() else 0

@@ -1,0 +1,130 @@
+"""Small pieces of the engine, each against hand-worked values: the streamer wrappers' delegation, the CPU seam's
+events, the disk source's read intervals, and how a model describes itself."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+import zstream
+from zstream.streaming.blocks import Dequantized, Resident
+from zstream.streaming.device import CpuDevice, CpuEvent
+from zstream.streaming.sources import HostBlocks, StoreReads
+
+
+class Recording:
+    """A streamer that records what it is asked."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def begin_pass(self, tokens):
+        self.calls.append(("begin_pass", tokens))
+
+    def acquire(self, block):
+        self.calls.append(("acquire", block))
+        return {"w": torch.full((2,), float(block))}
+
+    def release(self, block):
+        self.calls.append(("release", block))
+
+    def reset(self):
+        self.calls.append(("reset",))
+
+    def rings(self):
+        return ["ring"]
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+class Doubling:
+    """Stands in for a BlockQuant: 'dequantizes' by doubling."""
+
+    def dequantize(self, w):
+        return {k: 2 * v for k, v in w.items()}
+
+
+def test_wrappers_pass_every_call_through():
+    inner = Recording()
+    chain = Dequantized(Resident({1: {"w": torch.zeros(2)}}, inner), Doubling())
+    chain.begin_pass(7)
+    assert torch.equal(chain.acquire(0)["w"], torch.full((2,), 0.0))
+    chain.release(0)
+    assert torch.equal(chain.acquire(1)["w"], torch.zeros(2))  # resident: not asked of the inner streamer
+    chain.release(1)
+    assert torch.equal(chain.acquire(2)["w"], torch.full((2,), 4.0))  # block 2 doubled
+    chain.release(2)
+    chain.reset()
+    assert chain.rings() == ["ring"]
+    chain.close()
+    assert inner.calls == [
+        ("begin_pass", 7),
+        ("acquire", 0),
+        ("release", 0),
+        ("acquire", 2),
+        ("release", 2),
+        ("reset",),
+        ("close",),
+    ]
+
+
+def test_cpu_events_time_in_milliseconds():
+    device = CpuDevice()
+    a, b = CpuEvent(), CpuEvent()
+    a.time_ns, b.time_ns = 1_000_000, 3_500_000
+    assert device.elapsed_ms(a, b) == 2.5
+    stream = device.new_stream()
+    done = device.new_event(timing=True)
+    dst, src = torch.zeros(4), torch.arange(4.0)
+    device.copy(dst, src, stream)
+    device.record(done, stream)
+    device.wait_host(done)
+    assert torch.equal(dst, src) and device.query(done) and done.time_ns > 0
+    device.close()
+
+
+def test_host_blocks_serve_the_order_across_passes():
+    blocks = [object(), None, object()]
+    source = HostBlocks(blocks, [0, 2])
+    assert [source.host(g) for g in range(5)] == [blocks[0], blocks[2], blocks[0], blocks[2], blocks[0]]
+    assert source.read_interval(0) is None
+
+
+def test_a_read_interval_is_that_of_the_block_handed_out(tmp_path):
+    path = zstream.make_checkpoint("tiny-opt", tmp_path / "m", torch.float32, progress=False)
+    store = zstream.WeightStore.open(path, pin=False)
+    family = zstream.models.family_for(json.loads((path / "config.json").read_text()), store.names())
+    names = [family.block_tensors(i) for i in range(family.num_blocks)]
+    device = CpuDevice()
+    source = StoreReads(store, [0, 1], names, depth=1, device=device)
+    source.host(0)
+    started, finished = source.read_interval(0)
+    assert 0 < started <= finished
+    assert source.read_interval(1) is None  # not the one handed out
+    source.reset()
+    assert source.read_interval(0) is None
+    store.close()
+    device.close()
+
+
+def test_a_model_describes_itself_exactly(tmp_path):
+    path = zstream.make_checkpoint("tiny-opt", tmp_path / "m", torch.float32, progress=False)
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        params = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())  # noqa: SIM118
+    with zstream.load(path, offload="nvme", device="cpu", progress=False) as model:
+        model.plan.link_gbps = 2.0
+        block = model.plan.block_bytes[0]
+        assert repr(model) == (
+            f"<StreamingModel opt at {path}: 2 blocks, hidden 64, {params / 1e6:.2f}M parameters, float32, random "
+            f"weights; offload=nvme on cpu; 0/2 blocks resident, 2 streamed ({2 * block / 1024:.1f} KiB a pass), "
+            f"predicted step {2 * block / 2e9 * 1e3:.1f} ms>"
+        )
+    assert repr(model) == (
+        f"<StreamingModel opt at {path}: 2 blocks, hidden 64, {params / 1e6:.2f}M parameters, "
+        "float32, random weights; offload=nvme on cpu; closed>"
+    )
