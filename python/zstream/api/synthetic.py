@@ -30,7 +30,7 @@ from ..foundations.models import family_for
 from ..foundations.units import dtype_name, parse_bytes, parse_dtype
 from ..foundations.writer import Entry, header, new_checkpoint_dir, shard_names, split_shards, write_index
 
-SYNTHETIC_VERSION = 2  # what is written: bump it when a cached checkpoint from before must be rebuilt
+SYNTHETIC_VERSION = 3  # what is written: bump it when a cached checkpoint from before must be rebuilt
 ConfigLike = Union[str, Path, Mapping[str, Any]]
 PlanEntry = Tuple[str, Tuple[int, ...], torch.dtype]
 
