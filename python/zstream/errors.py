@@ -19,6 +19,10 @@ is an ``OSError``, a ``UsageError`` a ``ValueError``), so ``except OSError`` and
 
 from __future__ import annotations
 
+import os
+import sys
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 class ZStreamError(Exception):
     """Base class of every error zstream raises on purpose."""
@@ -73,6 +77,17 @@ class OutOfMemoryError(ZStreamError, MemoryError):
 class OutputExistsError(ZStreamError, FileExistsError):
     """A command that writes a new checkpoint was pointed at an output that already holds something; zstream never
     overwrites."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that points a warning at the first frame outside zstream: at the
+    user's line, however many zstream frames (wrappers, generators, decorators) lie between."""
+    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 __all__ = ["CheckpointError", "ModelClosedError", "ModelError", "OutOfMemoryError", "OutputExistsError",

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, caller_stacklevel
 from ..foundations.checkpoint import SYNTHETIC_KEY
 from ..foundations.models import family_for
 from ..foundations.units import dtype_name, parse_bytes, parse_dtype
@@ -304,7 +304,7 @@ def write_tokenizer(config: Mapping[str, Any], path: Union[str, Path]) -> Option
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < len(specials) + len(alphabet) or max(specials.values(), default=0) >= vocab_size:
         warnings.warn(f"vocabulary of {vocab_size} is too small for a byte-level tokenizer: the checkpoint gets none "
-                      "and takes token ids only", RuntimeWarning, stacklevel=2)
+                      "and takes token ids only", RuntimeWarning, stacklevel=caller_stacklevel())
         return None
     vocab: Dict[str, int] = dict(specials)
     vocab.update({ch: next(free) for ch in alphabet})

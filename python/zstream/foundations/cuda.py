@@ -14,6 +14,7 @@ import os
 import warnings
 
 from .. import _core
+from ..errors import caller_stacklevel
 
 
 def _loaded_cudart() -> str | None:
@@ -58,7 +59,7 @@ def _install_from_runtime() -> bool:  # GPU only: the CUDA runtime's entry point
     path = _loaded_cudart() or _bundled_cudart()
     if path is None:
         warnings.warn("zstream: no CUDA runtime library found in this process; arenas stay unpinned",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=caller_stacklevel())
         return False
     lib = ctypes.CDLL(path)
     register = ctypes.cast(lib.cudaHostRegister, ctypes.c_void_p).value

@@ -17,6 +17,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
 import torch
 
+from ..errors import caller_stacklevel
 from ..foundations.hardware import HardwareReport
 from ..foundations.measure import Rate, measure_link
 from ..foundations.store import FlatRead, WeightStore
@@ -125,7 +126,7 @@ def _ring(store: WeightStore, facts: CheckpointFacts, plan: Plan, seam: Device, 
     if plan.offload == "cpu":
         if seam.torch_device.type == "cuda" and not all(host[i].buffer.is_pinned() for i in streamed):  # type: ignore
             warnings.warn("zstream: host arenas are not pinned; copies to the GPU will be slow", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=caller_stacklevel())
         source: Any = HostBlocks(host, streamed)
         slot_bytes = max(host[i].nbytes for i in streamed)  # type: ignore[union-attr]
     else:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
-from ..errors import ModelClosedError, ModelError, OutOfMemoryError, UsageError
+from ..errors import ModelClosedError, ModelError, OutOfMemoryError, UsageError, caller_stacklevel
 from ..foundations.checkpoint import is_synthetic, load_tokenizer
 from ..foundations.models import Family
 from ..foundations.quant import BlockQuant
@@ -199,7 +199,7 @@ class StreamingModel:
                                 logits_processor=logits_processor, stopping_criteria=stopping_criteria)
         if kind == "ids":
             return tokens
-        self._warn_random(stacklevel=3)  # generate <- _serialised's wrapper <- the caller
+        self._warn_random()
         keep = torch.cat([mask.cpu(), torch.ones(tokens.shape[0], tokens.shape[1] - mask.shape[1],
                                                   dtype=mask.dtype)], dim=1)
         start = ids.shape[1] if kind == "chat" else 0
@@ -215,7 +215,7 @@ class StreamingModel:
         ids, mask, _ = self._inputs(inputs, None)
         if ids.shape[0] != 1:
             raise ModelError("stream takes one prompt or one conversation; use generate for a batch")
-        self._warn_random(stacklevel=2)  # this generator <- the caller's loop
+        self._warn_random()
         pieces = gen.text_pieces(self.tokenizer)
         config, explicit = gen.resolve_config(self.generation_config, generation_config, kwargs)
         for _ in self._steps(ids, mask, config, explicit, streamer=pieces, seed=seed):
@@ -307,12 +307,12 @@ class StreamingModel:
             tok.padding_side = side
         return enc["input_ids"], enc["attention_mask"]
 
-    def _warn_random(self, stacklevel: int) -> None:
-        """Once per model, where the user called (``stacklevel`` counts the frames between)."""
+    def _warn_random(self) -> None:
+        """Once per model, at the user's line."""
         if self.synthetic and not self._warned_random:
             self._warned_random = True
             warnings.warn(f"{self.path} holds random weights (zstream make-checkpoint): the text it generates is "
-                          "noise; the speed is real", UserWarning, stacklevel=stacklevel + 1)
+                          "noise; the speed is real", UserWarning, stacklevel=caller_stacklevel())
 
     def _check_length(self, attention_mask: Tensor, max_new_tokens: int) -> None:
         longest = int(attention_mask.sum(dim=1).max()) + max_new_tokens if attention_mask.numel() else 0
