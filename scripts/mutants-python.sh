@@ -27,6 +27,12 @@ mkdir -p "$STAGE/src"
 cp -r python/zstream "$STAGE/src/zstream"
 cp -r tests "$STAGE/tests"
 only=$(printf '"%s", ' "${globs[@]}")
+# MUTMUT_TESTS="tests/test_ring.py tests/test_engine.py" narrows the tests for a run on one module
+default_tests="tests/test_ring.py tests/test_engine.py tests/test_generation.py tests/test_quant.py
+    tests/test_quantized_models.py tests/test_pack.py tests/test_models.py tests/test_planning.py tests/test_kernels.py
+    tests/test_batch_planner.py tests/test_bench_cli.py tests/test_streaming_units.py"
+read -r -a tests <<< "$(echo ${MUTMUT_TESTS:-$default_tests})"
+selection=$(printf '"%s", ' "${tests[@]}")
 cat > "$STAGE/pyproject.toml" <<TOML
 [tool.mutmut]
 source_paths = ["src/zstream"]
@@ -38,9 +44,7 @@ do_not_mutate = ["src/zstream/foundations/quant/kernels.py", "src/zstream/stream
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q", "--timeout", "60"]
 # the tests of these modules (the GPU tests skip here; the hygiene, concurrency, fault and corruption suites, which
 # guard the store and the process rather than these modules' results, are left out to keep the run in hours)
-pytest_add_cli_args_test_selection = ["tests/test_ring.py", "tests/test_engine.py", "tests/test_generation.py",
-    "tests/test_quant.py", "tests/test_quantized_models.py", "tests/test_pack.py", "tests/test_models.py",
-    "tests/test_planning.py", "tests/test_kernels.py", "tests/test_batch_planner.py", "tests/test_bench_cli.py"]
+pytest_add_cli_args_test_selection = [${selection%, }]
 process_isolation = "forkserver"   # torch is not fork-safe once its threads run
 timeout_multiplier = 2.0
 timeout_constant = 5.0
@@ -51,6 +55,9 @@ testpaths = ["tests"]
 markers = ["gpu: needs a CUDA device", "slow: longer tests"]
 TOML
 cd "$STAGE"
+# MUTMUT_STAGE_ONLY=1 stops here: the stage can be carried to a machine with more cores and run there
+# (`mutmut run` in target/mutmut with PYTHONPATH=mutants/src; docs/testing.md says how the results were taken)
+[ -z "${MUTMUT_STAGE_ONLY:-}" ] || exit 0
 # Tests that start a Python subprocess (the Triton interpreter, the demo) import the mutated copy too. The folder
 # exists before Python starts, or the import system caches it as missing.
 mkdir -p "$STAGE/mutants/src"

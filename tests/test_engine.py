@@ -106,11 +106,14 @@ def test_streamed_pool_stays_bounded_over_many_passes(tmp_path):
     path = zstream.synthetic.make_checkpoint("tiny-opt", tmp_path / "m", dtype=torch.float32, progress=False)
     model = zstream.load(path, offload="nvme", device="cpu", prefetch=2, progress=False)
     ids = torch.randint(3, 200, (2, 5))
-    model.generate(ids, max_new_tokens=3)
-    slots = model.store.pool_stats[0]
-    for _ in range(5):
+    ring = model.blocks.rings()[0]
+    # In use at once: the reads ahead, the read being copied, the copies in flight; a pool slot comes back when
+    # Python lets go of its tensors, which a slow run (coverage, mutmut) delays, so allow as many again. A leak
+    # keeps a slot a block: 6 generates x 6 passes x 2 blocks = 72 here.
+    bound = 2 * (ring.source.depth + 1 + ring.slots)
+    for _ in range(6):
         model.generate(ids, max_new_tokens=5)
-    assert model.store.pool_stats[0] == slots  # slots are reused, not leaked
+        assert model.store.pool_stats[0] <= bound  # slots are reused, not leaked
 
 
 def test_plan_reports_residency_and_bytes(tmp_path):
