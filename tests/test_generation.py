@@ -374,3 +374,24 @@ def test_kv_cache_reset_starts_over():
     assert cache.length == 0 and cache.mask.shape == (2, 0)
     mask, start = cache.extend(torch.tensor([[1, 1], [0, 1]]))
     assert start == 0 and mask.tolist() == [[1, 1], [0, 1]]
+
+
+def test_the_repetition_penalty_is_built_as_the_installed_transformers_builds_it(monkeypatch):
+    """Older transformers (5.17, on the GPU machine) takes the pad lengths as an int only and its generate penalises the
+    padding: zstream then does the same, instead of failing on a tensor of lengths."""
+    from transformers.generation import logits_process as lp
+
+    made = []
+
+    class IntOnly(lp.RepetitionPenaltyLogitsProcessor):
+        def __init__(self, penalty: float, prompt_ignore_length=None) -> None:
+            if isinstance(prompt_ignore_length, torch.Tensor):
+                raise ValueError("`prompt_ignore_length` has to be a positive integer")
+            super().__init__(penalty, prompt_ignore_length)
+            made.append(prompt_ignore_length)
+
+    monkeypatch.setattr(lp, "RepetitionPenaltyLogitsProcessor", IntOnly)
+    ids, mask = padded_batch(vocab=64, lengths=(5, 3))
+    config = transformers.GenerationConfig(repetition_penalty=1.3, max_new_tokens=2)
+    s = gen.setup(config, {"repetition_penalty"}, ids, mask, tokenizer=None)
+    assert made == [None] and any(isinstance(p, IntOnly) for p in s.processors)

@@ -16,7 +16,6 @@ same tokens.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
@@ -88,6 +87,17 @@ class Setup:
     criteria: Any     # transformers.StoppingCriteriaList
 
 
+def _repetition_penalty(penalty: float, padding: Tensor) -> Any:
+    """As the installed transformers' own generate builds it: recent versions leave each row's left padding out of
+    the penalty (a tensor of pad lengths); older ones take no lengths, or an int only, and penalise the padding."""
+    from transformers.generation import logits_process as lp
+
+    try:
+        return lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=padding)
+    except (TypeError, ValueError):
+        return lp.RepetitionPenaltyLogitsProcessor(penalty)
+
+
 def setup(config: Any, explicit: Set[str], input_ids: Tensor, attention_mask: Tensor, *, tokenizer: Any,
           logits_processor: Optional[Sequence[Any]] = None, stopping_criteria: Optional[Sequence[Any]] = None) -> Setup:
     """Processors and criteria for ``config`` and a (B, T) prompt, in transformers' order."""
@@ -110,10 +120,7 @@ def setup(config: Any, explicit: Set[str], input_ids: Tensor, attention_mask: Te
     p = LogitsProcessorList()
     penalty = _get(config, "repetition_penalty")
     if penalty != 1.0:
-        padding = (attention_mask != 0).int().argmax(dim=1)
-        takes_padding = "prompt_ignore_length" in inspect.signature(lp.RepetitionPenaltyLogitsProcessor).parameters
-        p.append(lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=padding) if takes_padding
-                 else lp.RepetitionPenaltyLogitsProcessor(penalty))
+        p.append(_repetition_penalty(penalty, padding=(attention_mask != 0).int().argmax(dim=1)))
     if _get(config, "no_repeat_ngram_size") > 0:
         p.append(lp.NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
     if config.bad_words_ids is not None:
