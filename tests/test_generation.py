@@ -291,7 +291,7 @@ def test_the_random_weights_warning_points_at_the_caller_once_per_model(syntheti
     def where(w: warnings.WarningMessage) -> str:
         # Under mutation testing mutmut's trampolines (mutmut/mutation/trampoline.py) stand between zstream's
         # frames and the caller's: the first frame outside zstream is theirs.
-        return __file__ if os.environ.get("MUTANT_UNDER_TEST") and "trampoline" in w.filename else w.filename
+        return __file__ if f"{os.sep}mutmut{os.sep}" in w.filename else w.filename
 
     with zstream.load(synthetic_llama, offload="none", device="cpu", progress=False) as model:
         with warnings.catch_warnings(record=True) as seen:
