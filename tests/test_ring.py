@@ -8,6 +8,7 @@ and a pass that stopped midway leaves the ring able to start over."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -222,6 +223,39 @@ def test_a_pass_that_stops_midway_restarts_the_ring(checkpoint, monkeypatch):
     model.blocks.reset()
     total, free = model.store.pool_stats
     assert free == total  # the failed pass's read slots came back to the pool
+    model.close()
+
+
+class SlowSource:
+    """A host source that takes ``delay`` seconds to produce each block, like a disk read the ring waits for."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay, self.calls = inner, delay, 0
+
+    def host(self, g: int) -> Any:
+        time.sleep(self.delay)
+        self.calls += 1
+        return self.inner.host(g)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_the_time_blocked_on_bytes_is_counted(checkpoint, monkeypatch):
+    """``waited_s``, from which the bench tells a link-bound step from a compute-bound one, adds up the time the ring
+    blocks on bytes: at least the source's delays, at most the pass's wall time."""
+    path, _, truth = checkpoint
+    model, _, log = streaming_model(path, truth, monkeypatch, offload="cpu", max_resident_blocks=0)
+    ring = log.ring
+    slow = SlowSource(ring.source, delay=0.02)
+    ring.instrument(ring.device, slow)
+    ids = torch.randint(3, 300, (1, 4))
+    for _ in range(2):
+        before, t0 = model.waited_s, time.perf_counter()
+        model(ids)
+        wall, waited = time.perf_counter() - t0, model.waited_s - before
+        assert slow.calls >= NUM_BLOCKS - ring.slots and slow.calls * 0.02 <= waited <= wall, (slow.calls, waited, wall)
+        slow.calls = 0
     model.close()
 
 
