@@ -247,6 +247,7 @@ def test_the_time_blocked_on_bytes_is_counted(checkpoint, monkeypatch):
     path, _, truth = checkpoint
     model, _, log = streaming_model(path, truth, monkeypatch, offload="cpu", max_resident_blocks=0)
     ring = log.ring
+    assert model.waited_s == 0.0  # nothing streamed yet
     slow = SlowSource(ring.source, delay=0.02)
     ring.instrument(ring.device, slow)
     ids = torch.randint(3, 300, (1, 4))
@@ -257,6 +258,71 @@ def test_the_time_blocked_on_bytes_is_counted(checkpoint, monkeypatch):
         assert slow.calls >= NUM_BLOCKS - ring.slots and slow.calls * 0.02 <= waited <= wall, (slow.calls, waited, wall)
         slow.calls = 0
     model.close()
+
+
+class BrokenUntilReset:
+    """A host source whose read of global index ``at`` fails and keeps failing until the ring resets it, as a disk
+    read that failed does (the failed ticket stays queued until ``reset`` releases it)."""
+
+    def __init__(self, inner: Any, at: int) -> None:
+        self.inner, self.at, self.broken, self.failures = inner, at, False, 0
+
+    def host(self, g: int) -> Any:
+        if g == self.at and self.failures == 0:
+            self.broken = True
+        if self.broken:
+            self.failures += 1
+            raise OSError(f"injected read error at {g}")
+        return self.inner.host(g)
+
+    def reset(self) -> None:
+        self.broken = False
+        self.inner.reset()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_read_that_fails_in_the_first_block_is_retried_after_a_reset(checkpoint, monkeypatch):
+    """A pass that fails while acquiring its first block has computed nothing, yet the next pass must still reset
+    the ring: the failed read stays in the source until then."""
+    path, ref, truth = checkpoint
+    model, _, log = streaming_model(path, truth, monkeypatch, offload="cpu", max_resident_blocks=0)
+    ring = log.ring
+    broken = BrokenUntilReset(ring.source, at=0)
+    ring.instrument(ring.device, broken)
+    ids, mask = padded_batch(vocab=CONFIG["vocab_size"], lengths=(6, 4))
+    with pytest.raises(OSError, match="injected read error at 0"):
+        model(ids, mask)
+    got = model(ids, mask)
+    assert broken.failures == 1
+    real = mask.bool()  # padded positions' logits are nobody's
+    assert (got[real] - reference_logits(ref, ids, mask)[real]).abs().max().item() <= 1e-4
+    model.close()
+
+
+def test_a_checkpoint_in_another_dtype_streams_in_the_compute_dtype(tmp_path, monkeypatch):
+    """fp16 bytes on disk, float32 compute: each streamed block is converted on its way out of the slot; the logits
+    equal transformers' float32 model of the same fp16 weights."""
+    path = zstream.make_checkpoint(CONFIG, tmp_path / "m", torch.float16, progress=False)
+    ref = reference_model(path)
+    with zstream.load(path, offload="nvme", device="cpu", dtype=torch.float32, max_resident_blocks=0,
+                      progress=False) as model:
+        assert model.blocks.rings() and model.plan.streamed_blocks == list(range(NUM_BLOCKS))
+        ids, mask = padded_batch(vocab=CONFIG["vocab_size"], lengths=(7, 5))
+        got = model(ids, mask)
+    assert got.dtype == torch.float32
+    real = mask.bool()
+    assert (got[real] - reference_logits(ref, ids, mask)[real]).abs().max().item() <= 1e-4
+
+
+def test_a_single_streamed_block_gets_a_single_slot(checkpoint):
+    path, _, _ = checkpoint
+    with zstream.load(path, offload="cpu", device="cpu", max_resident_blocks=NUM_BLOCKS - 1, prefetch=2,
+                      progress=False) as model:
+        (ring,) = model.blocks.rings()
+        assert model.plan.streamed_blocks == [NUM_BLOCKS - 1]
+        assert ring.slots == 1 and len(ring.buffers) == 1  # a second slot would only hold the next pass's copy
 
 
 def test_trace_is_perfetto_json_with_a_copy_and_a_compute_per_streamed_block(tmp_path):
