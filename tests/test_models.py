@@ -438,6 +438,7 @@ def test_hub_config_spellings():
     mistral = family_for({**no_type, "architectures": ["MistralForCausalLM"], "sliding_window": 4096})
     assert mistral.model_type == "mistral"
     assert mistral.sliding_window == 4096
+    assert family_for({**no_type, "architectures": ["Qwen2ForCausalLM"]}).model_type == "qwen2"
     with pytest.raises(ModelError, match="rope type 'longrope'"):
         family_for({**llama31, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
 
@@ -456,6 +457,16 @@ ROPES = [
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4, "mscale": 1.0, "mscale_all_dim": 0.5},
     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8, "attention_factor": 0.8},
     {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 8, "truncate": False},
+    # frequencies inside llama3's smoothing band (wavelengths 16 to 64), not just one at its edge
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    # a long original context puts yarn's ramp inside the dimensions, where the betas show
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "truncate": False},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4096, "beta_fast": 16.0,
+     "beta_slow": 2.0, "truncate": False},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": 0.7, "mscale_all_dim": 0.5},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": 0.7},
+    {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 8},
 ]
 
 
