@@ -8,7 +8,6 @@ and a pass that stopped midway leaves the ring able to start over."""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -226,14 +225,24 @@ def test_a_pass_that_stops_midway_restarts_the_ring(checkpoint, monkeypatch):
     model.close()
 
 
-class SlowSource:
-    """A host source that takes ``delay`` seconds to produce each block, like a disk read the ring waits for."""
+class FakeClock:
+    """The ring's clock: time moves only where the test says, so what ``waited_s`` adds up is known exactly."""
 
-    def __init__(self, inner: Any, delay: float) -> None:
-        self.inner, self.delay, self.calls = inner, delay, 0
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class SlowSource:
+    """A host source whose every block takes a second of the fake clock, like a disk read the ring waits for."""
+
+    def __init__(self, inner: Any, clock: FakeClock) -> None:
+        self.inner, self.clock, self.calls = inner, clock, 0
 
     def host(self, g: int) -> Any:
-        time.sleep(self.delay)
+        self.clock.now += 1.0
         self.calls += 1
         return self.inner.host(g)
 
@@ -241,22 +250,40 @@ class SlowSource:
         return getattr(self.inner, name)
 
 
+class SlowCopies:
+    """The ring's device, where a compute stream's wait for a copy takes half a second of the fake clock."""
+
+    def __init__(self, inner: Any, clock: FakeClock) -> None:
+        self.inner, self.clock, self.compute_waits = inner, clock, 0
+
+    def wait(self, stream, event) -> None:
+        if stream is self.inner.compute_stream():
+            self.clock.now += 0.5
+            self.compute_waits += 1
+        self.inner.wait(stream, event)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def test_the_time_blocked_on_bytes_is_counted(checkpoint, monkeypatch):
     """``waited_s``, from which the bench tells a link-bound step from a compute-bound one, adds up the time the ring
-    blocks on bytes: at least the source's delays, at most the pass's wall time."""
+    blocks on bytes: the reads it waits for and the copies the compute waits for, nothing else."""
     path, _, truth = checkpoint
     model, _, log = streaming_model(path, truth, monkeypatch, offload="cpu", max_resident_blocks=0)
     ring = log.ring
     assert model.waited_s == 0.0  # nothing streamed yet
-    slow = SlowSource(ring.source, delay=0.02)
-    ring.instrument(ring.device, slow)
+    clock = FakeClock()
+    monkeypatch.setattr("zstream.streaming.ring.time", clock)
+    slow, device = SlowSource(ring.source, clock), SlowCopies(ring.device, clock)
+    ring.instrument(device, slow)
     ids = torch.randint(3, 300, (1, 4))
     for _ in range(2):
-        before, t0 = model.waited_s, time.perf_counter()
+        before = model.waited_s
         model(ids)
-        wall, waited = time.perf_counter() - t0, model.waited_s - before
-        assert slow.calls >= NUM_BLOCKS - ring.slots and slow.calls * 0.02 <= waited <= wall, (slow.calls, waited, wall)
-        slow.calls = 0
+        assert slow.calls >= NUM_BLOCKS - ring.slots and device.compute_waits == NUM_BLOCKS
+        assert model.waited_s - before == 1.0 * slow.calls + 0.5 * device.compute_waits
+        slow.calls = device.compute_waits = 0
     model.close()
 
 
