@@ -1,4 +1,5 @@
-"""The zstream exception hierarchy: every exception class zstream defines lives here.
+"""The zstream exception hierarchy: every exception class zstream defines lives here, and the one rule for where
+zstream's warnings point (``caller_stacklevel``: at the user's line).
 
 Every error zstream raises on purpose is a ``ZStreamError``; its message names the file, model or value and the
 fault, and where there is one, the fix. The Rust core raises these same classes (``rust/zstream-py/src/error.rs``
