@@ -187,6 +187,7 @@ def test_weights_the_group_size_does_not_divide_stay_unquantized_with_a_note(sou
     assert sorted(str(n.message).split()[2] for n in notes) == [
         "mlp.dense_h_to_4h.weight", "self_attention.dense.weight", "self_attention.query_key_value.weight"]
     assert all("stays unquantized: group size 64 does not divide" in str(n.message) for n in notes)
+    assert {n.filename for n in notes} == {__file__}  # at the caller's line, not inside zstream
     verify(src, out, QuantConfig(4, 64))
     with WeightStore.open(out, pin=False) as store:
         assert "transformer.h.0.self_attention.query_key_value.weight" in store
