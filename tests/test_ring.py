@@ -8,6 +8,7 @@ and a pass that stopped midway leaves the ring able to start over."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -360,11 +361,13 @@ def test_trace_is_perfetto_json_with_a_copy_and_a_compute_per_streamed_block(tmp
     path = zstream.make_checkpoint(config, tmp_path / "m", torch.float32, progress=False)
     with zstream.load(path, offload="nvme", device="cpu", progress=False) as model:
         ids = torch.randint(3, 300, (1, 4))
+        t0_us = time.monotonic_ns() / 1e3  # the trace's clock: every traced read starts after this
         model(ids)
         model.trace_start()
         for _ in range(2):
             model(ids)
         doc = model.trace_stop(tmp_path / "trace.json")
+        t1_us = time.monotonic_ns() / 1e3
         assert json.loads((tmp_path / "trace.json").read_text()) == doc
         with pytest.raises(zstream.ModelError, match="no trace"):
             model.trace_stop(tmp_path / "again.json")
@@ -395,3 +398,13 @@ def test_trace_is_perfetto_json_with_a_copy_and_a_compute_per_streamed_block(tmp
                    if c["ts"] < k["ts"] + k["dur"] and k["ts"] < c["ts"] + c["dur"]]
     assert overlapping, "no copy ran while a block computed"
     assert len(computed) == 12
+    # Times in microseconds of one clock: inside the run, compute in order, each block's compute inside the Python
+    # time of its acquire..release (it starts after its acquire began); indices and names agree (block = g % 6).
+    assert all(t0_us <= e["ts"] and e["ts"] + e["dur"] <= t1_us for e in events)
+    for kind in ("copy", "disk", "compute", "cpu"):
+        assert all(e["name"] == f"block {e['args']['global_index'] % 6}" for e in by[kind]), kind
+    cpu = {e["args"]["global_index"]: e for e in by["cpu"]}
+    assert sorted(cpu) == sorted(computed) == list(range(min(cpu), min(cpu) + 12))
+    starts = [e["ts"] for e in sorted(by["compute"], key=lambda e: e["args"]["global_index"])]
+    assert starts == sorted(starts)
+    assert all(e["ts"] >= cpu[e["args"]["global_index"]]["ts"] for e in by["compute"])
