@@ -117,14 +117,27 @@ def test_a_model_describes_itself_exactly(tmp_path):
     with safe_open(path / "model.safetensors", framework="pt") as f:
         params = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())  # noqa: SIM118
     with zstream.load(path, offload="nvme", device="cpu", progress=False) as model:
-        model.plan.link_gbps = 2.0
+        model.plan.link_gbps = 0.001  # 1 MB/s: a step of a tenth of a second, whose digits show
         block = model.plan.block_bytes[0]
         assert repr(model) == (
             f"<StreamingModel opt at {path}: 2 blocks, hidden 64, {params / 1e6:.2f}M parameters, float32, random "
             f"weights; offload=nvme on cpu; 0/2 blocks resident, 2 streamed ({2 * block / 1024:.1f} KiB a pass), "
-            f"predicted step {2 * block / 2e9 * 1e3:.1f} ms>"
+            f"predicted step {2 * block / 1e6 * 1e3:.1f} ms>"
         )
     assert repr(model) == (
         f"<StreamingModel opt at {path}: 2 blocks, hidden 64, {params / 1e6:.2f}M parameters, "
         "float32, random weights; offload=nvme on cpu; closed>"
     )
+
+
+def test_a_trained_quantized_resident_model_says_so_and_no_more(tmp_path):
+    """Weights saved by transformers (not random), packed to int8, all resident: the quantization is named, no
+    "random weights", no predicted step (nothing streams)."""
+    from tiny_models import save_with_transformers
+
+    src = save_with_transformers(zstream.PRESETS["tiny-opt"], tmp_path / "src")
+    out = zstream.pack(src, tmp_path / "q", quantize="int8", device="cpu", progress=False)
+    with zstream.load(out, offload="none", device="cpu", progress=False) as model:
+        text = repr(model)
+    assert text.endswith(": 2 blocks, hidden 64, 0.09M parameters, float32, int8, group 64, asymmetric; "
+                         "offload=none on cpu; 2/2 blocks resident, 0 streamed (0 B a pass)>")
