@@ -467,6 +467,10 @@ ROPES = [
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": 0.7, "mscale_all_dim": 0.5},
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": 0.7},
     {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 8},
+    {"rope_type": "yarn", "factor": 0.5, "original_max_position_embeddings": 8},  # no attention scaling below 1
+    # equal betas without truncation: a zero-width ramp, which both widen by 0.001
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 4.0,
+     "beta_slow": 4.0, "truncate": False},
 ]
 
 
@@ -489,5 +493,22 @@ def test_rope_frequencies_equal_transformers(rope, head_dim, theta):
     hf = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, max_position_embeddings=16,
                      rope_parameters={**rope, "rope_theta": theta})
     want, want_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu", seq_len=seq_len)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    assert got_factor == pytest.approx(want_factor, rel=1e-9)
+
+
+def test_yarn_without_a_factor_takes_the_ratio_of_the_context_lengths():
+    """No ``factor``: max_position_embeddings / original_max_position_embeddings (16 / 8), as transformers' yarn
+    computes it with factor 2."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from zstream.foundations.models.llama import rope_inv_freq
+
+    params = {"rope_type": "yarn", "original_max_position_embeddings": 8, "rope_theta": 500.0}
+    got, got_factor = rope_inv_freq(params, 16, 16)
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=16,
+                     rope_parameters={**params, "factor": 2.0})
+    want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
     assert got_factor == pytest.approx(want_factor, rel=1e-9)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zstream.errors import QuantizationError
-from zstream.foundations.quant import dequantize, quantize
+from zstream.foundations.quant import METADATA_KEY, QuantConfig, dequantize, quantize
 
 from oracles import numpy_reference, pack_nibbles, unpack
 
@@ -81,6 +81,9 @@ def test_non_finite_values_are_refused(bad):
     w[1, 5] = bad
     with pytest.raises(QuantizationError, match="inf or NaN"):
         quantize(w)
+    with pytest.raises(QuantizationError, match=r"^cannot quantize a tensor holding inf or NaN: its groups have no "
+                                                r"finite range$"):
+        quantize(w)
 
 
 def test_shapes_the_group_size_does_not_divide_are_refused():
@@ -90,3 +93,27 @@ def test_shapes_the_group_size_does_not_divide_are_refused():
         quantize(torch.zeros(64))
     with pytest.raises(QuantizationError, match="bits"):
         quantize(torch.zeros(2, 64), bits=3)
+
+
+@pytest.mark.parametrize(("bits", "gs"), [(8, 1), (8, 3), (4, 2)])
+def test_the_smallest_and_odd_groups_each_format_allows_equal_numpy(bits, gs):
+    w = (np.arange(2 * 6 * gs, dtype=np.float32).reshape(2, 6 * gs) % 7 - 3) * np.float32(0.25)
+    qt = quantize(torch.from_numpy(w), bits=bits, group_size=gs)
+    assert np.array_equal(unpack(qt), numpy_reference(w, bits, gs, False)[0])
+    assert QuantConfig(bits, gs).group_size == gs
+
+
+@pytest.mark.parametrize(("bits", "gs", "match"), [(8, 0, "does not divide"), (8, -2, "does not divide"),
+                                                   (4, 3, "must be even"), (4, 1, "must be even")])
+def test_groups_no_format_allows_are_refused(bits, gs, match):
+    with pytest.raises(QuantizationError, match=match):
+        quantize(torch.zeros(2, 6), bits=bits, group_size=gs)
+    with pytest.raises(QuantizationError, match="group_size must be positive"):
+        QuantConfig(bits, gs)
+
+
+def test_a_config_names_itself_and_writes_sorted_metadata():
+    assert QuantConfig(4, 32, symmetric=True).describe() == "int4, group 32, symmetric"
+    assert QuantConfig(8).describe() == "int8, group 64, asymmetric"
+    assert QuantConfig(4, 128, True).to_metadata() == {
+        METADATA_KEY: '{"bits": 4, "group_size": 128, "symmetric": true, "version": 1}'}

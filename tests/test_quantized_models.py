@@ -221,3 +221,18 @@ def test_cli_info_shows_bytes_before_and_after(checkpoint, capsys):
     assert main(["info", str(path), "--offload", "cpu", "--device", "cpu", "--quantize", "int8",
                  "--group-size", "32"]) == 0
     assert "quantized int8, group 32, asymmetric" in capsys.readouterr().out
+
+
+def test_packed_weights_dequantize_into_the_compute_dtype(tmp_path):
+    """A packed int8 checkpoint computed in float16 on the CPU: the dequantized weights come out in float16 (the
+    matmuls take them), and the logits stay within float16 rounding of the same checkpoint computed in float32."""
+    src = save_with_transformers(PRESETS["tiny-opt"], tmp_path / "src")
+    out = zstream.pack(src, tmp_path / "q", quantize="int8", device="cpu", progress=False)
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for dtype in (torch.float32, torch.float16):
+        with zstream.load(out, offload="cpu", device="cpu", dtype=dtype, max_resident_blocks=0,
+                          progress=False) as model:
+            logits[dtype] = model(ids)
+    assert logits[torch.float16].dtype == torch.float16
+    assert (logits[torch.float16].float() - logits[torch.float32]).abs().max().item() <= 2e-2
