@@ -1,7 +1,7 @@
 """Per-module mutmut results (scripts/mutants-python.sh): killed, survived, no tests, timeouts, and the kill rate
 killed / (killed + survived), from mutmut's own result files (``mutants/**/*.py.meta``), then every survivor.
 
-    python3 scripts/mutants_summary.py target/mutmut
+    python3 scripts/mutants_summary.py target/mutmut [--markdown]
 """
 
 from __future__ import annotations
@@ -12,8 +12,33 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List
 
+GROUPS = {"streaming/": "engine and generation (streaming/)", "quant/": "quantization (foundations/quant/)",
+          "models/": "models (foundations/models/)"}
 
-def main(stage: Path) -> int:
+
+def markdown(counts: Dict[str, Counter]) -> None:
+    """The table of docs/testing.md: per module, then per group; a timeout counts as killed (a mutant that hangs)."""
+    print("| module | mutants | run | killed | timeout | survived | kill rate |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    groups: Dict[str, Counter] = defaultdict(Counter)
+    for module, c in counts.items():
+        run = c["killed"] + c["timeout"] + c["survived"]
+        total = sum(c.values())
+        rate = f"{(c['killed'] + c['timeout']) / run:.1%}" if run else "-"
+        print(f"| `{module.removeprefix('src/zstream/')}` | {total} | {run} | {c['killed']} | {c['timeout']} | "
+              f"{c['survived']} | {rate} |")
+        for key in GROUPS:
+            if key in module:
+                groups[key].update(c)
+    for key, name in GROUPS.items():
+        c = groups[key]
+        run = c["killed"] + c["timeout"] + c["survived"]
+        if run:
+            print(f"| **{name}** | {sum(c.values())} | {run} | {c['killed']} | {c['timeout']} | {c['survived']} | "
+                  f"**{(c['killed'] + c['timeout']) / run:.1%}** |")
+
+
+def main(stage: Path, as_markdown: bool = False) -> int:
     from mutmut.stats import status_by_exit_code
 
     counts: Dict[str, Counter] = defaultdict(Counter)
@@ -25,6 +50,9 @@ def main(stage: Path) -> int:
             counts[module][status] += 1
             if status == "survived":
                 survivors.append(key)
+    if as_markdown:
+        markdown(counts)
+        return 0
     print(f"{'module':52} {'killed':>6} {'survived':>8} {'no tests':>8} {'timeout':>7} {'other':>5} {'kill rate':>9}")
     total = Counter()
     for module, c in counts.items():
@@ -43,4 +71,4 @@ def main(stage: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), "--markdown" in sys.argv[2:]))
