@@ -147,6 +147,7 @@ SAMPLING = [
     {"temperature": 1.3, "top_p": 0.8},
     {"top_k": 0, "top_p": 0.9, "repetition_penalty": 1.3},
     {"temperature": 0.9, "min_p": 0.05, "no_repeat_ngram_size": 2},
+    {"temperature": 0.3, "min_p": 0.9},  # often a single token above the cut: min_tokens_to_keep decides
 ]
 
 
