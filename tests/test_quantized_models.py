@@ -3,6 +3,8 @@ accuracy of each family against its fp32 reference (transformers, on the same ra
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ import zstream
 from zstream.api.synthetic import PRESETS
 from zstream.errors import QuantizationError
 from zstream.foundations.models import family_for
-from zstream.foundations.quant import CODES, QuantConfig, block_quant_for
+from zstream.foundations.quant import CODES, SCALE, ZERO, QuantConfig, block_quant_for
 
 from oracles import numpy_reference
 from tiny_models import reference_model, save_with_transformers
@@ -236,3 +238,41 @@ def test_packed_weights_dequantize_into_the_compute_dtype(tmp_path):
             logits[dtype] = model(ids)
     assert logits[torch.float16].dtype == torch.float16
     assert (logits[torch.float16].float() - logits[torch.float32]).abs().max().item() <= 2e-2
+
+
+def test_a_block_packed_at_load_is_laid_out_like_a_packed_checkpoint(tmp_path):
+    """BlockQuant.pack on the CPU: the quantized weight's codes, scales and zeros equal numpy's, and the other
+    tensors pass through, in one buffer: the first tensor at 0, each 256-byte aligned, none overlapping, nothing
+    after the last; host buffers are the core's arenas (counted in mapped bytes), and "cpu" asks for no pinning."""
+    import warnings
+
+    import numpy as np
+
+    from zstream import _core
+
+    cfg = QuantConfig(8, 32)
+    bq = block_quant_for(cfg, {"fc": (6, 64), "bias": (6,)}, ("fc",), torch.float32)
+    g = torch.Generator().manual_seed(3)
+    views = {"m.fc": (torch.randn(6, 64, generator=g) * 0.1).half(), "m.bias": torch.randn(6, generator=g)}
+    before = _core.mapped_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pinning attempt on this CPU-only machine would warn
+        buf, layout = bq.pack(views, {"fc": "m.fc", "bias": "m.bias"}, work=torch.device("cpu"), dest="cpu")
+    assert buf.device.type == "cpu" and _core.mapped_bytes() - before >= buf.numel()
+    spans = sorted((off, off + math.prod(shape) * dt.itemsize) for off, dt, shape in layout.values())
+    assert spans[0][0] == 0 and spans[-1][1] == buf.numel()
+    assert all(a % 256 == 0 for a, _ in spans)
+    assert all(end <= nxt < end + 256 for (_, end), (nxt, _) in zip(spans, spans[1:]))
+
+    def tensor(name: str) -> torch.Tensor:
+        off, dt, shape = layout[name]
+        return buf[off:off + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+
+    codes, scale, zero, _ = numpy_reference(views["m.fc"].float().numpy(), 8, 32, False)
+    assert np.array_equal(tensor("m.fc" + CODES).numpy(), codes)
+    assert np.array_equal(tensor("m.fc" + SCALE).float().numpy(), scale)
+    assert np.array_equal(tensor("m.fc" + ZERO).float().numpy(), zero)
+    assert torch.equal(tensor("m.bias"), views["m.bias"])
+    with pytest.warns(RuntimeWarning, match="pageable"):  # "pinned" on a machine without CUDA: a host arena still
+        pinned, _ = bq.pack(views, {"fc": "m.fc", "bias": "m.bias"}, work=torch.device("cpu"), dest="pinned")
+    assert pinned.device.type == "cpu" and torch.equal(pinned, buf)
