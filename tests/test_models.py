@@ -175,6 +175,7 @@ def test_rope_scaling_matches_transformers(tmp_path, rope):
         ("tiny-opt", {"layer_norm_elementwise_affine": False}),
         ("tiny-opt", {"_remove_final_layer_norm": True}),
         ("tiny-opt", {"tie_word_embeddings": False}),
+        ("tiny-bloom", {"tie_word_embeddings": False}),
         ("tiny-llama", {"num_key_value_heads": 1}),  # multi-query attention
         ("tiny-llama", {"hidden_act": "gelu_pytorch_tanh"}),
         ("tiny-qwen2", {"tie_word_embeddings": True}),
@@ -512,3 +513,19 @@ def test_yarn_without_a_factor_takes_the_ratio_of_the_context_lengths():
     want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
     assert got_factor == pytest.approx(want_factor, rel=1e-9)
+
+
+def test_opt_settings_a_config_leaves_out_take_transformers_defaults():
+    """Old OPT configs on the hub omit keys that transformers fills with its OPTConfig defaults; so does zstream."""
+    from transformers import OPTConfig
+
+    defaults = OPTConfig()
+    config = {k: v for k, v in PRESETS["tiny-opt"].items()
+              if k not in ("layer_norm_elementwise_affine", "activation_function", "_remove_final_layer_norm")}
+    fam = family_for(config)
+    assert fam.ln_affine is defaults.layer_norm_elementwise_affine is True
+    assert fam.final_ln is (fam.pre_ln and not defaults._remove_final_layer_norm)
+    assert fam.act(torch.tensor([-1.0, 2.0])).tolist() == [0.0, 2.0]  # relu, OPTConfig's activation_function
+    assert defaults.activation_function == "relu"
+    with pytest.raises(ModelError, match="hidden_size must divide into the heads"):
+        family_for({**PRESETS["tiny-opt"], "num_attention_heads": 5})
