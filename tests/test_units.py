@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zstream.errors import UsageError
-from zstream.foundations.units import fmt_bytes, parse_bytes, parse_dtype, safetensors_dtype, torch_dtype
+from zstream.foundations.units import fmt_bytes, fmt_params, parse_bytes, parse_dtype, safetensors_dtype, torch_dtype
 
 
 @pytest.mark.parametrize(("text", "want"), [
@@ -51,3 +51,10 @@ def test_safetensors_names_round_trip():
         assert safetensors_dtype(torch_dtype(name)) == name
     with pytest.raises(TypeError, match="F99"):
         torch_dtype("F99")
+
+
+@pytest.mark.parametrize(("n", "text"), [(7_069_016_064, "7.07B"), (176_247_271_424, "176.25B"),
+                                         (100_000_000, "0.10B"), (99_999_999, "100.00M"), (560_000, "0.56M"),
+                                         (94_000, "0.09M")])
+def test_fmt_params(n, text):
+    assert fmt_params(n) == text

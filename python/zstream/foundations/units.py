@@ -37,6 +37,11 @@ def parse_bytes(value: Union[int, float, str, None], *, what: str = "size") -> O
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def fmt_params(n: int) -> str:
+    """A parameter count as model cards write it: ``7_069_016_064`` -> ``"7.07B"``, ``560_000`` -> ``"0.56M"``."""
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def fmt_bytes(n: Optional[float]) -> str:
     """``12_080_000_000`` -> ``"11.3 GiB"``; None -> ``"unlimited"``."""
     if n is None:

@@ -26,7 +26,7 @@ from ..foundations.checkpoint import is_synthetic, load_tokenizer
 from ..foundations.models import Family
 from ..foundations.quant import BlockQuant
 from ..foundations.store import WeightStore
-from ..foundations.units import dtype_name, fmt_bytes
+from ..foundations.units import dtype_name, fmt_bytes, fmt_params
 from ..planning.facts import CheckpointFacts
 from ..planning.residency import Plan
 from . import generate as gen
@@ -398,11 +398,10 @@ class StreamingModel:
     def __repr__(self) -> str:
         p = self.plan
         params = sum(math.prod(shape) for shape in self.family.expected_shapes().values())
-        size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
         quant = f", {p.quantization}" if p.quantization else ""
         noise = ", random weights" if self.synthetic else ""
         head = (f"<StreamingModel {self.family.name} at {self.path}: {self.family.num_blocks} blocks, hidden "
-                f"{self.family.hidden_size}, {size} parameters, {dtype_name(p.dtype)}{quant}{noise}; "
+                f"{self.family.hidden_size}, {fmt_params(params)} parameters, {dtype_name(p.dtype)}{quant}{noise}; "
                 f"offload={p.offload} on {p.device}; ")
         if self._closed:
             return head + "closed>"
