@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import struct
 from pathlib import Path
 
@@ -24,3 +25,12 @@ def tmp_ckpt(tmp_path: Path) -> Path:
     d = tmp_path / "ckpt"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def ctrl_c() -> object:
+    """Ctrl-C raises KeyboardInterrupt in this test, as in an interactive Python: a shell that starts pytest in the
+    background (``cmd &`` without job control) sets SIGINT to be ignored, and Python keeps an inherited ignore."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)

@@ -187,7 +187,7 @@ class _InterruptOnceStarted(threading.Thread):
             time.sleep(0.0005)
 
 
-def test_ctrl_c_during_load_leaves_the_process_usable(slow):
+def test_ctrl_c_during_load_leaves_the_process_usable(slow, ctrl_c):
     want = one_round(slow, tokens=2)  # also warms torch's thread pools up
     fd0, th0 = settle()
     watcher = _InterruptOnceStarted()
@@ -205,7 +205,7 @@ def test_ctrl_c_during_load_leaves_the_process_usable(slow):
     assert_no_growth((fd0, th0))
 
 
-def test_ctrl_c_during_generate_leaves_the_model_usable(slow):
+def test_ctrl_c_during_generate_leaves_the_model_usable(slow, ctrl_c):
     """Three generations interrupted midway: each time the model generates again as before, and the staging slots of
     the interrupted passes come back to the pool: once the ring drops what it holds for the next pass, every slot is
     free (a slot still held by a ticket or a tensor of the interrupted pass is not)."""

@@ -185,7 +185,7 @@ def test_released_ticket_refuses_wait(tmp_ckpt):
 
 
 @pytest.mark.parametrize("reader", ["uring", "pread"])
-def test_ctrl_c_interrupts_a_long_read(tmp_ckpt, reader):
+def test_ctrl_c_interrupts_a_long_read(tmp_ckpt, reader, ctrl_c):
     if reader == "uring" and _core.uring_unavailable_reason() is not None:
         pytest.skip(_core.uring_unavailable_reason())
     save_file({"big": torch.zeros(1 << 20, dtype=torch.uint8), "small": torch.arange(5)}, tmp_ckpt / "m.safetensors")
