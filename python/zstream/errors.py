@@ -1,5 +1,5 @@
-"""The zstream exception hierarchy: every exception class zstream defines lives here, and the one rule for where
-zstream's warnings point (``caller_stacklevel``: at the user's line).
+"""The zstream exception hierarchy: every exception class zstream defines lives here, and the one way zstream
+warns (``warn``: at the user's line).
 
 Every error zstream raises on purpose is a ``ZStreamError``; its message names the file, model or value and the
 fault, and where there is one, the fix. The Rust core raises these same classes (``rust/zstream-py/src/error.rs``
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
 
 class ZStreamError(Exception):
     """Base class of every error zstream raises on purpose."""
@@ -80,15 +82,15 @@ class OutputExistsError(ZStreamError, FileExistsError):
     overwrites."""
 
 
-def caller_stacklevel() -> int:
-    """The ``stacklevel`` for ``warnings.warn`` that points a warning at the first frame outside zstream: at the
-    user's line, however many zstream frames (wrappers, generators, decorators) lie between."""
-    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
+def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn``, pointed at the first frame outside zstream: at the user's line, however many zstream
+    frames (wrappers, generators, decorators) lie between."""
+    frame = sys._getframe(0)  # this function: warnings.warn's stacklevel 1
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame = frame.f_back
         level += 1
-    return level
+    warnings.warn(message, category, stacklevel=level)
 
 
 __all__ = ["CheckpointError", "ModelClosedError", "ModelError", "OutOfMemoryError", "OutputExistsError",

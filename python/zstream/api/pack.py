@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..errors import QuantizationError, caller_stacklevel
+from ..errors import QuantizationError, warn
 from ..foundations import checkpoint
 from ..foundations.hardware import resolve_device
 from ..foundations.models import Family, family_for
@@ -240,8 +239,8 @@ def pack(model: PathLike, out: PathLike, *, quantize: str = "int4", group_size: 
         family.validate({n: store.info(n) for n in names})
         units, skipped = _plan(store, family, cfg)
         for local, shape in skipped.items():
-            warnings.warn(f"zstream pack: {local} {list(shape)} stays unquantized: group size {cfg.group_size} does "
-                          f"not divide its input dimension", RuntimeWarning, stacklevel=caller_stacklevel())
+            warn(f"zstream pack: {local} {list(shape)} stays unquantized: group size {cfg.group_size} does "
+                 f"not divide its input dimension", RuntimeWarning)
         _write(src, dst, store, units, _shards(units, limit), config, cfg, dev, progress)
         block_in = sum(store.info(s).nbytes for u in units if u.label.startswith("block ") for s in u.sources)
         total_in = sum(store.info(n).nbytes for n in names)

@@ -17,14 +17,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import warnings
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..errors import ModelError, caller_stacklevel
+from ..errors import ModelError, warn
 from ..foundations.checkpoint import SYNTHETIC_KEY
 from ..foundations.models import family_for
 from ..foundations.units import dtype_name, parse_bytes, parse_dtype
@@ -303,8 +302,8 @@ def write_tokenizer(config: Mapping[str, Any], path: Union[str, Path]) -> Option
     free = (i for i in range(vocab_size) if i not in specials.values())
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < len(specials) + len(alphabet) or max(specials.values(), default=0) >= vocab_size:
-        warnings.warn(f"vocabulary of {vocab_size} is too small for a byte-level tokenizer: the checkpoint gets none "
-                      "and takes token ids only", RuntimeWarning, stacklevel=caller_stacklevel())
+        warn(f"vocabulary of {vocab_size} is too small for a byte-level tokenizer: the checkpoint gets none "
+             "and takes token ids only", RuntimeWarning)
         return None
     vocab: Dict[str, int] = dict(specials)
     vocab.update({ch: next(free) for ch in alphabet})

@@ -11,10 +11,9 @@ import ctypes
 import functools
 import glob
 import os
-import warnings
 
 from .. import _core
-from ..errors import caller_stacklevel
+from ..errors import warn
 
 
 def _loaded_cudart() -> str | None:
@@ -58,8 +57,8 @@ def _install_from_runtime() -> bool:  # GPU only: the CUDA runtime's entry point
     torch.cuda.init()
     path = _loaded_cudart() or _bundled_cudart()
     if path is None:
-        warnings.warn("zstream: no CUDA runtime library found in this process; arenas stay unpinned",
-                      RuntimeWarning, stacklevel=caller_stacklevel())
+        warn("zstream: no CUDA runtime library found in this process; arenas stay unpinned",
+             RuntimeWarning)
         return False
     lib = ctypes.CDLL(path)
     register = ctypes.cast(lib.cudaHostRegister, ctypes.c_void_p).value

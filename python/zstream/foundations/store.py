@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Optional, Union
 
 import torch
 
 from .. import _core
-from ..errors import ReadError, caller_stacklevel
+from ..errors import ReadError, warn
 from .cuda import install_host_register
 from .units import VIEWED_DTYPES, torch_dtype
 
@@ -48,8 +47,7 @@ def host_buffer(nbytes: int, *, pin: bool) -> torch.Tensor:
     capsule, pin_error = _core.host_buffer(nbytes, pin=pinned, flags=_core.HOST_REGISTER_PORTABLE)
     if pin and (not pinned or pin_error):
         why = pin_error or "no CUDA runtime is available"
-        warnings.warn(f"zstream: a host buffer of {nbytes} bytes stays pageable: {why}", RuntimeWarning,
-                      stacklevel=caller_stacklevel())
+        warn(f"zstream: a host buffer of {nbytes} bytes stays pageable: {why}", RuntimeWarning)
     return torch.from_dlpack(capsule)
 
 
@@ -118,8 +116,8 @@ class Ticket:
     def _warn_unpinned(self) -> None:
         err = self._ticket.pin_error
         if err:
-            warnings.warn(f"zstream: staging slot left unpinned (copies to the GPU will be slower): {err}",
-                          RuntimeWarning, stacklevel=caller_stacklevel())
+            warn(f"zstream: staging slot left unpinned (copies to the GPU will be slower): {err}",
+                 RuntimeWarning)
 
     def wait_flat(self, timeout: Optional[float] = None) -> FlatRead:
         """Like ``wait``, as one flat buffer (the whole slot) plus offsets: see ``FlatRead``."""
@@ -214,8 +212,8 @@ class WeightStore:
             pin = torch.cuda.is_available()
         pinned = bool(pin) and install_host_register()
         if pin and not pinned:
-            warnings.warn("zstream: pinning asked for, but no CUDA runtime is available; arenas stay pageable",
-                          RuntimeWarning, stacklevel=caller_stacklevel())
+            warn("zstream: pinning asked for, but no CUDA runtime is available; arenas stay pageable",
+                 RuntimeWarning)
         flags = None
         if pinned:
             flags = _core.HOST_REGISTER_PORTABLE | (_core.HOST_REGISTER_MAPPED if mapped else 0)
@@ -294,7 +292,7 @@ class WeightStore:
         names = list(names)
         capsules, pin_error = self._core.read(names, reader=reader)
         if pin_error:
-            warnings.warn(f"zstream: arena left unpinned: {pin_error}", RuntimeWarning, stacklevel=caller_stacklevel())
+            warn(f"zstream: arena left unpinned: {pin_error}", RuntimeWarning)
         return _to_torch(capsules, self._meta(names))
 
     def read_flat(self, names: Iterable[str], *, reader: Optional[str] = None) -> FlatRead:
@@ -302,7 +300,7 @@ class WeightStore:
         names = list(dict.fromkeys(names))
         capsule, offsets, pin_error, _ = self._core.read_flat(names, reader=reader)
         if pin_error:
-            warnings.warn(f"zstream: arena left unpinned: {pin_error}", RuntimeWarning, stacklevel=caller_stacklevel())
+            warn(f"zstream: arena left unpinned: {pin_error}", RuntimeWarning)
         meta = self._meta(names)
         layout = {n: (off, torch_dtype(meta[n][0]), meta[n][1]) for n, off in zip(names, offsets)}
         return FlatRead(torch.from_dlpack(capsule), layout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
 import torch
 
-from ..errors import caller_stacklevel
+from ..errors import warn
 from ..foundations.hardware import HardwareReport
 from ..foundations.measure import Rate, measure_link
 from ..foundations.store import FlatRead, WeightStore
@@ -125,8 +124,7 @@ def _ring(store: WeightStore, facts: CheckpointFacts, plan: Plan, seam: Device, 
     streamed = plan.streamed_blocks
     if plan.offload == "cpu":
         if seam.torch_device.type == "cuda" and not all(host[i].buffer.is_pinned() for i in streamed):  # type: ignore
-            warnings.warn("zstream: host arenas are not pinned; copies to the GPU will be slow", RuntimeWarning,
-                          stacklevel=caller_stacklevel())
+            warn("zstream: host arenas are not pinned; copies to the GPU will be slow", RuntimeWarning)
         source: Any = HostBlocks(host, streamed)
         slot_bytes = max(host[i].nbytes for i in streamed)  # type: ignore[union-attr]
     else:

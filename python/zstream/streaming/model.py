@@ -14,14 +14,13 @@ import functools
 import math
 import os
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
 
-from ..errors import ModelClosedError, ModelError, OutOfMemoryError, UsageError, caller_stacklevel
+from ..errors import ModelClosedError, ModelError, OutOfMemoryError, UsageError, warn
 from ..foundations.checkpoint import is_synthetic, load_tokenizer
 from ..foundations.models import Family
 from ..foundations.quant import BlockQuant
@@ -311,8 +310,8 @@ class StreamingModel:
         """Once per model, at the user's line."""
         if self.synthetic and not self._warned_random:
             self._warned_random = True
-            warnings.warn(f"{self.path} holds random weights (zstream make-checkpoint): the text it generates is "
-                          "noise; the speed is real", UserWarning, stacklevel=caller_stacklevel())
+            warn(f"{self.path} holds random weights (zstream make-checkpoint): the text it generates is "
+                 "noise; the speed is real", UserWarning)
 
     def _check_length(self, attention_mask: Tensor, max_new_tokens: int) -> None:
         longest = int(attention_mask.sum(dim=1).max()) + max_new_tokens if attention_mask.numel() else 0
