@@ -24,6 +24,7 @@ from .errors import (
     ModelError,
     OutOfMemoryError,
     OutputExistsError,
+    ParallelError,
     QuantizationError,
     ReadError,
     ReadTimeoutError,
@@ -32,6 +33,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .api.launch import launch
     from .api.load import load
     from .api.pack import pack
     from .api.plan_batch import plan_batch
@@ -55,6 +57,7 @@ _LAZY = {
     "load": "zstream.api.load",
     "plan_batch": "zstream.api.plan_batch",
     "pack": "zstream.api.pack",
+    "launch": "zstream.api.launch",
     "make_checkpoint": "zstream.api.synthetic",
     "PRESETS": "zstream.api.synthetic",
     "hardware": "zstream.foundations.hardware",
@@ -92,6 +95,7 @@ __all__ = [
     "ModelError",
     "OutOfMemoryError",
     "OutputExistsError",
+    "ParallelError",
     "Plan",
     "QuantizationError",
     "ReadError",
@@ -104,6 +108,7 @@ __all__ = [
     "ZStreamError",
     "__version__",
     "hardware",
+    "launch",
     "load",
     "make_checkpoint",
     "pack",

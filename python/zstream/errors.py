@@ -15,6 +15,7 @@ is an ``OSError``, a ``UsageError`` a ``ValueError``), so ``except OSError`` and
     │   └── ModelClosedError   the model was closed
     ├── QuantizationError      a tensor or checkpoint cannot be quantized as asked (also ValueError)
     ├── OutOfMemoryError       GPU or pinned host memory ran out (also MemoryError)
+    ├── ParallelError          a tensor-parallel group cannot run: a rank failed or timed out, ranks disagree
     └── OutputExistsError      an output directory already holds something (also FileExistsError)
 """
 
@@ -77,6 +78,11 @@ class OutOfMemoryError(ZStreamError, MemoryError):
     """GPU or pinned host memory ran out; the message says which ``gpu_memory`` or ``offload`` would fit."""
 
 
+class ParallelError(ZStreamError):
+    """A tensor-parallel group cannot go on: a rank failed (the message names it and what it raised), a collective
+    ran past its timeout, or the ranks opened different checkpoints."""
+
+
 class OutputExistsError(ZStreamError, FileExistsError):
     """A command that writes a new checkpoint was pointed at an output that already holds something; zstream never
     overwrites."""
@@ -94,4 +100,4 @@ def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
 
 
 __all__ = ["CheckpointError", "ModelClosedError", "ModelError", "OutOfMemoryError", "OutputExistsError",
-           "QuantizationError", "ReadError", "ReadTimeoutError", "UsageError", "ZStreamError"]
+           "ParallelError", "QuantizationError", "ReadError", "ReadTimeoutError", "UsageError", "ZStreamError"]

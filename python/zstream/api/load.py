@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 import torch
 
+from ..errors import ParallelError, UsageError, warn
 from ..foundations import checkpoint
 from ..foundations.hardware import HardwareReport, hardware
 from ..foundations.measure import host_available_bytes
 from ..foundations.models import family_for
+from ..foundations.parallel import DEFAULT_TIMEOUT_S, Group, join, launched_world, local_rank
 from ..foundations.store import WeightStore
-from ..planning.facts import checkpoint_facts
-from ..planning.residency import Resources, plan_load
+from ..foundations.units import dtype_name
+from ..planning.facts import CheckpointFacts, checkpoint_facts
+from ..planning.residency import Plan, Resources, plan_load
 from ..streaming.build import READ_CONCURRENCY, build, build_in_place
 from ..streaming.model import StreamingModel
 from .options import LoadOptions, load_options
@@ -26,7 +31,8 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
          max_seq_len: Optional[int] = None, max_resident_blocks: Optional[int] = None, reader: str = "auto",
          quantize: Optional[str] = None, group_size: int = 64, symmetric: bool = False,
          copy_from_tokens: Optional[int] = None, download: Optional[bool] = None, revision: Optional[str] = None,
-         progress: bool = True, **unknown: Any) -> StreamingModel:
+         tensor_parallel: Optional[int] = None, parallel_timeout: float = DEFAULT_TIMEOUT_S, progress: bool = True,
+         **unknown: Any) -> StreamingModel:
     """Load a checkpoint for streaming inference.
 
     ``model``: a checkpoint directory, or a Hugging Face repo id (from the local cache; downloaded when missing, as
@@ -50,6 +56,12 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     ``prefetch``: blocks in flight ahead of the compute (the ring has prefetch + 1 slots); ``disk_prefetch``: disk
     reads ahead of the copies (nvme); ``reader``: "auto", "uring", "pread" or "mmap"; ``copy_from_tokens`` (ats):
     passes of this many tokens copy blocks instead of reading them in place (default: measured at load).
+    ``tensor_parallel``: shard the model over the ranks this process was started with (``torchrun --nproc-per-node
+    N``, or ``zstream.launch``): each rank holds and streams only its piece of every block (its heads, its MLP units)
+    over its own link, and the ranks all-reduce activations twice a block (docs/parallel.md). None: every rank of the
+    launch (one process: no sharding); 1: no sharding; N: the launch must have N ranks. Every rank calls ``load``
+    with the same arguments and runs the same calls on the model; ``generate`` returns the same tokens on each. A
+    collective waits ``parallel_timeout`` seconds at most; a rank that fails is named by the others.
 
     The model is a context manager: ``with zstream.load(...) as model:`` closes it at the end.
     """
@@ -58,32 +70,51 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
                            gpu_memory=gpu_memory, prefetch=prefetch, disk_prefetch=disk_prefetch, max_batch=max_batch,
                            max_seq_len=max_seq_len, max_resident_blocks=max_resident_blocks, reader=reader,
                            quantize=quantize, group_size=group_size, symmetric=symmetric,
-                           copy_from_tokens=copy_from_tokens, progress=progress, unknown=unknown)
+                           copy_from_tokens=copy_from_tokens, progress=progress, tensor_parallel=tensor_parallel,
+                           parallel_timeout=parallel_timeout, unknown=unknown)
+    group = join(options.tensor_parallel, _rank_device(options, device), options.parallel_timeout)
+    if group is not None:
+        options = _rank_options(options, device)
+    try:
+        return _load(model, options, group, download=download, revision=revision, started=started)
+    except BaseException as e:
+        if group is not None:
+            group.fail(e)  # the other ranks stop at once, naming this one, instead of waiting for it
+        raise
+
+
+def _load(model: Union[str, os.PathLike], options: LoadOptions, group: Optional[Group], *, download: Optional[bool],
+          revision: Optional[str], started: float) -> StreamingModel:
     path = checkpoint.resolve(model, download=download, revision=revision)
     config = checkpoint.read_config(path)
-    store = _open_store(path, options)
+    store = _open_store(path, options, sharded=group is not None)
     try:
-        facts = checkpoint_facts(store, family_for(config, store.names()), dtype=options.dtype,
-                                 device_type=options.device.type, quantize=options.quantize, where=str(path))
+        family = family_for(config, store.names())
+        if group is not None:
+            family = family.shard(group.rank, group.world, group.all_reduce)
+        facts = checkpoint_facts(store, family, dtype=options.dtype, device_type=options.device.type,
+                                 quantize=options.quantize, where=str(path), shard_at_load=group is not None)
         resources = _resources(options)
         plan = plan_load(facts, resources, options.plan_options(), where=str(path))
+        if group is not None:
+            plan = _rank_plan(plan, facts, resources, options, group, store, where=str(path))
         if plan.offload == "ats":
             store.close()  # the GH200 mode reads into arenas of its own kind
             return build_in_place(path, facts, plan, config=config, report=resources.report, reader=options.reader,
                                   prefetch=options.prefetch, copy_from_tokens=options.copy_from_tokens,
                                   progress=options.progress, started=started)
         return build(store, facts, plan, config=config, path=str(path), prefetch=options.prefetch,
-                     disk_prefetch=options.disk_prefetch, progress=options.progress, started=started)
+                     disk_prefetch=options.disk_prefetch, progress=options.progress, started=started, group=group)
     except BaseException:
         store.close()
         raise
 
 
-def _open_store(path: os.PathLike, options: LoadOptions) -> WeightStore:
+def _open_store(path: os.PathLike, options: LoadOptions, sharded: bool) -> WeightStore:
     """The checkpoint's store. Arenas are pinned when blocks may stream to a GPU from host memory; weights quantized
-    at load go through temporary arenas, where pinning would be wasted work."""
+    or sharded at load go through temporary arenas, where pinning would be wasted work."""
     streaming = options.offload in ("cpu", "nvme", "auto")
-    pin = options.device.type == "cuda" and streaming and options.quantize is None
+    pin = options.device.type == "cuda" and streaming and options.quantize is None and not sharded
     return WeightStore.open(path, reader=options.reader, pin=pin, workers=READ_CONCURRENCY,
                             threads=min(16, os.cpu_count() or 8))
 
@@ -96,3 +127,53 @@ def _resources(options: LoadOptions) -> Resources:
     if dev.type == "cuda" and options.offload in ("auto", "ats"):
         report = hardware(dev.index or 0, measure=False)
     return Resources(device=str(dev), device_free=free, host_available=host_available_bytes(), report=report)
+
+
+# ---- tensor parallelism ----------------------------------------------------------------------------------------
+
+
+def _rank_device(options: LoadOptions, device: Union[str, torch.device, None]) -> torch.device:
+    """A rank's GPU: its LOCAL_RANK, unless ``device`` named one."""
+    asked = torch.device(device) if device is not None else None
+    if options.device.type != "cuda" or launched_world() == 1 or options.tensor_parallel == 1:
+        return options.device
+    if asked is not None and asked.index is not None:  # GPU only
+        return options.device
+    return torch.device("cuda", local_rank())  # GPU only
+
+
+def _rank_options(options: LoadOptions, device: Union[str, torch.device, None]) -> LoadOptions:
+    offload = options.offload
+    if offload == "ats":
+        warn("zstream: offload='ats' reads whole blocks in place and cannot give a rank its piece; tensor "
+             "parallelism streams them from pinned host memory instead (offload='cpu')", RuntimeWarning)
+        offload = "cpu"
+    return replace(options, device=_rank_device(options, device), offload=offload)
+
+
+def _rank_plan(plan: Plan, facts: CheckpointFacts, resources: Resources, options: LoadOptions, group: Group,
+               store: WeightStore, *, where: str) -> Plan:
+    """The plan of one rank: never "ats" (no piece to read in place), and the same checkpoint on every rank."""
+    if plan.offload == "ats":  # offload="auto" on a GH200
+        plan = plan_load(facts, resources, replace(options, offload="cpu").plan_options(), where=where)
+    if plan.offload == "nvme":
+        raise UsageError(f"{where}: offload='nvme' under tensor parallelism reads each rank's piece of a block from "
+                         "disk in one read, from a checkpoint laid out for it; this one holds whole blocks. Use "
+                         "offload='cpu' (the pieces are cut at load), or more host memory")
+    mine = _fingerprint(store, facts, plan)
+    everyone = group.gather((where, mine), "comparing the ranks' checkpoints")
+    differ = [f"rank {r}: {path} ({fp})" for r, (path, fp) in enumerate(everyone) if fp != mine]
+    if differ:
+        raise ParallelError(f"the ranks opened different checkpoints or options: rank {group.rank}: {where} ({mine}) "
+                            f"but {'; '.join(differ)}; every rank must load the same checkpoint the same way")
+    plan.rank, plan.ranks = group.rank, group.world
+    return plan
+
+
+def _fingerprint(store: WeightStore, facts: CheckpointFacts, plan: Plan) -> str:
+    """What every rank must agree on: the model, its tensors (names, shapes, dtypes), the compute dtype and the
+    quantization. (Residency may differ: a rank with less free memory streams more blocks.)"""
+    tensors = hashlib.sha256(repr(sorted((n, tuple(store.info(n).shape), store.info(n).dtype)
+                                         for n in store.names())).encode()).hexdigest()[:12]
+    whole = facts.family.unsharded or facts.family
+    return f"{whole!r}, tensors {tensors}, {dtype_name(plan.dtype)}, {plan.quantization or 'unquantized'}"

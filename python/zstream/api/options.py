@@ -10,6 +10,7 @@ import torch
 
 from ..errors import UsageError
 from ..foundations.hardware import resolve_device
+from ..foundations.parallel import DEFAULT_TIMEOUT_S
 from ..foundations.quant import QuantConfig
 from ..foundations.units import parse_bytes, parse_dtype
 from ..planning.offload import OFFLOADS
@@ -46,6 +47,8 @@ class LoadOptions:
     quantize: Optional[QuantConfig]
     copy_from_tokens: Optional[int]
     progress: bool
+    tensor_parallel: Optional[int] = None
+    parallel_timeout: float = DEFAULT_TIMEOUT_S
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
@@ -66,8 +69,8 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
                  gpu_memory: Union[int, str, None] = None, prefetch: int = 2, disk_prefetch: int = 2,
                  max_batch: int = 1, max_seq_len: Optional[int] = None, max_resident_blocks: Optional[int] = None,
                  reader: str = "auto", quantize: Optional[str] = None, group_size: int = 64, symmetric: bool = False,
-                 copy_from_tokens: Optional[int] = None, progress: bool = True,
-                 unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
+                 copy_from_tokens: Optional[int] = None, progress: bool = True, tensor_parallel: Optional[int] = None,
+                 parallel_timeout: float = DEFAULT_TIMEOUT_S, unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
     """``LoadOptions`` from ``load``'s keywords; ``unknown`` holds keywords ``load`` does not take."""
     if unknown:
         name = sorted(unknown)[0]
@@ -83,6 +86,8 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
     if wanted is not None and alias is not None and wanted != alias:
         raise UsageError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one of them")
     _count("group_size", group_size, 1)
+    if isinstance(parallel_timeout, bool) or not isinstance(parallel_timeout, (int, float)) or parallel_timeout <= 0:
+        raise UsageError(f"parallel_timeout must be a positive number of seconds, not {parallel_timeout!r}")
     return LoadOptions(
         offload=offload, device=resolve_device(device), dtype=wanted or alias,
         budget=parse_bytes(gpu_memory, what="gpu_memory"),
@@ -90,4 +95,5 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
         max_batch=_count("max_batch", max_batch, 1), max_seq_len=_count("max_seq_len", max_seq_len, 1, True),
         max_resident_blocks=_count("max_resident_blocks", max_resident_blocks, 0, True), reader=reader,
         quantize=QuantConfig.parse(quantize, group_size, symmetric),
-        copy_from_tokens=_count("copy_from_tokens", copy_from_tokens, 1, True), progress=bool(progress))
+        copy_from_tokens=_count("copy_from_tokens", copy_from_tokens, 1, True), progress=bool(progress),
+        tensor_parallel=_count("tensor_parallel", tensor_parallel, 1, True), parallel_timeout=float(parallel_timeout))

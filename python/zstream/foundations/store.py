@@ -64,6 +64,26 @@ class FlatRead:
         self.buffer = buffer  # (nbytes,) uint8
         self.layout = layout  # name -> (offset, dtype, shape)
 
+    @classmethod
+    def pack(cls, tensors: dict[str, torch.Tensor], dest: Union[torch.device, str], align: int = 256) -> FlatRead:
+        """``tensors`` copied into one new buffer, each ``align``-aligned, in order: for blocks zstream makes (packed
+        at load, a rank's shard). ``dest``: a device, or "pinned" for page-locked host memory that streams to the GPU
+        at the link's speed. Host memory is a core arena (``host_buffer``); device memory is torch's."""
+        layout: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        size = 0
+        for name, t in tensors.items():
+            size = -(-size // align) * align
+            layout[name] = (size, t.dtype, tuple(t.shape))
+            size += t.numel() * t.element_size()
+        if dest == "pinned" or torch.device(dest).type == "cpu":
+            buf = host_buffer(size, pin=dest == "pinned")
+        else:
+            buf = torch.empty(size, dtype=torch.uint8, device=dest)
+        for name, t in tensors.items():
+            off, dt, shape = layout[name]
+            buf[off:off + t.numel() * t.element_size()].view(dt).view(shape).copy_(t)
+        return cls(buf, layout)
+
     @property
     def nbytes(self) -> int:
         return self.buffer.numel()

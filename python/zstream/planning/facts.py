@@ -41,6 +41,7 @@ class CheckpointFacts:
     quant: Optional[BlockQuant] = None   # how blocks are quantized; None: as in the checkpoint
     packed: bool = False                 # the files hold the packed tensors (``zstream pack``)
     unquantized_block_bytes: Optional[List[int]] = None  # per block before quantization (checkpoint dtype)
+    shard_at_load: bool = False          # the files hold whole blocks; this rank keeps its piece (family.shard_cut)
 
     @property
     def num_blocks(self) -> int:
@@ -70,16 +71,22 @@ class CheckpointFacts:
 
 
 def checkpoint_facts(store: WeightStore, family: Family, *, dtype: Optional[torch.dtype], device_type: str,
-                     quantize: Optional[QuantConfig], where: str) -> CheckpointFacts:
+                     quantize: Optional[QuantConfig], where: str, shard_at_load: bool = False) -> CheckpointFacts:
     """The facts of the checkpoint ``store`` holds for ``family``; raises ModelError / QuantizationError where the
-    tensors do not match the config or the quantization asked for does not fit."""
+    tensors do not match the config or the quantization asked for does not fit.
+
+    ``family`` may be one rank's shard (``Family.shard``); ``shard_at_load`` says the files hold whole blocks, which
+    the checkpoint is validated against, while the sizes are those of the rank's pieces."""
     stored = [family.block_tensors(i) for i in range(family.num_blocks)]
     outer = family.outer_tensors()
     ckpt_dtype = store.info(next(iter(outer.values()))).torch_dtype
     dtype = compute_dtype(dtype, ckpt_dtype, device_type)
     bq, packed = checkpoint_quant(store, family, dtype, quantize, where=where)
-    family.validate(tensor_infos(store, family, bq.cfg if packed and bq is not None else None))
+    whole = family.unsharded if shard_at_load and family.unsharded is not None else family
+    whole.validate(tensor_infos(store, whole, bq.cfg if packed and bq is not None else None))
     outer_bytes = sum(store.info(n).nbytes for n in set(outer.values()))
+    if shard_at_load:
+        return _shard_facts(store, family, ckpt_dtype, dtype, stored, outer, outer_bytes, bq, packed)
     if bq is None:
         return CheckpointFacts(family, ckpt_dtype, dtype, stored, stored, outer, _stored_bytes(store, stored),
                                outer_bytes)
@@ -92,6 +99,25 @@ def checkpoint_facts(store: WeightStore, family: Family, *, dtype: Optional[torc
     per_block = bq.nbytes(shapes, {local: ckpt_dtype.itemsize for local in shapes})
     return CheckpointFacts(family, ckpt_dtype, dtype, stored, streamed, outer, [per_block] * family.num_blocks,
                            outer_bytes, bq, False, unquantized)
+
+
+def _shard_facts(store: WeightStore, family: Family, ckpt_dtype: torch.dtype, dtype: torch.dtype,
+                 stored: List[Dict[str, str]], outer: Dict[str, str], outer_bytes: int, bq: Optional[BlockQuant],
+                 packed: bool) -> CheckpointFacts:
+    """The facts of one rank's pieces of whole blocks: sizes from the shard's shapes, not the files'."""
+    shapes = family.block_shapes()
+    first = stored[0] if stored else {}
+    itemsize = {local: store.info(first[local]).torch_dtype.itemsize if first[local] in store else ckpt_dtype.itemsize
+                for local in shapes}  # (a packed weight has no tensor under its own name; bq sizes it)
+    unquantized = sum(math.prod(s) * itemsize[local] for local, s in shapes.items())
+    if bq is None:
+        return CheckpointFacts(family, ckpt_dtype, dtype, stored, stored, outer, [unquantized] * family.num_blocks,
+                               outer_bytes, shard_at_load=True)
+    streamed = [bq.names(names) for names in stored]
+    per_block = bq.nbytes(shapes, itemsize)
+    return CheckpointFacts(family, ckpt_dtype, dtype, streamed if packed else stored, streamed, outer,
+                           [per_block] * family.num_blocks, outer_bytes, bq, packed,
+                           [unquantized] * family.num_blocks, shard_at_load=True)
 
 
 def facts_from_shapes(family: Family, dtype: torch.dtype) -> CheckpointFacts:

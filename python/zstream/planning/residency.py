@@ -83,6 +83,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     quantization: Optional[str] = None  # e.g. "int4, group 64, asymmetric"; None: weights as in the checkpoint
     unquantized_block_bytes: Optional[list[int]] = None  # block_bytes before quantization (checkpoint dtype)
+    rank: int = 0                  # tensor parallelism: this process's rank of ``ranks``; the sizes are its shard's
+    ranks: int = 1
 
     @property
     def num_blocks(self) -> int:
@@ -113,7 +115,9 @@ class Plan:
     def summary(self) -> str:
         pred = self.predicted_step_s
         lines = [
-            f"offload={self.offload} device={self.device} dtype={dtype_name(self.dtype)}",
+            f"offload={self.offload} device={self.device} dtype={dtype_name(self.dtype)}"
+            + (f" tensor parallel: rank {self.rank} of {self.ranks} (the bytes below are this rank's shard of every "
+               "block, over its own link)" if self.ranks > 1 else ""),
             f"resident: outer weights + {len(self.resident_blocks)}/{self.num_blocks} blocks "
             f"= {fmt_bytes(self.resident_bytes)}",
             f"streamed: {len(self.streamed_blocks)} blocks = {fmt_bytes(self.streamed_bytes)} per forward pass"

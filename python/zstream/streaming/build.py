@@ -19,6 +19,7 @@ import torch
 from ..errors import warn
 from ..foundations.hardware import HardwareReport
 from ..foundations.measure import Rate, measure_link
+from ..foundations.parallel import Group
 from ..foundations.store import FlatRead, WeightStore
 from ..planning.facts import CheckpointFacts
 from ..planning.residency import Plan
@@ -68,14 +69,19 @@ class _Reader:
         return flat
 
     def block(self, i: int, dest: Any) -> FlatRead:
-        """Block i as it streams: read as stored, packed into ``dest`` when quantized at load (on the device, the
-        GPU where there is one)."""
-        flat = self.read(self.facts.stored_block_names[i])
-        if not self.facts.quantize_at_load:
+        """Block i as it streams: read as stored; cut to this rank's piece under tensor parallelism; packed into
+        ``dest`` when quantized at load (on the device, the GPU where there is one)."""
+        names = self.facts.stored_block_names[i]
+        flat = self.read(names)
+        if not (self.facts.shard_at_load or self.facts.quantize_at_load):
             return flat
+        views = flat.view()
+        if self.facts.shard_at_load:
+            views = self.facts.family.shard_block(views, names)
+            if not self.facts.quantize_at_load:
+                return FlatRead.pack(views, dest, DEVICE_ALIGN)
         assert self.facts.quant is not None
-        buf, layout = self.facts.quant.pack(flat.view(), self.facts.stored_block_names[i], work=self.device,
-                                            dest=dest)
+        buf, layout = self.facts.quant.pack(views, names, work=self.device, dest=dest)
         return FlatRead(buf, layout)
 
     def weights(self, flat: FlatRead, names: Dict[str, str]) -> Weights:
@@ -90,8 +96,10 @@ class _Reader:
 
 
 def build(store: WeightStore, facts: CheckpointFacts, plan: Plan, *, config: Dict[str, Any], path: str,
-          prefetch: int, disk_prefetch: int, progress: bool, started: float) -> StreamingModel:
-    """The model of ``plan`` (offload "none", "cpu" or "nvme"), its weights read from ``store``."""
+          prefetch: int, disk_prefetch: int, progress: bool, started: float,
+          group: Optional[Group] = None) -> StreamingModel:
+    """The model of ``plan`` (offload "none", "cpu" or "nvme"), its weights read from ``store``; one rank's shard of
+    it in ``group``."""
     dev = torch.device(plan.device)
     reader = _Reader(store, facts, plan, progress)
     names = facts.block_names
@@ -112,11 +120,13 @@ def build(store: WeightStore, facts: CheckpointFacts, plan: Plan, *, config: Dic
         reader.close()
     seam = device_for(dev)
     ring = _ring(store, facts, plan, seam, host, prefetch, disk_prefetch) if plan.streamed_blocks else None
+    if group is not None:  # every rank measures its link while the others measure theirs: all links busy
+        group.gather(None, "waiting for the other ranks to load")
     if ring is not None:
         _set_link(plan, *measure_link(plan.offload, dev, store,
                                       [list(facts.stored_block_names[i].values()) for i in plan.streamed_blocks]))
     return StreamingModel(store=store, facts=facts, plan=plan, config=config, outer=outer, resident=resident,
-                          streamed=ring, device=seam, path=path, load_s=time.perf_counter() - started)
+                          streamed=ring, device=seam, path=path, load_s=time.perf_counter() - started, group=group)
 
 
 def _ring(store: WeightStore, facts: CheckpointFacts, plan: Plan, seam: Device, host: List[Optional[FlatRead]],

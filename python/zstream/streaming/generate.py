@@ -185,9 +185,12 @@ StepFn = Callable[[Tensor, Tensor, KVCache], Tensor]  # (ids (B, T), mask (B, T)
 
 
 def decode(step: StepFn, input_ids: Tensor, attention_mask: Tensor, cache: KVCache, s: Setup, *,
-           generator: Optional[torch.Generator] = None) -> Iterator[Tensor]:
+           generator: Optional[torch.Generator] = None,
+           agree: Optional[Callable[[Tensor], Tensor]] = None) -> Iterator[Tensor]:
     """The decode loop: prefill the prompt, then one token a step until ``max_new_tokens`` or the stopping criteria
-    end every row; yields each step's tokens (B,). A finished row gets ``pad_token_id`` (as transformers pads)."""
+    end every row; yields each step's tokens (B,). A finished row gets ``pad_token_id`` (as transformers pads).
+    ``agree`` (tensor parallelism: rank 0's tensor on every rank) makes the ranks take the same tokens and stop
+    together, whatever their generators or clocks (``max_time``) say."""
     tokens = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     step_ids, step_mask = input_ids, attention_mask
@@ -200,9 +203,13 @@ def decode(step: StepFn, input_ids: Tensor, attention_mask: Tensor, cache: KVCac
         else:
             nxt = scores.argmax(dim=-1)                                                     # (B,)
         nxt = nxt * unfinished + s.pad_token_id * (1 - unfinished)
+        if agree is not None:
+            nxt = agree(nxt)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         yield nxt
         unfinished = unfinished & ~_stops(s.criteria, tokens, scores)
+        if agree is not None:
+            unfinished = agree(unfinished)
         if int(unfinished.max()) == 0:
             return
         step_ids = nxt[:, None]                                                             # (B, 1)

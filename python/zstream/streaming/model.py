@@ -10,6 +10,7 @@ compute stream (a Triton kernel, ``foundations/quant/kernels.py``) just before t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -23,6 +24,7 @@ from torch import Tensor
 from ..errors import ModelClosedError, ModelError, OutOfMemoryError, UsageError, warn
 from ..foundations.checkpoint import is_synthetic, load_tokenizer
 from ..foundations.models import Family
+from ..foundations.parallel import Group
 from ..foundations.quant import BlockQuant
 from ..foundations.store import WeightStore
 from ..foundations.units import dtype_name, fmt_bytes, fmt_params
@@ -63,7 +65,7 @@ class StreamingModel:
 
     def __init__(self, *, store: WeightStore, facts: CheckpointFacts, plan: Plan, config: Dict[str, Any],
                  outer: Weights, resident: Dict[int, Weights], streamed: Optional[Streamer], device: Device,
-                 path: str = "", load_s: float = 0.0) -> None:
+                 path: str = "", load_s: float = 0.0, group: Optional[Group] = None) -> None:
         self.store = store
         self.facts = facts
         self.family: Family = facts.family
@@ -77,6 +79,7 @@ class StreamingModel:
         self.device = torch.device(plan.device)
         self.dtype = plan.dtype
         self.synthetic = is_synthetic(config)
+        self.group = group  # tensor parallelism: the ranks this model is sharded over; None alone
         self._streamed = streamed     # the streamed blocks' streamer (a ring, or in place); None: all resident
         self._seam = device
         self._generation_config: Any = None
@@ -111,15 +114,27 @@ class StreamingModel:
         input_ids = input_ids.to(self.device)
         mask, _start = cache.extend(attention_mask.to(self.device))
         ctx = fam.context(mask, input_ids.shape[1], self.dtype)    # positions, mask, ALiBi/RoPE: once per pass
-        hidden = fam.embed(self.outer, input_ids, ctx)              # (B, T, C)
-        for i in range(fam.num_blocks):
-            w = blocks.acquire(i)
-            hidden = fam.block(w, hidden, cache.layer(i), ctx)      # (B, T, C)
-            del w  # the views of a slot must be gone before the slot is reused
-            blocks.release(i)
-        if last_only:
-            hidden = hidden[:, -1:]                                 # (B, 1, C)
-        return fam.head(self.outer, hidden)                         # (B, T, vocab)
+        with self._telling_the_ranks():
+            hidden = fam.embed(self.outer, input_ids, ctx)          # (B, T, C)
+            for i in range(fam.num_blocks):
+                w = blocks.acquire(i)
+                hidden = fam.block(w, hidden, cache.layer(i), ctx)  # (B, T, C); all-reduced twice under TP
+                del w  # the views of a slot must be gone before the slot is reused
+                blocks.release(i)
+            if last_only:
+                hidden = hidden[:, -1:]                             # (B, 1, C)
+            return fam.head(self.outer, hidden)                     # (B, T, vocab)
+
+    @contextlib.contextmanager
+    def _telling_the_ranks(self) -> Iterator[None]:
+        """Under tensor parallelism, a rank that fails mid-pass tells the others (waiting for it in an all-reduce)
+        what it raised, so that they stop with a ParallelError naming it instead of hanging."""
+        try:
+            yield
+        except BaseException as e:
+            if self.group is not None:
+                self.group.fail(e)
+            raise
 
     def block_tensors(self, i: int) -> Dict[str, str]:
         """{local: checkpoint name} of block ``i`` as the files hold it (a packed checkpoint's packed tensors)."""
@@ -249,7 +264,8 @@ class StreamingModel:
         if streamer is not None:
             streamer.put(ids.cpu())
         try:
-            for nxt in gen.decode(self._step, ids, mask, cache, s, generator=generator):
+            agree = self.group.broadcast if self.group is not None else None  # every rank takes rank 0's tokens
+            for nxt in gen.decode(self._step, ids, mask, cache, s, generator=generator, agree=agree):
                 if streamer is not None:
                     streamer.put(nxt.cpu())
                 yield nxt
@@ -386,6 +402,8 @@ class StreamingModel:
             self._seam.close()
             self.outer = {}
             self.store.close()
+            if self.group is not None:
+                self.group.close()
 
     def __enter__(self) -> StreamingModel:
         self.ensure_open()
@@ -401,7 +419,8 @@ class StreamingModel:
         noise = ", random weights" if self.synthetic else ""
         head = (f"<StreamingModel {self.family.name} at {self.path}: {self.family.num_blocks} blocks, hidden "
                 f"{self.family.hidden_size}, {fmt_params(params)} parameters, {dtype_name(p.dtype)}{quant}{noise}; "
-                f"offload={p.offload} on {p.device}; ")
+                f"offload={p.offload} on {p.device}"
+                + (f", rank {p.rank} of {p.ranks} (tensor parallel)" if p.ranks > 1 else "") + "; ")
         if self._closed:
             return head + "closed>"
         step = p.predicted_step_s

@@ -6,13 +6,13 @@ Matches transformers' ``BloomForCausalLM``; the head is tied to the word embeddi
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .common import Family, Shape, StepContext, check_divisible, find_prefix, read_sizes
-from .ops import attention, layer_norm, linear, merge_heads
+from .common import Family, Reduce, Shape, StepContext, check_divisible, find_prefix, read_sizes
+from .ops import attention, layer_norm, linear, merge_heads, row_linear
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -38,6 +38,11 @@ class Bloom(Family):
     _weight_locals = ("word_embeddings",)
     _always_mask = True  # the ALiBi bias is an attention mask
     _embedding_local = "word_embeddings"
+    # the fused QKV holds [q_h, k_h, v_h] head by head, so a rank's rows are its heads' q, k and v
+    _splits: ClassVar[Dict[str, str]] = {
+        "self_attention.query_key_value": "column", "self_attention.dense": "row",
+        "mlp.dense_h_to_4h": "column", "mlp.dense_4h_to_h": "row"}
+    _mlp_width = "ffn"
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         super().__init__(config, tensor_names)
@@ -47,6 +52,7 @@ class Bloom(Family):
         check_divisible(self.hidden_size, self.num_heads, "hidden_size must divide into n_head heads", f)
         self.num_kv_heads = self.num_heads
         self.head_dim = self.hidden_size // self.num_heads
+        self.ffn = 4 * self.hidden_size
         # ALiBi has no position table; this is the training context (BLOOM's "seq_length")
         self.max_positions = int(config.get("seq_length") or config.get("max_position_embeddings") or 2048)
         self.eps = float(config.get("layer_norm_epsilon", 1e-5))
@@ -61,19 +67,19 @@ class Bloom(Family):
     # ---- weight names -------------------------------------------------------------------------
 
     def _block_shapes(self) -> Dict[str, Shape]:
-        C = self.hidden_size
+        C, A, Fd = self.hidden_size, self.num_heads * self.head_dim, self.ffn  # A = C, or a rank's heads' share
         return {
             "input_layernorm.weight": (C,),
             "input_layernorm.bias": (C,),
-            "self_attention.query_key_value.weight": (3 * C, C),
-            "self_attention.query_key_value.bias": (3 * C,),
-            "self_attention.dense.weight": (C, C),
+            "self_attention.query_key_value.weight": (3 * A, C),
+            "self_attention.query_key_value.bias": (3 * A,),
+            "self_attention.dense.weight": (C, A),
             "self_attention.dense.bias": (C,),
             "post_attention_layernorm.weight": (C,),
             "post_attention_layernorm.bias": (C,),
-            "mlp.dense_h_to_4h.weight": (4 * C, C),
-            "mlp.dense_h_to_4h.bias": (4 * C,),
-            "mlp.dense_4h_to_h.weight": (C, 4 * C),
+            "mlp.dense_h_to_4h.weight": (Fd, C),
+            "mlp.dense_h_to_4h.bias": (Fd,),
+            "mlp.dense_4h_to_h.weight": (C, Fd),
             "mlp.dense_4h_to_h.bias": (C,),
         }
 
@@ -92,7 +98,12 @@ class Bloom(Family):
 
     _after_blocks = ("ln_f.weight", "ln_f.bias", "lm_head")
 
-
+    def shard(self, rank: int, world: int, reduce: Reduce) -> Family:
+        part = super().shard(rank, world, reduce)
+        if part is not self:  # ALiBi: the slopes of the rank's own heads
+            nh = part.num_heads
+            part._slopes = self._slopes[rank * nh : (rank + 1) * nh]
+        return part
 
     # ---- per-forward context ------------------------------------------------------------------
 
@@ -128,14 +139,14 @@ class Bloom(Family):
         k = qkv[..., 1, :].transpose(1, 2)
         v = qkv[..., 2, :].transpose(1, 2)
         k, v = cache.update(k, v, ctx.start)  # (B, nh, S, hs)
-        y = merge_heads(attention(q, k, v, ctx))  # (B, T, C)
-        hidden = residual + linear(y, w, "self_attention.dense")
+        y = merge_heads(attention(q, k, v, ctx))  # (B, T, nh * hs)
+        hidden = residual + row_linear(y, w, "self_attention.dense", self.reduce)
 
         ln = layer_norm(hidden, w, "post_attention_layernorm", self.eps)
         residual = ln if self.residual_post_ln else hidden
         # BLOOM's gelu is the tanh approximation (from Megatron-DeepSpeed)
         h = torch.nn.functional.gelu(linear(ln, w, "mlp.dense_h_to_4h"), approximate="tanh")
-        return residual + linear(h, w, "mlp.dense_4h_to_h")
+        return residual + row_linear(h, w, "mlp.dense_4h_to_h", self.reduce)
 
     def head(self, w: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
         hidden = layer_norm(hidden, w, "ln_f", self.eps)

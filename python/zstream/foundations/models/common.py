@@ -7,8 +7,9 @@ function the tensors it needs, already on the compute device.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -17,6 +18,8 @@ from ...errors import ModelError, UsageError
 from ..units import parse_dtype, torch_dtype
 
 Shape = Tuple[int, ...]
+Cut = Tuple[int, int, int]  # (dim, index, count): cut a tensor into `count` equal pieces along `dim`, keep `index`
+Reduce = Callable[[Tensor], Tensor]  # sums a rank's partial result over the ranks, in place
 
 @dataclass
 class StepContext:
@@ -135,6 +138,18 @@ class Family:
     _weight_locals: ClassVar[Tuple[str, ...]] = ("embed_tokens",)
     prefix: str = ""  # what the checkpoint puts before every name but the head's ("model.", "transformer.", "")
 
+    # Tensor parallelism (Megatron's split): how each block module's weight divides over the ranks. "column": by
+    # output rows (attention heads, MLP units), bias too; "row": by input columns, the partial sums all-reduced and
+    # the bias added once after; "kv": rows by KV head, a head replicated where there are fewer KV heads than ranks.
+    # Modules not named (norms) are whole on every rank. Keys are module names: "mlp.up_proj" covers its
+    # ".weight", ".bias" and packed ".weight.qcodes" etc.
+    _splits: ClassVar[Dict[str, str]] = {}
+    _mlp_width: ClassVar[str] = "intermediate_size"  # the attribute holding the MLP's hidden units
+    rank: int = 0
+    world: int = 1
+    reduce: Optional[Reduce] = None  # set on a shard: the all-reduce of row-parallel outputs
+    unsharded: Optional[Family] = None  # set on a shard: the whole model's family
+
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         self.config = dict(config)
         self.dtype = config_dtype(config)
@@ -236,6 +251,61 @@ class Family:
             if name in self.block_tensors(i).values():
                 return i
         return None
+
+    # ---- tensor parallelism -------------------------------------------------------------------
+
+    def shard(self, rank: int, world: int, reduce: Reduce) -> Family:
+        """This family as rank ``rank`` of ``world`` runs it: its own heads and MLP units, its block shapes those of
+        its pieces, ``reduce`` summing the row-parallel outputs. ModelError where the model does not divide."""
+        if world == 1:
+            return self
+        f, why = self.name, f"tensor parallel over {world} ranks splits"
+        check_divisible(self.num_heads, world, f"{why} the attention heads", f)
+        nkv = self.num_kv_heads
+        if nkv % world and world % nkv:
+            raise ModelError(f"{f}: {why} the {nkv} KV heads, or replicates them: the ranks ({world}) must divide "
+                             f"the KV heads or be a multiple of them")
+        width = getattr(self, self._mlp_width)
+        check_divisible(width, world, f"{why} the MLP units", f)
+        part = copy.copy(self)
+        part.unsharded, part.rank, part.world, part.reduce = self, rank, world, reduce
+        part.num_heads = self.num_heads // world
+        part.num_kv_heads = max(1, nkv // world)
+        setattr(part, self._mlp_width, width // world)
+        return part
+
+    def shard_cut(self, local: str) -> Optional[Cut]:
+        """Which piece of block tensor ``local`` (packed parts too) this rank holds; None: the whole tensor."""
+        if self.world == 1:
+            return None
+        for module, kind in self._splits.items():
+            if local == f"{module}.bias" and kind == "row":
+                return None  # added once, after the all-reduce
+            if local.startswith(f"{module}.weight") or local == f"{module}.bias":
+                if kind == "kv":  # KV head h serves query heads [h * g, (h + 1) * g): the rank's heads need one
+                    assert self.unsharded is not None
+                    count = min(self.unsharded.num_kv_heads, self.world)
+                    return (0, self.rank * count // self.world, count)
+                return (0 if kind == "column" else 1, self.rank, self.world)
+        return None
+
+    def shard_block(self, views: Mapping[str, Tensor], names: Mapping[str, str]) -> Dict[str, Tensor]:
+        """{checkpoint name: this rank's piece} of a block read whole: ``views`` by checkpoint name, ``names`` the
+        block's {local: checkpoint name} (packed parts included). Row pieces are views; column pieces copies (made
+        contiguous, as quantization and one-copy transfers want them)."""
+        out: Dict[str, Tensor] = {}
+        for local, ckpt in names.items():
+            t, cut = views[ckpt], self.shard_cut(local)
+            if cut is not None:
+                dim, index, count = cut
+                if t.shape[dim] % count:
+                    raise ModelError(f"{self.name}: {ckpt} {list(t.shape)} does not split into {count} equal pieces "
+                                     f"along dimension {dim} for {self.world} ranks (a packed checkpoint: its groups "
+                                     "must not straddle ranks; quantize at load instead)")
+                size = t.shape[dim] // count
+                t = t.narrow(dim, index * size, size).contiguous()
+            out[ckpt] = t
+        return out
 
     # ---- per-forward context ------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ Matches transformers' ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``Qwen2Fo
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ...errors import ModelError
 from .common import Family, Shape, StepContext, check_divisible, find_prefix, read_sizes
-from .ops import activation, attention, linear, merge_heads, rms_norm, split_heads
+from .ops import activation, attention, linear, merge_heads, rms_norm, row_linear, split_heads
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -126,6 +126,9 @@ class Llama(Family):
     model_types = ("llama", "mistral", "qwen2")
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
     _after_blocks = ("norm.weight", "lm_head")
+    _splits: ClassVar[Dict[str, str]] = {
+        "self_attn.q_proj": "column", "self_attn.k_proj": "kv", "self_attn.v_proj": "kv", "self_attn.o_proj": "row",
+        "mlp.gate_proj": "column", "mlp.up_proj": "column", "mlp.down_proj": "row"}
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         super().__init__(config, tensor_names)
@@ -260,11 +263,11 @@ class Llama(Family):
         k = k * cos + rotate_half(k) * sin
         k, v = cache.update(k, v, ctx.start)  # (B, nkv, S, hs)
         y = merge_heads(attention(q, k, v, ctx))  # (B, T, nh * hs)
-        hidden = hidden + linear(y, w, "self_attn.o_proj")
+        hidden = hidden + row_linear(y, w, "self_attn.o_proj", self.reduce)
 
         h = rms_norm(hidden, w["post_attention_layernorm.weight"], self.eps)
         gate = self.act(linear(h, w, "mlp.gate_proj"))  # (B, T, I)
-        return hidden + linear(gate * linear(h, w, "mlp.up_proj"), w, "mlp.down_proj")
+        return hidden + row_linear(gate * linear(h, w, "mlp.up_proj"), w, "mlp.down_proj", self.reduce)
 
     def head(self, w: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
         hidden = rms_norm(hidden, w["norm.weight"], self.eps)

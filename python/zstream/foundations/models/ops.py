@@ -3,14 +3,14 @@ activations configs name, and the head reshapes."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ModelError
-from .common import StepContext
+from .common import Reduce, StepContext
 
 _SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
 
@@ -30,6 +30,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
 def linear(x: Tensor, w: Mapping[str, Tensor], name: str) -> Tensor:
     """x @ W.T + b, where the bias "<name>.bias" is optional."""
     return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def row_linear(x: Tensor, w: Mapping[str, Tensor], name: str, reduce: Optional[Reduce]) -> Tensor:
+    """``linear`` of a row-parallel weight: each rank holds some input columns, so its product is a partial sum,
+    all-reduced over the ranks before the bias is added (once). ``reduce`` None: one process, the whole weight."""
+    if reduce is None:
+        return linear(x, w, name)
+    y = reduce(F.linear(x, w[f"{name}.weight"]))
+    bias = w.get(f"{name}.bias")
+    return y if bias is None else y + bias
 
 
 def layer_norm(x: Tensor, w: Mapping[str, Tensor], name: str, eps: float) -> Tensor:

@@ -7,13 +7,13 @@ and out of the 1024-wide blocks (``word_embed_proj_dim != hidden_size``).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from .common import Family, Shape, StepContext, check_divisible, find_prefix, read_sizes
-from .ops import activation, attention, layer_norm, linear, merge_heads, split_heads
+from .ops import activation, attention, layer_norm, linear, merge_heads, row_linear, split_heads
 
 # OPT's position table has two extra rows at the start (a fairseq padding_idx artifact)
 POSITION_OFFSET = 2
@@ -25,6 +25,10 @@ class OPT(Family):
     architectures = ("OPTForCausalLM",)
     _weight_locals = ("embed_tokens", "embed_positions")
     _after_blocks = ("final_layer_norm.weight", "final_layer_norm.bias", "project_out.weight", "lm_head")
+    _splits: ClassVar[Dict[str, str]] = {
+        "self_attn.q_proj": "column", "self_attn.k_proj": "column", "self_attn.v_proj": "column",
+        "self_attn.out_proj": "row", "fc1": "column", "fc2": "row"}
+    _mlp_width = "ffn_dim"
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         super().__init__(config, tensor_names)
@@ -51,12 +55,12 @@ class OPT(Family):
     # ---- weight names -------------------------------------------------------------------------
 
     def _block_shapes(self) -> Dict[str, Shape]:
-        C, Fd = self.hidden_size, self.ffn_dim
+        C, A, Fd = self.hidden_size, self.num_heads * self.head_dim, self.ffn_dim  # A = C, or a rank's share
         shapes: Dict[str, Shape] = {}
         for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            shapes[f"self_attn.{proj}.weight"] = (C, C)
+            shapes[f"self_attn.{proj}.weight"] = (C, A) if proj == "out_proj" else (A, C)
             if self.bias:
-                shapes[f"self_attn.{proj}.bias"] = (C,)
+                shapes[f"self_attn.{proj}.bias"] = (C,) if proj == "out_proj" else (A,)
         if self.ln_affine:
             shapes["self_attn_layer_norm.weight"] = (C,)
             shapes["self_attn_layer_norm.bias"] = (C,)
@@ -106,13 +110,13 @@ class OPT(Family):
         k = split_heads(linear(h, w, "self_attn.k_proj"), nh)
         v = split_heads(linear(h, w, "self_attn.v_proj"), nh)
         k, v = cache.update(k, v, ctx.start)  # (B, nh, S, hs)
-        y = merge_heads(attention(q, k, v, ctx))  # (B, T, C)
-        hidden = hidden + linear(y, w, "self_attn.out_proj")
+        y = merge_heads(attention(q, k, v, ctx))  # (B, T, nh * hs)
+        hidden = hidden + row_linear(y, w, "self_attn.out_proj", self.reduce)
         if not self.pre_ln:  # opt-350m: LayerNorm after the residual add
             hidden = layer_norm(hidden, w, "self_attn_layer_norm", eps)
 
         h = layer_norm(hidden, w, "final_layer_norm", eps) if self.pre_ln else hidden
-        hidden = hidden + linear(self.act(linear(h, w, "fc1")), w, "fc2")
+        hidden = hidden + row_linear(self.act(linear(h, w, "fc1")), w, "fc2", self.reduce)
         if not self.pre_ln:
             hidden = layer_norm(hidden, w, "final_layer_norm", eps)
         return hidden

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...errors import QuantizationError
-from ..store import host_buffer
+from ..store import FlatRead
 from . import kernels
 from .scheme import CODES, METADATA_KEY, SCALE, ZERO, QuantConfig, QuantizedTensor, quantize
 
@@ -82,23 +82,8 @@ class BlockQuant:
                 tensors.update(qt.tensors(ckpt))
             else:
                 tensors[ckpt] = views[ckpt]
-        layout: Dict[str, Tuple[int, torch.dtype, Tuple[int, ...]]] = {}
-        size = 0
-        for name, t in tensors.items():
-            size = -(-size // PACKED_ALIGN) * PACKED_ALIGN
-            layout[name] = (size, t.dtype, tuple(t.shape))
-            size += t.numel() * t.element_size()
-        # Host memory is a core arena (pinned for "pinned"): freed with the model, counted by the core, and for pinned
-        # memory not kept in torch's pinned cache. Device memory is torch's.
-        pinned = dest == "pinned"
-        if pinned or torch.device(dest).type == "cpu":
-            buf = host_buffer(size, pin=pinned)
-        else:
-            buf = torch.empty(size, dtype=torch.uint8, device=dest)
-        for name, t in tensors.items():
-            off, dt, shape = layout[name]
-            buf[off:off + t.numel() * t.element_size()].view(dt).view(shape).copy_(t)
-        return buf, layout
+        flat = FlatRead.pack(tensors, dest, PACKED_ALIGN)
+        return flat.buffer, flat.layout
 
 
 def block_quant_for(cfg: QuantConfig, block_shapes: Mapping[str, Tuple[int, ...]], linear: Tuple[str, ...],
