@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 import socket
 import time
@@ -68,7 +69,9 @@ def _rank_main(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, 
     # the parent's threads. One thread per rank; the ranks' real work runs on their GPUs.
     torch.set_num_threads(1)
     try:
-        value = fn(*args, **kwargs)
+        # pickled here, by value: the queue's own pickler would share tensors through file descriptors that die
+        # with this process
+        value = pickle.dumps(fn(*args, **kwargs))
         results.put((rank, True, value))
     except BaseException as e:
         results.put((rank, False, f"{type(e).__name__}: {e}\n{''.join(traceback.format_exc())}"))
@@ -104,4 +107,4 @@ def _collect(procs: List[Any], results: Any) -> List[Any]:
         others = ", ".join(str(r) for r in sorted(errors) if r != root)
         raise ParallelError(f"rank {root} of {len(procs)} failed: {errors[root]}"
                             + (f"\n(ranks {others} stopped too)" if others else ""))
-    return [values[r] for r in range(len(procs))]
+    return [pickle.loads(values[r]) for r in range(len(procs))]

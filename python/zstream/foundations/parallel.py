@@ -82,7 +82,10 @@ class Group:
         return [pickle.loads(self._store.get(name)) for name in names]
 
     def fail(self, error: BaseException) -> None:
-        """This rank is abandoning a pass: tell the others (who are waiting in a collective) what it raised."""
+        """This rank is abandoning a pass: tell the others (who are waiting in a collective) what it raised. Only the
+        first failure is posted: a ParallelError is a consequence (of another rank's failure, or this one's)."""
+        if self._broken is not None or isinstance(error, ParallelError):
+            return
         message = f"{type(error).__name__}: {error}"
         self._broken = f"rank {self.rank} (this one) failed earlier: {message}"
         with contextlib.suppress(Exception):  # the store went with a dead rank 0: the others' timeout ends their wait

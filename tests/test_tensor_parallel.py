@@ -1,0 +1,285 @@
+"""Tensor parallelism on the CPU (gloo), as CI runs it: every family sharded over 2 and 3 ranks gives the logits of
+one process (fp32, within 1e-5) and the same greedy tokens on every rank; quantized at load and packed too; the
+shards are the pieces Megatron's split says; a failing or killed rank is named, not waited for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+
+import zstream
+from tiny_models import padded_batch, reference_logits, reference_model, save_with_transformers
+from zstream import ModelError, ParallelError, UsageError
+from zstream.api.synthetic import PRESETS
+from zstream.foundations.models import family_for
+from zstream.foundations.parallel import join
+
+VOCAB = 320
+NEW_TOKENS = 20
+
+
+def _config(case: str, world: int) -> Dict[str, Any]:
+    """Tiny configs whose heads (6) and MLP units divide by 2 and by 3; KV heads split, or replicated (qwen2)."""
+    base = {"bloom": "tiny-bloom", "opt": "tiny-opt", "opt-post-ln": "tiny-opt-350m-style", "llama-mha": "tiny-llama-tied",
+            "llama-gqa": "tiny-llama", "mistral": "tiny-mistral", "qwen2": "tiny-qwen2"}[case]
+    cfg = dict(PRESETS[base])
+    if case == "bloom":
+        return {**cfg, "n_layer": 3}
+    cfg.update(num_hidden_layers=3, hidden_size=48, num_attention_heads=6)
+    if case.startswith("opt"):
+        return {**cfg, "ffn_dim": 96, "word_embed_proj_dim": 32 if case == "opt-post-ln" else 48}
+    kv = {"llama-mha": 6, "llama-gqa": world, "mistral": world, "qwen2": 1}[case]
+    cfg.update(intermediate_size=96, num_key_value_heads=kv)
+    if case == "mistral":
+        cfg["head_dim"] = 8
+    return cfg
+
+
+# (case, load options): every block streamed through the ring, unless offload="none"; quantized at load (int4) or a
+# checkpoint packed by zstream pack (int8), with groups that do not straddle ranks
+RUNS: List[Tuple[str, Dict[str, Any]]] = [
+    ("bloom", {"offload": "cpu", "max_resident_blocks": 0}),
+    ("bloom", {"offload": "none"}),
+    ("bloom", {"offload": "cpu", "max_resident_blocks": 0, "quantize": "int4", "group_size": 8}),
+    ("opt", {"offload": "cpu", "max_resident_blocks": 0}),
+    ("opt-post-ln", {"offload": "cpu", "max_resident_blocks": 1, "quantize": "int4", "group_size": 8}),
+    ("llama-mha", {"offload": "cpu", "max_resident_blocks": 0}),
+    ("llama-gqa", {"offload": "none"}),
+    ("llama-gqa", {"offload": "cpu", "max_resident_blocks": 0, "quantize": "int4", "group_size": 8,
+                   "symmetric": True}),
+    ("mistral", {"offload": "cpu", "max_resident_blocks": 0}),
+    ("qwen2", {"offload": "cpu", "max_resident_blocks": 0}),
+    ("qwen2", {"offload": "cpu", "max_resident_blocks": 0, "packed": "int8"}),
+]
+
+
+def _serve(runs: List[Tuple[str, Path, Dict[str, Any]]], ids: torch.Tensor, mask: torch.Tensor) -> List[Any]:
+    """On every rank: each run's logits, greedy and sampled tokens, and plan."""
+    out = []
+    for _, path, options in runs:
+        with zstream.load(path, device="cpu", progress=False, **options) as model:
+            logits = model(ids, mask)
+            greedy = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+            sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20,
+                                     seed=1234 + model.plan.rank)  # different seeds: the ranks must follow rank 0
+            out.append((logits, greedy, sampled, model.plan.ranks, model.plan.streamed_bytes, repr(model)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch() -> Tuple[torch.Tensor, torch.Tensor]:
+    return padded_batch(vocab=VOCAB, lengths=(9, 6, 4))
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+def runs(request: Any, tmp_path_factory: Any, batch: Tuple[torch.Tensor, torch.Tensor]) -> Dict[str, Any]:
+    """One launch per rank count, every run in it; and one process's answers to compare with."""
+    world = request.param
+    root = tmp_path_factory.mktemp(f"tp{world}")
+    plans = []
+    for case, options in RUNS:
+        path = root / case
+        if not path.exists():
+            save_with_transformers(_config(case, world), path)
+        options = dict(options)
+        bits = options.pop("packed", None)
+        if bits:
+            packed = root / f"{case}-{bits}"
+            if not packed.exists():
+                zstream.pack(path, packed, quantize=bits, group_size=8, progress=False)
+            path = packed
+        plans.append((case, path, options))
+    ids, mask = batch
+    alone = [_serve([(case, path, {**options, "tensor_parallel": 1})], ids, mask)[0] for case, path, options in plans]
+    return {"world": world, "plans": plans, "alone": alone, "ranks": zstream.launch(_serve, world, plans, ids, mask)}
+
+
+@pytest.mark.parametrize("k", range(len(RUNS)), ids=[f"{c}-{'-'.join(f'{v}' for v in o.values())}" for c, o in RUNS])
+def test_ranks_agree_with_one_process(runs: Dict[str, Any], k: int) -> None:
+    logits, greedy, _, ranks, streamed, _ = runs["alone"][k]
+    assert ranks == 1
+    for rank, results in enumerate(runs["ranks"]):
+        r_logits, r_greedy, r_sampled, r_ranks, r_streamed, text = results[k]
+        assert r_ranks == runs["world"]
+        assert f"rank {rank} of {runs['world']}" in text
+        err = (r_logits - logits).abs().max().item()
+        assert err <= 1e-5, f"rank {rank}: logits differ from one process's by {err}"
+        assert torch.equal(r_greedy, greedy), f"rank {rank}: greedy tokens differ from one process's"
+        assert torch.equal(r_sampled, runs["ranks"][0][k][2]), f"rank {rank} sampled other tokens than rank 0"
+        if runs["plans"][k][2].get("max_resident_blocks") == 0:  # each rank streams its piece: about 1/N the bytes
+            # (norms and row biases are whole on each rank; so are KV heads replicated over more ranks than heads)
+            tight = 1.1 if runs["plans"][k][0] != "qwen2" else 1.6
+            assert streamed / runs["world"] <= r_streamed < streamed / runs["world"] * tight
+
+
+def test_sharded_logits_match_transformers(runs: Dict[str, Any], batch: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The independent reference: transformers on the same weights (the first run: bloom, streamed)."""
+    ids, mask = batch
+    want = reference_logits(reference_model(runs["plans"][0][1]), ids, mask)
+    got = runs["ranks"][1][0][0]
+    keep = mask.bool()
+    assert torch.allclose(got[keep], want[keep], atol=1e-4, rtol=1e-4)
+
+
+# ---- the pieces --------------------------------------------------------------------------------------------------
+def _block(fam: Any) -> Dict[str, torch.Tensor]:
+    """Block 0 with distinct values everywhere (each element its index)."""
+    return {name: torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape)
+            for name, shape in ((fam.block_tensors(0)[local], s) for local, s in fam.block_shapes().items())}
+
+
+@pytest.mark.parametrize(("case", "world"), [("llama-gqa", 2), ("mistral", 3), ("bloom", 3), ("opt", 2)])
+def test_pieces_put_back_together_are_the_block(case: str, world: int) -> None:
+    """Column pieces stacked by rows, row pieces side by side by columns, give back the whole weight; norms and
+    row-parallel biases are whole on every rank."""
+    fam = family_for(_config(case, world))
+    whole = _block(fam)
+    names = fam.block_tensors(0)
+    pieces = [fam.shard(r, world, reduce=lambda t: t).shard_block(whole, names) for r in range(world)]
+    splits = type(fam)._splits
+    for local, name in names.items():
+        module = local.rsplit(".", 1)[0]
+        kind = splits.get(module)
+        if kind == "column" or (kind == "kv" and local.endswith("weight")):
+            assert torch.equal(torch.cat([p[name] for p in pieces], 0), whole[name]), local
+        elif kind == "row" and local.endswith("weight"):
+            assert torch.equal(torch.cat([p[name] for p in pieces], 1), whole[name]), local
+        else:
+            assert all(torch.equal(p[name], whole[name]) for p in pieces), local
+
+
+def test_kv_heads_replicate_when_fewer_than_ranks() -> None:
+    """qwen2 with 1 KV head over 3 ranks: every rank holds that head; llama with 2 KV heads over 6 query heads
+    on... 2 ranks each take one."""
+    fam = family_for(_config("qwen2", 3))
+    whole = _block(fam)
+    k = fam.block_tensors(0)["self_attn.k_proj.weight"]
+    for r in range(3):
+        part = fam.shard(r, 3, reduce=lambda t: t)
+        assert part.num_heads == 2 and part.num_kv_heads == 1
+        assert torch.equal(part.shard_block(whole, fam.block_tensors(0))[k], whole[k])
+
+
+def test_bloom_ranks_take_their_heads_alibi_slopes() -> None:
+    fam = family_for(_config("bloom", 3))
+    parts = [fam.shard(r, 3, reduce=lambda t: t) for r in range(3)]
+    assert torch.equal(torch.cat([p._slopes for p in parts]), fam._slopes)
+    assert all(p._slopes.shape == (2,) for p in parts)
+    # the fused QKV is [q_h, k_h, v_h] per head: rank 1's rows are heads 2 and 3, all three of q, k, v
+    hs = fam.head_dim
+    rows = torch.arange(3 * fam.hidden_size)
+    assert torch.equal(parts[1].shard_block({"w": rows[:, None]}, {"self_attention.query_key_value.weight": "w"})["w"]
+                       .flatten(), rows[2 * 3 * hs: 4 * 3 * hs])
+
+
+@pytest.mark.parametrize(("case", "world", "what"), [("bloom", 4, "attention heads"), ("llama-gqa", 3, "KV heads"),
+                                                      ("llama-gqa", 6, "MLP units")])
+def test_models_that_do_not_divide_are_refused(case: str, world: int, what: str) -> None:
+    cfg = _config(case, 2)
+    if what == "MLP units":
+        cfg.update(intermediate_size=100)
+    with pytest.raises(ModelError, match=what):
+        family_for(cfg).shard(0, world, reduce=lambda t: t)
+
+
+def test_a_rank_count_the_launch_does_not_have_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"tensor_parallel=3, but this process is one of 2 ranks.*torchrun"):
+        join(3, torch.device("cpu"))
+    assert join(1, torch.device("cpu")) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert join(None, torch.device("cpu")) is None
+
+
+# ---- failures ----------------------------------------------------------------------------------------------------
+def _fail_midway(path: Path, how: str, ids: torch.Tensor) -> str:
+    """Rank 1 fails in its second block; rank 0 reports what stopped it."""
+    model = zstream.load(path, device="cpu", offload="cpu", max_resident_blocks=0, progress=False,
+                         parallel_timeout=5)
+    if model.plan.rank == 1:
+        block, calls = model.family.block, []
+
+        def second_block_fails(*args: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 2:
+                if how == "raise":
+                    raise RuntimeError("injected fault in block 1")
+                os._exit(3)
+            return block(*args)
+
+        model.family.block = second_block_fails
+    try:
+        model(ids)
+    except ParallelError as e:
+        return f"ParallelError: {e}"
+    except RuntimeError as e:
+        try:
+            model(ids)
+        except ParallelError as again:  # the group is broken now, and says so
+            return f"{e} / {again}"
+    return "no error"
+
+
+@pytest.fixture(scope="module")
+def tiny_bloom(tmp_path_factory: Any) -> Path:
+    return save_with_transformers(_config("bloom", 2), tmp_path_factory.mktemp("fail") / "bloom")
+
+
+def test_a_rank_that_raises_is_named_by_the_others(tiny_bloom: Path) -> None:
+    ids = torch.randint(4, VOCAB, (2, 5))
+    rank0, rank1 = zstream.launch(_fail_midway, 2, tiny_bloom, "raise", ids)
+    assert rank0.startswith("ParallelError: rank 1 failed: RuntimeError: injected fault in block 1; rank 0 stopped")
+    assert rank1.startswith("injected fault in block 1 / the tensor-parallel group is broken (rank 1 (this one)")
+
+
+def test_a_rank_that_dies_ends_the_others_wait_at_the_timeout(tiny_bloom: Path) -> None:
+    ids = torch.randint(4, VOCAB, (2, 5))
+    with pytest.raises(ParallelError, match=r"rank 1 of 2 failed: died with exit code 3") as info:
+        zstream.launch(_fail_midway, 2, tiny_bloom, "exit", ids)
+    assert "ranks 0 stopped too" in str(info.value) or "rank 0" not in str(info.value)
+
+
+def _load(paths: List[Path], **options: Any) -> str:
+    rank = int(os.environ["RANK"])
+    try:
+        zstream.load(paths[rank], device="cpu", progress=False, **options)
+    except zstream.ZStreamError as e:
+        return f"{type(e).__name__}: {e}"
+    return "loaded"
+
+
+def test_ranks_that_open_different_checkpoints_are_refused(tiny_bloom: Path, tmp_path: Path) -> None:
+    other = save_with_transformers({**_config("bloom", 2), "n_layer": 2}, tmp_path / "other")
+    answers = zstream.launch(_load, 2, [tiny_bloom, other], offload="cpu")
+    for answer in answers:
+        assert answer.startswith("ParallelError: the ranks opened different checkpoints"), answer
+        assert str(other) in answer and str(tiny_bloom) in answer
+
+
+def test_a_rank_that_fails_to_load_is_named(tiny_bloom: Path, tmp_path: Path) -> None:
+    answers = zstream.launch(_load, 2, [tiny_bloom, tmp_path / "missing"], offload="cpu")
+    assert answers[1].startswith("CheckpointError") or answers[1].startswith("UsageError"), answers[1]
+    assert answers[0].startswith("ParallelError: rank 1 failed:"), answers[0]
+
+
+def test_nvme_needs_a_layout_for_the_ranks(tiny_bloom: Path) -> None:
+    answers = zstream.launch(_load, 2, [tiny_bloom, tiny_bloom], offload="nvme")
+    assert all("offload='nvme' under tensor parallelism" in a for a in answers), answers
+
+
+def _raise_on(rank: int) -> int:
+    if int(os.environ["RANK"]) == rank:
+        raise ValueError("rank-specific trouble")
+    return int(os.environ["RANK"]) * 10
+
+
+def test_launch_returns_in_rank_order_and_names_a_failing_rank() -> None:
+    assert zstream.launch(_raise_on, 3, 99) == [0, 10, 20]
+    with pytest.raises(ParallelError, match=r"(?s)rank 2 of 3 failed: ValueError: rank-specific trouble.*Traceback"):
+        zstream.launch(_raise_on, 3, 2)
+    with pytest.raises(UsageError, match="nprocs"):
+        zstream.launch(_raise_on, 0, 1)
