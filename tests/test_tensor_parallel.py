@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import zstream
-from tiny_models import padded_batch, reference_logits, reference_model, save_with_transformers
 from zstream import ModelError, ParallelError, UsageError
 from zstream.api.synthetic import PRESETS
 from zstream.foundations.models import family_for
 from zstream.foundations.parallel import join
+
+from tiny_models import padded_batch, reference_logits, reference_model, save_with_transformers
 
 VOCAB = 320
 NEW_TOKENS = 20
@@ -24,8 +25,9 @@ NEW_TOKENS = 20
 
 def _config(case: str, world: int) -> Dict[str, Any]:
     """Tiny configs whose heads (6) and MLP units divide by 2 and by 3; KV heads split, or replicated (qwen2)."""
-    base = {"bloom": "tiny-bloom", "opt": "tiny-opt", "opt-post-ln": "tiny-opt-350m-style", "llama-mha": "tiny-llama-tied",
-            "llama-gqa": "tiny-llama", "mistral": "tiny-mistral", "qwen2": "tiny-qwen2"}[case]
+    base = {"bloom": "tiny-bloom", "opt": "tiny-opt", "opt-post-ln": "tiny-opt-350m-style",
+            "llama-mha": "tiny-llama-tied", "llama-gqa": "tiny-llama", "mistral": "tiny-mistral",
+            "qwen2": "tiny-qwen2"}[case]
     cfg = dict(PRESETS[base])
     if case == "bloom":
         return {**cfg, "n_layer": 3}
@@ -283,3 +285,33 @@ def test_launch_returns_in_rank_order_and_names_a_failing_rank() -> None:
         zstream.launch(_raise_on, 3, 2)
     with pytest.raises(UsageError, match="nprocs"):
         zstream.launch(_raise_on, 0, 1)
+
+
+# ---- a layout for the ranks (zstream pack --tensor-parallel) ------------------------------------------------------
+def _serve_from(path: Path, ids: torch.Tensor, **options: Any) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    with zstream.load(path, device="cpu", progress=False, **options) as model:
+        return model(ids), model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), model.plan.streamed_bytes
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_nvme_streams_each_ranks_piece_from_a_layout_written_for_it(tmp_path: Path, quantize: Any) -> None:
+    src = save_with_transformers(_config("llama-gqa", 2), tmp_path / "src")
+    out = zstream.pack(src, tmp_path / "tp2", quantize=quantize, group_size=8, tensor_parallel=2, progress=False)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["rank0-of-2", "rank1-of-2"]
+    ids = torch.randint(4, VOCAB, (2, 6))
+    alone = _serve_from(src, ids, offload="cpu", quantize=quantize, group_size=8, max_resident_blocks=0)
+    ranks = zstream.launch(_serve_from, 2, out, ids, offload="nvme", max_resident_blocks=0)
+    for logits, tokens, streamed in ranks:
+        assert (logits - alone[0]).abs().max().item() <= 1e-5
+        assert torch.equal(tokens, alone[1])
+        assert alone[2] / 2 <= streamed < alone[2] * 0.6  # its piece of every block, from its own files
+    # each rank's files hold its pieces: its blocks are about half the whole's
+    store = zstream.WeightStore.open(out / "rank1-of-2")
+    whole = zstream.WeightStore.open(src)
+    name = "model.layers.0.mlp.down_proj.weight" + (".qcodes" if quantize else "")
+    half = whole.info("model.layers.0.mlp.down_proj.weight").shape[1] // 2
+    assert store.info(name).shape[1] == (half // 2 if quantize else half)
+    with pytest.raises(UsageError, match="laid out for 2 tensor-parallel ranks"):
+        zstream.load(out, device="cpu", progress=False)
+    with pytest.raises(UsageError, match="one rank's pieces"):
+        zstream.load(out / "rank0-of-2", device="cpu", progress=False)

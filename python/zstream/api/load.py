@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..errors import ParallelError, UsageError, warn
+from ..errors import CheckpointError, ParallelError, UsageError, warn
 from ..foundations import checkpoint
 from ..foundations.hardware import HardwareReport, hardware
 from ..foundations.measure import host_available_bytes
@@ -86,14 +86,22 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
 def _load(model: Union[str, os.PathLike], options: LoadOptions, group: Optional[Group], *, download: Optional[bool],
           revision: Optional[str], started: float) -> StreamingModel:
     path = checkpoint.resolve(model, download=download, revision=revision)
+    laid_out = checkpoint.tensor_parallel_ranks(path) is not None  # zstream pack --tensor-parallel: a dir per rank
+    if laid_out:
+        path = checkpoint.rank_checkpoint(path, group.rank if group else None, group.world if group else 1)
+    shard_at_load = group is not None and not laid_out
     config = checkpoint.read_config(path)
-    store = _open_store(path, options, sharded=group is not None)
+    store = _open_store(path, options, sharded=shard_at_load)
     try:
         family = family_for(config, store.names())
+        if group is None and checkpoint.TENSOR_PARALLEL_KEY in store.metadata():
+            raise UsageError(f"{path} holds one rank's pieces of a tensor-parallel layout: load the layout's directory "
+                             "(its parent) on all of its ranks")
         if group is not None:
+            _check_rank_files(store, group, laid_out, where=str(path))
             family = family.shard(group.rank, group.world, group.all_reduce)
         facts = checkpoint_facts(store, family, dtype=options.dtype, device_type=options.device.type,
-                                 quantize=options.quantize, where=str(path), shard_at_load=group is not None)
+                                 quantize=options.quantize, where=str(path), shard_at_load=shard_at_load)
         resources = _resources(options)
         plan = plan_load(facts, resources, options.plan_options(), where=str(path))
         if group is not None:
@@ -156,10 +164,11 @@ def _rank_plan(plan: Plan, facts: CheckpointFacts, resources: Resources, options
     """The plan of one rank: never "ats" (no piece to read in place), and the same checkpoint on every rank."""
     if plan.offload == "ats":  # offload="auto" on a GH200
         plan = plan_load(facts, resources, replace(options, offload="cpu").plan_options(), where=where)
-    if plan.offload == "nvme":
+    if plan.offload == "nvme" and facts.shard_at_load:
         raise UsageError(f"{where}: offload='nvme' under tensor parallelism reads each rank's piece of a block from "
-                         "disk in one read, from a checkpoint laid out for it; this one holds whole blocks. Use "
-                         "offload='cpu' (the pieces are cut at load), or more host memory")
+                         "disk in one read, from a checkpoint laid out for it; this one holds whole blocks. Write "
+                         f"the layout once with `zstream pack {where} OUT --tensor-parallel {group.world} --quantize "
+                         "none`, or use offload='cpu' (the pieces are cut at load)")
     mine = _fingerprint(store, facts, plan)
     everyone = group.gather((where, mine), "comparing the ranks' checkpoints")
     differ = [f"rank {r}: {path} ({fp})" for r, (path, fp) in enumerate(everyone) if fp != mine]
@@ -168,6 +177,16 @@ def _rank_plan(plan: Plan, facts: CheckpointFacts, resources: Resources, options
                             f"but {'; '.join(differ)}; every rank must load the same checkpoint the same way")
     plan.rank, plan.ranks = group.rank, group.world
     return plan
+
+
+def _check_rank_files(store: WeightStore, group: Group, laid_out: bool, *, where: str) -> None:
+    """A rank's directory of a tensor-parallel layout holds that rank's pieces (its headers say so); a plain
+    checkpoint holds no pieces at all."""
+    found = store.metadata().get(checkpoint.TENSOR_PARALLEL_KEY)
+    want = checkpoint.rank_metadata(group.rank, group.world)[checkpoint.TENSOR_PARALLEL_KEY] if laid_out else None
+    if found != want:
+        raise CheckpointError(f"{where}: its headers say {checkpoint.TENSOR_PARALLEL_KEY}={found}, rank {group.rank} "
+                              f"of {group.world} expects {want}; write the layout again with zstream pack")
 
 
 def _fingerprint(store: WeightStore, facts: CheckpointFacts, plan: Plan) -> str:

@@ -36,10 +36,10 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..errors import QuantizationError, warn
+from ..errors import QuantizationError, UsageError, warn
 from ..foundations import checkpoint
 from ..foundations.hardware import resolve_device
-from ..foundations.models import Family, family_for
+from ..foundations.models import Cut, Family, family_for, piece
 from ..foundations.quant import METADATA_KEY, QuantConfig, QuantizedTensor, packed_config, quantize
 from ..foundations.store import WeightStore
 from ..foundations.units import fmt_bytes, parse_bytes
@@ -51,11 +51,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 @dataclass(frozen=True)
 class _Item:
     """One tensor of the output, and where its bytes come from: ``source`` is the checkpoint tensor it derives from;
-    ``part`` is None for a byte-for-byte copy, else the packed tensor's name (``source + ".qcodes"`` ...)."""
+    ``part`` is None for a byte-for-byte copy, else the packed tensor's name (``source + ".qcodes"`` ...); ``cut``
+    the rank's piece of ``source`` (``Family.shard_cut``) in a tensor-parallel layout."""
 
     entry: Entry
     source: str
     part: Optional[str] = None
+    cut: Optional[Cut] = None  # tensor-parallel layout: the rank's piece of ``source``
 
 
 @dataclass
@@ -85,35 +87,41 @@ def _quantize(w: torch.Tensor, cfg: QuantConfig, device: torch.device) -> Quanti
     return QuantizedTensor(qt.codes.cpu(), qt.scale.cpu(), zero, qt.shape, qt.bits, qt.group_size)
 
 
-def _plan(store: WeightStore, family: Family, cfg: QuantConfig) -> Tuple[List[_Unit], Dict[str, Tuple[int, ...]]]:
+def _plan(store: WeightStore, family: Family, cfg: Optional[QuantConfig],
+          part: Family) -> Tuple[List[_Unit], Dict[str, Tuple[int, ...]]]:
     """The output's tensors, grouped into units that stay contiguous in one shard; plus {local name: shape} of
-    the linear weights left unquantized because the group size does not divide their input dimension."""
+    the linear weights left unquantized because the group size does not divide their input dimension. ``part``: the
+    rank whose pieces of the blocks the output holds (``family`` itself for a whole checkpoint)."""
     infos = {n: store.info(n) for n in store.names()}
     expected = list(family.expected_shapes())
-    block_of: Dict[str, int] = {}
+    block_of: Dict[str, Tuple[int, str]] = {}
     for i in range(family.num_blocks):
-        block_of.update({name: i for name in family.block_tensors(i).values()})
+        block_of.update({name: (i, local) for local, name in family.block_tensors(i).items()})
+    pieces = part.block_shapes()
     to_quantize: Dict[str, Tuple[int, int]] = {}
     skipped: Dict[str, Tuple[int, ...]] = {}
-    for i in range(family.num_blocks):
+    for i in range(family.num_blocks if cfg is not None else 0):
         names = family.block_tensors(i)
         for local in family.linear_weights():
-            shape = infos[names[local]].shape
-            if cfg.accepts(shape):
+            shape = pieces[local]
+            if cfg.accepts(shape):  # type: ignore[union-attr]
                 to_quantize[names[local]] = (int(shape[0]), int(shape[1]))
             else:
                 skipped[local] = shape
-    if not to_quantize:
+    if cfg is not None and not to_quantize:
         shapes = ", ".join(f"{local} {list(s)}" for local, s in skipped.items())
         raise QuantizationError(f"group size {cfg.group_size} divides the input dimension of no linear weight "
                                 f"({shapes}); pick a group size that divides them (e.g. 32, 64 or 128)")
 
     def items(name: str) -> List[_Item]:
+        local = block_of[name][1] if name in block_of else None
+        cut = part.shard_cut(local) if local is not None else None
         if name in to_quantize:
-            return [_Item(Entry(part, tuple(shape), dt), name, part)
-                    for part, (dt, shape) in cfg.packed(name, to_quantize[name]).items()]
+            return [_Item(Entry(p, tuple(shape), dt), name, p, cut)
+                    for p, (dt, shape) in cfg.packed(name, to_quantize[name]).items()]  # type: ignore[union-attr]
         info = infos[name]
-        return [_Item(Entry(name, tuple(info.shape), info.torch_dtype), name)]
+        shape = tuple(pieces[local]) if local is not None else tuple(info.shape)
+        return [_Item(Entry(name, shape, info.torch_dtype), name, None, cut)]
 
     before = _Unit("outer tensors", per_tensor=True)
     blocks = [_Unit(f"block {i}") for i in range(family.num_blocks)]
@@ -122,7 +130,7 @@ def _plan(store: WeightStore, family: Family, cfg: QuantConfig) -> Tuple[List[_U
     for name in expected:
         if name in block_of:
             seen_block = True
-            blocks[block_of[name]].items += items(name)
+            blocks[block_of[name][0]].items += items(name)
         else:
             (after if seen_block else before).items += items(name)
     wanted = set(expected)
@@ -151,7 +159,7 @@ def _shards(units: List[_Unit], shard_size: int) -> List[List[_Unit]]:
 class _Packer:
     """Reads units ahead in a background thread and writes them out, quantizing on the way."""
 
-    def __init__(self, store: WeightStore, cfg: QuantConfig, device: torch.device, bar: Any) -> None:
+    def __init__(self, store: WeightStore, cfg: Optional[QuantConfig], device: torch.device, bar: Any) -> None:
         self.store, self.cfg, self.device, self.bar = store, cfg, device, bar
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zstream-pack-read")
 
@@ -185,11 +193,15 @@ class _Packer:
         packed: Dict[str, torch.Tensor] = {}
         while k < len(items) and items[k].source in wanted:
             item = items[k]
+            t = tensors[item.source]
+            if item.cut is not None:
+                t = piece(t, item.cut, item.source)
             if item.part is None:
-                write_tensor(f, tensors[item.source], item.entry)
+                write_tensor(f, t, item.entry)
             else:
                 if item.part not in packed:
-                    packed.update(_quantize(tensors[item.source], self.cfg, self.device).tensors(item.source))
+                    assert self.cfg is not None
+                    packed.update(_quantize(t, self.cfg, self.device).tensors(item.source))
                 write_tensor(f, packed[item.part], item.entry)
             k += 1
         return k
@@ -198,31 +210,40 @@ class _Packer:
         self.pool.shutdown(wait=True)
 
 
-def _copy_side_files(src: Path, dst: Path, config: Dict[str, Any], cfg: QuantConfig) -> None:
+def _copy_side_files(src: Path, dst: Path, config: Dict[str, Any], cfg: Optional[QuantConfig]) -> None:
     """config.json (with a ``zstream_quantization`` entry for humans: the metadata the headers carry), plus the
     generation config and tokenizer files, when the source has them."""
     config = dict(config)
-    config["zstream_quantization"] = json.loads(cfg.to_metadata()[METADATA_KEY])
+    if cfg is not None:
+        config["zstream_quantization"] = json.loads(cfg.to_metadata()[METADATA_KEY])
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in checkpoint.SIDE_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
 
 
-def pack(model: PathLike, out: PathLike, *, quantize: str = "int4", group_size: int = 64, symmetric: bool = False,
-         shard_size: Union[int, str] = "4GB", device: Optional[str] = None, progress: bool = True) -> Path:
+def pack(model: PathLike, out: PathLike, *, quantize: Optional[str] = "int4", group_size: int = 64,
+         symmetric: bool = False, tensor_parallel: int = 1, shard_size: Union[int, str] = "4GB",
+         device: Optional[str] = None, progress: bool = True) -> Path:
     """Write a copy of checkpoint ``model`` (a directory, or a Hugging Face repo id) to the new directory ``out``
     with every block's linear weights quantized (``"int4"`` or ``"int8"``, ``group_size`` inputs per fp16 scale,
-    ``symmetric`` or with a per-group zero). Returns ``out``.
+    ``symmetric`` or with a per-group zero), and/or laid out for ``tensor_parallel`` ranks. Returns ``out``.
 
+    ``tensor_parallel`` N > 1 writes one checkpoint per rank, ``out/rank{r}-of-{N}/``, holding that rank's piece of
+    every block (``Family.shard_cut``: its heads, its MLP units) and the whole outer tensors, so that each rank of a
+    tensor-parallel ``load`` reads its piece of a block from disk in one contiguous read (offload="nvme");
+    ``out/tensor-parallel.json`` says so. ``quantize=None`` then keeps the weights as they are.
     ``device``: where quantization runs ("cuda" is much faster than the CPU for big models; None/"auto" picks it
     when present). The output is bit-identical either way. ``shard_size`` caps a shard (blocks are never split).
     Raises ``QuantizationError`` for an already packed source or a group size that divides no linear weight, and
     ``OutputExistsError`` for an ``out`` that is not empty.
     """
     cfg = QuantConfig.parse(quantize, group_size, symmetric)
-    if cfg is None:
-        raise QuantizationError("pack writes a quantized checkpoint: quantize must be 'int4' or 'int8'")
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise UsageError(f"pack: tensor_parallel must be a number of ranks >= 1, not {tensor_parallel!r}")
+    if cfg is None and tensor_parallel == 1:
+        raise QuantizationError("pack writes a quantized checkpoint (quantize 'int4' or 'int8'), a tensor-parallel "
+                                "layout (tensor_parallel > 1), or both")
     dev = resolve_device(None if device in (None, "auto") else device)
     limit = parse_bytes(shard_size, what="shard_size")
     assert limit is not None
@@ -235,41 +256,64 @@ def pack(model: PathLike, out: PathLike, *, quantize: str = "int4", group_size: 
         already = packed_config(store, where=str(src))
         if already is not None:
             raise QuantizationError(f"{src}: already packed ({already.describe()}); pack an unquantized checkpoint")
+        if checkpoint.tensor_parallel_ranks(src) is not None:
+            raise UsageError(f"{src}: already laid out for tensor parallelism; pack the checkpoint it came from")
         family = family_for(config, names)
         family.validate({n: store.info(n) for n in names})
-        units, skipped = _plan(store, family, cfg)
-        for local, shape in skipped.items():
-            warn(f"zstream pack: {local} {list(shape)} stays unquantized: group size {cfg.group_size} does "
+        ranks = [family.shard(r, tensor_parallel, reduce=_no_reduce) for r in range(tensor_parallel)]
+        plans = [_plan(store, family, cfg, part) for part in ranks]
+        for local, shape in plans[0][1].items():
+            warn(f"zstream pack: {local} {list(shape)} stays unquantized: group size {cfg.group_size} does "  # type: ignore[union-attr]
                  f"not divide its input dimension", RuntimeWarning)
-        _write(src, dst, store, units, _shards(units, limit), config, cfg, dev, progress)
-        block_in = sum(store.info(s).nbytes for u in units if u.label.startswith("block ") for s in u.sources)
+        _write(src, dst, store, [units for units, _ in plans], limit, config, cfg, dev, progress)
+        block_in = sum(store.info(n).nbytes for i in range(family.num_blocks) for n in family.block_tensors(i).values())
         total_in = sum(store.info(n).nbytes for n in names)
     finally:
         store.close()
     if progress:
-        block_out = sum(u.nbytes for u in units if u.label.startswith("block "))
-        total_out = sum(u.nbytes for u in units)
-        print(f"packed {src} -> {dst} ({cfg.describe()}): blocks {fmt_bytes(block_in)} -> {fmt_bytes(block_out)} "
-              f"({block_out / block_in:.2f}x streamed per pass), all tensors {fmt_bytes(total_in)} -> "
-              f"{fmt_bytes(total_out)} ({total_out / total_in:.2f}x)", file=sys.stderr)
+        block_out = sum(u.nbytes for units, _ in plans for u in units if u.label.startswith("block "))
+        total_out = sum(u.nbytes for units, _ in plans for u in units)
+        what = ", ".join(x for x in (cfg.describe() if cfg else "", f"{tensor_parallel} ranks" if tensor_parallel > 1
+                                     else "") if x)
+        ratio = block_out / block_in
+        per_pass = (f"{ratio:.2f}x streamed per pass" if tensor_parallel == 1 else
+                    f"{ratio:.2f}x over the ranks; each rank streams {ratio / tensor_parallel:.2f}x per pass")
+        print(f"packed {src} -> {dst} ({what}): blocks {fmt_bytes(block_in)} -> {fmt_bytes(block_out)} ({per_pass}), "
+              f"all tensors {fmt_bytes(total_in)} -> {fmt_bytes(total_out)} ({total_out / total_in:.2f}x)",
+              file=sys.stderr)
     return dst
 
 
-def _write(src: Path, dst: Path, store: WeightStore, units: List[_Unit], shards: List[List[_Unit]],
-           config: Dict[str, Any], cfg: QuantConfig, dev: torch.device, progress: bool) -> None:
-    """The shards, the index and the side files, into a new directory renamed to ``dst`` when complete."""
+def _no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t  # packing cuts pieces; it runs no forward pass
+
+
+def _write(src: Path, dst: Path, store: WeightStore, ranks: List[List[_Unit]], limit: int, config: Dict[str, Any],
+           cfg: Optional[QuantConfig], dev: torch.device, progress: bool) -> None:
+    """The shards, the index and the side files (per rank in a tensor-parallel layout), into a new directory renamed
+    to ``dst`` when complete."""
     from tqdm.auto import tqdm
 
-    metadata = {"format": "pt", **cfg.to_metadata()}
-    total = sum(store.info(s).nbytes for u in units for s in u.sources)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"packing {dst.name} ({cfg.name})", disable=not progress)
+    total = sum(store.info(s).nbytes for units in ranks for u in units for s in u.sources)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"packing {dst.name}", disable=not progress)
     packer = _Packer(store, cfg, dev, bar)
     try:
         with new_checkpoint_dir(dst) as tmp:
-            for file, shard in zip(shard_names(len(shards)), shards):
-                packer.write_shard(tmp / file, shard, metadata)
-            write_index(tmp, [[i.entry for u in shard for i in u.items] for shard in shards])
-            _copy_side_files(src, tmp, config, cfg)
+            for rank, units in enumerate(ranks):
+                metadata = {"format": "pt", **(cfg.to_metadata() if cfg else {})}
+                out = tmp
+                if len(ranks) > 1:
+                    out = tmp / checkpoint.rank_dir_name(rank, len(ranks))
+                    out.mkdir()
+                    metadata.update(checkpoint.rank_metadata(rank, len(ranks)))
+                shards = _shards(units, limit)
+                for file, shard in zip(shard_names(len(shards)), shards):
+                    packer.write_shard(out / file, shard, metadata)
+                write_index(out, [[i.entry for u in shard for i in u.items] for shard in shards])
+                _copy_side_files(src, out, config, cfg)
+            if len(ranks) > 1:
+                checkpoint.write_tensor_parallel_marker(tmp, len(ranks))
+                _copy_side_files(src, tmp, config, cfg)
     finally:
         packer.close()
         bar.close()

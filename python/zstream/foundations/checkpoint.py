@@ -107,3 +107,50 @@ def load_tokenizer(path: Union[str, Path]) -> Any:
 def is_synthetic(config: Dict[str, Any]) -> bool:
     """Whether zstream wrote this checkpoint with random weights (its text is noise)."""
     return SYNTHETIC_KEY in config
+
+
+# ---- tensor-parallel layouts (``zstream pack --tensor-parallel N``) ------------------------------------------------
+# A directory with ``tensor-parallel.json`` ({"ranks": N, "version": 1}) holds one checkpoint per rank,
+# ``rank{r}-of-{N}/``, with that rank's pieces of every block; each shard's header says which rank it belongs to.
+TENSOR_PARALLEL_FILE = "tensor-parallel.json"
+TENSOR_PARALLEL_KEY = "zstream.tensor_parallel"
+
+
+def rank_dir_name(rank: int, ranks: int) -> str:
+    return f"rank{rank}-of-{ranks}"
+
+
+def rank_metadata(rank: int, ranks: int) -> Dict[str, str]:
+    """The safetensors ``__metadata__`` entry of a rank's shards."""
+    return {TENSOR_PARALLEL_KEY: json.dumps({"rank": rank, "ranks": ranks}, sort_keys=True)}
+
+
+def write_tensor_parallel_marker(path: Path, ranks: int) -> None:
+    (path / TENSOR_PARALLEL_FILE).write_text(json.dumps({"ranks": ranks, "version": 1}) + "\n")
+
+
+def tensor_parallel_ranks(path: Union[str, Path]) -> Optional[int]:
+    """How many ranks a checkpoint directory is laid out for; None for a plain checkpoint."""
+    file = Path(path) / TENSOR_PARALLEL_FILE
+    if not file.is_file():
+        return None
+    try:
+        return int(json.loads(file.read_text())["ranks"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e}); write the layout again with zstream pack") from None
+
+
+def rank_checkpoint(path: Path, rank: Optional[int], ranks: int) -> Path:
+    """The directory rank ``rank`` of ``ranks`` (None: not launched in a group) loads from a tensor-parallel layout;
+    UsageError if the launch does not have the ranks the layout was written for."""
+    laid_out = tensor_parallel_ranks(path)
+    assert laid_out is not None
+    if rank is None or ranks != laid_out:
+        started = "one process" if rank is None else f"{ranks} ranks"
+        raise UsageError(f"{path} is laid out for {laid_out} tensor-parallel ranks (zstream pack --tensor-parallel "
+                         f"{laid_out}) and this load runs on {started}: start {laid_out} ranks (torchrun "
+                         f"--nproc-per-node {laid_out}, or zstream.launch), or load the checkpoint it was packed from")
+    sub = path / rank_dir_name(rank, ranks)
+    if not sub.is_dir():
+        raise CheckpointError(f"{path}: laid out for {ranks} ranks but {sub.name}/ is missing")
+    return sub

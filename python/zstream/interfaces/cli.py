@@ -81,8 +81,9 @@ def cmd_make_checkpoint(a: argparse.Namespace) -> int:
 def cmd_pack(a: argparse.Namespace) -> int:
     from ..api.pack import pack
 
-    path = pack(a.model, a.out, quantize=a.quantize, group_size=a.group_size, symmetric=a.symmetric,
-                shard_size=a.shard_size, device=a.device, progress=not a.quiet)
+    path = pack(a.model, a.out, quantize=None if a.quantize == "none" else a.quantize, group_size=a.group_size,
+                symmetric=a.symmetric, tensor_parallel=a.tensor_parallel, shard_size=a.shard_size, device=a.device,
+                progress=not a.quiet)
     print(path)
     return 0
 
@@ -134,10 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="fp16", choices=DTYPE_CHOICES[1:])
     m.set_defaults(func=cmd_make_checkpoint)
 
-    k = sub.add_parser("pack", help="write a copy of a checkpoint with its linear weights quantized (int4/int8)")
+    k = sub.add_parser("pack", help="write a copy of a checkpoint with its linear weights quantized (int4/int8), "
+                                    "and/or laid out for tensor-parallel ranks")
     k.add_argument("model", help="checkpoint directory or Hugging Face repo id")
     k.add_argument("out", help="new directory for the packed checkpoint (must not exist, or be empty)")
-    k.add_argument("--quantize", required=True, choices=["int4", "int8"])
+    k.add_argument("--quantize", required=True, choices=["int4", "int8", "none"],
+                   help="none: weights as they are (with --tensor-parallel)")
+    k.add_argument("--tensor-parallel", type=positive, default=1, metavar="N",
+                   help="one checkpoint per rank, each with its piece of every block (for offload nvme over N GPUs)")
     k.add_argument("--group-size", type=positive, default=64, help="inputs per fp16 scale (default 64)")
     k.add_argument("--symmetric", action="store_true", help="no per-group zero: scale only")
     k.add_argument("--shard-size", type=size, default="4GB",

@@ -295,16 +295,8 @@ class Family:
         contiguous, as quantization and one-copy transfers want them)."""
         out: Dict[str, Tensor] = {}
         for local, ckpt in names.items():
-            t, cut = views[ckpt], self.shard_cut(local)
-            if cut is not None:
-                dim, index, count = cut
-                if t.shape[dim] % count:
-                    raise ModelError(f"{self.name}: {ckpt} {list(t.shape)} does not split into {count} equal pieces "
-                                     f"along dimension {dim} for {self.world} ranks (a packed checkpoint: its groups "
-                                     "must not straddle ranks; quantize at load instead)")
-                size = t.shape[dim] // count
-                t = t.narrow(dim, index * size, size).contiguous()
-            out[ckpt] = t
+            cut = self.shard_cut(local)
+            out[ckpt] = views[ckpt] if cut is None else piece(views[ckpt], cut, ckpt)
         return out
 
     # ---- per-forward context ------------------------------------------------------------------
@@ -364,6 +356,18 @@ class Family:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(blocks={self.num_blocks}, hidden={self.hidden_size}, "
                 f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, vocab={self.vocab_size})")
+
+
+def piece(t: Tensor, cut: Cut, name: str) -> Tensor:
+    """Piece ``index`` of ``count`` equal pieces of tensor ``name`` along ``dim``, contiguous (a copy when cut by
+    columns); ModelError if it does not cut evenly."""
+    dim, index, count = cut
+    if t.shape[dim] % count:
+        raise ModelError(f"{name} {list(t.shape)} does not split into {count} equal pieces along dimension {dim} for "
+                         "tensor parallelism (a packed checkpoint's groups must not straddle ranks: quantize at load "
+                         "instead)")
+    size = t.shape[dim] // count
+    return t.narrow(dim, index * size, size).contiguous()
 
 
 def check_divisible(a: int, b: int, what: str, family: str) -> None:
