@@ -315,3 +315,7 @@ def test_nvme_streams_each_ranks_piece_from_a_layout_written_for_it(tmp_path: Pa
         zstream.load(out, device="cpu", progress=False)
     with pytest.raises(UsageError, match="one rank's pieces"):
         zstream.load(out / "rank0-of-2", device="cpu", progress=False)
+    with pytest.raises(UsageError, match="already laid out for tensor parallelism"):
+        zstream.pack(out, tmp_path / "again", quantize="int8", tensor_parallel=2, progress=False)
+    with pytest.raises(UsageError, match="tensor_parallel must be a number of ranks >= 1"):
+        zstream.pack(src, tmp_path / "zero", quantize="int8", tensor_parallel=0, progress=False)
