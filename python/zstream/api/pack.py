@@ -249,6 +249,8 @@ def pack(model: PathLike, out: PathLike, *, quantize: Optional[str] = "int4", gr
     assert limit is not None
     src = checkpoint.resolve(model)
     dst = Path(out).expanduser()
+    if checkpoint.tensor_parallel_ranks(src) is not None:
+        raise UsageError(f"{src}: already laid out for tensor parallelism; pack the checkpoint it came from")
     config = checkpoint.read_config(src)
     store = WeightStore.open(src, pin=dev.type == "cuda")
     try:
@@ -256,8 +258,6 @@ def pack(model: PathLike, out: PathLike, *, quantize: Optional[str] = "int4", gr
         already = packed_config(store, where=str(src))
         if already is not None:
             raise QuantizationError(f"{src}: already packed ({already.describe()}); pack an unquantized checkpoint")
-        if checkpoint.tensor_parallel_ranks(src) is not None:
-            raise UsageError(f"{src}: already laid out for tensor parallelism; pack the checkpoint it came from")
         family = family_for(config, names)
         family.validate({n: store.info(n) for n in names})
         ranks = [family.shard(r, tensor_parallel, reduce=_no_reduce) for r in range(tensor_parallel)]
