@@ -319,3 +319,27 @@ def test_nvme_streams_each_ranks_piece_from_a_layout_written_for_it(tmp_path: Pa
         zstream.pack(out, tmp_path / "again", quantize="int8", tensor_parallel=2, progress=False)
     with pytest.raises(UsageError, match="tensor_parallel must be a number of ranks >= 1"):
         zstream.pack(src, tmp_path / "zero", quantize="int8", tensor_parallel=0, progress=False)
+
+
+def _trace(path: Path, out: Path, ids: torch.Tensor) -> int:
+    with zstream.load(path, device="cpu", offload="cpu", max_resident_blocks=0, progress=False) as model:
+        model.trace_start()
+        model(ids)
+        return len(model.trace_stop(out)["traceEvents"])
+
+
+def test_a_trace_has_a_process_per_rank(tiny_bloom: Path, tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "trace.json"
+    counts = zstream.launch(_trace, 2, tiny_bloom, out, torch.randint(4, VOCAB, (2, 5)))
+    events = json.loads(out.read_text())["traceEvents"]
+    assert counts == [len(events)] * 2
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {1: "rank 0", 2: "rank 1"}
+    for pid in (1, 2):  # each rank computed its 3 streamed blocks, and copied them (and the next pass's, ahead)
+        def track(tid: int, pid: int = pid) -> List[str]:
+            return [e["name"] for e in events if e["ph"] == "X" and e["pid"] == pid and e["tid"] == tid]
+
+        assert track(3) == ["block 0", "block 1", "block 2"]
+        assert set(track(2)) == set(track(3))

@@ -49,10 +49,13 @@ def local_rank() -> int:
 class Group:
     """The ranks one model is sharded over, and the three collectives it needs."""
 
-    def __init__(self, pg: Any, backend: str, timeout_s: float) -> None:
+    def __init__(self, pg: Any, backend: str, timeout_s: float, device: torch.device) -> None:
         self.pg = pg
         self.backend = backend
         self.timeout_s = timeout_s
+        # NCCL queues a collective on the GPU's stream and the host goes on; gloo runs it on the host, and the host
+        # waits (watching for failure reports) before it uses the result
+        self.waits = device.type == "cpu" or "nccl" not in backend
         self.rank = dist.get_rank(pg)
         self.world = dist.get_world_size(pg)
         self._key = f"zstream/group{next(_groups)}/"
@@ -62,13 +65,13 @@ class Group:
 
     def all_reduce(self, t: Tensor) -> Tensor:
         """``t`` summed over the ranks, in place (every rank gets the same bits)."""
-        self._run(lambda: dist.all_reduce(t, group=self.pg, async_op=self.backend != "nccl"), "an all-reduce")
+        self._run(lambda: dist.all_reduce(t, group=self.pg, async_op=self.waits), "an all-reduce")
         return t
 
     def broadcast(self, t: Tensor) -> Tensor:
         """Rank 0's ``t`` on every rank, in place: what every rank must agree on (the next tokens)."""
         src = dist.get_global_rank(self.pg, 0)
-        self._run(lambda: dist.broadcast(t, src=src, group=self.pg, async_op=self.backend != "nccl"), "a broadcast")
+        self._run(lambda: dist.broadcast(t, src=src, group=self.pg, async_op=self.waits), "a broadcast")
         return t
 
     def gather(self, obj: Any, what: str) -> List[Any]:
@@ -170,10 +173,12 @@ def join(tensor_parallel: Optional[int], device: torch.device, timeout_s: float 
                          f"zstream.launch(fn, {tensor_parallel})), or leave tensor_parallel unset")
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    if not dist.is_initialized():
+    if dist.is_initialized():
+        backend = str(dist.get_backend())  # the program's choice (gloo over CUDA tensors works too, slowly)
+    else:
         if "MASTER_ADDR" not in os.environ:
             raise UsageError(f"WORLD_SIZE={world} but no MASTER_ADDR: start the ranks with torchrun or zstream.launch")
         if device.type == "cuda":  # GPU only
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timeout)
-    return Group(dist.new_group(backend=backend, timeout=timeout), backend, timeout_s)
+    return Group(dist.new_group(backend=backend, timeout=timeout), backend, timeout_s, device)

@@ -34,7 +34,7 @@ from . import generate as gen
 from .blocks import Dequantized, Resident, Streamer
 from .cache import KVCache
 from .device import Device
-from .trace import Traced, Tracer
+from .trace import Traced, Tracer, write_trace
 from .weights import Weights, attention_kernels
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -357,11 +357,16 @@ class StreamingModel:
 
     @_serialised
     def trace_stop(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
-        """Write what was recorded since ``trace_start`` as a Chrome/Perfetto trace (JSON); returns it."""
+        """Write what was recorded since ``trace_start`` as a Chrome/Perfetto trace (JSON); returns it. Under tensor
+        parallelism every rank calls it; rank 0 writes one trace with a process (a group of tracks) per rank."""
         if self._tracer is None:
             raise ModelError("no trace is running: trace_start first")
         try:
-            return self._tracer.write(path)
+            if self.group is None:
+                return write_trace(path, self._tracer.chrome_events())
+            mine = self._tracer.chrome_events(pid=self.group.rank + 1, process=f"rank {self.group.rank}")
+            everyone = self.group.gather(mine, "gathering the ranks' traces")
+            return write_trace(path if self.group.rank == 0 else None, [e for events in everyone for e in events])
         finally:
             if self._traced is not None:
                 self._traced.untrace()

@@ -41,22 +41,32 @@ class Tracer:
     def add(self, kind: str, g: int, block: int, start: Any, end: Any) -> None:
         self.events.append((kind, g, block, start, end))
 
-    def write(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
-        """Write the Perfetto JSON (after the device has finished what was traced); returns it."""
+    def chrome_events(self, pid: int = 1, process: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The trace as Chrome trace events (after the device has finished what was traced), as process ``pid``
+        (one per tensor-parallel rank, named ``process``)."""
         self.device.synchronize()
-        events: List[Dict[str, Any]] = [{"ph": "M", "pid": 1, "tid": tid, "name": "thread_name",
+        events: List[Dict[str, Any]] = [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name",
                                          "args": {"name": name}} for tid, name in TRACKS.values()]
+        if process is not None:
+            events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": process}})
         for kind, g, block, a, b in self.events:
             if kind in ("disk", "cpu"):
                 ts, dur = a / 1e3, (b - a) / 1e3
             else:
                 ts = self.ref_ns / 1e3 + self.device.elapsed_ms(self.ref, a) * 1e3
                 dur = self.device.elapsed_ms(a, b) * 1e3
-            events.append({"ph": "X", "pid": 1, "tid": TRACKS[kind][0], "name": f"block {block}", "ts": ts,
+            events.append({"ph": "X", "pid": pid, "tid": TRACKS[kind][0], "name": f"block {block}", "ts": ts,
                            "dur": dur, "args": {"global_index": g}})
-        doc = {"traceEvents": events, "displayTimeUnit": "ms"}
+        return events
+
+
+def write_trace(path: Optional[Union[str, os.PathLike]], events: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The Perfetto JSON of ``events``, written to ``path`` (unless None); returns it. Host times are
+    ``time.monotonic_ns``, one clock for every process of a host, so the ranks' tracks line up."""
+    doc = {"traceEvents": events, "displayTimeUnit": "ms"}
+    if path is not None:
         Path(path).write_text(json.dumps(doc))
-        return doc
+    return doc
 
 
 class _TimedCopies:
