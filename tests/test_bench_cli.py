@@ -72,3 +72,20 @@ def test_python_dash_m_zstream(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         runpy.run_module("zstream", run_name="__main__")
     assert e.value.code == 0 and capsys.readouterr().out.startswith("zstream ")
+
+
+def test_tensor_parallel_runs_beside_one_process(cache, capsys):
+    """``--tp 1,2``: each configuration on 2 forked ranks and on one process; a tensor-parallel row carries every
+    rank's bytes (about half of the whole's each) and link, and its bound is the slowest rank's."""
+    out = cache / "tp.json"
+    assert main(["bench", "tiny-llama", "--offload", "cpu", "--tp", "1,2", "--batch", "2", "--prompt", "6",
+                 "--gen", "3", "--device", "cpu", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    two, one = doc["rows"]
+    assert (two["tp"], one["tp"]) == (2, 1)
+    assert len(two["rank_streamed_bytes"]) == 2 and two["streamed_bytes"] == sum(two["rank_streamed_bytes"])
+    for part in two["rank_streamed_bytes"]:
+        assert one["streamed_bytes"] / 2 <= part < one["streamed_bytes"] * 0.6
+    bounds = [b / g / 1e9 for b, g in zip(two["rank_streamed_bytes"], two["rank_bound_gbps"])]
+    assert two["bound_step_s"] == pytest.approx(max(bounds))
+    assert len(doc["meta"]["tp2_rank_links_gbps"]) == 2

@@ -5,7 +5,9 @@ per step, the achieved GB/s, the transfer bound and the step as a % of it, peak 
 The bound is measured here, now: pinned host-to-device copy bandwidth for offload="cpu"; an O_DIRECT sequential
 read of the same checkpoint's blocks for offload="nvme" (``--fio`` adds fio on the same shard files).
 ``--trace`` writes a Chrome/Perfetto trace of one decode step: per block, the disk read, the copy and the
-compute, each on its own track.
+compute, each on its own track. ``--tp 1,2`` runs each configuration on 1 and on 2 tensor-parallel ranks (forked by
+``zstream.launch``, one GPU each); every rank measures its own link while the others measure theirs, and the bound
+of a step is the slowest rank's bytes over its link.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time offload=cpu loads from a cold and a warm page cache against disk and memcpy speed")
     p.add_argument("--max-batch", action="store_true",
                    help="search the largest batch that fits --gpu-memory with and without offload")
+    p.add_argument("--tp", type=comma_list(positive), default=[1],
+                   help="comma list of tensor-parallel rank counts (e.g. 1,2): each configuration on that many GPUs")
 
 
 def checkpoint_for(model: str, dtype: Optional[torch.dtype]) -> Path:
@@ -184,14 +188,15 @@ def _row(system: str, offload: str, model: Any, r: Dict[str, Any], bound_gbps: O
 
 
 def _print_table(rows: List[Dict[str, Any]]) -> None:
-    head = (f"{'offload':8} {'batch':>5} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} {'GB/step':>8} "
+    head = (f"{'offload':8} {'tp':>2} {'batch':>5} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} {'GB/step':>8} "
             f"{'GB/s':>6} {'bound ms':>8} {'% bound':>7} {'peak GiB':>8} {'load s':>6}  limit")
     print(head)
     print("-" * len(head))
     for r in rows:
         bound = f"{r['bound_step_s'] * 1e3:8.1f}" if r.get("bound_step_s") else f"{'-':>8}"
         pct = f"{r['pct_of_bound']:6.0f}%" if r.get("pct_of_bound") else f"{'-':>7}"
-        print(f"{r['offload']:8} {r['batch']:5d} {r['prefill_s'] * 1e3:10.1f} {r['decode_step_s'] * 1e3:8.1f} "
+        print(f"{r['offload']:8} {r.get('tp', 1):2d} {r['batch']:5d} {r['prefill_s'] * 1e3:10.1f} "
+              f"{r['decode_step_s'] * 1e3:8.1f} "
               f"{r['tokens_per_s']:8.1f} {r['streamed_bytes'] / 1e9:8.2f} {r['achieved_gbps']:6.1f} {bound} {pct} "
               f"{r['peak_gpu_bytes'] / 2**30:8.2f} {r['load_s']:6.1f}  {r.get('limit', '-')}")
 
@@ -272,19 +277,23 @@ def _search_max_batch(load_fn: Any, prompt: int, gen: int) -> List[Dict[str, Any
 
 
 def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Optional[str], cap: Optional[int],
-                 batches: List[int], device: str, dtype: Optional[torch.dtype], meta: Dict[str, Any]) -> List[Dict]:
+                 batches: List[int], device: str, dtype: Optional[torch.dtype], meta: Dict[str, Any],
+                 ranks: int = 1) -> List[Dict]:
     from ..api.load import load
 
     rows: List[Dict[str, Any]] = []
     try:
         model = load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
                      max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False,
-                     quantize=a.quantize, group_size=a.group_size,
+                     quantize=a.quantize, group_size=a.group_size, tensor_parallel=ranks,
                      copy_from_tokens=a.copy_from_tokens if offload == "ats" else None)
     except OutOfMemoryError as e:
         print(f"\n# {offload}, budget {budget}, batch {batches}: does not fit: {e}")
         return rows
-    print(f"\n# {offload}, budget {budget}: {model.plan}")
+    if model.plan.rank == 0:
+        print(f"\n# {offload}, budget {budget}: {model.plan}")
+    if model.group is not None:  # the ranks measure their links at once: each with the others busy
+        model.group.gather(None, "starting the link measurement")
     bound = model.plan.link_gbps
     if offload == "nvme":
         rate = disk_rate(model)
@@ -308,13 +317,14 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
             **reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
                                                                            "tokens_per_s")}}
         row = _row("zstream", offload, model, r, bound)
-        row["gpu_memory"] = budget
+        row["gpu_memory"], row["tp"], row["rank"] = budget, model.plan.ranks, model.plan.rank
         row["quantize"] = model.plan.quantization
         if model.plan.unquantized_block_bytes is not None:
             row["unquantized_bytes_per_step"] = sum(model.plan.unquantized_block_bytes[i]
                                                     for i in model.plan.streamed_blocks)
         rows.append(row)
-        _print_table([row])
+        if model.plan.rank == 0:
+            _print_table([row])
     model.close()
     del model
     if device.startswith("cuda"):
@@ -390,26 +400,28 @@ def main(a: argparse.Namespace) -> int:
     dtype = parse_dtype(a.dtype)
     path = checkpoint_for(a.model, dtype)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    batches = list(a.batch)
-    budgets = list(a.gpu_memory) if a.gpu_memory else [None]
-    rows: List[Dict[str, Any]] = []
     meta: Dict[str, Any] = {"model": path.name, "device": device, "host": platform.node(),
                             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    rows: List[Dict[str, Any]] = []
+    # the tensor-parallel runs first: their ranks are forked, which a process that has used CUDA cannot do
+    for ranks in sorted(set(a.tp), reverse=True):
+        if ranks > 1:
+            from ..api.launch import launch
+
+            per_rank = launch(_bench_all, ranks, a, path, device, dtype)
+            rows += _tp_rows(per_rank)
+            meta.update({f"tp{ranks}_{k}": v for k, v in per_rank[0][1].items() if k.endswith("_gbps")})
+            meta[f"tp{ranks}_rank_links_gbps"] = [m.get("h2d_gbps") or m.get("memcpy_gbps") for _, m in per_rank]
+    if 1 in a.tp:
+        one, one_meta = _bench_all(a, path, device, dtype)
+        rows += one
+        meta.update(one_meta)
     if device.startswith("cuda"):
         meta["card"] = torch.cuda.get_device_name()
-    for offload in a.offload:
-        for budget in budgets:
-            cap = a.max_resident_blocks
-            if cap is None and offload in ("cpu", "nvme") and budget is None:
-                cap = 0  # stream every block (embeddings, final norm and head stay resident)
-            # Under a budget the KV cache competes with resident blocks: plan each batch on its own.
-            groups = [[b] for b in batches] if budget is not None else [batches]
-            for group in groups:
-                rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta)
     if a.load_test:
         meta["load_test"] = load_test(path, device, dtype, a.fio)
     if a.max_batch:
-        meta.update(_max_batch(a, path, budgets[0], device, dtype))
+        meta.update(_max_batch(a, path, a.gpu_memory[0] if a.gpu_memory else None, device, dtype))
     print()
     _print_table(rows)
     for k in ("h2d_gbps", "memcpy_gbps", "disk_gbps_odirect", "fio_gbps"):
@@ -418,3 +430,39 @@ def main(a: argparse.Namespace) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     return 0
+
+
+def _bench_all(a: argparse.Namespace, path: Path, device: str,
+               dtype: Optional[torch.dtype]) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Every offload, budget and batch of the command line, on this process (one rank of ``--tp`` N, or alone)."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    budgets = list(a.gpu_memory) if a.gpu_memory else [None]
+    rows: List[Dict[str, Any]] = []
+    meta: Dict[str, Any] = {}
+    for offload in a.offload:
+        for budget in budgets:
+            cap = a.max_resident_blocks
+            if cap is None and offload in ("cpu", "nvme") and budget is None:
+                cap = 0  # stream every block (embeddings, final norm and head stay resident)
+            # Under a budget the KV cache competes with resident blocks: plan each batch on its own.
+            groups = [[b] for b in a.batch] if budget is not None else [list(a.batch)]
+            for group in groups:
+                rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks)
+    return rows, meta
+
+
+def _tp_rows(per_rank: List[Tuple[List[Dict[str, Any]], Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """One row per configuration of a tensor-parallel run: rank 0's timings (the ranks step together), the bound
+    of the slowest rank (its bytes over its own link), and every rank's bytes and link."""
+    out = []
+    for rows in zip(*(r for r, _ in per_rank)):
+        row = dict(rows[0])
+        bounds = [r["bound_step_s"] for r in rows if r.get("bound_step_s")]
+        row["bound_step_s"] = max(bounds) if bounds else None
+        row["pct_of_bound"] = 100 * row["bound_step_s"] / row["decode_step_s"] if row["bound_step_s"] else None
+        row["rank_streamed_bytes"] = [r["streamed_bytes"] for r in rows]
+        row["rank_bound_gbps"] = [r["bound_gbps"] for r in rows]
+        row["streamed_bytes"] = sum(r["streamed_bytes"] for r in rows)
+        row["achieved_gbps"] = row["streamed_bytes"] / row["decode_step_s"] / 1e9
+        out.append(row)
+    return out
