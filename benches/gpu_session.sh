@@ -7,6 +7,11 @@
 #         peers-int4 (DeepSpeed ZeRO-Inference with its 4-bit weights, same checkpoint);
 #         compare: this build against the one in .device/baseline/ (bench bloom-7b1, cpu offload, fp16 and int4,
 #         batch 1 and 16, runs interleaved), the step/bound ratios side by side (benches/compare_builds.py).
+#         tensor parallel: test-tp (the GPU test under torchrun, and the CPU/gloo tests), fio-strided (a rank's
+#         row-parallel pieces read strided with O_DIRECT, against contiguous reads: the nvme layout decision);
+#         on 2+ GPUs: bench-tp, bench-tp-int4, bench-tp-llama (TP=1 and TP=N in one run), bench-tp-nvme (a layout
+#         per rank, written by zstream pack --tensor-parallel), bench-tp-70b (llama-2-70b shapes, a 40 GiB budget per GPU,
+#         ${BLOCKS_70B:-40} of its 80 blocks: as many as the disk holds).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,6 +25,34 @@ for stage in "$@"; do
   case $stage in
     test) (cd tests && python3 -m pytest -q -x -p no:cacheprovider test_gpu.py test_store.py > "$OUT/pytest_gpu.log" 2>&1;
            grep -E "passed|failed|Error|assert" "$OUT/pytest_gpu.log" | tail -15) ;;
+    test-tp) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k tensor_parallel test_tensor_parallel.py \
+               test_generation.py > "$OUT/pytest_tp.log" 2>&1; grep -E "passed|failed|Error|assert" "$OUT/pytest_tp.log" | tail -15) ;;
+    fio-strided) # one rank's pieces of row-parallel weights are every other (1/N) run of a row: 16 KiB of each 32 KiB
+      # row of bloom-7b1's dense_4h_to_h at N=2, 8 KiB at N=4, 4 KiB at N=8; a layout per rank reads them contiguously
+      F=/root/fio_strided.bin  # fio lays the file out first (8 GiB)
+      for spec in read,1M read:16k,16k read:24k,8k read:28k,4k; do
+        sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
+        .device/fio --name=strided --filename="$F" --rw="${spec%,*}" --bs="${spec#*,}" --direct=1 --ioengine=io_uring \
+          --iodepth=64 --size=8G --output-format=json > "$OUT/fio_${spec%,*}_${spec#*,}.json" 2>&1
+        python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['jobs'][0]['read']; print(sys.argv[2], round(r['bw_bytes']/1e9,2), 'GB/s of the bytes read')" \
+          "$OUT/fio_${spec%,*}_${spec#*,}.json" "$spec"
+      done ;;
+    bench-tp) NCCL_NVLS_ENABLE=0 $Z bench bloom-7b1 --tp 1,"${TP:-2}" --offload cpu --batch 1,16,64 --prompt 512 --gen 32 \
+                 --json "$OUT/bench_tp.json" --trace "$OUT/trace_tp.json" ;;
+    bench-tp-int4) NCCL_NVLS_ENABLE=0 $Z bench bloom-7b1 --tp 1,"${TP:-2}" --offload cpu --quantize int4 --batch 1,16,64 \
+                 --prompt 512 --gen 32 --json "$OUT/bench_tp_int4.json" ;;
+    bench-tp-llama) NCCL_NVLS_ENABLE=0 $Z bench llama-2-7b --tp 1,"${TP:-2}" --offload cpu --batch 1,16,64 --prompt 512 \
+                 --gen 32 --json "$OUT/bench_tp_llama.json" ;;
+    bench-tp-nvme) CK=$ZSTREAM_CACHE/synthetic/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" > /dev/null
+      L=/root/bloom-7b1-tp${TP:-2}; [ -f "$L/tensor-parallel.json" ] || $Z pack "$CK" "$L" --quantize none --tensor-parallel "${TP:-2}" --quiet
+      sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
+      NCCL_NVLS_ENABLE=0 $Z bench "$L" --tp "${TP:-2}" --offload nvme --batch 1,16 --prompt 512 --gen 8 --fio .device/fio \
+        --json "$OUT/bench_tp_nvme.json" ;;
+    bench-tp-70b) CK=/root/llama-2-70b-${BLOCKS_70B:-40}
+      [ -f "$CK/config.json" ] || python3 -c "import sys, zstream; from zstream.api.synthetic import PRESETS
+zstream.make_checkpoint({**PRESETS['llama-2-70b'], 'num_hidden_layers': int(sys.argv[2])}, sys.argv[1], progress=False)" "$CK" "${BLOCKS_70B:-40}"
+      NCCL_NVLS_ENABLE=0 $Z bench "$CK" --tp "${TP:-2}" --offload cpu --gpu-memory 40GiB --batch 1,16 --prompt 512 --gen 16 \
+        --json "$OUT/bench_tp_70b.json" ;;
     sweep) python3 benches/reader_sweep.py --dir /root/sweep --gib 8 --fio .device/fio --budget-s "${SWEEP_BUDGET:-240}" \
              --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; tail -30 "$OUT/sweep.log" ;;
     bench-cpu) $Z bench bloom-7b1 --offload cpu --batch 1,16,64 --prompt 512 --gen 32 \

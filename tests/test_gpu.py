@@ -128,3 +128,43 @@ def test_quantized_streaming_on_the_gpu_matches_the_cpu(tmp_path, preset, quanti
                         progress=False)
     torch.testing.assert_close(nvme(ids).cpu(), want, rtol=1e-4, atol=1e-4)
     assert torch.equal(nvme.generate(ids, max_new_tokens=8), gpu.generate(ids, max_new_tokens=8))
+
+
+_TP_SCRIPT = """
+import sys, torch, torch.distributed as dist, zstream
+dist.init_process_group("gloo")  # NCCL refuses two ranks on one GPU; gloo moves CUDA tensors through the host
+path, out, ids = sys.argv[1], sys.argv[2], torch.load(sys.argv[3])
+with zstream.load(path, device="cuda:0", offload="cpu", max_resident_blocks=0, dtype="float32",
+                  progress=False) as model:
+    assert model.plan.ranks == 2 and model.plan.device == "cuda:0"
+    logits = model(ids).cpu()
+    tokens = model.generate(ids, max_new_tokens=16, do_sample=False).cpu()
+    torch.save((logits, tokens, model.plan.streamed_bytes), f"{out}.{model.plan.rank}")
+"""
+
+
+@pytest.mark.parametrize("preset", ["tiny-bloom", "tiny-llama"])
+def test_tensor_parallel_cuda_paths_under_torchrun(tmp_path, preset):
+    """Two ranks started by torchrun, sharing the one GPU over gloo: the CUDA paths of a sharded load (pieces cut
+    into pinned arenas, streamed through the ring, all-reduced) give one process's logits and tokens."""
+    import subprocess
+    import sys
+
+    path = synthetic.make_checkpoint(preset, tmp_path / preset, dtype=torch.float32, progress=False)
+    ids = torch.randint(4, 250, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    (tmp_path / "rank.py").write_text(_TP_SCRIPT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(tmp_path / "rank.py"), str(path), str(tmp_path / "out"), str(tmp_path / "ids.pt")],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with zstream.load(path, device="cuda:0", offload="cpu", max_resident_blocks=0, dtype="float32",
+                      progress=False) as model:
+        logits = model(ids).cpu()
+        tokens = model.generate(ids, max_new_tokens=16, do_sample=False).cpu()
+        whole = model.plan.streamed_bytes
+    for rank in range(2):
+        r_logits, r_tokens, streamed = torch.load(tmp_path / f"out.{rank}")
+        torch.testing.assert_close(r_logits, logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(r_tokens, tokens)
+        assert whole / 2 <= streamed < whole * 0.6
