@@ -361,3 +361,27 @@ def test_calibration_times_the_dequantization(tiny_bloom, monkeypatch):
         assert calls[1][1] is calls[0][1]  # the block ran on the weights just dequantized
         assert set(bq.shapes) <= set(calls[1][1])  # ... which hold every quantized weight
     assert len(events) == sum(len(calls) for calls in timed)  # nothing dequantized or run outside a timed call
+
+
+def _rank_memory(path, kwargs):
+    with zstream.load(path, progress=False, **kwargs) as model:
+        return model.plan.ranks, len(model.plan.resident_blocks), model.plan.resident_bytes + model.plan.kv_reserve_bytes
+
+
+def test_tensor_parallel_plans_one_ranks_share(tiny_bloom):
+    """Each rank holds its piece of the blocks and of the KV cache: a candidate needs less memory per rank than
+    alone, and the plan's choice loads on 2 ranks within the budget with the residency it predicted."""
+    compute = compute_model(6)
+    one = plan_batch(tiny_bloom, gpu_memory="1GiB", prompt=8, gen=4, offload="none", device="cpu", compute=compute)
+    two = plan_batch(tiny_bloom, gpu_memory="1GiB", prompt=8, gen=4, offload="none", device="cpu", compute=compute,
+                     tensor_parallel=2)
+    assert two.tensor_parallel == 2 and "one rank of 2" in two.summary()
+    alone, rank = one.candidate(4, 6), two.candidate(4, 6)
+    assert alone is not None and rank is not None
+    assert alone.memory_bytes / 2 < rank.memory_bytes < alone.memory_bytes
+    kwargs = two.load_kwargs(rank)
+    assert kwargs["tensor_parallel"] == 2
+    for ranks, resident, memory in zstream.launch(_rank_memory, 2, tiny_bloom, kwargs):
+        assert (ranks, resident) == (2, 6) and memory <= two.budget_bytes
+    with pytest.raises(zstream.UsageError, match="tensor_parallel must be"):
+        plan_batch(tiny_bloom, tensor_parallel=0, device="cpu", compute=compute)

@@ -28,7 +28,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                prefetch: int = 2, link_gbps: Optional[float] = None, compute: Optional[ComputeModel] = None,
                max_batch: int = 1024, cache: Union[str, os.PathLike, None] = None,
                step_overhead_s: float = 0.0, quantize: Optional[str] = None, group_size: int = 64,
-               symmetric: bool = False) -> BatchPlan:
+               symmetric: bool = False, tensor_parallel: int = 1) -> BatchPlan:
     """The batch and residency that maximise tokens/s for a budget, predicted from measurements made now.
 
     ``model``: a checkpoint directory (only its headers are read) or a model ``zstream.load`` returned (its plan's
@@ -38,13 +38,20 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     device (``calibrate_compute``) unless given. ``zstream.load(path, **plan.load_kwargs())`` then loads the chosen
     configuration. Quantized blocks (a packed checkpoint, a loaded quantized model, or ``quantize=`` as ``load``
     takes it) are planned with their packed bytes, the room ``load`` keeps for one dequantized block, and a compute
-    model that times the dequantization too."""
+    model that times the dequantization too. ``tensor_parallel`` N plans one rank of N (a loaded model: its own
+    rank): its piece of every block, its GPU's budget, its link, its share of the compute; the all-reduces between
+    the ranks (two a block, of batch x hidden activations) are not in the prediction."""
     if offload not in ("auto", "none", "cpu", "nvme"):
         raise UsageError(f"offload must be one of auto, none, cpu, nvme for planning, not {offload!r}")
     if prompt < 1 or gen < 1:
         raise UsageError(f"prompt and gen must be at least 1, not {prompt} and {gen}")
     loaded = isinstance(model, StreamingModel)
-    store, facts, dev = _facts(model, device, dtype, QuantConfig.parse(quantize, group_size, symmetric))
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise UsageError(f"tensor_parallel must be a number of ranks >= 1, not {tensor_parallel!r}")
+    if loaded:
+        tensor_parallel = model.plan.ranks
+    store, facts, dev = _facts(model, device, dtype, QuantConfig.parse(quantize, group_size, symmetric),
+                               tensor_parallel)
     try:
         sizes = ModelSizes.of(facts)
         budget = parse_bytes(gpu_memory, what="gpu_memory")
@@ -75,6 +82,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     plan = choose_batch(sizes, compute, budget=budget, prompt=prompt, gen=gen, link_gbps=link_gbps, stream=stream,
                         prefetch=prefetch, max_batch=max_batch, step_overhead_s=step_overhead_s)
     plan.device, plan.dtype, plan.link = str(dev), facts.dtype, link if stream is not None else ""
+    plan.tensor_parallel = tensor_parallel
     if facts.quantize_at_load and not loaded:
         assert facts.quant is not None
         cfg = facts.quant.cfg
@@ -82,9 +90,10 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     return plan
 
 
-def _facts(model: Any, device: Optional[str], dtype: Union[str, torch.dtype, None],
-           quantize: Optional[QuantConfig]) -> Tuple[WeightStore, CheckpointFacts, torch.device]:
-    """(store, facts, device) of a loaded model (its own), or of a checkpoint's headers (a store opened here)."""
+def _facts(model: Any, device: Optional[str], dtype: Union[str, torch.dtype, None], quantize: Optional[QuantConfig],
+           ranks: int) -> Tuple[WeightStore, CheckpointFacts, torch.device]:
+    """(store, facts, device) of a loaded model (its own), or of a checkpoint's headers (a store opened here); of
+    rank 0's shard for ``ranks`` > 1 (every rank holds as much)."""
     if isinstance(model, StreamingModel):
         model.ensure_open()
         return model.store, model.facts, model.device
@@ -92,13 +101,17 @@ def _facts(model: Any, device: Optional[str], dtype: Union[str, torch.dtype, Non
     path = checkpoint.resolve(model)
     store = WeightStore.open(path, pin=False)
     try:
-        family = family_for(checkpoint.read_config(path), store.names())
+        family = family_for(checkpoint.read_config(path), store.names()).shard(0, ranks, reduce=_no_reduce)
         facts = checkpoint_facts(store, family, dtype=parse_dtype(dtype), device_type=dev.type, quantize=quantize,
-                                 where=str(path))
+                                 where=str(path), shard_at_load=ranks > 1)
     except BaseException:
         store.close()
         raise
     return store, facts, dev
+
+
+def _no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t  # calibration times one rank's matmuls alone
 
 
 def _stream(offload: str, facts: CheckpointFacts, dev: torch.device) -> Optional[str]:

@@ -263,6 +263,7 @@ class BatchPlan:
     dtype: Optional[torch.dtype] = None
     link: str = ""                  # what the link is ("pinned host-to-device", "disk read (O_DIRECT)", given)
     quantize: Dict[str, Any] = field(default_factory=dict)  # load's quantize arguments (empty: none, or packed)
+    tensor_parallel: int = 1        # ranks: every size, budget and time is one rank's (its shard, its GPU, its link)
 
     def candidate(self, batch: int, resident: int) -> Optional[Candidate]:
         for c in self.table:
@@ -298,6 +299,8 @@ class BatchPlan:
         if self.dtype is not None:
             kw["dtype"] = self.dtype
         kw.update(self.quantize)
+        if self.tensor_parallel > 1:
+            kw["tensor_parallel"] = self.tensor_parallel
         return kw
 
     def summary(self, rows: Optional[List[int]] = None) -> str:
@@ -310,7 +313,9 @@ class BatchPlan:
         head = [f"predicted best: batch {b.batch}, {b.resident_blocks}/{b.num_blocks} blocks resident "
                 f"(offload={b.offload}), {b.tokens_per_s:.1f} tokens/s; budget "
                 + (fmt_bytes(self.budget_bytes) if self.budget_bytes is not None else "unlimited")
-                + f", prompt {self.prompt}, gen {self.gen}, link {link}",
+                + f", prompt {self.prompt}, gen {self.gen}, link {link}"
+                + (f"; one rank of {self.tensor_parallel} (its piece, its GPU, its link; all-reduces not counted)"
+                   if self.tensor_parallel > 1 else ""),
                 f"{'batch':>5} {'resident':>8} {'offload':>7} {'memory':>10} {'prefill ms':>10} {'step ms':>8} "
                 f"{'xfer ms':>8} {'comp ms':>8} {'tok/s':>8} limit"]
         wanted = set(rows) if rows is not None else (
