@@ -365,7 +365,8 @@ def test_calibration_times_the_dequantization(tiny_bloom, monkeypatch):
 
 def _rank_memory(path, kwargs):
     with zstream.load(path, progress=False, **kwargs) as model:
-        return model.plan.ranks, len(model.plan.resident_blocks), model.plan.resident_bytes + model.plan.kv_reserve_bytes
+        plan = model.plan
+        return plan.ranks, len(plan.resident_blocks), plan.resident_bytes + plan.kv_reserve_bytes
 
 
 def test_tensor_parallel_plans_one_ranks_share(tiny_bloom):
