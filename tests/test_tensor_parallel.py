@@ -155,8 +155,8 @@ def test_pieces_put_back_together_are_the_block(case: str, world: int) -> None:
 
 
 def test_kv_heads_replicate_when_fewer_than_ranks() -> None:
-    """qwen2 with 1 KV head over 3 ranks: every rank holds that head; llama with 2 KV heads over 6 query heads
-    on... 2 ranks each take one."""
+    """qwen2 with 1 KV head over 3 ranks: every rank holds that head. 2 KV heads over 4 ranks (8 query heads, 2
+    a rank): ranks 0 and 1 serve query heads 0-3, which use KV head 0; ranks 2 and 3 KV head 1."""
     fam = family_for(_config("qwen2", 3))
     whole = _block(fam)
     k = fam.block_tensors(0)["self_attn.k_proj.weight"]
@@ -164,6 +164,14 @@ def test_kv_heads_replicate_when_fewer_than_ranks() -> None:
         part = fam.shard(r, 3, reduce=lambda t: t)
         assert part.num_heads == 2 and part.num_kv_heads == 1
         assert torch.equal(part.shard_block(whole, fam.block_tensors(0))[k], whole[k])
+    fam = family_for({**_config("llama-gqa", 2), "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 6})
+    whole = _block(fam)
+    names = fam.block_tensors(0)
+    heads = whole[names["self_attn.v_proj.weight"]].view(2, 6, -1)  # (nkv, hs, C)
+    for r in range(4):
+        part = fam.shard(r, 4, reduce=lambda t: t)
+        got = part.shard_block(whole, names)[names["self_attn.v_proj.weight"]]
+        assert torch.equal(got, heads[r // 2]), r
 
 
 def test_bloom_ranks_take_their_heads_alibi_slopes() -> None:
