@@ -37,6 +37,20 @@ for stage in "$@"; do
         python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['jobs'][0]['read']; print(sys.argv[2], round(r['bw_bytes']/1e9,2), 'GB/s of the bytes read')" \
           "$OUT/fio_${spec%,*}_${spec#*,}.json" "$spec"
       done ;;
+    head-cost) # what a replicated head costs each rank a step: bloom-7b1's (250880 x 4096 fp16) at batch 1/16/64
+      python3 - <<'PY' | tee "$OUT/head_cost.txt"
+import torch, torch.nn.functional as F
+w = torch.randn(250880, 4096, dtype=torch.float16, device="cuda") * 0.02
+for b in (1, 16, 64):
+    x = torch.randn(b, 1, 4096, dtype=torch.float16, device="cuda")
+    for _ in range(3): F.linear(x, w)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(20): F.linear(x, w)
+    e.record(); e.synchronize()
+    print(f"head batch {b}: {s.elapsed_time(e) / 20:.3f} ms ({w.numel() * 2 / 1e9:.2f} GB of weights)")
+PY
+      ;;
     bench-tp) NCCL_NVLS_ENABLE=0 $Z bench bloom-7b1 --tp 1,"${TP:-2}" --offload cpu --batch 1,16,64 --prompt 512 --gen 32 \
                  --json "$OUT/bench_tp.json" --trace "$OUT/trace_tp.json" ;;
     bench-tp-int4) NCCL_NVLS_ENABLE=0 $Z bench bloom-7b1 --tp 1,"${TP:-2}" --offload cpu --quantize int4 --batch 1,16,64 \
