@@ -11,7 +11,8 @@
 #         row-parallel pieces read strided with O_DIRECT, against contiguous reads: the nvme layout decision);
 #         on 2+ GPUs: bench-tp, bench-tp-int4, bench-tp-llama (TP=1 and TP=N in one run), bench-tp-nvme (a layout
 #         per rank, written by zstream pack --tensor-parallel), bench-tp-70b (llama-2-70b shapes, a 40 GiB budget per GPU,
-#         ${BLOCKS_70B:-40} of its 80 blocks: as many as the disk holds).
+#         ${BLOCKS_70B:-40} of its 80 blocks: as many as the disk holds), peers-tp (DeepSpeed ZeRO-Inference on the same
+#         GPUs under torchrun), head-cost (the replicated head's time per step).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,6 +38,14 @@ for stage in "$@"; do
         python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['jobs'][0]['read']; print(sys.argv[2], round(r['bw_bytes']/1e9,2), 'GB/s of the bytes read')" \
           "$OUT/fio_${spec%,*}_${spec#*,}.json" "$spec"
       done ;;
+    peers-tp) # DeepSpeed ZeRO-Inference on the same GPUs, in its own multi-GPU mode (each GPU fetches a slice over its
+      # PCIe, then all-gathers), started by torchrun; the same checkpoint as bench-tp
+      python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/ds .device/ds/*.whl
+      CK=$ZSTREAM_CACHE/synthetic/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" > /dev/null
+      PYTHONPATH=/tmp/zs:/tmp/ds NCCL_NVLS_ENABLE=0 timeout "${PEER_TIMEOUT:-400}" python3 -m torch.distributed.run \
+        --standalone --nproc-per-node "${TP:-2}" benches/peers/run_peer.py --system deepspeed --model "$CK" \
+        --batch "${PEER_BATCH:-1,16}" --prompt 512 --gen "${PEER_GEN:-32}" 2>"$OUT/peer_ds_tp.err" \
+        | grep '^{' | tee -a "$OUT/peers_tp.jsonl"; tail -3 "$OUT/peer_ds_tp.err" ;;
     head-cost) # what a replicated head costs each rank a step: bloom-7b1's (250880 x 4096 fp16) at batch 1/16/64
       python3 - <<'PY' | tee "$OUT/head_cost.txt"
 import torch, torch.nn.functional as F
