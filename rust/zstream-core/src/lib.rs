@@ -2,6 +2,7 @@ pub mod arena;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+pub mod lossless;
 pub mod pin;
 pub mod plan;
 pub mod reader;

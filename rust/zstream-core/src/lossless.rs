@@ -1,0 +1,331 @@
+//! Lossless coding of 16-bit floating-point weights: the bits of a trained network's exponents carry far less
+//! information than their width, so an entropy code of them moves fewer bytes over the link and changes nothing.
+//!
+//! Each 16-bit word `w` is split into a *symbol*, bits 14..7 (BF16: the 8 exponent bits; FP16: the 5 exponent bits
+//! and the top 3 mantissa bits), coded with a canonical Huffman code built from the tensor's own histogram, and a
+//! *raw* byte, the sign bit and bits 6..0, stored as they are:
+//!
+//! ```text
+//!   symbol = (w >> 7) & 0xff          raw = ((w >> 8) & 0x80) | (w & 0x7f)
+//!   w      = ((raw & 0x80) << 8) | (symbol << 7) | (raw & 0x7f)
+//! ```
+//!
+//! Every symbol of the histogram gets a code (at most `MAX_CODE_LEN` bits), so any bit pattern round-trips: NaN,
+//! infinities, subnormals and rare exponents need no escape. Codes are read MSB-first through one lookup table of
+//! `1 << MAX_CODE_LEN` entries, `symbol | length << 8`.
+//!
+//! For parallel decoding the elements are dealt to `lanes` independent bit streams: lane `j` codes elements `j`,
+//! `j + lanes`, `j + 2 * lanes`, ... so that in step `k` the lanes decode the consecutive elements
+//! `k * lanes .. (k + 1) * lanes` (coalesced reads of the raw bytes and writes of the output on a GPU). Each lane's
+//! stream is a whole number of big-endian-ordered `u32` words (its bits MSB-first), followed by one zero word, so a
+//! reader may always load the word after the one it is in. `offsets[j]` is the first word of lane `j`,
+//! `offsets[lanes]` the total.
+
+use crate::error::{Error, Result};
+
+/// The longest code: the lookup table has `1 << MAX_CODE_LEN` entries (8 KiB of u16).
+pub const MAX_CODE_LEN: u32 = 12;
+/// Entries of the decode table.
+pub const TABLE_LEN: usize = 1 << MAX_CODE_LEN;
+
+/// One tensor, coded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// The lanes' bit streams, one after another.
+    pub words: Vec<u32>,
+    /// `lanes + 1` word offsets into `words`.
+    pub offsets: Vec<u32>,
+    /// The raw byte of every element, in element order.
+    pub raw: Vec<u8>,
+    /// The decode table: `table[next MAX_CODE_LEN bits] = symbol | length << 8`.
+    pub table: Vec<u16>,
+    /// Code length of each symbol (0: absent).
+    pub lengths: [u8; 256],
+}
+
+impl Encoded {
+    /// Bytes this coding takes: streams, offsets, raw bytes and the table.
+    pub fn nbytes(&self) -> usize {
+        4 * self.words.len() + 4 * self.offsets.len() + self.raw.len() + 2 * self.table.len()
+    }
+
+    /// Number of lanes.
+    pub fn lanes(&self) -> usize {
+        self.offsets.len() - 1
+    }
+}
+
+/// The symbol of a 16-bit word.
+#[inline]
+pub fn symbol(w: u16) -> u8 {
+    (w >> 7) as u8
+}
+
+/// The raw byte of a 16-bit word: its sign and its 7 low bits.
+#[inline]
+pub fn raw(w: u16) -> u8 {
+    (((w >> 8) & 0x80) | (w & 0x7f)) as u8
+}
+
+/// The word of a symbol and a raw byte.
+#[inline]
+pub fn word(symbol: u8, raw: u8) -> u16 {
+    ((u16::from(raw) & 0x80) << 8) | (u16::from(symbol) << 7) | (u16::from(raw) & 0x7f)
+}
+
+/// Huffman code lengths for `counts`, none longer than `max_len`: where the optimal code is longer, the counts
+/// are halved (rounding up, so no present symbol disappears) and the code built again, which narrows their range
+/// until it fits (256 equal counts give 8 bits each).
+pub fn code_lengths(counts: &[u64; 256], max_len: u32) -> [u8; 256] {
+    let mut c = *counts;
+    loop {
+        let lengths = huffman_lengths(&c);
+        if lengths.iter().all(|&l| u32::from(l) <= max_len) {
+            return lengths;
+        }
+        for x in &mut c {
+            if *x > 0 {
+                *x = x.div_ceil(2);
+            }
+        }
+    }
+}
+
+/// Optimal (unbounded) Huffman code lengths; a lone symbol gets length 1.
+fn huffman_lengths(counts: &[u64; 256]) -> [u8; 256] {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut lengths = [0u8; 256];
+    let present: Vec<usize> = (0..256).filter(|&s| counts[s] > 0).collect();
+    if present.len() == 1 {
+        lengths[present[0]] = 1;
+        return lengths;
+    }
+    // nodes 0..256 are leaves; parents follow. Ties broken by index: the code is a function of the counts.
+    let mut parent: Vec<usize> = vec![usize::MAX; 256];
+    let mut heap: BinaryHeap<Reverse<(u64, usize)>> = present.iter().map(|&s| Reverse((counts[s], s))).collect();
+    while heap.len() > 1 {
+        let Reverse((a, i)) = heap.pop().expect("two nodes");
+        let Reverse((b, j)) = heap.pop().expect("two nodes");
+        let node = parent.len();
+        parent.push(usize::MAX);
+        parent[i] = node;
+        parent[j] = node;
+        heap.push(Reverse((a + b, node)));
+    }
+    for &s in &present {
+        let (mut depth, mut n) = (0u8, s);
+        while parent[n] != usize::MAX {
+            n = parent[n];
+            depth += 1;
+        }
+        lengths[s] = depth;
+    }
+    lengths
+}
+
+/// Canonical codes of `lengths`: symbols ordered by (length, symbol) take consecutive codes.
+fn canonical_codes(lengths: &[u8; 256]) -> [u32; 256] {
+    let mut order: Vec<usize> = (0..256).filter(|&s| lengths[s] > 0).collect();
+    order.sort_by_key(|&s| (lengths[s], s));
+    let mut codes = [0u32; 256];
+    let (mut code, mut len) = (0u32, 0u8);
+    for (k, &s) in order.iter().enumerate() {
+        if k > 0 {
+            code += 1;
+        }
+        code <<= lengths[s] - len;
+        len = lengths[s];
+        codes[s] = code;
+    }
+    codes
+}
+
+/// The decode table of `lengths` (every code at most `MAX_CODE_LEN` bits).
+pub fn decode_table(lengths: &[u8; 256]) -> Vec<u16> {
+    let codes = canonical_codes(lengths);
+    let mut table = vec![0u16; TABLE_LEN];
+    for s in 0..256 {
+        let len = u32::from(lengths[s]);
+        if len == 0 {
+            continue;
+        }
+        let first = (codes[s] << (MAX_CODE_LEN - len)) as usize;
+        let entry = s as u16 | ((len as u16) << 8);
+        table[first..first + (1 << (MAX_CODE_LEN - len))].fill(entry);
+    }
+    table
+}
+
+/// Appends codes MSB-first to a lane's words.
+struct BitWriter<'a> {
+    out: &'a mut Vec<u32>,
+    acc: u64,
+    bits: u32,
+}
+
+impl BitWriter<'_> {
+    fn put(&mut self, code: u32, len: u32) {
+        self.acc = (self.acc << len) | u64::from(code);
+        self.bits += len;
+        if self.bits >= 32 {
+            self.bits -= 32;
+            self.out.push((self.acc >> self.bits) as u32);
+        }
+    }
+
+    fn finish(self) {
+        if self.bits > 0 {
+            self.out.push((self.acc << (32 - self.bits)) as u32);
+        }
+        self.out.push(0); // the word a reader may load past the end
+    }
+}
+
+/// Code `data` (16-bit words) over `lanes` lanes (at least 1, at most the element count unless it is 0).
+pub fn encode(data: &[u16], lanes: usize) -> Result<Encoded> {
+    if lanes == 0 || (lanes > data.len() && !data.is_empty()) {
+        return Err(Error::InvalidArgument(format!("lossless: {lanes} lanes for {} elements", data.len())));
+    }
+    let mut counts = [0u64; 256];
+    for &w in data {
+        counts[symbol(w) as usize] += 1;
+    }
+    if data.is_empty() {
+        counts[0] = 1; // a table for nothing: one code
+    }
+    let lengths = code_lengths(&counts, MAX_CODE_LEN);
+    let codes = canonical_codes(&lengths);
+    let mut words = Vec::with_capacity(data.len() / 3 + 2 * lanes);
+    let mut offsets = Vec::with_capacity(lanes + 1);
+    for lane in 0..lanes {
+        offsets
+            .push(u32::try_from(words.len()).map_err(|_| Error::InvalidArgument("lossless: tensor too large".into()))?);
+        let mut bits = BitWriter { out: &mut words, acc: 0, bits: 0 };
+        for &w in data.iter().skip(lane).step_by(lanes) {
+            let s = symbol(w) as usize;
+            bits.put(codes[s], u32::from(lengths[s]));
+        }
+        bits.finish();
+    }
+    offsets.push(u32::try_from(words.len()).map_err(|_| Error::InvalidArgument("lossless: tensor too large".into()))?);
+    let raw = data.iter().map(|&w| raw(w)).collect();
+    Ok(Encoded { words, offsets, raw, table: decode_table(&lengths), lengths })
+}
+
+/// Decode into `out` (as many elements as `raw` holds): the CPU path, and the reference the GPU kernel is
+/// tested against.
+pub fn decode(words: &[u32], offsets: &[u32], raw: &[u8], table: &[u16], out: &mut [u16]) -> Result<()> {
+    let lanes = offsets.len().saturating_sub(1);
+    if lanes == 0 || table.len() != TABLE_LEN || out.len() != raw.len() {
+        return Err(Error::InvalidArgument(format!(
+            "lossless: {lanes} lanes, a table of {} entries (want {TABLE_LEN}), {} raw bytes for {} elements",
+            table.len(),
+            raw.len(),
+            out.len()
+        )));
+    }
+    for lane in 0..lanes {
+        let (start, end) = (offsets[lane] as usize, offsets[lane + 1] as usize);
+        if start > end || end > words.len() || start == end {
+            return Err(Error::InvalidArgument(format!(
+                "lossless: lane {lane} spans words {start}..{end} of {}",
+                words.len()
+            )));
+        }
+        let stream = &words[start..end];
+        // a 64-bit window, MSB-first: `have` valid bits at its top
+        let (mut window, mut have, mut next) = (0u64, 0u32, 0usize);
+        for i in (lane..out.len()).step_by(lanes) {
+            if have < MAX_CODE_LEN {
+                let w = *stream
+                    .get(next)
+                    .ok_or_else(|| Error::InvalidArgument(format!("lossless: lane {lane} runs out")))?;
+                window |= u64::from(w) << (32 - have);
+                have += 32;
+                next += 1;
+            }
+            let entry = table[(window >> (64 - MAX_CODE_LEN)) as usize];
+            let len = u32::from(entry >> 8);
+            if len == 0 {
+                return Err(Error::InvalidArgument(format!("lossless: lane {lane}: no code at element {i}")));
+            }
+            window <<= len;
+            have -= len;
+            out[i] = word(entry as u8, raw[i]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(data: &[u16], lanes: usize) -> Encoded {
+        let enc = encode(data, lanes).unwrap();
+        let mut out = vec![0u16; data.len()];
+        decode(&enc.words, &enc.offsets, &enc.raw, &enc.table, &mut out).unwrap();
+        assert_eq!(out, data);
+        enc
+    }
+
+    #[test]
+    fn words_split_and_join() {
+        for w in 0..=u16::MAX {
+            assert_eq!(word(symbol(w), raw(w)), w);
+        }
+    }
+
+    #[test]
+    fn one_symbol_and_all_symbols() {
+        roundtrip(&[0x3f80; 1000], 7);
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let enc = roundtrip(&all, 64);
+        assert!(enc.lengths.iter().all(|&l| l == 8)); // uniform symbols: 8 bits each
+        roundtrip(&[], 1);
+    }
+
+    #[test]
+    fn skewed_counts_fit_the_table() {
+        // counts 2^0 .. 2^40 would want codes 40 bits long
+        let mut counts = [0u64; 256];
+        for (s, c) in counts.iter_mut().enumerate().take(41) {
+            *c = 1 << s;
+        }
+        let lengths = code_lengths(&counts, MAX_CODE_LEN);
+        assert!(lengths.iter().all(|&l| u32::from(l) <= MAX_CODE_LEN));
+        let kraft: f64 = lengths.iter().filter(|&&l| l > 0).map(|&l| 0.5f64.powi(i32::from(l))).sum();
+        assert!(kraft <= 1.0 + 1e-12);
+        assert_eq!(lengths.iter().filter(|&&l| l > 0).count(), 41);
+    }
+
+    #[test]
+    fn refuses_bad_lanes_and_corrupt_streams() {
+        assert!(encode(&[1, 2, 3], 0).is_err());
+        assert!(encode(&[1, 2, 3], 4).is_err());
+        let enc = encode(&[1, 2, 3, 4], 2).unwrap();
+        let mut out = vec![0u16; 4];
+        let bad_table = vec![0u16; TABLE_LEN];
+        assert!(decode(&enc.words, &enc.offsets, &enc.raw, &bad_table, &mut out).is_err());
+        assert!(decode(&enc.words, &[0, 99, 100], &enc.raw, &enc.table, &mut out).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn any_words_round_trip(data in proptest::collection::vec(any::<u16>(), 1..3000), lanes in 1usize..40) {
+            let lanes = lanes.min(data.len());
+            roundtrip(&data, lanes);
+        }
+
+        #[test]
+        fn narrow_exponents_round_trip(data in proptest::collection::vec(0x3b00u16..0x3d00, 1..3000),
+                                       signs in any::<u64>(), lanes in 1usize..40) {
+            let data: Vec<u16> = data.iter().enumerate()
+                .map(|(i, &w)| w | if signs >> (i % 64) & 1 == 1 { 0x8000 } else { 0 }).collect();
+            let lanes = lanes.min(data.len());
+            roundtrip(&data, lanes);
+        }
+    }
+}
