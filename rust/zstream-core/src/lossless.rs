@@ -182,25 +182,83 @@ impl BitWriter<'_> {
     }
 }
 
-/// Code `data` (16-bit words) over `lanes` lanes (at least 1, at most the element count unless it is 0).
+/// Code `data` (16-bit words) over `lanes` lanes (at least 1, at most the element count unless it is 0). The
+/// histogram and the lanes are split over the machine's cores.
 pub fn encode(data: &[u16], lanes: usize) -> Result<Encoded> {
     if lanes == 0 || (lanes > data.len() && !data.is_empty()) {
         return Err(Error::InvalidArgument(format!("lossless: {lanes} lanes for {} elements", data.len())));
     }
-    let mut counts = [0u64; 256];
-    for &w in data {
-        counts[symbol(w) as usize] += 1;
-    }
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(lanes).max(1);
+    let mut counts = histogram(data, threads);
     if data.is_empty() {
         counts[0] = 1; // a table for nothing: one code
     }
     let lengths = code_lengths(&counts, MAX_CODE_LEN);
     let codes = canonical_codes(&lengths);
-    let mut words = Vec::with_capacity(data.len() / 3 + 2 * lanes);
+    // each thread codes a run of lanes into words of its own; the runs are then laid end to end
+    let per = lanes.div_ceil(threads);
+    let runs: Vec<(Vec<u32>, Vec<usize>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..lanes)
+            .step_by(per)
+            .map(|first| {
+                let (codes, lengths) = (&codes, &lengths);
+                scope.spawn(move || code_lanes(data, lanes, first..(first + per).min(lanes), codes, lengths))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a coding thread panicked")).collect()
+    });
+    let total: usize = runs.iter().map(|(w, _)| w.len()).sum();
+    let too_large = || Error::InvalidArgument("lossless: a tensor of more than 2^32 words".into());
+    u32::try_from(total).map_err(|_| too_large())?;
+    let mut words = Vec::with_capacity(total);
     let mut offsets = Vec::with_capacity(lanes + 1);
-    for lane in 0..lanes {
-        offsets
-            .push(u32::try_from(words.len()).map_err(|_| Error::InvalidArgument("lossless: tensor too large".into()))?);
+    for (run, starts) in runs {
+        let base = words.len();
+        offsets.extend(starts.iter().map(|&s| (base + s) as u32));
+        words.extend_from_slice(&run);
+    }
+    offsets.push(total as u32);
+    let raw = data.iter().map(|&w| raw(w)).collect();
+    Ok(Encoded { words, offsets, raw, table: decode_table(&lengths), lengths })
+}
+
+fn histogram(data: &[u16], threads: usize) -> [u64; 256] {
+    let chunk = data.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = data
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut counts = [0u64; 256];
+                    for &w in part {
+                        counts[symbol(w) as usize] += 1;
+                    }
+                    counts
+                })
+            })
+            .collect();
+        let mut counts = [0u64; 256];
+        for part in parts {
+            for (c, p) in counts.iter_mut().zip(part.join().expect("a counting thread panicked")) {
+                *c += p;
+            }
+        }
+        counts
+    })
+}
+
+/// The words of lanes `run` (each lane's stream, then its zero word) and where each lane starts in them.
+fn code_lanes(
+    data: &[u16],
+    lanes: usize,
+    run: std::ops::Range<usize>,
+    codes: &[u32; 256],
+    lengths: &[u8; 256],
+) -> (Vec<u32>, Vec<usize>) {
+    let mut words = Vec::with_capacity(run.len() * (data.len() / lanes.max(1) / 3 + 2));
+    let mut starts = Vec::with_capacity(run.len());
+    for lane in run {
+        starts.push(words.len());
         let mut bits = BitWriter { out: &mut words, acc: 0, bits: 0 };
         for &w in data.iter().skip(lane).step_by(lanes) {
             let s = symbol(w) as usize;
@@ -208,9 +266,7 @@ pub fn encode(data: &[u16], lanes: usize) -> Result<Encoded> {
         }
         bits.finish();
     }
-    offsets.push(u32::try_from(words.len()).map_err(|_| Error::InvalidArgument("lossless: tensor too large".into()))?);
-    let raw = data.iter().map(|&w| raw(w)).collect();
-    Ok(Encoded { words, offsets, raw, table: decode_table(&lengths), lengths })
+    (words, starts)
 }
 
 /// Decode into `out` (as many elements as `raw` holds): the CPU path, and the reference the GPU kernel is

@@ -7,6 +7,7 @@
 mod dlpack;
 mod error;
 mod interrupt;
+mod lossless;
 mod store;
 mod ticket;
 
@@ -73,6 +74,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pinned_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(mapped_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(host_buffer, m)?)?;
+    m.add_function(wrap_pyfunction!(lossless::lossless_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(lossless::lossless_decode, m)?)?;
     m.add("KDL_CPU", dlpack::KDL_CPU)?;
     m.add("KDL_CUDA", dlpack::KDL_CUDA)?;
     m.add("HOST_REGISTER_PORTABLE", zstream_core::pin::flags::PORTABLE)?;

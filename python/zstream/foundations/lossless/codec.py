@@ -1,0 +1,110 @@
+"""One tensor's lossless code (``rust/zstream-core/src/lossless.rs`` has the format): encode on the host through the
+native module, decode on the host (native) or on the GPU (``kernels``).
+
+A 16-bit float weight ``NAME`` (bfloat16 or float16) is stored as four tensors:
+
+    NAME.lwords    int32 (W,)        the lanes' bit streams (u32 words, MSB-first)
+    NAME.loffsets  int32 (lanes + 1) where each lane's stream starts, in words
+    NAME.lraw      uint8  NAME's shape: each element's sign and 7 low bits (so the shape travels with it)
+    NAME.ltable    int16 (4096,)     the decode table: symbol | code length << 8
+
+and a checkpoint holding them says so in its headers' ``__metadata__["zstream.compression"]``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ... import _core
+from ...errors import CheckpointError, UsageError
+
+METADATA_KEY = "zstream.compression"
+FORMAT_VERSION = 1
+WORDS, OFFSETS, RAW, TABLE = ".lwords", ".loffsets", ".lraw", ".ltable"
+SUFFIXES = (WORDS, OFFSETS, RAW, TABLE)
+TABLE_LEN = 4096  # 1 << MAX_CODE_LEN
+ELEMENTS_PER_LANE = 512  # a lane decodes this many elements one after another; lanes run in parallel
+CODED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def to_metadata(dtype: torch.dtype) -> Dict[str, str]:
+    """The safetensors ``__metadata__`` entry of a compressed checkpoint."""
+    body = {"version": FORMAT_VERSION, "codec": "huffman-exponent", "dtype": str(dtype).removeprefix("torch.")}
+    return {METADATA_KEY: json.dumps(body, sort_keys=True)}
+
+
+def from_metadata(metadata: Optional[Mapping[str, str]], where: str) -> Optional[torch.dtype]:
+    """The dtype of the coded weights a checkpoint's headers declare; None for a checkpoint without coded weights."""
+    if not metadata or METADATA_KEY not in metadata:
+        return None
+    try:
+        body = json.loads(metadata[METADATA_KEY])
+        version, dtype = int(body["version"]), getattr(torch, body["dtype"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{where}: unreadable {METADATA_KEY} metadata {metadata[METADATA_KEY]!r}: {e}") from e
+    if version != FORMAT_VERSION or body.get("codec") != "huffman-exponent" or dtype not in CODED_DTYPES:
+        raise CheckpointError(f"{where}: compressed as {body}; this zstream reads version {FORMAT_VERSION} "
+                              "huffman-exponent of bfloat16/float16 weights (re-run zstream pack)")
+    return dtype
+
+
+def lanes_for(numel: int) -> int:
+    return max(1, numel // ELEMENTS_PER_LANE)
+
+
+@dataclass
+class CodedTensor:
+    """A 16-bit float tensor, coded: its four parts (host or device tensors) and what it decodes to."""
+
+    words: Tensor    # int32 (W,)
+    offsets: Tensor  # int32 (lanes + 1,)
+    raw: Tensor      # uint8, the tensor's shape
+    table: Tensor    # int16 (TABLE_LEN,)
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.raw.shape)
+
+    @property
+    def lanes(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.words, self.offsets, self.raw, self.table))
+
+    def tensors(self, name: str) -> Dict[str, Tensor]:
+        return {name + WORDS: self.words, name + OFFSETS: self.offsets, name + RAW: self.raw,
+                name + TABLE: self.table}
+
+    @classmethod
+    def from_tensors(cls, w: Mapping[str, Tensor], name: str, dtype: torch.dtype) -> CodedTensor:
+        return cls(w[name + WORDS], w[name + OFFSETS], w[name + RAW], w[name + TABLE], dtype)
+
+
+def encode(t: Tensor) -> CodedTensor:
+    """The code of a bfloat16 / float16 tensor (copied to the host if it is not there)."""
+    if t.dtype not in CODED_DTYPES:
+        raise UsageError(f"lossless coding takes bfloat16 or float16 weights, not {t.dtype}")
+    flat = t.detach().contiguous().view(torch.int16).cpu().reshape(-1)
+    words, offsets, raw, table = _core.lossless_encode(flat.numpy().tobytes(), lanes_for(flat.numel()))
+
+    def tensor(data: bytes, dtype: torch.dtype) -> Tensor:
+        return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+    return CodedTensor(tensor(words, torch.int32), tensor(offsets, torch.int32),
+                       tensor(raw, torch.uint8).view(t.shape), tensor(table, torch.int16), t.dtype)
+
+
+def decode_host(c: CodedTensor) -> Tensor:
+    """The tensor ``c`` codes, decoded on the host (the native decoder)."""
+    parts = (c.words, c.offsets, c.raw, c.table)
+    data = _core.lossless_decode(*(p.detach().cpu().contiguous().numpy().tobytes() for p in parts))
+    out = torch.frombuffer(bytearray(data), dtype=torch.int16) if data else torch.empty(0, dtype=torch.int16)
+    return out.view(c.dtype).view(c.shape)
