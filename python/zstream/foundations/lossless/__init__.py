@@ -4,8 +4,20 @@
 - ``kernels``: the GPU decoder (Triton), bit-identical to the native one.
 """
 
-from .codec import (CODED_DTYPES, METADATA_KEY, OFFSETS, RAW, SUFFIXES, TABLE, WORDS, CodedTensor, decode_host, encode,
-                    from_metadata, to_metadata)
+from .codec import (
+                    CODED_DTYPES,
+                    METADATA_KEY,
+                    OFFSETS,
+                    RAW,
+                    SUFFIXES,
+                    TABLE,
+                    WORDS,
+                    CodedTensor,
+                    decode_host,
+                    encode,
+                    from_metadata,
+                    to_metadata,
+)
 from .kernels import decode
 
 __all__ = ["CODED_DTYPES", "METADATA_KEY", "OFFSETS", "RAW", "SUFFIXES", "TABLE", "WORDS", "CodedTensor", "decode",
