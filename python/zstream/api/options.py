@@ -49,6 +49,7 @@ class LoadOptions:
     progress: bool
     tensor_parallel: Optional[int] = None
     parallel_timeout: float = DEFAULT_TIMEOUT_S
+    compress: Optional[str] = None  # "lossless": blocks entropy-coded at load, bit-exact
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
@@ -70,7 +71,8 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
                  max_batch: int = 1, max_seq_len: Optional[int] = None, max_resident_blocks: Optional[int] = None,
                  reader: str = "auto", quantize: Optional[str] = None, group_size: int = 64, symmetric: bool = False,
                  copy_from_tokens: Optional[int] = None, progress: bool = True, tensor_parallel: Optional[int] = None,
-                 parallel_timeout: float = DEFAULT_TIMEOUT_S, unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
+                 parallel_timeout: float = DEFAULT_TIMEOUT_S, compress: Optional[str] = None,
+                 unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
     """``LoadOptions`` from ``load``'s keywords; ``unknown`` holds keywords ``load`` does not take."""
     if unknown:
         name = sorted(unknown)[0]
@@ -86,6 +88,11 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
     if wanted is not None and alias is not None and wanted != alias:
         raise UsageError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: give one of them")
     _count("group_size", group_size, 1)
+    if compress not in (None, "none", "lossless"):
+        raise UsageError(f"compress must be 'lossless' or None, not {compress!r}")
+    if compress == "lossless" and quantize not in (None, "none"):
+        raise UsageError(f"compress='lossless' keeps every bit of the weights and quantize={quantize!r} changes them: "
+                         "give one of them")
     if isinstance(parallel_timeout, bool) or not isinstance(parallel_timeout, (int, float)) or parallel_timeout <= 0:
         raise UsageError(f"parallel_timeout must be a positive number of seconds, not {parallel_timeout!r}")
     return LoadOptions(
@@ -96,4 +103,5 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
         max_resident_blocks=_count("max_resident_blocks", max_resident_blocks, 0, True), reader=reader,
         quantize=QuantConfig.parse(quantize, group_size, symmetric),
         copy_from_tokens=_count("copy_from_tokens", copy_from_tokens, 1, True), progress=bool(progress),
-        tensor_parallel=_count("tensor_parallel", tensor_parallel, 1, True), parallel_timeout=float(parallel_timeout))
+        tensor_parallel=_count("tensor_parallel", tensor_parallel, 1, True), parallel_timeout=float(parallel_timeout),
+        compress=None if compress == "none" else compress)

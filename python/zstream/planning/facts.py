@@ -13,6 +13,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..errors import QuantizationError
+from ..foundations.lossless import block_code_for
 from ..foundations.models import Family
 from ..foundations.quant import BlockQuant, QuantConfig, checkpoint_quant, tensor_infos
 from ..foundations.store import WeightStore
@@ -38,7 +40,8 @@ class CheckpointFacts:
     outer_names: Dict[str, str]          # embeddings, final norm, head
     block_bytes: List[int]               # per block, as it crosses the link
     outer_bytes: int                     # outer tensors, as stored
-    quant: Optional[BlockQuant] = None   # how blocks are quantized; None: as in the checkpoint
+    quant: Optional[BlockQuant] = None   # how blocks are coded on the link: quantized (BlockQuant) or losslessly
+                                         # compressed (lossless.BlockCode, the same methods); None: as stored
     packed: bool = False                 # the files hold the packed tensors (``zstream pack``)
     unquantized_block_bytes: Optional[List[int]] = None  # per block before quantization (checkpoint dtype)
     shard_at_load: bool = False          # the files hold whole blocks; this rank keeps its piece (family.shard_cut)
@@ -71,7 +74,8 @@ class CheckpointFacts:
 
 
 def checkpoint_facts(store: WeightStore, family: Family, *, dtype: Optional[torch.dtype], device_type: str,
-                     quantize: Optional[QuantConfig], where: str, shard_at_load: bool = False) -> CheckpointFacts:
+                     quantize: Optional[QuantConfig], where: str, shard_at_load: bool = False,
+                     compress: Optional[str] = None) -> CheckpointFacts:
     """The facts of the checkpoint ``store`` holds for ``family``; raises ModelError / QuantizationError where the
     tensors do not match the config or the quantization asked for does not fit.
 
@@ -84,6 +88,12 @@ def checkpoint_facts(store: WeightStore, family: Family, *, dtype: Optional[torc
     bq, packed = checkpoint_quant(store, family, dtype, quantize, where=where)
     whole = family.unsharded if shard_at_load and family.unsharded is not None else family
     whole.validate(tensor_infos(store, whole, bq.cfg if packed and bq is not None else None))
+    if compress is not None:  # "lossless": coded at load; its size is planned as the uncoded one until then
+        if bq is not None:
+            raise QuantizationError(f"{where}: compress={compress!r} codes the checkpoint's own weights; it does not "
+                                    "combine with quantization")
+        stored_dtype = store.info(family.block_tensors(0)[family.linear_weights()[0]]).torch_dtype
+        bq = block_code_for(family.block_shapes(), family.linear_weights(), stored_dtype, dtype, where)  # type: ignore
     outer_bytes = sum(store.info(n).nbytes for n in set(outer.values()))
     if shard_at_load:
         return _shard_facts(store, family, ckpt_dtype, dtype, stored, outer, outer_bytes, bq, packed)

@@ -128,7 +128,8 @@ class Plan:
         ]
         if self.quantization is not None and self.unquantized_block_bytes is not None:
             before = sum(self.unquantized_block_bytes[i] for i in self.streamed_blocks)
-            lines.append(f"quantized {self.quantization}: blocks {fmt_bytes(sum(self.block_bytes))} "
+            how = "compressed" if self.quantization.startswith("lossless") else "quantized"
+            lines.append(f"{how} {self.quantization}: blocks {fmt_bytes(sum(self.block_bytes))} "
                          f"(from {fmt_bytes(sum(self.unquantized_block_bytes))}); streamed per pass "
                          f"{fmt_bytes(self.streamed_bytes)} instead of {fmt_bytes(before)}"
                          + (f" ({self.streamed_bytes / before:.3f}x)" if before else ""))
@@ -216,9 +217,10 @@ def _check_offload(facts: CheckpointFacts, resources: Resources, offload: str, w
     if facts.quantize_at_load and offload in ("nvme", "ats"):
         assert facts.quant is not None
         name = facts.quant.cfg.name
-        raise QuantizationError(f"{where}: quantize={name!r} quantizes while loading into memory, so it works with "
-                                f"offload 'none', 'cpu' or 'auto'; for offload={offload!r} write a quantized "
-                                f"checkpoint once with `zstream pack {where} OUT --quantize {name}`")
+        arg, flag = ("compress", "--compress") if name == "lossless" else ("quantize", "--quantize")
+        raise QuantizationError(f"{where}: {arg}={name!r} codes blocks while loading into memory, so it works with "
+                                f"offload 'none', 'cpu' or 'auto'; for offload={offload!r} write such a "
+                                f"checkpoint once with `zstream pack {where} OUT {flag} {name}`")
     if offload != "ats":
         return
     if facts.packed:

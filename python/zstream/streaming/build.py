@@ -107,17 +107,23 @@ def build(store: WeightStore, facts: CheckpointFacts, plan: Plan, *, config: Dic
     resident: Dict[int, Weights] = {}
     host: List[Optional[FlatRead]] = [None] * facts.num_blocks
     pinned = "pinned" if dev.type == "cuda" else dev  # where blocks quantized at load are kept when they stream
+    coded: Dict[int, int] = {}  # bytes of each block as read (and coded)
     try:
         with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:  # blocks pin their arenas while others read
             for i, flat in zip(plan.resident_blocks,
                                _bounded_map(pool, lambda i: reader.block(i, dev), plan.resident_blocks)):
                 resident[i] = reader.weights(flat, names[i])
+                coded[i] = flat.nbytes
             if plan.offload == "cpu" and plan.streamed_blocks:
                 for i, flat in zip(plan.streamed_blocks,
                                    _bounded_map(pool, lambda i: reader.block(i, pinned), plan.streamed_blocks)):
                     host[i] = flat
+                    coded[i] = flat.nbytes
     finally:
         reader.close()
+    if facts.quant is not None and facts.quant.sized_by_values and facts.quantize_at_load:
+        for i, nbytes in coded.items():  # planned as uncoded until now: the step's bytes are the coded ones
+            plan.block_bytes[i] = nbytes
     seam = device_for(dev)
     ring = _ring(store, facts, plan, seam, host, prefetch, disk_prefetch) if plan.streamed_blocks else None
     if group is not None:  # every rank measures its link while the others measure theirs: all links busy

@@ -9,11 +9,12 @@ from typing import ContextManager, Dict
 import torch
 from torch import Tensor
 
+from ..foundations.lossless import SUFFIXES as CODED_SUFFIXES
 from ..foundations.quant import CODES, SCALE, ZERO
 from ..foundations.store import FlatRead
 
 Weights = Dict[str, Tensor]  # {local name: tensor on the compute device}
-PACKED_SUFFIXES = (CODES, SCALE, ZERO)
+PACKED_SUFFIXES = (CODES, SCALE, ZERO, *CODED_SUFFIXES)  # the parts of quantized and losslessly coded weights
 
 # cuBLAS picks its fastest kernels only for 16-byte (better: 256-byte) aligned operands, but a tensor sits in its
 # arena at its file offset modulo 4096, which safetensors aligns to 8 bytes only. A block's tensors usually share

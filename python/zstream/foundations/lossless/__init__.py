@@ -1,9 +1,12 @@
 """Lossless coding of 16-bit weights: the exponent bits entropy-coded, every output bit as in the checkpoint.
 
 - ``codec``: one tensor's code (``encode`` through the native module, ``decode_host``), the format and metadata;
-- ``kernels``: the GPU decoder (Triton), bit-identical to the native one.
+- ``kernels``: the GPU decoder (Triton), bit-identical to the native one;
+- ``blocks``: whole blocks (``BlockCode``: code at load, decode in the slot), standing where ``quant.BlockQuant``
+  stands.
 """
 
+from .blocks import BlockCode, LosslessConfig, block_code_for
 from .codec import (
                     CODED_DTYPES,
                     METADATA_KEY,
@@ -20,5 +23,21 @@ from .codec import (
 )
 from .kernels import decode
 
-__all__ = ["CODED_DTYPES", "METADATA_KEY", "OFFSETS", "RAW", "SUFFIXES", "TABLE", "WORDS", "CodedTensor", "decode",
-           "decode_host", "encode", "from_metadata", "to_metadata"]
+__all__ = [
+                    "CODED_DTYPES",
+                    "METADATA_KEY",
+                    "OFFSETS",
+                    "RAW",
+                    "SUFFIXES",
+                    "TABLE",
+                    "WORDS",
+                    "BlockCode",
+                    "CodedTensor",
+                    "LosslessConfig",
+                    "block_code_for",
+                    "decode",
+                    "decode_host",
+                    "encode",
+                    "from_metadata",
+                    "to_metadata",
+]

@@ -35,6 +35,7 @@ class BlockQuant:
     cfg: QuantConfig
     shapes: Dict[str, Tuple[int, int]]
     dtype: torch.dtype
+    sized_by_values = False  # a packed block's size follows from its shapes (lossless.BlockCode's does not)
 
     @property
     def dequantized_nbytes(self) -> int:

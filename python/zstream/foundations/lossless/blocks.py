@@ -1,0 +1,102 @@
+"""Losslessly coded blocks: which weights of a block are coded, coding a block at load, decoding it in its slot.
+
+``BlockCode`` stands where a ``quant.BlockQuant`` stands (``CheckpointFacts.quant``: how a block is coded on the
+link), with the same methods, so the engine's plumbing for packed blocks carries coded ones unchanged: the slot
+holds the coded block and ``blocks.Dequantized`` expands it just before the block's matmuls. What differs: the
+size of a coded block depends on its values, so until a block is coded its size is planned as the uncoded one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Mapping, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ...errors import QuantizationError
+from ..store import FlatRead
+from . import kernels
+from .codec import SUFFIXES, CodedTensor, encode, to_metadata
+
+ALIGN = 256  # each coded part starts 256-byte aligned in a block buffer
+
+
+@dataclass(frozen=True)
+class LosslessConfig:
+    """The code's description, as plans and headers show it (``QuantConfig``'s counterpart)."""
+
+    dtype: torch.dtype  # the coded weights' dtype (bfloat16 or float16)
+    name: str = "lossless"
+
+    def describe(self) -> str:
+        return f"lossless ({str(self.dtype).removeprefix('torch.')} exponents Huffman-coded)"
+
+    def to_metadata(self) -> Dict[str, str]:
+        return to_metadata(self.dtype)
+
+
+@dataclass
+class BlockCode:
+    """Which weights of a block are coded (its linear weights, by local name and shape), and how to decode them
+    into the compute dtype ``dtype``."""
+
+    cfg: LosslessConfig
+    shapes: Dict[str, Tuple[int, ...]]
+    dtype: torch.dtype
+    sized_by_values = True  # a coded block's size is known once it is coded: the loader then updates the plan
+
+    @property
+    def dequantized_nbytes(self) -> int:
+        """Device bytes of one block's coded weights once decoded (they exist while the block computes)."""
+        return sum(math.prod(s) for s in self.shapes.values()) * self.dtype.itemsize
+
+    def names(self, block: Mapping[str, str]) -> Dict[str, str]:
+        """A block's {local: checkpoint name} with each coded weight replaced by its four parts."""
+        out: Dict[str, str] = {}
+        for local, ckpt in block.items():
+            if local in self.shapes:
+                out.update({local + s: ckpt + s for s in SUFFIXES})
+            else:
+                out[local] = ckpt
+        return out
+
+    def nbytes(self, block: Mapping[str, Tuple[int, ...]], itemsize: Mapping[str, int]) -> int:
+        """A block's bytes before it is coded: what planning assumes until the coded size is known."""
+        return sum(math.prod(shape) * itemsize[local] for local, shape in block.items())
+
+    def dequantize(self, w: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """The block's weights for its matmuls: coded weights decoded on their device (the GPU slot: Triton; the CPU:
+        the native decoder) and converted to the compute dtype, everything else passed through."""
+        out = {k: v for k, v in w.items() if not k.endswith(SUFFIXES)}
+        for local in self.shapes:
+            decoded = kernels.decode(CodedTensor.from_tensors(w, local, self.cfg.dtype))
+            out[local] = decoded if decoded.dtype == self.dtype else decoded.to(self.dtype)
+        return out
+
+    def pack(self, views: Mapping[str, Tensor], block: Mapping[str, str], *, work: torch.device,
+             dest: Union[torch.device, str]) -> Tuple[Tensor, Dict[str, Tuple[int, torch.dtype, Tuple[int, ...]]]]:
+        """Code one block read as stored into one buffer (``dest``: a device, or "pinned"); (buffer, layout) as
+        ``BlockQuant.pack`` gives them. Coding runs on the host (``work`` is not used: the native coder is faster
+        than a round trip)."""
+        tensors: Dict[str, Tensor] = {}
+        for local, ckpt in block.items():
+            if local in self.shapes:
+                if views[ckpt].dtype != self.cfg.dtype:
+                    raise QuantizationError(f"{ckpt} is {views[ckpt].dtype}; the lossless code of this model is "
+                                            f"for {self.cfg.dtype}")
+                tensors.update(encode(views[ckpt]).tensors(ckpt))
+            else:
+                tensors[ckpt] = views[ckpt]
+        flat = FlatRead.pack(tensors, dest, ALIGN)
+        return flat.buffer, flat.layout
+
+
+def block_code_for(block_shapes: Mapping[str, Tuple[int, ...]], linear: Tuple[str, ...], stored: torch.dtype,
+                   dtype: torch.dtype, where: str) -> BlockCode:
+    """The BlockCode of a family's block: its linear weights, stored as ``stored`` (bfloat16 or float16)."""
+    if stored not in (torch.bfloat16, torch.float16):
+        raise QuantizationError(f"{where}: compress='lossless' codes bfloat16 or float16 weights; this checkpoint "
+                                f"holds {stored}")
+    return BlockCode(LosslessConfig(stored), {local: tuple(block_shapes[local]) for local in linear}, dtype)
