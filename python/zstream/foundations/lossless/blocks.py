@@ -21,6 +21,9 @@ from . import kernels
 from .codec import SUFFIXES, CodedTensor, encode, to_metadata
 
 ALIGN = 256  # each coded part starts 256-byte aligned in a block buffer
+# A coded weight carries an 8 KiB decode table and 4 bytes of offsets per 512 elements; below this size the table
+# eats what the code saves (a 16384-element bf16 weight: 32 KiB, about 10.7 KiB saved), so smaller weights stay raw.
+MIN_CODED_ELEMENTS = 16384
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,14 @@ class BlockCode:
 
 def block_code_for(block_shapes: Mapping[str, Tuple[int, ...]], linear: Tuple[str, ...], stored: torch.dtype,
                    dtype: torch.dtype, where: str) -> BlockCode:
-    """The BlockCode of a family's block: its linear weights, stored as ``stored`` (bfloat16 or float16)."""
+    """The BlockCode of a family's block: its linear weights of at least ``MIN_CODED_ELEMENTS``, stored as
+    ``stored`` (bfloat16 or float16)."""
     if stored not in (torch.bfloat16, torch.float16):
         raise QuantizationError(f"{where}: compress='lossless' codes bfloat16 or float16 weights; this checkpoint "
                                 f"holds {stored}")
-    return BlockCode(LosslessConfig(stored), {local: tuple(block_shapes[local]) for local in linear}, dtype)
+    shapes = {local: tuple(block_shapes[local]) for local in linear
+              if math.prod(block_shapes[local]) >= MIN_CODED_ELEMENTS}
+    if not shapes:
+        raise QuantizationError(f"{where}: no linear weight has the {MIN_CODED_ELEMENTS} elements that make coding "
+                                "pay for its decode table")
+    return BlockCode(LosslessConfig(stored), shapes, dtype)

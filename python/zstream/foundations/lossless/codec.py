@@ -88,12 +88,14 @@ class CodedTensor:
         return cls(w[name + WORDS], w[name + OFFSETS], w[name + RAW], w[name + TABLE], dtype)
 
 
-def encode(t: Tensor) -> CodedTensor:
-    """The code of a bfloat16 / float16 tensor (copied to the host if it is not there)."""
+def encode(t: Tensor, lanes: Optional[int] = None) -> CodedTensor:
+    """The code of a bfloat16 / float16 tensor (copied to the host if it is not there), over ``lanes`` lanes (default:
+    one per ``ELEMENTS_PER_LANE`` elements)."""
     if t.dtype not in CODED_DTYPES:
         raise UsageError(f"lossless coding takes bfloat16 or float16 weights, not {t.dtype}")
     flat = t.detach().contiguous().view(torch.int16).cpu().reshape(-1)
-    words, offsets, raw, table = _core.lossless_encode(flat.numpy().tobytes(), lanes_for(flat.numel()))
+    lanes = lanes_for(flat.numel()) if lanes is None else lanes
+    words, offsets, raw, table = _core.lossless_encode(flat.numpy().tobytes(), lanes)
 
     def tensor(data: bytes, dtype: torch.dtype) -> Tensor:
         return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
