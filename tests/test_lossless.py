@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import zstream
-from tiny_models import padded_batch
 from zstream import QuantizationError, UsageError
 from zstream.foundations.lossless import codec, encode, kernels
 from zstream.foundations.lossless.codec import decode_host
+
+from tiny_models import padded_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
