@@ -13,6 +13,7 @@
 #         per rank, written by zstream pack --tensor-parallel), bench-tp-70b (llama-2-70b shapes, a 40 GiB budget per GPU,
 #         ${BLOCKS_70B:-40} of its 80 blocks: as many as the disk holds), peers-tp (DeepSpeed ZeRO-Inference on the same
 #         GPUs under torchrun), head-cost (the replicated head's time per step).
+#         lossless: lossless (the code beside DFloat11: ratio, encode, decode GB/s; the GPU tests).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -46,6 +47,12 @@ for stage in "$@"; do
         --standalone --nproc-per-node "${TP:-2}" benches/peers/run_peer.py --system deepspeed --model "$CK" \
         --batch "${PEER_BATCH:-1,16}" --prompt 512 --gen "${PEER_GEN:-32}" 2>"$OUT/peer_ds_tp.err" \
         | grep '^{' | tee -a "$OUT/peers_tp.jsonl"; tail -3 "$OUT/peer_ds_tp.err" ;;
+    lossless) # the lossless code beside DFloat11 (its encoder and kernel, carried unpacked in .device/df11) on the
+      # same 16M-element tensors; then the GPU tests of compressed streaming
+      python3 benches/lossless_bench.py --elements 16777216 --dfloat11 .device/df11 --json "$OUT/lossless.json" \
+        2>"$OUT/lossless.err" | tee "$OUT/lossless.jsonl"; tail -2 "$OUT/lossless.err"
+      (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k lossless > "$OUT/pytest_lossless.log" 2>&1;
+       tail -3 "$OUT/pytest_lossless.log") ;;
     head-cost) # what a replicated head costs each rank a step: bloom-7b1's (250880 x 4096 fp16) at batch 1/16/64
       python3 - <<'PY' | tee "$OUT/head_cost.txt"
 import torch, torch.nn.functional as F

@@ -168,3 +168,23 @@ def test_tensor_parallel_cuda_paths_under_torchrun(tmp_path, preset):
         torch.testing.assert_close(r_logits, logits, rtol=1e-4, atol=1e-4)
         assert torch.equal(r_tokens, tokens)
         assert whole / 2 <= streamed < whole * 0.6
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-bloom"])
+def test_lossless_blocks_decode_on_the_gpu_bit_for_bit(tmp_path, preset):
+    """compress='lossless' on the GPU: blocks cross the link coded, the Triton kernel decodes them in the slot, and
+    the logits and tokens are those of the uncompressed model, bit for bit (bf16 Llama, fp16 BLOOM)."""
+    from zstream.foundations.lossless import kernels
+
+    wide = {"hidden_size": 256, "intermediate_size": 512} if preset == "tiny-llama" else {"hidden_size": 256}
+    dtype = torch.bfloat16 if preset == "tiny-llama" else torch.float16
+    path = synthetic.make_checkpoint({**synthetic.PRESETS[preset], **wide}, tmp_path / preset, dtype=dtype,
+                                     progress=False)
+    ids = torch.randint(4, 250, (3, 11), generator=torch.Generator().manual_seed(0))
+    kw = {"device": "cuda", "offload": "cpu", "max_resident_blocks": 0, "progress": False}
+    with zstream.load(path, **kw) as plain, zstream.load(path, compress="lossless", **kw) as coded:
+        assert kernels.backend(coded.device) == "triton"
+        assert coded.plan.streamed_bytes < plain.plan.streamed_bytes
+        assert torch.equal(coded(ids), plain(ids))
+        assert torch.equal(coded.generate(ids, max_new_tokens=16, do_sample=False),
+                           plain.generate(ids, max_new_tokens=16, do_sample=False))

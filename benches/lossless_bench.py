@@ -1,0 +1,161 @@
+"""zstream's lossless code beside DFloat11 on the same tensors, in one run: compressed size, encode time, and (on a
+GPU) decode GB/s, each decode checked bit for bit.
+
+    python benches/lossless_bench.py --elements 16777216 --dfloat11 .device/df11 --json out.json
+
+``--dfloat11 DIR``: the unpacked ``dfloat11`` 0.5.0 wheel and ``dahuffman`` (its encoder is pure Python); its own
+encoder functions (``dfloat11_utils``) and its CUDA kernel (``decode.ptx``) are called directly, the kernel through
+the CUDA driver API (ctypes) rather than cupy, which the GPU machine does not have. Tensors: bfloat16 Gaussian
+N(0, 0.02) and Student-t(3) x 0.02 (heavy tails), plus fp16 Gaussian for zstream alone (DFloat11 is bf16 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from zstream.foundations.lossless import decode, encode
+from zstream.foundations.lossless.codec import CodedTensor
+
+
+def tensor(dist: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if dist == "gaussian":
+        x = torch.randn(n, generator=g)
+    else:
+        torch.manual_seed(0)
+        x = torch.distributions.StudentT(3.0).sample((n,))
+    return (0.02 * x).to(dtype)
+
+
+def gpu_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
+    """Median milliseconds of ``fn`` on the GPU, CUDA events around each call, after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def ours(w: torch.Tensor, gpu: bool) -> Dict[str, Any]:
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        c = encode(w)
+        times.append(time.perf_counter() - t)
+    row: Dict[str, Any] = {"system": "zstream", "ratio": c.nbytes / (2 * w.numel()),
+                           "encode_s": statistics.median(times), "lanes": c.lanes}
+    if gpu:
+        d = CodedTensor(c.words.cuda(), c.offsets.cuda(), c.raw.cuda(), c.table.cuda(), c.dtype)
+        out = torch.empty(w.shape, dtype=w.dtype, device="cuda")
+        ms = gpu_ms(lambda: decode(d, out))
+        row.update(decode_ms=ms, decode_gbps=2 * w.numel() / ms / 1e6,
+                   bit_exact=bool(torch.equal(out.cpu().view(torch.int16), w.view(torch.int16))))
+    return row
+
+
+# ---- DFloat11 ------------------------------------------------------------------------------------------------------
+def _load_utils(root: Path) -> Any:
+    sys.path.insert(0, str(root))  # dahuffman
+    spec = importlib.util.spec_from_file_location("dfloat11_utils", root / "dfloat11" / "dfloat11_utils.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Ptx:
+    """A kernel of a PTX file, launched through the CUDA driver API on torch's current context and stream."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        torch.cuda.init()
+        torch.empty(1, device="cuda")  # the primary context is current now
+        self.cu = ctypes.CDLL("libcuda.so.1")
+        self.module, self.fn = ctypes.c_void_p(), ctypes.c_void_p()
+        self._check(self.cu.cuModuleLoadData(ctypes.byref(self.module), path.read_bytes() + b"\0"))
+        self._check(self.cu.cuModuleGetFunction(ctypes.byref(self.fn), self.module, name.encode()))
+
+    def _check(self, status: int) -> None:
+        if status != 0:
+            raise RuntimeError(f"CUDA driver error {status}")
+
+    def __call__(self, grid: int, block: int, shared: int, args: List[Any]) -> None:
+        if shared > 48 * 1024:
+            self._check(self.cu.cuFuncSetAttribute(self.fn, 8, shared))  # MAX_DYNAMIC_SHARED_SIZE_BYTES
+        values = [ctypes.c_uint64(a) if i < 6 else ctypes.c_uint32(a) for i, a in enumerate(args)]
+        params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        self._check(self.cu.cuLaunchKernel(self.fn, grid, 1, 1, block, 1, 1, shared, stream, params, None))
+
+
+def dfloat11(w: torch.Tensor, root: Path, gpu: bool) -> Dict[str, Any]:
+    utils = _load_utils(root)
+    threads, per_thread = 512, 8  # dfloat11.py's defaults
+    t = time.perf_counter()
+    _, counter = utils.get_codec(w)
+    codec, _, table = utils.get_32bit_codec(counter)
+    luts = utils.get_luts(table)
+    encoded, other, positions, gaps, _ = utils.encode_weights([w], codec, per_thread, threads)
+    encode_s = time.perf_counter() - t
+    size = encoded.numel() + other.numel() + positions.numel() * 4 + gaps.numel() + luts.numel()
+    row: Dict[str, Any] = {"system": "dfloat11 0.5.0", "ratio": size / (2 * w.numel()), "encode_s": encode_s}
+    if gpu:
+        kernel = _Ptx(root / "dfloat11" / "decode.ptx", "decode")
+        dev = [x.cuda() for x in (luts, encoded, other, positions, gaps)]
+        out = torch.empty(w.numel(), dtype=torch.bfloat16, device="cuda")
+        pos = positions.view(torch.int32).numpy().view(np.uint32)
+        shared = threads * 4 + 4 + int((pos[1:] - pos[:-1]).max()) * 2
+        grid = -(-encoded.numel() // (threads * per_thread))
+
+        def run() -> None:
+            kernel(grid, threads, shared, [x.data_ptr() for x in dev] + [out.data_ptr(), luts.shape[0],
+                                                                         encoded.numel(), w.numel()])
+
+        ms = gpu_ms(run)
+        row.update(decode_ms=ms, decode_gbps=2 * w.numel() / ms / 1e6,
+                   bit_exact=bool(torch.equal(out.cpu().view(torch.int16), w.view(torch.int16))))
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--elements", type=int, default=1 << 24)
+    p.add_argument("--dfloat11", type=Path, default=None, help="the unpacked dfloat11 and dahuffman wheels")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    gpu = torch.cuda.is_available()
+    rows = []
+    for dist, dtype in (("gaussian", torch.bfloat16), ("student-t", torch.bfloat16), ("gaussian", torch.float16)):
+        w = tensor(dist, a.elements, dtype)
+        systems = [ours(w, gpu)]
+        if a.dfloat11 is not None and dtype == torch.bfloat16:
+            systems.append(dfloat11(w, a.dfloat11, gpu))
+        for row in systems:
+            row.update(dist=dist, dtype=str(dtype).removeprefix("torch."), elements=a.elements)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    meta: Dict[str, Optional[str]] = {"card": torch.cuda.get_device_name() if gpu else None,
+                                      "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if a.json:
+        a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
