@@ -164,3 +164,43 @@ def test_compress_needs_16_bit_weights_and_memory(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(interpreter_worker())
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+def test_a_packed_compressed_checkpoint_streams_from_disk_bit_for_bit(checkpoints: dict, tmp_path: Path) -> None:
+    """``zstream pack --compress lossless``: the coded parts on disk, streamed as they are with offload="nvme"
+    (and cpu); logits and tokens those of the original checkpoint; fewer bytes a pass."""
+    from zstream.interfaces.cli import main
+
+    src = checkpoints["tiny-llama"]
+    out = tmp_path / "coded"
+    assert main(["pack", str(src), str(out), "--compress", "lossless", "--quiet"]) == 0
+    ids = torch.randint(4, 300, (2, 7), generator=torch.Generator().manual_seed(3))
+    kw = {"device": "cpu", "offload": "nvme", "progress": False, "dtype": "auto"}
+    with zstream.load(src, **kw) as plain, zstream.load(out, **kw) as coded:
+        assert coded.facts.packed and coded.quant is not None
+        assert coded.plan.streamed_bytes < 0.8 * plain.plan.streamed_bytes
+        assert torch.equal(coded(ids), plain(ids))
+        assert torch.equal(coded.generate(ids, max_new_tokens=20, do_sample=False),
+                           plain.generate(ids, max_new_tokens=20, do_sample=False))
+    with pytest.raises(QuantizationError, match="is compressed"):
+        zstream.load(out, device="cpu", compress="lossless", progress=False)
+    with pytest.raises(UsageError, match="give quantize=None"):
+        zstream.pack(src, tmp_path / "both", quantize="int4", compress="lossless", progress=False)
+
+
+def _tp_compressed(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    with zstream.load(path, device="cpu", offload="cpu", max_resident_blocks=0, compress="lossless", dtype="auto",
+                      progress=False) as model:
+        return model(ids)
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+def test_tensor_parallel_ranks_code_their_pieces(checkpoints: dict) -> None:
+    path = checkpoints["tiny-llama"]
+    ids = torch.randint(4, 300, (2, 7), generator=torch.Generator().manual_seed(4))
+    with zstream.load(path, device="cpu", offload="cpu", max_resident_blocks=0, dtype="auto",
+                      progress=False) as plain:
+        want = plain(ids)
+    for got in zstream.launch(_tp_compressed, 2, path, ids):
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6

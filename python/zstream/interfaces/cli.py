@@ -82,8 +82,8 @@ def cmd_pack(a: argparse.Namespace) -> int:
     from ..api.pack import pack
 
     path = pack(a.model, a.out, quantize=None if a.quantize == "none" else a.quantize, group_size=a.group_size,
-                symmetric=a.symmetric, tensor_parallel=a.tensor_parallel, shard_size=a.shard_size, device=a.device,
-                progress=not a.quiet)
+                symmetric=a.symmetric, tensor_parallel=a.tensor_parallel, compress=a.compress,
+                shard_size=a.shard_size, device=a.device, progress=not a.quiet)
     print(path)
     return 0
 
@@ -135,12 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="fp16", choices=DTYPE_CHOICES[1:])
     m.set_defaults(func=cmd_make_checkpoint)
 
-    k = sub.add_parser("pack", help="write a copy of a checkpoint with its linear weights quantized (int4/int8), "
-                                    "and/or laid out for tensor-parallel ranks")
+    k = sub.add_parser("pack", help="write a copy of a checkpoint with its linear weights quantized (int4/int8) or "
+                                    "losslessly compressed, and/or laid out for tensor-parallel ranks")
     k.add_argument("model", help="checkpoint directory or Hugging Face repo id")
     k.add_argument("out", help="new directory for the packed checkpoint (must not exist, or be empty)")
-    k.add_argument("--quantize", required=True, choices=["int4", "int8", "none"],
-                   help="none: weights as they are (with --tensor-parallel)")
+    k.add_argument("--quantize", default="none", choices=["int4", "int8", "none"],
+                   help="int4/int8: quantize the blocks' linear weights; none (default): keep them as they are")
+    k.add_argument("--compress", default="none", choices=["none", "lossless"],
+                   help="lossless: entropy-code the blocks' bf16/fp16 linear weights, bit-exact (for offload nvme)")
     k.add_argument("--tensor-parallel", type=positive, default=1, metavar="N",
                    help="one checkpoint per rank, each with its piece of every block (for offload nvme over N GPUs)")
     k.add_argument("--group-size", type=positive, default=64, help="inputs per fp16 scale (default 64)")

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import QuantizationError
-from ..foundations.lossless import block_code_for
+from ..foundations.lossless import BlockCode, block_code_for, coded_infos, packed_code
 from ..foundations.models import Family
 from ..foundations.quant import BlockQuant, QuantConfig, checkpoint_quant, tensor_infos
 from ..foundations.store import WeightStore
@@ -85,8 +85,12 @@ def checkpoint_facts(store: WeightStore, family: Family, *, dtype: Optional[torc
     outer = family.outer_tensors()
     ckpt_dtype = store.info(next(iter(outer.values()))).torch_dtype
     dtype = compute_dtype(dtype, ckpt_dtype, device_type)
-    bq, packed = checkpoint_quant(store, family, dtype, quantize, where=where)
     whole = family.unsharded if shard_at_load and family.unsharded is not None else family
+    code = packed_code(store, family, dtype, where)
+    if code is not None:  # written by zstream pack --compress lossless
+        return _coded_facts(store, family, whole, code, ckpt_dtype, dtype, stored, outer, where,
+                            asked=quantize is not None or compress is not None or shard_at_load)
+    bq, packed = checkpoint_quant(store, family, dtype, quantize, where=where)
     whole.validate(tensor_infos(store, whole, bq.cfg if packed and bq is not None else None))
     if compress is not None:  # "lossless": coded at load; its size is planned as the uncoded one until then
         if bq is not None:
@@ -109,6 +113,22 @@ def checkpoint_facts(store: WeightStore, family: Family, *, dtype: Optional[torc
     per_block = bq.nbytes(shapes, {local: ckpt_dtype.itemsize for local in shapes})
     return CheckpointFacts(family, ckpt_dtype, dtype, stored, streamed, outer, [per_block] * family.num_blocks,
                            outer_bytes, bq, False, unquantized)
+
+
+def _coded_facts(store: WeightStore, family: Family, whole: Family, code: BlockCode, ckpt_dtype: torch.dtype,
+                 dtype: torch.dtype, stored: List[Dict[str, str]], outer: Dict[str, str], where: str,
+                 asked: bool) -> CheckpointFacts:
+    """The facts of a losslessly compressed checkpoint: its coded parts stream as they are."""
+    if asked:
+        raise QuantizationError(f"{where} is compressed ({code.cfg.describe()}): load it without quantize, compress "
+                                "or tensor parallelism (for that, pack the original with --tensor-parallel too)")
+    whole.validate(coded_infos(store, whole, code))
+    streamed = [code.names(names) for names in stored]
+    shapes = family.block_shapes()
+    unquantized = [sum(math.prod(s) for s in shapes.values()) * ckpt_dtype.itemsize] * family.num_blocks
+    outer_bytes = sum(store.info(n).nbytes for n in set(outer.values()))
+    return CheckpointFacts(family, ckpt_dtype, dtype, streamed, streamed, outer, _stored_bytes(store, streamed),
+                           outer_bytes, code, True, unquantized)  # type: ignore[arg-type]
 
 
 def _shard_facts(store: WeightStore, family: Family, ckpt_dtype: torch.dtype, dtype: torch.dtype,

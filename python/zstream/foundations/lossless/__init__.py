@@ -6,7 +6,7 @@
   stands.
 """
 
-from .blocks import BlockCode, LosslessConfig, block_code_for
+from .blocks import BlockCode, LosslessConfig, block_code_for, coded_infos, packed_code
 from .codec import (
                     CODED_DTYPES,
                     METADATA_KEY,
@@ -35,9 +35,11 @@ __all__ = [
                     "CodedTensor",
                     "LosslessConfig",
                     "block_code_for",
+                    "coded_infos",
                     "decode",
                     "decode_host",
                     "encode",
                     "from_metadata",
+                    "packed_code",
                     "to_metadata",
 ]

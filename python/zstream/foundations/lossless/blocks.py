@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -18,7 +18,11 @@ from torch import Tensor
 from ...errors import QuantizationError
 from ..store import FlatRead
 from . import kernels
-from .codec import SUFFIXES, CodedTensor, encode, to_metadata
+from .codec import RAW, SUFFIXES, CodedTensor, encode, from_metadata, to_metadata
+
+if TYPE_CHECKING:
+    from ..models import Family
+    from ..store import WeightStore
 
 ALIGN = 256  # each coded part starts 256-byte aligned in a block buffer
 # A coded weight carries an 8 KiB decode table and 4 bytes of offsets per 512 elements; below this size the table
@@ -109,3 +113,27 @@ def block_code_for(block_shapes: Mapping[str, Tuple[int, ...]], linear: Tuple[st
         raise QuantizationError(f"{where}: no linear weight has the {MIN_CODED_ELEMENTS} elements that make coding "
                                 "pay for its decode table")
     return BlockCode(LosslessConfig(stored), shapes, dtype)
+
+
+def packed_code(store: WeightStore, family: Family, dtype: torch.dtype, where: str) -> Optional[BlockCode]:
+    """The BlockCode of a checkpoint ``zstream pack --compress lossless`` wrote (its headers say so: the one test of
+    "is this checkpoint coded"); None for any other. The coded weights are those with parts in the files."""
+    coded = from_metadata(store.metadata(), where)
+    if coded is None:
+        return None
+    first = family.block_tensors(0) if family.num_blocks else {}
+    shapes = {local: tuple(store.info(first[local] + RAW).shape) for local in family.linear_weights()
+              if local in first and first[local] + RAW in store}
+    return BlockCode(LosslessConfig(coded), shapes, dtype)
+
+
+def coded_infos(store: WeightStore, family: Family, code: BlockCode) -> Dict[str, Any]:
+    """{checkpoint name: (shape, dtype)} of what the family expects, for ``Family.validate``: a coded weight counts
+    as the tensor it decodes to (its raw part has its shape)."""
+    infos: Dict[str, Any] = {}
+    for name in family.expected_shapes():
+        if name in store:
+            infos[name] = store.info(name)
+        elif name + RAW in store:
+            infos[name] = (tuple(store.info(name + RAW).shape), code.cfg.dtype)
+    return infos

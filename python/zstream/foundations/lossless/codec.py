@@ -57,6 +57,15 @@ def lanes_for(numel: int) -> int:
     return max(1, numel // ELEMENTS_PER_LANE)
 
 
+def parts(name: str, shape: Tuple[int, ...], words: int) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} of the code of weight ``name`` of ``shape`` whose streams take ``words``."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return {name + WORDS: (torch.int32, (words,)), name + OFFSETS: (torch.int32, (lanes_for(numel) + 1,)),
+            name + RAW: (torch.uint8, tuple(shape)), name + TABLE: (torch.int16, (TABLE_LEN,))}
+
+
 @dataclass
 class CodedTensor:
     """A 16-bit float tensor, coded: its four parts (host or device tensors) and what it decodes to."""
