@@ -366,7 +366,8 @@ def test_refuses_an_output_that_is_not_empty(source, tmp_path):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"quantize": "int4", "group_size": 48}, "group size 48 divides the input dimension of no linear weight"),
     ({"quantize": "int4", "group_size": 3}, "even for int4"),
-    ({"quantize": "none"}, r"quantize 'int4' or 'int8'\), a tensor-parallel layout \(tensor_parallel > 1\), or both"),
+    ({"quantize": "none"}, r"quantize 'int4' or 'int8'\), a losslessly compressed one \(compress='lossless'\), a "
+                           r"tensor-parallel layout \(tensor_parallel > 1\), or a combination"),
     ({"quantize": "int3"}, "quantize must be"),
 ])
 def test_refuses_bad_quantization_settings(source, tmp_path, kwargs, match):
