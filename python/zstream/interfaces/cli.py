@@ -28,6 +28,8 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int4", "int8"],
                    help="quantize the blocks' linear weights while loading (offload none/cpu/auto)")
     p.add_argument("--group-size", type=positive, default=64, help="inputs per quantization group (default 64)")
+    p.add_argument("--compress", default=None, choices=["lossless"],
+                   help="entropy-code the blocks' bf16/fp16 linear weights while loading, bit-exact (offload none/cpu)")
 
 
 def load_model(a: argparse.Namespace, **extra: Any) -> Any:
@@ -35,7 +37,7 @@ def load_model(a: argparse.Namespace, **extra: Any) -> Any:
 
     return load(a.model, offload=a.offload, device=a.device, dtype=a.dtype, gpu_memory=a.gpu_memory,
                 prefetch=a.prefetch, max_resident_blocks=a.max_resident_blocks, download=False if a.offline else None,
-                quantize=a.quantize, group_size=a.group_size, **extra)
+                quantize=a.quantize, group_size=a.group_size, compress=a.compress, **extra)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
