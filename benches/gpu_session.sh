@@ -53,6 +53,9 @@ for stage in "$@"; do
         2>"$OUT/lossless.err" | tee "$OUT/lossless.jsonl"; tail -2 "$OUT/lossless.err"
       (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k lossless > "$OUT/pytest_lossless.log" 2>&1;
        tail -3 "$OUT/pytest_lossless.log") ;;
+    bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
+      $Z bench "$CK" --offload cpu --compress none,lossless --batch 1,16,64 --prompt 512 --gen 32 \
+        --json "$OUT/bench_lossless.json" ;;
     head-cost) # what a replicated head costs each rank a step: bloom-7b1's (250880 x 4096 fp16) at batch 1/16/64
       python3 - <<'PY' | tee "$OUT/head_cost.txt"
 import torch, torch.nn.functional as F

@@ -89,3 +89,21 @@ def test_tensor_parallel_runs_beside_one_process(cache, capsys):
     bounds = [b / g / 1e9 for b, g in zip(two["rank_streamed_bytes"], two["rank_bound_gbps"])]
     assert two["bound_step_s"] == pytest.approx(max(bounds))
     assert len(doc["meta"]["tp2_rank_links_gbps"]) == 2
+
+
+def test_compressed_and_plain_in_one_run(cache, tmp_path):
+    """``--compress none,lossless``: the same configuration plain and losslessly compressed, in one process; the
+    compressed row streams fewer bytes."""
+    import torch
+
+    import zstream
+
+    config = {**zstream.PRESETS["tiny-llama"], "hidden_size": 256, "intermediate_size": 512}
+    path = zstream.make_checkpoint(config, tmp_path / "m", torch.bfloat16, progress=False)
+    out = cache / "c.json"
+    assert main(["bench", str(path), "--offload", "cpu", "--compress", "none,lossless", "--batch", "1",
+                 "--prompt", "6", "--gen", "3", "--device", "cpu", "--max-resident-blocks", "0", "--json",
+                 str(out)]) == 0
+    plain, coded = json.loads(out.read_text())["rows"]
+    assert (plain["compress"], coded["compress"]) == ("none", "lossless")
+    assert coded["streamed_bytes"] < 0.8 * plain["streamed_bytes"]

@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="quantize the linear weights at load (offload none/cpu); a packed checkpoint needs none")
     p.add_argument("--group-size", type=positive, default=64, help="inputs per quantization group")
+    p.add_argument("--compress", type=comma_list(str, ("none", "lossless")), default=["none"],
+                   help="comma list: none, lossless (each configuration with and without, in the same run)")
     p.add_argument("--copy-from-tokens", type=positive, default=None,
                    help="ats: tokens per pass from which blocks are copied instead of read in place "
                         "(default: the crossover measured at load)")
@@ -278,7 +280,7 @@ def _search_max_batch(load_fn: Any, prompt: int, gen: int) -> List[Dict[str, Any
 
 def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Optional[str], cap: Optional[int],
                  batches: List[int], device: str, dtype: Optional[torch.dtype], meta: Dict[str, Any],
-                 ranks: int = 1) -> List[Dict]:
+                 ranks: int = 1, compress: str = "none") -> List[Dict]:
     from ..api.load import load
 
     rows: List[Dict[str, Any]] = []
@@ -286,6 +288,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         model = load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
                      max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False,
                      quantize=a.quantize, group_size=a.group_size, tensor_parallel=ranks,
+                     compress=None if compress == "none" else compress,
                      copy_from_tokens=a.copy_from_tokens if offload == "ats" else None)
     except OutOfMemoryError as e:
         print(f"\n# {offload}, budget {budget}, batch {batches}: does not fit: {e}")
@@ -318,6 +321,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
                                                                            "tokens_per_s")}}
         row = _row("zstream", offload, model, r, bound)
         row["gpu_memory"], row["tp"], row["rank"] = budget, model.plan.ranks, model.plan.rank
+        row["compress"] = compress
         row["quantize"] = model.plan.quantization
         if model.plan.unquantized_block_bytes is not None:
             row["unquantized_bytes_per_step"] = sum(model.plan.unquantized_block_bytes[i]
@@ -447,7 +451,8 @@ def _bench_all(a: argparse.Namespace, path: Path, device: str,
             # Under a budget the KV cache competes with resident blocks: plan each batch on its own.
             groups = [[b] for b in a.batch] if budget is not None else [list(a.batch)]
             for group in groups:
-                rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks)
+                for compress in a.compress:
+                    rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks, compress)
     return rows, meta
 
 
