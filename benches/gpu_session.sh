@@ -27,8 +27,9 @@ for stage in "$@"; do
   case $stage in
     test) (cd tests && python3 -m pytest -q -x -p no:cacheprovider test_gpu.py test_store.py > "$OUT/pytest_gpu.log" 2>&1;
            grep -E "passed|failed|Error|assert" "$OUT/pytest_gpu.log" | tail -15) ;;
-    test-tp) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k tensor_parallel test_tensor_parallel.py \
-               test_generation.py > "$OUT/pytest_tp.log" 2>&1; grep -E "passed|failed|Error|assert" "$OUT/pytest_tp.log" | tail -15) ;;
+    test-tp) (cd tests && python3 -m pytest -q -p no:cacheprovider test_tensor_parallel.py test_generation.py \
+                 > "$OUT/pytest_tp.log" 2>&1; python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "tensor_parallel or lossless" \
+                 >> "$OUT/pytest_tp.log" 2>&1; grep -E "passed|failed|Error|assert" "$OUT/pytest_tp.log" | tail -15) ;;
     fio-strided) # one rank's pieces of row-parallel weights are every other (1/N) run of a row: 16 KiB of each 32 KiB
       # row of bloom-7b1's dense_4h_to_h at N=2, 8 KiB at N=4, 4 KiB at N=8; a layout per rank reads them contiguously
       F=/root/fio_strided.bin  # fio lays the file out first (8 GiB)
@@ -54,7 +55,7 @@ for stage in "$@"; do
       (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k lossless > "$OUT/pytest_lossless.log" 2>&1;
        tail -3 "$OUT/pytest_lossless.log") ;;
     bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
-      $Z bench "$CK" --offload cpu --compress none,lossless --batch 1,16,64 --prompt 512 --gen 32 \
+      $Z bench "$CK" --offload cpu --compress none,lossless --batch 1,16,64 --prompt 512 --gen "${LOSSLESS_GEN:-32}" \
         --json "$OUT/bench_lossless.json" ;;
     head-cost) # what a replicated head costs each rank a step: bloom-7b1's (250880 x 4096 fp16) at batch 1/16/64
       python3 - <<'PY' | tee "$OUT/head_cost.txt"

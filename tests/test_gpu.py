@@ -176,7 +176,7 @@ def test_lossless_blocks_decode_on_the_gpu_bit_for_bit(tmp_path, preset):
     the logits and tokens are those of the uncompressed model, bit for bit (bf16 Llama, fp16 BLOOM)."""
     from zstream.foundations.lossless import kernels
 
-    wide = {"hidden_size": 256, "intermediate_size": 512} if preset == "tiny-llama" else {"hidden_size": 256}
+    wide = {"hidden_size": 256, "intermediate_size": 512} if preset == "tiny-llama" else {"hidden_size": 192}
     dtype = torch.bfloat16 if preset == "tiny-llama" else torch.float16
     path = synthetic.make_checkpoint({**synthetic.PRESETS[preset], **wide}, tmp_path / preset, dtype=dtype,
                                      progress=False)

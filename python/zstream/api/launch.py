@@ -7,8 +7,9 @@ would start them, and get each rank's result back.
 
     texts = zstream.launch(serve, 2, "The Grace Hopper superchip")   # [rank 0's text, rank 1's text]
 
-The ranks are forked, so ``fn`` may be defined in a notebook cell; for that reason the calling process must not have
-touched CUDA yet (a forked child cannot use a CUDA context its parent made). Scripts can use torchrun instead.
+The ranks are forked, so ``fn`` may be defined in a notebook cell; for that reason ranks that use the GPU need a
+calling process that has not touched CUDA yet (a forked child cannot use a CUDA context its parent made; ranks on
+the CPU can). Scripts can use torchrun instead.
 """
 
 from __future__ import annotations
@@ -35,9 +36,6 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, **kwargs: Any) -> Li
     ``launch`` raise ``ParallelError`` naming it, with its traceback; the other ranks are stopped."""
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise UsageError(f"launch: nprocs must be a positive number of ranks, not {nprocs!r}")
-    if torch.cuda.is_initialized():
-        raise UsageError("launch forks its ranks, and this process has already used CUDA (a forked child cannot): "
-                         "call zstream.launch before any CUDA work here, or start a script with torchrun")
     ctx = multiprocessing.get_context("fork")
     results: Any = ctx.Queue()
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nprocs),
@@ -105,6 +103,9 @@ def _collect(procs: List[Any], results: Any) -> List[Any]:
     if errors:
         root = min(errors, key=lambda r: ("ParallelError" in errors[r], r))  # a rank that failed by itself first
         others = ", ".join(str(r) for r in sorted(errors) if r != root)
+        hint = ("\n(this process used CUDA before zstream.launch forked it, and a forked child cannot: call launch "
+                "before any CUDA work here, or start a script with torchrun)"
+                if "re-initialize CUDA in forked subprocess" in errors[root] else "")
         raise ParallelError(f"rank {root} of {len(procs)} failed: {errors[root]}"
-                            + (f"\n(ranks {others} stopped too)" if others else ""))
+                            + (f"\n(ranks {others} stopped too)" if others else "") + hint)
     return [pickle.loads(values[r]) for r in range(len(procs))]
