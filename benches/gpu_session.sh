@@ -36,9 +36,9 @@ for stage in "$@"; do
       for spec in read,1M read:16k,16k read:24k,8k read:28k,4k; do
         sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
         .device/fio --name=strided --filename="$F" --rw="${spec%,*}" --bs="${spec#*,}" --direct=1 --ioengine=io_uring \
-          --iodepth=64 --size=8G --output-format=json > "$OUT/fio_${spec%,*}_${spec#*,}.json" 2>&1
+          --iodepth=64 --size=8G --output-format=json > "$OUT/fio_$(echo "$spec" | tr ':,' '__').json" 2>&1
         python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['jobs'][0]['read']; print(sys.argv[2], round(r['bw_bytes']/1e9,2), 'GB/s of the bytes read')" \
-          "$OUT/fio_${spec%,*}_${spec#*,}.json" "$spec"
+          "$OUT/fio_$(echo "$spec" | tr ':,' '__').json" "$spec"
       done ;;
     peers-tp) # DeepSpeed ZeRO-Inference on the same GPUs, in its own multi-GPU mode (each GPU fetches a slice over its
       # PCIe, then all-gathers), started by torchrun; the same checkpoint as bench-tp
