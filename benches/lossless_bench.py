@@ -26,6 +26,7 @@ import torch
 
 from zstream.foundations.lossless import decode, encode
 from zstream.foundations.lossless.codec import CodedTensor
+from zstream.foundations.measure import cuda_median_ms
 
 
 def tensor(dist: str, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -39,18 +40,10 @@ def tensor(dist: str, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def gpu_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
-    """Median milliseconds of ``fn`` on the GPU, CUDA events around each call, after a warm-up."""
+    """Median milliseconds of ``fn`` on the GPU after a warm-up."""
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(fn, repeats)
 
 
 def ours(w: torch.Tensor, gpu: bool) -> Dict[str, Any]:

@@ -110,6 +110,19 @@ def measure_disk(store: WeightStore, blocks: List[List[str]], inflight: int = 2,
     return Rate.of(nbytes, seconds)
 
 
+def cuda_median_ms(fn: Callable[[], object], repeats: int = 3) -> float:  # GPU only
+    """Median milliseconds of ``fn`` on the current CUDA stream, timed with events around each call."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def host_available_bytes() -> int:
     """MemAvailable from /proc/meminfo (what can be pinned without swapping), or 0 if unknown."""
     try:

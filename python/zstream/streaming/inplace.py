@@ -13,11 +13,11 @@ guessed. The builder (``build.build_in_place``) reads the arenas and measures.
 
 from __future__ import annotations
 
-import statistics
-from typing import Callable, List
+from typing import List
 
 import torch
 
+from ..foundations.measure import cuda_median_ms
 from .ring import DeviceRing
 from .weights import Weights
 
@@ -57,33 +57,21 @@ class InPlaceBlocks:  # GPU only: kernels read host memory in place
         self.ring.close()
 
 
-def _median_ms(fn: Callable[[], object], repeats: int = 3) -> float:  # GPU only
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def measure_crossover(in_place: torch.Tensor, host: torch.Tensor,  # GPU only
                       device: torch.device) -> tuple[int, float, dict]:
     """Tokens per pass from which copying a weight to the device beats reading it in place, and the in-place read
     bandwidth (GB/s). ``in_place``/``host``: the same (out, in) weight as a CUDA view of host memory and as a CPU
     tensor."""
     w_dev = torch.empty_like(in_place, device=device)
-    read_gbps = in_place.numel() * in_place.element_size() / (_median_ms(lambda: in_place.sum(dtype=torch.float32))
-                                                               / 1e3) / 1e9
-    copy_ms = _median_ms(lambda: w_dev.copy_(host, non_blocking=True))
+    read_gbps = in_place.numel() * in_place.element_size() / (cuda_median_ms(lambda: in_place.sum(dtype=torch.float32))
+                                                              / 1e3) / 1e9
+    copy_ms = cuda_median_ms(lambda: w_dev.copy_(host, non_blocking=True))
     table = {}
     crossover = 1 << 30
     for n in (1, 4, 16, 64, 256, 1024, 4096):
         x = torch.randn(n, in_place.shape[1], dtype=in_place.dtype, device=device)
-        remote = _median_ms(lambda x=x: x @ in_place.T)
-        local = max(copy_ms, _median_ms(lambda x=x: x @ w_dev.T))  # the ring overlaps copy and compute
+        remote = cuda_median_ms(lambda x=x: x @ in_place.T)
+        local = max(copy_ms, cuda_median_ms(lambda x=x: x @ w_dev.T))  # the ring overlaps copy and compute
         table[n] = (remote, local)
         if remote > local and crossover == 1 << 30:
             crossover = n
