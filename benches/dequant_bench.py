@@ -38,7 +38,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -48,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
+from zstream.foundations.measure import cuda_median_ms  # noqa: E402
 from zstream.foundations.quant import kernels  # noqa: E402
 from zstream.foundations.quant import scheme as quant  # noqa: E402
 
@@ -76,16 +76,7 @@ def time_ms(fn: Callable[[], Any], reps: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        _L2_FLUSH.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(fn, reps, before=_L2_FLUSH.zero_)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -110,10 +110,14 @@ def measure_disk(store: WeightStore, blocks: List[List[str]], inflight: int = 2,
     return Rate.of(nbytes, seconds)
 
 
-def cuda_median_ms(fn: Callable[[], object], repeats: int = 3) -> float:  # GPU only
-    """Median milliseconds of ``fn`` on the current CUDA stream, timed with events around each call."""
+def cuda_median_ms(fn: Callable[[], object], repeats: int = 3,  # GPU only
+                   before: Optional[Callable[[], object]] = None) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream, timed with events around each call (``before`` runs
+    ahead of each, untimed: e.g. flushing the L2 cache)."""
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
