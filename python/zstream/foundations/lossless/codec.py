@@ -14,6 +14,7 @@ and a checkpoint holding them says so in its headers' ``__metadata__["zstream.co
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -105,12 +106,18 @@ def encode(t: Tensor, lanes: Optional[int] = None) -> CodedTensor:
     flat = t.detach().contiguous().view(torch.int16).cpu().reshape(-1)
     lanes = lanes_for(flat.numel()) if lanes is None else lanes
     words, offsets, raw, table = _core.lossless_encode(flat.numpy().tobytes(), lanes)
+    return CodedTensor(_tensor(words, torch.int32), _tensor(offsets, torch.int32),
+                       _tensor(raw, torch.uint8).view(t.shape), _tensor(table, torch.int16), t.dtype)
 
-    def tensor(data: bytes, dtype: torch.dtype) -> Tensor:
-        return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
-    return CodedTensor(tensor(words, torch.int32), tensor(offsets, torch.int32),
-                       tensor(raw, torch.uint8).view(t.shape), tensor(table, torch.int16), t.dtype)
+def _tensor(data: bytes, dtype: torch.dtype) -> Tensor:
+    """A tensor over ``data`` without a copy. Read-only: nothing writes coded parts (they are copied into a block's
+    buffer, or decoded)."""
+    if not data:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable": it is not written
+        return torch.frombuffer(data, dtype=dtype)
 
 
 def decode_host(c: CodedTensor) -> Tensor:
@@ -118,4 +125,4 @@ def decode_host(c: CodedTensor) -> Tensor:
     parts = (c.words, c.offsets, c.raw, c.table)
     data = _core.lossless_decode(*(p.detach().cpu().contiguous().numpy().tobytes() for p in parts))
     out = torch.frombuffer(bytearray(data), dtype=torch.int16) if data else torch.empty(0, dtype=torch.int16)
-    return out.view(c.dtype).view(c.shape)
+    return out.view(c.dtype).view(c.shape)  # writable: it may become a model's weight
