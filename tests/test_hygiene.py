@@ -213,9 +213,9 @@ def test_ctrl_c_during_generate_leaves_the_model_usable(slow, ctrl_c):
     model = zstream.load(slow, offload="nvme", device="cpu", progress=False, prefetch=prefetch,
                          disk_prefetch=disk_prefetch)
     want = model.generate(PROMPT, max_new_tokens=2, eos_token_id=None)
-    fd0, th0 = settle()
     chain = model.blocks
-    for at_pass in (3, 2, 4):
+    before = None
+    for at_pass in (3, 2, 4, 3):
         model.blocks = _InterruptAtBlock(chain, at_pass=at_pass, at_block=4)  # midway through that pass
         with pytest.raises(KeyboardInterrupt):
             model.generate(PROMPT, max_new_tokens=100, eos_token_id=None)
@@ -225,7 +225,12 @@ def test_ctrl_c_during_generate_leaves_the_model_usable(slow, ctrl_c):
         model.blocks.reset()  # the ring lets go of the next pass's blocks it read ahead
         total, free = model.store.pool_stats
         assert free == total, f"{total - free} of {total} staging slots still held after the interrupted pass"
-    assert_no_growth((fd0, th0))
+        # counted from the end of the first round: the store's workers open their io_uring rings on their first
+        # read, and on a loaded machine not every worker has read by then; a leak grows every round
+        if before is None:
+            before = settle()
+    assert before is not None
+    assert_no_growth(before)
     model.close()
     del model
     # ... and so does a fresh one.
