@@ -358,6 +358,23 @@ mod tests {
     }
 
     #[test]
+    fn twelve_bit_codes_round_trip() {
+        // 16 symbols 256x as frequent as 240 others: the rare ones get 12-bit codes, met at every refill level
+        let mut x: u64 = 7;
+        let data: Vec<u16> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let s = if x % 4336 < 4096 { (x >> 16) % 16 } else { 16 + (x >> 16) % 240 };
+                word(s as u8, (x >> 40) as u8)
+            })
+            .collect();
+        let enc = roundtrip(&data, 4096);
+        assert!(enc.lengths.iter().filter(|&&l| u32::from(l) == MAX_CODE_LEN).count() > 200);
+    }
+
+    #[test]
     fn refuses_bad_lanes_and_corrupt_streams() {
         assert!(encode(&[1, 2, 3], 0).is_err());
         assert!(encode(&[1, 2, 3], 4).is_err());
