@@ -5,6 +5,7 @@ shards are the pieces Megatron's split says; a failing or killed rank is named, 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -351,3 +352,62 @@ def test_a_trace_has_a_process_per_rank(tiny_bloom: Path, tmp_path: Path) -> Non
 
         assert track(3) == ["block 0", "block 1", "block 2"]
         assert set(track(2)) == set(track(3))
+
+
+# ---- the group's waiting and failure reports, in one process (a stand-in store; no process group) --------------------
+class _Store:
+    """The four calls Group makes on torch.distributed's store."""
+
+    def __init__(self) -> None:
+        self.data: Dict[str, bytes] = {}
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value.encode() if isinstance(value, str) else value
+
+    def get(self, key: str) -> bytes:
+        return self.data[key]
+
+    def check(self, keys: List[str]) -> bool:
+        return all(k in self.data for k in keys)
+
+
+def _group(rank: int, world: int, store: _Store, timeout_s: float = 5.0) -> Any:
+    from zstream.foundations.parallel import Group
+
+    group = object.__new__(Group)  # what __init__ sets, without a process group
+    group.pg, group.backend, group.timeout_s, group.waits = None, "gloo", timeout_s, True
+    group.rank, group.world, group._key, group._store, group._broken = rank, world, "zstream/test/", store, None
+    group._gathers = iter(range(1000))
+    return group
+
+
+def test_a_posted_failure_stops_the_others_waits_and_breaks_the_group() -> None:
+    store = _Store()
+    rank0, rank1 = _group(0, 2, store), _group(1, 2, store)
+    rank1.fail(ValueError("bad weights"))
+    rank1.fail(RuntimeError("a second failure is not posted"))
+    rank1.fail(ParallelError("nor is a consequence"))
+    with pytest.raises(ParallelError, match=r"rank 1 failed: ValueError: bad weights; rank 0 stopped waiting in x"):
+        rank0._poll(lambda: False, "x")
+    with pytest.raises(ParallelError, match=r"group is broken \(rank 1 failed: ValueError: bad weights"):
+        rank0.gather(None, "y")
+    with pytest.raises(ParallelError, match=r"group is broken \(rank 1 \(this one\) failed earlier: ValueError"):
+        rank1.all_reduce(torch.zeros(1))
+
+
+def test_a_wait_ends_at_the_timeout_when_nobody_reports() -> None:
+    rank0 = _group(0, 2, _Store(), timeout_s=0.2)
+    with pytest.raises(ParallelError, match=r"rank 0 waited 0 s in z and no rank reported a failure"):
+        rank0._poll(lambda: False, "z")
+    error = _group(0, 2, _Store())._peer_failure("an all-reduce", RuntimeError("Connection closed by peer\nmore"))
+    assert str(error) == ("a rank left the group without reporting a failure; rank 0 stopped in an all-reduce "
+                          "(RuntimeError: Connection closed by peer)")
+
+
+def test_gather_returns_every_ranks_object_in_rank_order() -> None:
+    store = _Store()
+    ranks = [_group(r, 3, store) for r in range(3)]
+    for r in (2, 1):  # the others have posted theirs
+        key = f"zstream/test/gather0/{r}"
+        store.set(key, pickle.dumps({"rank": r}))
+    assert ranks[0].gather({"rank": 0}, "w") == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
