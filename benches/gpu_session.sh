@@ -13,7 +13,8 @@
 #         per rank, written by zstream pack --tensor-parallel), bench-tp-70b (llama-2-70b shapes, a 40 GiB budget per GPU,
 #         ${BLOCKS_70B:-40} of its 80 blocks: as many as the disk holds), peers-tp (DeepSpeed ZeRO-Inference on the same
 #         GPUs under torchrun), head-cost (the replicated head's time per step).
-#         lossless: lossless (the code beside DFloat11: ratio, encode, decode GB/s; the GPU tests).
+#         lossless: lossless (the code beside DFloat11: ratio, encode, decode GB/s; the GPU tests), lossless-sweep (the
+#         decoder's tuning and lane count), bench-lossless, bench-lossless-nvme (the streamed step, plain and coded).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -54,6 +55,11 @@ for stage in "$@"; do
         2>"$OUT/lossless.err" | tee "$OUT/lossless.jsonl"; tail -2 "$OUT/lossless.err"
       (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k lossless > "$OUT/pytest_lossless.log" 2>&1;
        tail -3 "$OUT/pytest_lossless.log") ;;
+    lossless-sweep) # the decoder's tuning and lane count on one 16M-element bf16 tensor, each decode checked bit for bit
+      python3 benches/lossless_bench.py --elements 16777216 --json "$OUT/lossless_sweep.json" --sweep "${SWEEP:-\
+512:32:1:0,512:32:1:1,512:64:2:0,512:64:2:1,512:128:4:0,512:128:4:1,\
+256:32:1:0,256:32:1:1,128:32:1:0}" \
+        2>"$OUT/lossless_sweep.err" | tee "$OUT/lossless_sweep.jsonl"; tail -2 "$OUT/lossless_sweep.err" ;;
     bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
       $Z bench "$CK" --offload cpu --compress none,lossless --batch 1,16,64 --prompt 512 --gen "${LOSSLESS_GEN:-32}" \
         --json "$OUT/bench_lossless.json" ;;

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import importlib.util
 import json
 import statistics
@@ -24,17 +25,18 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from zstream.foundations.lossless import decode, encode
+from zstream.foundations.lossless import encode
 from zstream.foundations.lossless.codec import CodedTensor
+from zstream.foundations.lossless.kernels import decode_many
 from zstream.foundations.measure import cuda_median_ms
 
 
-def tensor(dist: str, n: int, dtype: torch.dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
+def tensor(dist: str, n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
     if dist == "gaussian":
         x = torch.randn(n, generator=g)
     else:
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         x = torch.distributions.StudentT(3.0).sample((n,))
     return (0.02 * x).to(dtype)
 
@@ -46,20 +48,22 @@ def gpu_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
     return cuda_median_ms(fn, repeats)
 
 
-def ours(w: torch.Tensor, gpu: bool) -> Dict[str, Any]:
+def ours(ws: List[torch.Tensor], gpu: bool) -> Dict[str, Any]:
+    """Code ``ws``; on a GPU, decode them all in one launch (``decode_many``, as a streamed block is decoded)."""
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        c = encode(w)
+        cs = [encode(w) for w in ws]
         times.append(time.perf_counter() - t)
-    row: Dict[str, Any] = {"system": "zstream", "ratio": c.nbytes / (2 * w.numel()),
-                           "encode_s": statistics.median(times), "lanes": c.lanes}
+    numel = sum(w.numel() for w in ws)
+    row: Dict[str, Any] = {"system": "zstream", "ratio": sum(c.nbytes for c in cs) / (2 * numel),
+                           "encode_s": statistics.median(times), "lanes": sum(c.lanes for c in cs)}
     if gpu:
-        d = CodedTensor(c.words.cuda(), c.offsets.cuda(), c.raw.cuda(), c.table.cuda(), c.dtype)
-        out = torch.empty(w.shape, dtype=w.dtype, device="cuda")
-        ms = gpu_ms(lambda: decode(d, out))
-        row.update(decode_ms=ms, decode_gbps=2 * w.numel() / ms / 1e6,
-                   bit_exact=bool(torch.equal(out.cpu().view(torch.int16), w.view(torch.int16))))
+        ds = [CodedTensor(c.words.cuda(), c.offsets.cuda(), c.raw.cuda(), c.table.cuda(), c.dtype) for c in cs]
+        outs = [torch.empty(w.shape, dtype=w.dtype, device="cuda") for w in ws]
+        ms = gpu_ms(lambda: decode_many(ds, outs))
+        row.update(decode_ms=ms, decode_gbps=2 * numel / ms / 1e6,
+                   bit_exact=all(torch.equal(o.cpu().view(torch.int16), w.view(torch.int16)) for o, w in zip(outs, ws)))
     return row
 
 
@@ -97,14 +101,16 @@ class _Ptx:
         self._check(self.cu.cuLaunchKernel(self.fn, grid, 1, 1, block, 1, 1, shared, stream, params, None))
 
 
-def dfloat11(w: torch.Tensor, root: Path, gpu: bool) -> Dict[str, Any]:
+def dfloat11(ws: List[torch.Tensor], root: Path, gpu: bool) -> Dict[str, Any]:
+    """DFloat11 on ``ws``: one code for all of them, decoded in one launch (as it decodes a transformer block)."""
     utils = _load_utils(root)
     threads, per_thread = 512, 8  # dfloat11.py's defaults
+    w = torch.cat([x.reshape(-1) for x in ws])
     t = time.perf_counter()
     _, counter = utils.get_codec(w)
     codec, _, table = utils.get_32bit_codec(counter)
     luts = utils.get_luts(table)
-    encoded, other, positions, gaps, _ = utils.encode_weights([w], codec, per_thread, threads)
+    encoded, other, positions, gaps, _ = utils.encode_weights(ws, codec, per_thread, threads)
     encode_s = time.perf_counter() - t
     size = encoded.numel() + other.numel() + positions.numel() * 4 + gaps.numel() + luts.numel()
     row: Dict[str, Any] = {"system": "dfloat11 0.5.0", "ratio": size / (2 * w.numel()), "encode_s": encode_s}
@@ -126,21 +132,55 @@ def dfloat11(w: torch.Tensor, root: Path, gpu: bool) -> Dict[str, Any]:
     return row
 
 
+def sweep(ws: List[torch.Tensor], configs: List[str]) -> List[Dict[str, Any]]:
+    """The kernel's tuning (``decode_many``'s knobs) and the lane count, on the first of ``ws`` alone and on all of
+    them in one launch, each decode checked bit for bit: ``--sweep "512:32:1:0,256:64:2:1"`` is elements a lane :
+    lanes a program : warps : lookup (1: one 4096-entry table lookup a code, 0: comparisons)."""
+    rows = []
+    for config in configs:
+        per_lane, block, warps, lookup = (int(x) for x in config.split(":"))
+        cs = [encode(w, lanes=max(1, w.numel() // per_lane)) for w in ws]
+        ds = [CodedTensor(c.words.cuda(), c.offsets.cuda(), c.raw.cuda(), c.table.cuda(), c.dtype) for c in cs]
+        outs = [torch.empty(w.shape, dtype=w.dtype, device="cuda") for w in ws]
+        for k in sorted({1, len(ws)}):
+            run = functools.partial(decode_many, ds[:k], outs[:k], block=block, warps=warps, lookup=bool(lookup))
+            ms = gpu_ms(run)
+            numel = sum(w.numel() for w in ws[:k])
+            exact = all(torch.equal(o.cpu().view(torch.int16), w.view(torch.int16)) for o, w in zip(outs, ws[:k]))
+            rows.append({"config": config, "tensors": k, "ratio": cs[0].nbytes / (2 * ws[0].numel()),
+                         "decode_ms": ms, "decode_gbps": 2 * numel / ms / 1e6, "bit_exact": exact})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--elements", type=int, default=1 << 24)
     p.add_argument("--dfloat11", type=Path, default=None, help="the unpacked dfloat11 and dahuffman wheels")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--sweep", default=None, help="tune the kernel on the Gaussian bf16 tensor (see sweep())")
+    p.add_argument("--together", type=int, default=4,
+                   help="then this many Gaussian bf16 tensors decoded in one launch, as a block's weights are")
     a = p.parse_args()
     gpu = torch.cuda.is_available()
     rows = []
+    if a.sweep and gpu:
+        ws = [tensor("gaussian", a.elements, torch.bfloat16, seed) for seed in range(max(1, a.together))]
+        rows = sweep(ws, a.sweep.split(","))
     for dist, dtype in (("gaussian", torch.bfloat16), ("student-t", torch.bfloat16), ("gaussian", torch.float16)):
-        w = tensor(dist, a.elements, dtype)
+        w = [tensor(dist, a.elements, dtype)]
         systems = [ours(w, gpu)]
         if a.dfloat11 is not None and dtype == torch.bfloat16:
             systems.append(dfloat11(w, a.dfloat11, gpu))
         for row in systems:
-            row.update(dist=dist, dtype=str(dtype).removeprefix("torch."), elements=a.elements)
+            row.update(dist=dist, dtype=str(dtype).removeprefix("torch."), elements=a.elements, tensors=1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if a.together > 1:
+        ws = [tensor("gaussian", a.elements, torch.bfloat16, seed) for seed in range(a.together)]
+        systems = [ours(ws, gpu)] + ([dfloat11(ws, a.dfloat11, gpu)] if a.dfloat11 is not None else [])
+        for row in systems:
+            row.update(dist="gaussian", dtype="bfloat16", elements=a.elements * a.together, tensors=a.together)
             print(json.dumps(row), flush=True)
             rows.append(row)
     meta: Dict[str, Optional[str]] = {"card": torch.cuda.get_device_name() if gpu else None,

@@ -14,19 +14,25 @@
 //! infinities, subnormals and rare exponents need no escape. Codes are read MSB-first through one lookup table of
 //! `1 << MAX_CODE_LEN` entries, `symbol | length << 8`.
 //!
-//! For parallel decoding the elements are dealt to `lanes` independent bit streams: lane `j` codes elements `j`,
-//! `j + lanes`, `j + 2 * lanes`, ... so that in step `k` the lanes decode the consecutive elements
-//! `k * lanes .. (k + 1) * lanes` (coalesced reads of the raw bytes and writes of the output on a GPU). Each lane's
+//! For parallel decoding the elements are dealt to `lanes` independent bit streams in runs of `RUN` (4) consecutive
+//! elements: run `r` (elements `RUN * r .. RUN * r + RUN`) goes to lane `r % lanes`, so lane `j` codes runs `j`,
+//! `j + lanes`, `j + 2 * lanes`, ... In step `k` the lanes decode the consecutive runs `k * lanes .. (k + 1) * lanes`:
+//! on a GPU each lane reads its run's raw bytes as one 4-byte word and writes its 4 outputs as one 8-byte word, and
+//! the lanes of a warp read and write consecutive memory. Each lane's
 //! stream is a whole number of big-endian-ordered `u32` words (its bits MSB-first), followed by one zero word, so a
 //! reader may always load the word after the one it is in. `offsets[j]` is the first word of lane `j`,
 //! `offsets[lanes]` the total.
 
 use crate::error::{Error, Result};
 
-/// The longest code: the lookup table has `1 << MAX_CODE_LEN` entries (8 KiB of u16).
+/// The longest code.
 pub const MAX_CODE_LEN: u32 = 12;
-/// Entries of the decode table.
-pub const TABLE_LEN: usize = 1 << MAX_CODE_LEN;
+/// Consecutive elements a lane takes at a time.
+pub const RUN: usize = 4;
+/// Slots for per-length values in the decode tables (lengths 0..16; 1..=12 are used).
+const LEN_SLOTS: usize = 16;
+/// Entries of the decode tables: per-length limits, per-length index deltas, then the symbols in code order.
+pub const TABLE_LEN: usize = 2 * LEN_SLOTS + 256;
 
 /// One tensor, coded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +43,7 @@ pub struct Encoded {
     pub offsets: Vec<u32>,
     /// The raw byte of every element, in element order.
     pub raw: Vec<u8>,
-    /// The decode table: `table[next MAX_CODE_LEN bits] = symbol | length << 8`.
+    /// The decode tables (`decode_tables`).
     pub table: Vec<u16>,
     /// Code length of each symbol (0: absent).
     pub lengths: [u8; 256],
@@ -141,44 +147,89 @@ fn canonical_codes(lengths: &[u8; 256]) -> [u32; 256] {
     codes
 }
 
-/// The decode table of `lengths` (every code at most `MAX_CODE_LEN` bits).
-pub fn decode_table(lengths: &[u8; 256]) -> Vec<u16> {
-    let codes = canonical_codes(lengths);
+/// The decode tables of `lengths` (every code at most `MAX_CODE_LEN` bits). With `v` the next 12 bits of a stream
+/// (MSB-first) and the codes canonical, they give the next code's length and symbol by comparisons, where a table of
+/// `1 << 12` entries would take one gather per code:
+///
+/// ```text
+///   table[l]          l = 0..16   where the codes of length l end, left-justified to 12 bits (0 for l = 0; 4096
+///                                 past the longest): length = #{l : v >= table[l]}  (the limits only grow)
+///   table[16 + l]                 index of the first code of length l minus that code (two's complement)
+///   table[32 + k]     k = 0..256  the symbols in code order: symbol = table[32 + table[16 + length] + (v >> (12 - length))]
+/// ```
+pub fn decode_tables(lengths: &[u8; 256]) -> Vec<u16> {
+    let mut count = [0u32; LEN_SLOTS];
+    for &l in lengths {
+        count[usize::from(l)] += 1;
+    }
+    count[0] = 0;
     let mut table = vec![0u16; TABLE_LEN];
-    for s in 0..256 {
-        let len = u32::from(lengths[s]);
-        if len == 0 {
-            continue;
-        }
-        let first = (codes[s] << (MAX_CODE_LEN - len)) as usize;
-        let entry = s as u16 | ((len as u16) << 8);
-        table[first..first + (1 << (MAX_CODE_LEN - len))].fill(entry);
+    let (mut code, mut index) = (0u32, 0u32);
+    for l in 1..=MAX_CODE_LEN as usize {
+        code = (code + count[l - 1]) << 1; // the first code of length l (deflate's next_code)
+        table[l] = ((code + count[l]) << (MAX_CODE_LEN as usize - l)) as u16;
+        table[LEN_SLOTS + l] = index.wrapping_sub(code) as u16;
+        index += count[l];
+    }
+    table[MAX_CODE_LEN as usize + 1..LEN_SLOTS].fill(1 << MAX_CODE_LEN);
+    let mut order: Vec<usize> = (0..256).filter(|&s| lengths[s] > 0).collect();
+    order.sort_by_key(|&s| (lengths[s], s));
+    for (k, &s) in order.iter().enumerate() {
+        table[2 * LEN_SLOTS + k] = s as u16;
     }
     table
 }
 
-/// Appends codes MSB-first to a lane's words.
-struct BitWriter<'a> {
-    out: &'a mut Vec<u32>,
+/// The `1 << 12`-entry lookup table (`symbol | length << 8`, 0 where no code starts) that `decode_tables` describes:
+/// how the host decodes. Fails on tables that do not describe a prefix code.
+fn lookup_table(tables: &[u16]) -> Result<Vec<u16>> {
+    let bad = |why: &str| Err(Error::InvalidArgument(format!("lossless: corrupt decode tables ({why})")));
+    if tables.len() != TABLE_LEN {
+        return bad(&format!("{} entries, want {TABLE_LEN}", tables.len()));
+    }
+    if tables[..LEN_SLOTS].windows(2).any(|w| w[0] > w[1]) || tables[LEN_SLOTS - 1] > 1 << MAX_CODE_LEN {
+        return bad("the limits do not grow");
+    }
+    let mut lookup = vec![0u16; 1 << MAX_CODE_LEN];
+    for (v, entry) in lookup.iter_mut().enumerate() {
+        let len = tables[..LEN_SLOTS].iter().filter(|&&lim| v >= usize::from(lim)).count();
+        if len == 0 || len > MAX_CODE_LEN as usize || v >= usize::from(tables[len]) {
+            continue; // no code starts with these bits
+        }
+        let k = i32::from(tables[LEN_SLOTS + len] as i16) + (v >> (MAX_CODE_LEN as usize - len)) as i32;
+        let symbol = usize::try_from(k).ok().and_then(|k| tables.get(2 * LEN_SLOTS + k).filter(|_| k < 256));
+        let Some(&symbol) = symbol else { return bad(&format!("code {v:#x} points outside the symbols")) };
+        *entry = symbol | (len as u16) << 8;
+    }
+    Ok(lookup)
+}
+
+/// A lane's bits, MSB-first, gathered in a 64-bit accumulator and spilled as `u32` words.
+#[derive(Default)]
+struct BitWriter {
+    words: Vec<u32>,
     acc: u64,
     bits: u32,
 }
 
-impl BitWriter<'_> {
+impl BitWriter {
     fn put(&mut self, code: u32, len: u32) {
         self.acc = (self.acc << len) | u64::from(code);
         self.bits += len;
         if self.bits >= 32 {
             self.bits -= 32;
-            self.out.push((self.acc >> self.bits) as u32);
+            self.words.push((self.acc >> self.bits) as u32);
         }
     }
 
-    fn finish(self) {
+    /// The lane's words: its stream, the last word padded with zero bits, then the zero word a reader may load
+    /// past the end.
+    fn finish(mut self) -> Vec<u32> {
         if self.bits > 0 {
-            self.out.push((self.acc << (32 - self.bits)) as u32);
+            self.words.push((self.acc << (32 - self.bits)) as u32);
         }
-        self.out.push(0); // the word a reader may load past the end
+        self.words.push(0);
+        self.words
     }
 }
 
@@ -218,8 +269,8 @@ pub fn encode(data: &[u16], lanes: usize) -> Result<Encoded> {
         words.extend_from_slice(&run);
     }
     offsets.push(total as u32);
-    let raw = data.iter().map(|&w| raw(w)).collect();
-    Ok(Encoded { words, offsets, raw, table: decode_table(&lengths), lengths })
+    let raw = raw_bytes(data, threads);
+    Ok(Encoded { words, offsets, raw, table: decode_tables(&lengths), lengths })
 }
 
 fn histogram(data: &[u16], threads: usize) -> [u64; 256] {
@@ -247,7 +298,9 @@ fn histogram(data: &[u16], threads: usize) -> [u64; 256] {
     })
 }
 
-/// The words of lanes `run` (each lane's stream, then its zero word) and where each lane starts in them.
+/// The words of lanes `run` (each lane's stream, then its zero word) and where each lane starts in them. The lanes
+/// take their elements row by row (row `k` is runs `k * lanes ..`, and the runs of lanes `run` are contiguous in
+/// it), so the tensor is read once, in order, however many lanes there are.
 fn code_lanes(
     data: &[u16],
     lanes: usize,
@@ -255,32 +308,52 @@ fn code_lanes(
     codes: &[u32; 256],
     lengths: &[u8; 256],
 ) -> (Vec<u32>, Vec<usize>) {
-    let mut words = Vec::with_capacity(run.len() * (data.len() / lanes.max(1) / 3 + 2));
-    let mut starts = Vec::with_capacity(run.len());
-    for lane in run {
-        starts.push(words.len());
-        let mut bits = BitWriter { out: &mut words, acc: 0, bits: 0 };
-        for &w in data.iter().skip(lane).step_by(lanes) {
-            let s = symbol(w) as usize;
-            bits.put(codes[s], u32::from(lengths[s]));
+    let per_lane = data.len() / lanes.max(1) / 3 + 2; // words a lane needs at ~10 bits an element, rounded up
+    let mut writers: Vec<BitWriter> =
+        run.clone().map(|_| BitWriter { words: Vec::with_capacity(per_lane), ..BitWriter::default() }).collect();
+    let span = RUN * run.start..RUN * run.end;
+    for row in data.chunks(RUN * lanes) {
+        let Some(part) = row.get(span.clone()).or_else(|| row.get(span.start..)) else { break };
+        for (bits, elements) in writers.iter_mut().zip(part.chunks(RUN)) {
+            for &w in elements {
+                let s = symbol(w) as usize;
+                bits.put(codes[s], u32::from(lengths[s]));
+            }
         }
-        bits.finish();
+    }
+    let mut words = Vec::with_capacity(writers.iter().map(|b| b.words.len() + 2).sum());
+    let mut starts = Vec::with_capacity(run.len());
+    for bits in writers {
+        starts.push(words.len());
+        words.extend_from_slice(&bits.finish());
     }
     (words, starts)
 }
 
+/// The raw byte of every element, split over `threads`.
+fn raw_bytes(data: &[u16], threads: usize) -> Vec<u8> {
+    let mut out = vec![0u8; data.len()];
+    let chunk = data.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (run, part) in out.chunks_mut(chunk).zip(data.chunks(chunk)) {
+            scope.spawn(move || run.iter_mut().zip(part).for_each(|(r, &w)| *r = raw(w)));
+        }
+    });
+    out
+}
+
 /// Decode into `out` (as many elements as `raw` holds): the CPU path, and the reference the GPU kernel is
 /// tested against.
-pub fn decode(words: &[u32], offsets: &[u32], raw: &[u8], table: &[u16], out: &mut [u16]) -> Result<()> {
+pub fn decode(words: &[u32], offsets: &[u32], raw: &[u8], tables: &[u16], out: &mut [u16]) -> Result<()> {
     let lanes = offsets.len().saturating_sub(1);
-    if lanes == 0 || table.len() != TABLE_LEN || out.len() != raw.len() {
+    if lanes == 0 || out.len() != raw.len() {
         return Err(Error::InvalidArgument(format!(
-            "lossless: {lanes} lanes, a table of {} entries (want {TABLE_LEN}), {} raw bytes for {} elements",
-            table.len(),
+            "lossless: {lanes} lanes, {} raw bytes for {} elements",
             raw.len(),
             out.len()
         )));
     }
+    let lookup = lookup_table(tables)?;
     for lane in 0..lanes {
         let (start, end) = (offsets[lane] as usize, offsets[lane + 1] as usize);
         if start > end || end > words.len() || start == end {
@@ -292,7 +365,8 @@ pub fn decode(words: &[u32], offsets: &[u32], raw: &[u8], table: &[u16], out: &m
         let stream = &words[start..end];
         // a 64-bit window, MSB-first: `have` valid bits at its top
         let (mut window, mut have, mut next) = (0u64, 0u32, 0usize);
-        for i in (lane..out.len()).step_by(lanes) {
+        let n = out.len();
+        for i in (RUN * lane..n).step_by(RUN * lanes).flat_map(|e| e..(e + RUN).min(n)) {
             if have < MAX_CODE_LEN {
                 let w = *stream
                     .get(next)
@@ -301,7 +375,7 @@ pub fn decode(words: &[u32], offsets: &[u32], raw: &[u8], table: &[u16], out: &m
                 have += 32;
                 next += 1;
             }
-            let entry = table[(window >> (64 - MAX_CODE_LEN)) as usize];
+            let entry = lookup[(window >> (64 - MAX_CODE_LEN)) as usize];
             let len = u32::from(entry >> 8);
             if len == 0 {
                 return Err(Error::InvalidArgument(format!("lossless: lane {lane}: no code at element {i}")));
@@ -332,6 +406,16 @@ mod tests {
         for w in 0..=u16::MAX {
             assert_eq!(word(symbol(w), raw(w)), w);
         }
+    }
+
+    #[test]
+    fn runs_of_four_are_dealt_to_the_lanes_in_turn() {
+        // 13 elements, 2 lanes: elements 0..4 and 8..12 go to lane 0, 4..8 and 12 to lane 1. Lane 0's get symbol 5
+        // (code 0), lane 1's symbol 9 (code 1): 8 zero bits, then 5 one bits.
+        let data: Vec<u16> = (0..13).map(|i| word(if (i / RUN) % 2 == 0 { 5 } else { 9 }, i as u8)).collect();
+        let enc = roundtrip(&data, 2);
+        assert_eq!(enc.offsets, [0, 2, 4]);
+        assert_eq!(enc.words, [0, 0, 0b11111 << 27, 0]);
     }
 
     #[test]
@@ -374,6 +458,20 @@ mod tests {
         assert!(enc.lengths.iter().filter(|&&l| u32::from(l) == MAX_CODE_LEN).count() > 200);
     }
 
+    /// The lookup table straight from the canonical codes: each code's run of 12-bit windows.
+    fn lookup_from_codes(lengths: &[u8; 256]) -> Vec<u16> {
+        let codes = canonical_codes(lengths);
+        let mut table = vec![0u16; 1 << MAX_CODE_LEN];
+        for s in 0..256 {
+            let len = u32::from(lengths[s]);
+            if len > 0 {
+                let first = (codes[s] << (MAX_CODE_LEN - len)) as usize;
+                table[first..first + (1 << (MAX_CODE_LEN - len))].fill(s as u16 | (len as u16) << 8);
+            }
+        }
+        table
+    }
+
     #[test]
     fn refuses_bad_lanes_and_corrupt_streams() {
         assert!(encode(&[1, 2, 3], 0).is_err());
@@ -386,6 +484,17 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn compact_tables_describe_the_codes(counts in proptest::collection::vec(0u64..1 << 40, 256),
+                                             keep in 1usize..256) {
+            let mut c = [0u64; 256];
+            for (s, &n) in counts.iter().enumerate().take(keep) {
+                c[(s * 97) % 256] = n.max(1) >> (n % 41); // counts spread over 40 octaves, in any symbol order
+            }
+            let lengths = code_lengths(&c, MAX_CODE_LEN);
+            prop_assert_eq!(lookup_table(&decode_tables(&lengths)).unwrap(), lookup_from_codes(&lengths));
+        }
+
         #[test]
         fn any_words_round_trip(data in proptest::collection::vec(any::<u16>(), 1..3000), lanes in 1usize..40) {
             let lanes = lanes.min(data.len());

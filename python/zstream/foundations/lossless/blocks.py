@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from ..store import WeightStore
 
 ALIGN = 256  # each coded part starts 256-byte aligned in a block buffer
-# A coded weight carries an 8 KiB decode table and 4 bytes of offsets per 512 elements; below this size the table
-# eats what the code saves (a 16384-element bf16 weight: 32 KiB, about 10.7 KiB saved), so smaller weights stay raw.
+# A coded weight carries 576 bytes of tables and 8-10 bytes per lane of 512 elements, and a decode launch goes with
+# it; below this size a weight stays raw (a 16384-element bf16 weight: 32 KiB, about 10.5 KiB saved).
 MIN_CODED_ELEMENTS = 16384
 
 
@@ -77,9 +77,11 @@ class BlockCode:
         """The block's weights for its matmuls: coded weights decoded on their device (the GPU slot: Triton; the CPU:
         the native decoder) and converted to the compute dtype, everything else passed through."""
         out = {k: v for k, v in w.items() if not k.endswith(SUFFIXES)}
-        for local in self.shapes:
-            decoded = kernels.decode(CodedTensor.from_tensors(w, local, self.cfg.dtype))
-            out[local] = decoded if decoded.dtype == self.dtype else decoded.to(self.dtype)
+        coded = [CodedTensor.from_tensors(w, local, self.cfg.dtype) for local in self.shapes]
+        decoded = [torch.empty(c.shape, dtype=c.dtype, device=c.words.device) for c in coded]
+        kernels.decode_many(coded, decoded)  # one launch for all: their lanes fill the GPU together
+        for local, d in zip(self.shapes, decoded):
+            out[local] = d if d.dtype == self.dtype else d.to(self.dtype)
         return out
 
     def pack(self, views: Mapping[str, Tensor], block: Mapping[str, str], *, work: torch.device,

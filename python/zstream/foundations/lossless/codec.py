@@ -6,7 +6,7 @@ A 16-bit float weight ``NAME`` (bfloat16 or float16) is stored as four tensors:
     NAME.lwords    int32 (W,)        the lanes' bit streams (u32 words, MSB-first)
     NAME.loffsets  int32 (lanes + 1) where each lane's stream starts, in words
     NAME.lraw      uint8  NAME's shape: each element's sign and 7 low bits (so the shape travels with it)
-    NAME.ltable    int16 (4096,)     the decode table: symbol | code length << 8
+    NAME.ltable    int16 (288,)      the decode tables: where each code length ends, then the symbols in code order
 
 and a checkpoint holding them says so in its headers' ``__metadata__["zstream.compression"]``.
 """
@@ -25,11 +25,11 @@ from ... import _core
 from ...errors import CheckpointError, UsageError
 
 METADATA_KEY = "zstream.compression"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 (never released) had a 4096-entry lookup table
 WORDS, OFFSETS, RAW, TABLE = ".lwords", ".loffsets", ".lraw", ".ltable"
 SUFFIXES = (WORDS, OFFSETS, RAW, TABLE)
-TABLE_LEN = 4096  # 1 << MAX_CODE_LEN
-ELEMENTS_PER_LANE = 512  # a lane decodes this many elements one after another; lanes run in parallel
+TABLE_LEN = 288  # 16 code-length limits, 16 index offsets, 256 symbols (lossless.rs: decode_tables)
+ELEMENTS_PER_LANE = 512  # a lane decodes this many elements one after another (in runs of 4); lanes run in parallel
 CODED_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -1,19 +1,24 @@
 """Decoding ``codec`` tensors on the GPU: one Triton kernel, bit-identical to the native decoder.
 
-A program owns ``BLOCK`` lanes. Each lane keeps a 64-bit window of its bit stream (``have`` valid bits at the top),
-refills it one 32-bit word at a time when fewer bits than the longest code (12) remain, looks the next 12 bits up in
-the decode table (4096 entries, 8 KiB: it stays in L1/L2), and shifts the code out. In step ``k`` lane ``j`` decodes
-element ``k * lanes + j``, so the lanes of a program read consecutive raw bytes and write consecutive outputs; only
-the words of the streams are gathered, one 4-byte load every 10 or so elements.
+A program owns ``BLOCK`` lanes of one tensor; one launch covers every tensor of a block (``decode_many``), so that
+their lanes fill the GPU together (a 4096 x 4096 weight has only 8192 lanes). Each lane keeps a 64-bit window of its
+bit stream (``have`` valid bits at the top), refills it one 32-bit word at a time when fewer bits than the longest
+code (12) remain, finds the next code's length by comparing the next 12 bits with where the codes of each length
+end (11 comparisons against values held in registers: the codes are canonical), and shifts the code out. Only the
+lengths chain one code to the next; the symbols (a 256-entry table) are looked up four at a time beside the chain.
 
-``decode`` runs the kernel for CUDA tensors when Triton imports and the native host decoder otherwise; with
-``TRITON_INTERPRET=1`` set before Triton is imported, ``triton_decode`` runs in Triton's interpreter on CPU tensors,
-which is how ``tests/test_lossless.py`` checks the kernel's bits without a GPU.
+In step ``k`` lane ``j`` decodes run ``k * lanes + j`` (4 consecutive elements): it reads the run's raw bytes as one
+int32, loaded a step ahead, and writes its four words as one int64, so a warp reads 128 and writes 256 consecutive
+bytes a step. Only the words of the streams are gathered, one 4-byte load every 10 or so elements.
+
+``decode`` runs the kernel for CUDA tensors when Triton imports and the native host decoder otherwise;
+``triton_decode`` runs it on any tensors, which with ``TRITON_INTERPRET=1`` set before Triton is imported means
+Triton's interpreter on CPU tensors: how ``tests/test_lossless.py`` checks the kernel's bits without a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,8 +33,11 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
     tl = None
 
 HAS_TRITON = triton is not None
-DEFAULT_BLOCK = 128  # lanes per program
-DEFAULT_WARPS = 4
+RUN = 4  # codec: a lane takes this many consecutive elements at a time (lossless.rs: RUN)
+DEFAULT_BLOCK = 32  # lanes per program
+DEFAULT_WARPS = 1
+DEFAULT_LOOKUP = False  # True: one 4096-entry table lookup per code instead of 11 comparisons
+_FIELDS = 8  # int64s a tensor takes in a launch's descriptor (see decode_many)
 
 
 def backend(device: torch.device) -> str:
@@ -38,55 +46,188 @@ def backend(device: torch.device) -> str:
 
 def decode(c: CodedTensor, out: Optional[Tensor] = None) -> Tensor:
     """The tensor ``c`` codes, on ``c``'s device (into ``out`` when given)."""
-    if backend(c.words.device) == "triton":  # GPU only
-        return triton_decode(c, out)
-    t = decode_host(c).to(c.words.device)
     if out is None:
-        return t
-    return out.copy_(t)
-
-
-def triton_decode(c: CodedTensor, out: Optional[Tensor] = None, block: int = DEFAULT_BLOCK,
-                  warps: int = DEFAULT_WARPS) -> Tensor:
-    n = c.raw.numel()
-    if out is None:
-        out = torch.empty(c.shape, dtype=c.dtype, device=c.raw.device)
-    if n == 0:
-        return out
-    lanes = c.lanes
-    steps = -(-n // lanes)
-    grid = (triton.cdiv(lanes, block),)
-    _decode_kernel[grid](c.words, c.offsets, c.raw, c.table, out.view(torch.int16), n, lanes, steps,
-                         BLOCK=block, num_warps=warps)
+        out = torch.empty(c.shape, dtype=c.dtype, device=c.words.device)
+    decode_many([c], [out])
     return out
+
+
+def triton_decode(c: CodedTensor, out: Optional[Tensor] = None, **tuning: Any) -> Tensor:
+    """``decode`` through the kernel, wherever ``c`` is (on CPU tensors: in Triton's interpreter); ``tuning`` as
+    ``decode_many`` takes it."""
+    if out is None:
+        out = torch.empty(c.shape, dtype=c.dtype, device=c.words.device)
+    decode_many([c], [out], kernel=True, **tuning)
+    return out
+
+
+def decode_many(coded: Sequence[CodedTensor], outs: Sequence[Tensor], *, kernel: Optional[bool] = None,
+                block: int = DEFAULT_BLOCK, warps: int = DEFAULT_WARPS, lookup: bool = DEFAULT_LOOKUP) -> None:
+    """Decode ``coded[i]`` into ``outs[i]`` for every i: on a GPU in one launch, so that the lanes of all of them (a
+    block's weights) fill the GPU together; elsewhere with the native decoder. ``kernel`` forces the choice;
+    ``block``, ``warps`` and ``lookup`` are the kernel's tuning (the benchmark sweeps them)."""
+    if not coded:
+        return
+    device = coded[0].words.device
+    if not (backend(device) == "triton" if kernel is None else kernel):
+        for c, out in zip(coded, outs):
+            out.copy_(decode_host(c).to(out.device))
+        return
+    rows, keep, programs = [], [], 0
+    for c, out in zip(coded, outs):
+        n = c.raw.numel()
+        if n == 0:
+            continue
+        raw, dst = c.raw.reshape(-1), out.view(torch.int16).view(-1)
+        # a lane reads its run's raw bytes as one int32 and writes its outputs as one int64 (block buffers align
+        # parts to 256 bytes; anything else goes through aligned copies)
+        raw = raw if raw.data_ptr() % 4 == 0 else raw.clone()
+        into = dst if dst.data_ptr() % 8 == 0 else torch.empty_like(dst)
+        table = c.table
+        if lookup:
+            table = torch.empty(1 << 12, dtype=torch.int16, device=device)
+            _lookup_kernel[(1,)](c.table, table, SIZE=1 << 12, num_warps=4)
+        programs += triton.cdiv(c.lanes, block)
+        rows.append([t.data_ptr() for t in (c.words, c.offsets, raw, table, into)] + [n, c.lanes, programs])
+        keep.append((raw, table, into, dst))
+    if not rows:
+        return
+    desc = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        desc = desc.pin_memory().to(device, non_blocking=True)
+    _decode_kernel[(programs,)](desc, len(rows), BLOCK=block, RUN=RUN, LOOKUP=lookup, num_warps=warps)
+    for _, _, into, dst in keep:
+        if into is not dst:
+            dst.copy_(into)
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _decode_kernel(words_ptr, offsets_ptr, raw_ptr, table_ptr, out_ptr, n, lanes, steps,
-                       BLOCK: tl.constexpr):
-        lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def _decode_kernel(desc_ptr, tensors, BLOCK: tl.constexpr, RUN: tl.constexpr, LOOKUP: tl.constexpr):
+        """One launch for several tensors: program ``p`` decodes lanes of the tensor whose programs it falls in."""
+        p = tl.program_id(0)
+        t = 0
+        for j in range(tensors):
+            t += (p >= tl.load(desc_ptr + j * 8 + 7)).to(tl.int32)
+        d = desc_ptr + t * 8
+        first = tl.load(d + 7 - 8, mask=t > 0, other=0)  # programs of the tensors before
+        lane = (p - first) * BLOCK + tl.arange(0, BLOCK)
+        _decode_lanes(tl.load(d).to(tl.pointer_type(tl.int32)), tl.load(d + 1).to(tl.pointer_type(tl.int32)),
+                      tl.load(d + 2).to(tl.pointer_type(tl.int32)), tl.load(d + 3).to(tl.pointer_type(tl.int16)),
+                      tl.load(d + 4).to(tl.pointer_type(tl.int64)), tl.load(d + 5), tl.load(d + 6), lane,
+                      BLOCK, RUN, LOOKUP)
+
+    @triton.jit
+    def _decode_lanes(words_ptr, offsets_ptr, raw_ptr, table_ptr, out_ptr, n, lanes, lane,
+                      BLOCK: tl.constexpr, RUN: tl.constexpr, LOOKUP: tl.constexpr):
+        """Lanes ``lane`` of one tensor: ``raw_ptr`` reads 4 raw bytes at a time, ``out_ptr`` writes 4 outputs."""
         live = lane < lanes
         pos = tl.load(offsets_ptr + lane, mask=live, other=0)
-        first = tl.load(words_ptr + pos, mask=live, other=0)
-        window = tl.cast(first, tl.uint32, bitcast=True).to(tl.uint64) << 32
-        have = tl.full([BLOCK], 32, tl.int32)
-        pos += 1
-        for k in range(steps):
-            i = k * lanes + lane.to(tl.int64)
-            m = live & (i < n)
-            need = m & (have < 12)
-            word = tl.load(words_ptr + pos, mask=need, other=0)
-            shift = (32 - have).to(tl.uint64)
-            window = tl.where(need, window | (tl.cast(word, tl.uint32, bitcast=True).to(tl.uint64) << shift), window)
-            have = tl.where(need, have + 32, have)
-            pos = tl.where(need, pos + 1, pos)
-            entry = tl.load(table_ptr + (window >> 52).to(tl.int32), mask=m, other=0).to(tl.int32)
+        window = tl.zeros([BLOCK], dtype=tl.uint64)  # MSB-first: `have` valid bits at the top
+        have = tl.zeros([BLOCK], dtype=tl.int32)
+        # where the codes of each length end (codec's table layout), held in registers for the whole loop
+        e1, e2, e3, e4 = _limit(table_ptr, 1), _limit(table_ptr, 2), _limit(table_ptr, 3), _limit(table_ptr, 4)
+        e5, e6, e7, e8 = _limit(table_ptr, 5), _limit(table_ptr, 6), _limit(table_ptr, 7), _limit(table_ptr, 8)
+        e9, e10, e11 = _limit(table_ptr, 9), _limit(table_ptr, 10), _limit(table_ptr, 11)
+        full = n // (RUN * lanes)  # steps in which every lane decodes a whole run
+        run = lane.to(tl.int64)  # step k: lane j decodes run k * lanes + j, elements RUN * run ..
+        # the raw bytes of two steps in flight (loaded a step before they are needed, into two registers that take
+        # turns, so that no register copy waits on a load)
+        now = tl.load(raw_ptr + run, mask=live & (run < full * lanes), other=0)
+        then = tl.load(raw_ptr + run + lanes, mask=live & (run + lanes < full * lanes), other=0)
+        for _ in range(full // 2):
+            window, have, pos = _step(words_ptr, table_ptr, out_ptr, window, have, pos, now, run, live, LOOKUP,
+                                      e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11)
+            now = tl.load(raw_ptr + run + 2 * lanes, mask=live & (run + 2 * lanes < full * lanes), other=0)
+            run += lanes
+            window, have, pos = _step(words_ptr, table_ptr, out_ptr, window, have, pos, then, run, live, LOOKUP,
+                                      e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11)
+            then = tl.load(raw_ptr + run + 2 * lanes, mask=live & (run + 2 * lanes < full * lanes), other=0)
+            run += lanes
+        if full % 2 == 1:
+            window, have, pos = _step(words_ptr, table_ptr, out_ptr, window, have, pos, now, run, live, LOOKUP,
+                                      e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11)
+            run += lanes
+        if full * lanes * RUN < n:  # the last step: runs cut short by the end of the tensor, element by element
+            raw8 = raw_ptr.to(tl.pointer_type(tl.uint8))
+            out16 = out_ptr.to(tl.pointer_type(tl.int16))
+            for u in tl.static_range(RUN):
+                i = run * RUN + u
+                m = live & (i < n)
+                window, have, pos, v, length = _code(words_ptr, table_ptr, window, have, pos, m, LOOKUP,
+                                                     e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11)
+                raw = tl.load(raw8 + i, mask=m, other=0).to(tl.int32)
+                tl.store(out16 + i, _word(_symbol(table_ptr, v, length, m, LOOKUP), raw).to(tl.int16), mask=m)
+
+    @triton.jit
+    def _limit(table_ptr, length):
+        return tl.load(table_ptr + length).to(tl.int32)
+
+    @triton.jit
+    def _step(words_ptr, table_ptr, out_ptr, window, have, pos, raws, run, live, LOOKUP: tl.constexpr,
+              e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11):
+        """Run ``run`` of each lane: four codes one after another (only their lengths are on the chain from code
+        to code), then their symbols looked up together and the four words written as one int64."""
+        window, have, pos, v0, l0 = _code(words_ptr, table_ptr, window, have, pos, live, LOOKUP,
+                                          e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11)
+        window, have, pos, v1, l1 = _code(words_ptr, table_ptr, window, have, pos, live, LOOKUP,
+                                          e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11)
+        window, have, pos, v2, l2 = _code(words_ptr, table_ptr, window, have, pos, live, LOOKUP,
+                                          e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11)
+        window, have, pos, v3, l3 = _code(words_ptr, table_ptr, window, have, pos, live, LOOKUP,
+                                          e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11)
+        values = _word(_symbol(table_ptr, v0, l0, live, LOOKUP), raws).to(tl.int64) & 0xFFFF
+        values |= (_word(_symbol(table_ptr, v1, l1, live, LOOKUP), raws >> 8).to(tl.int64) & 0xFFFF) << 16
+        values |= (_word(_symbol(table_ptr, v2, l2, live, LOOKUP), raws >> 16).to(tl.int64) & 0xFFFF) << 32
+        values |= (_word(_symbol(table_ptr, v3, l3, live, LOOKUP), raws >> 24).to(tl.int64) & 0xFFFF) << 48
+        tl.store(out_ptr + run, values, mask=live)
+        return window, have, pos
+
+    @triton.jit
+    def _code(words_ptr, table_ptr, window, have, pos, m, LOOKUP: tl.constexpr,
+              e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11):
+        """Each lane's next code (where ``m``): refill the window if fewer bits than the longest code remain, find
+        the code's length, shift it out. Returns the state, the code's 12-bit window (in LOOKUP mode: its symbol)
+        and its length."""
+        need = m & (have < 12)
+        word = tl.load(words_ptr + pos, mask=need, other=0)
+        window = tl.where(need, window | (tl.cast(word, tl.uint32, bitcast=True).to(tl.uint64) << (32 - have)), window)
+        have = tl.where(need, have + 32, have)
+        pos = tl.where(need, pos + 1, pos)
+        v = ((window >> 32).to(tl.uint32) >> 20).to(tl.int32)  # the next 12 bits
+        if LOOKUP:
+            entry = tl.load(table_ptr + v, mask=m, other=0).to(tl.int32)
             length = entry >> 8
-            symbol = entry & 0xFF
-            window = window << length.to(tl.uint64)
-            have -= length
-            raw = tl.load(raw_ptr + i, mask=m, other=0).to(tl.int32)
-            value = ((raw & 0x80) << 8) | (symbol << 7) | (raw & 0x7F)
-            tl.store(out_ptr + i, value.to(tl.int16), mask=m)
+            v = entry & 0xFF
+        else:
+            length = 1 + (v >= e1).to(tl.int32) + (v >= e2) + (v >= e3) + (v >= e4) + (v >= e5) + (v >= e6) \
+                + (v >= e7) + (v >= e8) + (v >= e9) + (v >= e10) + (v >= e11)
+        window = window << length.to(tl.uint64)
+        have -= length
+        return window, have, pos, v, length
+
+    @triton.jit
+    def _symbol(table_ptr, v, length, m, LOOKUP: tl.constexpr):
+        """The symbol of the code of ``length`` bits at the top of the 12 bits ``v`` (LOOKUP mode: ``v`` is it)."""
+        if LOOKUP:
+            return v
+        first = tl.load(table_ptr + 16 + length, mask=m, other=0).to(tl.int32)
+        return tl.load(table_ptr + 32 + ((first + (v >> (12 - length))) & 255), mask=m, other=0).to(tl.int32)
+
+    @triton.jit
+    def _word(symbol, raw):
+        """The 16-bit word of a symbol and a raw byte (the low byte of ``raw``)."""
+        return ((raw & 0x80) << 8) | ((symbol & 0xFF) << 7) | (raw & 0x7F)
+
+    @triton.jit
+    def _lookup_kernel(tables_ptr, lookup_ptr, SIZE: tl.constexpr):
+        """The 4096-entry lookup table (``symbol | length << 8``) of the compact tables, for ``LOOKUP``."""
+        v = tl.arange(0, SIZE)
+        length = tl.zeros([SIZE], dtype=tl.int32)
+        for j in tl.static_range(16):
+            length += (v >= _limit(tables_ptr, j)).to(tl.int32)
+        length = tl.minimum(length, 12)
+        first = tl.load(tables_ptr + 16 + length).to(tl.int32)
+        symbol = tl.load(tables_ptr + 32 + ((first + (v >> (12 - length))) & 255)).to(tl.int32)
+        tl.store(lookup_ptr + v, ((length << 8) | (symbol & 0xFF)).to(tl.int16))
