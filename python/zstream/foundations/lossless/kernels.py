@@ -83,20 +83,20 @@ def decode_many(coded: Sequence[CodedTensor], outs: Sequence[Tensor], *, kernel:
         # parts to 256 bytes; anything else goes through aligned copies)
         raw = raw if raw.data_ptr() % 4 == 0 else raw.clone()
         into = dst if dst.data_ptr() % 8 == 0 else torch.empty_like(dst)
-        table = c.table
-        if lookup:
-            table = torch.empty(1 << 12, dtype=torch.int16, device=device)
-            _lookup_kernel[(1,)](c.table, table, SIZE=1 << 12, num_warps=4)
         programs += triton.cdiv(c.lanes, block)
-        rows.append([t.data_ptr() for t in (c.words, c.offsets, raw, table, into)] + [n, c.lanes, programs])
-        keep.append((raw, table, into, dst))
+        rows.append([t.data_ptr() for t in (c.words, c.offsets, raw, c.table, into)] + [n, c.lanes, programs])
+        keep.append((raw, into, dst))
     if not rows:
         return
     desc = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":
         desc = desc.pin_memory().to(device, non_blocking=True)
-    _decode_kernel[(programs,)](desc, len(rows), BLOCK=block, RUN=RUN, LOOKUP=lookup, num_warps=warps)
-    for _, _, into, dst in keep:
+    luts = desc
+    if lookup:  # each tensor's 4096-entry lookup table, from its compact tables
+        luts = torch.empty((len(rows), 1 << 12), dtype=torch.int16, device=device)
+        _lookup_kernel[(len(rows),)](desc, luts, SIZE=1 << 12, num_warps=4)
+    _decode_kernel[(programs,)](desc, luts, len(rows), BLOCK=block, RUN=RUN, LOOKUP=lookup, num_warps=warps)
+    for _, into, dst in keep:
         if into is not dst:
             dst.copy_(into)
 
@@ -104,7 +104,7 @@ def decode_many(coded: Sequence[CodedTensor], outs: Sequence[Tensor], *, kernel:
 if HAS_TRITON:
 
     @triton.jit
-    def _decode_kernel(desc_ptr, tensors, BLOCK: tl.constexpr, RUN: tl.constexpr, LOOKUP: tl.constexpr):
+    def _decode_kernel(desc_ptr, luts_ptr, tensors, BLOCK: tl.constexpr, RUN: tl.constexpr, LOOKUP: tl.constexpr):
         """One launch for several tensors: program ``p`` decodes lanes of the tensor whose programs it falls in."""
         p = tl.program_id(0)
         t = 0
@@ -113,8 +113,12 @@ if HAS_TRITON:
         d = desc_ptr + t * 8
         first = tl.load(d + 7 - 8, mask=t > 0, other=0)  # programs of the tensors before
         lane = (p - first) * BLOCK + tl.arange(0, BLOCK)
+        if LOOKUP:
+            table = luts_ptr.to(tl.pointer_type(tl.int16)) + t * 4096
+        else:
+            table = tl.load(d + 3).to(tl.pointer_type(tl.int16))
         _decode_lanes(tl.load(d).to(tl.pointer_type(tl.int32)), tl.load(d + 1).to(tl.pointer_type(tl.int32)),
-                      tl.load(d + 2).to(tl.pointer_type(tl.int32)), tl.load(d + 3).to(tl.pointer_type(tl.int16)),
+                      tl.load(d + 2).to(tl.pointer_type(tl.int32)), table,
                       tl.load(d + 4).to(tl.pointer_type(tl.int64)), tl.load(d + 5), tl.load(d + 6), lane,
                       BLOCK, RUN, LOOKUP)
 
@@ -221,8 +225,12 @@ if HAS_TRITON:
         return ((raw & 0x80) << 8) | ((symbol & 0xFF) << 7) | (raw & 0x7F)
 
     @triton.jit
-    def _lookup_kernel(tables_ptr, lookup_ptr, SIZE: tl.constexpr):
-        """The 4096-entry lookup table (``symbol | length << 8``) of the compact tables, for ``LOOKUP``."""
+    def _lookup_kernel(desc_ptr, luts_ptr, SIZE: tl.constexpr):
+        """Tensor ``t``'s 4096-entry lookup table (``symbol | length << 8``) from its compact tables, for
+        ``LOOKUP``."""
+        t = tl.program_id(0)
+        tables_ptr = tl.load(desc_ptr + t * 8 + 3).to(tl.pointer_type(tl.int16))
+        lookup_ptr = luts_ptr + t * SIZE
         v = tl.arange(0, SIZE)
         length = tl.zeros([SIZE], dtype=tl.int32)
         for j in tl.static_range(16):
