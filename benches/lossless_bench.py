@@ -134,16 +134,16 @@ def dfloat11(ws: List[torch.Tensor], root: Path, gpu: bool) -> Dict[str, Any]:
 
 def sweep(ws: List[torch.Tensor], configs: List[str]) -> List[Dict[str, Any]]:
     """The kernel's tuning (``decode_many``'s knobs) and the lane count, on the first of ``ws`` alone and on all of
-    them in one launch, each decode checked bit for bit: ``--sweep "512:32:1:0,256:64:2:1"`` is elements a lane :
-    lanes a program : warps : lookup (1: one 4096-entry table lookup a code, 0: comparisons)."""
+    them in one launch, each decode checked bit for bit: ``--sweep "512:64:2,256:32:1"`` is elements a lane :
+    lanes a program : warps."""
     rows = []
     for config in configs:
-        per_lane, block, warps, lookup = (int(x) for x in config.split(":"))
+        per_lane, block, warps = (int(x) for x in config.split(":"))
         cs = [encode(w, lanes=max(1, w.numel() // per_lane)) for w in ws]
         ds = [CodedTensor(c.words.cuda(), c.offsets.cuda(), c.raw.cuda(), c.table.cuda(), c.dtype) for c in cs]
         outs = [torch.empty(w.shape, dtype=w.dtype, device="cuda") for w in ws]
         for k in sorted({1, len(ws)}):
-            run = functools.partial(decode_many, ds[:k], outs[:k], block=block, warps=warps, lookup=bool(lookup))
+            run = functools.partial(decode_many, ds[:k], outs[:k], block=block, warps=warps)
             ms = gpu_ms(run)
             numel = sum(w.numel() for w in ws[:k])
             exact = all(torch.equal(o.cpu().view(torch.int16), w.view(torch.int16)) for o, w in zip(outs, ws[:k]))

@@ -86,7 +86,7 @@ def interpreter_worker() -> int:
                          ((2, 1024), torch.float16), ((1, 2051), torch.bfloat16)]:
         w = _special((0.02 * torch.randn(*shape, generator=g)).to(dtype)) if len(shape) > 1 or shape[0] > 9 else \
             (0.02 * torch.randn(*shape, generator=g)).to(dtype)
-        for block in (1, 64):  # ~16 elements a lane: the interpreter runs one step per element of a lane
+        for block in (1, 64):  # ~16 elements a lane: the interpreter runs one step per run of a lane
             got = kernels.triton_decode(encode(w, lanes=max(1, w.numel() // 16)), block=block)
             if not torch.equal(_bits(got), _bits(w)):
                 failures.append(f"{shape} {dtype} block {block}")
@@ -105,6 +105,14 @@ def interpreter_worker() -> int:
     w = (0.02 * torch.randn(30, 70, generator=g)).to(torch.bfloat16)
     if kernels.triton_decode(encode(w, lanes=100), out) is not out or not torch.equal(_bits(out), _bits(w)):
         failures.append("out= was not filled in place")
+    # several tensors in one launch, as a block's weights are decoded: whole steps even and odd in number, runs cut
+    # short at the end, more lanes than a program holds, and an output that is not 8-byte aligned
+    ws = [(0.02 * torch.randn(n, generator=g)).to(torch.float16) for n in (4 * 7 * 2, 4 * 7 * 3, 4 * 7 * 3 + 5, 301)]
+    coded = [encode(x, lanes=7) for x in ws[:3]] + [encode(ws[3], lanes=75)]
+    outs = [torch.empty_like(x) for x in ws[:3]] + [torch.empty(ws[3].numel() + 1, dtype=torch.float16)[1:]]
+    kernels.decode_many(coded, outs, kernel=True, block=16)
+    failures += [f"decode_many: tensor {i}" for i, (x, o) in enumerate(zip(ws, outs))
+                 if not torch.equal(_bits(o), _bits(x))]
     print("\n".join(failures) or "all bit-identical")
     return 1 if failures else 0
 
