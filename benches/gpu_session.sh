@@ -15,6 +15,7 @@
 #         GPUs under torchrun), head-cost (the replicated head's time per step).
 #         lossless: lossless (the code beside DFloat11: ratio, encode, decode GB/s; the GPU tests), lossless-sweep (the
 #         decoder's tuning and lane count), bench-lossless, bench-lossless-nvme (the streamed step, plain and coded).
+#         KV offload: bench-kv (bloom-7b1 at 16 GiB, the KV cache on the device and in host memory, by batch).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -58,6 +59,11 @@ for stage in "$@"; do
     lossless-sweep) # the decoder's tuning and lane count on one 16M-element bf16 tensor, each decode checked bit for bit
       python3 benches/lossless_bench.py --elements 16777216 --json "$OUT/lossless_sweep.json" --sweep "${SWEEP:-512:64:2,512:128:4,512:32:1,512:64:1,512:128:2,512:256:4,256:64:2}" \
         2>"$OUT/lossless_sweep.err" | tee "$OUT/lossless_sweep.jsonl"; tail -2 "$OUT/lossless_sweep.err" ;;
+    bench-kv) # the KV cache on the device and in host memory (issue 17), bloom-7b1 fp16 under FlexGen's 16 GiB, each
+      # batch planned on its own: the largest batches only fit with the cache on the host
+      CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload none,host --batch ${KV_BATCHES:-8,16,32,64} \
+        --prompt 512 --gen 32 --json "$OUT/bench_kv.json" ;;
     bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
       $Z bench "$CK" --offload cpu --compress none,lossless --batch 1,16,64 --prompt 512 --gen "${LOSSLESS_GEN:-32}" \
         --json "$OUT/bench_lossless.json" ;;

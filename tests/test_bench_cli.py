@@ -107,3 +107,24 @@ def test_compressed_and_plain_in_one_run(cache, tmp_path):
     plain, coded = json.loads(out.read_text())["rows"]
     assert (plain["compress"], coded["compress"]) == ("none", "lossless")
     assert coded["streamed_bytes"] < 0.8 * plain["streamed_bytes"]
+
+
+def test_host_kv_cache_and_device_kv_cache_in_one_run(cache, tmp_path):
+    """``--kv-offload none,host``: the same configuration with the KV cache on the device and in host memory; the host
+    row counts the cache's bytes at the decode's mean context in what crosses the link each step."""
+    import torch
+
+    import zstream
+
+    path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
+    out = cache / "kv.json"
+    assert main(["bench", str(path), "--offload", "cpu", "--kv-offload", "none,host", "--batch", "2",
+                 "--prompt", "6", "--gen", "4", "--device", "cpu", "--max-resident-blocks", "0", "--json",
+                 str(out)]) == 0
+    device, host = json.loads(out.read_text())["rows"]
+    assert (device["kv_offload"], host["kv_offload"]) == ("none", "host")
+    with zstream.load(path, device="cpu", progress=False) as model:
+        fam = model.family
+    kv = fam.num_blocks * 2 * 2 * (6 + 2) * fam.num_kv_heads * fam.head_dim * 4  # k and v, batch 2, mean context 8
+    assert host["kv_bytes_per_step"] == kv and device["kv_bytes_per_step"] == 0
+    assert host["streamed_bytes"] == device["streamed_bytes"] + kv

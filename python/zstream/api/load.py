@@ -32,7 +32,8 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
          quantize: Optional[str] = None, group_size: int = 64, symmetric: bool = False,
          copy_from_tokens: Optional[int] = None, download: Optional[bool] = None, revision: Optional[str] = None,
          tensor_parallel: Optional[int] = None, parallel_timeout: float = DEFAULT_TIMEOUT_S,
-         compress: Optional[str] = None, progress: bool = True, **unknown: Any) -> StreamingModel:
+         compress: Optional[str] = None, kv_offload: str = "none", progress: bool = True,
+         **unknown: Any) -> StreamingModel:
     """Load a checkpoint for streaming inference.
 
     ``model``: a checkpoint directory, or a Hugging Face repo id (from the local cache; downloaded when missing, as
@@ -59,6 +60,9 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     ``compress``: "lossless" entropy-codes each block's linear weights (bfloat16 or float16) as it is loaded, for
     offload "none" or "cpu": about 0.67x of the bytes of a bf16 block cross the link, the GPU decodes them in the slot,
     and every weight, logit and token is bit-identical (docs/compression.md).
+    ``kv_offload``: "none" (the KV cache on the device) or "host": every layer's keys and values live in pinned host
+    memory and cross the link as the layer computes (on the compute stream, beside the weights' copies), so the
+    device budget holds only the layers in transit and larger batches fit; logits and tokens are bit-identical.
     ``tensor_parallel``: shard the model over the ranks this process was started with (``torchrun --nproc-per-node
     N``, or ``zstream.launch``): each rank holds and streams only its piece of every block (its heads, its MLP units)
     over its own link, and the ranks all-reduce activations twice a block (docs/parallel.md). None: every rank of the
@@ -74,7 +78,8 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
                            max_seq_len=max_seq_len, max_resident_blocks=max_resident_blocks, reader=reader,
                            quantize=quantize, group_size=group_size, symmetric=symmetric,
                            copy_from_tokens=copy_from_tokens, progress=progress, tensor_parallel=tensor_parallel,
-                           parallel_timeout=parallel_timeout, compress=compress, unknown=unknown)
+                           parallel_timeout=parallel_timeout, compress=compress, kv_offload=kv_offload,
+                           unknown=unknown)
     group = join(options.tensor_parallel, _rank_device(options, device), options.parallel_timeout)
     if group is not None:
         options = _rank_options(options, device)

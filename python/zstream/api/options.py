@@ -14,7 +14,7 @@ from ..foundations.parallel import DEFAULT_TIMEOUT_S
 from ..foundations.quant import QuantConfig
 from ..foundations.units import parse_bytes, parse_dtype
 from ..planning.offload import OFFLOADS
-from ..planning.residency import PlanOptions
+from ..planning.residency import KV_OFFLOADS, PlanOptions
 
 READERS = ("auto", "uring", "pread", "mmap")
 
@@ -50,11 +50,12 @@ class LoadOptions:
     tensor_parallel: Optional[int] = None
     parallel_timeout: float = DEFAULT_TIMEOUT_S
     compress: Optional[str] = None  # "lossless": blocks entropy-coded at load, bit-exact
+    kv_offload: str = "none"        # "host": every layer's KV cache in pinned host memory
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
                            max_batch=self.max_batch, max_seq_len=self.max_seq_len,
-                           max_resident_blocks=self.max_resident_blocks)
+                           max_resident_blocks=self.max_resident_blocks, kv_offload=self.kv_offload)
 
 
 def _count(name: str, value: Any, lowest: int, optional: bool = False) -> Optional[int]:
@@ -72,7 +73,7 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
                  reader: str = "auto", quantize: Optional[str] = None, group_size: int = 64, symmetric: bool = False,
                  copy_from_tokens: Optional[int] = None, progress: bool = True, tensor_parallel: Optional[int] = None,
                  parallel_timeout: float = DEFAULT_TIMEOUT_S, compress: Optional[str] = None,
-                 unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
+                 kv_offload: str = "none", unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
     """``LoadOptions`` from ``load``'s keywords; ``unknown`` holds keywords ``load`` does not take."""
     if unknown:
         name = sorted(unknown)[0]
@@ -93,6 +94,9 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
     if compress == "lossless" and quantize not in (None, "none"):
         raise UsageError(f"compress='lossless' keeps every bit of the weights and quantize={quantize!r} changes them: "
                          "give one of them")
+    if kv_offload not in KV_OFFLOADS:
+        raise UsageError(f"kv_offload must be one of {', '.join(map(repr, KV_OFFLOADS))}, not {kv_offload!r} ('host' "
+                         "keeps the KV cache in pinned host memory and brings each layer's up as it computes)")
     if isinstance(parallel_timeout, bool) or not isinstance(parallel_timeout, (int, float)) or parallel_timeout <= 0:
         raise UsageError(f"parallel_timeout must be a positive number of seconds, not {parallel_timeout!r}")
     return LoadOptions(
@@ -104,4 +108,4 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
         quantize=QuantConfig.parse(quantize, group_size, symmetric),
         copy_from_tokens=_count("copy_from_tokens", copy_from_tokens, 1, True), progress=bool(progress),
         tensor_parallel=_count("tensor_parallel", tensor_parallel, 1, True), parallel_timeout=float(parallel_timeout),
-        compress=None if compress == "none" else compress)
+        compress=None if compress == "none" else compress, kv_offload=kv_offload)

@@ -13,6 +13,7 @@ of a step is the slowest rank's bytes over its link.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ import torch
 from ..errors import OutOfMemoryError, UsageError
 from ..foundations.measure import Rate, measure_copy, measure_disk, measure_h2d, measure_memcpy
 from ..foundations.units import parse_dtype
+from ..planning.residency import kv_layer_bytes
 from .args import DTYPE_CHOICES, OFFLOAD_CHOICES, cache_dir, comma_list, positive, size
 
 
@@ -49,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=positive, default=64, help="inputs per quantization group")
     p.add_argument("--compress", type=comma_list(str, ("none", "lossless")), default=["none"],
                    help="comma list: none, lossless (each configuration with and without, in the same run)")
+    p.add_argument("--kv-offload", type=comma_list(str, ("none", "host")), default=["none"],
+                   help="comma list: none, host (the KV cache on the device, or in pinned host memory with each "
+                        "layer's brought up as it computes; its bytes count in the step's bound)")
     p.add_argument("--copy-from-tokens", type=positive, default=None,
                    help="ats: tokens per pass from which blocks are copied instead of read in place "
                         "(default: the crossover measured at load)")
@@ -178,8 +183,10 @@ def fio_gbps(fio: str, files: List[str]) -> Optional[float]:
     return job["bw_bytes"] / 1e9
 
 
-def _row(system: str, offload: str, model: Any, r: Dict[str, Any], bound_gbps: Optional[float]) -> Dict[str, Any]:
-    streamed = model.plan.streamed_bytes
+def _row(system: str, offload: str, model: Any, r: Dict[str, Any], bound_gbps: Optional[float],
+         kv_bytes: int = 0) -> Dict[str, Any]:
+    """A result row; ``kv_bytes``: KV cache bytes that cross the link each decode step besides the weights."""
+    streamed = model.plan.streamed_bytes + kv_bytes
     bound = streamed / (bound_gbps * 1e9) if bound_gbps and streamed else None
     return {"system": system, "offload": offload, **r, "streamed_bytes": streamed,
             "achieved_gbps": streamed / r["decode_step_s"] / 1e9 if streamed else 0.0,
@@ -280,7 +287,7 @@ def _search_max_batch(load_fn: Any, prompt: int, gen: int) -> List[Dict[str, Any
 
 def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Optional[str], cap: Optional[int],
                  batches: List[int], device: str, dtype: Optional[torch.dtype], meta: Dict[str, Any],
-                 ranks: int = 1, compress: str = "none") -> List[Dict]:
+                 ranks: int = 1, compress: str = "none", kv_offload: str = "none") -> List[Dict]:
     from ..api.load import load
 
     rows: List[Dict[str, Any]] = []
@@ -288,7 +295,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         model = load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
                      max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False,
                      quantize=a.quantize, group_size=a.group_size, tensor_parallel=ranks,
-                     compress=None if compress == "none" else compress,
+                     compress=None if compress == "none" else compress, kv_offload=kv_offload,
                      copy_from_tokens=a.copy_from_tokens if offload == "ats" else None)
     except OutOfMemoryError as e:
         print(f"\n# {offload}, budget {budget}, batch {batches}: does not fit: {e}")
@@ -319,9 +326,12 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         r = reps[0] if a.repeats == 1 else {
             **reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
                                                                            "tokens_per_s")}}
-        row = _row("zstream", offload, model, r, bound)
+        # a host KV cache crosses the link whole every step: at the decode's mean context
+        kv = model.family.num_blocks * kv_layer_bytes(model.family, b, a.prompt + a.gen // 2, model.dtype) \
+            if kv_offload == "host" else 0
+        row = _row("zstream", offload, model, r, bound, kv)
         row["gpu_memory"], row["tp"], row["rank"] = budget, model.plan.ranks, model.plan.rank
-        row["compress"] = compress
+        row["compress"], row["kv_offload"], row["kv_bytes_per_step"] = compress, kv_offload, kv
         row["quantize"] = model.plan.quantization
         if model.plan.unquantized_block_bytes is not None:
             row["unquantized_bytes_per_step"] = sum(model.plan.unquantized_block_bytes[i]
@@ -451,8 +461,9 @@ def _bench_all(a: argparse.Namespace, path: Path, device: str,
             # Under a budget the KV cache competes with resident blocks: plan each batch on its own.
             groups = [[b] for b in a.batch] if budget is not None else [list(a.batch)]
             for group in groups:
-                for compress in a.compress:
-                    rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks, compress)
+                for compress, kv in itertools.product(a.compress, a.kv_offload):
+                    rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks, compress,
+                                         kv)
     return rows, meta
 
 

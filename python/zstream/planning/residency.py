@@ -23,14 +23,24 @@ from ..foundations.units import dtype_name, fmt_bytes
 from .facts import CheckpointFacts
 from .offload import OFFLOADS, choose_offload
 
+KV_OFFLOADS = ("none", "host")  # where the KV cache lives: the device, or pinned host memory (layer by layer up)
+HOST_KV_DEVICE_LAYERS = 2  # device room a host-placed KV cache needs: its staging layer and one layer in transit
 DEFAULT_SEQ_LEN = 2048  # the KV cache a load keeps room for when max_seq_len is not given (or the model's limit)
 WORKSPACE_BYTES = 256 << 20  # allocator slack and kernels' workspaces
 
 
-def reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype, quant: Optional[BlockQuant] = None) -> int:
-    """Device bytes kept free of weights: the KV cache for ``batch`` x ``seq`` tokens, a working set for activations
-    and last-position logits, and for quantized blocks room for one block's weights dequantized while it computes."""
-    kv = 2 * family.num_blocks * batch * seq * family.num_kv_heads * family.head_dim * dtype.itemsize
+def kv_layer_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> int:
+    """Bytes of one layer's keys and values for ``batch`` x ``seq`` tokens."""
+    return 2 * batch * seq * family.num_kv_heads * family.head_dim * dtype.itemsize
+
+
+def reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype, quant: Optional[BlockQuant] = None,
+                  kv_offload: str = "none") -> int:
+    """Device bytes kept free of weights: the KV cache for ``batch`` x ``seq`` tokens (with ``kv_offload="host"``
+    only the layers in transit), a working set for activations and last-position logits, and for quantized blocks
+    room for one block's weights dequantized while it computes."""
+    layers = HOST_KV_DEVICE_LAYERS if kv_offload == "host" else family.num_blocks
+    kv = min(layers, family.num_blocks) * kv_layer_bytes(family, batch, seq, dtype)
     acts = batch * seq * family.hidden_size * 24 * dtype.itemsize + batch * family.vocab_size * 8
     dequantized = quant.dequantized_nbytes if quant is not None else 0
     return kv + acts + dequantized + WORKSPACE_BYTES
@@ -61,6 +71,7 @@ class PlanOptions:
     max_batch: int = 1
     max_seq_len: Optional[int] = None
     max_resident_blocks: Optional[int] = None
+    kv_offload: str = "none"
 
 
 @dataclass
@@ -85,6 +96,8 @@ class Plan:
     unquantized_block_bytes: Optional[list[int]] = None  # block_bytes before quantization (checkpoint dtype)
     rank: int = 0                  # tensor parallelism: this process's rank of ``ranks``; the sizes are its shard's
     ranks: int = 1
+    kv_offload: str = "none"       # "host": the KV cache in pinned host memory, each layer's brought up to compute
+    kv_host_bytes: int = 0         # host bytes of that cache at the planned batch and sequence
 
     @property
     def num_blocks(self) -> int:
@@ -126,6 +139,9 @@ class Plan:
             f"reserved for KV cache and activations: {fmt_bytes(self.kv_reserve_bytes)}"
             + (f" of a {fmt_bytes(self.budget_bytes)} budget" if self.budget_bytes is not None else ""),
         ]
+        if self.kv_offload == "host":
+            lines.append(f"KV cache in pinned host memory: {fmt_bytes(self.kv_host_bytes)} at the planned batch and "
+                         "sequence; each layer's crosses the link to the device as it computes")
         if self.quantization is not None and self.unquantized_block_bytes is not None:
             before = sum(self.unquantized_block_bytes[i] for i in self.streamed_blocks)
             how = "compressed" if self.quantization.startswith("lossless") else "quantized"
@@ -177,7 +193,7 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
         raise UsageError(f"offload must be one of {', '.join(OFFLOADS)}, not {options.offload!r}")
     family, device_type = facts.family, resources.device_type
     seq = min(options.max_seq_len or DEFAULT_SEQ_LEN, family.max_positions)
-    reserve = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant)
+    reserve = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant, options.kv_offload)
     budget = options.budget if options.budget is not None else resources.device_free
     notes: List[str] = []
     offload = options.offload
@@ -209,7 +225,8 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
                 outer_bytes=facts.device_outer_bytes, resident_blocks=resident, streamed_blocks=streamed,
                 ring_slots=min(options.prefetch + 1, len(streamed)), kv_reserve_bytes=reserve, budget_bytes=budget,
                 notes=notes, quantization=facts.quant.cfg.describe() if facts.quant is not None else None,
-                unquantized_block_bytes=facts.unquantized_block_bytes)
+                unquantized_block_bytes=facts.unquantized_block_bytes, kv_offload=options.kv_offload,
+                kv_host_bytes=_kv_host_bytes(facts, options))
 
 
 def _check_offload(facts: CheckpointFacts, resources: Resources, offload: str, where: str) -> None:
@@ -245,4 +262,13 @@ def _in_place_plan(facts: CheckpointFacts, resources: Resources, options: PlanOp
     link = "ATS (pageable memory read in place)" if resources.report.ats else "mapped pinned memory read in place"
     return Plan(offload="ats", device=resources.device, dtype=facts.dtype, block_bytes=facts.block_bytes,
                 outer_bytes=facts.outer_bytes, resident_blocks=[], streamed_blocks=list(range(n)),
-                ring_slots=options.prefetch + 1, kv_reserve_bytes=0, budget_bytes=None, link=link, notes=notes)
+                ring_slots=options.prefetch + 1, kv_reserve_bytes=0, budget_bytes=None, link=link, notes=notes,
+                kv_offload=options.kv_offload, kv_host_bytes=_kv_host_bytes(facts, options))
+
+
+def _kv_host_bytes(facts: CheckpointFacts, options: PlanOptions) -> int:
+    """Host bytes of a host-placed KV cache at the planned batch and sequence (0 when it is on the device)."""
+    if options.kv_offload != "host":
+        return 0
+    seq = min(options.max_seq_len or DEFAULT_SEQ_LEN, facts.family.max_positions)
+    return facts.num_blocks * kv_layer_bytes(facts.family, options.max_batch, seq, facts.dtype)

@@ -1,8 +1,9 @@
-"""The KV cache: keys and values of every layer, allocated once for a batch and its longest sequence."""
+"""The KV cache: keys and values of every layer, allocated once for a batch and its longest sequence, on the device
+or, for the layers that do not fit (``kv_offload``), in pinned host memory."""
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -28,38 +29,96 @@ class LayerCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class HostLayerCache:
+    """A layer whose keys and values live in host memory, (max_len, B, nkv, hs) so that every step's rows and every
+    prefix are contiguous: this step's k, v go down to the host, and the layer's whole cache comes up into a device
+    buffer (``staging``) laid out as a device layer's, so attention runs the same kernel on the same bits. The copies
+    are ordered on the current stream (none waits on the host), so every host layer can share one staging buffer:
+    a layer's attention has run before the next layer's cache comes up into it."""
+
+    def __init__(self, k: Tensor, v: Tensor, staging: Tuple[Tensor, Tensor]) -> None:
+        self.k, self.v = k, v        # host: (max_len, B, nkv, hs)
+        self.staging = staging       # device: (B, nkv, max_len, hs) each
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> Tuple[Tensor, Tensor]:
+        """Store this step's k, v (B, nkv, T, hs) at slots [start, start + T); return slots [0, start + T) on the
+        device."""
+        end = start + k.shape[2]
+        if end > self.k.shape[0]:
+            raise ModelError(f"KV cache overflow: {end} tokens, the cache holds {self.k.shape[0]}")
+        out = []
+        for new, host, dev in ((k, self.k, self.staging[0]), (v, self.v, self.staging[1])):
+            earlier = host[:start].to(dev.device, non_blocking=True)           # (start, B, nkv, hs): one copy up
+            dev[:, :, :start].copy_(earlier.permute(1, 2, 0, 3))
+            dev[:, :, start:end].copy_(new)
+            host[start:end].copy_(new.permute(2, 0, 1, 3), non_blocking=True)  # (T, B, nkv, hs): down
+            out.append(dev[:, :, :end])
+        return out[0], out[1]
+
+
 class KVCache:
     """Keys and values of every layer, allocated once for the batch and the longest sequence.
 
-    k, v: (num_blocks, B, nkv, max_len, hs). ``length`` is the number of filled slots (the same for
-    every row: prompts are left-padded to a common length); ``mask`` (B, length) marks real tokens.
+    k, v: (device_layers, B, nkv, max_len, hs) on the device for the first ``device_layers`` layers; the others'
+    in host memory (``HostLayerCache``), pinned where the device is a GPU. ``length`` is the number of filled slots
+    (the same for every row: prompts are left-padded to a common length); ``mask`` (B, length) marks real tokens.
     """
 
     def __init__(self, num_blocks: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> None:
-        shape = (num_blocks, batch, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                 device_layers: Optional[int] = None) -> None:
+        device = torch.device(device)
+        on_device = num_blocks if device_layers is None else max(0, min(device_layers, num_blocks))
+        self.k = torch.zeros((on_device, batch, num_kv_heads, max_len, head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        host_shape = (num_blocks - on_device, max_len, batch, num_kv_heads, head_dim)
+        pin = device.type == "cuda"
+        self.k_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
+        self.v_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
+        # one staging pair on the device, which the host layers take in turn (HostLayerCache says why one is enough)
+        self._staging: List[Tuple[Tensor, Tensor]] = []
+        if host_shape[0]:
+            self._staging = [(torch.empty(self.k.shape[1:], dtype=dtype, device=device),
+                              torch.empty(self.k.shape[1:], dtype=dtype, device=device))]
+        self.num_blocks = num_blocks
         self.max_len = max_len
         self.length = 0
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)
 
     @classmethod
     def for_family(cls, family: Family, batch: int, max_len: int, dtype: torch.dtype,
-                   device: Union[str, torch.device] = "cpu") -> KVCache:
-        return cls(family.num_blocks, batch, max_len, family.num_kv_heads, family.head_dim, dtype, device)
+                   device: Union[str, torch.device] = "cpu", device_layers: Optional[int] = None) -> KVCache:
+        return cls(family.num_blocks, batch, max_len, family.num_kv_heads, family.head_dim, dtype, device,
+                   device_layers)
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.mask.shape[0]
+
+    @property
+    def device_layers(self) -> int:
+        return self.k.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        """Bytes of keys and values, wherever they are."""
+        return self.device_nbytes + self.host_nbytes
 
-    def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i])
+    @property
+    def device_nbytes(self) -> int:
+        """Device bytes: the device layers and the staging buffers of the host ones."""
+        staging = sum(t.numel() * t.element_size() for pair in self._staging for t in pair)
+        return 2 * self.k.numel() * self.k.element_size() + staging
 
+    @property
+    def host_nbytes(self) -> int:
+        return 2 * self.k_host.numel() * self.k_host.element_size()
+
+    def layer(self, i: int) -> Union[LayerCache, HostLayerCache]:
+        if i < self.device_layers:
+            return LayerCache(self.k[i], self.v[i])
+        j = i - self.device_layers
+        return HostLayerCache(self.k_host[j], self.v_host[j], self._staging[0])
     def extend(self, attention_mask: Tensor) -> Tuple[Tensor, int]:
         """Append the mask of T new tokens (B, T); return the mask of all tokens so far (B, S) and the
         start slot of the new ones. Raises ModelError if the cache is too short."""

@@ -142,7 +142,8 @@ class StreamingModel:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         try:
-            return KVCache.for_family(self.family, batch, max_len, self.dtype, self.device)
+            device_layers = 0 if self.plan.kv_offload == "host" else None
+            return KVCache.for_family(self.family, batch, max_len, self.dtype, self.device, device_layers)
         except torch.cuda.OutOfMemoryError as e:
             raise self._oom(f"a KV cache for batch {batch} x {max_len} tokens") from e
 

@@ -1,0 +1,85 @@
+"""The KV cache in host memory (``kv_offload="host"``): each layer's keys and values live on the host and come up to
+the device as the layer computes. Checked against the on-device cache, which is the reference: the same slots, the
+same logits and the same tokens bit for bit, for every family, left-padded batches, streamed and resident blocks,
+greedy and sampled generation; and what the plan reserves for it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zstream
+from zstream.errors import ModelError, UsageError
+from zstream.planning.residency import HOST_KV_DEVICE_LAYERS, kv_layer_bytes, reserve_bytes
+from zstream.streaming.cache import HostLayerCache, KVCache, LayerCache
+
+from tiny_models import padded_batch
+
+
+def test_host_layers_return_what_device_layers_do() -> None:
+    """A cache of 5 layers, 2 on the device and 3 on the host (sharing one staging buffer), fed the same steps as an
+    all-device cache, layer by layer in the order a forward pass takes them: a prompt of 4, then 3 single tokens.
+    Every update returns the same keys and values."""
+    g = torch.Generator().manual_seed(0)
+    mixed = KVCache(5, batch=2, max_len=9, num_kv_heads=3, head_dim=4, dtype=torch.float16, device_layers=2)
+    whole = KVCache(5, batch=2, max_len=9, num_kv_heads=3, head_dim=4, dtype=torch.float16)
+    assert [type(mixed.layer(i)) for i in range(5)] == [LayerCache] * 2 + [HostLayerCache] * 3
+    assert mixed.k_host.shape == (3, 9, 2, 3, 4) and mixed.device_layers == 2
+    assert mixed.host_nbytes == 2 * 3 * 9 * 2 * 3 * 4 * 2
+    start = 0
+    for T in (4, 1, 1, 1):
+        for i in range(5):
+            k = torch.randn(2, 3, T, 4, generator=g).half()
+            v = torch.randn(2, 3, T, 4, generator=g).half()
+            got = mixed.layer(i).update(k, v, start)
+            want = whole.layer(i).update(k, v, start)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (T, i)
+            assert got[0].shape == (2, 3, start + T, 4) and got[0].stride() == want[0].stride()
+        start += T
+    with pytest.raises(ModelError, match="overflow"):
+        mixed.layer(4).update(k, v, start=9)
+    assert KVCache(3, 1, 4, 1, 2, device_layers=0).device_layers == 0
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("kv")
+    return {name: zstream.make_checkpoint(name, root / name, torch.float32, progress=False)
+            for name in ("tiny-bloom", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-qwen2")}
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+@pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-qwen2"])
+def test_host_kv_cache_changes_no_logit_and_no_token(checkpoints: dict, name: str) -> None:
+    ids, mask = padded_batch(vocab=250, lengths=(9, 6, 3))
+    kw = {"device": "cpu", "progress": False, "offload": "cpu", "max_resident_blocks": 1}  # one resident, rest streamed
+    path = checkpoints[name]
+    with zstream.load(path, **kw) as plain, zstream.load(path, kv_offload="host", **kw) as host:
+        cache = host.new_cache(3, 20)
+        assert cache.device_layers == 0 and cache.host_nbytes > 0
+        assert torch.equal(host(ids, mask), plain(ids, mask))
+        greedy = {"max_new_tokens": 12, "do_sample": False}
+        assert torch.equal(host.generate(ids, attention_mask=mask, **greedy),
+                           plain.generate(ids, attention_mask=mask, **greedy))
+        sampled = {"max_new_tokens": 12, "do_sample": True, "top_k": 20, "temperature": 0.8}
+        torch.manual_seed(7)
+        want = plain.generate(ids, attention_mask=mask, **sampled)
+        torch.manual_seed(7)
+        assert torch.equal(host.generate(ids, attention_mask=mask, **sampled), want)
+
+
+def test_the_plan_reserves_only_the_layers_in_transit(checkpoints: dict) -> None:
+    with zstream.load(checkpoints["tiny-llama"], device="cpu", kv_offload="host", max_batch=4, max_seq_len=64,
+                      progress=False) as model:
+        fam, plan = model.family, model.plan
+        layer = kv_layer_bytes(fam, 4, 64, model.dtype)
+        assert plan.kv_offload == "host" and plan.kv_host_bytes == fam.num_blocks * layer
+        assert "KV cache in pinned host memory" in plan.summary()
+    whole = reserve_bytes(fam, 4, 64, model.dtype)
+    host = reserve_bytes(fam, 4, 64, model.dtype, kv_offload="host")
+    assert whole - host == (fam.num_blocks - min(HOST_KV_DEVICE_LAYERS, fam.num_blocks)) * layer
+
+
+def test_kv_offload_values_are_checked(checkpoints: dict) -> None:
+    with pytest.raises(UsageError, match="kv_offload must be one of 'none', 'host'"):
+        zstream.load(checkpoints["tiny-llama"], device="cpu", kv_offload="disk", progress=False)
