@@ -67,6 +67,18 @@ def test_real_shaped_weights_round_trip_at_their_entropy(dtype: torch.dtype, dis
         assert ratio <= (0.675 if dist == "gaussian" else 0.69)  # DFloat11's 0.675 / 0.690 on such tensors
 
 
+def test_headers_of_other_code_versions_are_refused_by_name() -> None:
+    """A checkpoint packed by another version of the code (format 1 had a 4096-entry table and one element a lane a
+    step) must not be decoded as this one: its header is refused, naming what it holds and the fix."""
+    assert codec.from_metadata(codec.to_metadata(torch.bfloat16), "m") == torch.bfloat16
+    assert codec.from_metadata({}, "m") is None
+    old = {codec.METADATA_KEY: '{"codec": "huffman-exponent", "dtype": "bfloat16", "version": 1}'}
+    with pytest.raises(zstream.CheckpointError, match=r"m: compressed as .*re-run zstream pack"):
+        codec.from_metadata(old, "m")
+    with pytest.raises(zstream.CheckpointError, match="unreadable"):
+        codec.from_metadata({codec.METADATA_KEY: "{"}, "m")
+
+
 def test_refuses_other_dtypes_and_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="bfloat16 or float16"):
         encode(torch.zeros(8, dtype=torch.float32))
