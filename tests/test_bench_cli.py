@@ -110,19 +110,21 @@ def test_compressed_and_plain_in_one_run(cache, tmp_path):
 
 
 def test_host_kv_cache_and_device_kv_cache_in_one_run(cache, tmp_path):
-    """``--kv-offload none,host``: the same configuration with the KV cache on the device and in host memory; the host
-    row counts the cache's bytes at the decode's mean context in what crosses the link each step."""
+    """``--kv-offload none,host,host-compute``: the same configuration with the KV cache on the device and in host
+    memory; the "host" row counts the cache's bytes at the decode's mean context in what crosses the link each
+    step."""
     import torch
 
     import zstream
 
     path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
     out = cache / "kv.json"
-    assert main(["bench", str(path), "--offload", "cpu", "--kv-offload", "none,host", "--batch", "2",
+    assert main(["bench", str(path), "--offload", "cpu", "--kv-offload", "none,host,host-compute", "--batch", "2",
                  "--prompt", "6", "--gen", "4", "--device", "cpu", "--max-resident-blocks", "0", "--json",
                  str(out)]) == 0
-    device, host = json.loads(out.read_text())["rows"]
-    assert (device["kv_offload"], host["kv_offload"]) == ("none", "host")
+    device, host, compute = json.loads(out.read_text())["rows"]
+    assert (device["kv_offload"], host["kv_offload"], compute["kv_offload"]) == ("none", "host", "host-compute")
+    assert compute["kv_bytes_per_step"] == 0  # attention where the cache lives: the cache does not cross
     with zstream.load(path, device="cpu", progress=False) as model:
         fam = model.family
     kv = fam.num_blocks * 2 * 2 * (6 + 2) * fam.num_kv_heads * fam.head_dim * 4  # k and v, batch 2, mean context 8

@@ -170,6 +170,24 @@ def test_tensor_parallel_cuda_paths_under_torchrun(tmp_path, preset):
         assert whole / 2 <= streamed < whole * 0.6
 
 
+@pytest.mark.parametrize("kv", ["host", "host-compute"])
+def test_host_kv_cache_on_the_gpu(tmp_path, kv):
+    """kv_offload on the GPU: the cache in pinned host memory; "host" brings each layer's up and changes no bit,
+    "host-compute" attends on the CPUs (other arithmetic: the logits agree to rounding)."""
+    path = synthetic.make_checkpoint("tiny-llama", tmp_path / "m", dtype=torch.float16, progress=False)
+    ids = torch.randint(4, 250, (3, 11), generator=torch.Generator().manual_seed(0))
+    kw = {"device": "cuda", "offload": "cpu", "max_resident_blocks": 0, "progress": False}
+    with zstream.load(path, **kw) as plain, zstream.load(path, kv_offload=kv, **kw) as host:
+        cache = host.new_cache(3, 20)
+        assert cache.k_host.is_pinned() and cache.device_layers == 0
+        if kv == "host":
+            assert torch.equal(host(ids), plain(ids))
+            assert torch.equal(host.generate(ids, max_new_tokens=16, do_sample=False),
+                               plain.generate(ids, max_new_tokens=16, do_sample=False))
+        else:
+            torch.testing.assert_close(host(ids).float(), plain(ids).float(), rtol=2e-2, atol=2e-2)
+
+
 def test_lossless_kernel_on_the_gpu_bit_for_bit():
     """The compiled kernel on real shapes and on the awkward ones: several tensors in one launch, runs cut short at
     the end, an output view that is not 8-byte aligned (the kernel writes int64s: it must go through a copy)."""

@@ -1,7 +1,8 @@
-"""The KV cache in host memory (``kv_offload="host"``): each layer's keys and values live on the host and come up to
-the device as the layer computes. Checked against the on-device cache, which is the reference: the same slots, the
-same logits and the same tokens bit for bit, for every family, left-padded batches, streamed and resident blocks,
-greedy and sampled generation; and what the plan reserves for it."""
+"""The KV cache in host memory: ``kv_offload="host"`` brings each layer's keys and values up to the device as the
+layer computes, ``"host-compute"`` runs the layer's attention on the host where they live. Checked against the
+on-device cache, which is the reference: the same slots, the same logits and the same tokens bit for bit (on the CPU,
+where both attend with the same arithmetic), for every family, left-padded batches, streamed and resident blocks,
+greedy and sampled generation; and what the plan reserves for each."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import zstream
 from zstream.errors import ModelError, UsageError
 from zstream.planning.residency import HOST_KV_DEVICE_LAYERS, kv_layer_bytes, reserve_bytes
-from zstream.streaming.cache import HostLayerCache, KVCache, LayerCache
+from zstream.streaming.cache import HostComputeLayerCache, HostLayerCache, KVCache, LayerCache
 
 from tiny_models import padded_batch
 
@@ -49,14 +50,17 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:.*random weights")
+@pytest.mark.parametrize("kv", ["host", "host-compute"])
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-qwen2"])
-def test_host_kv_cache_changes_no_logit_and_no_token(checkpoints: dict, name: str) -> None:
+def test_host_kv_cache_changes_no_logit_and_no_token(checkpoints: dict, name: str, kv: str) -> None:
     ids, mask = padded_batch(vocab=250, lengths=(9, 6, 3))
     kw = {"device": "cpu", "progress": False, "offload": "cpu", "max_resident_blocks": 1}  # one resident, rest streamed
     path = checkpoints[name]
-    with zstream.load(path, **kw) as plain, zstream.load(path, kv_offload="host", **kw) as host:
+    with zstream.load(path, **kw) as plain, zstream.load(path, kv_offload=kv, **kw) as host:
         cache = host.new_cache(3, 20)
-        assert cache.device_layers == 0 and cache.host_nbytes > 0
+        assert cache.device_layers == 0 and cache.host_nbytes > 0 and cache.host_compute == (kv == "host-compute")
+        want = HostComputeLayerCache if kv == "host-compute" else HostLayerCache
+        assert all(type(cache.layer(i)) is want for i in range(host.family.num_blocks))
         assert torch.equal(host(ids, mask), plain(ids, mask))
         greedy = {"max_new_tokens": 12, "do_sample": False}
         assert torch.equal(host.generate(ids, attention_mask=mask, **greedy),
@@ -78,8 +82,11 @@ def test_the_plan_reserves_only_the_layers_in_transit(checkpoints: dict) -> None
     whole = reserve_bytes(fam, 4, 64, model.dtype)
     host = reserve_bytes(fam, 4, 64, model.dtype, kv_offload="host")
     assert whole - host == (fam.num_blocks - min(HOST_KV_DEVICE_LAYERS, fam.num_blocks)) * layer
+    assert whole - reserve_bytes(fam, 4, 64, model.dtype, kv_offload="host-compute") == fam.num_blocks * layer
+    with zstream.load(checkpoints["tiny-llama"], device="cpu", kv_offload="host-compute", progress=False) as model:
+        assert "attention runs on the host's CPUs" in model.plan.summary() and model.plan.kv_host_bytes > 0
 
 
 def test_kv_offload_values_are_checked(checkpoints: dict) -> None:
-    with pytest.raises(UsageError, match="kv_offload must be one of 'none', 'host'"):
+    with pytest.raises(UsageError, match="kv_offload must be one of 'none', 'host', 'host-compute'"):
         zstream.load(checkpoints["tiny-llama"], device="cpu", kv_offload="disk", progress=False)

@@ -60,9 +60,11 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     ``compress``: "lossless" entropy-codes each block's linear weights (bfloat16 or float16) as it is loaded, for
     offload "none" or "cpu": about 0.67x of the bytes of a bf16 block cross the link, the GPU decodes them in the slot,
     and every weight, logit and token is bit-identical (docs/compression.md).
-    ``kv_offload``: "none" (the KV cache on the device) or "host": every layer's keys and values live in pinned host
+    ``kv_offload``: "none" (the KV cache on the device), "host": every layer's keys and values live in pinned host
     memory and cross the link as the layer computes (on the compute stream, beside the weights' copies), so the
-    device budget holds only the layers in transit and larger batches fit; logits and tokens are bit-identical.
+    device budget holds only the layers in transit and larger batches fit, logits and tokens bit-identical; or
+    "host-compute": the cache in pinned host memory and attention computed there by the CPUs (only q, k, v and the
+    attention's output cross the link; CPU arithmetic, so logits agree to rounding).
     ``tensor_parallel``: shard the model over the ranks this process was started with (``torchrun --nproc-per-node
     N``, or ``zstream.launch``): each rank holds and streams only its piece of every block (its heads, its MLP units)
     over its own link, and the ranks all-reduce activations twice a block (docs/parallel.md). None: every rank of the

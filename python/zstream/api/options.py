@@ -50,7 +50,7 @@ class LoadOptions:
     tensor_parallel: Optional[int] = None
     parallel_timeout: float = DEFAULT_TIMEOUT_S
     compress: Optional[str] = None  # "lossless": blocks entropy-coded at load, bit-exact
-    kv_offload: str = "none"        # "host": every layer's KV cache in pinned host memory
+    kv_offload: str = "none"        # "host", "host-compute": every layer's KV cache in pinned host memory
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
@@ -96,7 +96,8 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
                          "give one of them")
     if kv_offload not in KV_OFFLOADS:
         raise UsageError(f"kv_offload must be one of {', '.join(map(repr, KV_OFFLOADS))}, not {kv_offload!r} ('host' "
-                         "keeps the KV cache in pinned host memory and brings each layer's up as it computes)")
+                         "keeps the KV cache in pinned host memory and brings each layer's up as it computes; "
+                         "'host-compute' runs attention on the CPUs there)")
     if isinstance(parallel_timeout, bool) or not isinstance(parallel_timeout, (int, float)) or parallel_timeout <= 0:
         raise UsageError(f"parallel_timeout must be a positive number of seconds, not {parallel_timeout!r}")
     return LoadOptions(

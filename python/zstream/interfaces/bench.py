@@ -51,9 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=positive, default=64, help="inputs per quantization group")
     p.add_argument("--compress", type=comma_list(str, ("none", "lossless")), default=["none"],
                    help="comma list: none, lossless (each configuration with and without, in the same run)")
-    p.add_argument("--kv-offload", type=comma_list(str, ("none", "host")), default=["none"],
-                   help="comma list: none, host (the KV cache on the device, or in pinned host memory with each "
-                        "layer's brought up as it computes; its bytes count in the step's bound)")
+    p.add_argument("--kv-offload", type=comma_list(str, ("none", "host", "host-compute")), default=["none"],
+                   help="comma list: none, host, host-compute (the KV cache on the device; in pinned host memory with "
+                        "each layer's brought up as it computes, its bytes counted in the step's bound; or in host "
+                        "memory with attention on the CPUs)")
     p.add_argument("--copy-from-tokens", type=positive, default=None,
                    help="ats: tokens per pass from which blocks are copied instead of read in place "
                         "(default: the crossover measured at load)")

@@ -23,8 +23,10 @@ from ..foundations.units import dtype_name, fmt_bytes
 from .facts import CheckpointFacts
 from .offload import OFFLOADS, choose_offload
 
-KV_OFFLOADS = ("none", "host")  # where the KV cache lives: the device, or pinned host memory (layer by layer up)
-HOST_KV_DEVICE_LAYERS = 2  # device room a host-placed KV cache needs: its staging layer and one layer in transit
+# where the KV cache lives and attention runs: the device; pinned host memory, each layer's brought up to attend
+# on the device; pinned host memory, attention on the host's CPUs
+KV_OFFLOADS = ("none", "host", "host-compute")
+HOST_KV_DEVICE_LAYERS = 2  # device room a "host" KV cache needs: its staging layer and one layer in transit
 DEFAULT_SEQ_LEN = 2048  # the KV cache a load keeps room for when max_seq_len is not given (or the model's limit)
 WORKSPACE_BYTES = 256 << 20  # allocator slack and kernels' workspaces
 
@@ -39,7 +41,7 @@ def reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype, quan
     """Device bytes kept free of weights: the KV cache for ``batch`` x ``seq`` tokens (with ``kv_offload="host"``
     only the layers in transit), a working set for activations and last-position logits, and for quantized blocks
     room for one block's weights dequantized while it computes."""
-    layers = HOST_KV_DEVICE_LAYERS if kv_offload == "host" else family.num_blocks
+    layers = {"host": HOST_KV_DEVICE_LAYERS, "host-compute": 0}.get(kv_offload, family.num_blocks)
     kv = min(layers, family.num_blocks) * kv_layer_bytes(family, batch, seq, dtype)
     acts = batch * seq * family.hidden_size * 24 * dtype.itemsize + batch * family.vocab_size * 8
     dequantized = quant.dequantized_nbytes if quant is not None else 0
@@ -96,7 +98,7 @@ class Plan:
     unquantized_block_bytes: Optional[list[int]] = None  # block_bytes before quantization (checkpoint dtype)
     rank: int = 0                  # tensor parallelism: this process's rank of ``ranks``; the sizes are its shard's
     ranks: int = 1
-    kv_offload: str = "none"       # "host": the KV cache in pinned host memory, each layer's brought up to compute
+    kv_offload: str = "none"       # "host"/"host-compute": the KV cache in pinned host memory (KV_OFFLOADS)
     kv_host_bytes: int = 0         # host bytes of that cache at the planned batch and sequence
 
     @property
@@ -139,9 +141,11 @@ class Plan:
             f"reserved for KV cache and activations: {fmt_bytes(self.kv_reserve_bytes)}"
             + (f" of a {fmt_bytes(self.budget_bytes)} budget" if self.budget_bytes is not None else ""),
         ]
-        if self.kv_offload == "host":
+        if self.kv_offload != "none":
+            how = ("each layer's crosses the link to the device as it computes" if self.kv_offload == "host" else
+                   "attention runs on the host's CPUs, where it lives")
             lines.append(f"KV cache in pinned host memory: {fmt_bytes(self.kv_host_bytes)} at the planned batch and "
-                         "sequence; each layer's crosses the link to the device as it computes")
+                         f"sequence; {how}")
         if self.quantization is not None and self.unquantized_block_bytes is not None:
             before = sum(self.unquantized_block_bytes[i] for i in self.streamed_blocks)
             how = "compressed" if self.quantization.startswith("lossless") else "quantized"
@@ -268,7 +272,7 @@ def _in_place_plan(facts: CheckpointFacts, resources: Resources, options: PlanOp
 
 def _kv_host_bytes(facts: CheckpointFacts, options: PlanOptions) -> int:
     """Host bytes of a host-placed KV cache at the planned batch and sequence (0 when it is on the device)."""
-    if options.kv_offload != "host":
+    if options.kv_offload == "none":
         return 0
     seq = min(options.max_seq_len or DEFAULT_SEQ_LEN, facts.family.max_positions)
     return facts.num_blocks * kv_layer_bytes(facts.family, options.max_batch, seq, facts.dtype)

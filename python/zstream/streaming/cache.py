@@ -1,15 +1,18 @@
 """The KV cache: keys and values of every layer, allocated once for a batch and its longest sequence, on the device
-or, for the layers that do not fit (``kv_offload``), in pinned host memory."""
+or (``kv_offload``) in pinned host memory. A layer's cache stores each step's keys and values and runs the layer's
+attention over them (``attend``): on the device, or on the host's CPUs where the cache lives ("host-compute")."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+import dataclasses
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..errors import ModelError
-from ..foundations.models import Family
+from ..foundations.models import Family, StepContext
+from ..foundations.models.ops import attention
 
 
 class LayerCache:
@@ -18,6 +21,11 @@ class LayerCache:
     def __init__(self, k: Tensor, v: Tensor) -> None:
         self.k = k
         self.v = v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
+        """Store this step's k, v (B, nkv, T, hs) and attend q (B, nh, T, hs) over the layer's cache: (B, nh, T, hs)."""
+        keys, values = self.update(k, v, ctx.start)
+        return attention(q, keys, values, ctx)
 
     def update(self, k: Tensor, v: Tensor, start: int) -> Tuple[Tensor, Tensor]:
         """Store this step's k, v (B, nkv, T, hs) at slots [start, start + T); return slots [0, start + T)."""
@@ -29,7 +37,7 @@ class LayerCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class HostLayerCache:
+class HostLayerCache(LayerCache):
     """A layer whose keys and values live in host memory, (max_len, B, nkv, hs) so that every step's rows and every
     prefix are contiguous: this step's k, v go down to the host, and the layer's whole cache comes up into a device
     buffer (``staging``) laid out as a device layer's, so attention runs the same kernel on the same bits. The copies
@@ -37,7 +45,7 @@ class HostLayerCache:
     a layer's attention has run before the next layer's cache comes up into it."""
 
     def __init__(self, k: Tensor, v: Tensor, staging: Tuple[Tensor, Tensor]) -> None:
-        self.k, self.v = k, v        # host: (max_len, B, nkv, hs)
+        super().__init__(k, v)       # host: (max_len, B, nkv, hs)
         self.staging = staging       # device: (B, nkv, max_len, hs) each
 
     def update(self, k: Tensor, v: Tensor, start: int) -> Tuple[Tensor, Tensor]:
@@ -56,6 +64,24 @@ class HostLayerCache:
         return out[0], out[1]
 
 
+class HostComputeLayerCache(LayerCache):
+    """A layer whose keys and values live in host memory, (B, nkv, max_len, hs) as a device layer's, and whose
+    attention runs on the host's CPUs: only this step's q, k, v go down and the attention's output comes up, instead
+    of the whole cache (FlexGen's choice for long caches). ``host_context`` gives the step's context with its mask
+    on the host (once a step, shared by the layers)."""
+
+    def __init__(self, k: Tensor, v: Tensor, host_context: Callable[[StepContext], StepContext]) -> None:
+        super().__init__(k, v)
+        self.host_context = host_context
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> Tuple[Tensor, Tensor]:
+        return super().update(k.to(self.k.device), v.to(self.v.device), start)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
+        keys, values = self.update(k, v, ctx.start)
+        return attention(q.to(keys.device), keys, values, self.host_context(ctx)).to(q.device)
+
+
 class KVCache:
     """Keys and values of every layer, allocated once for the batch and the longest sequence.
 
@@ -66,18 +92,22 @@ class KVCache:
 
     def __init__(self, num_blocks: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
-                 device_layers: Optional[int] = None) -> None:
+                 device_layers: Optional[int] = None, host_compute: bool = False) -> None:
         device = torch.device(device)
         on_device = num_blocks if device_layers is None else max(0, min(device_layers, num_blocks))
         self.k = torch.zeros((on_device, batch, num_kv_heads, max_len, head_dim), dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         host_shape = (num_blocks - on_device, max_len, batch, num_kv_heads, head_dim)
+        if host_compute:  # attention on the host reads the cache as a device layer's is read
+            host_shape = (num_blocks - on_device, batch, num_kv_heads, max_len, head_dim)
+        self.host_compute = host_compute
+        self._step: Optional[Tuple[StepContext, StepContext]] = None  # (a step's context, with its mask on the host)
         pin = device.type == "cuda"
         self.k_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
         self.v_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
         # one staging pair on the device, which the host layers take in turn (HostLayerCache says why one is enough)
         self._staging: List[Tuple[Tensor, Tensor]] = []
-        if host_shape[0]:
+        if host_shape[0] and not host_compute:
             self._staging = [(torch.empty(self.k.shape[1:], dtype=dtype, device=device),
                               torch.empty(self.k.shape[1:], dtype=dtype, device=device))]
         self.num_blocks = num_blocks
@@ -87,9 +117,10 @@ class KVCache:
 
     @classmethod
     def for_family(cls, family: Family, batch: int, max_len: int, dtype: torch.dtype,
-                   device: Union[str, torch.device] = "cpu", device_layers: Optional[int] = None) -> KVCache:
+                   device: Union[str, torch.device] = "cpu", device_layers: Optional[int] = None,
+                   host_compute: bool = False) -> KVCache:
         return cls(family.num_blocks, batch, max_len, family.num_kv_heads, family.head_dim, dtype, device,
-                   device_layers)
+                   device_layers, host_compute)
 
     @property
     def batch(self) -> int:
@@ -114,11 +145,20 @@ class KVCache:
     def host_nbytes(self) -> int:
         return 2 * self.k_host.numel() * self.k_host.element_size()
 
-    def layer(self, i: int) -> Union[LayerCache, HostLayerCache]:
+    def layer(self, i: int) -> LayerCache:
         if i < self.device_layers:
             return LayerCache(self.k[i], self.v[i])
         j = i - self.device_layers
+        if self.host_compute:
+            return HostComputeLayerCache(self.k_host[j], self.v_host[j], self._host_context)
         return HostLayerCache(self.k_host[j], self.v_host[j], self._staging[0])
+
+    def _host_context(self, ctx: StepContext) -> StepContext:
+        """``ctx`` with its attention mask on the host, made once a step (every layer gets the same ``ctx``)."""
+        if self._step is None or self._step[0] is not ctx:
+            mask = ctx.mask.to(self.k_host.device) if ctx.mask is not None else None
+            self._step = (ctx, dataclasses.replace(ctx, mask=mask))
+        return self._step[1]
     def extend(self, attention_mask: Tensor) -> Tuple[Tensor, int]:
         """Append the mask of T new tokens (B, T); return the mask of all tokens so far (B, S) and the
         start slot of the new ones. Raises ModelError if the cache is too short."""

@@ -142,8 +142,9 @@ class StreamingModel:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         try:
-            device_layers = 0 if self.plan.kv_offload == "host" else None
-            return KVCache.for_family(self.family, batch, max_len, self.dtype, self.device, device_layers)
+            kv = self.plan.kv_offload
+            return KVCache.for_family(self.family, batch, max_len, self.dtype, self.device,
+                                      device_layers=None if kv == "none" else 0, host_compute=kv == "host-compute")
         except torch.cuda.OutOfMemoryError as e:
             raise self._oom(f"a KV cache for batch {batch} x {max_len} tokens") from e
 

@@ -25,9 +25,9 @@ object holds no weights; it tells the caller which tensors to fetch and runs pur
 
 ``mask`` is (B, S): 1 for real tokens, 0 for left padding, over the cached tokens and the T new ones
 (S = cached + T); the new keys/values go to cache slots [S - T, S) (``ctx.start`` = S - T).
-``cache.layer(i)`` is a ``zstream.generation.LayerCache``, or anything with ``update(k, v, start) ->
-(keys, values)`` that stores k, v (B, nkv, T, hs) at slots [start, start + T) and returns the keys and
-values of slots [0, start + T).
+``cache.layer(i)`` is a ``zstream.streaming.cache.LayerCache`` (or a host-memory one), or anything with
+``attend(q, k, v, ctx) -> (B, nh, T, hs)`` that stores k, v (B, nkv, T, hs) at slots [ctx.start, ctx.end) and
+returns ``ops.attention`` of q over the keys and values of slots [0, ctx.end), wherever it computes it.
 
 The ``StepContext`` (``models.common``) holds ``start``, ``positions`` (B, T), ``mask`` (an additive
 SDPA bias (B, 1 or nh, T, S), or None for plain causal attention), ``is_causal`` and ``rope`` (cos, sin).

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .common import Family, Reduce, Shape, StepContext, check_divisible, find_prefix, read_sizes
-from .ops import attention, layer_norm, linear, merge_heads, row_linear
+from .ops import layer_norm, linear, merge_heads, row_linear
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -138,8 +138,7 @@ class Bloom(Family):
         q = qkv[..., 0, :].transpose(1, 2)  # (B, nh, T, hs)
         k = qkv[..., 1, :].transpose(1, 2)
         v = qkv[..., 2, :].transpose(1, 2)
-        k, v = cache.update(k, v, ctx.start)  # (B, nh, S, hs)
-        y = merge_heads(attention(q, k, v, ctx))  # (B, T, nh * hs)
+        y = merge_heads(cache.attend(q, k, v, ctx))  # stores k, v; attends over the layer's cache: (B, T, nh * hs)
         hidden = residual + row_linear(y, w, "self_attention.dense", self.reduce)
 
         ln = layer_norm(hidden, w, "post_attention_layernorm", self.eps)

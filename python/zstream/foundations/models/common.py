@@ -346,7 +346,7 @@ class Family:
     def block(self, w: Mapping[str, Tensor], hidden: Tensor, cache: Any, ctx: StepContext) -> Tensor:
         """One transformer block: (B, T, C) -> (B, T, C); writes this step's keys/values into ``cache``.
 
-        ``w`` holds this block's tensors by local name; ``cache`` is the block's ``LayerCache``."""
+        ``w`` holds this block's tensors by local name; ``cache`` is the block's ``LayerCache`` (``attend``)."""
         raise NotImplementedError
 
     def head(self, w: Mapping[str, Tensor], hidden: Tensor) -> Tensor:

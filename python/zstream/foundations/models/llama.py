@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ...errors import ModelError
 from .common import Family, Shape, StepContext, check_divisible, find_prefix, read_sizes
-from .ops import activation, attention, linear, merge_heads, rms_norm, row_linear, split_heads
+from .ops import activation, linear, merge_heads, rms_norm, row_linear, split_heads
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -261,8 +261,7 @@ class Llama(Family):
         v = split_heads(linear(h, w, "self_attn.v_proj"), self.num_kv_heads)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k, v = cache.update(k, v, ctx.start)  # (B, nkv, S, hs)
-        y = merge_heads(attention(q, k, v, ctx))  # (B, T, nh * hs)
+        y = merge_heads(cache.attend(q, k, v, ctx))  # stores k, v; attends over the layer's cache: (B, T, nh * hs)
         hidden = hidden + row_linear(y, w, "self_attn.o_proj", self.reduce)
 
         h = rms_norm(hidden, w["post_attention_layernorm.weight"], self.eps)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import Family, Shape, StepContext, check_divisible, find_prefix, read_sizes
-from .ops import activation, attention, layer_norm, linear, merge_heads, row_linear, split_heads
+from .ops import activation, layer_norm, linear, merge_heads, row_linear, split_heads
 
 # OPT's position table has two extra rows at the start (a fairseq padding_idx artifact)
 POSITION_OFFSET = 2
@@ -109,8 +109,7 @@ class OPT(Family):
         q = split_heads(linear(h, w, "self_attn.q_proj"), nh)  # (B, nh, T, hs)
         k = split_heads(linear(h, w, "self_attn.k_proj"), nh)
         v = split_heads(linear(h, w, "self_attn.v_proj"), nh)
-        k, v = cache.update(k, v, ctx.start)  # (B, nh, S, hs)
-        y = merge_heads(attention(q, k, v, ctx))  # (B, T, nh * hs)
+        y = merge_heads(cache.attend(q, k, v, ctx))  # stores k, v; attends over the layer's cache: (B, T, nh * hs)
         hidden = hidden + row_linear(y, w, "self_attn.out_proj", self.reduce)
         if not self.pre_ln:  # opt-350m: LayerNorm after the residual add
             hidden = layer_norm(hidden, w, "self_attn_layer_norm", eps)
