@@ -86,7 +86,8 @@ class KVCache:
     """Keys and values of every layer, allocated once for the batch and the longest sequence.
 
     k, v: (device_layers, B, nkv, max_len, hs) on the device for the first ``device_layers`` layers; the others'
-    in host memory (``HostLayerCache``), pinned where the device is a GPU. ``length`` is the number of filled slots
+    in host memory, pinned where the device is a GPU: brought up to attend (``HostLayerCache``) or attended to there
+    (``host_compute``: ``HostComputeLayerCache``). ``length`` is the number of filled slots
     (the same for every row: prompts are left-padded to a common length); ``mask`` (B, length) marks real tokens.
     """
 
