@@ -39,8 +39,8 @@ def kv_layer_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> 
 def reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype, quant: Optional[BlockQuant] = None,
                   kv_offload: str = "none") -> int:
     """Device bytes kept free of weights: the KV cache for ``batch`` x ``seq`` tokens (with ``kv_offload="host"``
-    only the layers in transit), a working set for activations and last-position logits, and for quantized blocks
-    room for one block's weights dequantized while it computes."""
+    only the layers in transit, with "host-compute" none), a working set for activations and last-position logits,
+    and for quantized blocks room for one block's weights dequantized while it computes."""
     layers = {"host": HOST_KV_DEVICE_LAYERS, "host-compute": 0}.get(kv_offload, family.num_blocks)
     kv = min(layers, family.num_blocks) * kv_layer_bytes(family, batch, seq, dtype)
     acts = batch * seq * family.hidden_size * 24 * dtype.itemsize + batch * family.vocab_size * 8
