@@ -69,9 +69,13 @@ for stage in "$@"; do
         --json "$OUT/bench_lossless.json" ;;
     bench-lossless-nvme) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
       C=/root/llama-2-7b-bf16-lossless; [ -f "$C/config.json" ] || $Z pack "$CK" "$C" --compress lossless --device cuda
-      for ck in "$CK" "$C"; do sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
-        $Z bench "$ck" --offload nvme --batch 1 --prompt 512 --gen "${NVME_GEN:-4}" --json "$OUT/bench_lossless_nvme_$(basename "$ck").json"
-      done ;;
+      # the first read pass after 9-22 GB of fresh writes ran at 0.4 GB/s twice (the drive still busy with them):
+      # let it settle, then run the pair twice, alternating, and compare the second round
+      sync; sleep "${SETTLE_S:-60}"
+      for round in 1 2; do for ck in "$CK" "$C"; do sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
+        $Z bench "$ck" --offload nvme --batch 1 --prompt 512 --gen "${NVME_GEN:-4}" \
+          --json "$OUT/bench_lossless_nvme_$(basename "$ck")_round$round.json"
+      done; done ;;
     head-cost) # what a replicated head costs each rank a step: bloom-7b1's (250880 x 4096 fp16) at batch 1/16/64
       python3 - <<'PY' | tee "$OUT/head_cost.txt"
 import torch, torch.nn.functional as F
