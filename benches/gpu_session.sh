@@ -15,7 +15,8 @@
 #         GPUs under torchrun), head-cost (the replicated head's time per step).
 #         lossless: lossless (the code beside DFloat11: ratio, encode, decode GB/s; the GPU tests), lossless-sweep (the
 #         decoder's tuning and lane count), bench-lossless, bench-lossless-nvme (the streamed step, plain and coded).
-#         KV offload: bench-kv (bloom-7b1 at 16 GiB, the KV cache on the device and in host memory, by batch).
+#         KV offload: test-kv (the GPU tests of the host KV cache), bench-kv (bloom-7b1 at 16 GiB, the KV cache on the
+#         device, in host memory, and in host memory with attention on the CPU, by batch).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -62,8 +63,10 @@ for stage in "$@"; do
     bench-kv) # the KV cache on the device and in host memory (issue 17), bloom-7b1 fp16 under FlexGen's 16 GiB, each
       # batch planned on its own: the largest batches only fit with the cache on the host
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
-      $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload none,host --batch ${KV_BATCHES:-8,16,32,64} \
+      $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
         --prompt 512 --gen 32 --json "$OUT/bench_kv.json" ;;
+    test-kv) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "kv" > "$OUT/pytest_kv.log" 2>&1;
+      echo "rc=$?" >> "$OUT/pytest_kv.log"); tail -3 "$OUT/pytest_kv.log" ;;
     bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
       $Z bench "$CK" --offload cpu --compress none,lossless --batch 1,16,64 --prompt 512 --gen "${LOSSLESS_GEN:-32}" \
         --json "$OUT/bench_lossless.json" ;;

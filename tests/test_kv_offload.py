@@ -11,6 +11,7 @@ import torch
 
 import zstream
 from zstream.errors import ModelError, UsageError
+from zstream.foundations.models import StepContext
 from zstream.planning.residency import HOST_KV_DEVICE_LAYERS, kv_layer_bytes, reserve_bytes
 from zstream.streaming.cache import HostComputeLayerCache, HostLayerCache, KVCache, LayerCache
 
@@ -90,3 +91,25 @@ def test_the_plan_reserves_only_the_layers_in_transit(checkpoints: dict) -> None
 def test_kv_offload_values_are_checked(checkpoints: dict) -> None:
     with pytest.raises(UsageError, match="kv_offload must be one of 'none', 'host', 'host-compute'"):
         zstream.load(checkpoints["tiny-llama"], device="cpu", kv_offload="disk", progress=False)
+
+
+def test_host_compute_attends_the_prompt_where_q_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With attention on the host, the prompt (nothing earlier in the cache) attends over its own k, v where q is,
+    as the device cache does, and only sends k, v down; a later step attends over the host cache's slots."""
+    import zstream.streaming.cache as cache_module
+
+    calls = []
+    monkeypatch.setattr(cache_module, "attention", lambda q, k, v, ctx: calls.append((k, v, ctx)) or q)
+    cache = KVCache(1, batch=2, max_len=8, num_kv_heads=1, head_dim=4, device_layers=0, host_compute=True)
+    layer = cache.layer(0)
+    q, k, v = torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4)
+    ctx = StepContext(start=0, positions=torch.zeros(2, 5, dtype=torch.long), mask=None, is_causal=True)
+    layer.attend(q, k, v, ctx)
+    assert calls[-1][0] is k and calls[-1][1] is v and calls[-1][2] is ctx  # the prompt's own k, v, the step's ctx
+    assert torch.equal(cache.k_host[0, :, :, :5], k) and torch.equal(cache.v_host[0, :, :, :5], v)
+    step = StepContext(start=5, positions=torch.zeros(2, 1, dtype=torch.long), mask=torch.zeros(2, 1, 1, 6),
+                       is_causal=False)
+    layer.attend(q[:, :, :1], k[:, :, :1], v[:, :, :1], step)
+    keys, values, used = calls[-1]
+    assert keys.shape == (2, 1, 6, 4) and keys.data_ptr() == cache.k_host.data_ptr()  # the host cache's slots
+    assert torch.equal(values[:, :, 5:], v[:, :, :1]) and used is not step  # the step's context, mask on the host

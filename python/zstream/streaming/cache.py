@@ -67,8 +67,9 @@ class HostLayerCache(LayerCache):
 class HostComputeLayerCache(LayerCache):
     """A layer whose keys and values live in host memory, (B, nkv, max_len, hs) as a device layer's, and whose
     attention runs on the host's CPUs: only this step's q, k, v go down and the attention's output comes up, instead
-    of the whole cache (FlexGen's choice for long caches). ``host_context`` gives the step's context with its mask
-    on the host (once a step, shared by the layers)."""
+    of the whole cache (FlexGen's choice for long caches). The prompt's attention, which reads no earlier keys, runs
+    on the device (as FlexGen's prefill does) and gives the device cache's bits. ``host_context`` gives the step's
+    context with its mask on the host (once a step, shared by the layers)."""
 
     def __init__(self, k: Tensor, v: Tensor, host_context: Callable[[StepContext], StepContext]) -> None:
         super().__init__(k, v)
@@ -78,6 +79,9 @@ class HostComputeLayerCache(LayerCache):
         return super().update(k.to(self.k.device), v.to(self.v.device), start)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
+        if ctx.start == 0:  # the prompt: no earlier keys to read, so attend where q is and only send k, v down
+            self.update(k, v, 0)
+            return attention(q, k, v, ctx)
         keys, values = self.update(k, v, ctx.start)
         return attention(q.to(keys.device), keys, values, self.host_context(ctx)).to(q.device)
 
