@@ -58,7 +58,7 @@ for stage in "$@"; do
       (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k lossless > "$OUT/pytest_lossless.log" 2>&1;
        tail -3 "$OUT/pytest_lossless.log") ;;
     lossless-sweep) # the decoder's tuning and lane count on one 16M-element bf16 tensor, each decode checked bit for bit
-      python3 benches/lossless_bench.py --elements 16777216 --json "$OUT/lossless_sweep.json" --sweep "${SWEEP:-512:64:2,512:128:4,512:32:1,512:64:1,512:128:2,512:256:4,256:64:2}" \
+      python3 benches/lossless_bench.py --elements 16777216 --json "$OUT/lossless_sweep.json" --sweep "${SWEEP:-128:64:2,128:128:4,128:32:1,128:64:1,128:128:2,128:256:4,128:256:8,64:64:2,256:64:2,512:64:2}" \
         2>"$OUT/lossless_sweep.err" | tee "$OUT/lossless_sweep.jsonl"; tail -2 "$OUT/lossless_sweep.err" ;;
     bench-kv) # the KV cache on the device and in host memory (issue 17), bloom-7b1 fp16 under FlexGen's 16 GiB, each
       # batch planned on its own: the largest batches only fit with the cache on the host

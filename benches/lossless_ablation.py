@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from zstream.foundations.lossless import encode
+from zstream.foundations.lossless.codec import LANE_GROUP
 from zstream.foundations.measure import cuda_median_ms
 
 
@@ -63,6 +64,16 @@ VARIANTS = (("all", (1, 1, 1, 1, 1)), ("no-refill", (0, 1, 1, 1, 1)), ("no-looku
             ("alu-only", (0, 0, 0, 0, 0)))
 
 
+def first_words(offsets: torch.Tensor, lanes: int) -> torch.Tensor:
+    """The word each lane's stream starts in (int32, one a lane), from the format's offsets (``codec``: each group's
+    base word, then each lane's first bit from it as u16). The variants start there, at bit 0 of the word: they time,
+    they do not decode."""
+    groups = -(-lanes // LANE_GROUP)
+    start = offsets[groups:].contiguous().view(torch.int16)[:lanes].to(torch.int32) & 0xFFFF
+    base = offsets[:groups].repeat_interleave(LANE_GROUP)[:lanes]
+    return (base + (start >> 5)).to(torch.int32)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--elements", type=int, default=1 << 24)
@@ -72,7 +83,7 @@ def main() -> int:
     rows = []
     for per_lane in (512, 128):
         c = encode(w, lanes=w.numel() // per_lane)
-        words, offsets, raw = c.words.cuda(), c.offsets.cuda(), c.raw.cuda().view(-1)
+        words, offsets, raw = c.words.cuda(), first_words(c.offsets, c.lanes).cuda(), c.raw.cuda().view(-1)
         table = (torch.randint(0, 256, (4096,), dtype=torch.int16) | (3 << 8)).cuda()  # 3-bit codes: ~ the real mean
         out = torch.empty(w.numel(), dtype=torch.int16, device=words.device)
         lanes = c.lanes

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from zstream.foundations.lossless import encode
-from zstream.foundations.lossless.codec import CodedTensor
 from zstream.foundations.lossless.kernels import decode_many
 from zstream.foundations.measure import cuda_median_ms
 
@@ -59,7 +58,7 @@ def ours(ws: List[torch.Tensor], gpu: bool) -> Dict[str, Any]:
     row: Dict[str, Any] = {"system": "zstream", "ratio": sum(c.nbytes for c in cs) / (2 * numel),
                            "encode_s": statistics.median(times), "lanes": sum(c.lanes for c in cs)}
     if gpu:
-        ds = [CodedTensor(c.words.cuda(), c.offsets.cuda(), c.raw.cuda(), c.table.cuda(), c.dtype) for c in cs]
+        ds = [c.to("cuda") for c in cs]
         outs = [torch.empty(w.shape, dtype=w.dtype, device="cuda") for w in ws]
         ms = gpu_ms(lambda: decode_many(ds, outs))
         row.update(decode_ms=ms, decode_gbps=2 * numel / ms / 1e6,
@@ -140,7 +139,7 @@ def sweep(ws: List[torch.Tensor], configs: List[str]) -> List[Dict[str, Any]]:
     for config in configs:
         per_lane, block, warps = (int(x) for x in config.split(":"))
         cs = [encode(w, lanes=max(1, w.numel() // per_lane)) for w in ws]
-        ds = [CodedTensor(c.words.cuda(), c.offsets.cuda(), c.raw.cuda(), c.table.cuda(), c.dtype) for c in cs]
+        ds = [c.to("cuda") for c in cs]
         outs = [torch.empty(w.shape, dtype=w.dtype, device="cuda") for w in ws]
         for k in sorted({1, len(ws)}):
             run = functools.partial(decode_many, ds[:k], outs[:k], block=block, warps=warps)

@@ -12,14 +12,13 @@ import sys
 import torch
 
 from zstream.foundations.lossless import encode, kernels
-from zstream.foundations.lossless.codec import CodedTensor
 
 
 def main() -> int:
     per_lane, block, warps = (int(x) for x in sys.argv[1].split(":"))
     w = (0.02 * torch.randn(1 << 24, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
     c = encode(w, lanes=w.numel() // per_lane)
-    d = CodedTensor(c.words.cuda(), c.offsets.cuda(), c.raw.cuda(), c.table.cuda(), c.dtype)
+    d = c.to("cuda")
     out = torch.empty(w.shape, dtype=w.dtype, device="cuda")
     for _ in range(3):
         kernels.decode_many([d], [out], block=block, warps=warps)

@@ -198,7 +198,7 @@ def test_lossless_kernel_on_the_gpu_bit_for_bit():
              ((5, 4099), torch.float16))
     ws = [(0.02 * torch.randn(*shape, generator=g)).to(dtype) for shape, dtype in cases]
     coded = [encode(w) for w in ws]
-    coded = [type(c)(c.words.cuda(), c.offsets.cuda(), c.raw.cuda(), c.table.cuda(), c.dtype) for c in coded]
+    coded = [c.to("cuda") for c in coded]
     outs = [torch.empty(w.shape, dtype=w.dtype, device="cuda") for w in ws[:3]]
     outs.append(torch.empty(ws[3].numel() + 1, dtype=ws[3].dtype, device="cuda")[1:].view(ws[3].shape))
     kernels.decode_many(coded, outs)

@@ -69,12 +69,19 @@ def test_real_shaped_weights_round_trip_at_their_entropy(dtype: torch.dtype, dis
 
 def test_headers_of_other_code_versions_are_refused_by_name() -> None:
     """A checkpoint packed by another version of the code (format 1 had a 4096-entry table and one element a lane a
-    step) must not be decoded as this one: its header is refused, naming what it holds and the fix."""
+    step, format 2 lanes of 512 elements) must not be decoded as this one: its header is refused, naming what it
+    holds and the fix."""
     assert codec.from_metadata(codec.to_metadata(torch.bfloat16), "m") == torch.bfloat16
     assert codec.from_metadata({}, "m") is None
-    old = {codec.METADATA_KEY: '{"codec": "huffman-exponent", "dtype": "bfloat16", "version": 1}'}
-    with pytest.raises(zstream.CheckpointError, match=r"m: compressed as .*re-run zstream pack"):
-        codec.from_metadata(old, "m")
+    for version in (1, 2):  # 2: lanes of 512 elements with word offsets
+        old = {codec.METADATA_KEY: f'{{"codec": "huffman-exponent", "dtype": "bfloat16", "version": {version}}}'}
+        with pytest.raises(zstream.CheckpointError, match=r"m: compressed as .*re-run zstream pack"):
+            codec.from_metadata(old, "m")
+    # parts whose offsets do not fit the lanes of their element count (format 2 had lanes + 1 word offsets)
+    c = encode(torch.zeros(4096, dtype=torch.bfloat16))
+    assert c.lanes == 32 and c.offsets.numel() == 1 + 16
+    with pytest.raises(zstream.CheckpointError, match="4096 elements has 33 offset words; 32 lanes take 17"):
+        codec.CodedTensor(c.words, torch.zeros(33, dtype=torch.int32), c.raw, c.table, c.dtype)
     with pytest.raises(zstream.CheckpointError, match="unreadable"):
         codec.from_metadata({codec.METADATA_KEY: "{"}, "m")
 

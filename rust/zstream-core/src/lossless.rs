@@ -18,10 +18,15 @@
 //! elements: run `r` (elements `RUN * r .. RUN * r + RUN`) goes to lane `r % lanes`, so lane `j` codes runs `j`,
 //! `j + lanes`, `j + 2 * lanes`, ... In step `k` the lanes decode the consecutive runs `k * lanes .. (k + 1) * lanes`:
 //! on a GPU each lane reads its run's raw bytes as one 4-byte word and writes its 4 outputs as one 8-byte word, and
-//! the lanes of a warp read and write consecutive memory. Each lane's
-//! stream is a whole number of big-endian-ordered `u32` words (its bits MSB-first), followed by one zero word, so a
-//! reader may always load the word after the one it is in. `offsets[j]` is the first word of lane `j`,
-//! `offsets[lanes]` the total.
+//! the lanes of a warp read and write consecutive memory.
+//!
+//! The lanes' streams are laid end to end in one MSB-first bit stream of `u32` words, without padding between lanes,
+//! in groups of `LANE_GROUP` lanes; each group starts on a word. Where a lane starts costs 2 bytes and 1/16 of a
+//! group's base: `offsets` holds each group's first word, then each lane's first bit counted from its group's
+//! first word, as `u16` pairs (lane `2i` in the low half of word `groups + i`). Two zero words end the stream, so a
+//! reader may load the two words after any it is in. (Format 2 gave each lane 512 elements, a `u32` offset and
+//! its own zero word: 10 bytes a lane; lanes of 128 elements at 2.2 bytes each give four times the lanes for the GPU
+//! to run at once, and a smaller code.)
 
 use crate::error::{Error, Result};
 
@@ -29,6 +34,8 @@ use crate::error::{Error, Result};
 pub const MAX_CODE_LEN: u32 = 12;
 /// Consecutive elements a lane takes at a time.
 pub const RUN: usize = 4;
+/// Lanes whose starts share one base word in `offsets`.
+pub const LANE_GROUP: usize = 32;
 /// Slots for per-length values in the decode tables (lengths 0..16; 1..=12 are used).
 const LEN_SLOTS: usize = 16;
 /// Entries of the decode tables: per-length limits, per-length index deltas, then the symbols in code order.
@@ -37,10 +44,12 @@ pub const TABLE_LEN: usize = 2 * LEN_SLOTS + 256;
 /// One tensor, coded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
-    /// The lanes' bit streams, one after another.
+    /// The lanes' bit streams, one after another, then two zero words.
     pub words: Vec<u32>,
-    /// `lanes + 1` word offsets into `words`.
+    /// Where each lane starts (`offsets_len(lanes)` words): the groups' first words, then the lanes' `u16` starts.
     pub offsets: Vec<u32>,
+    /// Number of lanes.
+    pub lanes: usize,
     /// The raw byte of every element, in element order.
     pub raw: Vec<u8>,
     /// The decode tables (`decode_tables`).
@@ -54,11 +63,17 @@ impl Encoded {
     pub fn nbytes(&self) -> usize {
         4 * self.words.len() + 4 * self.offsets.len() + self.raw.len() + 2 * self.table.len()
     }
+}
 
-    /// Number of lanes.
-    pub fn lanes(&self) -> usize {
-        self.offsets.len() - 1
-    }
+/// Words of the `offsets` of `lanes` lanes: one a group, then one for two lanes.
+pub fn offsets_len(lanes: usize) -> usize {
+    lanes.div_ceil(LANE_GROUP) + lanes.div_ceil(2)
+}
+
+/// The first bit of lane `lane` in the stream, from `offsets` (`offsets_len(lanes)` words long).
+fn lane_start(offsets: &[u32], lanes: usize, lane: usize) -> usize {
+    let half = offsets[lanes.div_ceil(LANE_GROUP) + lane / 2] >> (16 * (lane % 2)) & 0xffff;
+    32 * offsets[lane / LANE_GROUP] as usize + half as usize
 }
 
 /// The symbol of a 16-bit word.
@@ -222,14 +237,26 @@ impl BitWriter {
         }
     }
 
-    /// The lane's words: its stream, the last word padded with zero bits, then the zero word a reader may load
-    /// past the end.
-    fn finish(mut self) -> Vec<u32> {
-        if self.bits > 0 {
-            self.words.push((self.acc << (32 - self.bits)) as u32);
+    /// Bits written so far.
+    fn len(&self) -> usize {
+        32 * self.words.len() + self.bits as usize
+    }
+
+    /// Append the bits of `other`.
+    fn append(&mut self, other: &BitWriter) {
+        for &w in &other.words {
+            self.put(w, 32);
         }
-        self.words.push(0);
-        self.words
+        if other.bits > 0 {
+            self.put((other.acc & ((1 << other.bits) - 1)) as u32, other.bits);
+        }
+    }
+
+    /// Pad with zero bits to a whole word.
+    fn align(&mut self) {
+        if self.bits > 0 {
+            self.put(0, 32 - self.bits);
+        }
     }
 }
 
@@ -246,9 +273,10 @@ pub fn encode(data: &[u16], lanes: usize) -> Result<Encoded> {
     }
     let lengths = code_lengths(&counts, MAX_CODE_LEN);
     let codes = canonical_codes(&lengths);
-    // each thread codes a run of lanes into words of its own; the runs are then laid end to end
-    let per = lanes.div_ceil(threads);
-    let runs: Vec<(Vec<u32>, Vec<usize>)> = std::thread::scope(|scope| {
+    // each thread codes whole groups of lanes into words of its own (a group starts on a word, so a thread's words
+    // need no shifting); the threads' words are then laid end to end and their groups' bases moved by where they land
+    let per = lanes.div_ceil(threads).next_multiple_of(LANE_GROUP);
+    let parts: Vec<Result<Lanes>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..lanes)
             .step_by(per)
             .map(|first| {
@@ -258,19 +286,23 @@ pub fn encode(data: &[u16], lanes: usize) -> Result<Encoded> {
             .collect();
         handles.into_iter().map(|h| h.join().expect("a coding thread panicked")).collect()
     });
-    let total: usize = runs.iter().map(|(w, _)| w.len()).sum();
     let too_large = || Error::InvalidArgument("lossless: a tensor of more than 2^32 words".into());
-    u32::try_from(total).map_err(|_| too_large())?;
-    let mut words = Vec::with_capacity(total);
-    let mut offsets = Vec::with_capacity(lanes + 1);
-    for (run, starts) in runs {
-        let base = words.len();
-        offsets.extend(starts.iter().map(|&s| (base + s) as u32));
-        words.extend_from_slice(&run);
+    let mut words = Vec::new();
+    let (mut bases, mut starts) = (Vec::with_capacity(lanes.div_ceil(LANE_GROUP)), Vec::with_capacity(lanes));
+    for part in parts {
+        let part = part?;
+        let shift = u32::try_from(words.len()).map_err(|_| too_large())?;
+        bases.extend(part.bases.iter().map(|&b| b + shift));
+        starts.extend_from_slice(&part.starts);
+        words.extend_from_slice(&part.words);
     }
-    offsets.push(total as u32);
+    u32::try_from(words.len() + 2).map_err(|_| too_large())?;
+    words.extend([0, 0]);
+    starts.resize(lanes.next_multiple_of(2), 0);
+    let mut offsets = bases;
+    offsets.extend(starts.chunks(2).map(|p| u32::from(p[0]) | u32::from(p[1]) << 16));
     let raw = raw_bytes(data, threads);
-    Ok(Encoded { words, offsets, raw, table: decode_tables(&lengths), lengths })
+    Ok(Encoded { words, offsets, lanes, raw, table: decode_tables(&lengths), lengths })
 }
 
 fn histogram(data: &[u16], threads: usize) -> [u64; 256] {
@@ -298,17 +330,26 @@ fn histogram(data: &[u16], threads: usize) -> [u64; 256] {
     })
 }
 
-/// The words of lanes `run` (each lane's stream, then its zero word) and where each lane starts in them. The lanes
-/// take their elements row by row (row `k` is runs `k * lanes ..`, and the runs of lanes `run` are contiguous in
-/// it), so the tensor is read once, in order, however many lanes there are.
+/// Whole groups of lanes, coded: their words (each group starting on a word), each group's first word and each
+/// lane's first bit counted from its group's.
+struct Lanes {
+    words: Vec<u32>,
+    bases: Vec<u32>,
+    starts: Vec<u16>,
+}
+
+/// Lanes `run` (whole groups, but for the last) coded. The lanes take their elements row by row (row `k` is runs
+/// `k * lanes ..`, and the runs of lanes `run` are contiguous in it), so the tensor is read once, in order, however
+/// many lanes there are. Fails where a lane starts more than 2^16 bits into its group (lanes of more than about 170
+/// elements of 12-bit codes).
 fn code_lanes(
     data: &[u16],
     lanes: usize,
     run: std::ops::Range<usize>,
     codes: &[u32; 256],
     lengths: &[u8; 256],
-) -> (Vec<u32>, Vec<usize>) {
-    let per_lane = data.len() / lanes.max(1) / 3 + 2; // words a lane needs at ~10 bits an element, rounded up
+) -> Result<Lanes> {
+    let per_lane = data.len() / lanes.max(1) / 8 + 2; // words a lane needs at ~4 bits an element, rounded up
     let mut writers: Vec<BitWriter> =
         run.clone().map(|_| BitWriter { words: Vec::with_capacity(per_lane), ..BitWriter::default() }).collect();
     let span = RUN * run.start..RUN * run.end;
@@ -321,13 +362,28 @@ fn code_lanes(
             }
         }
     }
-    let mut words = Vec::with_capacity(writers.iter().map(|b| b.words.len() + 2).sum());
-    let mut starts = Vec::with_capacity(run.len());
-    for bits in writers {
-        starts.push(words.len());
-        words.extend_from_slice(&bits.finish());
+    let mut out = BitWriter {
+        words: Vec::with_capacity(writers.iter().map(|b| b.words.len() + 1).sum()),
+        ..BitWriter::default()
+    };
+    let (mut bases, mut starts) = (Vec::new(), Vec::with_capacity(run.len()));
+    for (k, group) in writers.chunks(LANE_GROUP).enumerate() {
+        out.align();
+        bases.push(out.words.len() as u32); // the caller checks the total fits 32 bits
+        let base = out.len();
+        for (j, bits) in group.iter().enumerate() {
+            let lane = run.start + k * LANE_GROUP + j;
+            let start = u16::try_from(out.len() - base).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "lossless: lane {lane} starts past 2^16 bits into its group; use more lanes"
+                ))
+            })?;
+            starts.push(start);
+            out.append(bits);
+        }
     }
-    (words, starts)
+    out.align();
+    Ok(Lanes { words: out.words, bases, starts })
 }
 
 /// The raw byte of every element, split over `threads`.
@@ -342,35 +398,32 @@ fn raw_bytes(data: &[u16], threads: usize) -> Vec<u8> {
     out
 }
 
-/// Decode into `out` (as many elements as `raw` holds): the CPU path, and the reference the GPU kernel is
-/// tested against.
-pub fn decode(words: &[u32], offsets: &[u32], raw: &[u8], tables: &[u16], out: &mut [u16]) -> Result<()> {
-    let lanes = offsets.len().saturating_sub(1);
-    if lanes == 0 || out.len() != raw.len() {
+/// Decode into `out` (as many elements as `raw` holds) from `lanes` lanes: the CPU path, and the reference the GPU
+/// kernel is tested against.
+pub fn decode(words: &[u32], offsets: &[u32], lanes: usize, raw: &[u8], tables: &[u16], out: &mut [u16]) -> Result<()> {
+    if lanes == 0 || out.len() != raw.len() || offsets.len() != offsets_len(lanes) {
         return Err(Error::InvalidArgument(format!(
-            "lossless: {lanes} lanes, {} raw bytes for {} elements",
+            "lossless: {lanes} lanes with {} offset words (want {}), {} raw bytes for {} elements",
+            offsets.len(),
+            offsets_len(lanes),
             raw.len(),
             out.len()
         )));
     }
     let lookup = lookup_table(tables)?;
+    let n = out.len();
     for lane in 0..lanes {
-        let (start, end) = (offsets[lane] as usize, offsets[lane + 1] as usize);
-        if start > end || end > words.len() || start == end {
-            return Err(Error::InvalidArgument(format!(
-                "lossless: lane {lane} spans words {start}..{end} of {}",
-                words.len()
-            )));
-        }
-        let stream = &words[start..end];
-        // a 64-bit window, MSB-first: `have` valid bits at its top
-        let (mut window, mut have, mut next) = (0u64, 0u32, 0usize);
-        let n = out.len();
+        let start = lane_start(offsets, lanes, lane);
+        let runs_out =
+            || Error::InvalidArgument(format!("lossless: lane {lane} runs past the stream's {} words", words.len()));
+        // a 64-bit window, MSB-first: `have` valid bits at its top; `next` the word to load next. The lane's first
+        // word goes in without the bits before its start (the lane before's).
+        let skip = (start % 32) as u32;
+        let mut window = u64::from(*words.get(start / 32).ok_or_else(runs_out)?) << (32 + skip);
+        let (mut have, mut next) = (32 - skip, start / 32 + 1);
         for i in (RUN * lane..n).step_by(RUN * lanes).flat_map(|e| e..(e + RUN).min(n)) {
             if have < MAX_CODE_LEN {
-                let w = *stream
-                    .get(next)
-                    .ok_or_else(|| Error::InvalidArgument(format!("lossless: lane {lane} runs out")))?;
+                let w = *words.get(next).ok_or_else(runs_out)?;
                 window |= u64::from(w) << (32 - have);
                 have += 32;
                 next += 1;
@@ -396,7 +449,7 @@ mod tests {
     fn roundtrip(data: &[u16], lanes: usize) -> Encoded {
         let enc = encode(data, lanes).unwrap();
         let mut out = vec![0u16; data.len()];
-        decode(&enc.words, &enc.offsets, &enc.raw, &enc.table, &mut out).unwrap();
+        decode(&enc.words, &enc.offsets, enc.lanes, &enc.raw, &enc.table, &mut out).unwrap();
         assert_eq!(out, data);
         enc
     }
@@ -411,18 +464,34 @@ mod tests {
     #[test]
     fn runs_of_four_are_dealt_to_the_lanes_in_turn() {
         // 13 elements, 2 lanes: elements 0..4 and 8..12 go to lane 0, 4..8 and 12 to lane 1. Lane 0's get symbol 5
-        // (code 0), lane 1's symbol 9 (code 1): 8 zero bits, then 5 one bits.
+        // (code 0), lane 1's symbol 9 (code 1): 8 zero bits, then 5 one bits, in one stream; lane 1 starts at bit 8.
         let data: Vec<u16> = (0..13).map(|i| word(if (i / RUN) % 2 == 0 { 5 } else { 9 }, i as u8)).collect();
         let enc = roundtrip(&data, 2);
-        assert_eq!(enc.offsets, [0, 2, 4]);
-        assert_eq!(enc.words, [0, 0, 0b11111 << 27, 0]);
+        assert_eq!(enc.offsets, [0, 8 << 16]);
+        assert_eq!(enc.words, [0b11111 << 19, 0, 0]);
+    }
+
+    #[test]
+    fn groups_start_on_a_word_and_lanes_on_a_bit() {
+        // 34 lanes of one 4-element run each, every symbol but one 1 bit long: lanes 0..32 form group 0, lanes 32 and
+        // 33 group 1, which starts on the word after group 0's last bit
+        let mut data: Vec<u16> = (0..136).map(|i| word(5, i as u8)).collect();
+        data[0] = word(9, 0); // one rarer symbol: codes 0 (symbol 5) and 1 (symbol 9)
+        let enc = roundtrip(&data, 34);
+        assert_eq!(offsets_len(34), 2 + 17);
+        assert_eq!(enc.offsets[..2], [0, 4]); // group 0: 128 bits = 4 words
+        let starts: Vec<usize> = (0..34).map(|lane| lane_start(&enc.offsets, 34, lane)).collect();
+        let want: Vec<usize> = (0..32).map(|j| 4 * j).chain([128, 132]).collect();
+        assert_eq!(starts, want);
+        assert_eq!(enc.words.len(), 5 + 2);
+        assert_eq!(enc.words[0], 1 << 31); // symbol 9 first: code 1
     }
 
     #[test]
     fn one_symbol_and_all_symbols() {
         roundtrip(&[0x3f80; 1000], 7);
         let all: Vec<u16> = (0..=u16::MAX).collect();
-        let enc = roundtrip(&all, 64);
+        let enc = roundtrip(&all, 2048);
         assert!(enc.lengths.iter().all(|&l| l == 8)); // uniform symbols: 8 bits each
         roundtrip(&[], 1);
     }
@@ -479,8 +548,13 @@ mod tests {
         let enc = encode(&[1, 2, 3, 4], 2).unwrap();
         let mut out = vec![0u16; 4];
         let bad_table = vec![0u16; TABLE_LEN];
-        assert!(decode(&enc.words, &enc.offsets, &enc.raw, &bad_table, &mut out).is_err());
-        assert!(decode(&enc.words, &[0, 99, 100], &enc.raw, &enc.table, &mut out).is_err());
+        assert!(decode(&enc.words, &enc.offsets, 2, &enc.raw, &bad_table, &mut out).is_err());
+        assert!(decode(&enc.words, &[0, 99, 100], 2, &enc.raw, &enc.table, &mut out).is_err()); // offsets too long
+        assert!(decode(&enc.words, &[9, 0], 2, &enc.raw, &enc.table, &mut out).is_err()); // past the stream
+        assert!(decode(&enc.words, &enc.offsets, 2, &enc.raw, &enc.table, &mut out).is_ok());
+        // two lanes of 8-bit codes, 32768 elements each: lane 1 would start 2^18 bits into the group
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        assert!(encode(&all, 2).unwrap_err().to_string().contains("more lanes"));
     }
 
     proptest! {

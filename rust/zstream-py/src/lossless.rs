@@ -29,7 +29,8 @@ fn bytes_of<T: Copy, const N: usize>(values: &[T], to: fn(T) -> [u8; N]) -> std:
     std::borrow::Cow::Owned(values.iter().flat_map(|&v| to(v)).collect())
 }
 
-/// A coded tensor's four parts, as Python bytes: u32 words, u32 offsets, u8 raw bytes, u16 table.
+/// A coded tensor's four parts, as Python bytes: u32 words, u32 offsets (group bases, then u16 lane starts), u8 raw
+/// bytes, u16 table.
 type Parts = (Py<PyBytes>, Py<PyBytes>, Py<PyBytes>, Py<PyBytes>);
 
 /// `(words, offsets, raw, table)` of 16-bit words `data` (little-endian bytes) coded over `lanes` lanes, each as
@@ -46,18 +47,19 @@ pub fn lossless_encode(py: Python<'_>, data: &[u8], lanes: usize) -> PyResult<Pa
     ))
 }
 
-/// The 16-bit words (little-endian bytes) that `lossless_encode` coded, from its four outputs.
+/// The 16-bit words (little-endian bytes) that `lossless_encode` coded over `lanes` lanes, from its four outputs.
 #[pyfunction]
 pub fn lossless_decode(
     py: Python<'_>,
     words: &[u8],
     offsets: &[u8],
+    lanes: usize,
     raw: &[u8],
     table: &[u8],
 ) -> PyResult<Py<PyBytes>> {
     let (w, o, t) =
         (view(words, u32::from_le_bytes), view(offsets, u32::from_le_bytes), view(table, u16::from_le_bytes));
     let mut out = vec![0u16; raw.len()];
-    py.detach(|| lossless::decode(&w, &o, raw, &t, &mut out)).py_err(py)?;
+    py.detach(|| lossless::decode(&w, &o, lanes, raw, &t, &mut out)).py_err(py)?;
     Ok(PyBytes::new(py, &bytes_of(&out, u16::to_le_bytes)).unbind())
 }

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..store import WeightStore
 
 ALIGN = 256  # each coded part starts 256-byte aligned in a block buffer
-# A coded weight carries 576 bytes of tables and 8-10 bytes per lane of 512 elements, and a decode launch goes with
+# A coded weight carries 576 bytes of tables and about 2.2 bytes per lane of 128 elements, and a decode launch goes with
 # it; below this size a weight stays raw (a 16384-element bf16 weight: 32 KiB, about 10.5 KiB saved).
 MIN_CODED_ELEMENTS = 16384
 

@@ -3,8 +3,9 @@ native module, decode on the host (native) or on the GPU (``kernels``).
 
 A 16-bit float weight ``NAME`` (bfloat16 or float16) is stored as four tensors:
 
-    NAME.lwords    int32 (W,)        the lanes' bit streams (u32 words, MSB-first)
-    NAME.loffsets  int32 (lanes + 1) where each lane's stream starts, in words
+    NAME.lwords    int32 (W,)        the lanes' bit streams end to end (u32 words, MSB-first), then two zero words
+    NAME.loffsets  int32 (G + L/2)   where each lane starts: each group of 32 lanes' first word, then each lane's
+                                     first bit from its group's as u16 (``offsets_len``; lanes from the element count)
     NAME.lraw      uint8  NAME's shape: each element's sign and 7 low bits (so the shape travels with it)
     NAME.ltable    int16 (288,)      the decode tables: where each code length ends, then the symbols in code order
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -25,11 +26,12 @@ from ... import _core
 from ...errors import CheckpointError, UsageError
 
 METADATA_KEY = "zstream.compression"
-FORMAT_VERSION = 2  # 1 (never released) had a 4096-entry lookup table
+FORMAT_VERSION = 3  # 1 had a 4096-entry lookup table, 2 lanes of 512 elements with word offsets (neither released)
 WORDS, OFFSETS, RAW, TABLE = ".lwords", ".loffsets", ".lraw", ".ltable"
 SUFFIXES = (WORDS, OFFSETS, RAW, TABLE)
 TABLE_LEN = 288  # 16 code-length limits, 16 index offsets, 256 symbols (lossless.rs: decode_tables)
-ELEMENTS_PER_LANE = 512  # a lane decodes this many elements one after another (in runs of 4); lanes run in parallel
+ELEMENTS_PER_LANE = 128  # at most this many elements a lane decodes one after another (in runs of 4), lanes in parallel
+LANE_GROUP = 32  # lanes whose starts share one base word (lossless.rs: LANE_GROUP)
 CODED_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -55,7 +57,12 @@ def from_metadata(metadata: Optional[Mapping[str, str]], where: str) -> Optional
 
 
 def lanes_for(numel: int) -> int:
-    return max(1, numel // ELEMENTS_PER_LANE)
+    return max(1, -(-numel // ELEMENTS_PER_LANE))
+
+
+def offsets_len(lanes: int) -> int:
+    """int32 words of the offsets of ``lanes`` lanes: one a group's base, then one for two lanes' starts."""
+    return -(-lanes // LANE_GROUP) + -(-lanes // 2)
 
 
 def parts(name: str, shape: Tuple[int, ...], words: int) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
@@ -63,7 +70,7 @@ def parts(name: str, shape: Tuple[int, ...], words: int) -> Dict[str, Tuple[torc
     numel = 1
     for d in shape:
         numel *= d
-    return {name + WORDS: (torch.int32, (words,)), name + OFFSETS: (torch.int32, (lanes_for(numel) + 1,)),
+    return {name + WORDS: (torch.int32, (words,)), name + OFFSETS: (torch.int32, (offsets_len(lanes_for(numel)),)),
             name + RAW: (torch.uint8, tuple(shape)), name + TABLE: (torch.int16, (TABLE_LEN,))}
 
 
@@ -72,18 +79,27 @@ class CodedTensor:
     """A 16-bit float tensor, coded: its four parts (host or device tensors) and what it decodes to."""
 
     words: Tensor    # int32 (W,)
-    offsets: Tensor  # int32 (lanes + 1,)
+    offsets: Tensor  # int32 (offsets_len(lanes),)
     raw: Tensor      # uint8, the tensor's shape
     table: Tensor    # int16 (TABLE_LEN,)
     dtype: torch.dtype
+    lanes: int = 0   # 0: lanes_for(the element count), as checkpoints are coded; encode(lanes=...) sets others
+
+    def __post_init__(self) -> None:
+        self.lanes = self.lanes or lanes_for(self.raw.numel())
+        if self.offsets.numel() != offsets_len(self.lanes):
+            raise CheckpointError(f"a coded tensor of {self.raw.numel()} elements has {self.offsets.numel()} offset "
+                                  f"words; {self.lanes} lanes take {offsets_len(self.lanes)} (coded by another "
+                                  "version? re-run zstream pack)")
 
     @property
     def shape(self) -> Tuple[int, ...]:
         return tuple(self.raw.shape)
 
-    @property
-    def lanes(self) -> int:
-        return self.offsets.numel() - 1
+    def to(self, device: Union[str, torch.device]) -> CodedTensor:
+        """The same code with its parts on ``device``."""
+        return CodedTensor(*(t.to(device) for t in (self.words, self.offsets, self.raw, self.table)), self.dtype,
+                           self.lanes)
 
     @property
     def nbytes(self) -> int:
@@ -107,7 +123,7 @@ def encode(t: Tensor, lanes: Optional[int] = None) -> CodedTensor:
     lanes = lanes_for(flat.numel()) if lanes is None else lanes
     words, offsets, raw, table = _core.lossless_encode(flat.numpy().tobytes(), lanes)
     return CodedTensor(_tensor(words, torch.int32), _tensor(offsets, torch.int32),
-                       _tensor(raw, torch.uint8).view(t.shape), _tensor(table, torch.int16), t.dtype)
+                       _tensor(raw, torch.uint8).view(t.shape), _tensor(table, torch.int16), t.dtype, lanes)
 
 
 def _tensor(data: bytes, dtype: torch.dtype) -> Tensor:
@@ -122,7 +138,8 @@ def _tensor(data: bytes, dtype: torch.dtype) -> Tensor:
 
 def decode_host(c: CodedTensor) -> Tensor:
     """The tensor ``c`` codes, decoded on the host (the native decoder)."""
-    parts = (c.words, c.offsets, c.raw, c.table)
-    data = _core.lossless_decode(*(p.detach().cpu().contiguous().numpy().tobytes() for p in parts))
+    words, offsets, raw, table = (p.detach().cpu().contiguous().numpy().tobytes()
+                                  for p in (c.words, c.offsets, c.raw, c.table))
+    data = _core.lossless_decode(words, offsets, c.lanes, raw, table)
     out = torch.frombuffer(bytearray(data), dtype=torch.int16) if data else torch.empty(0, dtype=torch.int16)
     return out.view(c.dtype).view(c.shape)  # writable: it may become a model's weight

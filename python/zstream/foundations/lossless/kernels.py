@@ -121,12 +121,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_lanes(words_ptr, offsets_ptr, raw_ptr, lut_ptr, out_ptr, n, lanes, lane,
-                      BLOCK: tl.constexpr, RUN: tl.constexpr):
+                      BLOCK: tl.constexpr, RUN: tl.constexpr, GROUP: tl.constexpr = 32):
         """Lanes ``lane`` of one tensor: ``raw_ptr`` reads 4 raw bytes at a time, ``out_ptr`` writes 4 outputs."""
         live = lane < lanes
-        pos = tl.load(offsets_ptr + lane, mask=live, other=0)
-        window = tl.zeros([BLOCK], dtype=tl.uint64)  # MSB-first: `have` valid bits at the top
-        have = tl.zeros([BLOCK], dtype=tl.int32)
+        # where the lane starts: its group's first word, and its first bit from there (u16, two to an int32)
+        groups = (lanes + GROUP - 1) // GROUP
+        base = tl.load(offsets_ptr + lane // GROUP, mask=live, other=0)
+        start = tl.load(offsets_ptr.to(tl.pointer_type(tl.int16)) + 2 * groups + lane, mask=live, other=0)
+        start = start.to(tl.int32) & 0xFFFF
+        pos = base + (start >> 5)
+        # the lane's first word, without the bits before its start (the lane before's): 32 - skip valid bits
+        skip = start & 31
+        first = tl.cast(tl.load(words_ptr + pos, mask=live, other=0), tl.uint32, bitcast=True).to(tl.uint64)
+        window = (first << 32) << skip.to(tl.uint64)  # MSB-first: `have` valid bits at the top
+        have = 32 - skip
+        pos += 1
         full = n // (RUN * lanes)  # steps in which every lane decodes a whole run
         run = lane.to(tl.int64)  # step k: lane j decodes run k * lanes + j, elements RUN * run ..
         # the raw bytes of two steps in flight (loaded a step before they are needed, into two registers that take
