@@ -76,7 +76,9 @@ class HostComputeLayerCache(LayerCache):
         self.host_context = host_context
 
     def update(self, k: Tensor, v: Tensor, start: int) -> Tuple[Tensor, Tensor]:
-        return super().update(k.to(self.k.device), v.to(self.v.device), start)
+        if k.device != self.k.device:  # down through pinned buffers: a pageable copy of a prompt's k, v crawls
+            k, v = (torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x) for x in (k, v))
+        return super().update(k, v, start)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
         if ctx.start == 0:  # the prompt: no earlier keys to read, so attend where q is and only send k, v down
