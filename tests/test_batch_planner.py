@@ -386,3 +386,87 @@ def test_tensor_parallel_plans_one_ranks_share(tiny_bloom):
         assert (ranks, resident) == (2, 6) and memory <= two.budget_bytes
     with pytest.raises(zstream.UsageError, match="tensor_parallel must be"):
         plan_batch(tiny_bloom, tensor_parallel=0, device="cpu", compute=compute)
+
+
+# ---- the KV cache in host memory ----------------------------------------------------------------------------------
+
+
+def with_host_kv(compute: ComputeModel, host_compute_per_key: float, host_per_key: float) -> ComputeModel:
+    """``compute`` with blocks timed for the host placements: attention over the cache costs ``host_compute_per_key``
+    a (row x key) on the CPUs, and bringing the cache up ``host_per_key``."""
+    dec, pre = compute.decode_block, compute.prefill_block
+    compute.kv_blocks = {"host-compute": (Linear3(dec.c0, dec.c1, host_compute_per_key), pre),
+                         "host": (Linear3(dec.c0, dec.c1, host_per_key), pre)}
+    return compute
+
+
+def test_a_host_kv_cache_lifts_the_batch_limit_to_host_memory():
+    """bloom-7b1 at FlexGen's 16 GiB: with the cache on the device the largest batch is 36 (the H100 search), in
+    host memory the device keeps only activations (and "host" two layers in transit), so the batch grows until the
+    host memory given runs out: 30 layers x 2 x 544 x 4096 x 2 bytes = 267 MB a row."""
+    sizes, family = bloom_sizes()
+    compute = with_host_kv(compute_model(30), 1e-8, 1e-8)
+    row = 30 * 2 * 544 * 4096 * 2
+    sizes.host_budget = 100 * row + row // 2
+    plan = choose_batch(sizes, compute, budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0,
+                        stream="cpu", kv_offloads=("none", "host", "host-compute"), max_batch=400)
+    assert plan.max_batch("cpu", kv="none") == 36
+    assert plan.max_batch("cpu", kv="host-compute") == 100  # the host's limit
+    assert 36 < plan.max_batch("cpu", kv="host") <= 100
+    big = plan.candidate(100, 0, "host-compute")
+    assert big is not None and big.memory_bytes <= parse_bytes("16GiB")
+    assert big.memory_bytes < plan.candidate(36, 0, "none").memory_bytes  # no cache on the device
+    sizes.host_budget = None
+    assert choose_batch(sizes, compute, budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0,
+                        stream="cpu", kv_offloads=("host-compute",), max_batch=400).max_batch() > 100
+
+
+def test_a_host_cache_brought_up_shares_the_link_with_the_blocks():
+    """With "host" every layer's cache crosses the link each step beside the streamed blocks: the step is at least
+    all those bytes over the link, even where the blocks' timed compute (which brought the cache up alone) is less."""
+    tm = ThroughputModel(compute_model(10, block_s=1e-4), [100 * MB] * 10, link_gbps=10.0, ring_slots=3)
+    alone, xfer, _ = tm.pass_s(0, block_s=1e-4, outer_s=0.0)
+    shared, xfer_shared, _ = tm.pass_s(0, block_s=1e-4, outer_s=0.0, shared_bytes=500 * MB)
+    assert xfer == pytest.approx(0.1) and xfer_shared == pytest.approx(0.15)
+    assert shared >= 0.15 > alone
+
+
+def test_the_planner_picks_the_kv_placement_that_wins():
+    """Fast CPUs make attention on the host pay (the device keeps every block at batches whose cache would not fit
+    beside them); with slow CPUs the cache stays on the device. The chosen candidate's load arguments carry the
+    placement."""
+    sizes, _ = bloom_sizes()
+    sizes.host_budget = 200 * 30 * 2 * 544 * 4096 * 2
+    base = dict(budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0, stream="cpu",
+                kv_offloads=("none", "host", "host-compute"), max_batch=200)
+    fast_cpus = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 2e-10, 1e-7)
+    plan = choose_batch(sizes, fast_cpus, **base)
+    # every block resident at 25 rows: with the cache on the device only 7 rows fit beside every block
+    assert plan.best is not None and plan.best.kv_offload == "host-compute"
+    assert plan.best.resident_blocks == 30 and plan.best.batch > 7 == plan.max_batch("none", kv="none")
+    assert plan.load_kwargs()["kv_offload"] == "host-compute" and "kv_offload=host-compute" in plan.summary()
+    slow_cpus = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 1e-5, 1e-5)
+    plan = choose_batch(sizes, slow_cpus, **base)
+    assert plan.best is not None and plan.best.kv_offload == "none" and "kv_offload" not in plan.load_kwargs()
+    with pytest.raises(ValueError, match="no timings with kv_offload='host'"):
+        choose_batch(sizes, compute_model(30), **base)
+
+
+def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch):
+    """Each placement's block is timed through the engine's layer cache of that placement (recorded, not clocked),
+    and its fits come from those timings alone."""
+    from zstream.streaming.cache import HostComputeLayerCache, HostLayerCache, LayerCache
+
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    fam = model.family
+    seen: list = []
+    real_block = fam.block
+    monkeypatch.setattr(fam, "block", lambda w, h, cache, ctx: seen.append(type(cache)) or real_block(w, h, cache, ctx))
+    cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1,
+                           kv_offloads=("none", "host", "host-compute"))
+    assert set(seen) == {LayerCache, HostLayerCache, HostComputeLayerCache}
+    assert "kv=host,host-compute" in cm.key and set(cm.kv_blocks) == {"host", "host-compute"}
+    kv = [s for s in cm.samples if s.get("kv_offload") == "host-compute" and s["phase"] == "decode"]
+    assert len(kv) == 4  # batches 1 and 2, two contexts
+    assert cm.kv_blocks["host-compute"][0] == Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv])
+    assert ComputeModel.from_dict(cm.to_dict()).kv_blocks == cm.kv_blocks

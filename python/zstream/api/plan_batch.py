@@ -19,6 +19,7 @@ from ..foundations.units import parse_bytes, parse_dtype
 from ..planning.batch import BatchPlan, ComputeModel, ModelSizes, choose_batch, fitting_batches
 from ..planning.facts import CheckpointFacts, checkpoint_facts
 from ..planning.offload import streaming_offload
+from ..planning.residency import KV_OFFLOADS
 from ..streaming.calibrate import calibrate_compute
 from ..streaming.model import StreamingModel
 
@@ -28,7 +29,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                prefetch: int = 2, link_gbps: Optional[float] = None, compute: Optional[ComputeModel] = None,
                max_batch: int = 1024, cache: Union[str, os.PathLike, None] = None,
                step_overhead_s: float = 0.0, quantize: Optional[str] = None, group_size: int = 64,
-               symmetric: bool = False, tensor_parallel: int = 1) -> BatchPlan:
+               symmetric: bool = False, tensor_parallel: int = 1, kv_offload: str = "none") -> BatchPlan:
     """The batch and residency that maximise tokens/s for a budget, predicted from measurements made now.
 
     ``model``: a checkpoint directory (only its headers are read) or a model ``zstream.load`` returned (its plan's
@@ -40,11 +41,16 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     takes it) are planned with their packed bytes, the room ``load`` keeps for one dequantized block, and a compute
     model that times the dequantization too. ``tensor_parallel`` N plans one rank of N (a loaded model: its own
     rank): its piece of every block, its GPU's budget, its link, its share of the compute; the all-reduces between
-    the ranks (two a block, of batch x hidden activations) are not in the prediction."""
+    the ranks (two a block, of batch x hidden activations) are not in the prediction. ``kv_offload``: where the KV
+    cache lives ("none", "host", "host-compute", as ``load`` takes it), or "auto" to plan all three and pick; a
+    host cache must fit the host memory left after the pinned weights, and the block is timed with it."""
     if offload not in ("auto", "none", "cpu", "nvme"):
         raise UsageError(f"offload must be one of auto, none, cpu, nvme for planning, not {offload!r}")
     if prompt < 1 or gen < 1:
         raise UsageError(f"prompt and gen must be at least 1, not {prompt} and {gen}")
+    if kv_offload not in (*KV_OFFLOADS, "auto"):
+        raise UsageError(f"kv_offload must be one of {', '.join(KV_OFFLOADS)}, auto for planning, not {kv_offload!r}")
+    kv_offloads = KV_OFFLOADS if kv_offload == "auto" else (kv_offload,)
     loaded = isinstance(model, StreamingModel)
     if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise UsageError(f"tensor_parallel must be a number of ranks >= 1, not {tensor_parallel!r}")
@@ -53,7 +59,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     store, facts, dev = _facts(model, device, dtype, QuantConfig.parse(quantize, group_size, symmetric),
                                tensor_parallel)
     try:
-        sizes = ModelSizes.of(facts)
+        stream = _stream(offload, facts, dev)
+        sizes = ModelSizes.of(facts, host_budget=_host_budget(facts, stream, loaded) if dev.type == "cuda" else None)
         budget = parse_bytes(gpu_memory, what="gpu_memory")
         if budget is None and loaded:
             budget = model.plan.budget_bytes
@@ -61,7 +68,6 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
             budget = torch.cuda.mem_get_info(dev)[0]
         if budget is None:  # the CPU: host memory is the device's (``load`` keeps blocks resident only under one)
             budget = host_available_bytes() or None
-        stream = _stream(offload, facts, dev)
         link = "given"
         if stream is not None and link_gbps is None:
             if loaded and model.plan.link_gbps and model.plan.offload == stream:
@@ -72,15 +78,17 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                 link_gbps = rate.gbps
         if compute is None:  # calibrated over the batches that can run: the fit is trusted inside its range
             seq = min(prompt + gen, facts.family.max_positions)
-            fits = fitting_batches(sizes, budget, seq, prefetch + 1, stream is not None, max_batch)
-            compute = calibrate_compute(facts.family, dev, facts.dtype, max_batch=max((b for b, _, _ in fits),
-                                                                                       default=1),
-                                        prompt=prompt, gen=gen, cache=cache, quant=facts.quant)
+            largest = max((b for kv in kv_offloads
+                           for b, _, _ in fitting_batches(sizes, budget, seq, prefetch + 1, stream is not None,
+                                                          max_batch, kv)), default=1)
+            compute = calibrate_compute(facts.family, dev, facts.dtype, max_batch=largest, prompt=prompt, gen=gen,
+                                        cache=cache, quant=facts.quant, kv_offloads=kv_offloads)
     finally:
         if not loaded:
             store.close()
     plan = choose_batch(sizes, compute, budget=budget, prompt=prompt, gen=gen, link_gbps=link_gbps, stream=stream,
-                        prefetch=prefetch, max_batch=max_batch, step_overhead_s=step_overhead_s)
+                        prefetch=prefetch, max_batch=max_batch, step_overhead_s=step_overhead_s,
+                        kv_offloads=kv_offloads)
     plan.device, plan.dtype, plan.link = str(dev), facts.dtype, link if stream is not None else ""
     plan.tensor_parallel = tensor_parallel
     if facts.quantize_at_load and not loaded:
@@ -108,6 +116,13 @@ def _facts(model: Any, device: Optional[str], dtype: Union[str, torch.dtype, Non
         store.close()
         raise
     return store, facts, dev
+
+
+def _host_budget(facts: CheckpointFacts, stream: Optional[str], loaded: bool) -> int:
+    """Host memory a host KV cache may take: what is available, less the blocks ``offload="cpu"`` will pin (a loaded
+    model's are pinned already), less a tenth for everything else."""
+    pinned = 0 if loaded or stream != "cpu" else sum(facts.block_bytes)
+    return max(0, int(0.9 * host_available_bytes()) - pinned)
 
 
 def _no_reduce(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from ..errors import OutOfMemoryError
 from ..foundations.units import fmt_bytes
 from .facts import CheckpointFacts
-from .residency import choose_residency, reserve_bytes
+from .residency import KV_OFFLOADS, choose_residency, kv_layer_bytes, reserve_bytes
 
 # ---- the predictive batch planner ------------------------------------------------------------------------------
 #
@@ -84,15 +84,24 @@ class ComputeModel:
     prefill_outer: Linear3  # x = batch * prompt, y = prompt
     key: str = ""           # what was calibrated: family shapes, dtype, device
     samples: List[Dict[str, Any]] = field(default_factory=list)  # the timings behind the fits
+    # a block timed with its KV cache in host memory, by kv_offload ("host", "host-compute"): (decode, prefill)
+    kv_blocks: Dict[str, Tuple[Linear3, Linear3]] = field(default_factory=dict)
 
-    def decode_block_s(self, batch: int, context: float) -> float:
-        return self.decode_block(batch, context)
+    def _block(self, kv: str, phase: int) -> Linear3:
+        if kv == "none":
+            return (self.decode_block, self.prefill_block)[phase]
+        if kv not in self.kv_blocks:
+            raise ValueError(f"the compute model has no timings with kv_offload={kv!r}: calibrate with it")
+        return self.kv_blocks[kv][phase]
+
+    def decode_block_s(self, batch: int, context: float, kv: str = "none") -> float:
+        return self._block(kv, 0)(batch, context)
 
     def decode_outer_s(self, batch: int, context: float) -> float:
         return self.decode_outer(batch, context)
 
-    def prefill_block_s(self, batch: int, prompt: int) -> float:
-        return self.prefill_block(batch * prompt, prompt)
+    def prefill_block_s(self, batch: int, prompt: int, kv: str = "none") -> float:
+        return self._block(kv, 1)(batch * prompt, prompt)
 
     def prefill_outer_s(self, batch: int, prompt: int) -> float:
         return self.prefill_outer(batch * prompt, prompt)
@@ -108,13 +117,15 @@ class ComputeModel:
     def to_dict(self) -> Dict[str, Any]:
         fits = {k: [getattr(self, k).c0, getattr(self, k).c1, getattr(self, k).c2]
                 for k in ("decode_block", "decode_outer", "prefill_block", "prefill_outer")}
-        return {"num_blocks": self.num_blocks, "key": self.key, **fits, "samples": self.samples}
+        kv = {k: [[f.c0, f.c1, f.c2] for f in pair] for k, pair in self.kv_blocks.items()}
+        return {"num_blocks": self.num_blocks, "key": self.key, **fits, "kv_blocks": kv, "samples": self.samples}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ComputeModel:
         fits = {k: Linear3(*d[k]) for k in ("decode_block", "decode_outer", "prefill_block", "prefill_outer")}
+        kv = {k: (Linear3(*dec), Linear3(*pre)) for k, (dec, pre) in d.get("kv_blocks", {}).items()}
         return cls(num_blocks=int(d["num_blocks"]), key=str(d.get("key", "")), samples=list(d.get("samples", [])),
-                   **fits)
+                   kv_blocks=kv, **fits)
 
 
 @dataclass
@@ -126,34 +137,59 @@ class ModelSizes:
     outer_bytes: int                  # embeddings, final norm, head, on the device
     reserve: Callable[[int, int], int]  # (batch, seq) -> bytes the loader keeps for KV cache and activations
     max_positions: int
+    # the same for a KV cache in host memory, by kv_offload ("host", "host-compute"): what stays on the device
+    kv_reserve: Dict[str, Callable[[int, int], int]] = field(default_factory=dict)
+    kv_layer_bytes: Optional[Callable[[int, int], int]] = None  # (batch, seq) -> one layer's keys and values
+    host_budget: Optional[int] = None  # host bytes a host KV cache may take (None: no limit)
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_bytes)
 
     @classmethod
-    def of(cls, facts: CheckpointFacts) -> ModelSizes:
+    def of(cls, facts: CheckpointFacts, host_budget: Optional[int] = None) -> ModelSizes:
         """The sizes as ``plan_load`` computes them: blocks on the device in the compute dtype, the reserve of
-        ``reserve_bytes`` (with room for a dequantized block when blocks are quantized)."""
+        ``reserve_bytes`` (with room for a dequantized block when blocks are quantized), for every KV placement;
+        ``host_budget``: the host memory a host KV cache may take."""
         family, dtype, quant = facts.family, facts.dtype, facts.quant
-        return cls(block_bytes=list(facts.block_bytes), device_block_bytes=facts.device_block_bytes,
-                   outer_bytes=facts.device_outer_bytes,
-                   reserve=lambda batch, seq: reserve_bytes(family, batch, seq, dtype, quant),
-                   max_positions=family.max_positions)
 
-    def memory_bytes(self, batch: int, resident: int, seq: int, ring_slots: int) -> int:
+        def reserve(kv: str) -> Callable[[int, int], int]:
+            return lambda batch, seq: reserve_bytes(family, batch, seq, dtype, quant, kv)
+        return cls(block_bytes=list(facts.block_bytes), device_block_bytes=facts.device_block_bytes,
+                   outer_bytes=facts.device_outer_bytes, reserve=reserve("none"), max_positions=family.max_positions,
+                   kv_reserve={kv: reserve(kv) for kv in KV_OFFLOADS if kv != "none"},
+                   kv_layer_bytes=lambda batch, seq: kv_layer_bytes(family, batch, seq, dtype), host_budget=host_budget)
+
+    def reserve_for(self, batch: int, seq: int, kv: str = "none") -> int:
+        if kv == "none":
+            return self.reserve(batch, seq)
+        if kv not in self.kv_reserve:
+            raise ValueError(f"these sizes have no reserve for kv_offload={kv!r}")
+        return self.kv_reserve[kv](batch, seq)
+
+    def host_kv_bytes(self, batch: int, seq: int, kv: str) -> int:
+        """Host bytes of the KV cache of ``kv_offload=kv`` (0 for "none")."""
+        if kv == "none" or self.kv_layer_bytes is None:
+            return 0
+        return self.num_blocks * self.kv_layer_bytes(batch, seq)
+
+    def memory_bytes(self, batch: int, resident: int, seq: int, ring_slots: int, kv: str = "none") -> int:
         """Device bytes the loader budgets for ``resident`` blocks kept and the rest streamed: outer weights,
         resident blocks, a ring of ``ring_slots`` of the largest block (only if anything streams), and the reserve."""
         n = self.num_blocks
         ring = ring_slots * max(self.device_block_bytes, default=0) if resident < n else 0
-        return self.outer_bytes + sum(self.device_block_bytes[:resident]) + ring + self.reserve(batch, seq)
+        return (self.outer_bytes + sum(self.device_block_bytes[:resident]) + ring
+                + self.reserve_for(batch, seq, kv))
 
-    def max_resident(self, budget: Optional[int], batch: int, seq: int, ring_slots: int) -> Optional[int]:
+    def max_resident(self, budget: Optional[int], batch: int, seq: int, ring_slots: int,
+                     kv: str = "none") -> Optional[int]:
         """The most blocks ``load`` keeps resident for this batch (``choose_residency`` itself); None if not even
-        the outer weights, the reserve and the ring fit."""
+        the outer weights, the reserve and the ring fit, or a host KV cache does not fit ``host_budget``."""
+        if self.host_budget is not None and self.host_kv_bytes(batch, seq, kv) > self.host_budget:
+            return None
         try:
             resident, _ = choose_residency(self.device_block_bytes, self.outer_bytes, budget, ring_slots,
-                                           self.reserve(batch, seq), where="plan")
+                                           self.reserve_for(batch, seq, kv), where="plan")
         except OutOfMemoryError:
             return None
         return len(resident)
@@ -177,8 +213,11 @@ class ThroughputModel:
     ring_slots: int = 3             # prefetch + 1
     step_overhead_s: float = 0.0    # per pass, on top of the schedule (Python, synchronisation)
 
-    def pass_s(self, resident: int, block_s: float, outer_s: float) -> Tuple[float, float, float]:
-        """(seconds, transfer seconds, compute seconds) of one pass."""
+    def pass_s(self, resident: int, block_s: float, outer_s: float,
+               shared_bytes: int = 0) -> Tuple[float, float, float]:
+        """(seconds, transfer seconds, compute seconds) of one pass. ``shared_bytes``: what else crosses the link
+        in the pass, inside the blocks' compute (a host KV cache coming up: ``block_s`` was timed with it, alone on
+        the link), so the pass takes at least every byte over the link."""
         n = len(self.block_bytes)
         compute = n * block_s + outer_s
         if resident >= n:
@@ -200,14 +239,17 @@ class ThroughputModel:
             done.append(t)
         for j in range(s, s + slots):       # the next pass's first blocks, into the slots freed last
             link = max(link, done[j - slots]) + copy[j - s]
-        return max(t, link) + self.step_overhead_s, sum(copy), compute
+        transfer = sum(copy) + shared_bytes / (self.link_gbps * 1e9)
+        return max(t, link, outer_s + transfer) + self.step_overhead_s, transfer, compute
 
-    def decode_step(self, batch: int, resident: int, context: float) -> Tuple[float, float, float]:
-        return self.pass_s(resident, self.compute.decode_block_s(batch, context),
-                           self.compute.decode_outer_s(batch, context))
+    def decode_step(self, batch: int, resident: int, context: float, kv: str = "none",
+                    kv_bytes: int = 0) -> Tuple[float, float, float]:
+        """A decode step; ``kv_bytes``: the host KV cache that comes up over the link in it ("host")."""
+        return self.pass_s(resident, self.compute.decode_block_s(batch, context, kv),
+                           self.compute.decode_outer_s(batch, context), kv_bytes)
 
-    def prefill(self, batch: int, resident: int, prompt: int) -> Tuple[float, float, float]:
-        return self.pass_s(resident, self.compute.prefill_block_s(batch, prompt),
+    def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none") -> Tuple[float, float, float]:
+        return self.pass_s(resident, self.compute.prefill_block_s(batch, prompt, kv),
                            self.compute.prefill_outer_s(batch, prompt))
 
 
@@ -225,6 +267,7 @@ class Candidate:
     transfer_s: float        # of a decode step: streamed bytes over the link
     compute_s: float         # of a decode step: every block's compute and the outer work
     tokens_per_s: float      # batch * gen / (prefill + (gen - 1) decode steps), as ``zstream bench`` counts
+    kv_offload: str = "none"  # where the KV cache lives and attention runs (residency.KV_OFFLOADS)
 
     @property
     def streamed_blocks(self) -> int:
@@ -244,7 +287,7 @@ class Candidate:
         return {"batch": self.batch, "resident_blocks": self.resident_blocks, "offload": self.offload,
                 "memory_bytes": self.memory_bytes, "prefill_s": self.prefill_s, "decode_step_s": self.decode_step_s,
                 "transfer_s": self.transfer_s, "compute_s": self.compute_s, "tokens_per_s": self.tokens_per_s,
-                "limit": self.limit}
+                "kv_offload": self.kv_offload, "limit": self.limit}
 
 
 @dataclass
@@ -265,24 +308,27 @@ class BatchPlan:
     quantize: Dict[str, Any] = field(default_factory=dict)  # load's quantize arguments (empty: none, or packed)
     tensor_parallel: int = 1        # ranks: every size, budget and time is one rank's (its shard, its GPU, its link)
 
-    def candidate(self, batch: int, resident: int) -> Optional[Candidate]:
+    def candidate(self, batch: int, resident: int, kv: str = "none") -> Optional[Candidate]:
         for c in self.table:
-            if c.batch == batch and c.resident_blocks == resident:
+            if c.batch == batch and c.resident_blocks == resident and c.kv_offload == kv:
                 return c
         return None
 
-    def frontier(self) -> List[Candidate]:
-        """For each batch, its best residency (the most resident blocks that fit, unless the schedule says
-        otherwise)."""
+    def frontier(self, kv: Optional[str] = None) -> List[Candidate]:
+        """For each batch, its best residency and KV placement (of placement ``kv`` only, when given)."""
         best: Dict[int, Candidate] = {}
         for c in self.table:
+            if kv is not None and c.kv_offload != kv:
+                continue
             if c.batch not in best or c.tokens_per_s > best[c.batch].tokens_per_s:
                 best[c.batch] = c
         return [best[b] for b in sorted(best)]
 
-    def max_batch(self, offload: Optional[str] = None) -> int:
-        """The largest batch that fits; with ``offload="none"`` the largest with every block resident (0: none)."""
-        pool = [c.batch for c in self.table if offload != "none" or c.offload == "none"]
+    def max_batch(self, offload: Optional[str] = None, kv: Optional[str] = None) -> int:
+        """The largest batch that fits; with ``offload="none"`` the largest with every block resident, with ``kv``
+        the largest with that KV placement (0: none)."""
+        pool = [c.batch for c in self.table if (offload != "none" or c.offload == "none")
+                and (kv is None or c.kv_offload == kv)]
         return max(pool, default=0)
 
     def load_kwargs(self, candidate: Optional[Candidate] = None) -> Dict[str, Any]:
@@ -294,6 +340,8 @@ class BatchPlan:
                               "max_seq_len": self.prompt + self.gen, "prefetch": self.prefetch}
         if c.offload != "none":
             kw["max_resident_blocks"] = c.resident_blocks
+        if c.kv_offload != "none":
+            kw["kv_offload"] = c.kv_offload
         if self.device:
             kw["device"] = self.device
         if self.dtype is not None:
@@ -311,18 +359,18 @@ class BatchPlan:
         b = self.best
         link = f"{self.link_gbps:.1f} GB/s" + (f" ({self.link})" if self.link else "") if self.link_gbps else "none"
         head = [f"predicted best: batch {b.batch}, {b.resident_blocks}/{b.num_blocks} blocks resident "
-                f"(offload={b.offload}), {b.tokens_per_s:.1f} tokens/s; budget "
+                f"(offload={b.offload}, kv_offload={b.kv_offload}), {b.tokens_per_s:.1f} tokens/s; budget "
                 + (fmt_bytes(self.budget_bytes) if self.budget_bytes is not None else "unlimited")
                 + f", prompt {self.prompt}, gen {self.gen}, link {link}"
                 + (f"; one rank of {self.tensor_parallel} (its piece, its GPU, its link; all-reduces not counted)"
                    if self.tensor_parallel > 1 else ""),
-                f"{'batch':>5} {'resident':>8} {'offload':>7} {'memory':>10} {'prefill ms':>10} {'step ms':>8} "
-                f"{'xfer ms':>8} {'comp ms':>8} {'tok/s':>8} limit"]
+                f"{'batch':>5} {'resident':>8} {'offload':>7} {'kv':>12} {'memory':>10} {'prefill ms':>10} "
+                f"{'step ms':>8} {'xfer ms':>8} {'comp ms':>8} {'tok/s':>8} limit"]
         wanted = set(rows) if rows is not None else (
             {1 << k for k in range(16)} | {front[-1].batch, b.batch, self.max_batch("none")})
         for c in front:
             if c.batch in wanted:
-                head.append(f"{c.batch:5d} {c.resident_blocks:4d}/{c.num_blocks:<3d} {c.offload:>7} "
+                head.append(f"{c.batch:5d} {c.resident_blocks:4d}/{c.num_blocks:<3d} {c.offload:>7} {c.kv_offload:>12} "
                             f"{fmt_bytes(c.memory_bytes):>10} {c.prefill_s * 1e3:10.1f} {c.decode_step_s * 1e3:8.1f} "
                             f"{c.transfer_s * 1e3:8.1f} {c.compute_s * 1e3:8.1f} {c.tokens_per_s:8.1f} {c.limit}")
         return "\n".join(head)
@@ -337,12 +385,15 @@ class BatchPlan:
 
 def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[int], prompt: int, gen: int,
                  link_gbps: Optional[float], stream: Optional[str] = "cpu", prefetch: int = 2,
-                 max_batch: int = 1024, step_overhead_s: float = 0.0) -> BatchPlan:
+                 max_batch: int = 1024, step_overhead_s: float = 0.0,
+                 kv_offloads: Sequence[str] = ("none",)) -> BatchPlan:
     """Every (batch, resident blocks) the loader would accept under ``budget``, with its predicted tokens/s; the
     best of them. ``stream``: the offload mode that streams ("cpu" or "nvme"), or None to keep every block resident
     (offload="none"). Batches run from 1 to the largest that fits (at most ``max_batch``); for each, every
     residency from 0 blocks to the most that fit. Tokens/s counts as ``zstream bench`` does: batch * gen tokens over
-    the prefill (which gives the first token) and gen - 1 decode steps, taken at their mean context."""
+    the prefill (which gives the first token) and gen - 1 decode steps, taken at their mean context. Each KV
+    placement of ``kv_offloads`` is planned too: its reserve on the device, its cache within ``sizes.host_budget``,
+    its blocks' measured compute, and with "host" the cache's bytes on the link beside the streamed blocks."""
     if prompt < 1 or gen < 1:
         raise ValueError(f"prompt and gen must be at least 1, not {prompt} and {gen}")
     if stream is not None and not link_gbps:
@@ -352,29 +403,31 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
     tm = ThroughputModel(compute, sizes.block_bytes, link_gbps, slots, step_overhead_s)
     context = prompt + gen / 2  # decode steps attend to prompt + 1 .. prompt + gen - 1 keys
     table: List[Candidate] = []
-    for batch, lowest, most in fitting_batches(sizes, budget, seq, slots, stream is not None, max_batch):
-        for resident in range(lowest, most + 1):
-            prefill, _, _ = tm.prefill(batch, resident, prompt)
-            step, xfer, comp = tm.decode_step(batch, resident, context)
-            total = prefill + (gen - 1) * step
-            table.append(Candidate(batch=batch, resident_blocks=resident, num_blocks=n,
-                                   offload="none" if resident == n else str(stream),
-                                   memory_bytes=sizes.memory_bytes(batch, resident, seq, slots),
-                                   prefill_s=prefill, decode_step_s=step, transfer_s=xfer, compute_s=comp,
-                                   tokens_per_s=batch * gen / total))
+    for kv in kv_offloads:
+        for batch, lowest, most in fitting_batches(sizes, budget, seq, slots, stream is not None, max_batch, kv):
+            kv_up = sizes.host_kv_bytes(batch, round(context), kv) if kv == "host" else 0  # comes up every step
+            for resident in range(lowest, most + 1):
+                prefill, _, _ = tm.prefill(batch, resident, prompt, kv)
+                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up)
+                total = prefill + (gen - 1) * step
+                table.append(Candidate(batch=batch, resident_blocks=resident, num_blocks=n,
+                                       offload="none" if resident == n else str(stream),
+                                       memory_bytes=sizes.memory_bytes(batch, resident, seq, slots, kv),
+                                       prefill_s=prefill, decode_step_s=step, transfer_s=xfer, compute_s=comp,
+                                       tokens_per_s=batch * gen / total, kv_offload=kv))
     best = max(table, key=lambda c: c.tokens_per_s, default=None)
     return BatchPlan(best=best, table=table, budget_bytes=budget, prompt=prompt, gen=gen, link_gbps=link_gbps,
                      prefetch=prefetch, compute=compute)
 
 
 def fitting_batches(sizes: ModelSizes, budget: Optional[int], seq: int, slots: int, stream: bool,
-             max_batch: int) -> List[Tuple[int, int, int]]:
-    """(batch, fewest, most resident blocks) for every batch from 1 that the loader accepts, up to ``max_batch``.
-    Without streaming only "every block resident" counts. Memory grows with the batch, so the first batch that does
-    not fit ends the list."""
+                    max_batch: int, kv: str = "none") -> List[Tuple[int, int, int]]:
+    """(batch, fewest, most resident blocks) for every batch from 1 that the loader accepts, up to ``max_batch``,
+    with KV placement ``kv``. Without streaming only "every block resident" counts. Memory grows with the batch, so
+    the first batch that does not fit ends the list."""
     n, out = sizes.num_blocks, []
     for batch in range(1, max_batch + 1):
-        most = sizes.max_resident(budget, batch, seq, slots)
+        most = sizes.max_resident(budget, batch, seq, slots, kv)
         lowest = 0 if stream else n
         if most is None or most < lowest:
             break

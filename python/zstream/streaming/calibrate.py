@@ -8,14 +8,14 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..foundations.store import FlatRead
 from ..planning.batch import ComputeModel, Linear3
-from .cache import LayerCache
+from .cache import KVCache, LayerCache
 from .weights import attention_kernels, local_weights
 
 _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by ComputeModel.key
@@ -68,7 +68,7 @@ def compute_key(family: Any, dtype: torch.dtype, device: Union[str, torch.device
 def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torch.dtype, *, max_batch: int,
                       prompt: int, gen: int, rounds: int = 5, min_sample_s: float = 0.005,
                       max_prefill_tokens: int = 32768, cache: Union[str, os.PathLike, None] = None,
-                      seed: int = 0, quant: Any = None) -> ComputeModel:
+                      seed: int = 0, quant: Any = None, kv_offloads: Sequence[str] = ("none",)) -> ComputeModel:
     """Measure the compute model of ``family`` on ``device``: one block of the real shapes on random weights,
     and the per-pass work (mask, embedding, head), timed at the corners of the range the planner will ask about.
 
@@ -81,13 +81,17 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     time (seen on the H100 VM), and interleaving spreads such a spell over all points instead of one.
     ``cache``: a JSON file of calibrations by key and range, read first and written after; calibrations are also
     kept for the life of the process. ``quant`` (a ``quant.BlockQuant``): the block is timed as the engine runs a
-    quantized one, its packed weights dequantized before the block's matmuls."""
+    quantized one, its packed weights dequantized before the block's matmuls. ``kv_offloads``: the block is also timed
+    with its KV cache in host memory, for each placement given ("host": brought up to attend; "host-compute":
+    attended to on the host's CPUs), through the engine's own layer caches."""
     dev = torch.device(device)
     max_batch = max(1, int(max_batch))
     longest = min(prompt + gen, family.max_positions)
     prompt = max(1, min(prompt, longest))
+    placements = [kv for kv in dict.fromkeys(kv_offloads) if kv != "none"]
     key = (f"{compute_key(family, dtype, dev)} batch<={max_batch} prompt={prompt} gen={gen} "
-           f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else ""))
+           f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else "")
+           + (f" kv={','.join(placements)}" if placements else ""))
     if key in _COMPUTE_CACHE:
         return _COMPUTE_CACHE[key]
     stored: Dict[str, Any] = {}
@@ -108,13 +112,18 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     outer_w = _random_weights(family, family.outer_tensors(), dtype, dev, g)
     C, nkv, hs = family.hidden_size, family.num_kv_heads, family.head_dim
 
-    def time_block(B: int, T: int, S: int) -> float:
+    def time_block(B: int, T: int, S: int, kv: str = "none") -> float:
         """One block over T new tokens a row (B rows), attending to S keys (the cache holds S - T before). The cache
-        is as long as a real run's (prompt + gen), so attention reads the same strided views of it."""
+        is as long as a real run's (prompt + gen), so attention reads the same strided views of it; with ``kv`` in
+        host memory, laid out and attended to as the engine's host layers are."""
         hidden = torch.randn(B, T, C, device=dev, dtype=dtype)                           # (B, T, C)
         L = max(S, longest)
-        cache = LayerCache(torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev),          # (B, nkv, L, hs)
-                           torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev))
+        if kv == "none":
+            cache = LayerCache(torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev),      # (B, nkv, L, hs)
+                               torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev))
+        else:
+            cache = KVCache(1, B, L, nkv, hs, dtype, dev, device_layers=0,
+                            host_compute=kv == "host-compute").layer(0)
         ctx = family.context(torch.ones(B, S, dtype=torch.long, device=dev), T, dtype)
         return _seconds(lambda: family.block(weights(), hidden, cache, ctx), dev, min_sample_s)
 
@@ -136,17 +145,23 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     points += [("prefill", B, P, P) for B in sorted({1, max(1, min(max_batch, max_prefill_tokens // prompt))})
                for P in sorted({max(1, prompt // 2), prompt})]
     times: Dict[Tuple[str, int, int, int], Tuple[List[float], List[float]]] = {p: ([], []) for p in points}
+    kv_times: Dict[Tuple[str, str, int, int, int], List[float]] = {(kv, *p): [] for kv in placements for p in points}
     with torch.inference_mode(), attention_kernels(dev):
         for _ in range(max(1, rounds)):
             for p in points:
                 _, B, T, S = p
                 times[p][0].append(time_block(B, T, S))
                 times[p][1].append(time_outer(B, T, S))
+                for kv in placements:
+                    kv_times[(kv, *p)].append(time_block(B, T, S, kv))
     samples: List[Dict[str, Any]] = []
     for (phase, B, T, S), (blk, out) in times.items():
         where = {"context": S} if phase == "decode" else {"prompt": T}
         samples.append({"phase": phase, "batch": B, **where, "block_s": statistics.median(blk),
                         "outer_s": statistics.median(out), "block_rounds_s": blk, "outer_rounds_s": out})
+    kv_samples = [{"kv_offload": kv, "phase": phase, "batch": B, "tokens": T, "keys": S,
+                   "block_s": statistics.median(t), "block_rounds_s": t}
+                  for (kv, phase, B, T, S), t in kv_times.items()]
 
     dec = [s for s in samples if s["phase"] == "decode"]
     pre = [s for s in samples if s["phase"] == "prefill"]
@@ -156,7 +171,12 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         decode_outer=Linear3.fit([(s["batch"], s["context"], s["outer_s"]) for s in dec]),
         prefill_block=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in pre]),
         prefill_outer=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
-        key=key, samples=samples)
+        key=key, samples=samples + kv_samples,
+        kv_blocks={kv: (Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
+                                     if s["kv_offload"] == kv and s["phase"] == "decode"]),
+                        Linear3.fit([(s["batch"] * s["tokens"], s["tokens"], s["block_s"]) for s in kv_samples
+                                     if s["kv_offload"] == kv and s["phase"] == "prefill"]))
+                   for kv in placements})
     _COMPUTE_CACHE[key] = model
     if cache is not None:
         stored[key] = model.to_dict()
