@@ -404,7 +404,7 @@ def test_a_host_kv_cache_lifts_the_batch_limit_to_host_memory():
     """bloom-7b1 at FlexGen's 16 GiB: with the cache on the device the largest batch is 36 (the H100 search), in
     host memory the device keeps only activations (and "host" two layers in transit), so the batch grows until the
     host memory given runs out: 30 layers x 2 x 544 x 4096 x 2 bytes = 267 MB a row."""
-    sizes, family = bloom_sizes()
+    sizes, _ = bloom_sizes()
     compute = with_host_kv(compute_model(30), 1e-8, 1e-8)
     row = 30 * 2 * 544 * 4096 * 2
     sizes.host_budget = 100 * row + row // 2

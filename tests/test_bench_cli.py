@@ -130,3 +130,27 @@ def test_host_kv_cache_and_device_kv_cache_in_one_run(cache, tmp_path):
     kv = fam.num_blocks * 2 * 2 * (6 + 2) * fam.num_kv_heads * fam.head_dim * 4  # k and v, batch 2, mean context 8
     assert host["kv_bytes_per_step"] == kv and device["kv_bytes_per_step"] == 0
     assert host["streamed_bytes"] == device["streamed_bytes"] + kv
+
+
+def test_predictions_beside_measurements_for_each_kv_placement(cache, tmp_path):
+    """``--predict``: each row carries the planner's prediction for its own batch, residency and KV placement
+    (calibrated in the run, on the CPU here); ``auto`` records what load chose."""
+    import torch
+
+    import zstream
+
+    path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
+    out = cache / "predict.json"
+    assert main(["bench", str(path), "--offload", "none", "--kv-offload", "none,host-compute,auto", "--batch", "2",
+                 "--prompt", "6", "--gen", "3", "--device", "cpu", "--predict", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kv_offload"] for r in rows] == ["none", "host-compute", "none"]  # auto on the CPU: the device
+    assert [r["kv_offload_asked"] for r in rows] == ["none", "host-compute", "auto"]
+    for r in rows:
+        assert r["predicted_tokens_per_s"] > 0 and r["predicted_decode_step_s"] > 0 and r["predicted_prefill_s"] > 0
+    # the prediction is the planner's for that row, not another's: the same batch and placement planned directly
+    with zstream.load(path, device="cpu", offload="none", max_batch=2, max_seq_len=9, kv_offload="host-compute",
+                      progress=False) as model:
+        plan = zstream.plan_batch(model, prompt=6, gen=3, offload="none", kv_offload="host-compute", max_batch=2)
+    c = plan.candidate(2, model.plan.num_blocks, "host-compute")
+    assert c is not None and c.tokens_per_s == pytest.approx(rows[1]["predicted_tokens_per_s"], rel=1e-9)

@@ -113,3 +113,29 @@ def test_host_compute_attends_the_prompt_where_q_is(monkeypatch: pytest.MonkeyPa
     keys, values, used = calls[-1]
     assert keys.shape == (2, 1, 6, 4) and keys.data_ptr() == cache.k_host.data_ptr()  # the host cache's slots
     assert torch.equal(values[:, :, 5:], v[:, :, :1]) and used is not step  # the step's context, mask on the host
+
+
+def test_auto_places_the_cache_by_what_fits() -> None:
+    """kv_offload="auto" at load: bloom-7b1 at 16 GiB keeps the cache of batch 8 on the device; batch 64's does not
+    fit beside a ring of blocks (the H200 run: "needs at least 25.7 GiB"), so it goes to host memory, attended to
+    on the CPUs while blocks stream and brought up when every block is resident; on the CPU it stays."""
+    from zstream.foundations.units import parse_bytes
+    from zstream.planning.facts import facts_from_shapes
+    from zstream.planning.residency import PlanOptions, Resources, plan_load
+
+    facts = facts_from_shapes(zstream.foundations.models.family_for(zstream.synthetic.PRESETS["bloom-7b1"]),
+                              torch.float16)
+    gpu = Resources(device="cuda:0", device_free=parse_bytes("140GiB"))
+
+    def placed(batch: int, offload: str = "cpu", budget: str = "16GiB", resources: Resources = gpu) -> tuple:
+        opts = PlanOptions(offload=offload, budget=parse_bytes(budget), max_batch=batch, max_seq_len=544,
+                           kv_offload="auto")
+        plan = plan_load(facts, resources, opts, where="m")
+        return plan.kv_offload, plan.notes[0]
+
+    assert placed(8)[0] == "none" and placed(36)[0] == "none"
+    kv, note = placed(64)
+    assert kv == "host-compute" and "do not fit the 16.0 GiB budget" in note
+    assert placed(64, offload="none", budget="30GiB")[0] == "host"   # every block resident: the link is free
+    assert placed(64, budget="32GiB")[0] == "none"                    # 25.7 GiB of cache, ring and outer weights
+    assert placed(64, resources=Resources(device="cpu"), budget="16GiB")[0] == "none"

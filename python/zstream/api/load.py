@@ -64,7 +64,10 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     memory and cross the link as the layer computes (on the compute stream, beside the weights' copies), so the
     device budget holds only the layers in transit and larger batches fit, logits and tokens bit-identical; or
     "host-compute": the cache in pinned host memory and attention computed there by the CPUs (only q, k, v and the
-    attention's output cross the link; CPU arithmetic, so logits agree to rounding).
+    attention's output cross the link; CPU arithmetic, so logits agree to rounding); or "auto": on the device when
+    the cache fits there beside the non-block weights and a ring of blocks, else in host memory, attended to by the
+    CPUs when blocks stream (the link is theirs) and brought up when none does ("host"). ``plan_batch(...,
+    kv_offload="auto")`` chooses by measuring instead, with the batch.
     ``tensor_parallel``: shard the model over the ranks this process was started with (``torchrun --nproc-per-node
     N``, or ``zstream.launch``): each rank holds and streams only its piece of every block (its heads, its MLP units)
     over its own link, and the ranks all-reduce activations twice a block (docs/parallel.md). None: every rank of the

@@ -94,9 +94,9 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
     if compress == "lossless" and quantize not in (None, "none"):
         raise UsageError(f"compress='lossless' keeps every bit of the weights and quantize={quantize!r} changes them: "
                          "give one of them")
-    if kv_offload not in KV_OFFLOADS:
-        raise UsageError(f"kv_offload must be one of {', '.join(map(repr, KV_OFFLOADS))}, not {kv_offload!r} ('host' "
-                         "keeps the KV cache in pinned host memory and brings each layer's up as it computes; "
+    if kv_offload not in (*KV_OFFLOADS, "auto"):
+        raise UsageError(f"kv_offload must be one of {', '.join(map(repr, KV_OFFLOADS))}, 'auto', not {kv_offload!r} "
+                         "('host' keeps the KV cache in pinned host memory and brings each layer's up as it computes; "
                          "'host-compute' runs attention on the CPUs there)")
     if isinstance(parallel_timeout, bool) or not isinstance(parallel_timeout, (int, float)) or parallel_timeout <= 0:
         raise UsageError(f"parallel_timeout must be a positive number of seconds, not {parallel_timeout!r}")

@@ -51,10 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=positive, default=64, help="inputs per quantization group")
     p.add_argument("--compress", type=comma_list(str, ("none", "lossless")), default=["none"],
                    help="comma list: none, lossless (each configuration with and without, in the same run)")
-    p.add_argument("--kv-offload", type=comma_list(str, ("none", "host", "host-compute")), default=["none"],
-                   help="comma list: none, host, host-compute (the KV cache on the device; in pinned host memory with "
-                        "each layer's brought up as it computes, its bytes counted in the step's bound; or in host "
-                        "memory with attention on the CPUs)")
+    p.add_argument("--kv-offload", type=comma_list(str, ("none", "host", "host-compute", "auto")), default=["none"],
+                   help="comma list: none, host, host-compute, auto (the KV cache on the device; in pinned host memory "
+                        "with each layer's brought up as it computes, its bytes counted in the step's bound; in host "
+                        "memory with attention on the CPUs; or load's choice)")
+    p.add_argument("--predict", action="store_true",
+                   help="beside each measured row, the batch planner's prediction for the same batch, residency and "
+                        "KV placement (plan_batch on the loaded model: its link, its budget, a compute model "
+                        "calibrated now)")
     p.add_argument("--copy-from-tokens", type=positive, default=None,
                    help="ats: tokens per pass from which blocks are copied instead of read in place "
                         "(default: the crossover measured at load)")
@@ -198,17 +202,23 @@ def _row(system: str, offload: str, model: Any, r: Dict[str, Any], bound_gbps: O
 
 
 def _print_table(rows: List[Dict[str, Any]]) -> None:
-    head = (f"{'offload':8} {'tp':>2} {'batch':>5} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} {'GB/step':>8} "
-            f"{'GB/s':>6} {'bound ms':>8} {'% bound':>7} {'peak GiB':>8} {'load s':>6}  limit")
+    predicted = any("predicted_tokens_per_s" in r for r in rows)
+    head = (f"{'offload':8} {'kv':>12} {'tp':>2} {'batch':>5} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} "
+            f"{'GB/step':>8} {'GB/s':>6} {'bound ms':>8} {'% bound':>7} {'peak GiB':>8} {'load s':>6}"
+            + (f" {'pred tok/s':>10} {'pred/meas':>9}" if predicted else "") + "  limit")
     print(head)
     print("-" * len(head))
     for r in rows:
         bound = f"{r['bound_step_s'] * 1e3:8.1f}" if r.get("bound_step_s") else f"{'-':>8}"
         pct = f"{r['pct_of_bound']:6.0f}%" if r.get("pct_of_bound") else f"{'-':>7}"
-        print(f"{r['offload']:8} {r.get('tp', 1):2d} {r['batch']:5d} {r['prefill_s'] * 1e3:10.1f} "
-              f"{r['decode_step_s'] * 1e3:8.1f} "
+        pred = ""
+        if predicted:
+            p = r.get("predicted_tokens_per_s")
+            pred = f" {p:10.1f} {p / r['tokens_per_s']:9.3f}" if p else f" {'-':>10} {'-':>9}"
+        print(f"{r['offload']:8} {r.get('kv_offload', 'none'):>12} {r.get('tp', 1):2d} {r['batch']:5d} "
+              f"{r['prefill_s'] * 1e3:10.1f} {r['decode_step_s'] * 1e3:8.1f} "
               f"{r['tokens_per_s']:8.1f} {r['streamed_bytes'] / 1e9:8.2f} {r['achieved_gbps']:6.1f} {bound} {pct} "
-              f"{r['peak_gpu_bytes'] / 2**30:8.2f} {r['load_s']:6.1f}  {r.get('limit', '-')}")
+              f"{r['peak_gpu_bytes'] / 2**30:8.2f} {r['load_s']:6.1f}{pred}  {r.get('limit', '-')}")
 
 
 def drop_page_cache(files: List[str]) -> str:
@@ -328,11 +338,15 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
             **reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
                                                                            "tokens_per_s")}}
         # a host KV cache crosses the link whole every step: at the decode's mean context
+        placed = model.plan.kv_offload
         kv = model.family.num_blocks * kv_layer_bytes(model.family, b, a.prompt + a.gen // 2, model.dtype) \
-            if kv_offload == "host" else 0
+            if placed == "host" else 0
         row = _row("zstream", offload, model, r, bound, kv)
         row["gpu_memory"], row["tp"], row["rank"] = budget, model.plan.ranks, model.plan.rank
-        row["compress"], row["kv_offload"], row["kv_bytes_per_step"] = compress, kv_offload, kv
+        row["compress"], row["kv_offload"], row["kv_bytes_per_step"] = compress, placed, kv
+        row["kv_offload_asked"] = kv_offload
+        if a.predict:
+            row.update(_prediction(model, a, b, offload))
         row["quantize"] = model.plan.quantization
         if model.plan.unquantized_block_bytes is not None:
             row["unquantized_bytes_per_step"] = sum(model.plan.unquantized_block_bytes[i]
@@ -345,6 +359,24 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return rows
+
+
+def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str) -> Dict[str, Any]:
+    """The batch planner's prediction for this model's residency and KV placement at ``batch`` (calibrated on the
+    device now, once per model and placement: the calibration is kept for the process)."""
+    from ..api.plan_batch import plan_batch
+
+    stream = offload if offload in ("cpu", "nvme") and model.plan.streamed_blocks else "none"
+    try:
+        plan = plan_batch(model, prompt=a.prompt, gen=a.gen, offload=stream, prefetch=a.prefetch,
+                          kv_offload=model.plan.kv_offload, max_batch=batch)
+    except (ValueError, OutOfMemoryError) as e:
+        return {"predicted_error": str(e)}
+    c = plan.candidate(batch, len(model.plan.resident_blocks), model.plan.kv_offload)
+    if c is None:
+        return {"predicted_error": "the planner finds this configuration does not fit"}
+    return {"predicted_tokens_per_s": c.tokens_per_s, "predicted_decode_step_s": c.decode_step_s,
+            "predicted_prefill_s": c.prefill_s}
 
 
 def _max_batch(a: argparse.Namespace, path: Path, budget: Optional[str], device: str,

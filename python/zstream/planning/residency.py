@@ -10,6 +10,7 @@ over it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -197,9 +198,13 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
         raise UsageError(f"offload must be one of {', '.join(OFFLOADS)}, not {options.offload!r}")
     family, device_type = facts.family, resources.device_type
     seq = min(options.max_seq_len or DEFAULT_SEQ_LEN, family.max_positions)
-    reserve = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant, options.kv_offload)
     budget = options.budget if options.budget is not None else resources.device_free
     notes: List[str] = []
+    if options.kv_offload == "auto":
+        kv, note = choose_kv_offload(facts, options, budget, device_type)
+        options = dataclasses.replace(options, kv_offload=kv)
+        notes.append(note)
+    reserve = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant, options.kv_offload)
     offload = options.offload
     if offload == "auto":
         offload, note = choose_offload(facts.device_bytes, reserve, budget, resources.host_available,
@@ -231,6 +236,27 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
                 notes=notes, quantization=facts.quant.cfg.describe() if facts.quant is not None else None,
                 unquantized_block_bytes=facts.unquantized_block_bytes, kv_offload=options.kv_offload,
                 kv_host_bytes=_kv_host_bytes(facts, options))
+
+
+def choose_kv_offload(facts: CheckpointFacts, options: PlanOptions, budget: Optional[int],
+                      device_type: str) -> Tuple[str, str]:
+    """kv_offload="auto" for a load: (placement, the plan's note). The device when the whole cache fits beside the
+    non-block weights and a ring of blocks (beside every block for offload "none"); otherwise host memory: with
+    attention on the CPUs when blocks may stream (the link carries them; the CPUs are idle), brought up over the
+    link when none does. ``plan_batch(kv_offload="auto")`` measures instead."""
+    family = facts.family
+    seq = min(options.max_seq_len or DEFAULT_SEQ_LEN, family.max_positions)
+    on_device = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant)
+    weights = facts.device_outer_bytes + (facts.device_bytes - facts.device_outer_bytes
+                                          if options.offload == "none" else
+                                          (options.prefetch + 1) * max(facts.device_block_bytes, default=0))
+    if device_type != "cuda" or budget is None or weights + on_device <= budget:
+        return "none", "kv_offload=auto: the KV cache on the device" + (
+            f" ({fmt_bytes(on_device)} with activations fits the {fmt_bytes(budget)} budget)" if budget else "")
+    kv = "host" if options.offload == "none" else "host-compute"
+    return kv, (f"kv_offload=auto: {kv}: the KV cache and activations ({fmt_bytes(on_device)} at batch "
+                f"{options.max_batch} x {seq}) do not fit the {fmt_bytes(budget)} budget beside "
+                f"{fmt_bytes(weights)} of weights")
 
 
 def _check_offload(facts: CheckpointFacts, resources: Resources, offload: str, where: str) -> None:
