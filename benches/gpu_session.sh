@@ -16,7 +16,8 @@
 #         lossless: lossless (the code beside DFloat11: ratio, encode, decode GB/s; the GPU tests), lossless-sweep (the
 #         decoder's tuning and lane count), bench-lossless, bench-lossless-nvme (the streamed step, plain and coded).
 #         KV offload: test-kv (the GPU tests of the host KV cache), bench-kv (bloom-7b1 at 16 GiB, the KV cache on the
-#         device, in host memory, and in host memory with attention on the CPU, by batch).
+#         device, in host memory, and in host memory with attention on the CPU, by batch), bench-kv-predict (the same
+#         with the planner's prediction beside each row).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -65,6 +66,10 @@ for stage in "$@"; do
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
         --prompt 512 --gen 32 --json "$OUT/bench_kv.json" ;;
+    bench-kv-predict) # the same with the batch planner's prediction beside each row (calibrated in the run)
+      CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} \
+        --batch ${KV_BATCHES:-8,32,64} --prompt 512 --gen 32 --predict --json "$OUT/bench_kv_predict.json" ;;
     test-kv) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "kv" > "$OUT/pytest_kv.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_kv.log"); tail -3 "$OUT/pytest_kv.log" ;;
     bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
