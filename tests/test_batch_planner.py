@@ -391,12 +391,11 @@ def test_tensor_parallel_plans_one_ranks_share(tiny_bloom):
 # ---- the KV cache in host memory ----------------------------------------------------------------------------------
 
 
-def with_host_kv(compute: ComputeModel, host_compute_per_key: float, host_per_key: float) -> ComputeModel:
-    """``compute`` with blocks timed for the host placements: attention over the cache costs ``host_compute_per_key``
-    a (row x key) on the CPUs, and bringing the cache up ``host_per_key``."""
+def with_host_kv(compute: ComputeModel, host_compute_per_key: float) -> ComputeModel:
+    """``compute`` with the block timed for "host-compute": attention over the cache costs ``host_compute_per_key``
+    a (row x key) on the CPUs."""
     dec, pre = compute.decode_block, compute.prefill_block
-    compute.kv_blocks = {"host-compute": (Linear3(dec.c0, dec.c1, host_compute_per_key), pre),
-                         "host": (Linear3(dec.c0, dec.c1, host_per_key), pre)}
+    compute.kv_blocks = {"host-compute": (Linear3(dec.c0, dec.c1, host_compute_per_key), pre)}
     return compute
 
 
@@ -405,7 +404,7 @@ def test_a_host_kv_cache_lifts_the_batch_limit_to_host_memory():
     host memory the device keeps only activations (and "host" two layers in transit), so the batch grows until the
     host memory given runs out: 30 layers x 2 x 544 x 4096 x 2 bytes = 267 MB a row."""
     sizes, _ = bloom_sizes()
-    compute = with_host_kv(compute_model(30), 1e-8, 1e-8)
+    compute = with_host_kv(compute_model(30), 1e-8)
     row = 30 * 2 * 544 * 4096 * 2
     sizes.host_budget = 100 * row + row // 2
     plan = choose_batch(sizes, compute, budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0,
@@ -429,6 +428,9 @@ def test_a_host_cache_brought_up_shares_the_link_with_the_blocks():
     shared, xfer_shared, _ = tm.pass_s(0, block_s=1e-4, outer_s=0.0, shared_bytes=500 * MB)
     assert xfer == pytest.approx(0.1) and xfer_shared == pytest.approx(0.15)
     assert shared >= 0.15 > alone
+    # every block resident: the cache alone on the link still bounds the step
+    resident, xfer_resident, _ = tm.pass_s(10, block_s=1e-4, outer_s=0.0, shared_bytes=500 * MB)
+    assert xfer_resident == pytest.approx(0.05) and resident >= 0.05 > 10 * 1e-4
 
 
 def test_the_planner_picks_the_kv_placement_that_wins():
@@ -439,23 +441,24 @@ def test_the_planner_picks_the_kv_placement_that_wins():
     sizes.host_budget = 200 * 30 * 2 * 544 * 4096 * 2
     base = dict(budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0, stream="cpu",
                 kv_offloads=("none", "host", "host-compute"), max_batch=200)
-    fast_cpus = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 2e-10, 1e-7)
+    fast_cpus = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 2e-10)
     plan = choose_batch(sizes, fast_cpus, **base)
     # every block resident at 25 rows: with the cache on the device only 7 rows fit beside every block
     assert plan.best is not None and plan.best.kv_offload == "host-compute"
     assert plan.best.resident_blocks == 30 and plan.best.batch > 7 == plan.max_batch("none", kv="none")
     assert plan.load_kwargs()["kv_offload"] == "host-compute" and "kv_offload=host-compute" in plan.summary()
-    slow_cpus = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 1e-5, 1e-5)
+    slow_cpus = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 1e-5)
     plan = choose_batch(sizes, slow_cpus, **base)
     assert plan.best is not None and plan.best.kv_offload == "none" and "kv_offload" not in plan.load_kwargs()
-    with pytest.raises(ValueError, match="no timings with kv_offload='host'"):
+    with pytest.raises(ValueError, match="no timings with kv_offload='host-compute'"):
         choose_batch(sizes, compute_model(30), **base)
 
 
 def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch):
-    """Each placement's block is timed through the engine's layer cache of that placement (recorded, not clocked),
-    and its fits come from those timings alone."""
-    from zstream.streaming.cache import HostComputeLayerCache, HostLayerCache, LayerCache
+    """The host-compute block is timed through the engine's own layer cache of that placement (recorded, not
+    clocked), and its fits come from those timings alone; "host" is planned with the device block's fits (its cache
+    comes up ahead of the block) and needs no timing."""
+    from zstream.streaming.cache import HostComputeLayerCache, LayerCache
 
     model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
     fam = model.family
@@ -464,8 +467,9 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     monkeypatch.setattr(fam, "block", lambda w, h, cache, ctx: seen.append(type(cache)) or real_block(w, h, cache, ctx))
     cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1,
                            kv_offloads=("none", "host", "host-compute"))
-    assert set(seen) == {LayerCache, HostLayerCache, HostComputeLayerCache}
-    assert "kv=host,host-compute" in cm.key and set(cm.kv_blocks) == {"host", "host-compute"}
+    assert set(seen) == {LayerCache, HostComputeLayerCache}
+    assert "kv=host-compute" in cm.key and set(cm.kv_blocks) == {"host-compute"}
+    assert cm.decode_block_s(3, 10, "host") == cm.decode_block_s(3, 10)
     kv = [s for s in cm.samples if s.get("kv_offload") == "host-compute" and s["phase"] == "decode"]
     assert len(kv) == 4  # batches 1 and 2, two contexts
     assert cm.kv_blocks["host-compute"][0] == Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv])

@@ -139,3 +139,32 @@ def test_auto_places_the_cache_by_what_fits() -> None:
     assert placed(64, offload="none", budget="30GiB")[0] == "host"   # every block resident: the link is free
     assert placed(64, budget="32GiB")[0] == "none"                    # 25.7 GiB of cache, ring and outer weights
     assert placed(64, resources=Resources(device="cpu"), budget="16GiB")[0] == "none"
+
+
+def test_host_layers_come_up_ahead_of_their_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uplink's order: a pass starts the first two host layers' copies; each layer's attention, once queued,
+    starts the copy of the layer two after it into the buffer it frees; a layer reached without a copy started
+    (a pass that did not begin through ``extend``) gets one then. Recorded, on the CPU."""
+    import zstream.streaming.cache as cache_module
+
+    copies = []
+    real = cache_module.Uplink._copy
+    monkeypatch.setattr(cache_module.Uplink, "_copy",
+                        lambda self, j, start, slot: copies.append((j, start, slot)) or real(self, j, start, slot))
+    cache = KVCache(5, batch=1, max_len=8, num_kv_heads=1, head_dim=2, device_layers=1)
+    cache.extend(torch.ones(1, 3))                       # the prompt: slots 0..2
+    assert copies == [(0, 0, 0), (1, 0, 1)]
+    cache.extend(torch.ones(1, 1))                       # a step at slot 3: host layers 0 and 1 start up
+    assert copies[2:] == [(0, 3, 0), (1, 3, 1)]
+    ctx = StepContext(start=3, positions=torch.zeros(1, 1, dtype=torch.long), mask=None, is_causal=False)
+    q = torch.randn(1, 1, 1, 2)
+    cache.layer(1).attend(q, q, q, ctx)                  # host layer 0 attends: host layer 2 starts into buffer 0
+    assert copies[4:] == [(2, 3, 0)]
+    cache.layer(2).attend(q, q, q, ctx)
+    assert copies[5:] == [(3, 3, 1)]
+    cache.layer(3).attend(q, q, q, ctx)                  # host layer 4 would be next: there are 4 host layers
+    assert copies[6:] == []
+    cache.layer(4).update(q, q, start=3)                 # host layer 3, started ahead: no second copy
+    assert copies[6:] == []
+    cache.layer(4).update(q, q, start=2)                 # another start than the pass's: copied now
+    assert copies[6:] == [(3, 2, 1)]

@@ -84,11 +84,11 @@ class ComputeModel:
     prefill_outer: Linear3  # x = batch * prompt, y = prompt
     key: str = ""           # what was calibrated: family shapes, dtype, device
     samples: List[Dict[str, Any]] = field(default_factory=list)  # the timings behind the fits
-    # a block timed with its KV cache in host memory, by kv_offload ("host", "host-compute"): (decode, prefill)
+    # a block timed with its KV cache in host memory and attention on the CPUs ("host-compute"): (decode, prefill)
     kv_blocks: Dict[str, Tuple[Linear3, Linear3]] = field(default_factory=dict)
 
     def _block(self, kv: str, phase: int) -> Linear3:
-        if kv == "none":
+        if kv in ("none", "host"):  # "host": the cache comes up ahead of the block (its bytes are the link's cost)
             return (self.decode_block, self.prefill_block)[phase]
         if kv not in self.kv_blocks:
             raise ValueError(f"the compute model has no timings with kv_offload={kv!r}: calibrate with it")
@@ -220,10 +220,11 @@ class ThroughputModel:
         the link), so the pass takes at least every byte over the link."""
         n = len(self.block_bytes)
         compute = n * block_s + outer_s
+        if (resident < n or shared_bytes) and not self.link_gbps:
+            raise ValueError("bytes cross the link, but no link bandwidth was given")
         if resident >= n:
-            return compute + self.step_overhead_s, 0.0, compute
-        if not self.link_gbps:
-            raise ValueError("blocks stream, but no link bandwidth was given")
+            transfer = shared_bytes / (self.link_gbps * 1e9) if shared_bytes else 0.0
+            return max(compute, outer_s + transfer) + self.step_overhead_s, transfer, compute
         copy = [self.block_bytes[i] / (self.link_gbps * 1e9) for i in range(resident, n)]
         s = len(copy)
         slots = min(self.ring_slots, s)

@@ -27,7 +27,7 @@ from .offload import OFFLOADS, choose_offload
 # where the KV cache lives and attention runs: the device; pinned host memory, each layer's brought up to attend
 # on the device; pinned host memory, attention on the host's CPUs
 KV_OFFLOADS = ("none", "host", "host-compute")
-HOST_KV_DEVICE_LAYERS = 2  # device room a "host" KV cache needs: its staging layer and one layer in transit
+HOST_KV_DEVICE_LAYERS = 3  # device room a "host" KV cache needs: two layers' buffers, and one in transit up
 DEFAULT_SEQ_LEN = 2048  # the KV cache a load keeps room for when max_seq_len is not given (or the model's limit)
 WORKSPACE_BYTES = 256 << 20  # allocator slack and kernels' workspaces
 

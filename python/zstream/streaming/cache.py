@@ -5,7 +5,7 @@ attention over them (``attend``): on the device, or on the host's CPUs where the
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -39,14 +39,19 @@ class LayerCache:
 
 class HostLayerCache(LayerCache):
     """A layer whose keys and values live in host memory, (max_len, B, nkv, hs) so that every step's rows and every
-    prefix are contiguous: this step's k, v go down to the host, and the layer's whole cache comes up into a device
-    buffer (``staging``) laid out as a device layer's, so attention runs the same kernel on the same bits. The copies
-    are ordered on the current stream (none waits on the host), so every host layer can share one staging buffer:
-    a layer's attention has run before the next layer's cache comes up into it."""
+    prefix are contiguous: this step's k, v go down to the host, and the layer's earlier keys and values come up into
+    a device buffer laid out as a device layer's (``Uplink``: ahead of time, on a stream of their own), so attention
+    runs the same kernel on the same bits."""
 
-    def __init__(self, k: Tensor, v: Tensor, staging: Tuple[Tensor, Tensor]) -> None:
+    def __init__(self, k: Tensor, v: Tensor, uplink: Uplink, index: int) -> None:
         super().__init__(k, v)       # host: (max_len, B, nkv, hs)
-        self.staging = staging       # device: (B, nkv, max_len, hs) each
+        self.uplink = uplink
+        self.index = index           # among the host layers
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
+        out = super().attend(q, k, v, ctx)
+        self.uplink.release(self.index)  # the attention that reads the buffer is queued: it may take the next layer
+        return out
 
     def update(self, k: Tensor, v: Tensor, start: int) -> Tuple[Tensor, Tensor]:
         """Store this step's k, v (B, nkv, T, hs) at slots [start, start + T); return slots [0, start + T) on the
@@ -55,13 +60,83 @@ class HostLayerCache(LayerCache):
         if end > self.k.shape[0]:
             raise ModelError(f"KV cache overflow: {end} tokens, the cache holds {self.k.shape[0]}")
         out = []
-        for new, host, dev in ((k, self.k, self.staging[0]), (v, self.v, self.staging[1])):
-            earlier = host[:start].to(dev.device, non_blocking=True)           # (start, B, nkv, hs): one copy up
-            dev[:, :, :start].copy_(earlier.permute(1, 2, 0, 3))
+        for new, host, dev in zip((k, v), (self.k, self.v), self.uplink.acquire(self.index, start)):
             dev[:, :, start:end].copy_(new)
             host[start:end].copy_(new.permute(2, 0, 1, 3), non_blocking=True)  # (T, B, nkv, hs): down
             out.append(dev[:, :, :end])
         return out[0], out[1]
+
+
+class Uplink:
+    """Brings the host layers' earlier keys and values up to the device ahead of their attention: on a CUDA stream
+    of its own, into ``slots`` device buffers (B, nkv, max_len, hs) that the layers take in turn, so that while layer
+    j attends, layer j + 1's cache is crossing the link (beside the blocks' copies). A pass starts the first layers'
+    copies (``begin``); each layer's release starts the copy of the layer ``slots`` after it into its buffer, once
+    its attention is done with it. On the CPU the copies run in place, in the same order."""
+
+    def __init__(self, k_host: Tensor, v_host: Tensor, device: torch.device, slots: int = 2) -> None:
+        self.k_host, self.v_host = k_host, v_host            # (host layers, max_len, B, nkv, hs)
+        shape = (k_host.shape[2], k_host.shape[3], k_host.shape[1], k_host.shape[4])
+        self.slots = [tuple(torch.empty(shape, dtype=k_host.dtype, device=device) for _ in range(2))
+                      for _ in range(min(slots, k_host.shape[0]))]
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.device = device
+        self.issued: Dict[int, Tuple[int, Optional[torch.cuda.Event]]] = {}  # layer -> (start, copy done)
+        self.free: List[Optional[torch.cuda.Event]] = [None] * len(self.slots)  # last reader of each buffer done
+        self.start = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.slots for t in pair)
+
+    def begin(self, start: int) -> None:
+        """A pass whose new tokens go to slots [start, ...): its first host layers' earlier rows start up."""
+        self.start = start
+        self.issued.clear()
+        if self.stream is not None:  # the rows the last pass sent down must have landed before they go up again
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for j in range(min(len(self.slots), self.k_host.shape[0])):
+            self._issue(j, start)
+
+    def acquire(self, j: int, start: int) -> Tuple[Tensor, Tensor]:
+        """Host layer ``j``'s buffers with slots [0, start) filled, ready on the current stream."""
+        issued = self.issued.pop(j, None)
+        if issued is None or issued[0] != start:  # not started ahead (a pass without begin): start it now
+            self._issue(j, start)
+            issued = self.issued.pop(j)
+        if issued[1] is not None:
+            torch.cuda.current_stream(self.device).wait_event(issued[1])
+        return self.slots[j % len(self.slots)]
+
+    def release(self, j: int) -> None:
+        """Host layer ``j``'s attention is queued: its buffer may take layer ``j + slots`` once that has run."""
+        if self.stream is not None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self.free[j % len(self.slots)] = done
+        if j + len(self.slots) < self.k_host.shape[0]:
+            self._issue(j + len(self.slots), self.start)
+
+    def _issue(self, j: int, start: int) -> None:
+        slot = j % len(self.slots)
+        if self.stream is None:
+            self._copy(j, start, slot)
+            self.issued[j] = (start, None)
+            return
+        with torch.cuda.stream(self.stream):
+            if self.free[slot] is not None:
+                self.stream.wait_event(self.free[slot])
+            self._copy(j, start, slot)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.issued[j] = (start, done)
+
+    def _copy(self, j: int, start: int, slot: int) -> None:
+        if start == 0:
+            return
+        for host, dev in zip((self.k_host[j], self.v_host[j]), self.slots[slot]):
+            earlier = host[:start].to(self.device, non_blocking=True)           # (start, B, nkv, hs): one copy up
+            dev[:, :, :start].copy_(earlier.permute(1, 2, 0, 3))
 
 
 class HostComputeLayerCache(LayerCache):
@@ -112,11 +187,8 @@ class KVCache:
         pin = device.type == "cuda"
         self.k_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
         self.v_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
-        # one staging pair on the device, which the host layers take in turn (HostLayerCache says why one is enough)
-        self._staging: List[Tuple[Tensor, Tensor]] = []
-        if host_shape[0] and not host_compute:
-            self._staging = [(torch.empty(self.k.shape[1:], dtype=dtype, device=device),
-                              torch.empty(self.k.shape[1:], dtype=dtype, device=device))]
+        # device buffers the host layers' caches come up into, ahead of their attention
+        self._uplink = Uplink(self.k_host, self.v_host, device) if host_shape[0] and not host_compute else None
         self.num_blocks = num_blocks
         self.max_len = max_len
         self.length = 0
@@ -144,8 +216,8 @@ class KVCache:
 
     @property
     def device_nbytes(self) -> int:
-        """Device bytes: the device layers and the staging buffers of the host ones."""
-        staging = sum(t.numel() * t.element_size() for pair in self._staging for t in pair)
+        """Device bytes: the device layers and the buffers the host ones come up into."""
+        staging = self._uplink.nbytes if self._uplink is not None else 0
         return 2 * self.k.numel() * self.k.element_size() + staging
 
     @property
@@ -158,7 +230,8 @@ class KVCache:
         j = i - self.device_layers
         if self.host_compute:
             return HostComputeLayerCache(self.k_host[j], self.v_host[j], self._host_context)
-        return HostLayerCache(self.k_host[j], self.v_host[j], self._staging[0])
+        assert self._uplink is not None
+        return HostLayerCache(self.k_host[j], self.v_host[j], self._uplink, j)
 
     def _host_context(self, ctx: StepContext) -> StepContext:
         """``ctx`` with its attention mask on the host, made once a step (every layer gets the same ``ctx``)."""
@@ -177,6 +250,8 @@ class KVCache:
         start = self.length
         self.mask = torch.cat([self.mask, attention_mask.to(self.mask.device, torch.long)], dim=1)
         self.length += T
+        if self._uplink is not None:  # the pass begins: the first host layers' caches start up now
+            self._uplink.begin(start)
         return self.mask, start
 
     def reset(self) -> None:

@@ -81,14 +81,16 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     time (seen on the H100 VM), and interleaving spreads such a spell over all points instead of one.
     ``cache``: a JSON file of calibrations by key and range, read first and written after; calibrations are also
     kept for the life of the process. ``quant`` (a ``quant.BlockQuant``): the block is timed as the engine runs a
-    quantized one, its packed weights dequantized before the block's matmuls. ``kv_offloads``: the block is also timed
-    with its KV cache in host memory, for each placement given ("host": brought up to attend; "host-compute":
-    attended to on the host's CPUs), through the engine's own layer caches."""
+    quantized one, its packed weights dequantized before the block's matmuls. ``kv_offloads``: with "host-compute"
+    among them, the block is also timed with its KV cache in host memory and attention on the host's CPUs, through
+    the engine's own layer cache ("host" needs no timing of its own: see below)."""
     dev = torch.device(device)
     max_batch = max(1, int(max_batch))
     longest = min(prompt + gen, family.max_positions)
     prompt = max(1, min(prompt, longest))
-    placements = [kv for kv in dict.fromkeys(kv_offloads) if kv != "none"]
+    # "host" needs no timing of its own: its cache comes up ahead of the block, on its own stream (cache.Uplink),
+    # so the block computes as a device-cache block does and the cache's bytes are a cost of the link
+    placements = [kv for kv in dict.fromkeys(kv_offloads) if kv not in ("none", "host")]
     key = (f"{compute_key(family, dtype, dev)} batch<={max_batch} prompt={prompt} gen={gen} "
            f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else "")
            + (f" kv={','.join(placements)}" if placements else ""))
