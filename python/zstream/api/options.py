@@ -51,11 +51,13 @@ class LoadOptions:
     parallel_timeout: float = DEFAULT_TIMEOUT_S
     compress: Optional[str] = None  # "lossless": blocks entropy-coded at load, bit-exact
     kv_offload: str = "none"        # "host", "host-compute": every layer's KV cache in pinned host memory
+    micro_batch: Optional[int] = None  # rows a block computes at a time
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
                            max_batch=self.max_batch, max_seq_len=self.max_seq_len,
-                           max_resident_blocks=self.max_resident_blocks, kv_offload=self.kv_offload)
+                           max_resident_blocks=self.max_resident_blocks, kv_offload=self.kv_offload,
+                           micro_batch=self.micro_batch)
 
 
 def _count(name: str, value: Any, lowest: int, optional: bool = False) -> Optional[int]:
@@ -73,7 +75,8 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
                  reader: str = "auto", quantize: Optional[str] = None, group_size: int = 64, symmetric: bool = False,
                  copy_from_tokens: Optional[int] = None, progress: bool = True, tensor_parallel: Optional[int] = None,
                  parallel_timeout: float = DEFAULT_TIMEOUT_S, compress: Optional[str] = None,
-                 kv_offload: str = "none", unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
+                 kv_offload: str = "none", micro_batch: Optional[int] = None,
+                 unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
     """``LoadOptions`` from ``load``'s keywords; ``unknown`` holds keywords ``load`` does not take."""
     if unknown:
         name = sorted(unknown)[0]
@@ -109,4 +112,5 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
         quantize=QuantConfig.parse(quantize, group_size, symmetric),
         copy_from_tokens=_count("copy_from_tokens", copy_from_tokens, 1, True), progress=bool(progress),
         tensor_parallel=_count("tensor_parallel", tensor_parallel, 1, True), parallel_timeout=float(parallel_timeout),
-        compress=None if compress == "none" else compress, kv_offload=kv_offload)
+        compress=None if compress == "none" else compress, kv_offload=kv_offload,
+        micro_batch=_count("micro_batch", micro_batch, 1, True))

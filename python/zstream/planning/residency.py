@@ -38,13 +38,17 @@ def kv_layer_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> 
 
 
 def reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype, quant: Optional[BlockQuant] = None,
-                  kv_offload: str = "none") -> int:
+                  kv_offload: str = "none", micro_batch: Optional[int] = None) -> int:
     """Device bytes kept free of weights: the KV cache for ``batch`` x ``seq`` tokens (with ``kv_offload="host"``
     only the layers in transit, with "host-compute" none), a working set for activations and last-position logits,
-    and for quantized blocks room for one block's weights dequantized while it computes."""
+    and for quantized blocks room for one block's weights dequantized while it computes. With ``micro_batch`` rows a
+    pass (fewer than ``batch``) the working set is a micro-batch's, beside every row's hidden state."""
     layers = {"host": HOST_KV_DEVICE_LAYERS, "host-compute": 0}.get(kv_offload, family.num_blocks)
     kv = min(layers, family.num_blocks) * kv_layer_bytes(family, batch, seq, dtype)
-    acts = batch * seq * family.hidden_size * 24 * dtype.itemsize + batch * family.vocab_size * 8
+    rows = batch if micro_batch is None else min(batch, micro_batch)
+    acts = rows * seq * family.hidden_size * 24 * dtype.itemsize + batch * family.vocab_size * 8
+    if rows < batch:  # every row's hidden state (the micro-batches' between blocks)
+        acts += batch * seq * family.hidden_size * dtype.itemsize
     dequantized = quant.dequantized_nbytes if quant is not None else 0
     return kv + acts + dequantized + WORKSPACE_BYTES
 
@@ -75,6 +79,7 @@ class PlanOptions:
     max_seq_len: Optional[int] = None
     max_resident_blocks: Optional[int] = None
     kv_offload: str = "none"
+    micro_batch: Optional[int] = None         # rows a block computes at a time (None: the whole batch)
 
 
 @dataclass
@@ -101,6 +106,7 @@ class Plan:
     ranks: int = 1
     kv_offload: str = "none"       # "host"/"host-compute": the KV cache in pinned host memory (KV_OFFLOADS)
     kv_host_bytes: int = 0         # host bytes of that cache at the planned batch and sequence
+    micro_batch: Optional[int] = None  # rows a block computes at a time; None: the whole batch
 
     @property
     def num_blocks(self) -> int:
@@ -140,7 +146,8 @@ class Plan:
             + (f", through a ring of {self.ring_slots} slots ({fmt_bytes(self.ring_bytes)})"
                if self.ring_slots else ""),
             f"reserved for KV cache and activations: {fmt_bytes(self.kv_reserve_bytes)}"
-            + (f" of a {fmt_bytes(self.budget_bytes)} budget" if self.budget_bytes is not None else ""),
+            + (f" of a {fmt_bytes(self.budget_bytes)} budget" if self.budget_bytes is not None else "")
+            + (f"; blocks compute {self.micro_batch} rows at a time" if self.micro_batch else ""),
         ]
         if self.kv_offload != "none":
             how = ("each layer's crosses the link to the device as it computes" if self.kv_offload == "host" else
@@ -204,7 +211,8 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
         kv, note = choose_kv_offload(facts, options, budget, device_type)
         options = dataclasses.replace(options, kv_offload=kv)
         notes.append(note)
-    reserve = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant, options.kv_offload)
+    reserve = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant, options.kv_offload,
+                            options.micro_batch)
     offload = options.offload
     if offload == "auto":
         offload, note = choose_offload(facts.device_bytes, reserve, budget, resources.host_available,
@@ -235,7 +243,7 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
                 ring_slots=min(options.prefetch + 1, len(streamed)), kv_reserve_bytes=reserve, budget_bytes=budget,
                 notes=notes, quantization=facts.quant.cfg.describe() if facts.quant is not None else None,
                 unquantized_block_bytes=facts.unquantized_block_bytes, kv_offload=options.kv_offload,
-                kv_host_bytes=_kv_host_bytes(facts, options))
+                kv_host_bytes=_kv_host_bytes(facts, options), micro_batch=options.micro_batch)
 
 
 def choose_kv_offload(facts: CheckpointFacts, options: PlanOptions, budget: Optional[int],
@@ -246,7 +254,8 @@ def choose_kv_offload(facts: CheckpointFacts, options: PlanOptions, budget: Opti
     link when none does. ``plan_batch(kv_offload="auto")`` measures instead."""
     family = facts.family
     seq = min(options.max_seq_len or DEFAULT_SEQ_LEN, family.max_positions)
-    on_device = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant)
+    on_device = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant,
+                              micro_batch=options.micro_batch)
     weights = facts.device_outer_bytes + (facts.device_bytes - facts.device_outer_bytes
                                           if options.offload == "none" else
                                           (options.prefetch + 1) * max(facts.device_block_bytes, default=0))
@@ -293,7 +302,8 @@ def _in_place_plan(facts: CheckpointFacts, resources: Resources, options: PlanOp
     return Plan(offload="ats", device=resources.device, dtype=facts.dtype, block_bytes=facts.block_bytes,
                 outer_bytes=facts.outer_bytes, resident_blocks=[], streamed_blocks=list(range(n)),
                 ring_slots=options.prefetch + 1, kv_reserve_bytes=0, budget_bytes=None, link=link, notes=notes,
-                kv_offload=options.kv_offload, kv_host_bytes=_kv_host_bytes(facts, options))
+                kv_offload=options.kv_offload, kv_host_bytes=_kv_host_bytes(facts, options),
+                micro_batch=options.micro_batch)
 
 
 def _kv_host_bytes(facts: CheckpointFacts, options: PlanOptions) -> int:

@@ -43,14 +43,16 @@ class HostLayerCache(LayerCache):
     a device buffer laid out as a device layer's (``Uplink``: ahead of time, on a stream of their own), so attention
     runs the same kernel on the same bits."""
 
-    def __init__(self, k: Tensor, v: Tensor, uplink: Uplink, index: int) -> None:
-        super().__init__(k, v)       # host: (max_len, B, nkv, hs)
+    def __init__(self, k: Tensor, v: Tensor, uplink: Uplink, index: int, rows: slice = slice(None)) -> None:
+        super().__init__(k, v)       # host: (max_len, B, nkv, hs), or a micro-batch's rows of it
         self.uplink = uplink
         self.index = index           # among the host layers
+        self.rows = rows             # of the batch: the device buffer's rows this layer uses
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
         out = super().attend(q, k, v, ctx)
-        self.uplink.release(self.index)  # the attention that reads the buffer is queued: it may take the next layer
+        if self.rows.stop is None or self.rows.stop >= self.uplink.batch:  # the batch's last rows have attended:
+            self.uplink.release(self.index)  # the buffer may take the next layer once their attention has run
         return out
 
     def update(self, k: Tensor, v: Tensor, start: int) -> Tuple[Tensor, Tensor]:
@@ -61,6 +63,7 @@ class HostLayerCache(LayerCache):
             raise ModelError(f"KV cache overflow: {end} tokens, the cache holds {self.k.shape[0]}")
         out = []
         for new, host, dev in zip((k, v), (self.k, self.v), self.uplink.acquire(self.index, start)):
+            dev = dev[self.rows]
             dev[:, :, start:end].copy_(new)
             host[start:end].copy_(new.permute(2, 0, 1, 3), non_blocking=True)  # (T, B, nkv, hs): down
             out.append(dev[:, :, :end])
@@ -89,6 +92,10 @@ class Uplink:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.slots for t in pair)
 
+    @property
+    def batch(self) -> int:
+        return self.k_host.shape[2]
+
     def begin(self, start: int) -> None:
         """A pass whose new tokens go to slots [start, ...): its first host layers' earlier rows start up."""
         self.start = start
@@ -100,16 +107,17 @@ class Uplink:
 
     def acquire(self, j: int, start: int) -> Tuple[Tensor, Tensor]:
         """Host layer ``j``'s buffers with slots [0, start) filled, ready on the current stream."""
-        issued = self.issued.pop(j, None)
+        issued = self.issued.get(j)
         if issued is None or issued[0] != start:  # not started ahead (a pass without begin): start it now
             self._issue(j, start)
-            issued = self.issued.pop(j)
-        if issued[1] is not None:
+            issued = self.issued[j]
+        if issued[1] is not None:  # (every micro-batch of the layer waits on the same copy: cheap after the first)
             torch.cuda.current_stream(self.device).wait_event(issued[1])
         return self.slots[j % len(self.slots)]
 
     def release(self, j: int) -> None:
         """Host layer ``j``'s attention is queued: its buffer may take layer ``j + slots`` once that has run."""
+        self.issued.pop(j, None)
         if self.stream is not None:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
@@ -183,7 +191,8 @@ class KVCache:
         if host_compute:  # attention on the host reads the cache as a device layer's is read
             host_shape = (num_blocks - on_device, batch, num_kv_heads, max_len, head_dim)
         self.host_compute = host_compute
-        self._step: Optional[Tuple[StepContext, StepContext]] = None  # (a step's context, with its mask on the host)
+        # by id: a step's contexts (one a micro-batch) and each with its mask on the host; emptied as a pass begins
+        self._step: Dict[int, Tuple[StepContext, StepContext]] = {}
         pin = device.type == "cuda"
         self.k_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
         self.v_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
@@ -224,21 +233,23 @@ class KVCache:
     def host_nbytes(self) -> int:
         return 2 * self.k_host.numel() * self.k_host.element_size()
 
-    def layer(self, i: int) -> LayerCache:
+    def layer(self, i: int, rows: slice = slice(None)) -> LayerCache:
+        """Layer ``i``'s cache, of the batch's ``rows`` (a micro-batch's; all by default)."""
         if i < self.device_layers:
-            return LayerCache(self.k[i], self.v[i])
+            return LayerCache(self.k[i][rows], self.v[i][rows])
         j = i - self.device_layers
         if self.host_compute:
-            return HostComputeLayerCache(self.k_host[j], self.v_host[j], self._host_context)
+            return HostComputeLayerCache(self.k_host[j][rows], self.v_host[j][rows], self._host_context)
         assert self._uplink is not None
-        return HostLayerCache(self.k_host[j], self.v_host[j], self._uplink, j)
+        return HostLayerCache(self.k_host[j][:, rows], self.v_host[j][:, rows], self._uplink, j, rows)
 
     def _host_context(self, ctx: StepContext) -> StepContext:
-        """``ctx`` with its attention mask on the host, made once a step (every layer gets the same ``ctx``)."""
-        if self._step is None or self._step[0] is not ctx:
+        """``ctx`` with its attention mask on the host, made once a step (every layer gets the same ``ctx``; each
+        micro-batch its own)."""
+        if id(ctx) not in self._step or self._step[id(ctx)][0] is not ctx:
             mask = ctx.mask.to(self.k_host.device) if ctx.mask is not None else None
-            self._step = (ctx, dataclasses.replace(ctx, mask=mask))
-        return self._step[1]
+            self._step[id(ctx)] = (ctx, dataclasses.replace(ctx, mask=mask))
+        return self._step[id(ctx)][1]
     def extend(self, attention_mask: Tensor) -> Tuple[Tensor, int]:
         """Append the mask of T new tokens (B, T); return the mask of all tokens so far (B, S) and the
         start slot of the new ones. Raises ModelError if the cache is too short."""
@@ -250,6 +261,7 @@ class KVCache:
         start = self.length
         self.mask = torch.cat([self.mask, attention_mask.to(self.mask.device, torch.long)], dim=1)
         self.length += T
+        self._step.clear()
         if self._uplink is not None:  # the pass begins: the first host layers' caches start up now
             self._uplink.begin(start)
         return self.mask, start

@@ -113,17 +113,26 @@ class StreamingModel:
         blocks.begin_pass(input_ids.numel())
         input_ids = input_ids.to(self.device)
         mask, _start = cache.extend(attention_mask.to(self.device))
-        ctx = fam.context(mask, input_ids.shape[1], self.dtype)    # positions, mask, ALiBi/RoPE: once per pass
+        parts = self._micro_batches(input_ids.shape[0])             # rows of each micro-batch
+        # positions, mask, ALiBi/RoPE: once per pass and micro-batch
+        ctxs = [fam.context(mask[rows], input_ids.shape[1], self.dtype) for rows in parts]
         with self._telling_the_ranks():
-            hidden = fam.embed(self.outer, input_ids, ctx)          # (B, T, C)
+            hidden = [fam.embed(self.outer, input_ids[rows], ctx) for rows, ctx in zip(parts, ctxs)]  # (b, T, C)
             for i in range(fam.num_blocks):
-                w = blocks.acquire(i)
-                hidden = fam.block(w, hidden, cache.layer(i), ctx)  # (B, T, C); all-reduced twice under TP
+                w = blocks.acquire(i)   # the block's weights cross once for every micro-batch (FlexGen's zig-zag)
+                for j, (rows, ctx) in enumerate(zip(parts, ctxs)):
+                    hidden[j] = fam.block(w, hidden[j], cache.layer(i, rows), ctx)  # all-reduced twice under TP
                 del w  # the views of a slot must be gone before the slot is reused
                 blocks.release(i)
             if last_only:
-                hidden = hidden[:, -1:]                             # (B, 1, C)
-            return fam.head(self.outer, hidden)                     # (B, T, vocab)
+                hidden = [h[:, -1:] for h in hidden]                        # (b, 1, C)
+            logits = [fam.head(self.outer, h) for h in hidden]              # (b, T, vocab)
+            return logits[0] if len(logits) == 1 else torch.cat(logits)     # (B, T, vocab)
+
+    def _micro_batches(self, batch: int) -> List[slice]:
+        """The rows of each micro-batch of a batch (one slice of all rows without ``micro_batch``)."""
+        size = self.plan.micro_batch or batch
+        return [slice(r, min(r + size, batch)) for r in range(0, batch, size)] if size < batch else [slice(None)]
 
     @contextlib.contextmanager
     def _telling_the_ranks(self) -> Iterator[None]:
