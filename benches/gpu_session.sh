@@ -65,7 +65,7 @@ for stage in "$@"; do
       # batch planned on its own: the largest batches only fit with the cache on the host
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
-        --prompt 512 --gen 32 --json "$OUT/bench_kv.json" ;;
+        --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} --json "$OUT/bench_kv.json" ;;
     bench-kv-predict) # the same with the batch planner's prediction beside each row (calibrated in the run)
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} \

@@ -474,3 +474,25 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     assert len(kv) == 4  # batches 1 and 2, two contexts
     assert cm.kv_blocks["host-compute"][0] == Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv])
     assert ComputeModel.from_dict(cm.to_dict()).kv_blocks == cm.kv_blocks
+
+
+def test_micro_batches_are_planned_with_their_working_set_and_their_time():
+    """A micro-batch keeps room for its own activations only, so more blocks stay resident at a large batch; its
+    blocks compute one micro-batch after another (each at the compute model's time for its rows); and the plan's
+    load arguments carry the size."""
+    sizes, _ = bloom_sizes()
+    compute = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 2e-10)
+    base = dict(budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0, stream="cpu", max_batch=64,
+                kv_offloads=("host-compute",))
+    plan = choose_batch(sizes, compute, micro_batch_sizes=(None, 16), **base)
+    whole = max((c for c in plan.table if c.batch == 64 and c.micro_batch is None), key=lambda c: c.resident_blocks)
+    split = max((c for c in plan.table if c.batch == 64 and c.micro_batch == 16), key=lambda c: c.resident_blocks)
+    assert split.resident_blocks > whole.resident_blocks and split.memory_bytes <= parse_bytes("16GiB")
+    assert not [c for c in plan.table if c.micro_batch == 16 and c.batch <= 16]  # 16 rows or fewer: no split
+    tm = ThroughputModel(compute, sizes.block_bytes, 55.0)
+    block = 4 * compute.decode_block_s(16, 528, "host-compute")
+    assert split.decode_step_s == pytest.approx(tm.pass_s(split.resident_blocks, block,
+                                                          compute.decode_outer_s(64, 528))[0])
+    best = choose_batch(sizes, compute, micro_batch_sizes=(16,), **base).best
+    assert best is not None and best.micro_batch == 16
+    assert choose_batch(sizes, compute, micro_batch_sizes=(16,), **base).load_kwargs()["micro_batch"] == 16

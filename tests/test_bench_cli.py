@@ -154,3 +154,18 @@ def test_predictions_beside_measurements_for_each_kv_placement(cache, tmp_path):
         plan = zstream.plan_batch(model, prompt=6, gen=3, offload="none", kv_offload="host-compute", max_batch=2)
     c = plan.candidate(2, model.plan.num_blocks, "host-compute")
     assert c is not None and c.tokens_per_s == pytest.approx(rows[1]["predicted_tokens_per_s"], rel=1e-9)
+
+
+def test_micro_batches_are_benched_and_predicted(cache, tmp_path):
+    """``--micro-batch 2`` at batch 3: the model runs two micro-batches a block, the row says so, and the planner's
+    prediction is of the same split."""
+    import torch
+
+    import zstream
+
+    path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
+    out = cache / "micro.json"
+    assert main(["bench", str(path), "--offload", "none", "--batch", "3", "--prompt", "6", "--gen", "3", "--device",
+                 "cpu", "--micro-batch", "2", "--predict", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["micro_batch"] == 2 and row["predicted_tokens_per_s"] > 0

@@ -4,7 +4,7 @@ checkpoint's facts, the link measured now and a compute model measured on the de
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -29,7 +29,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                prefetch: int = 2, link_gbps: Optional[float] = None, compute: Optional[ComputeModel] = None,
                max_batch: int = 1024, cache: Union[str, os.PathLike, None] = None,
                step_overhead_s: float = 0.0, quantize: Optional[str] = None, group_size: int = 64,
-               symmetric: bool = False, tensor_parallel: int = 1, kv_offload: str = "none") -> BatchPlan:
+               symmetric: bool = False, tensor_parallel: int = 1, kv_offload: str = "none",
+               micro_batch: Union[int, Sequence[Optional[int]], None] = None) -> BatchPlan:
     """The batch and residency that maximise tokens/s for a budget, predicted from measurements made now.
 
     ``model``: a checkpoint directory (only its headers are read) or a model ``zstream.load`` returned (its plan's
@@ -43,7 +44,9 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     rank): its piece of every block, its GPU's budget, its link, its share of the compute; the all-reduces between
     the ranks (two a block, of batch x hidden activations) are not in the prediction. ``kv_offload``: where the KV
     cache lives ("none", "host", "host-compute", as ``load`` takes it), or "auto" to plan all three and pick; a
-    host cache must fit the host memory left after the pinned weights, and the block is timed with it."""
+    host cache must fit the host memory left after the pinned weights, and the block is timed with it.
+    ``micro_batch``: rows a block computes at a time, as ``load`` takes it, or a list of sizes to plan and pick
+    from (None among them: the whole batch)."""
     if offload not in ("auto", "none", "cpu", "nvme"):
         raise UsageError(f"offload must be one of auto, none, cpu, nvme for planning, not {offload!r}")
     if prompt < 1 or gen < 1:
@@ -51,6 +54,9 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     if kv_offload not in (*KV_OFFLOADS, "auto"):
         raise UsageError(f"kv_offload must be one of {', '.join(KV_OFFLOADS)}, auto for planning, not {kv_offload!r}")
     kv_offloads = KV_OFFLOADS if kv_offload == "auto" else (kv_offload,)
+    micros = list(micro_batch) if isinstance(micro_batch, (list, tuple)) else [micro_batch]
+    if any(m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1) for m in micros):
+        raise UsageError(f"micro_batch must be None, a number of rows >= 1 or a list of them, not {micro_batch!r}")
     loaded = isinstance(model, StreamingModel)
     if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise UsageError(f"tensor_parallel must be a number of ranks >= 1, not {tensor_parallel!r}")
@@ -78,9 +84,9 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                 link_gbps = rate.gbps
         if compute is None:  # calibrated over the batches that can run: the fit is trusted inside its range
             seq = min(prompt + gen, facts.family.max_positions)
-            largest = max((b for kv in kv_offloads
+            largest = max((b for kv in kv_offloads for m in micros
                            for b, _, _ in fitting_batches(sizes, budget, seq, prefetch + 1, stream is not None,
-                                                          max_batch, kv)), default=1)
+                                                          max_batch, kv, m)), default=1)
             compute = calibrate_compute(facts.family, dev, facts.dtype, max_batch=largest, prompt=prompt, gen=gen,
                                         cache=cache, quant=facts.quant, kv_offloads=kv_offloads)
     finally:
@@ -88,7 +94,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
             store.close()
     plan = choose_batch(sizes, compute, budget=budget, prompt=prompt, gen=gen, link_gbps=link_gbps, stream=stream,
                         prefetch=prefetch, max_batch=max_batch, step_overhead_s=step_overhead_s,
-                        kv_offloads=kv_offloads)
+                        kv_offloads=kv_offloads, micro_batch_sizes=micros)
     plan.device, plan.dtype, plan.link = str(dev), facts.dtype, link if stream is not None else ""
     plan.tensor_parallel = tensor_parallel
     if facts.quantize_at_load and not loaded:

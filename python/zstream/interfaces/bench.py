@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list: none, host, host-compute, auto (the KV cache on the device; in pinned host memory "
                         "with each layer's brought up as it computes, its bytes counted in the step's bound; in host "
                         "memory with attention on the CPUs; or load's choice)")
+    p.add_argument("--micro-batch", type=positive, default=None,
+                   help="rows a block computes at a time (load's micro_batch): larger batches run as micro-batches")
     p.add_argument("--predict", action="store_true",
                    help="beside each measured row, the batch planner's prediction for the same batch, residency and "
                         "KV placement (plan_batch on the loaded model: its link, its budget, a compute model "
@@ -307,6 +309,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
                      max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False,
                      quantize=a.quantize, group_size=a.group_size, tensor_parallel=ranks,
                      compress=None if compress == "none" else compress, kv_offload=kv_offload,
+                     micro_batch=a.micro_batch,
                      copy_from_tokens=a.copy_from_tokens if offload == "ats" else None)
     except OutOfMemoryError as e:
         print(f"\n# {offload}, budget {budget}, batch {batches}: does not fit: {e}")
@@ -344,7 +347,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         row = _row("zstream", offload, model, r, bound, kv)
         row["gpu_memory"], row["tp"], row["rank"] = budget, model.plan.ranks, model.plan.rank
         row["compress"], row["kv_offload"], row["kv_bytes_per_step"] = compress, placed, kv
-        row["kv_offload_asked"] = kv_offload
+        row["kv_offload_asked"], row["micro_batch"] = kv_offload, model.plan.micro_batch
         if a.predict:
             row.update(_prediction(model, a, b, offload))
         row["quantize"] = model.plan.quantization
@@ -369,10 +372,11 @@ def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str) -> 
     stream = offload if offload in ("cpu", "nvme") and model.plan.streamed_blocks else "none"
     try:
         plan = plan_batch(model, prompt=a.prompt, gen=a.gen, offload=stream, prefetch=a.prefetch,
-                          kv_offload=model.plan.kv_offload, max_batch=batch)
+                          kv_offload=model.plan.kv_offload, max_batch=batch, micro_batch=model.plan.micro_batch)
     except (ValueError, OutOfMemoryError) as e:
         return {"predicted_error": str(e)}
-    c = plan.candidate(batch, len(model.plan.resident_blocks), model.plan.kv_offload)
+    micro = model.plan.micro_batch if model.plan.micro_batch and model.plan.micro_batch < batch else None
+    c = plan.candidate(batch, len(model.plan.resident_blocks), model.plan.kv_offload, micro)
     if c is None:
         return {"predicted_error": "the planner finds this configuration does not fit"}
     return {"predicted_tokens_per_s": c.tokens_per_s, "predicted_decode_step_s": c.decode_step_s,

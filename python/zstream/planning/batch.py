@@ -6,6 +6,7 @@ Pure arithmetic over a checkpoint's sizes, the measured link and a compute model
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -14,7 +15,7 @@ import torch
 from ..errors import OutOfMemoryError
 from ..foundations.units import fmt_bytes
 from .facts import CheckpointFacts
-from .residency import KV_OFFLOADS, choose_residency, kv_layer_bytes, reserve_bytes
+from .residency import choose_residency, kv_layer_bytes, reserve_bytes
 
 # ---- the predictive batch planner ------------------------------------------------------------------------------
 #
@@ -137,8 +138,8 @@ class ModelSizes:
     outer_bytes: int                  # embeddings, final norm, head, on the device
     reserve: Callable[[int, int], int]  # (batch, seq) -> bytes the loader keeps for KV cache and activations
     max_positions: int
-    # the same for a KV cache in host memory, by kv_offload ("host", "host-compute"): what stays on the device
-    kv_reserve: Dict[str, Callable[[int, int], int]] = field(default_factory=dict)
+    # (batch, seq, kv_offload, micro_batch) -> the reserve for any KV placement and micro-batch (``of`` sets it)
+    reserve_of: Optional[Callable[[int, int, str, Optional[int]], int]] = None
     kv_layer_bytes: Optional[Callable[[int, int], int]] = None  # (batch, seq) -> one layer's keys and values
     host_budget: Optional[int] = None  # host bytes a host KV cache may take (None: no limit)
 
@@ -152,20 +153,19 @@ class ModelSizes:
         ``reserve_bytes`` (with room for a dequantized block when blocks are quantized), for every KV placement;
         ``host_budget``: the host memory a host KV cache may take."""
         family, dtype, quant = facts.family, facts.dtype, facts.quant
-
-        def reserve(kv: str) -> Callable[[int, int], int]:
-            return lambda batch, seq: reserve_bytes(family, batch, seq, dtype, quant, kv)
         return cls(block_bytes=list(facts.block_bytes), device_block_bytes=facts.device_block_bytes,
-                   outer_bytes=facts.device_outer_bytes, reserve=reserve("none"), max_positions=family.max_positions,
-                   kv_reserve={kv: reserve(kv) for kv in KV_OFFLOADS if kv != "none"},
+                   outer_bytes=facts.device_outer_bytes,
+                   reserve=lambda batch, seq: reserve_bytes(family, batch, seq, dtype, quant),
+                   max_positions=family.max_positions,
+                   reserve_of=lambda batch, seq, kv, micro: reserve_bytes(family, batch, seq, dtype, quant, kv, micro),
                    kv_layer_bytes=lambda batch, seq: kv_layer_bytes(family, batch, seq, dtype), host_budget=host_budget)
 
-    def reserve_for(self, batch: int, seq: int, kv: str = "none") -> int:
-        if kv == "none":
+    def reserve_for(self, batch: int, seq: int, kv: str = "none", micro: Optional[int] = None) -> int:
+        if kv == "none" and micro is None:
             return self.reserve(batch, seq)
-        if kv not in self.kv_reserve:
-            raise ValueError(f"these sizes have no reserve for kv_offload={kv!r}")
-        return self.kv_reserve[kv](batch, seq)
+        if self.reserve_of is None:
+            raise ValueError(f"these sizes have no reserve for kv_offload={kv!r}, micro_batch={micro}")
+        return self.reserve_of(batch, seq, kv, micro)
 
     def host_kv_bytes(self, batch: int, seq: int, kv: str) -> int:
         """Host bytes of the KV cache of ``kv_offload=kv`` (0 for "none")."""
@@ -173,23 +173,24 @@ class ModelSizes:
             return 0
         return self.num_blocks * self.kv_layer_bytes(batch, seq)
 
-    def memory_bytes(self, batch: int, resident: int, seq: int, ring_slots: int, kv: str = "none") -> int:
+    def memory_bytes(self, batch: int, resident: int, seq: int, ring_slots: int, kv: str = "none",
+                     micro: Optional[int] = None) -> int:
         """Device bytes the loader budgets for ``resident`` blocks kept and the rest streamed: outer weights,
         resident blocks, a ring of ``ring_slots`` of the largest block (only if anything streams), and the reserve."""
         n = self.num_blocks
         ring = ring_slots * max(self.device_block_bytes, default=0) if resident < n else 0
         return (self.outer_bytes + sum(self.device_block_bytes[:resident]) + ring
-                + self.reserve_for(batch, seq, kv))
+                + self.reserve_for(batch, seq, kv, micro))
 
     def max_resident(self, budget: Optional[int], batch: int, seq: int, ring_slots: int,
-                     kv: str = "none") -> Optional[int]:
+                     kv: str = "none", micro: Optional[int] = None) -> Optional[int]:
         """The most blocks ``load`` keeps resident for this batch (``choose_residency`` itself); None if not even
         the outer weights, the reserve and the ring fit, or a host KV cache does not fit ``host_budget``."""
         if self.host_budget is not None and self.host_kv_bytes(batch, seq, kv) > self.host_budget:
             return None
         try:
             resident, _ = choose_residency(self.device_block_bytes, self.outer_bytes, budget, ring_slots,
-                                           self.reserve_for(batch, seq, kv), where="plan")
+                                           self.reserve_for(batch, seq, kv, micro), where="plan")
         except OutOfMemoryError:
             return None
         return len(resident)
@@ -244,14 +245,22 @@ class ThroughputModel:
         return max(t, link, outer_s + transfer) + self.step_overhead_s, transfer, compute
 
     def decode_step(self, batch: int, resident: int, context: float, kv: str = "none",
-                    kv_bytes: int = 0) -> Tuple[float, float, float]:
-        """A decode step; ``kv_bytes``: the host KV cache that comes up over the link in it ("host")."""
-        return self.pass_s(resident, self.compute.decode_block_s(batch, context, kv),
-                           self.compute.decode_outer_s(batch, context), kv_bytes)
+                    kv_bytes: int = 0, micro: Optional[int] = None) -> Tuple[float, float, float]:
+        """A decode step; ``kv_bytes``: the host KV cache that comes up over the link in it ("host"); ``micro``:
+        rows a block computes at a time (a block costs its micro-batches' times, one after another)."""
+        block = sum(self.compute.decode_block_s(b, context, kv) for b in micro_batches(batch, micro))
+        return self.pass_s(resident, block, self.compute.decode_outer_s(batch, context), kv_bytes)
 
-    def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none") -> Tuple[float, float, float]:
-        return self.pass_s(resident, self.compute.prefill_block_s(batch, prompt, kv),
-                           self.compute.prefill_outer_s(batch, prompt))
+    def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none",
+                micro: Optional[int] = None) -> Tuple[float, float, float]:
+        block = sum(self.compute.prefill_block_s(b, prompt, kv) for b in micro_batches(batch, micro))
+        return self.pass_s(resident, block, self.compute.prefill_outer_s(batch, prompt))
+
+
+def micro_batches(batch: int, micro: Optional[int]) -> List[int]:
+    """The rows of each micro-batch of ``batch`` in micro-batches of ``micro`` (the engine's split)."""
+    size = micro if micro is not None and micro < batch else batch
+    return [min(size, batch - r) for r in range(0, batch, size)]
 
 
 @dataclass
@@ -269,6 +278,7 @@ class Candidate:
     compute_s: float         # of a decode step: every block's compute and the outer work
     tokens_per_s: float      # batch * gen / (prefill + (gen - 1) decode steps), as ``zstream bench`` counts
     kv_offload: str = "none"  # where the KV cache lives and attention runs (residency.KV_OFFLOADS)
+    micro_batch: Optional[int] = None  # rows a block computes at a time (None: the whole batch)
 
     @property
     def streamed_blocks(self) -> int:
@@ -288,7 +298,7 @@ class Candidate:
         return {"batch": self.batch, "resident_blocks": self.resident_blocks, "offload": self.offload,
                 "memory_bytes": self.memory_bytes, "prefill_s": self.prefill_s, "decode_step_s": self.decode_step_s,
                 "transfer_s": self.transfer_s, "compute_s": self.compute_s, "tokens_per_s": self.tokens_per_s,
-                "kv_offload": self.kv_offload, "limit": self.limit}
+                "kv_offload": self.kv_offload, "micro_batch": self.micro_batch, "limit": self.limit}
 
 
 @dataclass
@@ -309,9 +319,10 @@ class BatchPlan:
     quantize: Dict[str, Any] = field(default_factory=dict)  # load's quantize arguments (empty: none, or packed)
     tensor_parallel: int = 1        # ranks: every size, budget and time is one rank's (its shard, its GPU, its link)
 
-    def candidate(self, batch: int, resident: int, kv: str = "none") -> Optional[Candidate]:
+    def candidate(self, batch: int, resident: int, kv: str = "none",
+                  micro: Optional[int] = None) -> Optional[Candidate]:
         for c in self.table:
-            if c.batch == batch and c.resident_blocks == resident and c.kv_offload == kv:
+            if (c.batch, c.resident_blocks, c.kv_offload, c.micro_batch) == (batch, resident, kv, micro):
                 return c
         return None
 
@@ -343,6 +354,8 @@ class BatchPlan:
             kw["max_resident_blocks"] = c.resident_blocks
         if c.kv_offload != "none":
             kw["kv_offload"] = c.kv_offload
+        if c.micro_batch is not None:
+            kw["micro_batch"] = c.micro_batch
         if self.device:
             kw["device"] = self.device
         if self.dtype is not None:
@@ -360,7 +373,9 @@ class BatchPlan:
         b = self.best
         link = f"{self.link_gbps:.1f} GB/s" + (f" ({self.link})" if self.link else "") if self.link_gbps else "none"
         head = [f"predicted best: batch {b.batch}, {b.resident_blocks}/{b.num_blocks} blocks resident "
-                f"(offload={b.offload}, kv_offload={b.kv_offload}), {b.tokens_per_s:.1f} tokens/s; budget "
+                f"(offload={b.offload}, kv_offload={b.kv_offload}"
+                + (f", micro_batch={b.micro_batch}" if b.micro_batch else "")
+                + f"), {b.tokens_per_s:.1f} tokens/s; budget "
                 + (fmt_bytes(self.budget_bytes) if self.budget_bytes is not None else "unlimited")
                 + f", prompt {self.prompt}, gen {self.gen}, link {link}"
                 + (f"; one rank of {self.tensor_parallel} (its piece, its GPU, its link; all-reduces not counted)"
@@ -387,14 +402,17 @@ class BatchPlan:
 def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[int], prompt: int, gen: int,
                  link_gbps: Optional[float], stream: Optional[str] = "cpu", prefetch: int = 2,
                  max_batch: int = 1024, step_overhead_s: float = 0.0,
-                 kv_offloads: Sequence[str] = ("none",)) -> BatchPlan:
+                 kv_offloads: Sequence[str] = ("none",),
+                 micro_batch_sizes: Sequence[Optional[int]] = (None,)) -> BatchPlan:
     """Every (batch, resident blocks) the loader would accept under ``budget``, with its predicted tokens/s; the
     best of them. ``stream``: the offload mode that streams ("cpu" or "nvme"), or None to keep every block resident
     (offload="none"). Batches run from 1 to the largest that fits (at most ``max_batch``); for each, every
     residency from 0 blocks to the most that fit. Tokens/s counts as ``zstream bench`` does: batch * gen tokens over
     the prefill (which gives the first token) and gen - 1 decode steps, taken at their mean context. Each KV
     placement of ``kv_offloads`` is planned too: its reserve on the device, its cache within ``sizes.host_budget``,
-    its blocks' measured compute, and with "host" the cache's bytes on the link beside the streamed blocks."""
+    its blocks' measured compute, and with "host" the cache's bytes on the link beside the streamed blocks. Each
+    micro-batch size of ``micro_batch_sizes`` (None: the whole batch) is planned for the batches it splits: its
+    smaller working set on the device, its blocks computing one micro-batch after another."""
     if prompt < 1 or gen < 1:
         raise ValueError(f"prompt and gen must be at least 1, not {prompt} and {gen}")
     if stream is not None and not link_gbps:
@@ -404,31 +422,34 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
     tm = ThroughputModel(compute, sizes.block_bytes, link_gbps, slots, step_overhead_s)
     context = prompt + gen / 2  # decode steps attend to prompt + 1 .. prompt + gen - 1 keys
     table: List[Candidate] = []
-    for kv in kv_offloads:
-        for batch, lowest, most in fitting_batches(sizes, budget, seq, slots, stream is not None, max_batch, kv):
+    for kv, micro in itertools.product(kv_offloads, micro_batch_sizes):
+        for batch, lowest, most in fitting_batches(sizes, budget, seq, slots, stream is not None, max_batch, kv,
+                                                   micro):
+            if micro is not None and micro >= batch:
+                continue  # no split: the plan without micro-batches is the same
             kv_up = sizes.host_kv_bytes(batch, round(context), kv) if kv == "host" else 0  # comes up every step
             for resident in range(lowest, most + 1):
-                prefill, _, _ = tm.prefill(batch, resident, prompt, kv)
-                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up)
+                prefill, _, _ = tm.prefill(batch, resident, prompt, kv, micro)
+                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro)
                 total = prefill + (gen - 1) * step
                 table.append(Candidate(batch=batch, resident_blocks=resident, num_blocks=n,
                                        offload="none" if resident == n else str(stream),
-                                       memory_bytes=sizes.memory_bytes(batch, resident, seq, slots, kv),
+                                       memory_bytes=sizes.memory_bytes(batch, resident, seq, slots, kv, micro),
                                        prefill_s=prefill, decode_step_s=step, transfer_s=xfer, compute_s=comp,
-                                       tokens_per_s=batch * gen / total, kv_offload=kv))
+                                       tokens_per_s=batch * gen / total, kv_offload=kv, micro_batch=micro))
     best = max(table, key=lambda c: c.tokens_per_s, default=None)
     return BatchPlan(best=best, table=table, budget_bytes=budget, prompt=prompt, gen=gen, link_gbps=link_gbps,
                      prefetch=prefetch, compute=compute)
 
 
 def fitting_batches(sizes: ModelSizes, budget: Optional[int], seq: int, slots: int, stream: bool,
-                    max_batch: int, kv: str = "none") -> List[Tuple[int, int, int]]:
+                    max_batch: int, kv: str = "none", micro: Optional[int] = None) -> List[Tuple[int, int, int]]:
     """(batch, fewest, most resident blocks) for every batch from 1 that the loader accepts, up to ``max_batch``,
     with KV placement ``kv``. Without streaming only "every block resident" counts. Memory grows with the batch, so
     the first batch that does not fit ends the list."""
     n, out = sizes.num_blocks, []
     for batch in range(1, max_batch + 1):
-        most = sizes.max_resident(budget, batch, seq, slots, kv)
+        most = sizes.max_resident(budget, batch, seq, slots, kv, micro)
         lowest = 0 if stream else n
         if most is None or most < lowest:
             break
