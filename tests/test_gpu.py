@@ -181,10 +181,14 @@ def test_host_kv_cache_on_the_gpu(tmp_path, kv):
     with zstream.load(path, **kw) as plain, zstream.load(path, kv_offload=kv, **kw) as host:
         cache = host.new_cache(3, 20)
         assert cache.k_host.is_pinned() and cache.device_layers == 0
-        if kv == "host":
+        if kv == "host":  # the layers' caches come up ahead, on their own stream
             assert torch.equal(host(ids), plain(ids))
             assert torch.equal(host.generate(ids, max_new_tokens=16, do_sample=False),
                                plain.generate(ids, max_new_tokens=16, do_sample=False))
+            with zstream.load(path, kv_offload=kv, micro_batch=2, **kw) as micro:  # rows 0-1, then row 2
+                tokens = micro.generate(ids, max_new_tokens=16, do_sample=False)
+                for rows in (slice(0, 2), slice(2, 3)):
+                    assert torch.equal(tokens[rows], plain.generate(ids[rows], max_new_tokens=16, do_sample=False))
         else:  # the prompt attends on the device (the same bits); later tokens on the CPUs (the same to rounding)
             assert torch.equal(host(ids), plain(ids))
             ones = torch.ones(3, 11, dtype=torch.long, device="cuda")  # the new tokens' attention mask
