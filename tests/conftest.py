@@ -34,3 +34,17 @@ def ctrl_c() -> object:
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, old)
+
+
+FAMILIES = ("tiny-bloom", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One float32 random-weight checkpoint of every family, written once a session: {preset name: path}."""
+    import torch
+
+    import zstream
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: zstream.make_checkpoint(name, root / name, torch.float32, progress=False) for name in FAMILIES}

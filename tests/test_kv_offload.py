@@ -43,11 +43,9 @@ def test_host_layers_return_what_device_layers_do() -> None:
     assert KVCache(3, 1, 4, 1, 2, device_layers=0).device_layers == 0
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("kv")
-    return {name: zstream.make_checkpoint(name, root / name, torch.float32, progress=False)
-            for name in ("tiny-bloom", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-qwen2")}
+@pytest.fixture
+def checkpoints(family_checkpoints: dict) -> dict:
+    return family_checkpoints
 
 
 @pytest.mark.filterwarnings("ignore:.*random weights")

@@ -17,11 +17,9 @@ from zstream.planning.residency import PlanOptions, Resources, plan_load
 from tiny_models import padded_batch
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("micro")
-    return {name: zstream.make_checkpoint(name, root / name, torch.float32, progress=False)
-            for name in ("tiny-bloom", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-qwen2")}
+@pytest.fixture
+def checkpoints(family_checkpoints: dict) -> dict:
+    return family_checkpoints
 
 
 @pytest.mark.filterwarnings("ignore:.*random weights")
