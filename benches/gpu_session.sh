@@ -17,7 +17,8 @@
 #         decoder's tuning and lane count), bench-lossless, bench-lossless-nvme (the streamed step, plain and coded).
 #         KV offload: test-kv (the GPU tests of the host KV cache), bench-kv (bloom-7b1 at 16 GiB, the KV cache on the
 #         device, in host memory, and in host memory with attention on the CPU, by batch), bench-kv-predict (the same
-#         with the planner's prediction beside each row).
+#         with the planner's prediction beside each row), peers-flexgen and bench-opt30b (OPT-30B under 16 GiB: FlexGen
+#         0.1.8 with dummy weights, and zstream on a checkpoint of the same shapes).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -70,6 +71,19 @@ for stage in "$@"; do
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} \
         --batch ${KV_BATCHES:-8,32,64} --prompt 512 --gen 32 --predict --json "$OUT/bench_kv_predict.json" ;;
+    peers-flexgen) # FlexGen 0.1.8 (carried unpacked: .device/flexgen_whl, and its offline runner .device/flexgen_peer.py
+      # from shared/peers), OPT-30B dummy weights, FG_PERCENT of weights/cache/activations on the GPU, attention on the
+      # CPU, batch FG_GPU_BATCH x FG_BATCHES, prompt 512, gen 32: FlexGen's own numbers in its own log
+      python3 -m pip install -q --no-deps --no-index --target /tmp/fg .device/flexgen_whl/flexgen-*.whl || exit 1
+      PYTHONPATH=/tmp/fg:$PYTHONPATH python3 .device/flexgen_peer.py --model facebook/opt-30b --path _DUMMY_ \
+        --percent ${FG_PERCENT:-20 80 0 100 0 100} --gpu-batch-size ${FG_GPU_BATCH:-32} \
+        --num-gpu-batches ${FG_BATCHES:-2} --prompt-len 512 --gen-len 32 --cpu-cache-compute 2>&1 \
+        | tee "$OUT/flexgen.log" | grep -i -E "throughput|latency|peak" ;;
+    bench-opt30b) # zstream on the same shapes under the same 16 GiB (60 GB of fp16 on a 64 GiB disk: alone on it)
+      CK=/root/opt-30b; [ -f "$CK/config.json" ] || $Z make-checkpoint opt-30b "$CK" --dtype fp16 > /dev/null
+      $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${OPT_KV:-host-compute,host} \
+        --batch ${OPT_BATCHES:-64} --prompt 512 --gen 32 ${OPT_MICRO:+--micro-batch $OPT_MICRO} \
+        ${OPT_QUANT:+--quantize $OPT_QUANT} --json "$OUT/bench_opt30b.json" ;;
     test-kv) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "kv" > "$OUT/pytest_kv.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_kv.log"); tail -3 "$OUT/pytest_kv.log" ;;
     bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
