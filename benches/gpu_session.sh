@@ -71,7 +71,7 @@ for stage in "$@"; do
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} \
         --batch ${KV_BATCHES:-8,32,64} --prompt 512 --gen 32 --predict --json "$OUT/bench_kv_predict.json" ;;
-    peers-flexgen) # FlexGen 0.1.8 (carried unpacked: .device/flexgen_whl, and its offline runner .device/flexgen_peer.py
+    peers-flexgen) # FlexGen 0.1.8 (its wheel carried in .device/flexgen_whl, its offline runner in .device/flexgen_peer.py
       # from shared/peers), OPT-30B dummy weights, FG_PERCENT of weights/cache/activations on the GPU, attention on the
       # CPU, batch FG_GPU_BATCH x FG_BATCHES, prompt 512, gen 32: FlexGen's own numbers in its own log
       python3 -m pip install -q --no-deps --no-index --target /tmp/fg .device/flexgen_whl/flexgen-*.whl || exit 1
