@@ -21,7 +21,8 @@ Triton's interpreter on CPU tensors: how ``tests/test_lossless.py`` checks the k
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections import OrderedDict
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -91,16 +92,35 @@ def decode_many(coded: Sequence[CodedTensor], outs: Sequence[Tensor], *, kernel:
         keep.append((raw, into, dst))
     if not rows:
         return
-    # (tensors, 8): addresses of words, offsets, raw, tables and output; elements, lanes, programs up to this tensor
-    desc = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        desc = desc.pin_memory().to(device, non_blocking=True)
+    desc = _descriptor(rows, device)
     luts = torch.empty((len(rows), LOOKUP_LEN), dtype=torch.int16, device=device)
     _lookup_kernel[(len(rows),)](desc, luts, SIZE=LOOKUP_LEN, num_warps=4)
     _decode_kernel[(programs,)](desc, luts, len(rows), BLOCK=block, RUN=RUN, num_warps=warps)
     for _, into, dst in keep:
         if into is not dst:
             dst.copy_(into)
+
+
+_DESCRIPTORS: OrderedDict[Tuple[Tuple[int, ...], ...], Tensor] = OrderedDict()  # by their rows, most recent last
+_DESCRIPTORS_KEPT = 64  # a ring's slots hold the same parts at the same addresses pass after pass
+
+
+def _descriptor(rows: List[List[int]], device: torch.device) -> Tensor:
+    """(tensors, 8) int64 on ``device``: addresses of words, offsets, raw, tables and output; elements, lanes, programs
+    up to each tensor. Kept by content: a block decoded from the same slot again reuses its descriptor, which saves
+    the call a pinned allocation and a copy up (a call of one weight spends more on the host than in the kernels)."""
+    key = tuple(tuple(r) for r in rows)
+    desc = _DESCRIPTORS.get(key) if device.type == "cuda" else None
+    if desc is not None and desc.device == device:
+        _DESCRIPTORS.move_to_end(key)
+        return desc
+    desc = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        desc = desc.pin_memory().to(device, non_blocking=True)
+        _DESCRIPTORS[key] = desc
+        while len(_DESCRIPTORS) > _DESCRIPTORS_KEPT:
+            _DESCRIPTORS.popitem(last=False)
+    return desc
 
 
 if HAS_TRITON:
