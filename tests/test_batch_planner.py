@@ -496,3 +496,32 @@ def test_micro_batches_are_planned_with_their_working_set_and_their_time():
     best = choose_batch(sizes, compute, micro_batch_sizes=(16,), **base).best
     assert best is not None and best.micro_batch == 16
     assert choose_batch(sizes, compute, micro_batch_sizes=(16,), **base).load_kwargs()["micro_batch"] == 16
+
+
+def test_a_split_cache_balances_the_link_and_the_cpus():
+    """bloom-7b1 at batch 64 under 16 GiB with CPUs that attend a layer's cache about as fast as the link brings it
+    up (the H200 run: ~12 ms a layer either way): splitting the layers between them beats either alone, the split
+    the planner picks is the best of every split (checked one by one), and its load arguments carry it."""
+    sizes, _ = bloom_sizes()
+    compute = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 3.5e-7)
+    plan = choose_batch(sizes, compute, budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0,
+                        stream="cpu", max_batch=64, kv_offloads=("host", "host-compute", "split"))
+    at64 = {kv: max((c for c in plan.table if c.batch == 64 and c.kv_offload == kv), key=lambda c: c.tokens_per_s)
+            for kv in ("host", "host-compute", "split")}
+    split = at64["split"]
+    assert 0 < split.kv_cpu_layers < 30
+    assert split.decode_step_s < 0.8 * min(at64["host"].decode_step_s, at64["host-compute"].decode_step_s)
+    tm = ThroughputModel(compute, sizes.block_bytes, 55.0)
+    layer = sizes.host_kv_bytes(64, 528, "host") // 30
+    every = [tm.decode_step(64, split.resident_blocks, 528, "split", (30 - f) * layer, None, f)[0] for f in range(31)]
+    assert split.decode_step_s == pytest.approx(min(every))
+    assert plan.load_kwargs(split)["kv_cpu_layers"] == split.kv_cpu_layers
+
+
+def test_split_layers_are_spread_evenly():
+    from zstream.planning.residency import cpu_layers_of
+
+    assert cpu_layers_of(30, 15) == list(range(1, 30, 2))
+    assert cpu_layers_of(30, 10) == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28]
+    assert cpu_layers_of(30, 30) == list(range(30)) and cpu_layers_of(30, 0) == []
+    assert cpu_layers_of(4, 9) == [0, 1, 2, 3]

@@ -49,7 +49,7 @@ def checkpoints(family_checkpoints: dict) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:.*random weights")
-@pytest.mark.parametrize("kv", ["host", "host-compute"])
+@pytest.mark.parametrize("kv", ["host", "host-compute", "split"])
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-qwen2"])
 def test_host_kv_cache_changes_no_logit_and_no_token(checkpoints: dict, name: str, kv: str) -> None:
     ids, mask = padded_batch(vocab=250, lengths=(9, 6, 3))
@@ -57,9 +57,12 @@ def test_host_kv_cache_changes_no_logit_and_no_token(checkpoints: dict, name: st
     path = checkpoints[name]
     with zstream.load(path, **kw) as plain, zstream.load(path, kv_offload=kv, **kw) as host:
         cache = host.new_cache(3, 20)
-        assert cache.device_layers == 0 and cache.host_nbytes > 0 and cache.host_compute == (kv == "host-compute")
-        want = HostComputeLayerCache if kv == "host-compute" else HostLayerCache
-        assert all(type(cache.layer(i)) is want for i in range(host.family.num_blocks))
+        n = host.family.num_blocks
+        assert cache.device_layers == 0 and cache.host_nbytes > 0 and cache.host_compute == (kv != "host")
+        cpu = {"host": [], "host-compute": list(range(n)), "split": [1]}[kv]  # split: half of 2 layers, the second
+        assert cache.cpu_layers == cpu and host.plan.kv_cpu_layers == len(cpu)
+        assert [type(cache.layer(i)) for i in range(n)] == [
+            HostComputeLayerCache if i in cpu else HostLayerCache for i in range(n)]
         assert torch.equal(host(ids, mask), plain(ids, mask))
         greedy = {"max_new_tokens": 12, "do_sample": False}
         assert torch.equal(host.generate(ids, attention_mask=mask, **greedy),
@@ -104,12 +107,12 @@ def test_host_compute_attends_the_prompt_where_q_is(monkeypatch: pytest.MonkeyPa
     ctx = StepContext(start=0, positions=torch.zeros(2, 5, dtype=torch.long), mask=None, is_causal=True)
     layer.attend(q, k, v, ctx)
     assert calls[-1][0] is k and calls[-1][1] is v and calls[-1][2] is ctx  # the prompt's own k, v, the step's ctx
-    assert torch.equal(cache.k_host[0, :, :, :5], k) and torch.equal(cache.v_host[0, :, :, :5], v)
+    assert torch.equal(cache.k_cpu[0, :, :, :5], k) and torch.equal(cache.v_cpu[0, :, :, :5], v)
     step = StepContext(start=5, positions=torch.zeros(2, 1, dtype=torch.long), mask=torch.zeros(2, 1, 1, 6),
                        is_causal=False)
     layer.attend(q[:, :, :1], k[:, :, :1], v[:, :, :1], step)
     keys, values, used = calls[-1]
-    assert keys.shape == (2, 1, 6, 4) and keys.data_ptr() == cache.k_host.data_ptr()  # the host cache's slots
+    assert keys.shape == (2, 1, 6, 4) and keys.data_ptr() == cache.k_cpu.data_ptr()  # the host cache's slots
     assert torch.equal(values[:, :, 5:], v[:, :, :1]) and used is not step  # the step's context, mask on the host
 
 

@@ -23,7 +23,7 @@ def checkpoints(family_checkpoints: dict) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:.*random weights")
-@pytest.mark.parametrize("kv", ["none", "host", "host-compute"])
+@pytest.mark.parametrize("kv", ["none", "host", "host-compute", "split"])
 @pytest.mark.parametrize("name", ["tiny-bloom", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-qwen2"])
 def test_micro_batches_change_no_logit_and_no_token(checkpoints: dict, name: str, kv: str) -> None:
     """Five left-padded rows in micro-batches of 2 (2, 2, 1), every block streamed: the logits and 8 greedy tokens of

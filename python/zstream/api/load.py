@@ -33,7 +33,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
          copy_from_tokens: Optional[int] = None, download: Optional[bool] = None, revision: Optional[str] = None,
          tensor_parallel: Optional[int] = None, parallel_timeout: float = DEFAULT_TIMEOUT_S,
          compress: Optional[str] = None, kv_offload: str = "none", micro_batch: Optional[int] = None,
-         progress: bool = True, **unknown: Any) -> StreamingModel:
+         kv_cpu_layers: Optional[int] = None, progress: bool = True, **unknown: Any) -> StreamingModel:
     """Load a checkpoint for streaming inference.
 
     ``model``: a checkpoint directory, or a Hugging Face repo id (from the local cache; downloaded when missing, as
@@ -64,7 +64,9 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     memory and cross the link as the layer computes (on the compute stream, beside the weights' copies), so the
     device budget holds only the layers in transit and larger batches fit, logits and tokens bit-identical; or
     "host-compute": the cache in pinned host memory and attention computed there by the CPUs (only q, k, v and the
-    attention's output cross the link; CPU arithmetic, so logits agree to rounding); or "auto": on the device when
+    attention's output cross the link; CPU arithmetic, so logits agree to rounding); "split": ``kv_cpu_layers``
+    layers (default half, spread evenly) attended on the CPUs and the others' caches brought up, so that the link and
+    the CPUs work at once; or "auto": on the device when
     the cache fits there beside the non-block weights and a ring of blocks, else in host memory, attended to by the
     CPUs when blocks stream (the link is theirs) and brought up when none does ("host"). ``plan_batch(...,
     kv_offload="auto")`` chooses by measuring instead, with the batch.
@@ -87,7 +89,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
                            quantize=quantize, group_size=group_size, symmetric=symmetric,
                            copy_from_tokens=copy_from_tokens, progress=progress, tensor_parallel=tensor_parallel,
                            parallel_timeout=parallel_timeout, compress=compress, kv_offload=kv_offload,
-                           micro_batch=micro_batch,
+                           micro_batch=micro_batch, kv_cpu_layers=kv_cpu_layers,
                            unknown=unknown)
     group = join(options.tensor_parallel, _rank_device(options, device), options.parallel_timeout)
     if group is not None:

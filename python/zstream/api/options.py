@@ -52,12 +52,13 @@ class LoadOptions:
     compress: Optional[str] = None  # "lossless": blocks entropy-coded at load, bit-exact
     kv_offload: str = "none"        # "host", "host-compute": every layer's KV cache in pinned host memory
     micro_batch: Optional[int] = None  # rows a block computes at a time
+    kv_cpu_layers: Optional[int] = None  # kv_offload="split": layers attended on the CPUs (None: half)
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
                            max_batch=self.max_batch, max_seq_len=self.max_seq_len,
                            max_resident_blocks=self.max_resident_blocks, kv_offload=self.kv_offload,
-                           micro_batch=self.micro_batch)
+                           micro_batch=self.micro_batch, kv_cpu_layers=self.kv_cpu_layers)
 
 
 def _count(name: str, value: Any, lowest: int, optional: bool = False) -> Optional[int]:
@@ -76,7 +77,7 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
                  copy_from_tokens: Optional[int] = None, progress: bool = True, tensor_parallel: Optional[int] = None,
                  parallel_timeout: float = DEFAULT_TIMEOUT_S, compress: Optional[str] = None,
                  kv_offload: str = "none", micro_batch: Optional[int] = None,
-                 unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
+                 kv_cpu_layers: Optional[int] = None, unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
     """``LoadOptions`` from ``load``'s keywords; ``unknown`` holds keywords ``load`` does not take."""
     if unknown:
         name = sorted(unknown)[0]
@@ -100,7 +101,7 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
     if kv_offload not in (*KV_OFFLOADS, "auto"):
         raise UsageError(f"kv_offload must be one of {', '.join(map(repr, KV_OFFLOADS))}, 'auto', not {kv_offload!r} "
                          "('host' keeps the KV cache in pinned host memory and brings each layer's up as it computes; "
-                         "'host-compute' runs attention on the CPUs there)")
+                         "'host-compute' runs attention on the CPUs there; 'split' does both, layer by layer)")
     if isinstance(parallel_timeout, bool) or not isinstance(parallel_timeout, (int, float)) or parallel_timeout <= 0:
         raise UsageError(f"parallel_timeout must be a positive number of seconds, not {parallel_timeout!r}")
     return LoadOptions(
@@ -113,4 +114,5 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
         copy_from_tokens=_count("copy_from_tokens", copy_from_tokens, 1, True), progress=bool(progress),
         tensor_parallel=_count("tensor_parallel", tensor_parallel, 1, True), parallel_timeout=float(parallel_timeout),
         compress=None if compress == "none" else compress, kv_offload=kv_offload,
-        micro_batch=_count("micro_batch", micro_batch, 1, True))
+        micro_batch=_count("micro_batch", micro_batch, 1, True),
+        kv_cpu_layers=_count("kv_cpu_layers", kv_cpu_layers, 0, True))

@@ -51,10 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=positive, default=64, help="inputs per quantization group")
     p.add_argument("--compress", type=comma_list(str, ("none", "lossless")), default=["none"],
                    help="comma list: none, lossless (each configuration with and without, in the same run)")
-    p.add_argument("--kv-offload", type=comma_list(str, ("none", "host", "host-compute", "auto")), default=["none"],
+    p.add_argument("--kv-offload", type=comma_list(str, ("none", "host", "host-compute", "split", "auto")),
+                   default=["none"],
                    help="comma list: none, host, host-compute, auto (the KV cache on the device; in pinned host memory "
                         "with each layer's brought up as it computes, its bytes counted in the step's bound; in host "
                         "memory with attention on the CPUs; or load's choice)")
+    p.add_argument("--kv-cpu-layers", type=int, default=None,
+                   help="with --kv-offload split: layers attended on the CPUs (default: half)")
     p.add_argument("--micro-batch", type=positive, default=None,
                    help="rows a block computes at a time (load's micro_batch): larger batches run as micro-batches")
     p.add_argument("--predict", action="store_true",
@@ -309,7 +312,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
                      max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False,
                      quantize=a.quantize, group_size=a.group_size, tensor_parallel=ranks,
                      compress=None if compress == "none" else compress, kv_offload=kv_offload,
-                     micro_batch=a.micro_batch,
+                     micro_batch=a.micro_batch, kv_cpu_layers=a.kv_cpu_layers,
                      copy_from_tokens=a.copy_from_tokens if offload == "ats" else None)
     except OutOfMemoryError as e:
         print(f"\n# {offload}, budget {budget}, batch {batches}: does not fit: {e}")

@@ -245,16 +245,42 @@ class ThroughputModel:
         return max(t, link, outer_s + transfer) + self.step_overhead_s, transfer, compute
 
     def decode_step(self, batch: int, resident: int, context: float, kv: str = "none",
-                    kv_bytes: int = 0, micro: Optional[int] = None) -> Tuple[float, float, float]:
-        """A decode step; ``kv_bytes``: the host KV cache that comes up over the link in it ("host"); ``micro``:
-        rows a block computes at a time (a block costs its micro-batches' times, one after another)."""
-        block = sum(self.compute.decode_block_s(b, context, kv) for b in micro_batches(batch, micro))
+                    kv_bytes: int = 0, micro: Optional[int] = None, cpu_layers: int = 0) -> Tuple[float, float, float]:
+        """A decode step; ``kv_bytes``: the host KV cache that comes up over the link in it ("host", "split");
+        ``micro``: rows a block computes at a time (a block costs its micro-batches' times, one after another);
+        ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean)."""
+        block = self._block(self.compute.decode_block_s, batch, context, kv, micro, cpu_layers)
         return self.pass_s(resident, block, self.compute.decode_outer_s(batch, context), kv_bytes)
 
     def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none",
-                micro: Optional[int] = None) -> Tuple[float, float, float]:
-        block = sum(self.compute.prefill_block_s(b, prompt, kv) for b in micro_batches(batch, micro))
+                micro: Optional[int] = None, cpu_layers: int = 0) -> Tuple[float, float, float]:
+        block = self._block(self.compute.prefill_block_s, batch, prompt, kv, micro, cpu_layers)
         return self.pass_s(resident, block, self.compute.prefill_outer_s(batch, prompt))
+
+    def _block(self, time: Callable[[int, Any, str], float], batch: int, x: Any, kv: str, micro: Optional[int],
+               cpu_layers: int) -> float:
+        parts = micro_batches(batch, micro)
+        if kv != "split":
+            return sum(time(b, x, kv) for b in parts)
+        n = len(self.block_bytes)
+        device, cpu = (sum(time(b, x, k) for b in parts) for k in ("none", "host-compute"))
+        return (cpu_layers * cpu + (n - cpu_layers) * device) / n
+
+    def best_split(self, batch: int, resident: int, context: float, layer_kv_bytes: int,
+                   micro: Optional[int] = None) -> int:
+        """The layers a "split" cache should attend on the CPUs: where the compute stream (the CPUs' attention
+        added for each such layer) meets the link (each other layer's cache added), checked on the schedule."""
+        n = len(self.block_bytes)
+        if not self.link_gbps:
+            return n
+        t_dev = self._block(self.compute.decode_block_s, batch, context, "none", micro, 0)
+        t_cpu = self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0)
+        up = layer_kv_bytes / (self.link_gbps * 1e9)
+        weights = sum(self.block_bytes[resident:]) / (self.link_gbps * 1e9)
+        f = (weights + n * up - n * t_dev) / max(t_cpu - t_dev + up, 1e-12)
+        near = {min(n, max(0, k)) for k in range(int(f) - 1, int(f) + 3)}
+        return min(near, key=lambda c: self.decode_step(batch, resident, context, "split", (n - c) * layer_kv_bytes,
+                                                        micro, c)[0])
 
 
 def micro_batches(batch: int, micro: Optional[int]) -> List[int]:
@@ -279,6 +305,7 @@ class Candidate:
     tokens_per_s: float      # batch * gen / (prefill + (gen - 1) decode steps), as ``zstream bench`` counts
     kv_offload: str = "none"  # where the KV cache lives and attention runs (residency.KV_OFFLOADS)
     micro_batch: Optional[int] = None  # rows a block computes at a time (None: the whole batch)
+    kv_cpu_layers: int = 0   # layers attended on the CPUs ("host-compute": all; "split": the planner's choice)
 
     @property
     def streamed_blocks(self) -> int:
@@ -298,7 +325,8 @@ class Candidate:
         return {"batch": self.batch, "resident_blocks": self.resident_blocks, "offload": self.offload,
                 "memory_bytes": self.memory_bytes, "prefill_s": self.prefill_s, "decode_step_s": self.decode_step_s,
                 "transfer_s": self.transfer_s, "compute_s": self.compute_s, "tokens_per_s": self.tokens_per_s,
-                "kv_offload": self.kv_offload, "micro_batch": self.micro_batch, "limit": self.limit}
+                "kv_offload": self.kv_offload, "micro_batch": self.micro_batch, "kv_cpu_layers": self.kv_cpu_layers,
+                "limit": self.limit}
 
 
 @dataclass
@@ -356,6 +384,8 @@ class BatchPlan:
             kw["kv_offload"] = c.kv_offload
         if c.micro_batch is not None:
             kw["micro_batch"] = c.micro_batch
+        if c.kv_offload == "split":
+            kw["kv_cpu_layers"] = c.kv_cpu_layers
         if self.device:
             kw["device"] = self.device
         if self.dtype is not None:
@@ -427,16 +457,21 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                                                    micro):
             if micro is not None and micro >= batch:
                 continue  # no split: the plan without micro-batches is the same
-            kv_up = sizes.host_kv_bytes(batch, round(context), kv) if kv == "host" else 0  # comes up every step
+            layer_kv = sizes.host_kv_bytes(batch, round(context), "host") // n if kv in ("host", "split") else 0
             for resident in range(lowest, most + 1):
-                prefill, _, _ = tm.prefill(batch, resident, prompt, kv, micro)
-                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro)
+                cpu = {"host-compute": n, "split": 0}.get(kv, 0)
+                if kv == "split":
+                    cpu = tm.best_split(batch, resident, context, layer_kv, micro)
+                kv_up = (n - cpu) * layer_kv  # the caches that come up every step
+                prefill, _, _ = tm.prefill(batch, resident, prompt, kv, micro, cpu)
+                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro, cpu)
                 total = prefill + (gen - 1) * step
                 table.append(Candidate(batch=batch, resident_blocks=resident, num_blocks=n,
                                        offload="none" if resident == n else str(stream),
                                        memory_bytes=sizes.memory_bytes(batch, resident, seq, slots, kv, micro),
                                        prefill_s=prefill, decode_step_s=step, transfer_s=xfer, compute_s=comp,
-                                       tokens_per_s=batch * gen / total, kv_offload=kv, micro_batch=micro))
+                                       tokens_per_s=batch * gen / total, kv_offload=kv, micro_batch=micro,
+                                       kv_cpu_layers=cpu))
     best = max(table, key=lambda c: c.tokens_per_s, default=None)
     return BatchPlan(best=best, table=table, budget_bytes=budget, prompt=prompt, gen=gen, link_gbps=link_gbps,
                      prefetch=prefetch, compute=compute)

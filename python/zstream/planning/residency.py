@@ -25,8 +25,9 @@ from .facts import CheckpointFacts
 from .offload import OFFLOADS, choose_offload
 
 # where the KV cache lives and attention runs: the device; pinned host memory, each layer's brought up to attend
-# on the device; pinned host memory, attention on the host's CPUs
-KV_OFFLOADS = ("none", "host", "host-compute")
+# on the device; pinned host memory, attention on the host's CPUs; pinned host memory, some layers' attention on the
+# CPUs and the others' caches brought up (so that the link and the CPUs work at once)
+KV_OFFLOADS = ("none", "host", "host-compute", "split")
 HOST_KV_DEVICE_LAYERS = 3  # device room a "host" KV cache needs: two layers' buffers, and one in transit up
 DEFAULT_SEQ_LEN = 2048  # the KV cache a load keeps room for when max_seq_len is not given (or the model's limit)
 WORKSPACE_BYTES = 256 << 20  # allocator slack and kernels' workspaces
@@ -37,13 +38,21 @@ def kv_layer_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> 
     return 2 * batch * seq * family.num_kv_heads * family.head_dim * dtype.itemsize
 
 
+def cpu_layers_of(num_blocks: int, count: int) -> List[int]:
+    """Which ``count`` of ``num_blocks`` layers a "split" KV cache attends to on the CPUs: spread evenly, so that
+    between two of them the link brings up the caches of the layers in between."""
+    count = max(0, min(count, num_blocks))
+    return [(2 * k + 1) * num_blocks // (2 * count) for k in range(count)]
+
+
 def reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype, quant: Optional[BlockQuant] = None,
                   kv_offload: str = "none", micro_batch: Optional[int] = None) -> int:
     """Device bytes kept free of weights: the KV cache for ``batch`` x ``seq`` tokens (with ``kv_offload="host"``
     only the layers in transit, with "host-compute" none), a working set for activations and last-position logits,
     and for quantized blocks room for one block's weights dequantized while it computes. With ``micro_batch`` rows a
     pass (fewer than ``batch``) the working set is a micro-batch's, beside every row's hidden state."""
-    layers = {"host": HOST_KV_DEVICE_LAYERS, "host-compute": 0}.get(kv_offload, family.num_blocks)
+    layers = {"host": HOST_KV_DEVICE_LAYERS, "split": HOST_KV_DEVICE_LAYERS, "host-compute": 0}.get(
+        kv_offload, family.num_blocks)
     kv = min(layers, family.num_blocks) * kv_layer_bytes(family, batch, seq, dtype)
     rows = batch if micro_batch is None else min(batch, micro_batch)
     acts = rows * seq * family.hidden_size * 24 * dtype.itemsize + batch * family.vocab_size * 8
@@ -80,6 +89,7 @@ class PlanOptions:
     max_resident_blocks: Optional[int] = None
     kv_offload: str = "none"
     micro_batch: Optional[int] = None         # rows a block computes at a time (None: the whole batch)
+    kv_cpu_layers: Optional[int] = None       # kv_offload="split": layers attended on the CPUs (None: half)
 
 
 @dataclass
@@ -107,6 +117,7 @@ class Plan:
     kv_offload: str = "none"       # "host"/"host-compute": the KV cache in pinned host memory (KV_OFFLOADS)
     kv_host_bytes: int = 0         # host bytes of that cache at the planned batch and sequence
     micro_batch: Optional[int] = None  # rows a block computes at a time; None: the whole batch
+    kv_cpu_layers: int = 0         # layers whose attention runs on the CPUs ("host-compute": all, "split": some)
 
     @property
     def num_blocks(self) -> int:
@@ -150,8 +161,10 @@ class Plan:
             + (f"; blocks compute {self.micro_batch} rows at a time" if self.micro_batch else ""),
         ]
         if self.kv_offload != "none":
-            how = ("each layer's crosses the link to the device as it computes" if self.kv_offload == "host" else
-                   "attention runs on the host's CPUs, where it lives")
+            how = {"host": "each layer's crosses the link to the device ahead of its attention",
+                   "host-compute": "attention runs on the host's CPUs, where it lives",
+                   "split": f"{self.kv_cpu_layers} of {self.num_blocks} layers attended on the host's CPUs, the "
+                            "others' brought up to the device"}[self.kv_offload]
             lines.append(f"KV cache in pinned host memory: {fmt_bytes(self.kv_host_bytes)} at the planned batch and "
                          f"sequence; {how}")
         if self.quantization is not None and self.unquantized_block_bytes is not None:
@@ -243,7 +256,8 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
                 ring_slots=min(options.prefetch + 1, len(streamed)), kv_reserve_bytes=reserve, budget_bytes=budget,
                 notes=notes, quantization=facts.quant.cfg.describe() if facts.quant is not None else None,
                 unquantized_block_bytes=facts.unquantized_block_bytes, kv_offload=options.kv_offload,
-                kv_host_bytes=_kv_host_bytes(facts, options), micro_batch=options.micro_batch)
+                kv_host_bytes=_kv_host_bytes(facts, options), micro_batch=options.micro_batch,
+                kv_cpu_layers=kv_cpu_layers(options, facts.num_blocks))
 
 
 def choose_kv_offload(facts: CheckpointFacts, options: PlanOptions, budget: Optional[int],
@@ -303,7 +317,16 @@ def _in_place_plan(facts: CheckpointFacts, resources: Resources, options: PlanOp
                 outer_bytes=facts.outer_bytes, resident_blocks=[], streamed_blocks=list(range(n)),
                 ring_slots=options.prefetch + 1, kv_reserve_bytes=0, budget_bytes=None, link=link, notes=notes,
                 kv_offload=options.kv_offload, kv_host_bytes=_kv_host_bytes(facts, options),
-                micro_batch=options.micro_batch)
+                micro_batch=options.micro_batch, kv_cpu_layers=kv_cpu_layers(options, n))
+
+
+def kv_cpu_layers(options: PlanOptions, num_blocks: int) -> int:
+    """How many layers' attention runs on the CPUs under ``options``."""
+    if options.kv_offload == "host-compute":
+        return num_blocks
+    if options.kv_offload == "split":
+        return num_blocks // 2 if options.kv_cpu_layers is None else max(0, min(options.kv_cpu_layers, num_blocks))
+    return 0
 
 
 def _kv_host_bytes(facts: CheckpointFacts, options: PlanOptions) -> int:

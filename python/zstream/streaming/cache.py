@@ -5,7 +5,7 @@ attention over them (``attend``): on the device, or on the host's CPUs where the
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -174,30 +174,37 @@ class HostComputeLayerCache(LayerCache):
 class KVCache:
     """Keys and values of every layer, allocated once for the batch and the longest sequence.
 
-    k, v: (device_layers, B, nkv, max_len, hs) on the device for the first ``device_layers`` layers; the others'
-    in host memory, pinned where the device is a GPU: brought up to attend (``HostLayerCache``) or attended to there
-    (``host_compute``: ``HostComputeLayerCache``). ``length`` is the number of filled slots
-    (the same for every row: prompts are left-padded to a common length); ``mask`` (B, length) marks real tokens.
+    k, v: (device_layers, B, nkv, max_len, hs) on the device for the first ``device_layers`` layers. The others live
+    in host memory, pinned where the device is a GPU: ``k_host`` / ``v_host`` (up, max_len, B, nkv, hs) for the
+    layers brought up to attend (``HostLayerCache``), ``k_cpu`` / ``v_cpu`` (cpu, B, nkv, max_len, hs) for those
+    attended to on the host's CPUs (``HostComputeLayerCache``): every host layer with ``host_compute=True``, the
+    listed ones with a list of layer indices (a split: while the CPUs attend one layer, the link brings up the next).
+    ``length`` is the number of filled slots (the same for every row: prompts are left-padded to a common length);
+    ``mask`` (B, length) marks real tokens.
     """
 
     def __init__(self, num_blocks: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
-                 device_layers: Optional[int] = None, host_compute: bool = False) -> None:
+                 device_layers: Optional[int] = None, host_compute: Union[bool, Sequence[int]] = False) -> None:
         device = torch.device(device)
         on_device = num_blocks if device_layers is None else max(0, min(device_layers, num_blocks))
         self.k = torch.zeros((on_device, batch, num_kv_heads, max_len, head_dim), dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        host_shape = (num_blocks - on_device, max_len, batch, num_kv_heads, head_dim)
-        if host_compute:  # attention on the host reads the cache as a device layer's is read
-            host_shape = (num_blocks - on_device, batch, num_kv_heads, max_len, head_dim)
-        self.host_compute = host_compute
+        host = range(on_device, num_blocks)
+        cpu = set(host) if host_compute is True else set(host_compute or ()) & set(host)
+        self.cpu_layers = sorted(cpu)                       # attended to on the host's CPUs
+        self._cpu = frozenset(cpu)
+        up = [i for i in host if i not in cpu]              # brought up to attend
+        self._host_index = {i: j for j, i in enumerate(up)} | {i: j for j, i in enumerate(self.cpu_layers)}
         # by id: a step's contexts (one a micro-batch) and each with its mask on the host; emptied as a pass begins
         self._step: Dict[int, Tuple[StepContext, StepContext]] = {}
         pin = device.type == "cuda"
-        self.k_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
-        self.v_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
+        self.k_host = torch.zeros((len(up), max_len, batch, num_kv_heads, head_dim), dtype=dtype, pin_memory=pin)
+        self.v_host = torch.zeros((len(up), max_len, batch, num_kv_heads, head_dim), dtype=dtype, pin_memory=pin)
+        self.k_cpu = torch.zeros((len(cpu), batch, num_kv_heads, max_len, head_dim), dtype=dtype, pin_memory=pin)
+        self.v_cpu = torch.zeros((len(cpu), batch, num_kv_heads, max_len, head_dim), dtype=dtype, pin_memory=pin)
         # device buffers the host layers' caches come up into, ahead of their attention
-        self._uplink = Uplink(self.k_host, self.v_host, device) if host_shape[0] and not host_compute else None
+        self._uplink = Uplink(self.k_host, self.v_host, device) if up else None
         self.num_blocks = num_blocks
         self.max_len = max_len
         self.length = 0
@@ -206,9 +213,14 @@ class KVCache:
     @classmethod
     def for_family(cls, family: Family, batch: int, max_len: int, dtype: torch.dtype,
                    device: Union[str, torch.device] = "cpu", device_layers: Optional[int] = None,
-                   host_compute: bool = False) -> KVCache:
+                   host_compute: Union[bool, Sequence[int]] = False) -> KVCache:
         return cls(family.num_blocks, batch, max_len, family.num_kv_heads, family.head_dim, dtype, device,
                    device_layers, host_compute)
+
+    @property
+    def host_compute(self) -> bool:
+        """Whether any layer is attended to on the host's CPUs."""
+        return bool(self.cpu_layers)
 
     @property
     def batch(self) -> int:
@@ -231,15 +243,15 @@ class KVCache:
 
     @property
     def host_nbytes(self) -> int:
-        return 2 * self.k_host.numel() * self.k_host.element_size()
+        return 2 * sum(t.numel() * t.element_size() for t in (self.k_host, self.k_cpu))
 
     def layer(self, i: int, rows: slice = slice(None)) -> LayerCache:
         """Layer ``i``'s cache, of the batch's ``rows`` (a micro-batch's; all by default)."""
         if i < self.device_layers:
             return LayerCache(self.k[i][rows], self.v[i][rows])
-        j = i - self.device_layers
-        if self.host_compute:
-            return HostComputeLayerCache(self.k_host[j][rows], self.v_host[j][rows], self._host_context)
+        j = self._host_index[i]
+        if i in self._cpu:
+            return HostComputeLayerCache(self.k_cpu[j][rows], self.v_cpu[j][rows], self._host_context)
         assert self._uplink is not None
         return HostLayerCache(self.k_host[j][:, rows], self.v_host[j][:, rows], self._uplink, j, rows)
 
@@ -247,7 +259,7 @@ class KVCache:
         """``ctx`` with its attention mask on the host, made once a step (every layer gets the same ``ctx``; each
         micro-batch its own)."""
         if id(ctx) not in self._step or self._step[id(ctx)][0] is not ctx:
-            mask = ctx.mask.to(self.k_host.device) if ctx.mask is not None else None
+            mask = ctx.mask.to(self.k_cpu.device) if ctx.mask is not None else None
             self._step[id(ctx)] = (ctx, dataclasses.replace(ctx, mask=mask))
         return self._step[id(ctx)][1]
     def extend(self, attention_mask: Tensor) -> Tuple[Tensor, int]:

@@ -90,7 +90,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     prompt = max(1, min(prompt, longest))
     # "host" needs no timing of its own: its cache comes up ahead of the block, on its own stream (cache.Uplink),
     # so the block computes as a device-cache block does and the cache's bytes are a cost of the link
-    placements = [kv for kv in dict.fromkeys(kv_offloads) if kv not in ("none", "host")]
+    # ("split" is planned from the device block's and the host-compute block's timings)
+    placements = ["host-compute"] if {"host-compute", "split"} & set(kv_offloads) else []
     key = (f"{compute_key(family, dtype, dev)} batch<={max_batch} prompt={prompt} gen={gen} "
            f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else "")
            + (f" kv={','.join(placements)}" if placements else ""))

@@ -29,7 +29,7 @@ from ..foundations.quant import BlockQuant
 from ..foundations.store import WeightStore
 from ..foundations.units import dtype_name, fmt_bytes, fmt_params
 from ..planning.facts import CheckpointFacts
-from ..planning.residency import Plan
+from ..planning.residency import Plan, cpu_layers_of
 from . import generate as gen
 from .blocks import Dequantized, Resident, Streamer
 from .cache import KVCache
@@ -152,8 +152,9 @@ class StreamingModel:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         try:
             kv = self.plan.kv_offload
+            cpu = cpu_layers_of(self.family.num_blocks, self.plan.kv_cpu_layers)  # ("host-compute": every layer)
             return KVCache.for_family(self.family, batch, max_len, self.dtype, self.device,
-                                      device_layers=None if kv == "none" else 0, host_compute=kv == "host-compute")
+                                      device_layers=None if kv == "none" else 0, host_compute=cpu)
         except torch.cuda.OutOfMemoryError as e:
             raise self._oom(f"a KV cache for batch {batch} x {max_len} tokens") from e
 
