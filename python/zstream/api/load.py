@@ -6,7 +6,7 @@ import hashlib
 import os
 import time
 from dataclasses import replace
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -22,6 +22,7 @@ from ..planning.facts import CheckpointFacts, checkpoint_facts
 from ..planning.residency import Plan, Resources, plan_load
 from ..streaming.build import READ_CONCURRENCY, build, build_in_place
 from ..streaming.model import StreamingModel
+from . import synthetic
 from .options import LoadOptions, load_options
 
 
@@ -110,7 +111,7 @@ def _load(model: Union[str, os.PathLike], options: LoadOptions, group: Optional[
         path = checkpoint.rank_checkpoint(path, group.rank if group else None, group.world if group else 1)
     shard_at_load = group is not None and not laid_out
     config = checkpoint.read_config(path)
-    store = _open_store(path, options, sharded=shard_at_load)
+    store = _open_store(path, config, options, sharded=shard_at_load)
     try:
         family = family_for(config, store.names())
         if group is None and checkpoint.TENSOR_PARALLEL_KEY in store.metadata():
@@ -124,6 +125,9 @@ def _load(model: Union[str, os.PathLike], options: LoadOptions, group: Optional[
                                  compress=options.compress)
         resources = _resources(options)
         plan = plan_load(facts, resources, options.plan_options(), where=str(path))
+        if plan.offload in ("nvme", "ats") and synthetic.is_in_memory(config):
+            raise UsageError(f"{path} makes its random weights in host memory at load, and offload='auto' chose "
+                             f"{plan.offload!r}: give offload='cpu' (the host must hold them) or 'none'")
         if group is not None:
             plan = _rank_plan(plan, facts, resources, options, group, store, where=str(path))
         if plan.offload == "ats":
@@ -138,12 +142,18 @@ def _load(model: Union[str, os.PathLike], options: LoadOptions, group: Optional[
         raise
 
 
-def _open_store(path: os.PathLike, options: LoadOptions, sharded: bool) -> WeightStore:
-    """The checkpoint's store. Arenas are pinned when blocks may stream to a GPU from host memory; weights quantized
-    or sharded at load go through temporary arenas, where pinning would be wasted work."""
+def _open_store(path: os.PathLike, config: Dict[str, Any], options: LoadOptions, sharded: bool) -> WeightStore:
+    """The checkpoint's store (an in-memory synthetic checkpoint's weights are made, not read). Arenas are pinned
+    when blocks may stream to a GPU from host memory; weights quantized or sharded at load go through temporary
+    arenas, where pinning would be wasted work."""
     streaming = options.offload in ("cpu", "nvme", "auto")
     coded = options.quantize is not None or options.compress is not None
     pin = options.device.type == "cuda" and streaming and not coded and not sharded
+    if synthetic.is_in_memory(config):
+        if options.offload in ("nvme", "ats"):
+            raise UsageError(f"{path} makes its random weights in host memory at load: load it with offload 'cpu', "
+                             f"'none' or 'auto', not {options.offload!r}")
+        return synthetic.SyntheticStore(config, path, pin=pin)  # type: ignore[return-value]
     return WeightStore.open(path, reader=options.reader, pin=pin, workers=READ_CONCURRENCY,
                             threads=min(16, os.cpu_count() or 8))
 

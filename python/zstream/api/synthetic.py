@@ -19,14 +19,15 @@ import json
 import math
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from ..errors import ModelError, warn
 from ..foundations.checkpoint import SYNTHETIC_KEY
 from ..foundations.models import family_for
-from ..foundations.units import dtype_name, parse_bytes, parse_dtype
+from ..foundations.store import FlatRead, TensorInfo, host_buffer
+from ..foundations.units import dtype_name, parse_bytes, parse_dtype, safetensors_dtype
 from ..foundations.writer import Entry, header, new_checkpoint_dir, shard_names, split_shards, write_index
 
 SYNTHETIC_VERSION = 3  # what is written: bump it when a cached checkpoint from before must be rebuilt
@@ -184,9 +185,8 @@ def _init_kind(name: str) -> str:
 _CHUNK = 1 << 24  # elements generated at a time: 64 MB of float32
 
 
-def _write_tensor(f: BinaryIO, name: str, shape: Tuple[int, ...], dtype: torch.dtype, std: float, seed: int,
-                  progress: Any) -> None:
-    numel = math.prod(shape)
+def _values(name: str, numel: int, dtype: torch.dtype, std: float, seed: int) -> Iterator[torch.Tensor]:
+    """A tensor's values, in chunks of at most ``_CHUNK`` elements on the host: what the checkpoint holds."""
     # one generator per tensor, seeded by name: the values do not depend on sharding or order
     # Random numbers on the GPU where there is one: the CPU generator (one core, ~150 MB/s) made writing a 14 GB
     # checkpoint take a minute per fresh GPU machine. Values are deterministic per seed and device type.
@@ -200,18 +200,26 @@ def _write_tensor(f: BinaryIO, name: str, shape: Tuple[int, ...], dtype: torch.d
         # norm gains near 1 keep activations at unit scale; biases are small
         scale = std if kind == "normal" else std / 2
         x = 1.0 + 0.1 * x if kind == "norm" else x * scale
-        f.write(x.to(dtype).cpu().view(torch.uint8).numpy())  # the buffer itself, no bytes copy
+        yield x.to(dtype).cpu()
         done += n
+
+
+def _write_tensor(f: BinaryIO, name: str, shape: Tuple[int, ...], dtype: torch.dtype, std: float, seed: int,
+                  progress: Any) -> None:
+    for x in _values(name, math.prod(shape), dtype, std, seed):
+        f.write(x.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
         if progress is not None:
-            progress.update(n * torch.empty((), dtype=dtype).element_size())
+            progress.update(x.numel() * x.element_size())
 
 
 def make_checkpoint(name_or_config: ConfigLike, path: Union[str, Path], dtype: torch.dtype = torch.float16, *,
                     seed: int = 0, shard_size: Union[int, str] = "2GB", progress: bool = True,
-                    tokenizer: bool = True) -> Path:
+                    tokenizer: bool = True, in_memory: bool = False) -> Path:
     """Write a random-weight checkpoint of ``name_or_config`` (a preset, a config dict or a config.json path) to
     the new directory ``path``; returns the path. Deterministic for a given seed. Refuses a ``path`` that holds
-    anything (``OutputExistsError``); an interrupted write leaves nothing behind."""
+    anything (``OutputExistsError``); an interrupted write leaves nothing behind. ``in_memory``: write only the
+    config and tokenizer; ``load`` then makes the same weights in host memory as it reads them
+    (``SyntheticStore``), for models larger than the disk (bloom-176b's 352 GB)."""
     dtype = parse_dtype(dtype, what="dtype") or torch.float16
     config = resolve_config(name_or_config)
     config["dtype"] = dtype_name(dtype)
@@ -223,6 +231,8 @@ def make_checkpoint(name_or_config: ConfigLike, path: Union[str, Path], dtype: t
     config.setdefault("transformers_version", transformers_version)  # as save_pretrained writes it
     config[SYNTHETIC_KEY] = {"version": SYNTHETIC_VERSION, "seed": seed,
                              "preset": name_or_config if isinstance(name_or_config, str) else None}
+    if in_memory:
+        config[SYNTHETIC_KEY]["in_memory"] = True
     limit = parse_bytes(shard_size, what="shard_size")
     assert limit is not None
     shards = split_shards([[Entry(*e)] for e in plan], limit)
@@ -233,15 +243,83 @@ def make_checkpoint(name_or_config: ConfigLike, path: Union[str, Path], dtype: t
     with new_checkpoint_dir(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}",
                                               disable=not progress) as bar:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for file, shard in zip(shard_names(len(shards)), shards):
+        for file, shard in zip(shard_names(len(shards)), shards if not in_memory else []):
             with open(tmp / file, "wb") as f:
                 f.write(header(shard, {"format": "pt"}))
                 for e in shard:
                     _write_tensor(f, e.name, e.shape, e.dtype, std, seed, bar)
-        write_index(tmp, shards)
+        if not in_memory:
+            write_index(tmp, shards)
         if tokenizer:
             write_tokenizer(config, tmp)
     return out
+
+
+def is_in_memory(config: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's weights are made in memory at load (``make_checkpoint(..., in_memory=True)``)."""
+    marker = config.get(SYNTHETIC_KEY)
+    return isinstance(marker, dict) and bool(marker.get("in_memory"))
+
+
+class SyntheticStore:
+    """The weights of an in-memory synthetic checkpoint, standing where a ``WeightStore`` stands for offload "none"
+    and "cpu": each read makes the tensors ``make_checkpoint`` would have written (the same values for the same
+    seed) in a host arena, pinned when ``pin``. A load then streams them from host memory exactly as it streams a
+    checkpoint read from disk; only reading from disk, which the load does once, is left out."""
+
+    def __init__(self, config: Mapping[str, Any], path: Union[str, Path], *, pin: bool) -> None:
+        marker = config[SYNTHETIC_KEY]
+        self.seed = int(marker.get("seed", 0))
+        self.std = float(config.get("initializer_range") or config.get("init_std") or 0.02)
+        dtype = parse_dtype(config.get("dtype") or config.get("torch_dtype")) or torch.float16
+        self._infos = {name: TensorInfo(name, safetensors_dtype(dt), shape, math.prod(shape) * dt.itemsize,
+                                        str(path), 0) for name, shape, dt in checkpoint_plan(dict(config), dtype)}
+        self.pinned = pin
+
+    def names(self) -> List[str]:
+        return list(self._infos)
+
+    def metadata(self) -> Dict[str, str]:
+        return {}
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    @property
+    def files(self) -> List[str]:
+        return []
+
+    def read_flat(self, names: Iterable[str], *, reader: Optional[str] = None) -> FlatRead:
+        """The tensors ``names`` made in one host arena, each 256-byte aligned, chunk by chunk in place."""
+        layout: Dict[str, Tuple[int, torch.dtype, Tuple[int, ...]]] = {}
+        size = 0
+        for name in dict.fromkeys(names):
+            info = self._infos[name]
+            size = -(-size // 256) * 256
+            layout[name] = (size, info.torch_dtype, info.shape)
+            size += info.nbytes
+        buffer = host_buffer(size, pin=self.pinned)
+        for name, (offset, dtype, shape) in layout.items():
+            at = offset
+            for x in _values(name, math.prod(shape), dtype, self.std, self.seed):
+                buffer[at:at + x.numel() * x.element_size()].copy_(x.view(torch.uint8))
+                at += x.numel() * x.element_size()
+        return FlatRead(buffer, layout)
+
+    def read(self, names: Iterable[str], *, reader: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        return self.read_flat(names).view()
+
+    def close(self) -> None:
+        pass
 
 
 def is_current(path: Union[str, Path], preset: str) -> bool:

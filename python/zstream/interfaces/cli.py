@@ -76,7 +76,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_make_checkpoint(a: argparse.Namespace) -> int:
     from ..api.synthetic import make_checkpoint
 
-    print(make_checkpoint(a.name, a.out, dtype=a.dtype))
+    print(make_checkpoint(a.name, a.out, dtype=a.dtype, in_memory=a.in_memory))
     return 0
 
 
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", help=f"a preset ({presets}) or a config.json path")
     m.add_argument("out", help="a new directory (must not exist, or be empty)")
     m.add_argument("--dtype", default="fp16", choices=DTYPE_CHOICES[1:])
+    m.add_argument("--in-memory", action="store_true",
+                   help="write only the config and tokenizer: a load makes the same weights in host memory (for "
+                        "models larger than the disk, offload cpu or none)")
     m.set_defaults(func=cmd_make_checkpoint)
 
     k = sub.add_parser("pack", help="write a copy of a checkpoint with its linear weights quantized (int4/int8) or "
