@@ -12,7 +12,8 @@
 #         on 2+ GPUs: bench-tp, bench-tp-int4, bench-tp-llama (TP=1 and TP=N in one run), bench-tp-nvme (a layout
 #         per rank, written by zstream pack --tensor-parallel), bench-tp-70b (llama-2-70b shapes, a 40 GiB budget per GPU,
 #         ${BLOCKS_70B:-40} of its 80 blocks: as many as the disk holds), peers-tp (DeepSpeed ZeRO-Inference on the same
-#         GPUs under torchrun), head-cost (the replicated head's time per step).
+#         GPUs under torchrun), head-cost (the replicated head's time per step); bench-176b (BLOOM-176B made in host
+#         memory at load: BLOCKS_176B=4 for a slice on one or two GPUs, all 70 on 4 or 8).
 #         lossless: lossless (the code beside DFloat11: ratio, encode, decode GB/s; the GPU tests), lossless-sweep (the
 #         decoder's tuning and lane count), bench-lossless, bench-lossless-nvme (the streamed step, plain and coded).
 #         KV offload: test-kv (the GPU tests of the host KV cache), bench-kv (bloom-7b1 at 16 GiB, the KV cache on the
@@ -123,6 +124,14 @@ PY
       sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
       NCCL_NVLS_ENABLE=0 $Z bench "$L" --tp "${TP:-2}" --offload nvme --batch 1,16 --prompt 512 --gen 8 --fio .device/fio \
         --json "$OUT/bench_tp_nvme.json" ;;
+    bench-176b) # BLOOM-176B (issue 15), its weights made in host memory at load (352 GB of fp16 do not fit a 235 GiB
+      # disk; make-checkpoint --in-memory writes the config and tokenizer only): BLOCKS_176B of its 70 blocks (a
+      # slice at real width on one or two GPUs; all 70 on 4 or 8), 1 rank and TP176 ranks, fp16 and int4
+      N=${BLOCKS_176B:-70}; CK=/root/bloom-176b-$N
+      [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-176b "$CK" --in-memory --blocks "$N" > /dev/null
+      for q in none int4; do NCCL_NVLS_ENABLE=0 $Z bench "$CK" --offload cpu --tp "${TP176:-1,$(nvidia-smi -L | wc -l)}" \
+        --batch 1,16,64 --prompt 512 --gen 32 $([ $q = int4 ] && echo --quantize int4) \
+        --json "$OUT/bench_176b_${N}_$q.json"; done ;;
     bench-tp-70b) CK=/root/llama-2-70b-${BLOCKS_70B:-40}
       [ -f "$CK/config.json" ] || python3 -c "import sys, zstream; from zstream.api.synthetic import PRESETS
 zstream.make_checkpoint({**PRESETS['llama-2-70b'], 'num_hidden_layers': int(sys.argv[2])}, sys.argv[1], progress=False)" "$CK" "${BLOCKS_70B:-40}"

@@ -85,3 +85,15 @@ def test_two_ranks_make_their_pieces_as_the_written_checkpoint_gives_them(pair: 
 def test_the_command_writes_one(tmp_path: Path) -> None:
     assert main(["make-checkpoint", "tiny-opt", str(tmp_path / "m"), "--in-memory"]) == 0
     assert is_in_memory(checkpoint.read_config(tmp_path / "m"))
+
+
+def test_a_slice_keeps_the_width_and_cuts_the_depth(tmp_path: Path) -> None:
+    """``--blocks 4`` of bloom-176b: 4 blocks of the real width, in memory (the slice a 4-GPU run is rehearsed on)."""
+    assert main(["make-checkpoint", "bloom-176b", str(tmp_path / "s"), "--in-memory", "--blocks", "4"]) == 0
+    config = checkpoint.read_config(tmp_path / "s")
+    assert config["n_layer"] == 4 and config["hidden_size"] == 14336 and config["n_head"] == 112
+    store = SyntheticStore(config, tmp_path / "s", pin=False)
+    assert store.info("transformer.h.3.self_attention.query_key_value.weight").shape == (3 * 14336, 14336)
+    assert "transformer.h.4.self_attention.query_key_value.weight" not in store
+    with pytest.raises(zstream.ModelError, match="blocks must be"):
+        zstream.make_checkpoint("tiny-opt", tmp_path / "x", blocks=0)

@@ -214,14 +214,21 @@ def _write_tensor(f: BinaryIO, name: str, shape: Tuple[int, ...], dtype: torch.d
 
 def make_checkpoint(name_or_config: ConfigLike, path: Union[str, Path], dtype: torch.dtype = torch.float16, *,
                     seed: int = 0, shard_size: Union[int, str] = "2GB", progress: bool = True,
-                    tokenizer: bool = True, in_memory: bool = False) -> Path:
+                    tokenizer: bool = True, in_memory: bool = False, blocks: Optional[int] = None) -> Path:
     """Write a random-weight checkpoint of ``name_or_config`` (a preset, a config dict or a config.json path) to
     the new directory ``path``; returns the path. Deterministic for a given seed. Refuses a ``path`` that holds
     anything (``OutputExistsError``); an interrupted write leaves nothing behind. ``in_memory``: write only the
     config and tokenizer; ``load`` then makes the same weights in host memory as it reads them
-    (``SyntheticStore``), for models larger than the disk (bloom-176b's 352 GB)."""
+    (``SyntheticStore``), for models larger than the disk (bloom-176b's 352 GB). ``blocks``: keep only the first
+    this many blocks (real width, reduced depth: a slice of a model too large to run whole)."""
     dtype = parse_dtype(dtype, what="dtype") or torch.float16
     config = resolve_config(name_or_config)
+    if blocks is not None:
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ModelError(f"blocks must be a number of blocks >= 1, not {blocks!r}")
+        for key in ("n_layer", "num_hidden_layers"):  # BLOOM's name, and everyone else's
+            if key in config:
+                config[key] = min(blocks, int(config[key]))
     config["dtype"] = dtype_name(dtype)
     config.pop("torch_dtype", None)
     plan = checkpoint_plan(config, dtype)  # also validates the config (ModelError)
@@ -241,7 +248,7 @@ def make_checkpoint(name_or_config: ConfigLike, path: Union[str, Path], dtype: t
     from tqdm.auto import tqdm
 
     with new_checkpoint_dir(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}",
-                                              disable=not progress) as bar:
+                                              disable=not progress or in_memory) as bar:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for file, shard in zip(shard_names(len(shards)), shards if not in_memory else []):
             with open(tmp / file, "wb") as f:

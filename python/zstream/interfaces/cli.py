@@ -76,7 +76,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_make_checkpoint(a: argparse.Namespace) -> int:
     from ..api.synthetic import make_checkpoint
 
-    print(make_checkpoint(a.name, a.out, dtype=a.dtype, in_memory=a.in_memory))
+    print(make_checkpoint(a.name, a.out, dtype=a.dtype, in_memory=a.in_memory, blocks=a.blocks))
     return 0
 
 
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--in-memory", action="store_true",
                    help="write only the config and tokenizer: a load makes the same weights in host memory (for "
                         "models larger than the disk, offload cpu or none)")
+    m.add_argument("--blocks", type=positive, default=None,
+                   help="only the first N blocks (real width, reduced depth)")
     m.set_defaults(func=cmd_make_checkpoint)
 
     k = sub.add_parser("pack", help="write a copy of a checkpoint with its linear weights quantized (int4/int8) or "
