@@ -554,7 +554,11 @@ mod tests {
         assert!(decode(&enc.words, &enc.offsets, 2, &enc.raw, &enc.table, &mut out).is_ok());
         // two lanes of 8-bit codes, 32768 elements each: lane 1 would start 2^18 bits into the group
         let all: Vec<u16> = (0..=u16::MAX).collect();
-        assert!(encode(&all, 2).unwrap_err().to_string().contains("more lanes"));
+        assert!(encode(&all, 2).unwrap_err().to_string().contains("lane 1 starts past 2^16 bits into its group"));
+        // parts that do not go together: no lanes, or raw bytes for another element count
+        assert!(decode(&enc.words, &[], 0, &enc.raw, &enc.table, &mut out).is_err());
+        assert!(decode(&enc.words, &enc.offsets, 2, &enc.raw[..3], &enc.table, &mut out).is_err());
+        assert!(decode(&enc.words, &enc.offsets, 2, &enc.raw, &enc.table, &mut out[..3]).is_err());
     }
 
     proptest! {
