@@ -119,10 +119,10 @@ def test_host_kv_cache_and_device_kv_cache_in_one_run(cache, tmp_path):
 
     path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
     out = cache / "kv.json"
-    assert main(["bench", str(path), "--offload", "cpu", "--kv-offload", "none,host,host-compute", "--batch", "2",
+    assert main(["bench", str(path), "--offload", "cpu", "--kv-offload", "none,host,host-compute,split", "--batch", "2",
                  "--prompt", "6", "--gen", "4", "--device", "cpu", "--max-resident-blocks", "0", "--json",
                  str(out)]) == 0
-    device, host, compute = json.loads(out.read_text())["rows"]
+    device, host, compute, split = json.loads(out.read_text())["rows"]
     assert (device["kv_offload"], host["kv_offload"], compute["kv_offload"]) == ("none", "host", "host-compute")
     assert compute["kv_bytes_per_step"] == 0  # attention where the cache lives: the cache does not cross
     with zstream.load(path, device="cpu", progress=False) as model:
@@ -130,6 +130,7 @@ def test_host_kv_cache_and_device_kv_cache_in_one_run(cache, tmp_path):
     kv = fam.num_blocks * 2 * 2 * (6 + 2) * fam.num_kv_heads * fam.head_dim * 4  # k and v, batch 2, mean context 8
     assert host["kv_bytes_per_step"] == kv and device["kv_bytes_per_step"] == 0
     assert host["streamed_bytes"] == device["streamed_bytes"] + kv
+    assert split["kv_bytes_per_step"] == kv // 2  # one of the two layers attended on the CPUs, one brought up
 
 
 def test_predictions_beside_measurements_for_each_kv_placement(cache, tmp_path):

@@ -62,8 +62,8 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     offload "none" or "cpu": about 0.67x of the bytes of a bf16 block cross the link, the GPU decodes them in the slot,
     and every weight, logit and token is bit-identical (docs/compression.md).
     ``kv_offload``: "none" (the KV cache on the device), "host": every layer's keys and values live in pinned host
-    memory and cross the link as the layer computes (on the compute stream, beside the weights' copies), so the
-    device budget holds only the layers in transit and larger batches fit, logits and tokens bit-identical; or
+    memory and cross the link ahead of the layer's attention (on a stream of their own, beside the weights' copies),
+    so the device budget holds only the layers in transit and larger batches fit, logits and tokens bit-identical; or
     "host-compute": the cache in pinned host memory and attention computed there by the CPUs (only q, k, v and the
     attention's output cross the link; CPU arithmetic, so logits agree to rounding); "split": ``kv_cpu_layers``
     layers (default half, spread evenly) attended on the CPUs and the others' caches brought up, so that the link and
@@ -126,8 +126,8 @@ def _load(model: Union[str, os.PathLike], options: LoadOptions, group: Optional[
         resources = _resources(options)
         plan = plan_load(facts, resources, options.plan_options(), where=str(path))
         if plan.offload in ("nvme", "ats") and synthetic.is_in_memory(config):
-            raise UsageError(f"{path} makes its random weights in host memory at load, and offload='auto' chose "
-                             f"{plan.offload!r}: give offload='cpu' (the host must hold them) or 'none'")
+            raise UsageError(f"{path} makes its random weights in host memory at load, so they cannot stream with "
+                             f"offload={plan.offload!r}: give offload='cpu' (the host must hold them) or 'none'")
         if group is not None:
             plan = _rank_plan(plan, facts, resources, options, group, store, where=str(path))
         if plan.offload == "ats":
@@ -149,10 +149,7 @@ def _open_store(path: os.PathLike, config: Dict[str, Any], options: LoadOptions,
     streaming = options.offload in ("cpu", "nvme", "auto")
     coded = options.quantize is not None or options.compress is not None
     pin = options.device.type == "cuda" and streaming and not coded and not sharded
-    if synthetic.is_in_memory(config):
-        if options.offload in ("nvme", "ats"):
-            raise UsageError(f"{path} makes its random weights in host memory at load: load it with offload 'cpu', "
-                             f"'none' or 'auto', not {options.offload!r}")
+    if synthetic.is_in_memory(config):  # (plan_load's offload is checked against it in _load)
         return synthetic.SyntheticStore(config, path, pin=pin)  # type: ignore[return-value]
     return WeightStore.open(path, reader=options.reader, pin=pin, workers=READ_CONCURRENCY,
                             threads=min(16, os.cpu_count() or 8))

@@ -43,7 +43,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     model that times the dequantization too. ``tensor_parallel`` N plans one rank of N (a loaded model: its own
     rank): its piece of every block, its GPU's budget, its link, its share of the compute; the all-reduces between
     the ranks (two a block, of batch x hidden activations) are not in the prediction. ``kv_offload``: where the KV
-    cache lives ("none", "host", "host-compute", as ``load`` takes it), or "auto" to plan all three and pick; a
+    cache lives ("none", "host", "host-compute", "split", as ``load`` takes it), or "auto" to plan all and pick; a
     host cache must fit the host memory left after the pinned weights, and the block is timed with it.
     ``micro_batch``: rows a block computes at a time, as ``load`` takes it, or a list of sizes to plan and pick
     from (None among them: the whole batch)."""

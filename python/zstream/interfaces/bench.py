@@ -53,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list: none, lossless (each configuration with and without, in the same run)")
     p.add_argument("--kv-offload", type=comma_list(str, ("none", "host", "host-compute", "split", "auto")),
                    default=["none"],
-                   help="comma list: none, host, host-compute, auto (the KV cache on the device; in pinned host memory "
-                        "with each layer's brought up as it computes, its bytes counted in the step's bound; in host "
-                        "memory with attention on the CPUs; or load's choice)")
+                   help="comma list: none, host, host-compute, split, auto (the KV cache on the device; in pinned host "
+                        "memory with each layer's brought up ahead of its attention, its bytes counted in the step's "
+                        "bound; in host memory with attention on the CPUs; some layers each way; or load's choice)")
     p.add_argument("--kv-cpu-layers", type=int, default=None,
                    help="with --kv-offload split: layers attended on the CPUs (default: half)")
     p.add_argument("--micro-batch", type=positive, default=None,
@@ -343,10 +343,11 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         r = reps[0] if a.repeats == 1 else {
             **reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
                                                                            "tokens_per_s")}}
-        # a host KV cache crosses the link whole every step: at the decode's mean context
+        # the layers' caches brought up from host memory cross the link whole every step ("host" and the "split"
+        # layers not attended on the CPUs), at the decode's mean context
         placed = model.plan.kv_offload
-        kv = model.family.num_blocks * kv_layer_bytes(model.family, b, a.prompt + a.gen // 2, model.dtype) \
-            if placed == "host" else 0
+        up = model.family.num_blocks - model.plan.kv_cpu_layers if placed in ("host", "split") else 0
+        kv = up * kv_layer_bytes(model.family, b, a.prompt + a.gen // 2, model.dtype)
         row = _row("zstream", offload, model, r, bound, kv)
         row["gpu_memory"], row["tp"], row["rank"] = budget, model.plan.ranks, model.plan.rank
         row["compress"], row["kv_offload"], row["kv_bytes_per_step"] = compress, placed, kv

@@ -15,7 +15,7 @@ import torch
 from ..errors import OutOfMemoryError
 from ..foundations.units import fmt_bytes
 from .facts import CheckpointFacts
-from .residency import choose_residency, kv_layer_bytes, reserve_bytes
+from .residency import choose_residency, kv_layer_bytes, micro_batch_rows, reserve_bytes
 
 # ---- the predictive batch planner ------------------------------------------------------------------------------
 #
@@ -284,9 +284,8 @@ class ThroughputModel:
 
 
 def micro_batches(batch: int, micro: Optional[int]) -> List[int]:
-    """The rows of each micro-batch of ``batch`` in micro-batches of ``micro`` (the engine's split)."""
-    size = micro if micro is not None and micro < batch else batch
-    return [min(size, batch - r) for r in range(0, batch, size)]
+    """The rows in each micro-batch of ``batch`` (``residency.micro_batch_rows``, the engine's split)."""
+    return [len(range(batch)[rows]) for rows in micro_batch_rows(batch, micro)]
 
 
 @dataclass
@@ -457,9 +456,10 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                                                    micro):
             if micro is not None and micro >= batch:
                 continue  # no split: the plan without micro-batches is the same
-            layer_kv = sizes.host_kv_bytes(batch, round(context), "host") // n if kv in ("host", "split") else 0
+            up = kv in ("host", "split") and sizes.kv_layer_bytes is not None
+            layer_kv = sizes.kv_layer_bytes(batch, round(context)) if up else 0  # type: ignore[misc]
             for resident in range(lowest, most + 1):
-                cpu = {"host-compute": n, "split": 0}.get(kv, 0)
+                cpu = n if kv == "host-compute" else 0
                 if kv == "split":
                     cpu = tm.best_split(batch, resident, context, layer_kv, micro)
                 kv_up = (n - cpu) * layer_kv  # the caches that come up every step

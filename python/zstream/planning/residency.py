@@ -45,6 +45,13 @@ def cpu_layers_of(num_blocks: int, count: int) -> List[int]:
     return [(2 * k + 1) * num_blocks // (2 * count) for k in range(count)]
 
 
+def micro_batch_rows(batch: int, micro_batch: Optional[int]) -> List[slice]:
+    """The rows of each micro-batch of ``batch`` (one slice of every row when ``micro_batch`` does not split it):
+    how the engine splits a pass, and what the planner times."""
+    size = micro_batch if micro_batch is not None and micro_batch < batch else batch
+    return [slice(r, min(r + size, batch)) for r in range(0, batch, size)] if size < batch else [slice(None)]
+
+
 def reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype, quant: Optional[BlockQuant] = None,
                   kv_offload: str = "none", micro_batch: Optional[int] = None) -> int:
     """Device bytes kept free of weights: the KV cache for ``batch`` x ``seq`` tokens (with ``kv_offload="host"``

@@ -262,6 +262,7 @@ class KVCache:
             mask = ctx.mask.to(self.k_cpu.device) if ctx.mask is not None else None
             self._step[id(ctx)] = (ctx, dataclasses.replace(ctx, mask=mask))
         return self._step[id(ctx)][1]
+
     def extend(self, attention_mask: Tensor) -> Tuple[Tensor, int]:
         """Append the mask of T new tokens (B, T); return the mask of all tokens so far (B, S) and the
         start slot of the new ones. Raises ModelError if the cache is too short."""

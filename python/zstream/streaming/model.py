@@ -29,7 +29,7 @@ from ..foundations.quant import BlockQuant
 from ..foundations.store import WeightStore
 from ..foundations.units import dtype_name, fmt_bytes, fmt_params
 from ..planning.facts import CheckpointFacts
-from ..planning.residency import Plan, cpu_layers_of
+from ..planning.residency import Plan, cpu_layers_of, micro_batch_rows
 from . import generate as gen
 from .blocks import Dequantized, Resident, Streamer
 from .cache import KVCache
@@ -113,7 +113,7 @@ class StreamingModel:
         blocks.begin_pass(input_ids.numel())
         input_ids = input_ids.to(self.device)
         mask, _start = cache.extend(attention_mask.to(self.device))
-        parts = self._micro_batches(input_ids.shape[0])             # rows of each micro-batch
+        parts = micro_batch_rows(input_ids.shape[0], self.plan.micro_batch)  # rows of each micro-batch
         # positions, mask, ALiBi/RoPE: once per pass and micro-batch
         ctxs = [fam.context(mask[rows], input_ids.shape[1], self.dtype) for rows in parts]
         with self._telling_the_ranks():
@@ -128,11 +128,6 @@ class StreamingModel:
                 hidden = [h[:, -1:] for h in hidden]                        # (b, 1, C)
             logits = [fam.head(self.outer, h) for h in hidden]              # (b, T, vocab)
             return logits[0] if len(logits) == 1 else torch.cat(logits)     # (B, T, vocab)
-
-    def _micro_batches(self, batch: int) -> List[slice]:
-        """The rows of each micro-batch of a batch (one slice of all rows without ``micro_batch``)."""
-        size = self.plan.micro_batch or batch
-        return [slice(r, min(r + size, batch)) for r in range(0, batch, size)] if size < batch else [slice(None)]
 
     @contextlib.contextmanager
     def _telling_the_ranks(self) -> Iterator[None]:
