@@ -67,7 +67,7 @@ for stage in "$@"; do
       # batch planned on its own: the largest batches only fit with the cache on the host
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
-        --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} --json "$OUT/bench_kv.json" ;;
+        --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} --json "$OUT/bench_kv.json" ;;
     bench-kv-predict) # the same with the batch planner's prediction beside each row (calibrated in the run)
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} \
@@ -80,24 +80,28 @@ for stage in "$@"; do
         --percent ${FG_PERCENT:-20 80 0 100 0 100} --gpu-batch-size ${FG_GPU_BATCH:-32} \
         --num-gpu-batches ${FG_BATCHES:-2} --prompt-len 512 --gen-len 32 --cpu-cache-compute 2>&1 \
         | tee "$OUT/flexgen.log" | grep -i -E "throughput|latency|peak" ;;
-    bench-opt30b) # zstream on the same shapes under the same 16 GiB (60 GB of fp16 on a 64 GiB disk: alone on it)
-      CK=/root/opt-30b; [ -f "$CK/config.json" ] || $Z make-checkpoint opt-30b "$CK" --dtype fp16 > /dev/null
-      $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${OPT_KV:-host-compute,host} \
+    bench-opt30b) # zstream on the same shapes under the same 16 GiB, its weights made in host memory at load (60 GB of
+      # fp16 next to FlexGen's on a 64 GiB disk do not fit), each placement and batch planned on its own
+      CK=/root/opt-30b-in-memory; [ -f "$CK/config.json" ] || $Z make-checkpoint opt-30b "$CK" --in-memory > /dev/null
+      $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${OPT_KV:-host,split,host-compute} \
         --batch ${OPT_BATCHES:-64} --prompt 512 --gen 32 ${OPT_MICRO:+--micro-batch $OPT_MICRO} \
-        ${OPT_QUANT:+--quantize $OPT_QUANT} --json "$OUT/bench_opt30b.json" ;;
+        ${OPT_QUANT:+--quantize $OPT_QUANT} ${OPT_PREDICT:+--predict} --json "$OUT/bench_opt30b.json" ;;
     test-kv) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "kv" > "$OUT/pytest_kv.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_kv.log"); tail -3 "$OUT/pytest_kv.log" ;;
     bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
       $Z bench "$CK" --offload cpu --compress none,lossless --batch 1,16,64 --prompt 512 --gen "${LOSSLESS_GEN:-32}" \
         --json "$OUT/bench_lossless.json" ;;
-    bench-lossless-nvme) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
-      C=/root/llama-2-7b-bf16-lossless; [ -f "$C/config.json" ] || $Z pack "$CK" "$C" --compress lossless --device cuda
-      # the first read pass after 9-22 GB of fresh writes ran at 0.4 GB/s twice (the drive still busy with them):
-      # let it settle, then run the pair twice, alternating, and compare the second round
+    bench-lossless-nvme) # plain and coded from disk, page cache dropped before each, alternating for NVME_ROUNDS
+      # rounds (the disk's rate drifts: the ratio is taken per round); each run measures the disk with fio on its own
+      # files, the bound it is held to. NVME_BLOCKS of llama-2-7b's 32 blocks (all by default).
+      B=${NVME_BLOCKS:-32}; CK=/root/llama-2-7b-bf16-$B
+      [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 --blocks "$B" > /dev/null
+      C=$CK-lossless; [ -f "$C/config.json" ] || $Z pack "$CK" "$C" --compress lossless --device cuda
+      # the first read pass after 9-22 GB of fresh writes ran at 0.4 GB/s twice (the drive still busy with them)
       sync; sleep "${SETTLE_S:-60}"
-      for round in 1 2; do for ck in "$CK" "$C"; do sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
-        $Z bench "$ck" --offload nvme --batch 1 --prompt 512 --gen "${NVME_GEN:-4}" \
-          --json "$OUT/bench_lossless_nvme_$(basename "$ck")_round$round.json"
+      for round in $(seq "${NVME_ROUNDS:-3}"); do for ck in "$CK" "$C"; do sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
+        $Z bench "$ck" --offload nvme --batch 1 --prompt 512 --gen "${NVME_GEN:-4}" --fio .device/fio \
+          --json "$OUT/bench_lossless_nvme_$(basename "$ck")_round$round.json" | grep -E "^nvme|fio_gbps|disk_gbps"
       done; done ;;
     head-cost) # what a replicated head costs each rank a step: bloom-7b1's (250880 x 4096 fp16) at batch 1/16/64
       python3 - <<'PY' | tee "$OUT/head_cost.txt"

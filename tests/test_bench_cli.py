@@ -36,6 +36,32 @@ def test_repeats_trace_and_json(cache, capsys):
     assert "disk_gbps_odirect" in capsys.readouterr().out
 
 
+def test_a_run_cut_short_keeps_its_rows(cache, monkeypatch):
+    """A device call has a time limit: the JSON holds every group measured before the run was stopped, marked
+    partial, and a run that completes leaves no such mark."""
+    from zstream.interfaces import bench
+
+    out = cache / "p.json"
+    real, calls = bench._bench_group, []
+
+    def stopped_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what the time limit's signal amounts to
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_bench_group", stopped_on_the_second)
+    args = ["bench", "tiny-llama", "--offload", "cpu", "--batch", "1,2", "--prompt", "4", "--gen", "2",
+            "--gpu-memory", "1GiB", "--json", str(out)]
+    assert main(args) == 130
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["partial"] is True and [r["batch"] for r in doc["rows"]] == [1]
+    monkeypatch.setattr(bench, "_bench_group", real)
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert "partial" not in doc["meta"] and [r["batch"] for r in doc["rows"]] == [1, 2]
+
+
 def test_budgets_and_the_max_batch_search(cache, capsys):
     """Under a host budget on the CPU: the planner's prediction beside a search that runs each batch; every batch
     it ran has a prediction, and the planner's own choice is run too."""

@@ -505,6 +505,9 @@ def _bench_all(a: argparse.Namespace, path: Path, device: str,
                 for compress, kv in itertools.product(a.compress, a.kv_offload):
                     rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks, compress,
                                          kv)
+                    if a.json and ranks == 1:  # what is measured so far survives a run cut short (a time limit)
+                        Path(a.json).write_text(json.dumps({"meta": {**meta, "partial": True}, "rows": rows},
+                                                           indent=1, default=str))
     return rows, meta
 
 
