@@ -85,7 +85,8 @@ for stage in "$@"; do
       CK=/root/opt-30b-in-memory; [ -f "$CK/config.json" ] || $Z make-checkpoint opt-30b "$CK" --in-memory > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${OPT_KV:-host,split,host-compute} \
         --batch ${OPT_BATCHES:-64} --prompt 512 --gen 32 ${OPT_MICRO:+--micro-batch $OPT_MICRO} \
-        ${OPT_QUANT:+--quantize $OPT_QUANT} ${OPT_PREDICT:+--predict} --json "$OUT/bench_opt30b.json" ;;
+        ${OPT_QUANT:+--quantize $OPT_QUANT} ${OPT_PREDICT:+--predict} ${OPT_PLANNED:+--planned $OPT_PLANNED} \
+        --json "$OUT/bench_opt30b.json" ;;
     test-kv) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "kv" > "$OUT/pytest_kv.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_kv.log"); tail -3 "$OUT/pytest_kv.log" ;;
     bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null

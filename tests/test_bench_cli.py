@@ -62,6 +62,23 @@ def test_a_run_cut_short_keeps_its_rows(cache, monkeypatch):
     assert "partial" not in doc["meta"] and [r["batch"] for r in doc["rows"]] == [1, 2]
 
 
+def test_the_planners_choice_is_run_with_its_prediction(cache, capsys):
+    """--planned: plan_batch picks batch, micro-batch, residency and KV placement; that choice is loaded and measured
+    like any row, marked planned, with the prediction beside it (on the CPU the cache stays where it is)."""
+    out = cache / "planned.json"
+    assert main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "4", "--prompt", "6", "--gen", "3",
+                 "--gpu-memory", "300MiB", "--planned", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    planned = [r for r in doc["rows"] if r.get("planned")]
+    assert len(planned) == 1 and len(doc["rows"]) == 2
+    chosen, row = doc["meta"]["planned"], planned[0]
+    assert (row["batch"], row["kv_offload"], row["resident_blocks"]) == (
+        chosen["batch"], chosen["kv_offload"], chosen["resident_blocks"])
+    assert 1 <= row["batch"] <= 2 and row["kv_offload"] == "none" and row["tokens_per_s"] > 0  # up to MAX_BATCH
+    assert row["predicted_tokens_per_s"] == pytest.approx(chosen["predicted_tokens_per_s"])
+    assert "predicted best" in capsys.readouterr().out
+
+
 def test_budgets_and_the_max_batch_search(cache, capsys):
     """Under a host budget on the CPU: the planner's prediction beside a search that runs each batch; every batch
     it ran has a prediction, and the planner's own choice is run too."""

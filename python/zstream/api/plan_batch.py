@@ -43,8 +43,9 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     model that times the dequantization too. ``tensor_parallel`` N plans one rank of N (a loaded model: its own
     rank): its piece of every block, its GPU's budget, its link, its share of the compute; the all-reduces between
     the ranks (two a block, of batch x hidden activations) are not in the prediction. ``kv_offload``: where the KV
-    cache lives ("none", "host", "host-compute", "split", as ``load`` takes it), or "auto" to plan all and pick; a
-    host cache must fit the host memory left after the pinned weights, and the block is timed with it.
+    cache lives ("none", "host", "host-compute", "split", as ``load`` takes it), or "auto" to plan all and pick (on
+    a CUDA device; elsewhere the cache is in host memory already); a host cache must fit the host memory left after
+    the pinned weights, and the block is timed with it.
     ``micro_batch``: rows a block computes at a time, as ``load`` takes it, or a list of sizes to plan and pick
     from (None among them: the whole batch)."""
     if offload not in ("auto", "none", "cpu", "nvme"):
@@ -64,6 +65,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
         tensor_parallel = model.plan.ranks
     store, facts, dev = _facts(model, device, dtype, QuantConfig.parse(quantize, group_size, symmetric),
                                tensor_parallel)
+    if kv_offload == "auto" and dev.type != "cuda":  # the device's memory is host memory: load's auto says "none"
+        kv_offloads = ("none",)
     try:
         stream = _stream(offload, facts, dev)
         sizes = ModelSizes.of(facts, host_budget=_host_budget(facts, stream, loaded) if dev.type == "cuda" else None)

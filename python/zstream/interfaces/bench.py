@@ -77,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time offload=cpu loads from a cold and a warm page cache against disk and memcpy speed")
     p.add_argument("--max-batch", action="store_true",
                    help="search the largest batch that fits --gpu-memory with and without offload")
+    p.add_argument("--planned", nargs="?", type=positive, const=0, default=None, metavar="MAX_BATCH",
+                   help="with --gpu-memory: plan_batch chooses batch (up to MAX_BATCH, default the largest --batch), "
+                        "micro-batch, residency and KV placement together; that choice is run, its prediction "
+                        "beside it")
     p.add_argument("--tp", type=comma_list(positive), default=[1],
                    help="comma list of tensor-parallel rank counts (e.g. 1,2): each configuration on that many GPUs")
 
@@ -387,6 +391,36 @@ def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str) -> 
             "predicted_prefill_s": c.prefill_s}
 
 
+PLANNED_MICRO_BATCHES = (None, 8, 16, 32, 64)  # the micro-batch sizes --planned lets the planner choose among
+
+
+def _planned(a: argparse.Namespace, path: Path, budget: Optional[str], device: str, dtype: Optional[torch.dtype],
+             meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The planner's own choice under ``budget`` (every KV placement and micro-batch, batches up to the largest
+    asked), loaded and measured like any row, with the prediction beside it; the row is marked ``planned``."""
+    from ..api.plan_batch import plan_batch
+
+    stream = next((o for o in a.offload if o in ("cpu", "nvme")), "none")
+    plan = plan_batch(path, gpu_memory=budget, prompt=a.prompt, gen=a.gen, offload=stream, device=device,
+                      dtype=dtype, prefetch=a.prefetch, kv_offload="auto", micro_batch=list(PLANNED_MICRO_BATCHES),
+                      max_batch=a.planned or max(a.batch), quantize=a.quantize, group_size=a.group_size)
+    print(plan.summary())
+    best = plan.best
+    if best is None:
+        return []
+    meta["planned"] = {"batch": best.batch, "resident_blocks": best.resident_blocks, "offload": best.offload,
+                       "kv_offload": best.kv_offload, "micro_batch": best.micro_batch,
+                       "kv_cpu_layers": best.kv_cpu_layers, "predicted_tokens_per_s": best.tokens_per_s}
+    chosen = argparse.Namespace(**{**vars(a), "micro_batch": best.micro_batch, "predict": True,
+                                   "kv_cpu_layers": best.kv_cpu_layers if best.kv_offload == "split" else None})
+    cap = best.resident_blocks if best.offload != "none" else None
+    rows = _bench_group(chosen, path, best.offload, budget, cap, [best.batch], device, dtype, meta,
+                        kv_offload=best.kv_offload)
+    for r in rows:
+        r["planned"] = True
+    return rows
+
+
 def _max_batch(a: argparse.Namespace, path: Path, budget: Optional[str], device: str,
                dtype: Optional[torch.dtype]) -> Dict[str, Any]:
     """The largest batch with and without offload, searched by running it; next to it the planner's prediction
@@ -477,6 +511,8 @@ def main(a: argparse.Namespace) -> int:
         meta["load_test"] = load_test(path, device, dtype, a.fio)
     if a.max_batch:
         meta.update(_max_batch(a, path, a.gpu_memory[0] if a.gpu_memory else None, device, dtype))
+    if a.planned is not None:
+        rows += _planned(a, path, a.gpu_memory[0] if a.gpu_memory else None, device, dtype, meta)
     print()
     _print_table(rows)
     for k in ("h2d_gbps", "memcpy_gbps", "disk_gbps_odirect", "fio_gbps"):
