@@ -48,6 +48,17 @@ def test_its_tensors_are_the_written_checkpoints(pair: tuple) -> None:
     store.close()
 
 
+def test_the_batch_planner_plans_it_as_the_written_one(pair: tuple) -> None:
+    """plan_batch reads only headers: an in-memory checkpoint has none on disk, and plans as its written twin does
+    (same compute model and link given, so the two plans can differ only by what they read of the checkpoint)."""
+    disk, memory = pair
+    compute = zstream.plan_batch(disk, gpu_memory="300MiB", prompt=6, gen=3, max_batch=4,
+                                 link_gbps=10.0).compute  # calibrated once, on the written checkpoint
+    plans = [zstream.plan_batch(ck, gpu_memory="300MiB", prompt=6, gen=3, max_batch=4, link_gbps=10.0,
+                                compute=compute) for ck in (disk, memory)]
+    assert plans[0].to_dict() == plans[1].to_dict() and plans[1].best is not None
+
+
 @pytest.mark.filterwarnings("ignore:.*random weights")
 @pytest.mark.parametrize("kw", [{"offload": "none"}, {"offload": "cpu", "max_resident_blocks": 0}])
 def test_a_model_made_in_memory_computes_what_the_written_one_does(pair: tuple, kw: dict) -> None:

@@ -149,10 +149,9 @@ def _open_store(path: os.PathLike, config: Dict[str, Any], options: LoadOptions,
     streaming = options.offload in ("cpu", "nvme", "auto")
     coded = options.quantize is not None or options.compress is not None
     pin = options.device.type == "cuda" and streaming and not coded and not sharded
-    if synthetic.is_in_memory(config):  # (plan_load's offload is checked against it in _load)
-        return synthetic.SyntheticStore(config, path, pin=pin)  # type: ignore[return-value]
-    return WeightStore.open(path, reader=options.reader, pin=pin, workers=READ_CONCURRENCY,
-                            threads=min(16, os.cpu_count() or 8))
+    # (an in-memory checkpoint's offload is checked against plan_load's in _load)
+    return synthetic.open_store(path, config, pin=pin, reader=options.reader, workers=READ_CONCURRENCY,
+                                threads=min(16, os.cpu_count() or 8))
 
 
 def _resources(options: LoadOptions) -> Resources:

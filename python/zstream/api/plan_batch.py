@@ -22,6 +22,7 @@ from ..planning.offload import streaming_offload
 from ..planning.residency import KV_OFFLOADS
 from ..streaming.calibrate import calibrate_compute
 from ..streaming.model import StreamingModel
+from . import synthetic
 
 
 def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: int = 512, gen: int = 32,
@@ -116,9 +117,10 @@ def _facts(model: Any, device: Optional[str], dtype: Union[str, torch.dtype, Non
         return model.store, model.facts, model.device
     dev = resolve_device(device)
     path = checkpoint.resolve(model)
-    store = WeightStore.open(path, pin=False)
+    config = checkpoint.read_config(path)
+    store = synthetic.open_store(path, config, pin=False)
     try:
-        family = family_for(checkpoint.read_config(path), store.names()).shard(0, ranks, reduce=_no_reduce)
+        family = family_for(config, store.names()).shard(0, ranks, reduce=_no_reduce)
         facts = checkpoint_facts(store, family, dtype=parse_dtype(dtype), device_type=dev.type, quantize=quantize,
                                  where=str(path), shard_at_load=ranks > 1)
     except BaseException:

@@ -26,7 +26,7 @@ import torch
 from ..errors import ModelError, warn
 from ..foundations.checkpoint import SYNTHETIC_KEY
 from ..foundations.models import family_for
-from ..foundations.store import FlatRead, TensorInfo, host_buffer
+from ..foundations.store import FlatRead, TensorInfo, WeightStore, host_buffer
 from ..foundations.units import dtype_name, parse_bytes, parse_dtype, safetensors_dtype
 from ..foundations.writer import Entry, header, new_checkpoint_dir, shard_names, split_shards, write_index
 
@@ -327,6 +327,14 @@ class SyntheticStore:
 
     def close(self) -> None:
         pass
+
+
+def open_store(path: Union[str, Path], config: Mapping[str, Any], *, pin: bool, **reader: Any) -> WeightStore:
+    """A checkpoint's store: its weights made in memory (an in-memory synthetic checkpoint), else its files opened
+    with the ``WeightStore.open`` options ``reader``."""
+    if is_in_memory(config):
+        return SyntheticStore(config, path, pin=pin)  # type: ignore[return-value]
+    return WeightStore.open(path, pin=pin, **reader)
 
 
 def is_current(path: Union[str, Path], preset: str) -> bool:
