@@ -67,7 +67,7 @@ for stage in "$@"; do
       # batch planned on its own: the largest batches only fit with the cache on the host
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
-        --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} --json "$OUT/bench_kv.json" ;;
+        --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" ;;
     bench-kv-predict) # the same with the batch planner's prediction beside each row (calibrated in the run)
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} \
@@ -86,7 +86,7 @@ for stage in "$@"; do
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${OPT_KV:-host,split,host-compute} \
         --batch ${OPT_BATCHES:-64} --prompt 512 --gen 32 ${OPT_MICRO:+--micro-batch $OPT_MICRO} \
         ${OPT_QUANT:+--quantize $OPT_QUANT} ${OPT_PREDICT:+--predict} ${OPT_PLANNED:+--planned $OPT_PLANNED} \
-        --json "$OUT/bench_opt30b.json" ;;
+        --json "$OUT/bench_opt30b${OPT_TAG:+_$OPT_TAG}.json" ;;
     test-kv) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "kv" > "$OUT/pytest_kv.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_kv.log"); tail -3 "$OUT/pytest_kv.log" ;;
     bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
