@@ -169,3 +169,17 @@ def test_host_layers_come_up_ahead_of_their_attention(monkeypatch: pytest.Monkey
     assert copies[6:] == []
     cache.layer(4).update(q, q, start=2)                 # another start than the pass's: copied now
     assert copies[6:] == [(3, 2, 1)]
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 7, 64])
+def test_a_prompts_keys_go_down_whole_in_pieces(monkeypatch, chunk_tokens):
+    """The copy down of a batch's new keys, (B, nkv, T, hs) into the host's (T, B, nkv, hs), in pieces of a few
+    tokens (the device staging is bounded): every token lands, in place, whatever the piece size."""
+    from zstream.streaming import cache
+
+    dev = torch.randn(3, 2, 7, 4)
+    per_token = dev[:, :, 0].numel() * dev.element_size()
+    monkeypatch.setattr(cache, "DOWN_CHUNK_BYTES", chunk_tokens * per_token)
+    host = torch.zeros(10, 3, 2, 4)
+    cache._down(dev, host[2:9])
+    assert torch.equal(host[2:9], dev.permute(2, 0, 1, 3)) and not host[:2].any() and not host[9:].any()

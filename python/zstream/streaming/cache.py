@@ -62,12 +62,26 @@ class HostLayerCache(LayerCache):
         if end > self.k.shape[0]:
             raise ModelError(f"KV cache overflow: {end} tokens, the cache holds {self.k.shape[0]}")
         out = []
-        for new, host, dev in zip((k, v), (self.k, self.v), self.uplink.acquire(self.index, start)):
-            dev = dev[self.rows]
-            dev[:, :, start:end].copy_(new)
-            host[start:end].copy_(new.permute(2, 0, 1, 3), non_blocking=True)  # (T, B, nkv, hs): down
-            out.append(dev[:, :, :end])
+        last = self.rows.stop is None or self.rows.stop >= self.uplink.batch
+        whole = (self.uplink.k_host[self.index], self.uplink.v_host[self.index])  # (max_len, B, nkv, hs)
+        for new, host, dev in zip((k, v), whole, self.uplink.acquire(self.index, start)):
+            dev[self.rows, :, start:end].copy_(new)
+            out.append(dev[self.rows, :, :end])
+            if last:  # the whole batch's new rows down at once: a micro-batch's rows of a prompt are strided on
+                _down(dev[:, :, start:end], host[start:end])  # the host, and a strided copy there crawls
         return out[0], out[1]
+
+
+DOWN_CHUNK_BYTES = 64 << 20  # the device staging of one copy down (a prompt's keys of a big batch: hundreds of MB)
+
+
+def _down(dev: Tensor, host: Tensor) -> None:
+    """Device (B, nkv, T, hs) into host (T, B, nkv, hs), contiguous, a few tokens at a time: each piece goes through
+    a contiguous device copy of at most ``DOWN_CHUNK_BYTES`` (the budget keeps no room for a whole prompt's)."""
+    per_token = dev[:, :, 0].numel() * dev.element_size()
+    step = max(1, DOWN_CHUNK_BYTES // max(1, per_token))
+    for t in range(0, dev.shape[2], step):
+        host[t:t + step].copy_(dev[:, :, t:t + step].permute(2, 0, 1, 3), non_blocking=True)
 
 
 class Uplink:
