@@ -102,6 +102,7 @@ for stage in "$@"; do
       sync; sleep "${SETTLE_S:-60}"
       for round in $(seq "${NVME_ROUNDS:-3}"); do for ck in "$CK" "$C"; do sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
         $Z bench "$ck" --offload nvme --batch 1 --prompt 512 --gen "${NVME_GEN:-4}" --fio .device/fio \
+          ${NVME_TRACE:+--trace "$OUT/trace_$(basename "$ck")_round$round.json"} \
           --json "$OUT/bench_lossless_nvme_$(basename "$ck")_round$round.json" | grep -E "^nvme|fio_gbps|disk_gbps"
       done; done ;;
     head-cost) # what a replicated head costs each rank a step: bloom-7b1's (250880 x 4096 fp16) at batch 1/16/64
