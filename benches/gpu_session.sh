@@ -19,7 +19,9 @@
 #         KV offload: test-kv (the GPU tests of the host KV cache), bench-kv (bloom-7b1 at 16 GiB, the KV cache on the
 #         device, in host memory, and in host memory with attention on the CPU, by batch), bench-kv-predict (the same
 #         with the planner's prediction beside each row), peers-flexgen and bench-opt30b (OPT-30B under 16 GiB: FlexGen
-#         0.1.8 with dummy weights, and zstream on a checkpoint of the same shapes).
+#         0.1.8 with dummy weights, and zstream on an in-memory checkpoint of the same shapes; OPT_KV, OPT_BATCHES,
+#         OPT_MICRO, OPT_QUANT, OPT_PREDICT=1, OPT_PLANNED=MAX_BATCH for the planner's own choice, OPT_TAG names the
+#         JSON). bench-kv takes KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_TAG the same way.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
