@@ -99,3 +99,25 @@ def test_a_host_layer_frees_its_buffer_after_its_last_micro_batch(monkeypatch: p
     assert copies == [0, 1, 0, 1]          # rows 2.. have not attended: layer 2 must wait for the buffer
     cache.layer(0, slice(2, 3)).attend(q[:1], q[:1], q[:1], ctx)
     assert copies == [0, 1, 0, 1, 2]
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+@pytest.mark.parametrize("kv", ["host", "split"])
+@pytest.mark.parametrize("coding", [{"quantize": "int4"}, {"compress": "lossless"}])
+def test_coded_blocks_with_the_cache_on_the_host_in_micro_batches(checkpoints: dict, kv: str, coding: dict,
+                                                                  tmp_path) -> None:
+    """OPT's int4 setting (FlexGen's table has one) and lossless blocks (fp16, wide enough to code): the cache on the
+    host in micro-batches of 2 gives the logits and tokens of the same coded model with its cache on the device, each
+    micro-batch's rows alone."""
+    ids, mask = padded_batch(vocab=250, lengths=(7, 4, 6))
+    kw = {"device": "cpu", "progress": False, "offload": "cpu", "max_resident_blocks": 0, **coding}
+    wide = {**zstream.PRESETS["tiny-opt"], "hidden_size": 256, "ffn_dim": 1024, "word_embed_proj_dim": 256}
+    path = checkpoints["tiny-opt"] if "quantize" in coding else zstream.make_checkpoint(  # weights worth coding
+        wide, tmp_path / "fp16", torch.float16, progress=False)
+    with zstream.load(path, micro_batch=2, kv_offload=kv, **kw) as host, zstream.load(path, **kw) as device:
+        logits = host(ids, mask)
+        tokens = host.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        for rows in (slice(0, 2), slice(2, 3)):
+            assert torch.equal(logits[rows], device(ids[rows], mask[rows])), rows
+            assert torch.equal(tokens[rows], device.generate(ids[rows], attention_mask=mask[rows], max_new_tokens=6,
+                                                             do_sample=False)), rows
