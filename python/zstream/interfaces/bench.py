@@ -523,8 +523,12 @@ def main(a: argparse.Namespace) -> int:
         if meta.get(k):
             print(f"{k}: {meta[k]:.2f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        _write_json(a.json, meta, rows)
     return 0
+
+
+def _write_json(path: str, meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
 
 
 def _bench_all(a: argparse.Namespace, path: Path, device: str,
@@ -546,8 +550,7 @@ def _bench_all(a: argparse.Namespace, path: Path, device: str,
                     rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks, compress,
                                          kv)
                     if a.json and ranks == 1:  # what is measured so far survives a run cut short (a time limit)
-                        Path(a.json).write_text(json.dumps({"meta": {**meta, "partial": True}, "rows": rows},
-                                                           indent=1, default=str))
+                        _write_json(a.json, {**meta, "partial": True}, rows)
     return rows, meta
 
 

@@ -43,16 +43,17 @@ class HostLayerCache(LayerCache):
     a device buffer laid out as a device layer's (``Uplink``: ahead of time, on a stream of their own), so attention
     runs the same kernel on the same bits."""
 
-    def __init__(self, k: Tensor, v: Tensor, uplink: Uplink, index: int, rows: slice = slice(None)) -> None:
-        super().__init__(k, v)       # host: (max_len, B, nkv, hs), or a micro-batch's rows of it
+    def __init__(self, uplink: Uplink, index: int, rows: slice = slice(None)) -> None:
+        super().__init__(uplink.k_host[index], uplink.v_host[index])  # host: (max_len, B, nkv, hs), the whole batch
         self.uplink = uplink
         self.index = index           # among the host layers
-        self.rows = rows             # of the batch: the device buffer's rows this layer uses
+        self.rows = rows             # of the batch: a micro-batch's rows (all by default)
+        self.last = rows.stop is None or rows.stop >= uplink.batch  # the batch's last rows: the layer's last call
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> Tensor:
         out = super().attend(q, k, v, ctx)
-        if self.rows.stop is None or self.rows.stop >= self.uplink.batch:  # the batch's last rows have attended:
-            self.uplink.release(self.index)  # the buffer may take the next layer once their attention has run
+        if self.last:  # the buffer may take the next layer once the whole batch's attention has run
+            self.uplink.release(self.index)
         return out
 
     def update(self, k: Tensor, v: Tensor, start: int) -> Tuple[Tensor, Tensor]:
@@ -62,13 +63,11 @@ class HostLayerCache(LayerCache):
         if end > self.k.shape[0]:
             raise ModelError(f"KV cache overflow: {end} tokens, the cache holds {self.k.shape[0]}")
         out = []
-        last = self.rows.stop is None or self.rows.stop >= self.uplink.batch
-        whole = (self.uplink.k_host[self.index], self.uplink.v_host[self.index])  # (max_len, B, nkv, hs)
-        for new, host, dev in zip((k, v), whole, self.uplink.acquire(self.index, start)):
+        for new, host, dev in zip((k, v), (self.k, self.v), self.uplink.acquire(self.index, start)):
             dev[self.rows, :, start:end].copy_(new)
             out.append(dev[self.rows, :, :end])
-            if last:  # the whole batch's new rows down at once: a micro-batch's rows of a prompt are strided on
-                _down(dev[:, :, start:end], host[start:end])  # the host, and a strided copy there crawls
+            if self.last:  # the whole batch's new rows down at once: a micro-batch's rows of a prompt are strided
+                _down(dev[:, :, start:end], host[start:end])  # on the host, and a strided copy there crawls
         return out[0], out[1]
 
 
@@ -267,7 +266,7 @@ class KVCache:
         if i in self._cpu:
             return HostComputeLayerCache(self.k_cpu[j][rows], self.v_cpu[j][rows], self._host_context)
         assert self._uplink is not None
-        return HostLayerCache(self.k_host[j][:, rows], self.v_host[j][:, rows], self._uplink, j, rows)
+        return HostLayerCache(self._uplink, j, rows)
 
     def _host_context(self, ctx: StepContext) -> StepContext:
         """``ctx`` with its attention mask on the host, made once a step (every layer gets the same ``ctx``; each
