@@ -185,8 +185,11 @@ def _init_kind(name: str) -> str:
 _CHUNK = 1 << 24  # elements generated at a time: 64 MB of float32
 
 
-def _values(name: str, numel: int, dtype: torch.dtype, std: float, seed: int) -> Iterator[torch.Tensor]:
-    """A tensor's values, in chunks of at most ``_CHUNK`` elements on the host: what the checkpoint holds."""
+def _values(name: str, numel: int, dtype: torch.dtype, std: float, seed: int, *,
+            host: bool = True) -> Iterator[torch.Tensor]:
+    """A tensor's values, in chunks of at most ``_CHUNK`` elements: what the checkpoint holds. On the host, or where
+    they were made when not ``host`` (a caller with a pinned arena copies them down at the link's speed; through
+    pageable memory 60 GB of OPT-30B took a minute a load)."""
     # one generator per tensor, seeded by name: the values do not depend on sharding or order
     # Random numbers on the GPU where there is one: the CPU generator (one core, ~150 MB/s) made writing a 14 GB
     # checkpoint take a minute per fresh GPU machine. Values are deterministic per seed and device type.
@@ -200,7 +203,8 @@ def _values(name: str, numel: int, dtype: torch.dtype, std: float, seed: int) ->
         # norm gains near 1 keep activations at unit scale; biases are small
         scale = std if kind == "normal" else std / 2
         x = 1.0 + 0.1 * x if kind == "norm" else x * scale
-        yield x.to(dtype).cpu()
+        x = x.to(dtype)
+        yield x.cpu() if host else x
         done += n
 
 
@@ -317,7 +321,7 @@ class SyntheticStore:
         buffer = host_buffer(size, pin=self.pinned)
         for name, (offset, dtype, shape) in layout.items():
             at = offset
-            for x in _values(name, math.prod(shape), dtype, self.std, self.seed):
+            for x in _values(name, math.prod(shape), dtype, self.std, self.seed, host=False):
                 buffer[at:at + x.numel() * x.element_size()].copy_(x.view(torch.uint8))
                 at += x.numel() * x.element_size()
         return FlatRead(buffer, layout)
