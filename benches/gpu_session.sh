@@ -20,8 +20,9 @@
 #         device, in host memory, and in host memory with attention on the CPU, by batch), bench-kv-predict (the same
 #         with the planner's prediction beside each row), peers-flexgen and bench-opt30b (OPT-30B under 16 GiB: FlexGen
 #         0.1.8 with dummy weights, and zstream on an in-memory checkpoint of the same shapes; OPT_KV, OPT_BATCHES,
-#         OPT_MICRO, OPT_QUANT, OPT_PREDICT=1, OPT_PLANNED=MAX_BATCH for the planner's own choice, OPT_TAG names the
-#         JSON). bench-kv takes KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_TAG the same way.
+#         OPT_MICRO, OPT_QUANT, OPT_PREDICT=1, OPT_PLANNED=MAX_BATCH for the planner's own choice, OPT_PLANNED_ONLY=1
+#         for that alone, OPT_TRACE=1 traces the first row's decode steps, OPT_TAG names the JSON). bench-kv takes
+#         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -69,7 +70,9 @@ for stage in "$@"; do
       # batch planned on its own: the largest batches only fit with the cache on the host
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
-        --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" ;;
+        --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} \
+        ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
+        --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" ;;
     bench-kv-predict) # the same with the batch planner's prediction beside each row (calibrated in the run)
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} \
@@ -88,6 +91,7 @@ for stage in "$@"; do
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${OPT_KV:-host,split,host-compute} \
         --batch ${OPT_BATCHES:-64} --prompt 512 --gen 32 ${OPT_MICRO:+--micro-batch $OPT_MICRO} \
         ${OPT_QUANT:+--quantize $OPT_QUANT} ${OPT_PREDICT:+--predict} ${OPT_PLANNED:+--planned $OPT_PLANNED} \
+        ${OPT_PLANNED_ONLY:+--planned-only} ${OPT_TRACE:+--trace "$OUT/trace_opt30b${OPT_TAG:+_$OPT_TAG}.json"} \
         --json "$OUT/bench_opt30b${OPT_TAG:+_$OPT_TAG}.json" ;;
     test-kv) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "kv" > "$OUT/pytest_kv.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_kv.log"); tail -3 "$OUT/pytest_kv.log" ;;

@@ -525,3 +525,21 @@ def test_split_layers_are_spread_evenly():
     assert cpu_layers_of(30, 10) == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28]
     assert cpu_layers_of(30, 30) == list(range(30)) and cpu_layers_of(30, 0) == []
     assert cpu_layers_of(4, 9) == [0, 1, 2, 3]
+
+
+def test_a_split_of_given_layers_is_planned_as_given():
+    """``kv_cpu_layers`` fixes a split's layers on the CPUs (a loaded model's own): every split candidate has that
+    count, clamped to the blocks, and is timed with it, whatever ``best_split`` would pick."""
+    sizes, _ = bloom_sizes()
+    compute = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 3.5e-7)
+    base = dict(budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0, stream="cpu", max_batch=64,
+                kv_offloads=("split",))
+    free = max((c for c in choose_batch(sizes, compute, **base).table if c.batch == 64), key=lambda c: c.tokens_per_s)
+    fixed = choose_batch(sizes, compute, kv_cpu_layers=3, **base)
+    assert free.kv_cpu_layers != 3 and {c.kv_cpu_layers for c in fixed.table} == {3}
+    c = fixed.candidate(64, free.resident_blocks, "split")
+    assert c is not None
+    tm = ThroughputModel(compute, sizes.block_bytes, 55.0)
+    layer = sizes.host_kv_bytes(64, 528, "host") // 30
+    assert c.decode_step_s == pytest.approx(tm.decode_step(64, c.resident_blocks, 528, "split", 27 * layer, None, 3)[0])
+    assert {c.kv_cpu_layers for c in choose_batch(sizes, compute, kv_cpu_layers=99, **base).table} == {30}

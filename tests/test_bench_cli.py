@@ -77,6 +77,12 @@ def test_the_planners_choice_is_run_with_its_prediction(cache, capsys):
     assert 1 <= row["batch"] <= 2 and row["kv_offload"] == "none" and row["tokens_per_s"] > 0  # up to MAX_BATCH
     assert row["predicted_tokens_per_s"] == pytest.approx(chosen["predicted_tokens_per_s"])
     assert "predicted best" in capsys.readouterr().out
+    only = cache / "planned_only.json"
+    assert main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "4", "--prompt", "6", "--gen", "3",
+                 "--gpu-memory", "300MiB", "--planned", "2", "--planned-only", "--json", str(only)]) == 0
+    assert [r.get("planned") for r in json.loads(only.read_text())["rows"]] == [True]  # not the batch-4 row
+    assert main(["bench", "tiny-llama", "--planned-only"]) == 2
+    assert "--planned-only needs --planned" in capsys.readouterr().err
 
 
 def test_budgets_and_the_max_batch_search(cache, capsys):
@@ -213,3 +219,34 @@ def test_micro_batches_are_benched_and_predicted(cache, tmp_path):
                  "cpu", "--micro-batch", "2", "--predict", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["micro_batch"] == 2 and row["predicted_tokens_per_s"] > 0
+
+
+def test_a_split_rows_prediction_is_of_its_own_layers_on_the_cpus(cache, tmp_path, monkeypatch):
+    """A "split" model attends ``kv_cpu_layers`` layers on the CPUs (load's default: half); its row's prediction
+    plans those layers (``choose_batch`` honours them: test_batch_planner), not a count of the planner's own; with
+    every block resident the layers brought up still cross the link, which the planner measures for them."""
+    import torch
+
+    import zstream
+    from zstream.api import plan_batch as planning
+
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs)
+        return real(*args, **kwargs)
+
+    real = planning.plan_batch
+    monkeypatch.setattr(planning, "plan_batch", spy)
+    path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
+    out = cache / "split.json"
+    assert main(["bench", str(path), "--offload", "none", "--kv-offload", "split", "--batch", "2", "--prompt", "6",
+                 "--gen", "3", "--device", "cpu", "--predict", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert [a["kv_cpu_layers"] for a in asked] == [1] and asked[0]["kv_offload"] == "split"
+    assert "predicted_error" not in row and row["predicted_decode_step_s"] > 0
+    with zstream.load(path, device="cpu", offload="none", max_batch=2, max_seq_len=9, kv_offload="split",
+                      progress=False) as model:
+        assert model.plan.kv_cpu_layers == 1
+        plan = real(model, prompt=6, gen=3, offload="none", kv_offload="split", max_batch=2, kv_cpu_layers=1)
+    assert plan.link == "host memory copy" and plan.link_gbps > 0

@@ -31,7 +31,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                max_batch: int = 1024, cache: Union[str, os.PathLike, None] = None,
                step_overhead_s: float = 0.0, quantize: Optional[str] = None, group_size: int = 64,
                symmetric: bool = False, tensor_parallel: int = 1, kv_offload: str = "none",
-               micro_batch: Union[int, Sequence[Optional[int]], None] = None) -> BatchPlan:
+               micro_batch: Union[int, Sequence[Optional[int]], None] = None,
+               kv_cpu_layers: Optional[int] = None) -> BatchPlan:
     """The batch and residency that maximise tokens/s for a budget, predicted from measurements made now.
 
     ``model``: a checkpoint directory (only its headers are read) or a model ``zstream.load`` returned (its plan's
@@ -48,7 +49,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     a CUDA device; elsewhere the cache is in host memory already); a host cache must fit the host memory left after
     the pinned weights, and the block is timed with it.
     ``micro_batch``: rows a block computes at a time, as ``load`` takes it, or a list of sizes to plan and pick
-    from (None among them: the whole batch)."""
+    from (None among them: the whole batch). ``kv_cpu_layers``: with "split", the layers attended on the CPUs, as
+    ``load`` takes it (None: the planner's choice, given in ``plan.load_kwargs()``)."""
     if offload not in ("auto", "none", "cpu", "nvme"):
         raise UsageError(f"offload must be one of auto, none, cpu, nvme for planning, not {offload!r}")
     if prompt < 1 or gen < 1:
@@ -79,12 +81,14 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
         if budget is None:  # the CPU: host memory is the device's (``load`` keeps blocks resident only under one)
             budget = host_available_bytes() or None
         link = "given"
-        if stream is not None and link_gbps is None:
+        # a host cache brought up to attend crosses the link even when every block stays resident
+        crosses = stream is not None or bool({"host", "split"} & set(kv_offloads))
+        if crosses and link_gbps is None:
             if loaded and model.plan.link_gbps and model.plan.offload == stream:
                 link, link_gbps = model.plan.link, model.plan.link_gbps
             else:
                 blocks = [list(names.values()) for names in facts.stored_block_names[:4]]
-                link, rate = measure_link(stream, dev, store, blocks)
+                link, rate = measure_link(stream or "cpu", dev, store, blocks)
                 link_gbps = rate.gbps
         if compute is None:  # calibrated over the batches that can run: the fit is trusted inside its range
             seq = min(prompt + gen, facts.family.max_positions)
@@ -98,8 +102,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
             store.close()
     plan = choose_batch(sizes, compute, budget=budget, prompt=prompt, gen=gen, link_gbps=link_gbps, stream=stream,
                         prefetch=prefetch, max_batch=max_batch, step_overhead_s=step_overhead_s,
-                        kv_offloads=kv_offloads, micro_batch_sizes=micros)
-    plan.device, plan.dtype, plan.link = str(dev), facts.dtype, link if stream is not None else ""
+                        kv_offloads=kv_offloads, micro_batch_sizes=micros, kv_cpu_layers=kv_cpu_layers)
+    plan.device, plan.dtype, plan.link = str(dev), facts.dtype, link if crosses else ""
     plan.tensor_parallel = tensor_parallel
     if facts.quantize_at_load and not loaded:
         assert facts.quant is not None

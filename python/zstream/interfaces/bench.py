@@ -81,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --gpu-memory: plan_batch chooses batch (up to MAX_BATCH, default the largest --batch), "
                         "micro-batch, residency and KV placement together; that choice is run, its prediction "
                         "beside it")
+    p.add_argument("--planned-only", action="store_true",
+                   help="with --planned: run only the planner's choice, not the --batch and --kv-offload rows")
     p.add_argument("--tp", type=comma_list(positive), default=[1],
                    help="comma list of tensor-parallel rank counts (e.g. 1,2): each configuration on that many GPUs")
 
@@ -377,14 +379,16 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
 
 
 def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str) -> Dict[str, Any]:
-    """The batch planner's prediction for this model's residency and KV placement at ``batch`` (calibrated on the
-    device now, once per model and placement: the calibration is kept for the process)."""
+    """The batch planner's prediction for this model's residency, KV placement (with "split", its own layers on the
+    CPUs) and micro-batch at ``batch`` (calibrated on the device now, once per model and placement: the calibration
+    is kept for the process)."""
     from ..api.plan_batch import plan_batch
 
     stream = offload if offload in ("cpu", "nvme") and model.plan.streamed_blocks else "none"
     try:
         plan = plan_batch(model, prompt=a.prompt, gen=a.gen, offload=stream, prefetch=a.prefetch,
-                          kv_offload=model.plan.kv_offload, max_batch=batch, micro_batch=model.plan.micro_batch)
+                          kv_offload=model.plan.kv_offload, max_batch=batch, micro_batch=model.plan.micro_batch,
+                          kv_cpu_layers=model.plan.kv_cpu_layers if model.plan.kv_offload == "split" else None)
     except (ValueError, OutOfMemoryError) as e:
         return {"predicted_error": str(e)}
     micro = model.plan.micro_batch if model.plan.micro_batch and model.plan.micro_batch < batch else None
@@ -496,8 +500,10 @@ def main(a: argparse.Namespace) -> int:
     meta: Dict[str, Any] = {"model": path.name, "device": device, "host": platform.node(),
                             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     rows: List[Dict[str, Any]] = []
+    if a.planned_only and a.planned is None:
+        raise UsageError("--planned-only needs --planned")
     # the tensor-parallel runs first: their ranks are forked, which a process that has used CUDA cannot do
-    for ranks in sorted(set(a.tp), reverse=True):
+    for ranks in sorted(set(a.tp) if not a.planned_only else (), reverse=True):
         if ranks > 1:
             from ..api.launch import launch
 
@@ -505,7 +511,7 @@ def main(a: argparse.Namespace) -> int:
             rows += _tp_rows(per_rank)
             meta.update({f"tp{ranks}_{k}": v for k, v in per_rank[0][1].items() if k.endswith("_gbps")})
             meta[f"tp{ranks}_rank_links_gbps"] = [m.get("h2d_gbps") or m.get("memcpy_gbps") for _, m in per_rank]
-    if 1 in a.tp:
+    if 1 in a.tp and not a.planned_only:
         one, one_meta = _bench_all(a, path, device, dtype)
         rows += one
         meta.update(one_meta)

@@ -432,7 +432,8 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                  link_gbps: Optional[float], stream: Optional[str] = "cpu", prefetch: int = 2,
                  max_batch: int = 1024, step_overhead_s: float = 0.0,
                  kv_offloads: Sequence[str] = ("none",),
-                 micro_batch_sizes: Sequence[Optional[int]] = (None,)) -> BatchPlan:
+                 micro_batch_sizes: Sequence[Optional[int]] = (None,),
+                 kv_cpu_layers: Optional[int] = None) -> BatchPlan:
     """Every (batch, resident blocks) the loader would accept under ``budget``, with its predicted tokens/s; the
     best of them. ``stream``: the offload mode that streams ("cpu" or "nvme"), or None to keep every block resident
     (offload="none"). Batches run from 1 to the largest that fits (at most ``max_batch``); for each, every
@@ -441,7 +442,8 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
     placement of ``kv_offloads`` is planned too: its reserve on the device, its cache within ``sizes.host_budget``,
     its blocks' measured compute, and with "host" the cache's bytes on the link beside the streamed blocks. Each
     micro-batch size of ``micro_batch_sizes`` (None: the whole batch) is planned for the batches it splits: its
-    smaller working set on the device, its blocks computing one micro-batch after another."""
+    smaller working set on the device, its blocks computing one micro-batch after another. ``kv_cpu_layers``: with
+    "split", the layers attended on the CPUs (None: for each candidate the count ``best_split`` finds)."""
     if prompt < 1 or gen < 1:
         raise ValueError(f"prompt and gen must be at least 1, not {prompt} and {gen}")
     if stream is not None and not link_gbps:
@@ -461,7 +463,8 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
             for resident in range(lowest, most + 1):
                 cpu = n if kv == "host-compute" else 0
                 if kv == "split":
-                    cpu = tm.best_split(batch, resident, context, layer_kv, micro)
+                    cpu = (tm.best_split(batch, resident, context, layer_kv, micro) if kv_cpu_layers is None
+                           else max(0, min(kv_cpu_layers, n)))
                 kv_up = (n - cpu) * layer_kv  # the caches that come up every step
                 prefill, _, _ = tm.prefill(batch, resident, prompt, kv, micro, cpu)
                 step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro, cpu)

@@ -5,6 +5,7 @@ attention over them (``attend``): on the device, or on the host's CPUs where the
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor
 from ..errors import ModelError
 from ..foundations.models import Family, StepContext
 from ..foundations.models.ops import attention
+from ..foundations.store import host_buffer
 
 
 class LayerCache:
@@ -72,6 +74,13 @@ class HostLayerCache(LayerCache):
 
 
 DOWN_CHUNK_BYTES = 64 << 20  # the device staging of one copy down (a prompt's keys of a big batch: hundreds of MB)
+
+
+def _host_zeros(shape: Tuple[int, ...], dtype: torch.dtype, pin: bool) -> Tensor:
+    """Zeros in a host arena of exactly their size (a fresh mapping is zeroed), pinned when ``pin``: torch's pinned
+    allocator rounds each allocation up to a power of two, and a 27 GB cache took 32 GiB of the host's memory."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return host_buffer(nbytes, pin=pin)[:nbytes].view(dtype).view(shape)
 
 
 def _down(dev: Tensor, host: Tensor) -> None:
@@ -181,7 +190,12 @@ class HostComputeLayerCache(LayerCache):
             self.update(k, v, 0)
             return attention(q, k, v, ctx)
         keys, values = self.update(k, v, ctx.start)
-        return attention(q.to(keys.device), keys, values, self.host_context(ctx)).to(q.device)
+        out = attention(q.to(keys.device), keys, values, self.host_context(ctx))
+        if q.device.type != "cuda":
+            return out.to(q.device)
+        # up from pinned memory, queued on the compute stream: from pageable memory the CPU thread would wait for a
+        # copy engine that the weights and caches going up keep busy
+        return out.pin_memory().to(q.device, non_blocking=True)
 
 
 class KVCache:
@@ -212,10 +226,10 @@ class KVCache:
         # by id: a step's contexts (one a micro-batch) and each with its mask on the host; emptied as a pass begins
         self._step: Dict[int, Tuple[StepContext, StepContext]] = {}
         pin = device.type == "cuda"
-        self.k_host = torch.zeros((len(up), max_len, batch, num_kv_heads, head_dim), dtype=dtype, pin_memory=pin)
-        self.v_host = torch.zeros((len(up), max_len, batch, num_kv_heads, head_dim), dtype=dtype, pin_memory=pin)
-        self.k_cpu = torch.zeros((len(cpu), batch, num_kv_heads, max_len, head_dim), dtype=dtype, pin_memory=pin)
-        self.v_cpu = torch.zeros((len(cpu), batch, num_kv_heads, max_len, head_dim), dtype=dtype, pin_memory=pin)
+        up_shape = (len(up), max_len, batch, num_kv_heads, head_dim)
+        cpu_shape = (len(cpu), batch, num_kv_heads, max_len, head_dim)
+        self.k_host, self.v_host = _host_zeros(up_shape, dtype, pin), _host_zeros(up_shape, dtype, pin)
+        self.k_cpu, self.v_cpu = _host_zeros(cpu_shape, dtype, pin), _host_zeros(cpu_shape, dtype, pin)
         # device buffers the host layers' caches come up into, ahead of their attention
         self._uplink = Uplink(self.k_host, self.v_host, device) if up else None
         self.num_blocks = num_blocks
