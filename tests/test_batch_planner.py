@@ -6,6 +6,8 @@ non-negative fit of the timings taken, and (by recording calls) what runs inside
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -474,6 +476,7 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     assert len(kv) == 4  # batches 1 and 2, two contexts
     assert cm.kv_blocks["host-compute"][0] == Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv])
     assert ComputeModel.from_dict(cm.to_dict()).kv_blocks == cm.kv_blocks
+    assert cm.host_read_gbps and ComputeModel.from_dict(cm.to_dict()).host_read_gbps == cm.host_read_gbps
 
 
 def test_micro_batches_are_planned_with_their_working_set_and_their_time():
@@ -543,3 +546,81 @@ def test_a_split_of_given_layers_is_planned_as_given():
     layer = sizes.host_kv_bytes(64, 528, "host") // 30
     assert c.decode_step_s == pytest.approx(tm.decode_step(64, c.resident_blocks, 528, "split", 27 * layer, None, 3)[0])
     assert {c.kv_cpu_layers for c in choose_batch(sizes, compute, kv_cpu_layers=99, **base).table} == {30}
+
+
+def test_the_cpus_read_rate_is_the_cache_over_the_time_it_adds():
+    """The CPUs' read rate of a host cache: a layer's keys and values at the largest batch and context timed, over
+    what the host-compute block takes beyond the device block there; none without host-compute timings, or when
+    the host block is no slower."""
+    from zstream.streaming.calibrate import _host_read_gbps
+
+    device = [{"phase": "decode", "batch": b, "context": c, "block_s": 1e-3} for b in (1, 64) for c in (256, 544)]
+    host = [{"kv_offload": "host-compute", "phase": "decode", "batch": b, "keys": c, "block_s": t}
+            for b, c, t in ((1, 256, 2e-3), (1, 544, 3e-3), (64, 256, 9e-3), (64, 544, 21e-3))]
+    key_bytes = 56 * 128 * 2 * 2  # OPT-30B: 56 heads x 128, k and v, fp16
+    assert _host_read_gbps(device, host, key_bytes) == pytest.approx(64 * 544 * key_bytes / 20e-3 / 1e9)
+    assert _host_read_gbps(device, [], key_bytes) is None
+    slow_device = [dict(d, block_s=30e-3) for d in device]
+    assert _host_read_gbps(slow_device, host, key_bytes) is None
+
+
+def test_caches_read_by_the_cpus_share_host_memory_with_the_link():
+    """With ``host_read_gbps`` known, a pass whose CPUs attend host caches takes at least every byte read from host
+    memory (streamed, brought up, attended) at the faster of the link and the CPUs' rate; without CPU reads, or
+    without the rate, the step is as before."""
+    sizes = toy_sizes(n=10)  # 100 MB blocks
+    compute = compute_model(10, block_s=1e-4, per_token=0.0, per_key=0.0, outer_s=0.0)
+    plain = ThroughputModel(compute, sizes.block_bytes, link_gbps=50.0)
+    shared = ThroughputModel(dataclasses.replace(compute, host_read_gbps=40.0), sizes.block_bytes, link_gbps=50.0)
+    assert shared.host_gbps == 50.0 and plain.host_gbps is None
+    cpu = 2 * 10**9
+    # 4 blocks streamed (0.4 GB), 0.5 GB of caches up, 2 GB attended on the CPUs: 2.9 GB at 50 GB/s
+    assert shared.pass_s(6, 1e-4, 0.0, shared_bytes=5 * 10**8, cpu_bytes=cpu)[0] == pytest.approx(2.9 / 50)
+    assert plain.pass_s(6, 1e-4, 0.0, shared_bytes=5 * 10**8, cpu_bytes=cpu)[0] == pytest.approx(0.9 / 50)
+    assert shared.pass_s(6, 1e-4, 0.0, shared_bytes=5 * 10**8)[0] == pytest.approx(0.9 / 50)
+    assert shared.pass_s(10, 1e-4, 0.0, cpu_bytes=cpu)[0] == pytest.approx(2.0 / 50)  # every block resident
+    faster_cpus = ThroughputModel(dataclasses.replace(compute, host_read_gbps=80.0), sizes.block_bytes, 50.0)
+    assert faster_cpus.pass_s(10, 1e-4, 0.0, cpu_bytes=cpu)[0] == pytest.approx(2.0 / 80)
+
+
+def _h200_opt30b_compute() -> ComputeModel:
+    """The compute model of OPT-30B on the H200, fitted as ``calibrate_compute`` fits it to the samples it timed
+    there (run 10; decode only: the replay times decode steps, so prefill takes the decode fits unused)."""
+    import json
+    from pathlib import Path
+
+    from zstream.streaming.calibrate import _host_read_gbps
+
+    raw = Path(__file__).parents[1] / "benches" / "results" / "raw" / "h200-2026-12-03-run10-calibration.jsonl"
+    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.startswith('{"')]
+    device = [r for r in rows if r.get("phase") == "decode" and "kv_offload" not in r]
+    host = [r for r in rows if r.get("kv_offload") == "host-compute" and r["phase"] == "decode"]
+    block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in device])
+    outer = Linear3.fit([(s["batch"], s["context"], s["outer_s"]) for s in device])
+    on_cpus = Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in host])
+    return ComputeModel(num_blocks=48, decode_block=block, decode_outer=outer, prefill_block=block,
+                        prefill_outer=outer, kv_blocks={"host-compute": (on_cpus, on_cpus)},
+                        host_read_gbps=_host_read_gbps(device, host, 56 * 128 * 2 * 2))
+
+
+@pytest.mark.parametrize("run", ["run7-bench_opt30b_host", "run8-bench_opt30b_run8", "run9-bench_opt30b_split"])
+def test_the_h200_opt30b_steps_are_predicted_within_ten_percent(run):
+    """Replay of the H200's OPT-30B decode steps under 16 GiB (runs 7-9: "host" at batch 64, "split" with 24 layers
+    on the CPUs at 64 and 39 at 80, micro-batches of 16) through the planner's step model, with the calibration
+    timed there and each run's measured link: every step within 10% of the measured. The model without the shared
+    host memory predicted the splits at 1.27-1.69x their speed."""
+    import json
+    from pathlib import Path
+
+    doc = json.loads((Path(__file__).parents[1] / "benches" / "results" / "raw" / f"h200-2026-12-03-{run}.json")
+                     .read_text())
+    compute = _h200_opt30b_compute()
+    sizes = ModelSizes.of(facts_from_shapes(family_for(zstream.synthetic.PRESETS["opt-30b"]), torch.float16))
+    tm = ThroughputModel(compute, sizes.block_bytes, doc["meta"]["h2d_gbps"])
+    for r in doc["rows"]:
+        layer = sizes.kv_layer_bytes(r["batch"], 528)
+        cpu = 48 - round(r["kv_bytes_per_step"] / layer)  # the layers not brought up were attended on the CPUs
+        assert (r["kv_offload"], cpu) in (("host", 0), ("split", 24), ("split", 39))
+        step, _, _ = tm.decode_step(r["batch"], r["resident_blocks"], 528, r["kv_offload"], (48 - cpu) * layer,
+                                    r["micro_batch"], cpu, cpu * layer)
+        assert 0.9 < step / r["decode_step_s"] < 1.1, (r["kv_offload"], r["batch"], step, r["decode_step_s"])

@@ -161,7 +161,7 @@ def test_compressed_and_plain_in_one_run(cache, tmp_path):
 def test_host_kv_cache_and_device_kv_cache_in_one_run(cache, tmp_path):
     """``--kv-offload none,host,host-compute``: the same configuration with the KV cache on the device and in host
     memory; the "host" row counts the cache's bytes at the decode's mean context in what crosses the link each
-    step."""
+    step, the "host-compute" and "split" rows what the CPUs read of it."""
     import torch
 
     import zstream
@@ -180,6 +180,13 @@ def test_host_kv_cache_and_device_kv_cache_in_one_run(cache, tmp_path):
     assert host["kv_bytes_per_step"] == kv and device["kv_bytes_per_step"] == 0
     assert host["streamed_bytes"] == device["streamed_bytes"] + kv
     assert split["kv_bytes_per_step"] == kv // 2  # one of the two layers attended on the CPUs, one brought up
+    # what the CPUs read of the caches they attend: every layer's with host-compute, the other half with split
+    assert (compute["kv_cpu_bytes_per_step"], split["kv_cpu_bytes_per_step"]) == (kv, kv // 2)
+    assert device["kv_cpu_bytes_per_step"] == host["kv_cpu_bytes_per_step"] == 0
+    for r in (host, compute, split):  # every byte read from host memory, against the rate measured in the run
+        assert r["host_read_bytes_per_step"] == r["streamed_bytes"] + r["kv_cpu_bytes_per_step"]
+        assert r["host_read_bound_s"] == pytest.approx(r["host_read_bytes_per_step"] / (r["bound_gbps"] * 1e9))
+    assert "host_read_bytes_per_step" not in device
 
 
 def test_predictions_beside_measurements_for_each_kv_placement(cache, tmp_path):
@@ -250,3 +257,22 @@ def test_a_split_rows_prediction_is_of_its_own_layers_on_the_cpus(cache, tmp_pat
         assert model.plan.kv_cpu_layers == 1
         plan = real(model, prompt=6, gen=3, offload="none", kv_offload="split", max_batch=2, kv_cpu_layers=1)
     assert plan.link == "host memory copy" and plan.link_gbps > 0
+
+
+def test_a_host_cache_row_limited_by_host_memory_says_so():
+    """Run 9's OPT-30B split row at batch 80 (H200): 65.2 GB over the link and 47.2 GB read by the CPUs in 2.086 s
+    at a 55.18 GB/s link is within 1.25x of its host-memory bound, so it says the link and host memory limit it,
+    not "compute or overheads"; a step 1.5x over that bound keeps its label, and so does any row on the CPU."""
+    from zstream.interfaces.bench import _host_memory_limit
+
+    row = {"kv_offload": "split", "streamed_bytes": 65_170_000_000, "kv_cpu_bytes_per_step": 47_200_000_000,
+           "decode_step_s": 2.086, "limit": "compute or overheads"}
+    _host_memory_limit(row, "pinned host-to-device", 55.18, relabel=True)
+    assert row["limit"] == "pinned host-to-device and host memory"
+    assert row["host_read_bound_s"] == pytest.approx(112.37 / 55.18, rel=1e-3)
+    assert "112.4 GB" in row["limit_why"]
+    slow = dict(row, decode_step_s=1.5 * row["host_read_bound_s"], limit="compute or overheads")
+    _host_memory_limit(slow, "pinned host-to-device", 55.18, relabel=True)
+    cpu = dict(row, limit="compute")
+    _host_memory_limit(cpu, "host memory copy", 55.18, relabel=False)
+    assert slow["limit"] == "compute or overheads" and cpu["limit"] == "compute"

@@ -360,6 +360,10 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         row = _row("zstream", offload, model, r, bound, kv)
         row["gpu_memory"], row["tp"], row["rank"] = budget, model.plan.ranks, model.plan.rank
         row["compress"], row["kv_offload"], row["kv_bytes_per_step"] = compress, placed, kv
+        # the caches the CPUs attend to are read from the host memory the link reads too (planning.batch)
+        on_cpus = model.plan.kv_cpu_layers if placed in ("host-compute", "split") else 0
+        row["kv_cpu_bytes_per_step"] = on_cpus * kv_layer_bytes(model.family, b, a.prompt + a.gen // 2, model.dtype)
+        _host_memory_limit(row, model.plan.link, bound, relabel=model.device.type == "cuda")
         row["kv_offload_asked"], row["micro_batch"] = kv_offload, model.plan.micro_batch
         row.update(predictions.get(b, {}))
         row["quantize"] = model.plan.quantization
@@ -376,6 +380,22 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         # the KV cache's pinned host memory too: torch keeps it cached, and the next plan counts it as taken
         getattr(torch._C, "_host_emptyCache", lambda: None)()
     return rows
+
+
+def _host_memory_limit(row: Dict[str, Any], link: str, bound_gbps: Optional[float], relabel: bool) -> None:
+    """A host KV cache's row whose step is within 1.25x of every byte it reads from host memory (the weights and
+    caches the link brings up, the caches the CPUs attend) at the link's rate is limited by those reads, not by
+    "compute or overheads" as the weights' transfer bound alone says (planning.batch: the two share host memory).
+    ``relabel``: on a GPU (on the CPU the host thread's waits say what limits, ``limit_of``)."""
+    read = row["streamed_bytes"] + row.get("kv_cpu_bytes_per_step", 0)
+    if row.get("kv_offload", "none") == "none" or not bound_gbps or not read:
+        return
+    bound = read / (bound_gbps * 1e9)
+    row["host_read_bytes_per_step"], row["host_read_bound_s"] = read, bound
+    if relabel and row["decode_step_s"] <= 1.25 * bound:
+        row["limit"] = f"{link} and host memory"
+        row["limit_why"] = (f"the step is {row['decode_step_s'] / bound:.2f}x its {read / 1e9:.1f} GB of weights and "
+                            f"KV cache read from host memory at {bound_gbps:.1f} GB/s")
 
 
 def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str) -> Dict[str, Any]:

@@ -87,6 +87,8 @@ class ComputeModel:
     samples: List[Dict[str, Any]] = field(default_factory=list)  # the timings behind the fits
     # a block timed with its KV cache in host memory and attention on the CPUs ("host-compute"): (decode, prefill)
     kv_blocks: Dict[str, Tuple[Linear3, Linear3]] = field(default_factory=dict)
+    # GB/s at which the CPUs read a host cache as they attend (from the host-compute timings; None: not timed)
+    host_read_gbps: Optional[float] = None
 
     def _block(self, kv: str, phase: int) -> Linear3:
         if kv in ("none", "host"):  # "host": the cache comes up ahead of the block (its bytes are the link's cost)
@@ -119,14 +121,15 @@ class ComputeModel:
         fits = {k: [getattr(self, k).c0, getattr(self, k).c1, getattr(self, k).c2]
                 for k in ("decode_block", "decode_outer", "prefill_block", "prefill_outer")}
         kv = {k: [[f.c0, f.c1, f.c2] for f in pair] for k, pair in self.kv_blocks.items()}
-        return {"num_blocks": self.num_blocks, "key": self.key, **fits, "kv_blocks": kv, "samples": self.samples}
+        return {"num_blocks": self.num_blocks, "key": self.key, **fits, "kv_blocks": kv, "samples": self.samples,
+                "host_read_gbps": self.host_read_gbps}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ComputeModel:
         fits = {k: Linear3(*d[k]) for k in ("decode_block", "decode_outer", "prefill_block", "prefill_outer")}
         kv = {k: (Linear3(*dec), Linear3(*pre)) for k, (dec, pre) in d.get("kv_blocks", {}).items()}
         return cls(num_blocks=int(d["num_blocks"]), key=str(d.get("key", "")), samples=list(d.get("samples", [])),
-                   kv_blocks=kv, **fits)
+                   kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"), **fits)
 
 
 @dataclass
@@ -206,7 +209,12 @@ class ThroughputModel:
     steady state of a decode loop the ring's first slots were filled during the previous pass, and the pass ends
     when its compute is done and the next pass's first slots have landed (a step synchronises the device). When
     copies never wait for a slot this is max(streamed bytes / link, compute); with many resident blocks the link
-    idles while they compute, once the ring is full, and the schedule says by how much."""
+    idles while they compute, once the ring is full, and the schedule says by how much.
+
+    The link's copies and the CPUs attending a host cache read the same host memory. On the H200 host the two
+    together moved 54-61 GB/s (OPT-30B and bloom-7b1, runs 3, 8 and 9 in docs/performance.md), no faster than
+    the link (55) or the CPUs' attention (53-56) alone: a pass takes at least all the bytes read from host memory
+    (streamed, brought up, attended on the CPUs) at the faster of the two rates (``host_gbps``)."""
 
     compute: ComputeModel
     block_bytes: List[int]          # per block, as it crosses the link
@@ -214,18 +222,29 @@ class ThroughputModel:
     ring_slots: int = 3             # prefetch + 1
     step_overhead_s: float = 0.0    # per pass, on top of the schedule (Python, synchronisation)
 
-    def pass_s(self, resident: int, block_s: float, outer_s: float,
-               shared_bytes: int = 0) -> Tuple[float, float, float]:
+    @property
+    def host_gbps(self) -> Optional[float]:
+        """The rate host memory serves the link and the CPUs' attention together (None: not both known)."""
+        if not self.link_gbps or not self.compute.host_read_gbps:
+            return None
+        return max(self.link_gbps, self.compute.host_read_gbps)
+
+    def pass_s(self, resident: int, block_s: float, outer_s: float, shared_bytes: int = 0,
+               cpu_bytes: int = 0) -> Tuple[float, float, float]:
         """(seconds, transfer seconds, compute seconds) of one pass. ``shared_bytes``: what else crosses the link
         in the pass, inside the blocks' compute (a host KV cache coming up: ``block_s`` was timed with it, alone on
-        the link), so the pass takes at least every byte over the link."""
+        the link), so the pass takes at least every byte over the link. ``cpu_bytes``: the host caches the CPUs
+        attend to in the pass, read from the host memory the link reads too (``host_gbps``)."""
         n = len(self.block_bytes)
         compute = n * block_s + outer_s
         if (resident < n or shared_bytes) and not self.link_gbps:
             raise ValueError("bytes cross the link, but no link bandwidth was given")
+        host = self.host_gbps
+        read = sum(self.block_bytes[resident:]) + shared_bytes + cpu_bytes
+        floor = outer_s + read / (host * 1e9) if host and cpu_bytes else 0.0  # the host memory both read
         if resident >= n:
             transfer = shared_bytes / (self.link_gbps * 1e9) if shared_bytes else 0.0
-            return max(compute, outer_s + transfer) + self.step_overhead_s, transfer, compute
+            return max(compute, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
         copy = [self.block_bytes[i] / (self.link_gbps * 1e9) for i in range(resident, n)]
         s = len(copy)
         slots = min(self.ring_slots, s)
@@ -242,15 +261,17 @@ class ThroughputModel:
         for j in range(s, s + slots):       # the next pass's first blocks, into the slots freed last
             link = max(link, done[j - slots]) + copy[j - s]
         transfer = sum(copy) + shared_bytes / (self.link_gbps * 1e9)
-        return max(t, link, outer_s + transfer) + self.step_overhead_s, transfer, compute
+        return max(t, link, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
 
     def decode_step(self, batch: int, resident: int, context: float, kv: str = "none",
-                    kv_bytes: int = 0, micro: Optional[int] = None, cpu_layers: int = 0) -> Tuple[float, float, float]:
+                    kv_bytes: int = 0, micro: Optional[int] = None, cpu_layers: int = 0,
+                    cpu_bytes: int = 0) -> Tuple[float, float, float]:
         """A decode step; ``kv_bytes``: the host KV cache that comes up over the link in it ("host", "split");
         ``micro``: rows a block computes at a time (a block costs its micro-batches' times, one after another);
-        ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean)."""
+        ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean); ``cpu_bytes``:
+        the caches the CPUs read ("host-compute", "split")."""
         block = self._block(self.compute.decode_block_s, batch, context, kv, micro, cpu_layers)
-        return self.pass_s(resident, block, self.compute.decode_outer_s(batch, context), kv_bytes)
+        return self.pass_s(resident, block, self.compute.decode_outer_s(batch, context), kv_bytes, cpu_bytes)
 
     def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none",
                 micro: Optional[int] = None, cpu_layers: int = 0) -> Tuple[float, float, float]:
@@ -278,9 +299,11 @@ class ThroughputModel:
         up = layer_kv_bytes / (self.link_gbps * 1e9)
         weights = sum(self.block_bytes[resident:]) / (self.link_gbps * 1e9)
         f = (weights + n * up - n * t_dev) / max(t_cpu - t_dev + up, 1e-12)
+        # the host memory's floor is the same for every split (each layer's cache is read once, by the link or by
+        # the CPUs), so the balance of the other two still picks the count
         near = {min(n, max(0, k)) for k in range(int(f) - 1, int(f) + 3)}
         return min(near, key=lambda c: self.decode_step(batch, resident, context, "split", (n - c) * layer_kv_bytes,
-                                                        micro, c)[0])
+                                                        micro, c, c * layer_kv_bytes)[0])
 
 
 def micro_batches(batch: int, micro: Optional[int]) -> List[int]:
@@ -466,8 +489,9 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                     cpu = (tm.best_split(batch, resident, context, layer_kv, micro) if kv_cpu_layers is None
                            else max(0, min(kv_cpu_layers, n)))
                 kv_up = (n - cpu) * layer_kv  # the caches that come up every step
+                kv_cpu = cpu * (sizes.kv_layer_bytes(batch, round(context)) if sizes.kv_layer_bytes else 0)
                 prefill, _, _ = tm.prefill(batch, resident, prompt, kv, micro, cpu)
-                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro, cpu)
+                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro, cpu, kv_cpu)
                 total = prefill + (gen - 1) * step
                 table.append(Candidate(batch=batch, resident_blocks=resident, num_blocks=n,
                                        offload="none" if resident == n else str(stream),

@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -168,6 +168,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
 
     dec = [s for s in samples if s["phase"] == "decode"]
     pre = [s for s in samples if s["phase"] == "prefill"]
+    host_read = _host_read_gbps(dec, kv_samples, nkv * hs * 2 * dtype.itemsize)
     model = ComputeModel(
         num_blocks=family.num_blocks,
         decode_block=Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec]),
@@ -179,7 +180,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                                      if s["kv_offload"] == kv and s["phase"] == "decode"]),
                         Linear3.fit([(s["batch"] * s["tokens"], s["tokens"], s["block_s"]) for s in kv_samples
                                      if s["kv_offload"] == kv and s["phase"] == "prefill"]))
-                   for kv in placements})
+                   for kv in placements},
+        host_read_gbps=host_read)
     _COMPUTE_CACHE[key] = model
     if cache is not None:
         stored[key] = model.to_dict()
@@ -187,3 +189,14 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     return model
 
 
+def _host_read_gbps(device: List[Dict[str, Any]], host: List[Dict[str, Any]], key_bytes: int) -> Optional[float]:
+    """GB/s at which the CPUs read a host cache as they attend: a layer's keys and values (``key_bytes`` per row and
+    key) over the time a host-compute block takes beyond the device block, at the largest batch and context timed
+    (where the cache's reading dominates); None without host-compute timings."""
+    decode = [s for s in host if s["kv_offload"] == "host-compute" and s["phase"] == "decode"]
+    if not decode:
+        return None
+    top = max(decode, key=lambda s: (s["batch"] * s["keys"], s["keys"]))
+    same = [s for s in device if s["batch"] == top["batch"] and s["context"] == top["keys"]]
+    extra = top["block_s"] - (same[0]["block_s"] if same else 0.0)
+    return top["batch"] * top["keys"] * key_bytes / extra / 1e9 if extra > 0 else None
