@@ -287,3 +287,27 @@ def test_host_buffer_without_a_runtime_stays_pageable_and_says_so():
         buf = host_buffer(1 << 20, pin=True)
     assert buf.numel() == 1 << 20 and buf.data_ptr() % 4096 == 0
     assert host_buffer(8, pin=False).numel() == 8  # no pinning asked: no warning
+
+
+def test_a_host_kv_cache_pins_its_own_size(monkeypatch):
+    """A host KV cache's arenas are pinned at their size, to the page: torch's pinned allocator rounds each
+    allocation up to a power of two, which put 2 x 32 GiB under OPT-30B's 2 x 26.8 GB cache at batch 80 and ran the
+    H200's host out of memory (run 8). Zeroed, and unregistered with the last view."""
+    from zstream.foundations import store
+    from zstream.streaming.cache import _host_zeros
+
+    fake_cuda.install()
+    monkeypatch.setattr(store, "install_host_register", lambda: True)  # the stand-in runtime is the core's
+    start = _core.pinned_bytes()
+    shape = (3, 11, 8, 100, 64)  # (layers, max_len, B, nkv, hs): 33.8 MB of fp16, 64 MiB as a power of two
+    nbytes = 3 * 11 * 8 * 100 * 64 * 2
+    cache = _host_zeros(shape, torch.float16, pin=True)
+    assert cache.shape == shape and cache.dtype == torch.float16 and not cache.any()
+    assert nbytes <= _core.pinned_bytes() - start < nbytes + 4096
+    row = cache[1]
+    del cache
+    gc.collect()
+    assert _core.pinned_bytes() - start >= nbytes  # a view keeps the arena registered
+    del row
+    gc.collect()
+    assert _core.pinned_bytes() == start
