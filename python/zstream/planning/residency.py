@@ -271,8 +271,10 @@ def choose_kv_offload(facts: CheckpointFacts, options: PlanOptions, budget: Opti
                       device_type: str) -> Tuple[str, str]:
     """kv_offload="auto" for a load: (placement, the plan's note). The device when the whole cache fits beside the
     non-block weights and a ring of blocks (beside every block for offload "none"); otherwise host memory: with
-    attention on the CPUs when blocks may stream (the link carries them; the CPUs are idle), brought up over the
-    link when none does. ``plan_batch(kv_offload="auto")`` measures instead."""
+    attention on the CPUs when blocks may stream (no device buffers to bring caches up into, so more room for
+    resident blocks; the CPUs read the cache from the host memory the link reads too, so neither way is faster on
+    the H200: docs/performance.md), brought up over the link when none does. ``plan_batch(kv_offload="auto")``
+    measures instead."""
     family = facts.family
     seq = min(options.max_seq_len or DEFAULT_SEQ_LEN, family.max_positions)
     on_device = reserve_bytes(family, options.max_batch, seq, facts.dtype, facts.quant,
