@@ -481,15 +481,16 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                                                    micro):
             if micro is not None and micro >= batch:
                 continue  # no split: the plan without micro-batches is the same
-            up = kv in ("host", "split") and sizes.kv_layer_bytes is not None
-            layer_kv = sizes.kv_layer_bytes(batch, round(context)) if up else 0  # type: ignore[misc]
+            in_host = kv != "none" and sizes.kv_layer_bytes is not None
+            layer_kv = sizes.kv_layer_bytes(batch, round(context)) if in_host else 0  # type: ignore[misc]
             for resident in range(lowest, most + 1):
                 cpu = n if kv == "host-compute" else 0
                 if kv == "split":
                     cpu = (tm.best_split(batch, resident, context, layer_kv, micro) if kv_cpu_layers is None
                            else max(0, min(kv_cpu_layers, n)))
-                kv_up = (n - cpu) * layer_kv  # the caches that come up every step
-                kv_cpu = cpu * (sizes.kv_layer_bytes(batch, round(context)) if sizes.kv_layer_bytes else 0)
+                # the caches that come up every step ("host", "split"), and those the CPUs read where they are
+                kv_up = (n - cpu) * layer_kv if kv in ("host", "split") else 0
+                kv_cpu = cpu * layer_kv
                 prefill, _, _ = tm.prefill(batch, resident, prompt, kv, micro, cpu)
                 step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro, cpu, kv_cpu)
                 total = prefill + (gen - 1) * step

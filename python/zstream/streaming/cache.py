@@ -80,7 +80,7 @@ def _host_zeros(shape: Tuple[int, ...], dtype: torch.dtype, pin: bool) -> Tensor
     """Zeros in a host arena of exactly their size (a fresh mapping is zeroed), pinned when ``pin``: torch's pinned
     allocator rounds each allocation up to a power of two, and a 27 GB cache took 32 GiB of the host's memory."""
     nbytes = math.prod(shape) * dtype.itemsize
-    return host_buffer(nbytes, pin=pin)[:nbytes].view(dtype).view(shape)
+    return host_buffer(nbytes, pin=pin).view(dtype).view(shape)
 
 
 def _down(dev: Tensor, host: Tensor) -> None:
