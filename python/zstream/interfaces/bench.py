@@ -356,13 +356,14 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         # layers not attended on the CPUs), at the decode's mean context
         placed = model.plan.kv_offload
         up = model.family.num_blocks - model.plan.kv_cpu_layers if placed in ("host", "split") else 0
-        kv = up * kv_layer_bytes(model.family, b, a.prompt + a.gen // 2, model.dtype)
+        layer = kv_layer_bytes(model.family, b, a.prompt + a.gen // 2, model.dtype)
+        kv = up * layer
         row = _row("zstream", offload, model, r, bound, kv)
         row["gpu_memory"], row["tp"], row["rank"] = budget, model.plan.ranks, model.plan.rank
         row["compress"], row["kv_offload"], row["kv_bytes_per_step"] = compress, placed, kv
         # the caches the CPUs attend to are read from the host memory the link reads too (planning.batch)
         on_cpus = model.plan.kv_cpu_layers if placed in ("host-compute", "split") else 0
-        row["kv_cpu_bytes_per_step"] = on_cpus * kv_layer_bytes(model.family, b, a.prompt + a.gen // 2, model.dtype)
+        row["kv_cpu_bytes_per_step"] = on_cpus * layer
         _host_memory_limit(row, model.plan.link, bound, relabel=model.device.type == "cuda")
         row["kv_offload_asked"], row["micro_batch"] = kv_offload, model.plan.micro_batch
         row.update(predictions.get(b, {}))

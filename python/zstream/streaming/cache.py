@@ -190,12 +190,7 @@ class HostComputeLayerCache(LayerCache):
             self.update(k, v, 0)
             return attention(q, k, v, ctx)
         keys, values = self.update(k, v, ctx.start)
-        out = attention(q.to(keys.device), keys, values, self.host_context(ctx))
-        if q.device.type != "cuda":
-            return out.to(q.device)
-        # up from pinned memory, queued on the compute stream: from pageable memory the CPU thread would wait for a
-        # copy engine that the weights and caches going up keep busy
-        return out.pin_memory().to(q.device, non_blocking=True)
+        return attention(q.to(keys.device), keys, values, self.host_context(ctx)).to(q.device)
 
 
 class KVCache:
