@@ -503,6 +503,13 @@ def test_micro_batches_are_planned_with_their_working_set_and_their_time():
     best = choose_batch(sizes, compute, micro_batch_sizes=(16,), **base).best
     assert best is not None and best.micro_batch == 16
     assert choose_batch(sizes, compute, micro_batch_sizes=(16,), **base).load_kwargs()["micro_batch"] == 16
+    # micro-batches of 16 alone: batches of 16 or fewer are still planned, whole (bench predicts its rows so)
+    only16 = choose_batch(sizes, compute, micro_batch_sizes=(16,), **base)
+    small = [c for c in only16.table if c.batch <= 16]
+    assert {c.batch for c in small} == set(range(1, 17)) and {c.micro_batch for c in small} == {None}
+    assert only16.candidate(8, small[-1].resident_blocks, "host-compute") is not None
+    assert {(c.batch, c.resident_blocks) for c in small} == {(c.batch, c.resident_blocks) for c in plan.table
+                                                             if c.batch <= 16 and c.micro_batch is None}
 
 
 def test_a_split_cache_balances_the_link_and_the_cpus():

@@ -479,26 +479,28 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
     for kv, micro in itertools.product(kv_offloads, micro_batch_sizes):
         for batch, lowest, most in fitting_batches(sizes, budget, seq, slots, stream is not None, max_batch, kv,
                                                    micro):
-            if micro is not None and micro >= batch:
-                continue  # no split: the plan without micro-batches is the same
+            whole = micro is not None and micro >= batch  # no split: the batch is one micro-batch
+            if whole and None in micro_batch_sizes:
+                continue  # planned already, without micro-batches
+            micro_here = None if whole else micro
             in_host = kv != "none" and sizes.kv_layer_bytes is not None
             layer_kv = sizes.kv_layer_bytes(batch, round(context)) if in_host else 0  # type: ignore[misc]
             for resident in range(lowest, most + 1):
                 cpu = n if kv == "host-compute" else 0
                 if kv == "split":
-                    cpu = (tm.best_split(batch, resident, context, layer_kv, micro) if kv_cpu_layers is None
+                    cpu = (tm.best_split(batch, resident, context, layer_kv, micro_here) if kv_cpu_layers is None
                            else max(0, min(kv_cpu_layers, n)))
                 # the caches that come up every step ("host", "split"), and those the CPUs read where they are
                 kv_up = (n - cpu) * layer_kv if kv in ("host", "split") else 0
                 kv_cpu = cpu * layer_kv
-                prefill, _, _ = tm.prefill(batch, resident, prompt, kv, micro, cpu)
-                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro, cpu, kv_cpu)
+                prefill, _, _ = tm.prefill(batch, resident, prompt, kv, micro_here, cpu)
+                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro_here, cpu, kv_cpu)
                 total = prefill + (gen - 1) * step
                 table.append(Candidate(batch=batch, resident_blocks=resident, num_blocks=n,
                                        offload="none" if resident == n else str(stream),
-                                       memory_bytes=sizes.memory_bytes(batch, resident, seq, slots, kv, micro),
+                                       memory_bytes=sizes.memory_bytes(batch, resident, seq, slots, kv, micro_here),
                                        prefill_s=prefill, decode_step_s=step, transfer_s=xfer, compute_s=comp,
-                                       tokens_per_s=batch * gen / total, kv_offload=kv, micro_batch=micro,
+                                       tokens_per_s=batch * gen / total, kv_offload=kv, micro_batch=micro_here,
                                        kv_cpu_layers=cpu))
     best = max(table, key=lambda c: c.tokens_per_s, default=None)
     return BatchPlan(best=best, table=table, budget_bytes=budget, prompt=prompt, gen=gen, link_gbps=link_gbps,
