@@ -458,9 +458,10 @@ def test_the_planner_picks_the_kv_placement_that_wins():
 
 def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch):
     """The host-compute block is timed through the engine's own layer cache of that placement (recorded, not
-    clocked), and its fits come from those timings alone; "host" is planned with the device block's fits (its cache
-    comes up ahead of the block) and needs no timing."""
-    from zstream.streaming.cache import HostComputeLayerCache, LayerCache
+    clocked), and its fits come from those timings alone; "host" decodes with the device block's fit (its cache
+    comes up ahead of the block), and its prefill is timed through the engine's host layer (the prompt's cache goes
+    down on the compute stream), at the prefill points only."""
+    from zstream.streaming.cache import HostComputeLayerCache, HostLayerCache, LayerCache
 
     model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
     fam = model.family
@@ -469,9 +470,14 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     monkeypatch.setattr(fam, "block", lambda w, h, cache, ctx: seen.append(type(cache)) or real_block(w, h, cache, ctx))
     cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1,
                            kv_offloads=("none", "host", "host-compute"))
-    assert set(seen) == {LayerCache, HostComputeLayerCache}
-    assert "kv=host-compute" in cm.key and set(cm.kv_blocks) == {"host-compute"}
+    assert set(seen) == {LayerCache, HostLayerCache, HostComputeLayerCache}
+    assert "kv=host,host-compute" in cm.key and set(cm.kv_blocks) == {"host", "host-compute"}
     assert cm.decode_block_s(3, 10, "host") == cm.decode_block_s(3, 10)
+    host = [s for s in cm.samples if s.get("kv_offload") == "host"]
+    assert host and {s["phase"] for s in host} == {"prefill"}
+    assert cm.kv_blocks["host"][1] == Linear3.fit([(s["batch"] * s["tokens"], s["tokens"], s["block_s"])
+                                                   for s in host])
+    assert cm.prefill_block_s(2, 8, "host") == cm.kv_blocks["host"][1](16, 8) != cm.prefill_block_s(2, 8)
     kv = [s for s in cm.samples if s.get("kv_offload") == "host-compute" and s["phase"] == "decode"]
     assert len(kv) == 4  # batches 1 and 2, two contexts
     assert cm.kv_blocks["host-compute"][0] == Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv])
@@ -635,3 +641,23 @@ def test_the_h200_opt30b_steps_are_predicted_within_ten_percent(run):
         step, _, _ = tm.decode_step(r["batch"], r["resident_blocks"], 528, r["kv_offload"], (48 - cpu) * layer,
                                     r["micro_batch"], cpu, cpu * layer)
         assert 0.9 < step / r["decode_step_s"] < 1.1, (r["kv_offload"], r["batch"], step, r["decode_step_s"])
+
+
+def test_a_host_cache_prefill_costs_its_timed_copies_down():
+    """With "host" calibrated, the prefill of "host" and of a split's device layers takes the host block's timing
+    (the prompt's keys and values go down on the compute stream), decode the device block's; a model calibrated
+    before "host" had timings keeps the device block's."""
+    sizes, _ = bloom_sizes()
+    compute = with_host_kv(compute_model(30), 1e-8)
+    tm = ThroughputModel(compute, sizes.block_bytes, 55.0)
+    before = tm.prefill(16, 30, 512, "host")[0]
+    assert before == tm.prefill(16, 30, 512, "none")[0]
+    pre = compute.prefill_block
+    compute.kv_blocks["host"] = (compute.decode_block, Linear3(2 * pre.c0, 2 * pre.c1, 2 * pre.c2))
+    device_block = compute.prefill_block_s(16, 512)
+    outer = compute.prefill_outer_s(16, 512)
+    assert tm.prefill(16, 30, 512, "host")[0] == pytest.approx(30 * 2 * device_block + outer)
+    cpu_block = compute.prefill_block_s(16, 512, "host-compute")
+    assert tm.prefill(16, 30, 512, "split", cpu_layers=10)[0] == pytest.approx(
+        10 * cpu_block + 20 * 2 * device_block + outer)
+    assert tm.decode_step(16, 30, 528, "host")[0] == tm.decode_step(16, 30, 528, "none")[0]

@@ -85,13 +85,16 @@ class ComputeModel:
     prefill_outer: Linear3  # x = batch * prompt, y = prompt
     key: str = ""           # what was calibrated: family shapes, dtype, device
     samples: List[Dict[str, Any]] = field(default_factory=list)  # the timings behind the fits
-    # a block timed with its KV cache in host memory and attention on the CPUs ("host-compute"): (decode, prefill)
+    # a block timed with its KV cache in host memory, (decode, prefill): "host-compute" (attention on the CPUs) and
+    # "host" (its prefill sends the prompt's cache down; it decodes as a device block)
     kv_blocks: Dict[str, Tuple[Linear3, Linear3]] = field(default_factory=dict)
     # GB/s at which the CPUs read a host cache as they attend (from the host-compute timings; None: not timed)
     host_read_gbps: Optional[float] = None
 
     def _block(self, kv: str, phase: int) -> Linear3:
-        if kv in ("none", "host"):  # "host": the cache comes up ahead of the block (its bytes are the link's cost)
+        # "host": the cache comes up ahead of the block (its bytes are the link's cost); a model calibrated without
+        # "host" has no timing of its prefill's copies down and takes the device block's
+        if kv == "none" or (kv == "host" and kv not in self.kv_blocks):
             return (self.decode_block, self.prefill_block)[phase]
         if kv not in self.kv_blocks:
             raise ValueError(f"the compute model has no timings with kv_offload={kv!r}: calibrate with it")
@@ -284,7 +287,7 @@ class ThroughputModel:
         if kv != "split":
             return sum(time(b, x, kv) for b in parts)
         n = len(self.block_bytes)
-        device, cpu = (sum(time(b, x, k) for b in parts) for k in ("none", "host-compute"))
+        device, cpu = (sum(time(b, x, k) for b in parts) for k in ("host", "host-compute"))
         return (cpu_layers * cpu + (n - cpu_layers) * device) / n
 
     def best_split(self, batch: int, resident: int, context: float, layer_kv_bytes: int,

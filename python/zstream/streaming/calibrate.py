@@ -88,10 +88,13 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     max_batch = max(1, int(max_batch))
     longest = min(prompt + gen, family.max_positions)
     prompt = max(1, min(prompt, longest))
-    # "host" needs no timing of its own: its cache comes up ahead of the block, on its own stream (cache.Uplink),
-    # so the block computes as a device-cache block does and the cache's bytes are a cost of the link
-    # ("split" is planned from the device block's and the host-compute block's timings)
-    placements = ["host-compute"] if {"host-compute", "split"} & set(kv_offloads) else []
+    # "host" decodes as a device-cache block does: its cache comes up ahead of the block, on its own stream
+    # (cache.Uplink), and the cache's bytes are a cost of the link. Its prefill is timed, through the engine's own
+    # host layer: the prompt's keys and values go down to host memory on the compute stream (runs 1-4 of
+    # 2026-12-04: without it the prefill of "host" and "split" rows came out 0.61-0.78x of measured).
+    # ("split" is planned from the host block's and the host-compute block's timings)
+    placements = (["host"] if {"host", "split"} & set(kv_offloads) else []) \
+        + (["host-compute"] if {"host-compute", "split"} & set(kv_offloads) else [])
     key = (f"{compute_key(family, dtype, dev)} batch<={max_batch} prompt={prompt} gen={gen} "
            f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else "")
            + (f" kv={','.join(placements)}" if placements else ""))
@@ -148,7 +151,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     points += [("prefill", B, P, P) for B in sorted({1, max(1, min(max_batch, max_prefill_tokens // prompt))})
                for P in sorted({max(1, prompt // 2), prompt})]
     times: Dict[Tuple[str, int, int, int], Tuple[List[float], List[float]]] = {p: ([], []) for p in points}
-    kv_times: Dict[Tuple[str, str, int, int, int], List[float]] = {(kv, *p): [] for kv in placements for p in points}
+    kv_times: Dict[Tuple[str, str, int, int, int], List[float]] = {(kv, *p): [] for kv in placements for p in points
+                                                                     if kv != "host" or p[0] == "prefill"}
     with torch.inference_mode(), attention_kernels(dev):
         for _ in range(max(1, rounds)):
             for p in points:
@@ -156,7 +160,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                 times[p][0].append(time_block(B, T, S))
                 times[p][1].append(time_outer(B, T, S))
                 for kv in placements:
-                    kv_times[(kv, *p)].append(time_block(B, T, S, kv))
+                    if (kv, *p) in kv_times:
+                        kv_times[(kv, *p)].append(time_block(B, T, S, kv))
     samples: List[Dict[str, Any]] = []
     for (phase, B, T, S), (blk, out) in times.items():
         where = {"context": S} if phase == "decode" else {"prompt": T}
@@ -169,14 +174,16 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     dec = [s for s in samples if s["phase"] == "decode"]
     pre = [s for s in samples if s["phase"] == "prefill"]
     host_read = _host_read_gbps(dec, kv_samples, nkv * hs * 2 * dtype.itemsize)
+    decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
     model = ComputeModel(
         num_blocks=family.num_blocks,
-        decode_block=Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec]),
+        decode_block=decode_block,
         decode_outer=Linear3.fit([(s["batch"], s["context"], s["outer_s"]) for s in dec]),
         prefill_block=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in pre]),
         prefill_outer=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
         key=key, samples=samples + kv_samples,
-        kv_blocks={kv: (Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
+        kv_blocks={kv: (decode_block if kv == "host" else
+                        Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
                                      if s["kv_offload"] == kv and s["phase"] == "decode"]),
                         Linear3.fit([(s["batch"] * s["tokens"], s["tokens"], s["block_s"]) for s in kv_samples
                                      if s["kv_offload"] == kv and s["phase"] == "prefill"]))
