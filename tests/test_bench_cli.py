@@ -276,3 +276,6 @@ def test_a_host_cache_row_limited_by_host_memory_says_so():
     cpu = dict(row, limit="compute")
     _host_memory_limit(cpu, "host memory copy", 55.18, relabel=False)
     assert slow["limit"] == "compute or overheads" and cpu["limit"] == "compute"
+    resident = dict(row, kv_offload="host", limit="compute or overheads")  # every block resident: no link named
+    _host_memory_limit(resident, "", 55.18, relabel=True)
+    assert resident["limit"] == "the link and host memory"

@@ -394,7 +394,7 @@ def _host_memory_limit(row: Dict[str, Any], link: str, bound_gbps: Optional[floa
     bound = read / (bound_gbps * 1e9)
     row["host_read_bytes_per_step"], row["host_read_bound_s"] = read, bound
     if relabel and row["decode_step_s"] <= 1.25 * bound:
-        row["limit"] = f"{link} and host memory"
+        row["limit"] = f"{link or 'the link'} and host memory"  # no block streams: the plan names no link
         row["limit_why"] = (f"the step is {row['decode_step_s'] / bound:.2f}x its {read / 1e9:.1f} GB of weights and "
                             f"KV cache read from host memory at {bound_gbps:.1f} GB/s")
 
