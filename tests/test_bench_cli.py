@@ -211,6 +211,14 @@ def test_predictions_beside_measurements_for_each_kv_placement(cache, tmp_path):
         plan = zstream.plan_batch(model, prompt=6, gen=3, offload="none", kv_offload="host-compute", max_batch=2)
     c = plan.candidate(2, model.plan.num_blocks, "host-compute")
     assert c is not None and c.tokens_per_s == pytest.approx(rows[1]["predicted_tokens_per_s"], rel=1e-9)
+    # the calibration behind each prediction is in the JSON, so the prediction replays from it
+    from zstream.planning.batch import ComputeModel, ThroughputModel
+
+    models = json.loads(out.read_text())["meta"]["compute_models"]
+    replayed = ComputeModel.from_dict(models[rows[1]["predicted_compute"]])
+    tm = ThroughputModel(replayed, plan.table[0].num_blocks * [0], rows[1]["predicted_link_gbps"])
+    assert tm.decode_step(2, model.plan.num_blocks, 6 + 3 / 2, "host-compute")[0] == pytest.approx(
+        rows[1]["predicted_decode_step_s"], rel=1e-9)
 
 
 def test_micro_batches_are_benched_and_predicted(cache, tmp_path):
@@ -222,10 +230,12 @@ def test_micro_batches_are_benched_and_predicted(cache, tmp_path):
 
     path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
     out = cache / "micro.json"
-    assert main(["bench", str(path), "--offload", "none", "--batch", "3", "--prompt", "6", "--gen", "3", "--device",
-                 "cpu", "--micro-batch", "2", "--predict", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
+    assert main(["bench", str(path), "--offload", "none", "--batch", "3,2", "--prompt", "6", "--gen", "3",
+                 "--device", "cpu", "--micro-batch", "2", "--predict", "--json", str(out)]) == 0
+    row, whole = json.loads(out.read_text())["rows"]
     assert row["micro_batch"] == 2 and row["predicted_tokens_per_s"] > 0
+    # a batch no larger than the micro-batch runs whole, and is predicted so (the H200's batch-8 and -16 rows had none)
+    assert whole["batch"] == 2 and whole["predicted_tokens_per_s"] > 0 and "predicted_error" not in whole
 
 
 def test_a_split_rows_prediction_is_of_its_own_layers_on_the_cpus(cache, tmp_path, monkeypatch):

@@ -343,7 +343,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         meta["link_gbps_spread"] = [rate.low, rate.high]
     # predicted before anything runs: a run's pinned KV cache stays in torch's host cache, and the planner would
     # count its room as taken
-    predictions = {b: _prediction(model, a, b, offload) for b in batches} if a.predict else {}
+    predictions = {b: _prediction(model, a, b, offload, meta) for b in batches} if a.predict else {}
     run_one(model, batches[0], min(a.prompt, 16), 3)  # warm-up
     for b in batches:
         trace = a.trace if (b == batches[0] and offload != "none" and not meta.get("traced")) else None
@@ -399,10 +399,12 @@ def _host_memory_limit(row: Dict[str, Any], link: str, bound_gbps: Optional[floa
                             f"KV cache read from host memory at {bound_gbps:.1f} GB/s")
 
 
-def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str) -> Dict[str, Any]:
+def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str,
+                meta: Dict[str, Any]) -> Dict[str, Any]:
     """The batch planner's prediction for this model's residency, KV placement (with "split", its own layers on the
     CPUs) and micro-batch at ``batch`` (calibrated on the device now, once per model and placement: the calibration
-    is kept for the process)."""
+    is kept for the process, and in ``meta["compute_models"]`` under the row's ``predicted_compute``, so the
+    prediction can be replayed from the JSON)."""
     from ..api.plan_batch import plan_batch
 
     stream = offload if offload in ("cpu", "nvme") and model.plan.streamed_blocks else "none"
@@ -416,8 +418,10 @@ def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str) -> 
     c = plan.candidate(batch, len(model.plan.resident_blocks), model.plan.kv_offload, micro)
     if c is None:
         return {"predicted_error": "the planner finds this configuration does not fit"}
+    meta.setdefault("compute_models", {})[plan.compute.key] = plan.compute.to_dict()
     return {"predicted_tokens_per_s": c.tokens_per_s, "predicted_decode_step_s": c.decode_step_s,
-            "predicted_prefill_s": c.prefill_s}
+            "predicted_prefill_s": c.prefill_s, "predicted_compute": plan.compute.key,
+            "predicted_link_gbps": plan.link_gbps}
 
 
 PLANNED_MICRO_BATCHES = (None, 8, 16, 32, 64)  # the micro-batch sizes --planned lets the planner choose among
