@@ -82,8 +82,9 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     ``cache``: a JSON file of calibrations by key and range, read first and written after; calibrations are also
     kept for the life of the process. ``quant`` (a ``quant.BlockQuant``): the block is timed as the engine runs a
     quantized one, its packed weights dequantized before the block's matmuls. ``kv_offloads``: with "host-compute"
-    among them, the block is also timed with its KV cache in host memory and attention on the host's CPUs, through
-    the engine's own layer cache ("host" needs no timing of its own: see below)."""
+    or "split" among them, the block is also timed with its KV cache in host memory and attention on the host's
+    CPUs; with "host" or "split", its prefill with the cache in host memory (the prompt's copies down); both through
+    the engine's own layer caches."""
     dev = torch.device(device)
     max_batch = max(1, int(max_batch))
     longest = min(prompt + gen, family.max_positions)
