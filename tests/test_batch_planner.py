@@ -239,8 +239,11 @@ def test_calibration_on_the_cpu_times_the_planned_points_and_fits_them(tmp_path)
     prefill = {(s["batch"], s["prompt"]) for s in model.samples if s["phase"] == "prefill"}
     assert decode == {(b, c) for b in (1, 8, 64) for c in (16, 40)}
     assert prefill == {(b, p) for b in (1, 64) for p in (16, 32)}
-    assert len(model.samples) == 10
-    for s in model.samples:  # 5 rounds (the default), and the median of 5 is the third smallest
+    timed = [s for s in model.samples if s["phase"] != "loop"]
+    assert len(timed) == 10
+    # the decode loop's own work, at the smallest and the largest batch
+    assert sorted(s["batch"] for s in model.samples if s["phase"] == "loop") == [1, 64]
+    for s in timed:  # 5 rounds (the default), and the median of 5 is the third smallest
         for kind in ("block", "outer"):
             rounds = s[f"{kind}_rounds_s"]
             assert len(rounds) == 5 and all(t > 0 for t in rounds)
@@ -357,7 +360,8 @@ def test_calibration_times_the_dequantization(tiny_bloom, monkeypatch):
     assert cm.decode_block_s(1, 8) > 0 and cm.prefill_block_s(1, 8) > 0
     block_calls = [calls for calls in timed if any(kind == "block" for kind, _ in calls)]
     # decode at batches 1 and 2, prefill at 1 and 2, each at two lengths; every timing calls its block 2+ times
-    assert len(block_calls) >= 2 * len(cm.samples) and len(cm.samples) == 8
+    timed_points = [s for s in cm.samples if s["phase"] != "loop"]
+    assert len(block_calls) >= 2 * len(timed_points) and len(timed_points) == 8
     for calls in block_calls:
         assert [kind for kind, _ in calls] == ["dequantize", "block"]
         assert calls[1][1] is calls[0][1]  # the block ran on the weights just dequantized
@@ -661,3 +665,30 @@ def test_a_host_cache_prefill_costs_its_timed_copies_down():
     assert tm.prefill(16, 30, 512, "split", cpu_layers=10)[0] == pytest.approx(
         10 * cpu_block + 20 * 2 * device_block + outer)
     assert tm.decode_step(16, 30, 528, "host")[0] == tm.decode_step(16, 30, 528, "none")[0]
+
+
+def test_a_decode_step_costs_the_decode_loops_own_work(monkeypatch):
+    """The calibration times the decode loop's work outside the pass through ``generate.decode`` itself (its
+    criteria and synchronisation: on the H200, batch 7 with every block resident stepped in 11.3 ms where the blocks
+    and outer work timed 9.4), at batches 1 and max_batch; the fit is of those timings, and a decode step's outer work
+    carries it (a prefill's does not)."""
+    family = family_for(zstream.synthetic.PRESETS["tiny-llama"])
+    loops: list = []
+    real = calibrate.decode
+    monkeypatch.setattr(calibrate, "decode", lambda *a, **k: loops.append(a[0].__name__) or real(*a, **k))
+    cm = calibrate_compute(family, "cpu", torch.float32, max_batch=4, prompt=8, gen=2, rounds=2)
+    assert loops == ["forward"] * 6  # batches 1 and 4: a warm-up and two rounds each
+    loop = [s for s in cm.samples if s["phase"] == "loop"]
+    assert [s["batch"] for s in loop] == [1, 4] and all(s["step_s"] > 0 for s in loop)
+    assert cm.decode_loop == Linear3.fit([(s["batch"], 0.0, s["step_s"]) for s in loop])
+    assert cm.decode_outer_s(4, 9) == pytest.approx(cm.decode_outer(4, 9) + cm.decode_loop(4, 0.0))
+    assert cm.decode_loop(4, 0.0) > 0
+    tm = ThroughputModel(cm, [1] * family.num_blocks, None)
+    bare = ThroughputModel(ComputeModel.from_dict({**cm.to_dict(), "decode_loop": [0.0, 0.0, 0.0]}),
+                           [1] * family.num_blocks, None)
+    n = family.num_blocks
+    assert tm.decode_step(4, n, 9)[0] == pytest.approx(bare.decode_step(4, n, 9)[0] + cm.decode_loop(4, 0.0))
+    assert tm.prefill(4, n, 8)[0] == bare.prefill(4, n, 8)[0]
+    # a model stored before the loop was timed reads back without it
+    old = {k: v for k, v in cm.to_dict().items() if k != "decode_loop"}
+    assert ComputeModel.from_dict(old).decode_loop == Linear3(0.0, 0.0, 0.0)

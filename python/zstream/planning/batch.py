@@ -69,6 +69,9 @@ class Linear3:
         return cls(*best[1])
 
 
+FITS = ("decode_block", "decode_outer", "prefill_block", "prefill_outer", "decode_loop")  # ComputeModel's fits
+
+
 @dataclass
 class ComputeModel:
     """Compute time of a forward pass on one device, fitted to timings of one block (and of the per-pass work:
@@ -90,6 +93,9 @@ class ComputeModel:
     kv_blocks: Dict[str, Tuple[Linear3, Linear3]] = field(default_factory=dict)
     # GB/s at which the CPUs read a host cache as they attend (from the host-compute timings; None: not timed)
     host_read_gbps: Optional[float] = None
+    # a decode step's own work outside its pass (x = batch): the logits read, the token taken, the stop check and
+    # the synchronisation that reads it; the device idles through it (a step starts once the last one's tokens are in)
+    decode_loop: Linear3 = field(default_factory=lambda: Linear3(0.0, 0.0, 0.0))
 
     def _block(self, kv: str, phase: int) -> Linear3:
         # "host": the cache comes up ahead of the block (its bytes are the link's cost); a model calibrated without
@@ -104,7 +110,8 @@ class ComputeModel:
         return self._block(kv, 0)(batch, context)
 
     def decode_outer_s(self, batch: int, context: float) -> float:
-        return self.decode_outer(batch, context)
+        """The per-pass work of a decode step (mask / ALiBi, embedding, head) and the decode loop's own."""
+        return self.decode_outer(batch, context) + self.decode_loop(batch, 0.0)
 
     def prefill_block_s(self, batch: int, prompt: int, kv: str = "none") -> float:
         return self._block(kv, 1)(batch * prompt, prompt)
@@ -121,15 +128,14 @@ class ComputeModel:
         return self.num_blocks * self.prefill_block_s(batch, prompt) + self.prefill_outer_s(batch, prompt)
 
     def to_dict(self) -> Dict[str, Any]:
-        fits = {k: [getattr(self, k).c0, getattr(self, k).c1, getattr(self, k).c2]
-                for k in ("decode_block", "decode_outer", "prefill_block", "prefill_outer")}
+        fits = {k: [getattr(self, k).c0, getattr(self, k).c1, getattr(self, k).c2] for k in FITS}
         kv = {k: [[f.c0, f.c1, f.c2] for f in pair] for k, pair in self.kv_blocks.items()}
         return {"num_blocks": self.num_blocks, "key": self.key, **fits, "kv_blocks": kv, "samples": self.samples,
                 "host_read_gbps": self.host_read_gbps}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ComputeModel:
-        fits = {k: Linear3(*d[k]) for k in ("decode_block", "decode_outer", "prefill_block", "prefill_outer")}
+        fits = {k: Linear3(*d[k]) for k in FITS if k in d}  # no decode_loop: calibrated before it was timed
         kv = {k: (Linear3(*dec), Linear3(*pre)) for k, (dec, pre) in d.get("kv_blocks", {}).items()}
         return cls(num_blocks=int(d["num_blocks"]), key=str(d.get("key", "")), samples=list(d.get("samples", [])),
                    kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"), **fits)

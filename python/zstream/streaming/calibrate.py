@@ -15,10 +15,13 @@ from torch import Tensor
 
 from ..foundations.store import FlatRead
 from ..planning.batch import ComputeModel, Linear3
-from .cache import KVCache, LayerCache
+from .cache import KVCache
+from .generate import decode, setup
 from .weights import attention_kernels, local_weights
 
 _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by ComputeModel.key
+# in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop)
+CALIBRATION_FORMAT = 2
 
 
 def _sync(device: torch.device) -> None:
@@ -96,7 +99,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     # ("split" is planned from the host block's and the host-compute block's timings)
     placements = (["host"] if {"host", "split"} & set(kv_offloads) else []) \
         + (["host-compute"] if {"host-compute", "split"} & set(kv_offloads) else [])
-    key = (f"{compute_key(family, dtype, dev)} batch<={max_batch} prompt={prompt} gen={gen} "
+    key = (f"{compute_key(family, dtype, dev)} v{CALIBRATION_FORMAT} batch<={max_batch} prompt={prompt} gen={gen} "
            f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else "")
            + (f" kv={','.join(placements)}" if placements else ""))
     if key in _COMPUTE_CACHE:
@@ -125,14 +128,11 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         host memory, laid out and attended to as the engine's host layers are."""
         hidden = torch.randn(B, T, C, device=dev, dtype=dtype)                           # (B, T, C)
         L = max(S, longest)
-        if kv == "none":
-            cache = LayerCache(torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev),      # (B, nkv, L, hs)
-                               torch.zeros(B, nkv, L, hs, dtype=dtype, device=dev))
-        else:
-            cache = KVCache(1, B, L, nkv, hs, dtype, dev, device_layers=0,
-                            host_compute=kv == "host-compute").layer(0)
+        cache = KVCache(1, B, L, nkv, hs, dtype, dev, device_layers=None if kv == "none" else 0,
+                        host_compute=kv == "host-compute")
         ctx = family.context(torch.ones(B, S, dtype=torch.long, device=dev), T, dtype)
-        return _seconds(lambda: family.block(weights(), hidden, cache, ctx), dev, min_sample_s)
+        # the layer's cache taken as the engine takes it, once a block (its views cost launch time too)
+        return _seconds(lambda: family.block(weights(), hidden, cache.layer(0), ctx), dev, min_sample_s)
 
     def time_outer(B: int, T: int, S: int) -> float:
         """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
@@ -175,6 +175,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     dec = [s for s in samples if s["phase"] == "decode"]
     pre = [s for s in samples if s["phase"] == "prefill"]
     host_read = _host_read_gbps(dec, kv_samples, nkv * hs * 2 * dtype.itemsize)
+    loop = [{"phase": "loop", "batch": B, "step_s": _decode_loop_s(family, dev, dtype, B, rounds)}
+            for B in sorted({1, max_batch})]
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
     model = ComputeModel(
         num_blocks=family.num_blocks,
@@ -182,7 +184,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         decode_outer=Linear3.fit([(s["batch"], s["context"], s["outer_s"]) for s in dec]),
         prefill_block=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in pre]),
         prefill_outer=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
-        key=key, samples=samples + kv_samples,
+        decode_loop=Linear3.fit([(s["batch"], 0.0, s["step_s"]) for s in loop]),
+        key=key, samples=samples + kv_samples + loop,
         kv_blocks={kv: (decode_block if kv == "host" else
                         Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
                                      if s["kv_offload"] == kv and s["phase"] == "decode"]),
@@ -195,6 +198,38 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         stored[key] = model.to_dict()
         Path(cache).write_text(json.dumps(stored, indent=1))
     return model
+
+
+def _decode_loop_s(family: Any, device: torch.device, dtype: torch.dtype, batch: int, rounds: int,
+                   steps: int = 16) -> float:
+    """Seconds a decode step spends outside its pass: ``generate.decode``'s own work (the last position's logits in
+    fp32, the greedy token, finished rows, the stop criteria and the synchronisation that reads them) and the cache's
+    mask extended, timed with a forward that returns fixed logits (token 1, never the end of sequence); the median of
+    ``rounds`` runs of ``steps`` steps."""
+    from transformers import GenerationConfig
+
+    V = family.vocab_size
+    logits = torch.zeros(batch, 1, V, dtype=dtype, device=device)                        # (B, 1, V)
+    logits[..., 1] = 1.0
+    ids = torch.ones(batch, 1, dtype=torch.long, device=device)                           # (B, 1)
+    config = GenerationConfig(max_new_tokens=steps, eos_token_id=V - 1, pad_token_id=0)
+    s = setup(config, {"max_new_tokens"}, ids, torch.ones_like(ids), tokenizer=None)
+
+    def forward(step_ids: Tensor, step_mask: Tensor, cache: KVCache) -> Tensor:
+        cache.extend(step_mask)
+        return logits
+
+    def run() -> float:
+        cache = KVCache(1, batch, steps + 1, 1, 1, dtype, device)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in decode(forward, ids, torch.ones_like(ids), cache, s):
+            pass
+        _sync(device)
+        return (time.perf_counter() - t0) / steps
+
+    run()  # warm-up
+    return statistics.median(run() for _ in range(max(1, rounds)))
 
 
 def _host_read_gbps(device: List[Dict[str, Any]], host: List[Dict[str, Any]], key_bytes: int) -> Optional[float]:
