@@ -472,9 +472,12 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     seen: list = []
     real_block = fam.block
     monkeypatch.setattr(fam, "block", lambda w, h, cache, ctx: seen.append(type(cache)) or real_block(w, h, cache, ctx))
+    taken: list = []  # each block call takes its layer's cache anew, as the engine's pass does
+    real_layer = calibrate.KVCache.layer
+    monkeypatch.setattr(calibrate.KVCache, "layer", lambda self, *a: taken.append(1) or real_layer(self, *a))
     cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1,
                            kv_offloads=("none", "host", "host-compute"))
-    assert set(seen) == {LayerCache, HostLayerCache, HostComputeLayerCache}
+    assert set(seen) == {LayerCache, HostLayerCache, HostComputeLayerCache} and len(taken) == len(seen)
     assert "kv=host,host-compute" in cm.key and set(cm.kv_blocks) == {"host", "host-compute"}
     assert cm.decode_block_s(3, 10, "host") == cm.decode_block_s(3, 10)
     host = [s for s in cm.samples if s.get("kv_offload") == "host"]

@@ -229,7 +229,7 @@ class ThroughputModel:
     block_bytes: List[int]          # per block, as it crosses the link
     link_gbps: Optional[float]      # GB/s; None: nothing may stream
     ring_slots: int = 3             # prefetch + 1
-    step_overhead_s: float = 0.0    # per pass, on top of the schedule (Python, synchronisation)
+    step_overhead_s: float = 0.0    # per pass, on top of the schedule and the calibrated decode loop (given)
 
     @property
     def host_gbps(self) -> Optional[float]:

@@ -236,10 +236,10 @@ def _host_read_gbps(device: List[Dict[str, Any]], host: List[Dict[str, Any]], ke
     """GB/s at which the CPUs read a host cache as they attend: a layer's keys and values (``key_bytes`` per row and
     key) over the time a host-compute block takes beyond the device block, at the largest batch and context timed
     (where the cache's reading dominates); None without host-compute timings."""
-    decode = [s for s in host if s["kv_offload"] == "host-compute" and s["phase"] == "decode"]
-    if not decode:
+    timed = [s for s in host if s["kv_offload"] == "host-compute" and s["phase"] == "decode"]
+    if not timed:
         return None
-    top = max(decode, key=lambda s: (s["batch"] * s["keys"], s["keys"]))
+    top = max(timed, key=lambda s: (s["batch"] * s["keys"], s["keys"]))
     same = [s for s in device if s["batch"] == top["batch"] and s["context"] == top["keys"]]
     extra = top["block_s"] - (same[0]["block_s"] if same else 0.0)
     return top["batch"] * top["keys"] * key_bytes / extra / 1e9 if extra > 0 else None
