@@ -607,6 +607,38 @@ def test_caches_read_by_the_cpus_share_host_memory_with_the_link():
     assert faster_cpus.pass_s(10, 1e-4, 0.0, cpu_bytes=cpu)[0] == pytest.approx(2.0 / 80)
 
 
+def test_host_memory_read_by_both_at_once_sets_the_floor():
+    """A calibrated shared rate (the link and the CPUs reading host memory at once: 62 GB/s where either alone reads
+    55) is the floor's rate; one slower than either alone (a probe that starved one of them) never makes the floor
+    slower than the faster alone; it survives the calibration's JSON."""
+    sizes = toy_sizes(n=10)  # 100 MB blocks
+    compute = compute_model(10, block_s=1e-4, per_token=0.0, per_key=0.0, outer_s=0.0)
+    both = dataclasses.replace(compute, host_read_gbps=53.0, shared_read_gbps=62.0)
+    tm = ThroughputModel(both, sizes.block_bytes, link_gbps=55.0)
+    assert tm.host_gbps == 62.0
+    # 4 blocks streamed (0.4 GB), 0.5 GB of caches up, 2 GB attended on the CPUs: 2.9 GB at 62 GB/s
+    assert tm.pass_s(6, 1e-4, 0.0, shared_bytes=5 * 10**8, cpu_bytes=2 * 10**9)[0] == pytest.approx(2.9 / 62)
+    starved = ThroughputModel(dataclasses.replace(both, shared_read_gbps=40.0), sizes.block_bytes, link_gbps=55.0)
+    assert starved.host_gbps == 55.0
+    assert ComputeModel.from_dict(both.to_dict()).shared_read_gbps == 62.0
+    assert ComputeModel.from_dict({k: v for k, v in both.to_dict().items() if k != "shared_read_gbps"}) \
+        .shared_read_gbps is None
+
+
+def test_bytes_landed_in_a_window_are_read_off_the_copies_ends():
+    """The shared-read probe's link bytes: copies of 100 bytes ending at 1, 2, 4 and 5 s (the third ran at half
+    the rate) moved 50 + 75 bytes between 1.5 and 3.5 s: each copy's bytes spread from the previous end to its
+    own, none before the first began (0) or after the last ended."""
+    from zstream.streaming.calibrate import landed_bytes
+
+    ends = [1.0, 2.0, 4.0, 5.0]
+    assert landed_bytes(ends, 100, 1.5, 3.5) == pytest.approx(50 + 75)
+    assert landed_bytes(ends, 100, 0.0, 5.0) == pytest.approx(400)
+    assert landed_bytes(ends, 100, 0.0, 9.0) == pytest.approx(400)
+    assert landed_bytes(ends, 100, 4.5, 4.5) == 0
+    assert landed_bytes(ends, 100, 0.5, 1.0) == pytest.approx(50)
+
+
 def _h200_opt30b_compute() -> ComputeModel:
     """The compute model of OPT-30B on the H200, fitted as ``calibrate_compute`` fits it to the samples it timed
     there (run 10; decode only: the replay times decode steps, so prefill takes the decode fits unused)."""

@@ -236,3 +236,22 @@ def test_lossless_blocks_decode_on_the_gpu_bit_for_bit(tmp_path, preset):
         assert torch.equal(coded(ids), plain(ids))
         assert torch.equal(coded.generate(ids, max_new_tokens=16, do_sample=False),
                            plain.generate(ids, max_new_tokens=16, do_sample=False))
+
+
+def test_kv_shared_read_probe_times_the_link_and_the_cpus_at_once():
+    """The calibration's shared-read probe on the GPU: the copies outlast its window (the link was busy throughout:
+    its bytes are a rate near the link's, not a few chunks), the CPUs attended meanwhile, and the shared rate is the
+    two together; a calibration with host-compute carries the median of its rounds."""
+    from zstream.foundations.models import family_for
+    from zstream.streaming import calibrate
+
+    family = family_for(synthetic.PRESETS["opt-1.3b"])
+    cm = calibrate.calibrate_compute(family, "cuda", torch.float16, max_batch=16, prompt=256, gen=8, rounds=3,
+                                     kv_offloads=("host-compute",))
+    shared = [s for s in cm.samples if s["phase"] == "shared"]
+    assert len(shared) == 3
+    for s in shared:
+        assert s["link_gbps"] > 0.2 * s["link_alone_gbps"] and s["cpu_gbps"] > 0
+        assert s["gbps"] == pytest.approx(s["link_gbps"] + s["cpu_gbps"])
+        assert s["link_gbps"] <= 1.05 * s["link_alone_gbps"]  # no more than the link moves alone
+    assert cm.shared_read_gbps == sorted(s["gbps"] for s in shared)[1]

@@ -93,6 +93,8 @@ class ComputeModel:
     kv_blocks: Dict[str, Tuple[Linear3, Linear3]] = field(default_factory=dict)
     # GB/s at which the CPUs read a host cache as they attend (from the host-compute timings; None: not timed)
     host_read_gbps: Optional[float] = None
+    # GB/s that host memory served the link and the CPUs together, both reading at once (None: not timed)
+    shared_read_gbps: Optional[float] = None
     # a decode step's own work outside its pass (x = batch): the logits read, the token taken, the stop check and
     # the synchronisation that reads it; the device idles through it (a step starts once the last one's tokens are in)
     decode_loop: Linear3 = field(default_factory=lambda: Linear3(0.0, 0.0, 0.0))
@@ -131,14 +133,15 @@ class ComputeModel:
         fits = {k: [getattr(self, k).c0, getattr(self, k).c1, getattr(self, k).c2] for k in FITS}
         kv = {k: [[f.c0, f.c1, f.c2] for f in pair] for k, pair in self.kv_blocks.items()}
         return {"num_blocks": self.num_blocks, "key": self.key, **fits, "kv_blocks": kv, "samples": self.samples,
-                "host_read_gbps": self.host_read_gbps}
+                "host_read_gbps": self.host_read_gbps, "shared_read_gbps": self.shared_read_gbps}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ComputeModel:
         fits = {k: Linear3(*d[k]) for k in FITS if k in d}  # no decode_loop: calibrated before it was timed
         kv = {k: (Linear3(*dec), Linear3(*pre)) for k, (dec, pre) in d.get("kv_blocks", {}).items()}
         return cls(num_blocks=int(d["num_blocks"]), key=str(d.get("key", "")), samples=list(d.get("samples", [])),
-                   kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"), **fits)
+                   kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"),
+                   shared_read_gbps=d.get("shared_read_gbps"), **fits)
 
 
 @dataclass
@@ -221,9 +224,10 @@ class ThroughputModel:
     idles while they compute, once the ring is full, and the schedule says by how much.
 
     The link's copies and the CPUs attending a host cache read the same host memory. On the H200 host the two
-    together moved 54-61 GB/s (OPT-30B and bloom-7b1, runs 3, 8 and 9 in docs/performance.md), no faster than
-    the link (55) or the CPUs' attention (53-56) alone: a pass takes at least all the bytes read from host memory
-    (streamed, brought up, attended on the CPUs) at the faster of the two rates (``host_gbps``)."""
+    together moved 54-63 GB/s (OPT-30B and bloom-7b1 splits, docs/performance.md), not the sum of the link (55)
+    and the CPUs' attention (53-56) alone: a pass takes at least all the bytes read from host memory (streamed,
+    brought up, attended on the CPUs) at the rate host memory serves both at once, as calibrated
+    (``ComputeModel.shared_read_gbps``), and never slower than either alone (``host_gbps``)."""
 
     compute: ComputeModel
     block_bytes: List[int]          # per block, as it crosses the link
@@ -233,10 +237,11 @@ class ThroughputModel:
 
     @property
     def host_gbps(self) -> Optional[float]:
-        """The rate host memory serves the link and the CPUs' attention together (None: not both known)."""
+        """The rate host memory serves the link and the CPUs' attention together: the calibrated shared rate, at
+        least the faster of the two alone (None: neither the link nor the CPUs' rate known)."""
         if not self.link_gbps or not self.compute.host_read_gbps:
             return None
-        return max(self.link_gbps, self.compute.host_read_gbps)
+        return max(self.link_gbps, self.compute.host_read_gbps, self.compute.shared_read_gbps or 0.0)
 
     def pass_s(self, resident: int, block_s: float, outer_s: float, shared_bytes: int = 0,
                cpu_bytes: int = 0) -> Tuple[float, float, float]:

@@ -20,8 +20,9 @@ from .generate import decode, setup
 from .weights import attention_kernels, local_weights
 
 _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by ComputeModel.key
-# in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop)
-CALIBRATION_FORMAT = 2
+# in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop;
+# 3: host memory read by the link and the CPUs at once)
+CALIBRATION_FORMAT = 3
 
 
 def _sync(device: torch.device) -> None:
@@ -122,7 +123,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     outer_w = _random_weights(family, family.outer_tensors(), dtype, dev, g)
     C, nkv, hs = family.hidden_size, family.num_kv_heads, family.head_dim
 
-    def time_block(B: int, T: int, S: int, kv: str = "none") -> float:
+    def block_call(B: int, T: int, S: int, kv: str = "none") -> Callable[[], Any]:
         """One block over T new tokens a row (B rows), attending to S keys (the cache holds S - T before). The cache
         is as long as a real run's (prompt + gen), so attention reads the same strided views of it; with ``kv`` in
         host memory, laid out and attended to as the engine's host layers are."""
@@ -132,7 +133,10 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                         host_compute=kv == "host-compute")
         ctx = family.context(torch.ones(B, S, dtype=torch.long, device=dev), T, dtype)
         # the layer's cache taken as the engine takes it, once a block (its views cost launch time too)
-        return _seconds(lambda: family.block(weights(), hidden, cache.layer(0), ctx), dev, min_sample_s)
+        return lambda: family.block(weights(), hidden, cache.layer(0), ctx)
+
+    def time_block(B: int, T: int, S: int, kv: str = "none") -> float:
+        return _seconds(block_call(B, T, S, kv), dev, min_sample_s)
 
     def time_outer(B: int, T: int, S: int) -> float:
         """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
@@ -175,6 +179,13 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     dec = [s for s in samples if s["phase"] == "decode"]
     pre = [s for s in samples if s["phase"] == "prefill"]
     host_read = _host_read_gbps(dec, kv_samples, nkv * hs * 2 * dtype.itemsize)
+    # the link and the CPUs reading host memory at once (a "split" step, and "host-compute" with weights streaming)
+    shared: List[Dict[str, Any]] = []
+    if "host-compute" in placements and dev.type == "cuda":
+        with torch.inference_mode(), attention_kernels(dev):
+            cpu_block = block_call(max_batch, 1, longest, "host-compute")
+            shared = [_shared_read(cpu_block, max_batch * longest * nkv * hs * 2 * dtype.itemsize, dev)
+                      for _ in range(max(1, rounds))]
     loop = [{"phase": "loop", "batch": B, "step_s": _decode_loop_s(family, dev, dtype, B, rounds)}
             for B in sorted({1, max_batch})]
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
@@ -185,14 +196,15 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         prefill_block=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in pre]),
         prefill_outer=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
         decode_loop=Linear3.fit([(s["batch"], 0.0, s["step_s"]) for s in loop]),
-        key=key, samples=samples + kv_samples + loop,
+        key=key, samples=samples + kv_samples + loop + shared,
         kv_blocks={kv: (decode_block if kv == "host" else
                         Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
                                      if s["kv_offload"] == kv and s["phase"] == "decode"]),
                         Linear3.fit([(s["batch"] * s["tokens"], s["tokens"], s["block_s"]) for s in kv_samples
                                      if s["kv_offload"] == kv and s["phase"] == "prefill"]))
                    for kv in placements},
-        host_read_gbps=host_read)
+        host_read_gbps=host_read,
+        shared_read_gbps=statistics.median(s["gbps"] for s in shared) if shared else None)
     _COMPUTE_CACHE[key] = model
     if cache is not None:
         stored[key] = model.to_dict()
@@ -243,3 +255,68 @@ def _host_read_gbps(device: List[Dict[str, Any]], host: List[Dict[str, Any]], ke
     same = [s for s in device if s["batch"] == top["batch"] and s["context"] == top["keys"]]
     extra = top["block_s"] - (same[0]["block_s"] if same else 0.0)
     return top["batch"] * top["keys"] * key_bytes / extra / 1e9 if extra > 0 else None
+
+
+def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.device, window_s: float = 0.25,
+                 chunk: int = 256 << 20) -> Dict[str, Any]:
+    """Host memory read by the link and the CPUs at once: ``cpu_block`` (a host-compute block, reading ``cpu_bytes``
+    of host cache a call) called back to back for ``window_s`` while pinned host-to-device copies of ``chunk`` bytes
+    run queued on a stream of their own, as the ring's and the uplink's do in a step. The copies are queued before
+    the window opens, and enough of them to outlast it at twice their rate alone; where the window falls on the copy
+    stream is read from events recorded on an idle stream as it opens and closes."""
+    src = torch.empty(chunk, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(chunk, dtype=torch.uint8, device=device)
+    copies, marks = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    with torch.cuda.stream(copies):  # the link's rate alone sizes the queue
+        t0 = time.perf_counter()
+        for _ in range(4):
+            dst.copy_(src, non_blocking=True)
+        copies.synchronize()
+        alone = 4 * chunk / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    cpu_block()
+    _sync(device)
+    queued_s = window_s + 2 * (time.perf_counter() - t0)  # the window overshoots by at most a call
+    start = torch.cuda.Event(enable_timing=True)
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(max(8, int(2 * alone * queued_s / chunk) + 4))]
+    opened, closed = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(copies):
+        start.record()
+        for end in ends:
+            dst.copy_(src, non_blocking=True)
+            end.record()
+    calls, t0 = 0, time.perf_counter()
+    opened.record(marks)
+    while time.perf_counter() - t0 < window_s:
+        cpu_block()
+        calls += 1
+    _sync_stream(device)
+    closed.record(marks)
+    window = time.perf_counter() - t0
+    copies.synchronize()
+    closed.synchronize()
+    link = landed_bytes([start.elapsed_time(e) / 1e3 for e in ends], chunk,
+                        start.elapsed_time(opened) / 1e3, start.elapsed_time(closed) / 1e3)
+    return {"phase": "shared", "batch_bytes": cpu_bytes, "window_s": window, "link_gbps": link / window / 1e9,
+            "cpu_gbps": calls * cpu_bytes / window / 1e9, "gbps": (link + calls * cpu_bytes) / window / 1e9,
+            "link_alone_gbps": alone / 1e9}
+
+
+def _sync_stream(device: torch.device) -> None:
+    """The compute stream's work done (the blocks' kernels), not the copy stream's."""
+    torch.cuda.current_stream(device).synchronize()
+
+
+def landed_bytes(ends_s: Sequence[float], chunk: int, opened_s: float, closed_s: float) -> float:
+    """Bytes that copies of ``chunk`` bytes each, back to back and ending at ``ends_s`` (seconds on one clock), moved
+    between ``opened_s`` and ``closed_s``: each copy's bytes spread evenly from the previous one's end to its own."""
+    def by(t: float) -> float:
+        moved, prev = 0.0, 0.0
+        for end in ends_s:
+            if t >= end:
+                moved += chunk
+            elif t > prev:
+                moved += chunk * (t - prev) / (end - prev)
+            prev = end
+        return moved
+    return by(closed_s) - by(opened_s)
