@@ -192,12 +192,14 @@ def test_host_kv_cache_on_the_gpu(tmp_path, kv):
         else:  # the prompt attends on the device (the same bits); later tokens on the CPUs (the same to rounding)
             assert torch.equal(host(ids), plain(ids))
             ones = torch.ones(3, 11, dtype=torch.long, device="cuda")  # the new tokens' attention mask
-            steps = []
+            steps, caches = [], []
             for model in (host, plain):
-                c = model.new_cache(3, 20)
-                model.forward(ids.cuda(), ones, c)
-                steps.append(model.forward(ids[:, :1].cuda(), ones[:, :1], c))
+                caches.append(model.new_cache(3, 20))
+                model.forward(ids.cuda(), ones, caches[-1])
+                steps.append(model.forward(ids[:, :1].cuda(), ones[:, :1], caches[-1]))
             torch.testing.assert_close(steps[0].float(), steps[1].float(), rtol=2e-2, atol=2e-2)
+            up = caches[0]._up  # the CPUs' output came up through the mapped buffer, read in place by a kernel
+            assert up.mapped is not None and up.mapped.device.type == "cuda" and up.host.is_pinned()
 
 
 def test_lossless_kernel_on_the_gpu_bit_for_bit():
@@ -246,12 +248,13 @@ def test_kv_shared_read_probe_times_the_link_and_the_cpus_at_once():
     from zstream.streaming import calibrate
 
     family = family_for(synthetic.PRESETS["opt-1.3b"])
-    cm = calibrate.calibrate_compute(family, "cuda", torch.float16, max_batch=16, prompt=256, gen=8, rounds=3,
+    cm = calibrate.calibrate_compute(family, "cuda", torch.float16, max_batch=32, prompt=256, gen=8, rounds=3,
                                      kv_offloads=("host-compute",))
     shared = [s for s in cm.samples if s["phase"] == "shared"]
-    assert len(shared) == 3
+    assert len(shared) == 3 and all(s["link_busy"] for s in shared)  # the copies outlasted every window
     for s in shared:
-        assert s["link_gbps"] > 0.2 * s["link_alone_gbps"] and s["cpu_gbps"] > 0
+        # both moved bytes meanwhile: the CPUs' calls did not wait for the link's queue to drain
+        assert s["link_gbps"] > 0.5 * s["link_alone_gbps"] and s["cpu_gbps"] > 5
         assert s["gbps"] == pytest.approx(s["link_gbps"] + s["cpu_gbps"])
         assert s["link_gbps"] <= 1.05 * s["link_alone_gbps"]  # no more than the link moves alone
     assert cm.shared_read_gbps == sorted(s["gbps"] for s in shared)[1]

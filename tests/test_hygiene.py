@@ -265,8 +265,8 @@ def test_host_buffers_are_pinned_and_given_back(tmp_path):
     runtime = fake_cuda.install()
     start, start_unreg = _core.pinned_bytes(), runtime.unregistered
     for _ in range(20):
-        capsule, err = _core.host_buffer(3 << 20, pin=True, flags=_core.HOST_REGISTER_PORTABLE)
-        assert err is None
+        capsule, err, cuda = _core.host_buffer(3 << 20, pin=True, flags=_core.HOST_REGISTER_PORTABLE)
+        assert err is None and cuda is None  # no device view asked for
         buf = torch.from_dlpack(capsule)
         view = buf[4096:]
         del buf
@@ -276,6 +276,23 @@ def test_host_buffers_are_pinned_and_given_back(tmp_path):
         gc.collect()
         assert _core.pinned_bytes() == start
     assert runtime.unregistered - start_unreg == 20
+
+
+def test_a_mapped_host_buffer_comes_with_a_device_view_of_the_same_bytes():
+    """``cuda_device`` hands the same arena out a second time, as a CUDA capsule (kernels read it in place); only a
+    pinned arena gets one, and the arena lives until both capsules' tensors are gone."""
+    fake_cuda.install()
+    start = _core.pinned_bytes()
+    flags = _core.HOST_REGISTER_PORTABLE | _core.HOST_REGISTER_MAPPED
+    capsule, err, cuda = _core.host_buffer(1 << 20, pin=True, flags=flags, cuda_device=0)
+    assert err is None and cuda is not None and "dltensor" in repr(cuda)
+    assert _core.host_buffer(1 << 20, pin=False, cuda_device=0)[2] is None
+    del capsule
+    gc.collect()
+    assert _core.pinned_bytes() >= start + (1 << 20)  # the device capsule still holds the arena
+    del cuda
+    gc.collect()
+    assert _core.pinned_bytes() == start
 
 
 def test_host_buffer_without_a_runtime_stays_pageable_and_says_so():

@@ -116,6 +116,35 @@ def test_host_compute_attends_the_prompt_where_q_is(monkeypatch: pytest.MonkeyPa
     assert torch.equal(values[:, :, 5:], v[:, :, :1]) and used is not step  # the step's context, mask on the host
 
 
+def test_the_cpus_attention_goes_up_through_one_mapped_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPUs' attention output reaches the device as a kernel's read of a mapped host buffer (here a CPU tensor
+    stands in for both views): the values arrive, the buffer is made once and reused for outputs that fit, grown
+    for one that does not, and what comes up is a copy (the next output may overwrite the buffer); where no buffer
+    can be mapped it copies up as before."""
+    import zstream.streaming.cache as cache_module
+
+    made = []
+
+    def fake_mapped(nbytes: int, device: torch.device):
+        made.append(nbytes)
+        buf = torch.zeros(nbytes, dtype=torch.uint8)
+        return buf, buf
+    monkeypatch.setattr(cache_module, "mapped_host_buffer", fake_mapped)
+    up = cache_module.AttentionUp(torch.device("cpu"))
+    up.unmappable = False  # as on a GPU
+    first = torch.randn(2, 3, 1, 4, dtype=torch.float16)                               # (B, nh, T, hs)
+    sent = up(first)
+    assert torch.equal(sent, first) and sent.data_ptr() != up.mapped.data_ptr()
+    second = torch.randn(2, 3, 1, 4, dtype=torch.float16)
+    assert torch.equal(up(second), second) and torch.equal(sent, first) and made == [1 << 20]
+    big = torch.randn(1024, 8, 1, 128)                                                 # 4 MiB: grown
+    assert torch.equal(up(big), big) and made == [1 << 20, big.numel() * 4]
+    monkeypatch.setattr(cache_module, "mapped_host_buffer", lambda nbytes, device: None)
+    plain = cache_module.AttentionUp(torch.device("cpu"))
+    plain.unmappable = False
+    assert torch.equal(plain(first), first) and plain.unmappable and plain.host is None
+
+
 def test_auto_places_the_cache_by_what_fits() -> None:
     """kv_offload="auto" at load: bloom-7b1 at 16 GiB keeps the cache of batch 8 on the device; batch 64's does not
     fit beside a ring of blocks (the H200 run: "needs at least 25.7 GiB"), so it goes to host memory, attended to

@@ -44,11 +44,24 @@ def host_buffer(nbytes: int, *, pin: bool) -> torch.Tensor:
     Unlike torch's pinned allocator, which keeps freed pinned memory cached for the process, the arena is unpinned
     and unmapped when its last tensor dies, and it counts in ``zstream._core.pinned_bytes()``."""
     pinned = pin and install_host_register()
-    capsule, pin_error = _core.host_buffer(nbytes, pin=pinned, flags=_core.HOST_REGISTER_PORTABLE)
+    capsule, pin_error, _ = _core.host_buffer(nbytes, pin=pinned, flags=_core.HOST_REGISTER_PORTABLE)
     if pin and (not pinned or pin_error):
         why = pin_error or "no CUDA runtime is available"
         warn(f"zstream: a host buffer of {nbytes} bytes stays pageable: {why}", RuntimeWarning)
     return torch.from_dlpack(capsule)
+
+
+def mapped_host_buffer(nbytes: int, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """A fresh host arena of ``nbytes`` pinned and mapped into ``device``'s address space, as two uint8 tensors of
+    the same bytes: (on the CPU, on the GPU). A kernel reading the GPU one reads host memory in place, through no
+    copy engine, so it never queues behind copies in flight (the ats mode's path). None where it cannot be mapped."""
+    if device.type != "cuda" or not install_host_register():
+        return None
+    flags = _core.HOST_REGISTER_PORTABLE | _core.HOST_REGISTER_MAPPED
+    capsule, pin_error, cuda = _core.host_buffer(nbytes, pin=True, flags=flags, cuda_device=device.index or 0)
+    if pin_error or cuda is None:
+        return None
+    return torch.from_dlpack(capsule), torch.from_dlpack(cuda)
 
 
 class FlatRead:

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..errors import ModelError
 from ..foundations.models import Family, StepContext
 from ..foundations.models.ops import attention
-from ..foundations.store import host_buffer
+from ..foundations.store import host_buffer, mapped_host_buffer
 
 
 class LayerCache:
@@ -169,6 +169,39 @@ class Uplink:
             dev[:, :, :start].copy_(earlier.permute(1, 2, 0, 3))
 
 
+class AttentionUp:
+    """Sends the CPUs' attention output up to the device through a kernel reading it in place from mapped pinned
+    memory. A copy up (``.to(device)``) runs on the copy engine, queued behind the ring's and the uplink's copies:
+    past 64 KB (a bloom-7b1 batch of 8) the CPUs waited for the link to drain before the next layer, so the link
+    and the CPUs took turns (run 6 of 2026-12-04: the calibration's probe read at 0.3 GB/s on the CPUs beside the
+    link, against 45 at batch 8). Where the buffer cannot be mapped it copies up as before."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.host: Optional[Tensor] = None     # uint8, the CPU's view of the buffer
+        self.mapped: Optional[Tensor] = None   # uint8, the device's view of the same bytes
+        self.read: Optional[torch.cuda.Event] = None  # the last read of the buffer by a kernel (on a GPU)
+        self.unmappable = device.type != "cuda"
+
+    def __call__(self, out: Tensor) -> Tensor:
+        nbytes = out.numel() * out.element_size()
+        if not self.unmappable and (self.host is None or self.host.numel() < nbytes):
+            buffers = mapped_host_buffer(max(nbytes, 1 << 20), self.device)
+            self.unmappable = buffers is None
+            self.host, self.mapped = buffers if buffers is not None else (None, None)
+        if self.host is None or self.mapped is None:
+            return out.to(self.device)
+        if self.read is not None:  # the kernel that read it last is done before the CPUs write it again
+            self.read.synchronize()
+        self.host[:nbytes].view(out.dtype).view(out.shape).copy_(out)
+        # an elementwise kernel, not a copy: a copy of the mapped view would go to the copy engine again
+        up = self.mapped[:nbytes].view(out.dtype).view(out.shape).mul(1)
+        if self.device.type == "cuda":
+            self.read = torch.cuda.Event()
+            self.read.record()
+        return up
+
+
 class HostComputeLayerCache(LayerCache):
     """A layer whose keys and values live in host memory, (B, nkv, max_len, hs) as a device layer's, and whose
     attention runs on the host's CPUs: only this step's q, k, v go down and the attention's output comes up, instead
@@ -176,9 +209,11 @@ class HostComputeLayerCache(LayerCache):
     on the device (as FlexGen's prefill does) and gives the device cache's bits. ``host_context`` gives the step's
     context with its mask on the host (once a step, shared by the layers)."""
 
-    def __init__(self, k: Tensor, v: Tensor, host_context: Callable[[StepContext], StepContext]) -> None:
+    def __init__(self, k: Tensor, v: Tensor, host_context: Callable[[StepContext], StepContext],
+                 up: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         super().__init__(k, v)
         self.host_context = host_context
+        self.up = up
 
     def update(self, k: Tensor, v: Tensor, start: int) -> Tuple[Tensor, Tensor]:
         if k.device != self.k.device:  # down through pinned buffers: a pageable copy of a prompt's k, v crawls
@@ -190,7 +225,10 @@ class HostComputeLayerCache(LayerCache):
             self.update(k, v, 0)
             return attention(q, k, v, ctx)
         keys, values = self.update(k, v, ctx.start)
-        return attention(q.to(keys.device), keys, values, self.host_context(ctx)).to(q.device)
+        out = attention(q.to(keys.device), keys, values, self.host_context(ctx))            # (B, nh, T, hs)
+        if out.device == q.device:
+            return out
+        return self.up(out) if self.up is not None else out.to(q.device)
 
 
 class KVCache:
@@ -227,6 +265,7 @@ class KVCache:
         self.k_cpu, self.v_cpu = _host_zeros(cpu_shape, dtype, pin), _host_zeros(cpu_shape, dtype, pin)
         # device buffers the host layers' caches come up into, ahead of their attention
         self._uplink = Uplink(self.k_host, self.v_host, device) if up else None
+        self._up = AttentionUp(device)  # the CPUs' attention output, to the device
         self.num_blocks = num_blocks
         self.max_len = max_len
         self.length = 0
@@ -273,7 +312,7 @@ class KVCache:
             return LayerCache(self.k[i][rows], self.v[i][rows])
         j = self._host_index[i]
         if i in self._cpu:
-            return HostComputeLayerCache(self.k_cpu[j][rows], self.v_cpu[j][rows], self._host_context)
+            return HostComputeLayerCache(self.k_cpu[j][rows], self.v_cpu[j][rows], self._host_context, self._up)
         assert self._uplink is not None
         return HostLayerCache(self._uplink, j, rows)
 

@@ -186,6 +186,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
             cpu_block = block_call(max_batch, 1, longest, "host-compute")
             shared = [_shared_read(cpu_block, max_batch * longest * nkv * hs * 2 * dtype.itemsize, dev)
                       for _ in range(max(1, rounds))]
+    busy = [s["gbps"] for s in shared if s["link_busy"]]
     loop = [{"phase": "loop", "batch": B, "step_s": _decode_loop_s(family, dev, dtype, B, rounds)}
             for B in sorted({1, max_batch})]
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
@@ -204,7 +205,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                                      if s["kv_offload"] == kv and s["phase"] == "prefill"]))
                    for kv in placements},
         host_read_gbps=host_read,
-        shared_read_gbps=statistics.median(s["gbps"] for s in shared) if shared else None)
+        shared_read_gbps=statistics.median(busy) if busy else None)
     _COMPUTE_CACHE[key] = model
     if cache is not None:
         stored[key] = model.to_dict()
@@ -295,9 +296,12 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
     window = time.perf_counter() - t0
     copies.synchronize()
     closed.synchronize()
-    link = landed_bytes([start.elapsed_time(e) / 1e3 for e in ends], chunk,
-                        start.elapsed_time(opened) / 1e3, start.elapsed_time(closed) / 1e3)
-    return {"phase": "shared", "batch_bytes": cpu_bytes, "window_s": window, "link_gbps": link / window / 1e9,
+    ends_s = [start.elapsed_time(e) / 1e3 for e in ends]
+    opened_s, closed_s = start.elapsed_time(opened) / 1e3, start.elapsed_time(closed) / 1e3
+    link = landed_bytes(ends_s, chunk, opened_s, closed_s)
+    # kept only if the copies ran through the whole window (else the link idled in it, and its share reads low)
+    return {"phase": "shared", "link_busy": opened_s > 0 and ends_s[-1] >= closed_s, "batch_bytes": cpu_bytes,
+            "window_s": window, "link_gbps": link / window / 1e9,
             "cpu_gbps": calls * cpu_bytes / window / 1e9, "gbps": (link + calls * cpu_bytes) / window / 1e9,
             "link_alone_gbps": alone / 1e9}
 

@@ -48,19 +48,31 @@ fn uring_unavailable_reason() -> Option<String> {
     zstream_core::reader::uring::available().err()
 }
 
-/// `(capsule, pin_error)`: a fresh page-aligned host arena of `nbytes`, as a uint8 CPU tensor capsule, registered
-/// with CUDA (`flags`) when `pin` is true and a runtime is installed. For bytes zstream makes itself rather than
-/// reads (weights quantized at load); freed, and unregistered, with the last tensor that views it.
+/// A host arena's capsule, why it is not pinned (if not), and its CUDA capsule (if mapped).
+type HostBuffer = (Py<PyAny>, Option<String>, Option<Py<PyAny>>);
+
+/// `(capsule, pin_error, cuda_capsule)`: a fresh page-aligned host arena of `nbytes`, as a uint8 CPU tensor capsule,
+/// registered with CUDA (`flags`) when `pin` is true and a runtime is installed. For bytes zstream makes itself
+/// rather than reads (weights quantized at load); freed, and unregistered, with the last tensor that views it. With
+/// `cuda_device` (and `flags` that map it), the same arena also as a CUDA capsule on that device, whose kernels read
+/// and write it in place (the host address is the device's, as for the ats mode); `None` if it could not be pinned.
 #[pyfunction]
-#[pyo3(signature = (nbytes, *, pin, flags=0))]
-fn host_buffer(py: Python<'_>, nbytes: usize, pin: bool, flags: u32) -> PyResult<(Py<PyAny>, Option<String>)> {
+#[pyo3(signature = (nbytes, *, pin, flags=0, cuda_device=None))]
+fn host_buffer(py: Python<'_>, nbytes: usize, pin: bool, flags: u32, cuda_device: Option<i32>) -> PyResult<HostBuffer> {
     use crate::error::IntoPyResult;
     let (buffer, pin_error) =
         py.detach(|| zstream_core::store::Buffer::host(nbytes, pin.then_some(flags))).py_err(py)?;
     let buffer = std::sync::Arc::new(buffer);
     let device = dlpack::DLDevice { device_type: dlpack::KDL_CPU, device_id: 0 };
     let capsule = dlpack::export(py, &buffer, 0, zstream_core::Dtype::U8, &[nbytes], device)?;
-    Ok((capsule, pin_error))
+    let cuda = match cuda_device {
+        Some(device_id) if pin && pin_error.is_none() => {
+            let device = dlpack::DLDevice { device_type: dlpack::KDL_CUDA, device_id };
+            Some(dlpack::export(py, &buffer, 0, zstream_core::Dtype::U8, &[nbytes], device)?)
+        }
+        _ => None,
+    };
+    Ok((capsule, pin_error, cuda))
 }
 
 /// The DLPack device types the capsules can carry.
