@@ -258,17 +258,20 @@ def _host_read_gbps(device: List[Dict[str, Any]], host: List[Dict[str, Any]], ke
     return top["batch"] * top["keys"] * key_bytes / extra / 1e9 if extra > 0 else None
 
 
-def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.device, window_s: float = 0.25,
-                 chunk: int = 256 << 20) -> Dict[str, Any]:
+def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.device,  # GPU only
+                 window_s: float = 0.25, chunk: int = 256 << 20) -> Dict[str, Any]:
     """Host memory read by the link and the CPUs at once: ``cpu_block`` (a host-compute block, reading ``cpu_bytes``
-    of host cache a call) called back to back for ``window_s`` while pinned host-to-device copies of ``chunk`` bytes
-    run queued on a stream of their own, as the ring's and the uplink's do in a step. The copies are queued before
-    the window opens, and enough of them to outlast it at twice their rate alone; where the window falls on the copy
-    stream is read from events recorded on an idle stream as it opens and closes."""
+    of host cache a call) called back to back while pinned host-to-device copies of ``chunk`` bytes run queued on a
+    stream of their own, as the ring's and the uplink's do in a step. The copies are queued before the window opens,
+    enough to outlast it at twice their rate alone; the window lasts ``window_s`` and at least ten calls, and closes
+    early if the copies end first (run 7 of 2026-12-04: some windows outlasted the queue, and every sample was
+    dropped). Where the window falls on the copy stream is read from events recorded on an idle stream."""
     src = torch.empty(chunk, dtype=torch.uint8).pin_memory()
     dst = torch.empty(chunk, dtype=torch.uint8, device=device)
     copies, marks = torch.cuda.Stream(device), torch.cuda.Stream(device)
-    with torch.cuda.stream(copies):  # the link's rate alone sizes the queue
+    with torch.cuda.stream(copies):  # the link's rate alone sizes the queue; the first copy pays for set-up
+        dst.copy_(src, non_blocking=True)
+        copies.synchronize()
         t0 = time.perf_counter()
         for _ in range(4):
             dst.copy_(src, non_blocking=True)
@@ -276,10 +279,12 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
         alone = 4 * chunk / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     cpu_block()
-    _sync(device)
-    queued_s = window_s + 2 * (time.perf_counter() - t0)  # the window overshoots by at most a call
+    _sync_stream(device)
+    call_s = time.perf_counter() - t0
+    window_s = max(window_s, 10 * call_s)
+    queued_s = window_s + 2 * call_s  # the window overshoots by at most a call
     start = torch.cuda.Event(enable_timing=True)
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(max(8, int(2 * alone * queued_s / chunk) + 4))]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(max(16, int(2 * alone * queued_s / chunk) + 4))]
     opened, closed = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(copies):
         start.record()
@@ -288,7 +293,7 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
             end.record()
     calls, t0 = 0, time.perf_counter()
     opened.record(marks)
-    while time.perf_counter() - t0 < window_s:
+    while time.perf_counter() - t0 < window_s and not ends[-1].query():
         cpu_block()
         calls += 1
     _sync_stream(device)
@@ -296,19 +301,28 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
     window = time.perf_counter() - t0
     copies.synchronize()
     closed.synchronize()
-    ends_s = [start.elapsed_time(e) / 1e3 for e in ends]
-    opened_s, closed_s = start.elapsed_time(opened) / 1e3, start.elapsed_time(closed) / 1e3
-    link = landed_bytes(ends_s, chunk, opened_s, closed_s)
-    # kept only if the copies ran through the whole window (else the link idled in it, and its share reads low)
-    return {"phase": "shared", "link_busy": opened_s > 0 and ends_s[-1] >= closed_s, "batch_bytes": cpu_bytes,
-            "window_s": window, "link_gbps": link / window / 1e9,
-            "cpu_gbps": calls * cpu_bytes / window / 1e9, "gbps": (link + calls * cpu_bytes) / window / 1e9,
-            "link_alone_gbps": alone / 1e9}
+    return shared_sample([start.elapsed_time(e) / 1e3 for e in ends], chunk, start.elapsed_time(opened) / 1e3,
+                         start.elapsed_time(closed) / 1e3, window, calls * cpu_bytes, alone)
 
 
-def _sync_stream(device: torch.device) -> None:
+def _sync_stream(device: torch.device) -> None:  # GPU only
     """The compute stream's work done (the blocks' kernels), not the copy stream's."""
     torch.cuda.current_stream(device).synchronize()
+
+
+def shared_sample(ends_s: Sequence[float], chunk: int, opened_s: float, closed_s: float, window_s: float,
+                  cpu_bytes: int, link_alone: float, busy_at_least: float = 0.9) -> Dict[str, Any]:
+    """One window of the shared probe: the copies' ends (seconds after the first was queued to run), the window's
+    opening and closing on the same clock and its length on the host's, the bytes the CPUs read in it. The link's
+    bytes are those landed in the window (``landed_bytes``); the sample is kept (``link_busy``) only if the copies ran
+    through at least ``busy_at_least`` of it: where the link idles, the window measures the CPUs alone."""
+    link = landed_bytes(ends_s, chunk, opened_s, closed_s)
+    span = closed_s - opened_s
+    busy = (min(ends_s[-1], closed_s) - max(opened_s, 0.0)) / span if span > 0 and ends_s else 0.0
+    return {"phase": "shared", "link_busy": cpu_bytes > 0 and busy >= busy_at_least, "link_busy_share": busy,
+            "cpu_bytes": cpu_bytes, "window_s": window_s, "link_gbps": link / window_s / 1e9,
+            "cpu_gbps": cpu_bytes / window_s / 1e9, "gbps": (link + cpu_bytes) / window_s / 1e9,
+            "link_alone_gbps": link_alone / 1e9}
 
 
 def landed_bytes(ends_s: Sequence[float], chunk: int, opened_s: float, closed_s: float) -> float:
