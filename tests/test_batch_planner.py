@@ -545,11 +545,37 @@ def test_a_split_cache_balances_the_link_and_the_cpus():
     assert plan.load_kwargs(split)["kv_cpu_layers"] == split.kv_cpu_layers
 
 
+def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_attend_first():
+    """A host cache's first layer comes up as the pass begins, and the compute waits for it past the pass's outer
+    work (6 ms; the decode loop's 4 ms ran before the copy began): caches of 110 MB a layer (2 ms at 55 GB/s) cost no
+    wait, of 1100 MB (20 ms) 14 ms, and a "host" step is outer, loop, wait and ten 30 ms blocks (more than the link's
+    200 ms). With "split" the CPUs
+    attend layer 0 first (6 ms) while the copy runs; a "split" with no CPU layer waits as "host"; the device cache
+    and "host-compute" bring nothing up."""
+    sizes = toy_sizes(n=10)
+    base = compute_model(10, block_s=30e-3, per_token=0.0, per_key=0.0, outer_s=6e-3)
+    compute = dataclasses.replace(base, decode_loop=Linear3(4e-3, 0.0, 0.0),
+                                  kv_blocks={"host": (base.decode_block, base.prefill_block),
+                                             "host-compute": (Linear3(6e-3, 0.0, 0.0), base.prefill_block)})
+    tm = ThroughputModel(compute, sizes.block_bytes, link_gbps=55.0)
+    small, big = 110 * MB, 1100 * MB
+    assert tm.first_cache_wait(1, 100, "host", 10 * small) == 0.0
+    assert tm.first_cache_wait(1, 100, "host", 10 * big) == pytest.approx(big / 55e9 - 6e-3)
+    step = tm.decode_step(1, 10, 100, "host", 10 * big)[0]
+    assert step == pytest.approx(6e-3 + 4e-3 + (big / 55e9 - 6e-3) + 10 * 30e-3)
+    assert tm.first_cache_wait(1, 100, "split", 5 * small, cpu_layers=5) == 0.0
+    assert tm.first_cache_wait(1, 100, "split", 5 * big, cpu_layers=5) == pytest.approx(big / 55e9 - 6e-3 - 6e-3)
+    assert tm.first_cache_wait(1, 100, "split", 10 * big, cpu_layers=0) == pytest.approx(
+        tm.first_cache_wait(1, 100, "host", 10 * big))
+    assert tm.first_cache_wait(1, 100, "none", 0) == 0.0 and tm.first_cache_wait(1, 100, "host-compute", 0) == 0.0
+
+
 def test_split_layers_are_spread_evenly():
     from zstream.planning.residency import cpu_layers_of
 
-    assert cpu_layers_of(30, 15) == list(range(1, 30, 2))
-    assert cpu_layers_of(30, 10) == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28]
+    assert cpu_layers_of(30, 15) == list(range(0, 30, 2))
+    assert cpu_layers_of(30, 10) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+    assert cpu_layers_of(48, 24) == list(range(0, 48, 2)) and cpu_layers_of(30, 1) == [0]
     assert cpu_layers_of(30, 30) == list(range(30)) and cpu_layers_of(30, 0) == []
     assert cpu_layers_of(4, 9) == [0, 1, 2, 3]
 

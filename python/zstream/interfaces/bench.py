@@ -451,6 +451,12 @@ def _planned(a: argparse.Namespace, path: Path, budget: Optional[str], device: s
                         kv_offload=best.kv_offload)
     for r in rows:
         r["planned"] = True
+        if r.get("predicted_tokens_per_s") is None:  # the loaded model's own re-plan lost it (run 8: its host
+            # memory, now holding the weights, no longer fitted the batch's cache): the plan's prediction stands
+            meta.setdefault("compute_models", {})[plan.compute.key] = plan.compute.to_dict()
+            r.update(predicted_tokens_per_s=best.tokens_per_s, predicted_decode_step_s=best.decode_step_s,
+                     predicted_prefill_s=best.prefill_s, predicted_compute=plan.compute.key,
+                     predicted_link_gbps=plan.link_gbps, predicted_from="plan")
     return rows
 
 

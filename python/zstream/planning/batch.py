@@ -244,11 +244,12 @@ class ThroughputModel:
         return max(self.link_gbps, self.compute.host_read_gbps, self.compute.shared_read_gbps or 0.0)
 
     def pass_s(self, resident: int, block_s: float, outer_s: float, shared_bytes: int = 0,
-               cpu_bytes: int = 0) -> Tuple[float, float, float]:
+               cpu_bytes: int = 0, lead_s: float = 0.0) -> Tuple[float, float, float]:
         """(seconds, transfer seconds, compute seconds) of one pass. ``shared_bytes``: what else crosses the link
         in the pass, inside the blocks' compute (a host KV cache coming up: ``block_s`` was timed with it, alone on
         the link), so the pass takes at least every byte over the link. ``cpu_bytes``: the host caches the CPUs
-        attend to in the pass, read from the host memory the link reads too (``host_gbps``)."""
+        attend to in the pass, read from the host memory the link reads too (``host_gbps``). ``lead_s``: the
+        compute stream's wait for the first host layer's cache (``first_cache_wait``)."""
         n = len(self.block_bytes)
         compute = n * block_s + outer_s
         if (resident < n or shared_bytes) and not self.link_gbps:
@@ -258,11 +259,11 @@ class ThroughputModel:
         floor = outer_s + read / (host * 1e9) if host and cpu_bytes else 0.0  # the host memory both read
         if resident >= n:
             transfer = shared_bytes / (self.link_gbps * 1e9) if shared_bytes else 0.0
-            return max(compute, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
+            return max(compute + lead_s, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
         copy = [self.block_bytes[i] / (self.link_gbps * 1e9) for i in range(resident, n)]
         s = len(copy)
         slots = min(self.ring_slots, s)
-        t = outer_s + resident * block_s   # the compute stream, after the work that needs no streamed block
+        t = outer_s + lead_s + resident * block_s  # the compute stream, after the work needing no streamed block
         link = 0.0                          # the copy stream: the ring's first slots landed last pass
         done: List[float] = []              # compute end of streamed block j
         for j in range(s):
@@ -285,7 +286,23 @@ class ThroughputModel:
         ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean); ``cpu_bytes``:
         the caches the CPUs read ("host-compute", "split")."""
         block = self._block(self.compute.decode_block_s, batch, context, kv, micro, cpu_layers)
-        return self.pass_s(resident, block, self.compute.decode_outer_s(batch, context), kv_bytes, cpu_bytes)
+        outer = self.compute.decode_outer_s(batch, context)
+        lead = self.first_cache_wait(batch, context, kv, kv_bytes, micro, cpu_layers)
+        return self.pass_s(resident, block, outer, kv_bytes, cpu_bytes, lead)
+
+    def first_cache_wait(self, batch: int, context: float, kv: str, kv_bytes: int, micro: Optional[int] = None,
+                         cpu_layers: int = 0) -> float:
+        """Seconds a decode pass's compute waits for its first host layer's cache ("host", "split"). Its copy up
+        starts as the pass does (``cache.Uplink.begin`` waits for the step before, which wrote its newest rows), and
+        only the pass's context and embedding (not the decode loop's work: that ran before the copy started) and,
+        with "split", the CPUs' attention of layer 0 (``cpu_layers_of`` puts a CPU layer first) run meanwhile."""
+        n = len(self.block_bytes)
+        up = n - cpu_layers if kv == "split" else n if kv == "host" else 0
+        if up <= 0 or not kv_bytes or not self.link_gbps:
+            return 0.0
+        ahead = self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0) \
+            if kv == "split" and cpu_layers else 0.0
+        return max(0.0, kv_bytes / up / (self.link_gbps * 1e9) - self.compute.decode_outer(batch, context) - ahead)
 
     def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none",
                 micro: Optional[int] = None, cpu_layers: int = 0) -> Tuple[float, float, float]:

@@ -264,11 +264,12 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
     of host cache a call) called back to back while pinned host-to-device copies of ``chunk`` bytes run queued on a
     stream of their own, as the ring's and the uplink's do in a step. The copies are queued before the window opens,
     enough to outlast it at twice their rate alone; the window lasts ``window_s`` and at least ten calls, and closes
-    early if the copies end first (run 7 of 2026-12-04: some windows outlasted the queue, and every sample was
-    dropped). Where the window falls on the copy stream is read from events recorded on an idle stream."""
+    early if the copies end first. Where the window falls on the copy stream is read from events recorded on the
+    compute stream, which runs the block's kernels (run 8 of 2026-12-04: events on a third stream, idle, were stamped
+    after every copy in 4 windows of 10, as if queued behind them: CUDA maps streams onto a few hardware queues)."""
     src = torch.empty(chunk, dtype=torch.uint8).pin_memory()
     dst = torch.empty(chunk, dtype=torch.uint8, device=device)
-    copies, marks = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    copies = torch.cuda.Stream(device)
     with torch.cuda.stream(copies):  # the link's rate alone sizes the queue; the first copy pays for set-up
         dst.copy_(src, non_blocking=True)
         copies.synchronize()
@@ -292,12 +293,12 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
             dst.copy_(src, non_blocking=True)
             end.record()
     calls, t0 = 0, time.perf_counter()
-    opened.record(marks)
+    opened.record()
     while time.perf_counter() - t0 < window_s and not ends[-1].query():
         cpu_block()
         calls += 1
-    _sync_stream(device)
-    closed.record(marks)
+    closed.record()
+    closed.synchronize()
     window = time.perf_counter() - t0
     copies.synchronize()
     closed.synchronize()
