@@ -549,9 +549,11 @@ def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_att
     """A host cache's first layer comes up as the pass begins, and the compute waits for it past the pass's outer
     work (6 ms; the decode loop's 4 ms ran before the copy began): caches of 110 MB a layer (2 ms at 55 GB/s) cost no
     wait, of 1100 MB (20 ms) 14 ms, and a "host" step is outer, loop, wait and ten 30 ms blocks (more than the link's
-    200 ms). With "split" the CPUs
-    attend layer 0 first (6 ms) while the copy runs; a "split" with no CPU layer waits as "host"; the device cache
-    and "host-compute" bring nothing up."""
+    200 ms). A "split" of 5 layers of 10 on the CPUs (1, 3, ...) brings layer 0 up first and waits as "host" does;
+    one of 6 (0, 2, 4, 5, 7, 9) attends layer 0 on the CPUs (6 ms) while layer 1's copy runs; the device cache and
+    "host-compute" bring nothing up."""
+    from zstream.planning.residency import cpu_layers_of
+
     sizes = toy_sizes(n=10)
     base = compute_model(10, block_s=30e-3, per_token=0.0, per_key=0.0, outer_s=6e-3)
     compute = dataclasses.replace(base, decode_loop=Linear3(4e-3, 0.0, 0.0),
@@ -563,19 +565,19 @@ def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_att
     assert tm.first_cache_wait(1, 100, "host", 10 * big) == pytest.approx(big / 55e9 - 6e-3)
     step = tm.decode_step(1, 10, 100, "host", 10 * big)[0]
     assert step == pytest.approx(6e-3 + 4e-3 + (big / 55e9 - 6e-3) + 10 * 30e-3)
-    assert tm.first_cache_wait(1, 100, "split", 5 * small, cpu_layers=5) == 0.0
-    assert tm.first_cache_wait(1, 100, "split", 5 * big, cpu_layers=5) == pytest.approx(big / 55e9 - 6e-3 - 6e-3)
-    assert tm.first_cache_wait(1, 100, "split", 10 * big, cpu_layers=0) == pytest.approx(
-        tm.first_cache_wait(1, 100, "host", 10 * big))
+    assert cpu_layers_of(10, 5)[0] == 1 and cpu_layers_of(10, 6)[:2] == [0, 2]
+    assert tm.first_cache_wait(1, 100, "split", 5 * big, cpu_layers=5) == pytest.approx(big / 55e9 - 6e-3)
+    assert tm.first_cache_wait(1, 100, "split", 4 * big, cpu_layers=6) == pytest.approx(big / 55e9 - 6e-3 - 6e-3)
+    assert tm.first_cache_wait(1, 100, "split", 4 * small, cpu_layers=6) == 0.0
+    assert tm.first_cache_wait(1, 100, "split", 0, cpu_layers=10) == 0.0
     assert tm.first_cache_wait(1, 100, "none", 0) == 0.0 and tm.first_cache_wait(1, 100, "host-compute", 0) == 0.0
 
 
 def test_split_layers_are_spread_evenly():
     from zstream.planning.residency import cpu_layers_of
 
-    assert cpu_layers_of(30, 15) == list(range(0, 30, 2))
-    assert cpu_layers_of(30, 10) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
-    assert cpu_layers_of(48, 24) == list(range(0, 48, 2)) and cpu_layers_of(30, 1) == [0]
+    assert cpu_layers_of(30, 15) == list(range(1, 30, 2))
+    assert cpu_layers_of(30, 10) == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28]
     assert cpu_layers_of(30, 30) == list(range(30)) and cpu_layers_of(30, 0) == []
     assert cpu_layers_of(4, 9) == [0, 1, 2, 3]
 

@@ -59,7 +59,7 @@ def test_host_kv_cache_changes_no_logit_and_no_token(checkpoints: dict, name: st
         cache = host.new_cache(3, 20)
         n = host.family.num_blocks
         assert cache.device_layers == 0 and cache.host_nbytes > 0 and cache.host_compute == (kv != "host")
-        cpu = {"host": [], "host-compute": list(range(n)), "split": [0]}[kv]  # split: half of 2 layers, the first
+        cpu = {"host": [], "host-compute": list(range(n)), "split": [1]}[kv]  # split: half of 2 layers, the second
         assert cache.cpu_layers == cpu and host.plan.kv_cpu_layers == len(cpu)
         assert [type(cache.layer(i)) for i in range(n)] == [
             HostComputeLayerCache if i in cpu else HostLayerCache for i in range(n)]

@@ -15,7 +15,7 @@ import torch
 from ..errors import OutOfMemoryError
 from ..foundations.units import fmt_bytes
 from .facts import CheckpointFacts
-from .residency import choose_residency, kv_layer_bytes, micro_batch_rows, reserve_bytes
+from .residency import choose_residency, cpu_layers_of, kv_layer_bytes, micro_batch_rows, reserve_bytes
 
 # ---- the predictive batch planner ------------------------------------------------------------------------------
 #
@@ -224,9 +224,9 @@ class ThroughputModel:
     idles while they compute, once the ring is full, and the schedule says by how much.
 
     The link's copies and the CPUs attending a host cache read the same host memory. On the H200 host the two
-    together moved 54-63 GB/s (OPT-30B and bloom-7b1 splits, docs/performance.md), not the sum of the link (55)
-    and the CPUs' attention (53-56) alone: a pass takes at least all the bytes read from host memory (streamed,
-    brought up, attended on the CPUs) at the rate host memory serves both at once, as calibrated
+    together read 93-111 GB/s (the calibration's probe, runs 8-9 of 2026-12-04, docs/performance.md), about the
+    link's 55 and the CPUs' 42-56 alone added up (run 6's 54-63 were the two taking turns): a pass takes at least all the bytes read from host
+    memory (streamed, brought up, attended on the CPUs) at the rate host memory serves both at once, as calibrated
     (``ComputeModel.shared_read_gbps``), and never slower than either alone (``host_gbps``)."""
 
     compute: ComputeModel
@@ -292,17 +292,19 @@ class ThroughputModel:
 
     def first_cache_wait(self, batch: int, context: float, kv: str, kv_bytes: int, micro: Optional[int] = None,
                          cpu_layers: int = 0) -> float:
-        """Seconds a decode pass's compute waits for its first host layer's cache ("host", "split"). Its copy up
-        starts as the pass does (``cache.Uplink.begin`` waits for the step before, which wrote its newest rows), and
-        only the pass's context and embedding (not the decode loop's work: that ran before the copy started) and,
-        with "split", the CPUs' attention of layer 0 (``cpu_layers_of`` puts a CPU layer first) run meanwhile."""
+        """Seconds a decode pass's compute waits for its first host layer's cache ("host", "split"; run 8 of
+        2026-12-04: 2.5 and 10 ms a bloom-7b1 step at batches 16 and 64). Its copy up starts as the pass does
+        (``cache.Uplink.begin`` waits for the step before, which wrote its newest rows); meanwhile only the pass's
+        context and embedding run (the decode loop's work ran before the copy began), and the CPUs' attention of the
+        "split" layers before it (``cpu_layers_of`` places them)."""
         n = len(self.block_bytes)
-        up = n - cpu_layers if kv == "split" else n if kv == "host" else 0
-        if up <= 0 or not kv_bytes or not self.link_gbps:
+        on_cpus = set(cpu_layers_of(n, cpu_layers)) if kv == "split" else set()
+        first_up = next((i for i in range(n) if i not in on_cpus), None) if kv in ("host", "split") else None
+        if first_up is None or not kv_bytes or not self.link_gbps:
             return 0.0
-        ahead = self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0) \
-            if kv == "split" and cpu_layers else 0.0
-        return max(0.0, kv_bytes / up / (self.link_gbps * 1e9) - self.compute.decode_outer(batch, context) - ahead)
+        copy = kv_bytes / (n - len(on_cpus)) / (self.link_gbps * 1e9)
+        ahead = first_up * self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0)
+        return max(0.0, copy - self.compute.decode_outer(batch, context) - ahead)
 
     def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none",
                 micro: Optional[int] = None, cpu_layers: int = 0) -> Tuple[float, float, float]:

@@ -40,11 +40,9 @@ def kv_layer_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> 
 
 def cpu_layers_of(num_blocks: int, count: int) -> List[int]:
     """Which ``count`` of ``num_blocks`` layers a "split" KV cache attends to on the CPUs: spread evenly, so that
-    between two of them the link brings up the caches of the layers in between, from the first: while the CPUs
-    attend layer 0 the first host layer's cache comes up, which the pass would otherwise wait for (run 8 of
-    2026-12-04: a layer-0 cache of 554 MB stalled each bloom-7b1 batch-64 step for 10 ms)."""
+    between two of them the link brings up the caches of the layers in between."""
     count = max(0, min(count, num_blocks))
-    return [k * num_blocks // count for k in range(count)]
+    return [(2 * k + 1) * num_blocks // (2 * count) for k in range(count)]
 
 
 def micro_batch_rows(batch: int, micro_batch: Optional[int]) -> List[slice]:
