@@ -225,9 +225,10 @@ class ThroughputModel:
 
     The link's copies and the CPUs attending a host cache read the same host memory. On the H200 host the two
     together read 93-111 GB/s (the calibration's probe, runs 8-9 of 2026-12-04, docs/performance.md), about the
-    link's 55 and the CPUs' 42-56 alone added up (run 6's 54-63 were the two taking turns): a pass takes at least all the bytes read from host
-    memory (streamed, brought up, attended on the CPUs) at the rate host memory serves both at once, as calibrated
-    (``ComputeModel.shared_read_gbps``), and never slower than either alone (``host_gbps``)."""
+    link's 55 and the CPUs' 42-56 alone added up (run 6's 54-63 were the two taking turns): a pass takes at least
+    all the bytes read from host memory (streamed, brought up, attended on the CPUs) at the rate host memory serves
+    both at once, as calibrated (``ComputeModel.shared_read_gbps``), and never slower than either alone
+    (``host_gbps``)."""
 
     compute: ComputeModel
     block_bytes: List[int]          # per block, as it crosses the link
