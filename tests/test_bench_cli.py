@@ -287,22 +287,36 @@ def test_a_split_rows_prediction_is_of_its_own_layers_on_the_cpus(cache, tmp_pat
 
 
 def test_a_host_cache_row_limited_by_host_memory_says_so():
-    """Run 9's OPT-30B split row at batch 80 (H200): 65.2 GB over the link and 47.2 GB read by the CPUs in 2.086 s
-    at a 55.18 GB/s link is within 1.25x of its host-memory bound, so it says the link and host memory limit it,
-    not "compute or overheads"; a step 1.5x over that bound keeps its label, and so does any row on the CPU."""
+    """Run 9's OPT-30B split row at batch 80 (H200, 2026-12-03): 65.2 GB over the link and 47.2 GB read by the CPUs
+    in 2.086 s. Against host memory read at 55.18 GB/s both ways (what was assumed then) it was within 1.25x of its
+    bound and said host memory limited it; the probe has since measured 93-111 GB/s for the two at once, and against
+    a calibrated 101.8 its bound is 1.10 s and the step 1.89x that: "compute or overheads" stays. Without a calibrated
+    rate a row the CPUs read for is not relabelled; a "host" row (only the link reads) is, at the link's rate; a step
+    1.5x over its bound keeps its label, and so does any row on the CPU."""
     from zstream.interfaces.bench import _host_memory_limit
 
     row = {"kv_offload": "split", "streamed_bytes": 65_170_000_000, "kv_cpu_bytes_per_step": 47_200_000_000,
            "decode_step_s": 2.086, "limit": "compute or overheads"}
-    _host_memory_limit(row, "pinned host-to-device", 55.18, relabel=True)
-    assert row["limit"] == "pinned host-to-device and host memory"
-    assert row["host_read_bound_s"] == pytest.approx(112.37 / 55.18, rel=1e-3)
-    assert "112.4 GB" in row["limit_why"]
-    slow = dict(row, decode_step_s=1.5 * row["host_read_bound_s"], limit="compute or overheads")
-    _host_memory_limit(slow, "pinned host-to-device", 55.18, relabel=True)
-    cpu = dict(row, limit="compute")
-    _host_memory_limit(cpu, "host memory copy", 55.18, relabel=False)
+    fast = dict(row, decode_step_s=1.2)
+    _host_memory_limit(fast, "pinned host-to-device", 55.18, relabel=True, shared_gbps=101.8)
+    assert fast["limit"] == "pinned host-to-device and host memory" and fast["host_read_gbps"] == 101.8
+    assert fast["host_read_bound_s"] == pytest.approx(112.37 / 101.8, rel=1e-3)
+    assert "112.4 GB" in fast["limit_why"] and "101.8 GB/s" in fast["limit_why"]
+    calibrated = dict(row)
+    _host_memory_limit(calibrated, "pinned host-to-device", 55.18, relabel=True, shared_gbps=101.8)
+    assert calibrated["limit"] == "compute or overheads"
+    assert calibrated["decode_step_s"] / calibrated["host_read_bound_s"] == pytest.approx(1.89, abs=0.01)
+    uncalibrated = dict(row)
+    _host_memory_limit(uncalibrated, "pinned host-to-device", 55.18, relabel=True)
+    assert uncalibrated["limit"] == "compute or overheads"
+    assert uncalibrated["host_read_bound_s"] == pytest.approx(112.37 / 55.18, rel=1e-3)
+    slow = dict(fast, decode_step_s=1.5 * fast["host_read_bound_s"], limit="compute or overheads")
+    _host_memory_limit(slow, "pinned host-to-device", 55.18, relabel=True, shared_gbps=101.8)
+    cpu = dict(fast, limit="compute")
+    _host_memory_limit(cpu, "host memory copy", 55.18, relabel=False, shared_gbps=101.8)
     assert slow["limit"] == "compute or overheads" and cpu["limit"] == "compute"
-    resident = dict(row, kv_offload="host", limit="compute or overheads")  # every block resident: no link named
-    _host_memory_limit(resident, "", 55.18, relabel=True)
-    assert resident["limit"] == "the link and host memory"
+    # every block resident, the caches brought up (none read by the CPUs): no link named, the link's rate
+    resident = dict(row, kv_offload="host", kv_cpu_bytes_per_step=0, streamed_bytes=100_000_000_000,
+                    decode_step_s=2.0, limit="compute or overheads")
+    _host_memory_limit(resident, "", 55.18, relabel=True, shared_gbps=101.8)
+    assert resident["limit"] == "the link and host memory" and resident["host_read_gbps"] == 55.18

@@ -364,7 +364,9 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         # the caches the CPUs attend to are read from the host memory the link reads too (planning.batch)
         on_cpus = model.plan.kv_cpu_layers if placed in ("host-compute", "split") else 0
         row["kv_cpu_bytes_per_step"] = on_cpus * layer
-        _host_memory_limit(row, model.plan.link, bound, relabel=model.device.type == "cuda")
+        calibrated = meta.get("compute_models", {}).get(predictions.get(b, {}).get("predicted_compute"), {})
+        _host_memory_limit(row, model.plan.link, bound, relabel=model.device.type == "cuda",
+                           shared_gbps=calibrated.get("shared_read_gbps"))
         row["kv_offload_asked"], row["micro_batch"] = kv_offload, model.plan.micro_batch
         row.update(predictions.get(b, {}))
         row["quantize"] = model.plan.quantization
@@ -383,20 +385,26 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
     return rows
 
 
-def _host_memory_limit(row: Dict[str, Any], link: str, bound_gbps: Optional[float], relabel: bool) -> None:
+def _host_memory_limit(row: Dict[str, Any], link: str, bound_gbps: Optional[float], relabel: bool,
+                       shared_gbps: Optional[float] = None) -> None:
     """A host KV cache's row whose step is within 1.25x of every byte it reads from host memory (the weights and
-    caches the link brings up, the caches the CPUs attend) at the link's rate is limited by those reads, not by
-    "compute or overheads" as the weights' transfer bound alone says (planning.batch: the two share host memory).
-    ``relabel``: on a GPU (on the CPU the host thread's waits say what limits, ``limit_of``)."""
+    caches the link brings up, the caches the CPUs attend) at the rate host memory serves them is limited by those
+    reads, not by "compute or overheads" as the weights' transfer bound alone says (planning.batch: the two share
+    host memory). That rate is the link's where only the link reads, and where the CPUs read too the calibrated rate
+    of both at once (``shared_gbps``, ``ComputeModel.shared_read_gbps``: 93-111 GB/s on the H200, not the link's 55);
+    without it such a row is not relabelled. ``relabel``: on a GPU (on the CPU the host thread's waits say what
+    limits, ``limit_of``)."""
     read = row["streamed_bytes"] + row.get("kv_cpu_bytes_per_step", 0)
     if row.get("kv_offload", "none") == "none" or not bound_gbps or not read:
         return
-    bound = read / (bound_gbps * 1e9)
-    row["host_read_bytes_per_step"], row["host_read_bound_s"] = read, bound
-    if relabel and row["decode_step_s"] <= 1.25 * bound:
+    cpus_read = bool(row.get("kv_cpu_bytes_per_step"))
+    rate = max(bound_gbps, shared_gbps) if cpus_read and shared_gbps else bound_gbps
+    bound = read / (rate * 1e9)
+    row["host_read_bytes_per_step"], row["host_read_bound_s"], row["host_read_gbps"] = read, bound, rate
+    if relabel and row["decode_step_s"] <= 1.25 * bound and (shared_gbps or not cpus_read):
         row["limit"] = f"{link or 'the link'} and host memory"  # no block streams: the plan names no link
         row["limit_why"] = (f"the step is {row['decode_step_s'] / bound:.2f}x its {read / 1e9:.1f} GB of weights and "
-                            f"KV cache read from host memory at {bound_gbps:.1f} GB/s")
+                            f"KV cache read from host memory at {rate:.1f} GB/s")
 
 
 def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str,
