@@ -306,6 +306,9 @@ def test_a_host_cache_row_limited_by_host_memory_says_so():
     _host_memory_limit(calibrated, "pinned host-to-device", 55.18, relabel=True, shared_gbps=101.8)
     assert calibrated["limit"] == "compute or overheads"
     assert calibrated["decode_step_s"] / calibrated["host_read_bound_s"] == pytest.approx(1.89, abs=0.01)
+    starved = dict(row)  # a probe slower than the link alone never makes host memory slower than the link
+    _host_memory_limit(starved, "pinned host-to-device", 55.18, relabel=True, shared_gbps=40.0)
+    assert starved["host_read_gbps"] == 55.18
     uncalibrated = dict(row)
     _host_memory_limit(uncalibrated, "pinned host-to-device", 55.18, relabel=True)
     assert uncalibrated["limit"] == "compute or overheads"
