@@ -28,7 +28,7 @@ from zstream.streaming import model as engine
 
 LAYOUTS = {
     "odd": cpu_layers_of,  # the engine's
-    "first": lambda n, count: [k * n // count for k in range(max(0, min(count, n)))] if count else [],
+    "first": lambda n, count: [k * n // count for k in range(max(0, min(count, n)))],
 }
 
 

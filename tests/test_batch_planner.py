@@ -667,11 +667,10 @@ def test_bytes_landed_in_a_window_are_read_off_the_copies_ends():
     assert landed_bytes(ends, 100, 0.5, 1.0) == pytest.approx(50)
 
 
-
 def test_a_shared_probe_window_counts_only_if_the_copies_ran_through_it():
     """A window of the shared probe is kept only where the link was busy for 90% of it: copies (100 bytes each) ending
     at 1, 2, 3 and 4 s, a window from 1 to 5 s on the GPU's clock (4 s on the host's) is busy 3/4 of it (the copies
-    ended first: dropped, as run 7's were not); from 1 to 4 s it is kept, and its rates are the link's landed bytes
+    ended first: dropped); from 1 to 4 s it is kept, and its rates are the link's landed bytes
     and the CPUs' over the window; a window opened before the copies began counts from their start; a window with no
     CPU call in it is no sample of both."""
     from zstream.streaming.calibrate import shared_sample
@@ -688,6 +687,7 @@ def test_a_shared_probe_window_counts_only_if_the_copies_ran_through_it():
     assert early["link_busy_share"] == pytest.approx(3.5 / 4.5) and not early["link_busy"]
     assert shared_sample(ends, 100, 0.9, 3.9, 3.0, 600, 50.0)["link_busy"]  # closed before the last copy ended
     assert not shared_sample(ends, 100, 1.0, 4.0, 3.0, 0, 50.0)["link_busy"]
+
 
 def _h200_opt30b_compute() -> ComputeModel:
     """The compute model of OPT-30B on the H200, fitted as ``calibrate_compute`` fits it to the samples it timed

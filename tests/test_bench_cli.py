@@ -85,7 +85,6 @@ def test_the_planners_choice_is_run_with_its_prediction(cache, capsys):
     assert "--planned-only needs --planned" in capsys.readouterr().err
 
 
-
 def test_the_planners_choice_keeps_the_plans_prediction_when_the_loaded_model_cannot_replan_it(cache, monkeypatch):
     """Where the loaded model's own re-plan finds no prediction for the choice (run 8 of 2026-12-04: its host memory,
     holding the weights by then, no longer fitted the batch's cache), the row carries the plan's prediction, named
@@ -101,6 +100,7 @@ def test_the_planners_choice_keeps_the_plans_prediction_when_the_loaded_model_ca
     assert row["predicted_from"] == "plan"
     assert row["predicted_tokens_per_s"] == pytest.approx(doc["meta"]["planned"]["predicted_tokens_per_s"])
     assert row["predicted_decode_step_s"] > 0 and row["predicted_compute"] in doc["meta"]["compute_models"]
+
 
 def test_budgets_and_the_max_batch_search(cache, capsys):
     """Under a host budget on the CPU: the planner's prediction beside a search that runs each batch; every batch

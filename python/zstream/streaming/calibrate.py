@@ -301,7 +301,6 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
     closed.synchronize()
     window = time.perf_counter() - t0
     copies.synchronize()
-    closed.synchronize()
     return shared_sample([start.elapsed_time(e) / 1e3 for e in ends], chunk, start.elapsed_time(opened) / 1e3,
                          start.elapsed_time(closed) / 1e3, window, calls * cpu_bytes, alone)
 
