@@ -571,6 +571,11 @@ def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_att
     assert tm.first_cache_wait(1, 100, "split", 4 * small, cpu_layers=6) == 0.0
     assert tm.first_cache_wait(1, 100, "split", 0, cpu_layers=10) == 0.0
     assert tm.first_cache_wait(1, 100, "none", 0) == 0.0 and tm.first_cache_wait(1, 100, "host-compute", 0) == 0.0
+    # a model calibrated for "host" alone (as ``zstream bench --predict`` calibrates a "host" row) plans it: run 10
+    # of 2026-12-04 lost every "host" row's prediction to a look-up of the CPUs' timing it does not need
+    host_only = dataclasses.replace(compute, kv_blocks={"host": compute.kv_blocks["host"]})
+    alone = ThroughputModel(host_only, sizes.block_bytes, link_gbps=55.0)
+    assert alone.decode_step(1, 10, 100, "host", 10 * big)[0] == pytest.approx(step)
 
 
 def test_split_layers_are_spread_evenly():

@@ -304,7 +304,9 @@ class ThroughputModel:
         if first_up is None or not kv_bytes or not self.link_gbps:
             return 0.0
         copy = kv_bytes / (n - len(on_cpus)) / (self.link_gbps * 1e9)
-        ahead = first_up * self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0)
+        # the CPUs' layers ahead of it ("split" only: a "host" model need not be calibrated with "host-compute")
+        ahead = first_up * self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0) \
+            if first_up else 0.0
         return max(0.0, copy - self.compute.decode_outer(batch, context) - ahead)
 
     def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none",
