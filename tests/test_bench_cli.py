@@ -200,6 +200,8 @@ def test_host_kv_cache_and_device_kv_cache_in_one_run(cache, tmp_path):
     # what the CPUs read of the caches they attend: every layer's with host-compute, the other half with split
     assert (compute["kv_cpu_bytes_per_step"], split["kv_cpu_bytes_per_step"]) == (kv, kv // 2)
     assert device["kv_cpu_bytes_per_step"] == host["kv_cpu_bytes_per_step"] == 0
+    # the layers the CPUs attend, so that a row's prediction can be replayed from the JSON
+    assert [r["kv_cpu_layers"] for r in (device, host, compute, split)] == [0, 0, fam.num_blocks, fam.num_blocks // 2]
     for r in (host, compute, split):  # every byte read from host memory, against the rate measured in the run
         assert r["host_read_bytes_per_step"] == r["streamed_bytes"] + r["kv_cpu_bytes_per_step"]
         assert r["host_read_bound_s"] == pytest.approx(r["host_read_bytes_per_step"] / (r["bound_gbps"] * 1e9))

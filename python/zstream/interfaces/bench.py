@@ -363,7 +363,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         row["compress"], row["kv_offload"], row["kv_bytes_per_step"] = compress, placed, kv
         # the caches the CPUs attend to are read from the host memory the link reads too (planning.batch)
         on_cpus = model.plan.kv_cpu_layers if placed in ("host-compute", "split") else 0
-        row["kv_cpu_bytes_per_step"] = on_cpus * layer
+        row["kv_cpu_bytes_per_step"], row["kv_cpu_layers"] = on_cpus * layer, on_cpus
         calibrated = meta.get("compute_models", {}).get(predictions.get(b, {}).get("predicted_compute"), {})
         _host_memory_limit(row, model.plan.link, bound, relabel=model.device.type == "cuda",
                            shared_gbps=calibrated.get("shared_read_gbps"))
