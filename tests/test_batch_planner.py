@@ -474,10 +474,14 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     monkeypatch.setattr(fam, "block", lambda w, h, cache, ctx: seen.append(type(cache)) or real_block(w, h, cache, ctx))
     taken: list = []  # each block call takes its layer's cache anew, as the engine's pass does
     real_layer = calibrate.KVCache.layer
-    monkeypatch.setattr(calibrate.KVCache, "layer", lambda self, *a: taken.append(1) or real_layer(self, *a))
+    monkeypatch.setattr(calibrate.KVCache, "layer",
+                        lambda self, *a: taken.append((self.host_compute, a[0])) or real_layer(self, *a))
     cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1,
                            kv_offloads=("none", "host", "host-compute"))
     assert set(seen) == {LayerCache, HostLayerCache, HostComputeLayerCache} and len(taken) == len(seen)
+    # a host-compute block takes its layers in turn (their caches, far smaller than 1 GiB here: every layer), so
+    # that on a GPU host the CPUs read them from DRAM as the engine's layers are, not from their own cache
+    assert {i for on_cpus, i in taken if on_cpus} == set(range(fam.num_blocks))
     assert "kv=host,host-compute" in cm.key and set(cm.kv_blocks) == {"host", "host-compute"}
     assert cm.decode_block_s(3, 10, "host") == cm.decode_block_s(3, 10)
     host = [s for s in cm.samples if s.get("kv_offload") == "host"]
@@ -494,6 +498,13 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     key_bytes = fam.num_kv_heads * fam.head_dim * 2 * 4
     assert cm.host_read_gbps == calibrate._host_read_gbps(device, kv, key_bytes)
     assert ComputeModel.from_dict(cm.to_dict()).host_read_gbps == cm.host_read_gbps
+    # the uplink's rate: one probe of up to 8 host layers brought up in passes, their blocks running, every
+    # earlier key and value of the longest context (9 keys) of the batch's rows
+    up = [s for s in cm.samples if s["phase"] == "uplink"]
+    assert len(up) == 1 and up[0]["layers"] == min(fam.num_blocks, 8) and up[0]["batch"] == 2
+    assert up[0]["bytes"] == up[0]["layers"] * 2 * 9 * key_bytes  # layers x rows x keys x a key's and value's bytes
+    assert cm.uplink_gbps == up[0]["bytes"] / up[0]["pass_s"] / 1e9 > 0
+    assert ComputeModel.from_dict(cm.to_dict()).uplink_gbps == cm.uplink_gbps
 
 
 def test_micro_batches_are_planned_with_their_working_set_and_their_time():
@@ -576,6 +587,26 @@ def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_att
     host_only = dataclasses.replace(compute, kv_blocks={"host": compute.kv_blocks["host"]})
     alone = ThroughputModel(host_only, sizes.block_bytes, link_gbps=55.0)
     assert alone.decode_step(1, 10, 100, "host", 10 * big)[0] == pytest.approx(step)
+
+
+def test_a_host_cache_comes_up_at_the_uplinks_calibrated_rate_never_above_the_links():
+    """Runs 5 and 10 of 2026-12-04: "host" steps took their bytes at 87-91% of the link's large-copy rate. With the
+    uplink calibrated at 44 GB/s on a 55 GB/s link, a copy-bound "host" step (1 GB of cache a layer, every block
+    resident) takes its cache at 44, its first layer's wait too, and the split's balance moves with it; an uplink
+    timed faster than the link changes nothing."""
+    sizes = toy_sizes(n=10)
+    base = compute_model(10, block_s=1e-3, per_token=0.0, per_key=0.0, outer_s=1e-3)
+    compute = dataclasses.replace(base, kv_blocks={"host": (base.decode_block, base.prefill_block),
+                                                   "host-compute": (Linear3(20e-3, 0.0, 0.0), base.prefill_block)})
+    layer = 1000 * MB
+    at = {up: ThroughputModel(dataclasses.replace(compute, uplink_gbps=up), sizes.block_bytes, link_gbps=55.0)
+          for up in (None, 44.0, 80.0)}
+    steps = {up: tm.decode_step(1, 10, 100, "host", 10 * layer)[0] for up, tm in at.items()}
+    assert steps[44.0] == pytest.approx(1e-3 + 10 * layer / 44e9)
+    assert steps[None] == steps[80.0] == pytest.approx(1e-3 + 10 * layer / 55e9)
+    assert at[44.0].first_cache_wait(1, 100, "host", 10 * layer) == pytest.approx(layer / 44e9 - 1e-3)
+    # a layer on the CPUs (20 ms) against one brought up (1 + 18.2 ms at 55, 1 + 22.7 at 44): more go to the CPUs
+    assert (at[None].best_split(1, 10, 100, layer), at[44.0].best_split(1, 10, 100, layer)) == (4, 6)
 
 
 def test_split_layers_are_spread_evenly():

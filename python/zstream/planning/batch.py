@@ -95,6 +95,9 @@ class ComputeModel:
     host_read_gbps: Optional[float] = None
     # GB/s that host memory served the link and the CPUs together, both reading at once (None: not timed)
     shared_read_gbps: Optional[float] = None
+    # GB/s at which the engine's uplink brought host layers' caches up in a pass, their blocks running (None: not
+    # timed; the link's rate)
+    uplink_gbps: Optional[float] = None
     # a decode step's own work outside its pass (x = batch): the logits read, the token taken, the stop check and
     # the synchronisation that reads it; the device idles through it (a step starts once the last one's tokens are in)
     decode_loop: Linear3 = field(default_factory=lambda: Linear3(0.0, 0.0, 0.0))
@@ -133,7 +136,8 @@ class ComputeModel:
         fits = {k: [getattr(self, k).c0, getattr(self, k).c1, getattr(self, k).c2] for k in FITS}
         kv = {k: [[f.c0, f.c1, f.c2] for f in pair] for k, pair in self.kv_blocks.items()}
         return {"num_blocks": self.num_blocks, "key": self.key, **fits, "kv_blocks": kv, "samples": self.samples,
-                "host_read_gbps": self.host_read_gbps, "shared_read_gbps": self.shared_read_gbps}
+                "host_read_gbps": self.host_read_gbps, "shared_read_gbps": self.shared_read_gbps,
+                "uplink_gbps": self.uplink_gbps}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ComputeModel:
@@ -141,7 +145,7 @@ class ComputeModel:
         kv = {k: (Linear3(*dec), Linear3(*pre)) for k, (dec, pre) in d.get("kv_blocks", {}).items()}
         return cls(num_blocks=int(d["num_blocks"]), key=str(d.get("key", "")), samples=list(d.get("samples", [])),
                    kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"),
-                   shared_read_gbps=d.get("shared_read_gbps"), **fits)
+                   shared_read_gbps=d.get("shared_read_gbps"), uplink_gbps=d.get("uplink_gbps"), **fits)
 
 
 @dataclass
@@ -244,11 +248,19 @@ class ThroughputModel:
             return None
         return max(self.link_gbps, self.compute.host_read_gbps, self.compute.shared_read_gbps or 0.0)
 
+    @property
+    def kv_up_gbps(self) -> float:
+        """The rate a host cache comes up at: the engine's uplink as calibrated, at most the link's (the link's where
+        it was not timed). Callers check ``link_gbps`` first."""
+        assert self.link_gbps
+        up = self.compute.uplink_gbps
+        return min(self.link_gbps, up) if up else self.link_gbps
+
     def pass_s(self, resident: int, block_s: float, outer_s: float, shared_bytes: int = 0,
                cpu_bytes: int = 0, lead_s: float = 0.0) -> Tuple[float, float, float]:
         """(seconds, transfer seconds, compute seconds) of one pass. ``shared_bytes``: what else crosses the link
-        in the pass, inside the blocks' compute (a host KV cache coming up: ``block_s`` was timed with it, alone on
-        the link), so the pass takes at least every byte over the link. ``cpu_bytes``: the host caches the CPUs
+        in the pass, inside the blocks' compute (a host KV cache coming up, at ``kv_up_gbps``: ``block_s`` was timed
+        without it), so the pass takes at least every byte over the link. ``cpu_bytes``: the host caches the CPUs
         attend to in the pass, read from the host memory the link reads too (``host_gbps``). ``lead_s``: the
         compute stream's wait for the first host layer's cache (``first_cache_wait``)."""
         n = len(self.block_bytes)
@@ -259,7 +271,7 @@ class ThroughputModel:
         read = sum(self.block_bytes[resident:]) + shared_bytes + cpu_bytes
         floor = outer_s + read / (host * 1e9) if host and cpu_bytes else 0.0  # the host memory both read
         if resident >= n:
-            transfer = shared_bytes / (self.link_gbps * 1e9) if shared_bytes else 0.0
+            transfer = shared_bytes / (self.kv_up_gbps * 1e9) if shared_bytes else 0.0
             return max(compute + lead_s, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
         copy = [self.block_bytes[i] / (self.link_gbps * 1e9) for i in range(resident, n)]
         s = len(copy)
@@ -276,7 +288,7 @@ class ThroughputModel:
             done.append(t)
         for j in range(s, s + slots):       # the next pass's first blocks, into the slots freed last
             link = max(link, done[j - slots]) + copy[j - s]
-        transfer = sum(copy) + shared_bytes / (self.link_gbps * 1e9)
+        transfer = sum(copy) + shared_bytes / (self.kv_up_gbps * 1e9)
         return max(t, link, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
 
     def decode_step(self, batch: int, resident: int, context: float, kv: str = "none",
@@ -303,7 +315,7 @@ class ThroughputModel:
         first_up = next((i for i in range(n) if i not in on_cpus), None) if kv in ("host", "split") else None
         if first_up is None or not kv_bytes or not self.link_gbps:
             return 0.0
-        copy = kv_bytes / (n - len(on_cpus)) / (self.link_gbps * 1e9)
+        copy = kv_bytes / (n - len(on_cpus)) / (self.kv_up_gbps * 1e9)
         # the CPUs' layers ahead of it ("split" only: a "host" model need not be calibrated with "host-compute")
         ahead = first_up * self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0) \
             if first_up else 0.0
@@ -332,7 +344,7 @@ class ThroughputModel:
             return n
         t_dev = self._block(self.compute.decode_block_s, batch, context, "none", micro, 0)
         t_cpu = self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0)
-        up = layer_kv_bytes / (self.link_gbps * 1e9)
+        up = layer_kv_bytes / (self.kv_up_gbps * 1e9)
         weights = sum(self.block_bytes[resident:]) / (self.link_gbps * 1e9)
         f = (weights + n * up - n * t_dev) / max(t_cpu - t_dev + up, 1e-12)
         # the host memory's floor is the same for every split (each layer's cache is read once, by the link or by

@@ -3,6 +3,7 @@ work, timed on the device with the engine's own pieces (its attention kernels, i
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -21,8 +22,14 @@ from .weights import attention_kernels, local_weights
 
 _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by ComputeModel.key
 # in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop;
-# 3: host memory read by the link and the CPUs at once)
-CALIBRATION_FORMAT = 3
+# 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM)
+CALIBRATION_FORMAT = 4
+# a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
+# engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
+# 71 MB)
+HOST_WORKING_SET_BYTES = 1 << 30
+UPLINK_PROBE_LAYER_BYTES = 128 << 20  # a layer's cache in the uplink's probe: large copies, at the link's best rate
+UPLINK_PROBE_LAYERS = 8               # the layers a probe pass brings up: the pass's first wait is 1/8 of it
 
 
 def _sync(device: torch.device) -> None:
@@ -123,15 +130,25 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     outer_w = _random_weights(family, family.outer_tensors(), dtype, dev, g)
     C, nkv, hs = family.hidden_size, family.num_kv_heads, family.head_dim
 
+    host_caches: Dict[Tuple[int, int], KVCache] = {}  # (B, length) -> the host-compute decode caches, made once
+
     def block_call(B: int, T: int, S: int, kv: str = "none") -> Callable[[], Any]:
         """One block over T new tokens a row (B rows), attending to S keys (the cache holds S - T before). The cache
         is as long as a real run's (prompt + gen), so attention reads the same strided views of it; with ``kv`` in
-        host memory, laid out and attended to as the engine's host layers are."""
+        host memory, laid out and attended to as the engine's host layers are. A host-compute decode block takes the
+        next of enough layers to read ``HOST_WORKING_SET_BYTES`` from DRAM."""
         hidden = torch.randn(B, T, C, device=dev, dtype=dtype)                           # (B, T, C)
         L = max(S, longest)
+        ctx = family.context(torch.ones(B, S, dtype=torch.long, device=dev), T, dtype)
+        if kv == "host-compute" and T == 1:
+            layer_bytes = 2 * B * L * nkv * hs * dtype.itemsize
+            layers = max(1, min(family.num_blocks, -(-HOST_WORKING_SET_BYTES // layer_bytes)))
+            if (B, L) not in host_caches:
+                host_caches[(B, L)] = KVCache(layers, B, L, nkv, hs, dtype, dev, device_layers=0, host_compute=True)
+            turn, many = itertools.cycle(range(layers)), host_caches[(B, L)]
+            return lambda: family.block(weights(), hidden, many.layer(next(turn)), ctx)
         cache = KVCache(1, B, L, nkv, hs, dtype, dev, device_layers=None if kv == "none" else 0,
                         host_compute=kv == "host-compute")
-        ctx = family.context(torch.ones(B, S, dtype=torch.long, device=dev), T, dtype)
         # the layer's cache taken as the engine takes it, once a block (its views cost launch time too)
         return lambda: family.block(weights(), hidden, cache.layer(0), ctx)
 
@@ -186,7 +203,9 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
             cpu_block = block_call(max_batch, 1, longest, "host-compute")
             shared = [_shared_read(cpu_block, max_batch * longest * nkv * hs * 2 * dtype.itemsize, dev)
                       for _ in range(max(1, rounds))]
+    host_caches.clear()
     busy = [s["gbps"] for s in shared if s["link_busy"]]
+    uplink = [_uplink_sample(family, weights, dev, dtype, max_batch, longest, rounds)] if "host" in placements else []
     loop = [{"phase": "loop", "batch": B, "step_s": _decode_loop_s(family, dev, dtype, B, rounds)}
             for B in sorted({1, max_batch})]
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
@@ -197,7 +216,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         prefill_block=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in pre]),
         prefill_outer=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
         decode_loop=Linear3.fit([(s["batch"], 0.0, s["step_s"]) for s in loop]),
-        key=key, samples=samples + kv_samples + loop + shared,
+        key=key, samples=samples + kv_samples + loop + shared + uplink,
         kv_blocks={kv: (decode_block if kv == "host" else
                         Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
                                      if s["kv_offload"] == kv and s["phase"] == "decode"]),
@@ -205,7 +224,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                                      if s["kv_offload"] == kv and s["phase"] == "prefill"]))
                    for kv in placements},
         host_read_gbps=host_read,
-        shared_read_gbps=statistics.median(busy) if busy else None)
+        shared_read_gbps=statistics.median(busy) if busy else None,
+        uplink_gbps=uplink[0]["gbps"] if uplink else None)
     _COMPUTE_CACHE[key] = model
     if cache is not None:
         stored[key] = model.to_dict()
@@ -243,6 +263,43 @@ def _decode_loop_s(family: Any, device: torch.device, dtype: torch.dtype, batch:
 
     run()  # warm-up
     return statistics.median(run() for _ in range(max(1, rounds)))
+
+
+def _uplink_sample(family: Any, weights: Callable[[], Dict[str, Tensor]], device: torch.device, dtype: torch.dtype,
+                   max_batch: int, longest: int, rounds: int) -> Dict[str, Any]:
+    """The rate at which the engine's ``Uplink`` brings host layers' caches up in a decode pass, each layer's block
+    running as its cache lands: ``UPLINK_PROBE_LAYERS`` layers of about ``UPLINK_PROBE_LAYER_BYTES`` (the batch that
+    makes them, at most ``max_batch``), every earlier key and value of the longest context, the median of ``rounds``
+    passes. Runs 5 and 10 of 2026-12-04 measured "host" steps at 87-91% of their bytes at the link's large-copy rate:
+    the layers' copies up, each followed by its reordering on the device on the same stream, with the pass waiting
+    for the first, come up slower than the link's probe."""
+    nkv, hs = family.num_kv_heads, family.head_dim
+    start = longest - 1                                   # keys before the pass's new token
+    per_row = 2 * start * nkv * hs * dtype.itemsize       # one layer's keys and values, a row
+    B = max(1, min(max_batch, UPLINK_PROBE_LAYER_BYTES // per_row))
+    layers = min(family.num_blocks, UPLINK_PROBE_LAYERS)
+    passes = max(1, rounds) + 1
+    cache = KVCache(layers, B, longest + passes, nkv, hs, dtype, device, device_layers=0)
+    cache.extend(torch.ones(B, start, dtype=torch.long, device=device))          # the prompt's slots (any values)
+    hidden = torch.randn(B, 1, family.hidden_size, device=device, dtype=dtype)     # (B, 1, C)
+    new = torch.ones(B, 1, dtype=torch.long, device=device)                        # (B, 1)
+
+    def one_pass() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        mask, _ = cache.extend(new)  # the pass begins: the first layers' caches start up
+        ctx = family.context(mask, 1, dtype)
+        for i in range(layers):
+            family.block(weights(), hidden, cache.layer(i), ctx)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    with torch.inference_mode(), attention_kernels(device):
+        one_pass()  # warm-up: the device buffers, the kernels
+        pass_s = statistics.median(one_pass() for _ in range(passes - 1))
+    nbytes = layers * B * per_row  # each pass a token longer: within 1/longest of it
+    return {"phase": "uplink", "batch": B, "layers": layers, "bytes": nbytes, "pass_s": pass_s,
+            "gbps": nbytes / pass_s / 1e9}
 
 
 def _host_read_gbps(device: List[Dict[str, Any]], host: List[Dict[str, Any]], key_bytes: int) -> Optional[float]:
