@@ -23,7 +23,8 @@
 #         OPT_MICRO, OPT_QUANT, OPT_PREDICT=1, OPT_PLANNED=MAX_BATCH for the planner's own choice, OPT_PLANNED_ONLY=1
 #         for that alone, OPT_TRACE=1 traces the first row's decode steps, OPT_TAG names the JSON). bench-kv takes
 #         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way.
-#         ab-split-layout: the split's two CPU-layer layouts A/B in one process (AB_BATCHES, AB_ROUNDS).
+#         ab-split-layout: the split's two CPU-layer layouts A/B in one process (AB_BATCHES, AB_ROUNDS);
+#         calibration-ab: the calibration's host-memory probes against what they replaced (CAL_BATCHES, CAL_ROUNDS).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -79,6 +80,10 @@ for stage in "$@"; do
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       python3 benches/split_layout_ab.py "$CK" --gpu-memory 16GiB --batch ${AB_BATCHES:-16,64} --micro-batch 16 \
         --rounds ${AB_ROUNDS:-3} --json "$OUT/split_layout_ab.json" ;;
+    calibration-ab) # the calibration's host-compute block on one layer against layers in turn, and the uplink's rate
+      # against the link's, one process (performance.md item 19): bloom-7b1 shapes, CAL_BATCHES (8,16,64)
+      python3 benches/calibration_ab.py bloom-7b1 --batch ${CAL_BATCHES:-8,16,64} --rounds ${CAL_ROUNDS:-2} \
+        --json "$OUT/calibration_ab.json" ;;
     bench-kv-predict) # the same with the batch planner's prediction beside each row (calibrated in the run)
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} \
