@@ -24,7 +24,8 @@
 #         for that alone, OPT_TRACE=1 traces the first row's decode steps, OPT_TAG names the JSON). bench-kv takes
 #         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way.
 #         ab-split-layout: the split's two CPU-layer layouts A/B in one process (AB_BATCHES, AB_ROUNDS);
-#         calibration-ab: the calibration's host-memory probes against what they replaced (CAL_BATCHES, CAL_ROUNDS).
+#         calibration-ab: the calibration's host-memory probes against what they replaced (CAL_BATCHES, CAL_ROUNDS);
+#         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -80,6 +81,11 @@ for stage in "$@"; do
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       python3 benches/split_layout_ab.py "$CK" --gpu-memory 16GiB --batch ${AB_BATCHES:-16,64} --micro-batch 16 \
         --rounds ${AB_ROUNDS:-3} --json "$OUT/split_layout_ab.json" ;;
+    split-anatomy) # a "split" step's CPU layers clocked (the wait for the device, the attention) in the engine's layout
+      # against every layer on the CPUs, one model, alternating (performance.md item 20): ANAT_BATCHES (16,64)
+      CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      python3 benches/split_anatomy.py "$CK" --gpu-memory 16GiB --batch ${ANAT_BATCHES:-16,64} --micro-batch 16 \
+        --rounds ${ANAT_ROUNDS:-2} --json "$OUT/split_anatomy.json" ;;
     calibration-ab) # the calibration's host-compute block on one layer against layers in turn, and the uplink's rate
       # against the link's, one process (performance.md item 19): bloom-7b1 shapes, CAL_BATCHES (8,16,64)
       python3 benches/calibration_ab.py bloom-7b1 --batch ${CAL_BATCHES:-8,16,64} --rounds ${CAL_ROUNDS:-2} \

@@ -1,0 +1,129 @@
+"""Where a "split" decode step's time goes (issue 17; docs/performance.md item 20). Runs 8-11 of 2026-12-04 measured
+"split" steps 9-28% longer than the planner's sum of their parts (the CPUs' layers timed alone, the device layers,
+the link), while "host-compute" rows, every layer on the CPUs and nothing on the link, came within 5% at batches 8
+and 16. This times, on one loaded model, the engine's own split layout ("odd": layers 1, 3, ... on the CPUs, the
+others brought up) against every layer on the CPUs ("all"), alternating round by round, and splits each CPU layer's
+time in two with host clocks (no added synchronisation):
+
+- ``wait_s``: its cache's ``update``. The q, k, v copy down waits for the device to finish what was queued before
+  (with "odd", the layer before it, which waited for its cache to come up);
+- ``attend_s``: the rest of its attention, the CPUs reading the layer's cache and the output sent up.
+
+    python3 benches/split_anatomy.py CHECKPOINT --gpu-memory 16GiB --batch 16,64 --micro-batch 16 --rounds 2 \\
+        --json out.json
+
+Prints per batch and layout the median decode step, and the CPU layers' wait and attention per step and per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import zstream
+from zstream.interfaces.bench import run_one
+from zstream.planning.residency import cpu_layers_of
+from zstream.streaming import cache as cache_mod
+from zstream.streaming import model as engine
+
+LAYOUTS = {"odd": cpu_layers_of, "all": lambda n, count: list(range(n))}
+
+
+class CpuLayerClock:
+    """Host time in the CPU layers' ``update`` and ``attend`` of decode steps (a prompt's layers are not counted)."""
+
+    def __init__(self) -> None:
+        self.wait_s = 0.0
+        self.attend_s = 0.0
+        self.calls = 0
+        self._update = cache_mod.HostComputeLayerCache.update
+        self._attend = cache_mod.HostComputeLayerCache.attend
+
+    def __enter__(self) -> CpuLayerClock:
+        clock, update, attend = self, self._update, self._attend
+
+        def timed_update(layer: Any, k: Any, v: Any, start: int) -> Any:
+            t = time.perf_counter()
+            out = update(layer, k, v, start)
+            if start > 0:
+                clock.wait_s += time.perf_counter() - t
+            return out
+
+        def timed_attend(layer: Any, q: Any, k: Any, v: Any, ctx: Any) -> Any:
+            t = time.perf_counter()
+            out = attend(layer, q, k, v, ctx)
+            if ctx.start > 0:
+                clock.attend_s += time.perf_counter() - t
+                clock.calls += 1
+            return out
+
+        cache_mod.HostComputeLayerCache.update = timed_update  # type: ignore[method-assign]
+        cache_mod.HostComputeLayerCache.attend = timed_attend  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        cache_mod.HostComputeLayerCache.update = self._update  # type: ignore[method-assign]
+        cache_mod.HostComputeLayerCache.attend = self._attend  # type: ignore[method-assign]
+
+
+def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
+    model = zstream.load(path, offload="cpu", gpu_memory=a.gpu_memory, max_batch=batch,
+                         max_seq_len=a.prompt + a.gen, kv_offload="split", micro_batch=a.micro_batch,
+                         kv_cpu_layers=a.kv_cpu_layers, progress=False)
+    n, cpu = model.family.num_blocks, model.plan.kv_cpu_layers
+    runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in LAYOUTS}
+    try:
+        run_one(model, batch, min(a.prompt, 16), 3)  # warm-up
+        for r in range(a.rounds):
+            for name in (list(LAYOUTS) if r % 2 == 0 else list(reversed(LAYOUTS))):
+                engine.cpu_layers_of = LAYOUTS[name]  # type: ignore[assignment]  # the layout new_cache takes
+                try:
+                    with CpuLayerClock() as clock:
+                        res = run_one(model, batch, a.prompt, a.gen)
+                finally:
+                    engine.cpu_layers_of = cpu_layers_of  # type: ignore[assignment]
+                steps = a.gen - 1
+                runs[name].append({"decode_step_s": res["decode_step_s"], "wait_s": clock.wait_s / steps,
+                                   "attend_s": (clock.attend_s - clock.wait_s) / steps,
+                                   "cpu_layer_calls": clock.calls / steps})
+    finally:
+        model.close()
+    out: Dict[str, Any] = {"batch": batch, "num_blocks": n, "cpu_layers": cpu, "micro_batch": a.micro_batch}
+    for name, reps in runs.items():
+        layers = len(LAYOUTS[name](n, cpu))
+        med = {k: statistics.median(x[k] for x in reps) for k in reps[0]}
+        out[name] = {**med, "layers_on_cpus": layers, "wait_per_layer_s": med["wait_s"] / layers,
+                     "attend_per_layer_s": med["attend_s"] / layers, "rounds": reps}
+    return out
+
+
+def main(argv: Any = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--gpu-memory", default=None)
+    p.add_argument("--batch", default="16,64", help="comma-separated batches")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--kv-cpu-layers", type=int, default=None, help="layers on the CPUs (default: the planner's)")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--gen", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    rows = [run_batch(a.checkpoint, int(b), a) for b in a.batch.split(",")]
+    for r in rows:
+        for name in LAYOUTS:
+            x = r[name]
+            print(f"batch {r['batch']} {name}: step {x['decode_step_s'] * 1e3:.1f} ms; {x['layers_on_cpus']} layers on "
+                  f"the CPUs wait {x['wait_s'] * 1e3:.1f} ms ({x['wait_per_layer_s'] * 1e3:.2f} a layer), attend "
+                  f"{x['attend_s'] * 1e3:.1f} ms ({x['attend_per_layer_s'] * 1e3:.2f} a layer)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

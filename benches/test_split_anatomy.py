@@ -1,0 +1,34 @@
+"""The split anatomy script on a tiny checkpoint (CPU): both layouts run on one model, the CPU layers' decode calls
+counted and clocked, the engine's layout and the cache's methods back in place afterwards."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import zstream
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import split_anatomy as sa
+
+
+def test_the_cpu_layers_are_clocked_in_both_layouts(tmp_path):
+    path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
+    update, attend = sa.cache_mod.HostComputeLayerCache.update, sa.cache_mod.HostComputeLayerCache.attend
+    out = tmp_path / "anatomy.json"
+    assert sa.main([str(path), "--batch", "2", "--prompt", "6", "--gen", "3", "--rounds", "2", "--kv-cpu-layers", "1",
+                    "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    n = row["num_blocks"]
+    # a decode step calls each CPU layer once (no micro-batches): one layer with "odd", every layer with "all"
+    assert (row["odd"]["cpu_layer_calls"], row["all"]["cpu_layer_calls"]) == (1, n)
+    assert (row["odd"]["layers_on_cpus"], row["all"]["layers_on_cpus"]) == (1, n)
+    for name in ("odd", "all"):
+        x = row[name]
+        assert len(x["rounds"]) == 2 and x["wait_s"] > 0 and 0 < x["attend_s"] < x["decode_step_s"]
+        assert x["attend_per_layer_s"] == x["attend_s"] / x["layers_on_cpus"]
+    assert sa.engine.cpu_layers_of is sa.cpu_layers_of
+    assert (sa.cache_mod.HostComputeLayerCache.update, sa.cache_mod.HostComputeLayerCache.attend) == (update, attend)
