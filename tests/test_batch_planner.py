@@ -589,6 +589,42 @@ def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_att
     assert alone.decode_step(1, 10, 100, "host", 10 * big)[0] == pytest.approx(step)
 
 
+def test_the_calibration_times_a_split_pair_as_the_engine_interleaves_it(tiny_bloom, monkeypatch):
+    """With "split" asked for, a pass of a layer brought up then a layer on the CPUs is timed at every decode point
+    (run 12 of 2026-12-04: an up-layer between two CPU layers cost twice its device block), and the planner adds
+    what the pair takes beyond its two blocks to each pair of a split step."""
+    from zstream.streaming.cache import HostComputeLayerCache, HostLayerCache
+
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    fam = model.family
+    seen: list = []
+    real_block = fam.block
+    monkeypatch.setattr(fam, "block", lambda w, h, cache, ctx: seen.append(type(cache)) or real_block(w, h, cache, ctx))
+    cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1, kv_offloads=("split",))
+    assert cm.key.endswith("kv=host,host-compute,split") and set(cm.kv_blocks) == {"host", "host-compute"}
+    pairs = [s for s in cm.samples if s.get("kv_offload") == "split"]
+    assert {(s["phase"], s["batch"], s["keys"]) for s in pairs} == {("decode", b, k) for b in (1, 2) for k in (4, 10)}
+    assert cm.split_pair == Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in pairs])
+    assert ComputeModel.from_dict(cm.to_dict()).split_pair == cm.split_pair
+    # a pass of the tiny model's caches: two pairs, up then CPUs, in turn
+    assert [HostLayerCache, HostComputeLayerCache] * 2 in [seen[i:i + 4] for i in range(len(seen) - 3)]
+    assert cm.split_extra_s(2, 10) == pytest.approx(max(0.0, cm.split_pair(2, 10) - cm.decode_block_s(2, 10, "host")
+                                                        - cm.decode_block_s(2, 10, "host-compute")))
+    # the planner: 3 of 10 layers on the CPUs make 3 pairs, each 5 ms longer than its blocks (micro-batches: each)
+    sizes = toy_sizes(n=10)
+    base = compute_model(10, block_s=1e-3, per_token=0.0, per_key=0.0, outer_s=1e-3)
+    two = dataclasses.replace(base, kv_blocks={"host": (base.decode_block, base.prefill_block),
+                                               "host-compute": (Linear3(4e-3, 0.0, 0.0), base.prefill_block)})
+    paired = dataclasses.replace(two, split_pair=Linear3(10e-3, 0.0, 0.0))
+
+    def step(m: ComputeModel, micro: int | None) -> float:
+        return ThroughputModel(m, sizes.block_bytes, link_gbps=55.0).decode_step(4, 10, 100, "split", 7 * MB, micro,
+                                                                                  3)[0]
+
+    assert step(paired, None) - step(two, None) == pytest.approx(3 * 5e-3)
+    assert step(paired, 2) - step(two, 2) == pytest.approx(2 * 3 * 5e-3)  # two micro-batches of 2 rows
+
+
 def test_a_host_cache_comes_up_at_the_uplinks_calibrated_rate_never_above_the_links():
     """Runs 5 and 10 of 2026-12-04: "host" steps took their bytes at 87-91% of the link's large-copy rate. With the
     uplink calibrated at 44 GB/s on a 55 GB/s link, a copy-bound "host" step (1 GB of cache a layer, every block

@@ -98,6 +98,9 @@ class ComputeModel:
     # GB/s at which the engine's uplink brought host layers' caches up in a pass, their blocks running (None: not
     # timed; the link's rate)
     uplink_gbps: Optional[float] = None
+    # seconds of a "split" pair as the engine interleaves them, a layer brought up (its cache landed) then a layer
+    # on the CPUs (x = batch, y = context; None: not timed, the two blocks' sum)
+    split_pair: Optional[Linear3] = None
     # a decode step's own work outside its pass (x = batch): the logits read, the token taken, the stop check and
     # the synchronisation that reads it; the device idles through it (a step starts once the last one's tokens are in)
     decode_loop: Linear3 = field(default_factory=lambda: Linear3(0.0, 0.0, 0.0))
@@ -113,6 +116,13 @@ class ComputeModel:
 
     def decode_block_s(self, batch: int, context: float, kv: str = "none") -> float:
         return self._block(kv, 0)(batch, context)
+
+    def split_extra_s(self, batch: int, context: float) -> float:
+        """What a "split" pair adds to its two blocks' times as the engine interleaves them (0 where not timed)."""
+        if self.split_pair is None:
+            return 0.0
+        alone = self.decode_block_s(batch, context, "host") + self.decode_block_s(batch, context, "host-compute")
+        return max(0.0, self.split_pair(batch, context) - alone)
 
     def decode_outer_s(self, batch: int, context: float) -> float:
         """The per-pass work of a decode step (mask / ALiBi, embedding, head) and the decode loop's own."""
@@ -137,7 +147,9 @@ class ComputeModel:
         kv = {k: [[f.c0, f.c1, f.c2] for f in pair] for k, pair in self.kv_blocks.items()}
         return {"num_blocks": self.num_blocks, "key": self.key, **fits, "kv_blocks": kv, "samples": self.samples,
                 "host_read_gbps": self.host_read_gbps, "shared_read_gbps": self.shared_read_gbps,
-                "uplink_gbps": self.uplink_gbps}
+                "uplink_gbps": self.uplink_gbps,
+                "split_pair": None if self.split_pair is None else [self.split_pair.c0, self.split_pair.c1,
+                                                                    self.split_pair.c2]}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ComputeModel:
@@ -145,7 +157,8 @@ class ComputeModel:
         kv = {k: (Linear3(*dec), Linear3(*pre)) for k, (dec, pre) in d.get("kv_blocks", {}).items()}
         return cls(num_blocks=int(d["num_blocks"]), key=str(d.get("key", "")), samples=list(d.get("samples", [])),
                    kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"),
-                   shared_read_gbps=d.get("shared_read_gbps"), uplink_gbps=d.get("uplink_gbps"), **fits)
+                   shared_read_gbps=d.get("shared_read_gbps"), uplink_gbps=d.get("uplink_gbps"),
+                   split_pair=Linear3(*d["split_pair"]) if d.get("split_pair") else None, **fits)
 
 
 @dataclass
@@ -299,6 +312,10 @@ class ThroughputModel:
         ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean); ``cpu_bytes``:
         the caches the CPUs read ("host-compute", "split")."""
         block = self._block(self.compute.decode_block_s, batch, context, kv, micro, cpu_layers)
+        if kv == "split":  # each layer brought up next to a layer on the CPUs pays for their interleaving
+            n = len(self.block_bytes)
+            pairs = min(cpu_layers, n - cpu_layers)
+            block += pairs * sum(self.compute.split_extra_s(b, context) for b in micro_batches(batch, micro)) / n
         outer = self.compute.decode_outer_s(batch, context)
         lead = self.first_cache_wait(batch, context, kv, kv_bytes, micro, cpu_layers)
         return self.pass_s(resident, block, outer, kv_bytes, cpu_bytes, lead)

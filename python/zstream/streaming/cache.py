@@ -239,13 +239,15 @@ class KVCache:
     layers brought up to attend (``HostLayerCache``), ``k_cpu`` / ``v_cpu`` (cpu, B, nkv, max_len, hs) for those
     attended to on the host's CPUs (``HostComputeLayerCache``): every host layer with ``host_compute=True``, the
     listed ones with a list of layer indices (a split: while the CPUs attend one layer, the link brings up the next).
+    ``uplink_slots``: the device buffers the brought-up layers take in turn (``Uplink``).
     ``length`` is the number of filled slots (the same for every row: prompts are left-padded to a common length);
     ``mask`` (B, length) marks real tokens.
     """
 
     def __init__(self, num_blocks: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
-                 device_layers: Optional[int] = None, host_compute: Union[bool, Sequence[int]] = False) -> None:
+                 device_layers: Optional[int] = None, host_compute: Union[bool, Sequence[int]] = False,
+                 uplink_slots: int = 2) -> None:
         device = torch.device(device)
         on_device = num_blocks if device_layers is None else max(0, min(device_layers, num_blocks))
         self.k = torch.zeros((on_device, batch, num_kv_heads, max_len, head_dim), dtype=dtype, device=device)
@@ -264,7 +266,7 @@ class KVCache:
         self.k_host, self.v_host = _host_zeros(up_shape, dtype, pin), _host_zeros(up_shape, dtype, pin)
         self.k_cpu, self.v_cpu = _host_zeros(cpu_shape, dtype, pin), _host_zeros(cpu_shape, dtype, pin)
         # device buffers the host layers' caches come up into, ahead of their attention
-        self._uplink = Uplink(self.k_host, self.v_host, device) if up else None
+        self._uplink = Uplink(self.k_host, self.v_host, device, uplink_slots) if up else None
         self._up = AttentionUp(device)  # the CPUs' attention output, to the device
         self.num_blocks = num_blocks
         self.max_len = max_len

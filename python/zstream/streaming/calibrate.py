@@ -30,6 +30,7 @@ CALIBRATION_FORMAT = 4
 HOST_WORKING_SET_BYTES = 1 << 30
 UPLINK_PROBE_LAYER_BYTES = 128 << 20  # a layer's cache in the uplink's probe: large copies, at the link's best rate
 UPLINK_PROBE_LAYERS = 8               # the layers a probe pass brings up: the pass's first wait is 1/8 of it
+SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
 
 
 def _sync(device: torch.device) -> None:
@@ -109,7 +110,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         + (["host-compute"] if {"host-compute", "split"} & set(kv_offloads) else [])
     key = (f"{compute_key(family, dtype, dev)} v{CALIBRATION_FORMAT} batch<={max_batch} prompt={prompt} gen={gen} "
            f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else "")
-           + (f" kv={','.join(placements)}" if placements else ""))
+           + (f" kv={','.join(placements + (['split'] if 'split' in kv_offloads else []))}" if placements else ""))
     if key in _COMPUTE_CACHE:
         return _COMPUTE_CACHE[key]
     stored: Dict[str, Any] = {}
@@ -155,6 +156,37 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     def time_block(B: int, T: int, S: int, kv: str = "none") -> float:
         return _seconds(block_call(B, T, S, kv), dev, min_sample_s)
 
+    pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs, made once
+
+    def time_pair(B: int, S: int) -> float:
+        """A "split" pair, as the engine interleaves it: a layer brought up, then a layer on the CPUs, over one new
+        token a row attending to S keys; the up-layers' caches landed before the clock starts (the link is the
+        planner's to count), so the time is the two blocks' and what their interleaving adds (run 12 of
+        2026-12-04: an up-layer between two CPU layers cost 0.57 ms at bloom-7b1's batch 16, its device block 0.24).
+        The median of three passes."""
+        if B not in pair_caches:
+            pairs = 2 if 2 * B * longest * nkv * hs * dtype.itemsize <= SPLIT_PAIR_LAYER_BYTES else 1
+            pair_caches[B] = (KVCache(2 * pairs, B, longest + 1, nkv, hs, dtype, dev, device_layers=0,
+                                      host_compute=list(range(1, 2 * pairs, 2)), uplink_slots=pairs), pairs)
+        cache, pairs = pair_caches[B]
+        hidden = torch.randn(B, 1, C, device=dev, dtype=dtype)                           # (B, 1, C)
+        one = torch.ones(B, 1, dtype=torch.long, device=dev)                             # (B, 1)
+
+        def one_pass() -> float:
+            cache.reset()
+            cache.extend(torch.ones(B, S - 1, dtype=torch.long, device=dev))  # the earlier keys (any values)
+            mask, _ = cache.extend(one)  # the pass begins: every up-layer's cache starts up (a slot each)
+            ctx = family.context(mask, 1, dtype)
+            _sync(dev)
+            t0 = time.perf_counter()
+            for i in range(2 * pairs):
+                family.block(weights(), hidden, cache.layer(i), ctx)
+            _sync(dev)
+            return (time.perf_counter() - t0) / pairs
+
+        one_pass()  # warm-up
+        return statistics.median(one_pass() for _ in range(3))
+
     def time_outer(B: int, T: int, S: int) -> float:
         """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
         head."""
@@ -175,6 +207,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     times: Dict[Tuple[str, int, int, int], Tuple[List[float], List[float]]] = {p: ([], []) for p in points}
     kv_times: Dict[Tuple[str, str, int, int, int], List[float]] = {(kv, *p): [] for kv in placements for p in points
                                                                      if kv != "host" or p[0] == "prefill"}
+    if "split" in kv_offloads:  # the split's interleaving, at the decode points
+        kv_times.update({("split", *p): [] for p in points if p[0] == "decode"})
     with torch.inference_mode(), attention_kernels(dev):
         for _ in range(max(1, rounds)):
             for p in points:
@@ -184,6 +218,9 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                 for kv in placements:
                     if (kv, *p) in kv_times:
                         kv_times[(kv, *p)].append(time_block(B, T, S, kv))
+                if ("split", *p) in kv_times:
+                    kv_times[("split", *p)].append(time_pair(B, S))
+    pair_caches.clear()
     samples: List[Dict[str, Any]] = []
     for (phase, B, T, S), (blk, out) in times.items():
         where = {"context": S} if phase == "decode" else {"prompt": T}
@@ -223,6 +260,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                         Linear3.fit([(s["batch"] * s["tokens"], s["tokens"], s["block_s"]) for s in kv_samples
                                      if s["kv_offload"] == kv and s["phase"] == "prefill"]))
                    for kv in placements},
+        split_pair=Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
+                                if s["kv_offload"] == "split"]) if "split" in kv_offloads else None,
         host_read_gbps=host_read,
         shared_read_gbps=statistics.median(busy) if busy else None,
         uplink_gbps=uplink[0]["gbps"] if uplink else None)
