@@ -7,6 +7,7 @@ non-negative fit of the timings taken, and (by recording calls) what runs inside
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -262,6 +263,26 @@ def test_calibration_on_the_cpu_times_the_planned_points_and_fits_them(tmp_path)
     calibrate._COMPUTE_CACHE.clear()
     again = calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8, cache=cache)
     assert again is not model and again.to_dict() == model.to_dict()
+
+
+def test_micro_batches_are_calibrated_at_their_own_rows(tiny_bloom, monkeypatch):
+    """A micro-batched step's blocks run at the micro-batch's rows: those batches are decode points of their own
+    (runs 13-14 of 2026-12-04 read a host-compute block at 16 rows off the fit between 8 and 64, 16% apart in two
+    calibrations), and a different set of them is a different calibration. ``plan_batch`` asks for the micro-batches
+    it plans that are smaller than the largest batch."""
+    family = family_for(zstream.synthetic.PRESETS["tiny-llama"])
+    model = calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8, rounds=1,
+                              batches=(16, 100, 64))
+    assert {s["batch"] for s in model.samples if s["phase"] == "decode"} == {1, 8, 16, 64}
+    plain = calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8, rounds=1)
+    assert model.key.endswith(" at=16,64") and model.key != plain.key
+    plan_batch_module = importlib.import_module("zstream.api.plan_batch")
+    asked: list = []
+    real = plan_batch_module.calibrate_compute
+    monkeypatch.setattr(plan_batch_module, "calibrate_compute", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    zstream.plan_batch(tiny_bloom, device="cpu", gpu_memory="1GiB", prompt=8, gen=2, max_batch=6, link_gbps=1.0,
+                       micro_batch=[None, 2, 4, 8])
+    assert asked[0]["max_batch"] == 6 and asked[0]["batches"] == [2, 4]
 
 
 def test_plan_batch_calibrates_and_measures_on_the_cpu(tiny_bloom):

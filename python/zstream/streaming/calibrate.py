@@ -30,6 +30,7 @@ CALIBRATION_FORMAT = 4
 HOST_WORKING_SET_BYTES = 1 << 30
 UPLINK_PROBE_LAYER_BYTES = 128 << 20  # a layer's cache in the uplink's probe: large copies, at the link's best rate
 UPLINK_PROBE_LAYERS = 8               # the layers a probe pass brings up: the pass's first wait is 1/8 of it
+CPU_SAMPLE_S = 0.05                   # a host-compute decode block's timing sample: many calls, many layers
 SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
 
 
@@ -80,7 +81,8 @@ def compute_key(family: Any, dtype: torch.dtype, device: Union[str, torch.device
 def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torch.dtype, *, max_batch: int,
                       prompt: int, gen: int, rounds: int = 5, min_sample_s: float = 0.005,
                       max_prefill_tokens: int = 32768, cache: Union[str, os.PathLike, None] = None,
-                      seed: int = 0, quant: Any = None, kv_offloads: Sequence[str] = ("none",)) -> ComputeModel:
+                      seed: int = 0, quant: Any = None, kv_offloads: Sequence[str] = ("none",),
+                      batches: Sequence[int] = ()) -> ComputeModel:
     """Measure the compute model of ``family`` on ``device``: one block of the real shapes on random weights,
     and the per-pass work (mask, embedding, head), timed at the corners of the range the planner will ask about.
 
@@ -96,7 +98,9 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     quantized one, its packed weights dequantized before the block's matmuls. ``kv_offloads``: with "host-compute"
     or "split" among them, the block is also timed with its KV cache in host memory and attention on the host's
     CPUs; with "host" or "split", its prefill with the cache in host memory (the prompt's copies down); both through
-    the engine's own layer caches."""
+    the engine's own layer caches. ``batches``: more decode batches to time (the micro-batches the planner will ask
+    about: a block of a micro-batched step is timed at its micro-batch's rows, not read off the fit between the
+    corners)."""
     dev = torch.device(device)
     max_batch = max(1, int(max_batch))
     longest = min(prompt + gen, family.max_positions)
@@ -108,8 +112,10 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     # ("split" is planned from the host block's and the host-compute block's timings)
     placements = (["host"] if {"host", "split"} & set(kv_offloads) else []) \
         + (["host-compute"] if {"host-compute", "split"} & set(kv_offloads) else [])
+    extra = sorted({int(b) for b in batches if 1 <= int(b) <= max_batch})
     key = (f"{compute_key(family, dtype, dev)} v{CALIBRATION_FORMAT} batch<={max_batch} prompt={prompt} gen={gen} "
-           f"prefill<={max_prefill_tokens}" + (f" quant={quant.cfg.describe()}" if quant is not None else "")
+           f"prefill<={max_prefill_tokens}" + (f" at={','.join(map(str, extra))}" if extra else "")
+           + (f" quant={quant.cfg.describe()}" if quant is not None else "")
            + (f" kv={','.join(placements + (['split'] if 'split' in kv_offloads else []))}" if placements else ""))
     if key in _COMPUTE_CACHE:
         return _COMPUTE_CACHE[key]
@@ -154,7 +160,10 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         return lambda: family.block(weights(), hidden, cache.layer(0), ctx)
 
     def time_block(B: int, T: int, S: int, kv: str = "none") -> float:
-        return _seconds(block_call(B, T, S, kv), dev, min_sample_s)
+        # the CPUs' blocks over a longer sample: on a shared host their speed drifts within milliseconds (runs 13-14
+        # of 2026-12-04: two calibrations minutes apart put one block 16% apart), and a step is seconds of them
+        sample_s = max(min_sample_s, CPU_SAMPLE_S) if kv == "host-compute" and T == 1 else min_sample_s
+        return _seconds(block_call(B, T, S, kv), dev, sample_s)
 
     pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs, made once
 
@@ -200,7 +209,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         return _seconds(outer, dev, min_sample_s)
 
     # (phase, batch, new tokens a row, keys attended to)
-    points = [("decode", B, 1, S) for B in sorted({1, max(1, round(max_batch ** 0.5)), max_batch})
+    points = [("decode", B, 1, S) for B in sorted({1, max(1, round(max_batch ** 0.5)), max_batch, *extra})
               for S in sorted({max(1, prompt // 2), longest})]
     points += [("prefill", B, P, P) for B in sorted({1, max(1, min(max_batch, max_prefill_tokens // prompt))})
                for P in sorted({max(1, prompt // 2), prompt})]
