@@ -20,15 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-import zstream
 from zstream.interfaces.bench import run_one
 from zstream.planning.residency import cpu_layers_of
 from zstream.streaming import cache as cache_mod
-from zstream.streaming import model as engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from split_layout_ab import arguments, engine_layout, in_turn, load_split  # a sibling script
 
 LAYOUTS = {"odd": cpu_layers_of, "all": lambda n, count: list(range(n))}
 
@@ -71,25 +73,17 @@ class CpuLayerClock:
 
 
 def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
-    model = zstream.load(path, offload="cpu", gpu_memory=a.gpu_memory, max_batch=batch,
-                         max_seq_len=a.prompt + a.gen, kv_offload="split", micro_batch=a.micro_batch,
-                         kv_cpu_layers=a.kv_cpu_layers, progress=False)
+    model = load_split(path, batch, a)
     n, cpu = model.family.num_blocks, model.plan.kv_cpu_layers
     runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in LAYOUTS}
     try:
-        run_one(model, batch, min(a.prompt, 16), 3)  # warm-up
-        for r in range(a.rounds):
-            for name in (list(LAYOUTS) if r % 2 == 0 else list(reversed(LAYOUTS))):
-                engine.cpu_layers_of = LAYOUTS[name]  # type: ignore[assignment]  # the layout new_cache takes
-                try:
-                    with CpuLayerClock() as clock:
-                        res = run_one(model, batch, a.prompt, a.gen)
-                finally:
-                    engine.cpu_layers_of = cpu_layers_of  # type: ignore[assignment]
-                steps = a.gen - 1
-                runs[name].append({"decode_step_s": res["decode_step_s"], "wait_s": clock.wait_s / steps,
-                                   "attend_s": (clock.attend_s - clock.wait_s) / steps,
-                                   "cpu_layer_calls": clock.calls / steps})
+        for _, name in in_turn(list(LAYOUTS), a.rounds):
+            with engine_layout(LAYOUTS[name]), CpuLayerClock() as clock:
+                res = run_one(model, batch, a.prompt, a.gen)
+            steps = a.gen - 1
+            runs[name].append({"decode_step_s": res["decode_step_s"], "wait_s": clock.wait_s / steps,
+                               "attend_s": (clock.attend_s - clock.wait_s) / steps,
+                               "cpu_layer_calls": clock.calls / steps})
     finally:
         model.close()
     out: Dict[str, Any] = {"batch": batch, "num_blocks": n, "cpu_layers": cpu, "micro_batch": a.micro_batch}
@@ -102,17 +96,7 @@ def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Any = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
-    p.add_argument("--gpu-memory", default=None)
-    p.add_argument("--batch", default="16,64", help="comma-separated batches")
-    p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--kv-cpu-layers", type=int, default=None, help="layers on the CPUs (default: the planner's)")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--gen", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
+    a = arguments(__doc__, rounds=2).parse_args(argv)
     rows = [run_batch(a.checkpoint, int(b), a) for b in a.batch.split(",")]
     for r in rows:
         for name in LAYOUTS:

@@ -16,10 +16,11 @@ layer 0's copy time at the link measured at load (what "odd" waits, less the pas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import zstream
 from zstream.interfaces.bench import run_one
@@ -32,22 +33,54 @@ LAYOUTS = {
 }
 
 
-def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
+def arguments(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The command line of the split benches (this one and ``split_anatomy.py``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--gpu-memory", default=None)
+    p.add_argument("--batch", default="16,64", help="comma-separated batches")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--kv-cpu-layers", type=int, default=None, help="layers on the CPUs (default: the planner's)")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--gen", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--json", default=None)
+    return p
+
+
+def load_split(path: str, batch: int, a: argparse.Namespace) -> Any:
+    """The checkpoint loaded for ``batch`` with a "split" cache, as the command line asks, warmed up."""
     model = zstream.load(path, offload="cpu", gpu_memory=a.gpu_memory, max_batch=batch,
                          max_seq_len=a.prompt + a.gen, kv_offload="split", micro_batch=a.micro_batch,
                          kv_cpu_layers=a.kv_cpu_layers, progress=False)
+    run_one(model, batch, min(a.prompt, 16), 3)
+    return model
+
+
+def in_turn(names: Sequence[str], rounds: int) -> Iterator[Tuple[int, str]]:
+    """(round, name): every name each round, the order reversed every other round (the host's drift falls on all)."""
+    for r in range(rounds):
+        yield from ((r, name) for name in (list(names) if r % 2 == 0 else list(reversed(names))))
+
+
+@contextlib.contextmanager
+def engine_layout(layout: Callable[[int, int], List[int]]) -> Iterator[None]:
+    """The engine's caches made in ``layout`` (which layers the CPUs attend) inside, its own afterwards."""
+    engine.cpu_layers_of = layout  # type: ignore[assignment]  # the layout new_cache takes
+    try:
+        yield
+    finally:
+        engine.cpu_layers_of = cpu_layers_of  # type: ignore[assignment]
+
+
+def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
+    model = load_split(path, batch, a)
     n, cpu = model.family.num_blocks, model.plan.kv_cpu_layers
     runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in LAYOUTS}
     try:
-        run_one(model, batch, min(a.prompt, 16), 3)  # warm-up
-        for r in range(a.rounds):
-            order = list(LAYOUTS) if r % 2 == 0 else list(reversed(LAYOUTS))
-            for name in order:
-                engine.cpu_layers_of = LAYOUTS[name]  # type: ignore[assignment]  # the layout new_cache takes
-                try:
-                    runs[name].append(run_one(model, batch, a.prompt, a.gen))
-                finally:
-                    engine.cpu_layers_of = cpu_layers_of  # type: ignore[assignment]
+        for _, name in in_turn(list(LAYOUTS), a.rounds):
+            with engine_layout(LAYOUTS[name]):
+                runs[name].append(run_one(model, batch, a.prompt, a.gen))
         layer = kv_layer_bytes(model.family, batch, a.prompt + a.gen // 2, model.dtype)
         link = model.plan.link_gbps
     finally:
@@ -65,17 +98,7 @@ def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Any = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
-    p.add_argument("--gpu-memory", default=None)
-    p.add_argument("--batch", default="16,64", help="comma-separated batches")
-    p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--kv-cpu-layers", type=int, default=None, help="layers on the CPUs (default: the planner's)")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--gen", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
+    a = arguments(__doc__, rounds=3).parse_args(argv)
     rows = [run_batch(a.checkpoint, int(b), a) for b in a.batch.split(",")]
     for r in rows:
         print(f"batch {r['batch']}: {r['cpu_layers']}/{r['num_blocks']} layers on the CPUs; step odd "

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import zstream
+from zstream.streaming import model as engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import split_anatomy as sa
@@ -30,5 +31,5 @@ def test_the_cpu_layers_are_clocked_in_both_layouts(tmp_path):
         x = row[name]
         assert len(x["rounds"]) == 2 and x["wait_s"] > 0 and 0 < x["attend_s"] < x["decode_step_s"]
         assert x["attend_per_layer_s"] == x["attend_s"] / x["layers_on_cpus"]
-    assert sa.engine.cpu_layers_of is sa.cpu_layers_of
+    assert engine.cpu_layers_of is sa.cpu_layers_of
     assert (sa.cache_mod.HostComputeLayerCache.update, sa.cache_mod.HostComputeLayerCache.attend) == (update, attend)
