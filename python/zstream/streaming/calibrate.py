@@ -168,33 +168,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs, made once
 
     def time_pair(B: int, S: int) -> float:
-        """A "split" pair, as the engine interleaves it: a layer brought up, then a layer on the CPUs, over one new
-        token a row attending to S keys; the up-layers' caches landed before the clock starts (the link is the
-        planner's to count), so the time is the two blocks' and what their interleaving adds (run 12 of
-        2026-12-04: an up-layer between two CPU layers cost 0.57 ms at bloom-7b1's batch 16, its device block 0.24).
-        The median of three passes."""
-        if B not in pair_caches:
-            pairs = 2 if 2 * B * longest * nkv * hs * dtype.itemsize <= SPLIT_PAIR_LAYER_BYTES else 1
-            pair_caches[B] = (KVCache(2 * pairs, B, longest + 1, nkv, hs, dtype, dev, device_layers=0,
-                                      host_compute=list(range(1, 2 * pairs, 2)), uplink_slots=pairs), pairs)
-        cache, pairs = pair_caches[B]
-        hidden = torch.randn(B, 1, C, device=dev, dtype=dtype)                           # (B, 1, C)
-        one = torch.ones(B, 1, dtype=torch.long, device=dev)                             # (B, 1)
-
-        def one_pass() -> float:
-            cache.reset()
-            cache.extend(torch.ones(B, S - 1, dtype=torch.long, device=dev))  # the earlier keys (any values)
-            mask, _ = cache.extend(one)  # the pass begins: every up-layer's cache starts up (a slot each)
-            ctx = family.context(mask, 1, dtype)
-            _sync(dev)
-            t0 = time.perf_counter()
-            for i in range(2 * pairs):
-                family.block(weights(), hidden, cache.layer(i), ctx)
-            _sync(dev)
-            return (time.perf_counter() - t0) / pairs
-
-        one_pass()  # warm-up
-        return statistics.median(one_pass() for _ in range(3))
+        return _split_pair_s(family, weights, dev, dtype, B, S, longest, pair_caches)
 
     def time_outer(B: int, T: int, S: int) -> float:
         """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
@@ -311,6 +285,39 @@ def _decode_loop_s(family: Any, device: torch.device, dtype: torch.dtype, batch:
 
     run()  # warm-up
     return statistics.median(run() for _ in range(max(1, rounds)))
+
+
+def _split_pair_s(family: Any, weights: Callable[[], Dict[str, Tensor]], device: torch.device, dtype: torch.dtype,
+                  B: int, S: int, longest: int, caches: Dict[int, Tuple[KVCache, int]]) -> float:
+    """A "split" pair, as the engine interleaves it: a layer brought up, then a layer on the CPUs, over one new token
+    a row (B rows) attending to S keys; the up-layers' caches landed before the clock starts (the link is the
+    planner's to count), so the time is the two blocks' and what their interleaving adds (run 12 of 2026-12-04: an
+    up-layer between two CPU layers cost 0.57 ms at bloom-7b1's batch 16, its device block 0.24). Two pairs a pass
+    where a layer is at most ``SPLIT_PAIR_LAYER_BYTES``, else one; the median of three passes. ``caches``: the
+    split caches by batch, made here once."""
+    nkv, hs = family.num_kv_heads, family.head_dim
+    if B not in caches:
+        pairs = 2 if 2 * B * longest * nkv * hs * dtype.itemsize <= SPLIT_PAIR_LAYER_BYTES else 1
+        caches[B] = (KVCache(2 * pairs, B, longest + 1, nkv, hs, dtype, device, device_layers=0,
+                             host_compute=list(range(1, 2 * pairs, 2)), uplink_slots=pairs), pairs)
+    cache, pairs = caches[B]
+    hidden = torch.randn(B, 1, family.hidden_size, device=device, dtype=dtype)         # (B, 1, C)
+    one = torch.ones(B, 1, dtype=torch.long, device=device)                            # (B, 1)
+
+    def one_pass() -> float:
+        cache.reset()
+        cache.extend(torch.ones(B, S - 1, dtype=torch.long, device=device))  # the earlier keys (any values)
+        mask, _ = cache.extend(one)  # the pass begins: every up-layer's cache starts up (a slot each)
+        ctx = family.context(mask, 1, dtype)
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(2 * pairs):
+            family.block(weights(), hidden, cache.layer(i), ctx)
+        _sync(device)
+        return (time.perf_counter() - t0) / pairs
+
+    one_pass()  # warm-up
+    return statistics.median(one_pass() for _ in range(3))
 
 
 def _uplink_sample(family: Any, weights: Callable[[], Dict[str, Tensor]], device: torch.device, dtype: torch.dtype,
