@@ -497,8 +497,14 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     real_layer = calibrate.KVCache.layer
     monkeypatch.setattr(calibrate.KVCache, "layer",
                         lambda self, *a: taken.append((self.host_compute, a[0])) or real_layer(self, *a))
+    samples: list = []  # the sample length each timing asked for
+    real_seconds = calibrate._seconds
+    monkeypatch.setattr(calibrate, "_seconds", lambda fn, dev, s: samples.append(s) or real_seconds(fn, dev, s))
     cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1,
                            kv_offloads=("none", "host", "host-compute"))
+    # the CPUs' decode blocks (batches 1 and 2, two contexts, one round) over the longer sample, the rest not
+    assert samples.count(calibrate.CPU_SAMPLE_S) == 4 and calibrate.CPU_SAMPLE_S > 0.005
+    assert len(samples) > 4 and set(samples) == {0.005, calibrate.CPU_SAMPLE_S}
     assert set(seen) == {LayerCache, HostLayerCache, HostComputeLayerCache} and len(taken) == len(seen)
     # a host-compute block takes its layers in turn (their caches, far smaller than 1 GiB here: every layer), so
     # that on a GPU host the CPUs read them from DRAM as the engine's layers are, not from their own cache
