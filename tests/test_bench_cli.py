@@ -325,3 +325,30 @@ def test_a_host_cache_row_limited_by_host_memory_says_so():
                     decode_step_s=2.0, limit="compute or overheads")
     _host_memory_limit(resident, "", 55.18, relabel=True, shared_gbps=101.8)
     assert resident["limit"] == "the link and host memory" and resident["host_read_gbps"] == 55.18
+
+
+def test_dirty_pages_are_written_out_before_anything_is_measured(cache, monkeypatch):
+    """A checkpoint just written is still being flushed for minutes, and the flusher slows what runs beside it (run
+    16 of 2026-12-04): bench syncs first, and records what was pending."""
+    import zstream.foundations.measure as measure
+    import zstream.interfaces.bench as bench
+
+    events = []
+    monkeypatch.setattr(measure.os, "sync", lambda: events.append("sync"))
+    real_run_one = bench.run_one
+    monkeypatch.setattr(bench, "run_one", lambda *a, **k: (events.append("run"), real_run_one(*a, **k))[1])
+    out = cache / "w.json"
+    assert main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "1", "--prompt", "6", "--gen", "2",
+                 "--device", "cpu", "--json", str(out)]) == 0
+    assert events[0] == "sync" and "run" in events
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["writeback_pending_bytes"] >= 0 and meta["writeback_flush_s"] >= 0
+
+
+def test_meminfo_fields_are_summed_in_bytes(tmp_path):
+    from zstream.foundations.measure import meminfo_bytes
+
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal:       1000 kB\nDirty:             12 kB\nWriteback:          3 kB\nDirtyX: 7 kB\n")
+    assert meminfo_bytes("Dirty", "Writeback", path=str(f)) == 15 * 1024
+    assert meminfo_bytes("Dirty", path=str(tmp_path / "missing")) == 0

@@ -7,6 +7,7 @@ sample is not a measurement.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -129,14 +130,34 @@ def cuda_median_ms(fn: Callable[[], object], repeats: int = 3,  # GPU only
 
 def host_available_bytes() -> int:
     """MemAvailable from /proc/meminfo (what can be pinned without swapping), or 0 if unknown."""
+    return meminfo_bytes("MemAvailable")
+
+
+def meminfo_bytes(*fields: str, path: str = "/proc/meminfo") -> int:
+    """The sum of ``fields`` of /proc/meminfo in bytes, 0 where unknown."""
+    total = 0
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                name, _, rest = line.partition(":")
+                if name in fields:
+                    total += int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return total
+
+
+def flush_writeback() -> Tuple[int, float]:
+    """Write every dirty page out before a measurement, and say how many bytes were pending and how long it took.
+
+    A checkpoint just written (14 GB of bloom-7b1) leaves the kernel flushing it for minutes; the flusher takes CPU
+    time and host-memory bandwidth from whatever runs beside it, and attention on all of the CPUs is slowed the most
+    (run 16 of 2026-12-04: the CPUs' blocks timed 2x slower, and steps of 225 ms among 90 ms ones, in the minutes
+    after the write)."""
+    pending = meminfo_bytes("Dirty", "Writeback")
+    t0 = time.perf_counter()
+    os.sync()
+    return pending, time.perf_counter() - t0
 
 
 def _timed(fn: Callable[[], object]) -> float:

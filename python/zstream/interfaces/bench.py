@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import OutOfMemoryError, UsageError
-from ..foundations.measure import Rate, measure_copy, measure_disk, measure_h2d, measure_memcpy
+from ..foundations.measure import Rate, flush_writeback, measure_copy, measure_disk, measure_h2d, measure_memcpy
 from ..foundations.units import parse_dtype
 from ..planning.residency import kv_layer_bytes
 from .args import DTYPE_CHOICES, OFFLOAD_CHOICES, cache_dir, comma_list, positive, size
@@ -539,6 +539,8 @@ def main(a: argparse.Namespace) -> int:
     meta: Dict[str, Any] = {"model": path.name, "device": device, "host": platform.node(),
                             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     rows: List[Dict[str, Any]] = []
+    pending, meta["writeback_flush_s"] = flush_writeback()
+    meta["writeback_pending_bytes"] = pending
     if a.planned_only and a.planned is None:
         raise UsageError("--planned-only needs --planned")
     # the tensor-parallel runs first: their ranks are forked, which a process that has used CUDA cannot do
