@@ -876,3 +876,55 @@ def test_a_decode_step_costs_the_decode_loops_own_work(monkeypatch):
     # a model stored before the loop was timed reads back without it
     old = {k: v for k, v in cm.to_dict().items() if k != "decode_loop"}
     assert ComputeModel.from_dict(old).decode_loop == Linear3(0.0, 0.0, 0.0)
+
+
+def test_the_cpus_blocks_are_slowed_by_the_share_of_them_the_link_copies_beside():
+    """A host-compute block costs ``cpu_busy_factor`` times its alone time where the link copies beside all of it,
+    in proportion where beside a share, and as alone with nothing crossing; a device block is never slowed. The
+    factor survives the calibration's JSON, and one calibrated before it was timed reads as none."""
+    sizes = toy_sizes(n=10)  # 100 MB blocks
+    cpu = Linear3(4e-3, 0.0, 0.0)
+    compute = dataclasses.replace(compute_model(10, block_s=1e-3, per_token=0.0, per_key=0.0, outer_s=0.0),
+                                  kv_blocks={"host-compute": (cpu, cpu)}, cpu_busy_factor=1.5)
+    assert compute.decode_block_s(8, 512, "host-compute") == pytest.approx(4e-3)
+    assert compute.decode_block_s(8, 512, "host-compute", link_busy=1.0) == pytest.approx(6e-3)
+    assert compute.decode_block_s(8, 512, "host-compute", link_busy=0.5) == pytest.approx(5e-3)
+    assert compute.decode_block_s(8, 512, "host-compute", link_busy=3.0) == pytest.approx(6e-3)
+    assert compute.decode_block_s(8, 512, "none", link_busy=1.0) == pytest.approx(1e-3)
+    assert ComputeModel.from_dict(compute.to_dict()).cpu_busy_factor == 1.5
+    assert ComputeModel.from_dict({k: v for k, v in compute.to_dict().items() if k != "cpu_busy_factor"}) \
+        .cpu_busy_factor is None
+    tm = ThroughputModel(compute, sizes.block_bytes, link_gbps=50.0)
+    # every block resident, attention on the CPUs: nothing crosses the link, the blocks run as alone
+    assert tm.link_busy_share(8, 10, 512, "host-compute", 0, None, 0) == 0.0
+    assert tm.decode_step(8, 10, 512, "host-compute")[0] == pytest.approx(10 * 4e-3)
+    # two blocks streamed: 0.2 GB at 50 GB/s (4 ms) beside 40 ms of the CPUs' layers, a tenth of them
+    assert tm.link_busy_share(8, 8, 512, "host-compute", 0, None, 0) == pytest.approx(0.1)
+    slower = Linear3(4e-3 * 1.05, 0.0, 0.0)  # the same step as the CPUs' blocks 5% slower and no factor
+    scaled = dataclasses.replace(compute, kv_blocks={"host-compute": (slower, cpu)}, cpu_busy_factor=None)
+    assert tm.decode_step(8, 8, 512, "host-compute")[0] == pytest.approx(
+        ThroughputModel(scaled, sizes.block_bytes, link_gbps=50.0).decode_step(8, 8, 512, "host-compute")[0])
+    assert tm.decode_step(8, 8, 512, "host-compute")[0] > tm.decode_step(8, 10, 512, "host-compute")[0]
+    # a split of 5 layers on the CPUs (20 ms) beside 5 caches of 0.4 GB coming up (40 ms): busy throughout
+    assert tm.link_busy_share(8, 10, 512, "split", 2 * 10**9, None, 5) == 1.0
+    step = tm.decode_step(8, 10, 512, "split", 2 * 10**9, None, 5, 2 * 10**9)[0]
+    alone = ThroughputModel(dataclasses.replace(compute, cpu_busy_factor=None), sizes.block_bytes, 50.0)
+    assert step > alone.decode_step(8, 10, 512, "split", 2 * 10**9, None, 5, 2 * 10**9)[0]
+
+
+def test_the_cpus_busy_factor_is_the_shared_probes_call_over_the_block_alone():
+    """The calibration's factor: the busy windows' median call (bytes a call over the CPUs' rate) against the
+    host-compute block alone at the probe's point (batch x keys); at least 1 (a faster window is noise); none
+    without both timings."""
+    from zstream.streaming.calibrate import _cpu_busy_factor
+
+    host = [{"kv_offload": "host-compute", "phase": "decode", "batch": b, "keys": k, "block_s": t}
+            for b, k, t in ((1, 544, 1e-3), (64, 544, 10e-3), (64, 256, 6e-3))]
+    per_call = 10**8
+    busy = [{"cpu_bytes": n * per_call, "calls": n, "cpu_gbps": n * per_call / w / 1e9}
+            for n, w in ((20, 0.25), (20, 0.24), (20, 0.30))]  # calls of 12.5, 12 and 15 ms
+    assert _cpu_busy_factor(host, busy, 64 * 544) == pytest.approx(12.5e-3 / 10e-3)
+    fast = [dict(b, cpu_gbps=b["cpu_gbps"] * 2) for b in busy]
+    assert _cpu_busy_factor(host, fast, 64 * 544) == 1.0
+    assert _cpu_busy_factor(host, [], 64 * 544) is None
+    assert _cpu_busy_factor(host, busy, 32 * 544) is None

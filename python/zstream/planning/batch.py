@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -101,6 +102,9 @@ class ComputeModel:
     # seconds of a "split" pair as the engine interleaves them, a layer brought up (its cache landed) then a layer
     # on the CPUs (x = batch, y = context; None: not timed, the two blocks' sum)
     split_pair: Optional[Linear3] = None
+    # how much longer a host-compute decode block takes while the link copies from the same host memory: the shared
+    # probe's calls against the block alone, at the largest batch and context (None: not timed, no slower)
+    cpu_busy_factor: Optional[float] = None
     # a decode step's own work outside its pass (x = batch): the logits read, the token taken, the stop check and
     # the synchronisation that reads it; the device idles through it (a step starts once the last one's tokens are in)
     decode_loop: Linear3 = field(default_factory=lambda: Linear3(0.0, 0.0, 0.0))
@@ -114,8 +118,13 @@ class ComputeModel:
             raise ValueError(f"the compute model has no timings with kv_offload={kv!r}: calibrate with it")
         return self.kv_blocks[kv][phase]
 
-    def decode_block_s(self, batch: int, context: float, kv: str = "none") -> float:
-        return self._block(kv, 0)(batch, context)
+    def decode_block_s(self, batch: int, context: float, kv: str = "none", link_busy: float = 0.0) -> float:
+        """One decode block; ``link_busy``: the share of its time the link copies beside it, which slows the CPUs'
+        reads of a host cache ("host-compute": ``cpu_busy_factor``; runs 16-17 of 2026-12-04)."""
+        t = self._block(kv, 0)(batch, context)
+        if kv == "host-compute" and self.cpu_busy_factor:
+            t *= 1.0 + (self.cpu_busy_factor - 1.0) * min(1.0, max(0.0, link_busy))
+        return t
 
     def split_extra_s(self, batch: int, context: float) -> float:
         """What a "split" pair adds to its two blocks' times as the engine interleaves them (0 where not timed)."""
@@ -147,7 +156,7 @@ class ComputeModel:
         kv = {k: [[f.c0, f.c1, f.c2] for f in pair] for k, pair in self.kv_blocks.items()}
         return {"num_blocks": self.num_blocks, "key": self.key, **fits, "kv_blocks": kv, "samples": self.samples,
                 "host_read_gbps": self.host_read_gbps, "shared_read_gbps": self.shared_read_gbps,
-                "uplink_gbps": self.uplink_gbps,
+                "uplink_gbps": self.uplink_gbps, "cpu_busy_factor": self.cpu_busy_factor,
                 "split_pair": None if self.split_pair is None else [self.split_pair.c0, self.split_pair.c1,
                                                                     self.split_pair.c2]}
 
@@ -158,6 +167,7 @@ class ComputeModel:
         return cls(num_blocks=int(d["num_blocks"]), key=str(d.get("key", "")), samples=list(d.get("samples", [])),
                    kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"),
                    shared_read_gbps=d.get("shared_read_gbps"), uplink_gbps=d.get("uplink_gbps"),
+                   cpu_busy_factor=d.get("cpu_busy_factor"),
                    split_pair=Linear3(*d["split_pair"]) if d.get("split_pair") else None, **fits)
 
 
@@ -311,7 +321,9 @@ class ThroughputModel:
         ``micro``: rows a block computes at a time (a block costs its micro-batches' times, one after another);
         ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean); ``cpu_bytes``:
         the caches the CPUs read ("host-compute", "split")."""
-        block = self._block(self.compute.decode_block_s, batch, context, kv, micro, cpu_layers)
+        busy = self.link_busy_share(batch, resident, context, kv, kv_bytes, micro, cpu_layers)
+        block = self._block(partial(self.compute.decode_block_s, link_busy=busy), batch, context, kv, micro,
+                            cpu_layers)
         if kv == "split":  # each layer brought up next to a layer on the CPUs pays for their interleaving
             n = len(self.block_bytes)
             pairs = min(cpu_layers, n - cpu_layers)
@@ -319,6 +331,21 @@ class ThroughputModel:
         outer = self.compute.decode_outer_s(batch, context)
         lead = self.first_cache_wait(batch, context, kv, kv_bytes, micro, cpu_layers)
         return self.pass_s(resident, block, outer, kv_bytes, cpu_bytes, lead)
+
+    def link_busy_share(self, batch: int, resident: int, context: float, kv: str, kv_bytes: int,
+                        micro: Optional[int], cpu_layers: int) -> float:
+        """The share of a decode pass's CPU layers that the link copies beside: its bytes in the pass (streamed
+        weights, caches brought up) against the CPUs' layers' time, at most all of it (0: no layer on the CPUs or
+        nothing crosses the link)."""
+        n = len(self.block_bytes)
+        on_cpus = cpu_layers if kv == "split" else n if kv == "host-compute" else 0
+        if not on_cpus or not self.link_gbps:
+            return 0.0
+        link_s = sum(self.block_bytes[resident:]) / (self.link_gbps * 1e9)
+        link_s += kv_bytes / (self.kv_up_gbps * 1e9) if kv_bytes else 0.0
+        cpu_s = on_cpus * sum(self.compute.decode_block_s(b, context, "host-compute")
+                              for b in micro_batches(batch, micro))
+        return min(1.0, link_s / cpu_s) if cpu_s > 0 else 0.0
 
     def first_cache_wait(self, batch: int, context: float, kv: str, kv_bytes: int, micro: Optional[int] = None,
                          cpu_layers: int = 0) -> float:
@@ -334,8 +361,9 @@ class ThroughputModel:
             return 0.0
         copy = kv_bytes / (n - len(on_cpus)) / (self.kv_up_gbps * 1e9)
         # the CPUs' layers ahead of it ("split" only: a "host" model need not be calibrated with "host-compute")
-        ahead = first_up * self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0) \
-            if first_up else 0.0
+        # (they run while that copy does)
+        cpu_block = partial(self.compute.decode_block_s, link_busy=1.0)
+        ahead = first_up * self._block(cpu_block, batch, context, "host-compute", micro, 0) if first_up else 0.0
         return max(0.0, copy - self.compute.decode_outer(batch, context) - ahead)
 
     def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none",
@@ -360,7 +388,9 @@ class ThroughputModel:
         if not self.link_gbps:
             return n
         t_dev = self._block(self.compute.decode_block_s, batch, context, "none", micro, 0)
-        t_cpu = self._block(self.compute.decode_block_s, batch, context, "host-compute", micro, 0)
+        # the CPUs' layers run beside the other layers' caches coming up
+        t_cpu = self._block(partial(self.compute.decode_block_s, link_busy=1.0), batch, context, "host-compute",
+                            micro, 0)
         up = layer_kv_bytes / (self.kv_up_gbps * 1e9)
         weights = sum(self.block_bytes[resident:]) / (self.link_gbps * 1e9)
         f = (weights + n * up - n * t_dev) / max(t_cpu - t_dev + up, 1e-12)

@@ -23,7 +23,7 @@ from .weights import attention_kernels, local_weights
 _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by ComputeModel.key
 # in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop;
 # 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM)
-CALIBRATION_FORMAT = 4
+CALIBRATION_FORMAT = 5
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -225,6 +225,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                       for _ in range(max(1, rounds))]
     host_caches.clear()
     busy = [s["gbps"] for s in shared if s["link_busy"]]
+    cpu_busy = _cpu_busy_factor(kv_samples, [s for s in shared if s["link_busy"]], max_batch * longest)
     uplink = [_uplink_sample(family, weights, dev, dtype, max_batch, longest, rounds)] if "host" in placements else []
     loop = [{"phase": "loop", "batch": B, "step_s": _decode_loop_s(family, dev, dtype, B, rounds)}
             for B in sorted({1, max_batch})]
@@ -247,7 +248,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                                 if s["kv_offload"] == "split"]) if "split" in kv_offloads else None,
         host_read_gbps=host_read,
         shared_read_gbps=statistics.median(busy) if busy else None,
-        uplink_gbps=uplink[0]["gbps"] if uplink else None)
+        uplink_gbps=uplink[0]["gbps"] if uplink else None,
+        cpu_busy_factor=cpu_busy)
     _COMPUTE_CACHE[key] = model
     if cache is not None:
         stored[key] = model.to_dict()
@@ -370,6 +372,19 @@ def _host_read_gbps(device: List[Dict[str, Any]], host: List[Dict[str, Any]], ke
     return top["batch"] * top["keys"] * key_bytes / extra / 1e9 if extra > 0 else None
 
 
+def _cpu_busy_factor(host: List[Dict[str, Any]], busy: List[Dict[str, Any]], rows_keys: int) -> Optional[float]:
+    """How much longer the shared probe's host-compute block (``rows_keys`` = batch x keys, the largest point) took
+    with the link copying beside it than the same point's block alone: the median call of the busy windows (bytes
+    a call over the CPUs' rate) over the point's median; never below 1 (the two were timed minutes apart: a faster
+    window is noise, not a gain). None where either was not timed."""
+    alone = [s for s in host if s["kv_offload"] == "host-compute" and s["phase"] == "decode"
+             and s["batch"] * s["keys"] == rows_keys]
+    calls = [s["cpu_bytes"] / s["calls"] / (s["cpu_gbps"] * 1e9) for s in busy if s.get("calls") and s["cpu_gbps"]]
+    if not alone or not calls:
+        return None
+    return max(1.0, statistics.median(calls) / alone[0]["block_s"])
+
+
 def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.device,  # GPU only
                  window_s: float = 0.25, chunk: int = 256 << 20) -> Dict[str, Any]:
     """Host memory read by the link and the CPUs at once: ``cpu_block`` (a host-compute block, reading ``cpu_bytes``
@@ -413,8 +428,8 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
     closed.synchronize()
     window = time.perf_counter() - t0
     copies.synchronize()
-    return shared_sample([start.elapsed_time(e) / 1e3 for e in ends], chunk, start.elapsed_time(opened) / 1e3,
-                         start.elapsed_time(closed) / 1e3, window, calls * cpu_bytes, alone)
+    return {**shared_sample([start.elapsed_time(e) / 1e3 for e in ends], chunk, start.elapsed_time(opened) / 1e3,
+                            start.elapsed_time(closed) / 1e3, window, calls * cpu_bytes, alone), "calls": calls}
 
 
 def _sync_stream(device: torch.device) -> None:  # GPU only
