@@ -500,8 +500,15 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     samples: list = []  # the sample length each timing asked for
     real_seconds = calibrate._seconds
     monkeypatch.setattr(calibrate, "_seconds", lambda fn, dev, s: samples.append(s) or real_seconds(fn, dev, s))
+    busy_asked: list = []  # the CPUs' slow-down beside the link: asked of the host-compute timings, kept as given
+    monkeypatch.setattr(calibrate, "_cpu_busy_factor",
+                        lambda host, busy, rk: busy_asked.append((host, busy, rk)) or 1.25)
     cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1,
                            kv_offloads=("none", "host", "host-compute"))
+    assert cm.cpu_busy_factor == 1.25 and ComputeModel.from_dict(cm.to_dict()).cpu_busy_factor == 1.25
+    (host_asked, busy_windows, rows_keys), = busy_asked
+    assert rows_keys == 2 * 10 and busy_windows == []  # the largest batch x the longest context; no probe on a CPU
+    assert any(s.get("kv_offload") == "host-compute" for s in host_asked)
     # the CPUs' decode blocks (batches 1 and 2, two contexts, one round) over the longer sample, the rest not
     assert samples.count(calibrate.CPU_SAMPLE_S) == 4 and calibrate.CPU_SAMPLE_S > 0.005
     assert len(samples) > 4 and set(samples) == {0.005, calibrate.CPU_SAMPLE_S}
@@ -581,6 +588,14 @@ def test_a_split_cache_balances_the_link_and_the_cpus():
     every = [tm.decode_step(64, split.resident_blocks, 528, "split", (30 - f) * layer, None, f)[0] for f in range(31)]
     assert split.decode_step_s == pytest.approx(min(every))
     assert plan.load_kwargs(split)["kv_cpu_layers"] == split.kv_cpu_layers
+    # CPUs slowed by the link beside them (a busy factor of 1.5) take fewer of the layers, and the count is still
+    # the best of every split of the slowed model
+    slowed = ThroughputModel(dataclasses.replace(compute, cpu_busy_factor=1.5), sizes.block_bytes, 55.0)
+    fewer = slowed.best_split(64, split.resident_blocks, 528, layer)
+    assert fewer < tm.best_split(64, split.resident_blocks, 528, layer)
+    every = [slowed.decode_step(64, split.resident_blocks, 528, "split", (30 - f) * layer, None, f)[0]
+             for f in range(31)]
+    assert every[fewer] == pytest.approx(min(every))
 
 
 def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_attend_first():
@@ -607,6 +622,9 @@ def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_att
     assert tm.first_cache_wait(1, 100, "split", 5 * big, cpu_layers=5) == pytest.approx(big / 55e9 - 6e-3)
     assert tm.first_cache_wait(1, 100, "split", 4 * big, cpu_layers=6) == pytest.approx(big / 55e9 - 6e-3 - 6e-3)
     assert tm.first_cache_wait(1, 100, "split", 4 * small, cpu_layers=6) == 0.0
+    # layer 0 on the CPUs runs beside that copy: at a busy factor of 1.5 it takes 9 ms of the wait, not 6
+    slowed = ThroughputModel(dataclasses.replace(compute, cpu_busy_factor=1.5), sizes.block_bytes, link_gbps=55.0)
+    assert slowed.first_cache_wait(1, 100, "split", 4 * big, cpu_layers=6) == pytest.approx(big / 55e9 - 6e-3 - 9e-3)
     assert tm.first_cache_wait(1, 100, "split", 0, cpu_layers=10) == 0.0
     assert tm.first_cache_wait(1, 100, "none", 0) == 0.0 and tm.first_cache_wait(1, 100, "host-compute", 0) == 0.0
     # a model calibrated for "host" alone (as ``zstream bench --predict`` calibrates a "host" row) plans it: run 10
