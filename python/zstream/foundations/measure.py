@@ -150,10 +150,10 @@ def meminfo_bytes(*fields: str, path: str = "/proc/meminfo") -> int:
 def flush_writeback() -> Tuple[int, float]:
     """Write every dirty page out before a measurement, and say how many bytes were pending and how long it took.
 
-    A checkpoint just written (14 GB of bloom-7b1) leaves the kernel flushing it for minutes; the flusher takes CPU
-    time and host-memory bandwidth from whatever runs beside it, and attention on all of the CPUs is slowed the most
-    (run 16 of 2026-12-04: the CPUs' blocks timed 2x slower, and steps of 225 ms among 90 ms ones, in the minutes
-    after the write)."""
+    A checkpoint just written (14 GB of bloom-7b1) can leave the kernel flushing it while a benchmark runs, taking
+    CPU time and host-memory bandwidth from it; attention on all of the CPUs waits for the slowest of them. (Run 16
+    of 2026-12-04, its CPUs' blocks 2x slow in the minutes after such a write, made this the suspect; run 17 found
+    nothing pending, so that run had another cause. The record says which.)"""
     pending = meminfo_bytes("Dirty", "Writeback")
     t0 = time.perf_counter()
     os.sync()

@@ -22,7 +22,8 @@ from .weights import attention_kernels, local_weights
 
 _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by ComputeModel.key
 # in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop;
-# 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM)
+# 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM; 5: the
+# CPUs' blocks beside the link's copies)
 CALIBRATION_FORMAT = 5
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
