@@ -946,3 +946,34 @@ def test_the_cpus_busy_factor_is_the_shared_probes_call_over_the_block_alone():
     assert _cpu_busy_factor(host, fast, 64 * 544) == 1.0
     assert _cpu_busy_factor(host, [], 64 * 544) is None
     assert _cpu_busy_factor(host, busy, 32 * 544) is None
+
+
+def test_the_shared_probe_times_the_largest_host_compute_block_each_round(tiny_bloom, monkeypatch):
+    """The probe of host memory read by the link and the CPUs at once (GPU only; its copies stubbed here) is given
+    a host-compute decode block at the largest batch and the longest context, and the bytes of cache one call
+    reads, once a round; only where "host-compute" is timed."""
+    from zstream.streaming.cache import HostComputeLayerCache
+
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    fam = model.family
+    timer = calibrate._BlockTimer(fam, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001, seed=0,
+                                  quant=None)
+    probed: list = []
+    seen: list = []
+    real_block = fam.block
+    monkeypatch.setattr(fam, "block", lambda w, h, cache, ctx: seen.append((type(cache), h.shape[0])) or
+                        real_block(w, h, cache, ctx))
+
+    def probe(cpu_block, cpu_bytes, dev):
+        seen.clear()
+        cpu_block()
+        probed.append((list(seen), cpu_bytes))
+        return {"phase": "shared", "link_busy": True, "gbps": 1.0}
+    monkeypatch.setattr(calibrate, "_shared_read", probe)
+    with torch.inference_mode():
+        shared, uplink, loop = timer.probes(["host-compute"], max_batch=3, rounds=2, shared_probe=True)
+    assert len(shared) == 2 and uplink == [] and [s["batch"] for s in loop] == [1, 3]
+    layer_bytes = 3 * 10 * fam.num_kv_heads * fam.head_dim * 2 * 4  # 3 rows x 10 keys x a key's and value's bytes
+    assert probed == [([(HostComputeLayerCache, 3)], layer_bytes)] * 2
+    assert timer.probes(["host"], max_batch=3, rounds=1, shared_probe=True)[0] == []
+    assert timer.probes(["host-compute"], max_batch=3, rounds=1)[0] == []  # on a CPU, not by default

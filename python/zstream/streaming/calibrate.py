@@ -92,8 +92,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     linear in tokens) over half the prompt and the whole prompt. A cost grows nonlinearly between few tokens (reading
     the weights dominates) and many (the matmuls dominate), so the fit is only trusted inside that range, which is
     why the range comes from the question being asked. Every point is timed once per round, ``rounds`` rounds, and
-    its median kept: on a shared host the speed of launching kernels from Python drifts by up to 2x for seconds at a
-    time (seen on the H100 VM), and interleaving spreads such a spell over all points instead of one.
+    its median kept (``_BlockTimer.sample``).
     ``cache``: a JSON file of calibrations by key and range, read first and written after; calibrations are also
     kept for the life of the process. ``quant`` (a ``quant.BlockQuant``): the block is timed as the engine runs a
     quantized one, its packed weights dequantized before the block's matmuls. ``kv_offloads``: with "host-compute"
@@ -106,132 +105,187 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     max_batch = max(1, int(max_batch))
     longest = min(prompt + gen, family.max_positions)
     prompt = max(1, min(prompt, longest))
-    # "host" decodes as a device-cache block does: its cache comes up ahead of the block, on its own stream
-    # (cache.Uplink), and the cache's bytes are a cost of the link. Its prefill is timed, through the engine's own
-    # host layer: the prompt's keys and values go down to host memory on the compute stream (runs 1-4 of
-    # 2026-12-04: without it the prefill of "host" and "split" rows came out 0.61-0.78x of measured).
-    # ("split" is planned from the host block's and the host-compute block's timings)
-    placements = (["host"] if {"host", "split"} & set(kv_offloads) else []) \
-        + (["host-compute"] if {"host-compute", "split"} & set(kv_offloads) else [])
+    placements = _host_placements(kv_offloads)
+    split = "split" in kv_offloads
     extra = sorted({int(b) for b in batches if 1 <= int(b) <= max_batch})
     key = (f"{compute_key(family, dtype, dev)} v{CALIBRATION_FORMAT} batch<={max_batch} prompt={prompt} gen={gen} "
            f"prefill<={max_prefill_tokens}" + (f" at={','.join(map(str, extra))}" if extra else "")
            + (f" quant={quant.cfg.describe()}" if quant is not None else "")
-           + (f" kv={','.join(placements + (['split'] if 'split' in kv_offloads else []))}" if placements else ""))
+           + (f" kv={','.join(placements + (['split'] if split else []))}" if placements else ""))
     if key in _COMPUTE_CACHE:
         return _COMPUTE_CACHE[key]
-    stored: Dict[str, Any] = {}
-    if cache is not None and Path(cache).exists():
-        stored = json.loads(Path(cache).read_text())
-        if key in stored:
-            _COMPUTE_CACHE[key] = ComputeModel.from_dict(stored[key])
-            return _COMPUTE_CACHE[key]
+    stored: Dict[str, Any] = json.loads(Path(cache).read_text()) if cache is not None and Path(cache).exists() else {}
+    if key in stored:
+        _COMPUTE_CACHE[key] = ComputeModel.from_dict(stored[key])
+        return _COMPUTE_CACHE[key]
 
-    g = torch.Generator().manual_seed(seed)
-    block_w = _random_weights(family, family.block_tensors(0), dtype, dev, g)
-    weights: Callable[[], Dict[str, Tensor]] = lambda: block_w  # noqa: E731
-    if quant is not None:  # the block's packed form, dequantized on every call as the engine does
-        names = family.block_tensors(0)
-        buf, layout = quant.pack({names[k]: v for k, v in block_w.items()}, names, work=dev, dest=dev)
-        packed_w = local_weights(FlatRead(buf, layout), quant.names(names), dtype)
-        weights = lambda: quant.dequantize(packed_w)  # noqa: E731
-    outer_w = _random_weights(family, family.outer_tensors(), dtype, dev, g)
-    C, nkv, hs = family.hidden_size, family.num_kv_heads, family.head_dim
+    timer = _BlockTimer(family, dev, dtype, longest, min_sample_s, seed, quant)
+    points = _points(max_batch, prompt, longest, max_prefill_tokens, extra)
+    samples, kv_samples = timer.sample(points, placements, split, rounds)
+    shared, uplink, loop = timer.probes(placements, max_batch, rounds)
+    model = _fitted(family, dtype, key, samples, kv_samples, shared, uplink, loop, placements, split,
+                    max_batch * longest)
+    _COMPUTE_CACHE[key] = model
+    if cache is not None:
+        stored[key] = model.to_dict()
+        Path(cache).write_text(json.dumps(stored, indent=1))
+    return model
 
-    host_caches: Dict[Tuple[int, int], KVCache] = {}  # (B, length) -> the host-compute decode caches, made once
 
-    def block_call(B: int, T: int, S: int, kv: str = "none") -> Callable[[], Any]:
-        """One block over T new tokens a row (B rows), attending to S keys (the cache holds S - T before). The cache
-        is as long as a real run's (prompt + gen), so attention reads the same strided views of it; with ``kv`` in
-        host memory, laid out and attended to as the engine's host layers are. A host-compute decode block takes the
-        next of enough layers to read ``HOST_WORKING_SET_BYTES`` from DRAM."""
-        hidden = torch.randn(B, T, C, device=dev, dtype=dtype)                           # (B, T, C)
-        L = max(S, longest)
-        ctx = family.context(torch.ones(B, S, dtype=torch.long, device=dev), T, dtype)
-        if kv == "host-compute" and T == 1:
-            layer_bytes = 2 * B * L * nkv * hs * dtype.itemsize
-            layers = max(1, min(family.num_blocks, -(-HOST_WORKING_SET_BYTES // layer_bytes)))
-            if (B, L) not in host_caches:
-                host_caches[(B, L)] = KVCache(layers, B, L, nkv, hs, dtype, dev, device_layers=0, host_compute=True)
-            turn, many = itertools.cycle(range(layers)), host_caches[(B, L)]
-            return lambda: family.block(weights(), hidden, many.layer(next(turn)), ctx)
-        cache = KVCache(1, B, L, nkv, hs, dtype, dev, device_layers=None if kv == "none" else 0,
-                        host_compute=kv == "host-compute")
-        # the layer's cache taken as the engine takes it, once a block (its views cost launch time too)
-        return lambda: family.block(weights(), hidden, cache.layer(0), ctx)
+def _host_placements(kv_offloads: Sequence[str]) -> List[str]:
+    """The host-cache timings a calibration for ``kv_offloads`` takes. "host" decodes as a device-cache block does:
+    its cache comes up ahead of the block, on its own stream (cache.Uplink), and the cache's bytes are a cost of the
+    link. Its prefill is timed, through the engine's own host layer: the prompt's keys and values go down to host
+    memory on the compute stream (runs 1-4 of 2026-12-04: without it the prefill of "host" and "split" rows came out
+    0.61-0.78x of measured). "split" is planned from the host block's and the host-compute block's timings."""
+    asked = set(kv_offloads)
+    up = ["host"] if {"host", "split"} & asked else []
+    on_cpus = ["host-compute"] if {"host-compute", "split"} & asked else []
+    return up + on_cpus
 
-    def time_block(B: int, T: int, S: int, kv: str = "none") -> float:
-        # the CPUs' blocks over a longer sample: on a shared host their speed drifts within milliseconds (runs 13-14
-        # of 2026-12-04: two calibrations minutes apart put one block 16% apart), and a step is seconds of them
-        sample_s = max(min_sample_s, CPU_SAMPLE_S) if kv == "host-compute" and T == 1 else min_sample_s
-        return _seconds(block_call(B, T, S, kv), dev, sample_s)
 
-    pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs, made once
-
-    def time_pair(B: int, S: int) -> float:
-        return _split_pair_s(family, weights, dev, dtype, B, S, longest, pair_caches)
-
-    def time_outer(B: int, T: int, S: int) -> float:
-        """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
-        head."""
-        ids = torch.randint(0, family.vocab_size, (B, T), device=dev)                    # (B, T)
-        mask = torch.ones(B, S, dtype=torch.long, device=dev)                           # (B, S)
-
-        def outer() -> Tensor:
-            ctx = family.context(mask, T, dtype)
-            h = family.embed(outer_w, ids, ctx)                                        # (B, T, C)
-            return family.head(outer_w, h[:, -1:])                                     # (B, 1, vocab)
-        return _seconds(outer, dev, min_sample_s)
-
-    # (phase, batch, new tokens a row, keys attended to)
+def _points(max_batch: int, prompt: int, longest: int, max_prefill_tokens: int,
+            extra: Sequence[int]) -> List[Tuple[str, int, int, int]]:
+    """(phase, batch, new tokens a row, keys attended to): decode at batches 1, ~sqrt(max_batch), max_batch and
+    ``extra``, each at half the prompt and the longest context; prefill at batches 1 and the most that
+    ``max_prefill_tokens`` allows, over half the prompt and the whole prompt."""
     points = [("decode", B, 1, S) for B in sorted({1, max(1, round(max_batch ** 0.5)), max_batch, *extra})
               for S in sorted({max(1, prompt // 2), longest})]
     points += [("prefill", B, P, P) for B in sorted({1, max(1, min(max_batch, max_prefill_tokens // prompt))})
                for P in sorted({max(1, prompt // 2), prompt})]
-    times: Dict[Tuple[str, int, int, int], Tuple[List[float], List[float]]] = {p: ([], []) for p in points}
-    kv_times: Dict[Tuple[str, str, int, int, int], List[float]] = {(kv, *p): [] for kv in placements for p in points
-                                                                     if kv != "host" or p[0] == "prefill"}
-    if "split" in kv_offloads:  # the split's interleaving, at the decode points
-        kv_times.update({("split", *p): [] for p in points if p[0] == "decode"})
-    with torch.inference_mode(), attention_kernels(dev):
-        for _ in range(max(1, rounds)):
-            for p in points:
-                _, B, T, S = p
-                times[p][0].append(time_block(B, T, S))
-                times[p][1].append(time_outer(B, T, S))
-                for kv in placements:
-                    if (kv, *p) in kv_times:
-                        kv_times[(kv, *p)].append(time_block(B, T, S, kv))
-                if ("split", *p) in kv_times:
-                    kv_times[("split", *p)].append(time_pair(B, S))
-    pair_caches.clear()
-    samples: List[Dict[str, Any]] = []
-    for (phase, B, T, S), (blk, out) in times.items():
-        where = {"context": S} if phase == "decode" else {"prompt": T}
-        samples.append({"phase": phase, "batch": B, **where, "block_s": statistics.median(blk),
-                        "outer_s": statistics.median(out), "block_rounds_s": blk, "outer_rounds_s": out})
-    kv_samples = [{"kv_offload": kv, "phase": phase, "batch": B, "tokens": T, "keys": S,
-                   "block_s": statistics.median(t), "block_rounds_s": t}
-                  for (kv, phase, B, T, S), t in kv_times.items()]
+    return points
 
+
+class _BlockTimer:
+    """One block of the family's real shapes on random weights, and the per-pass work, timed on ``device`` as the
+    engine runs them: through its layer caches of each placement, and with ``quant`` (a ``quant.BlockQuant``) its
+    packed weights dequantized on every call."""
+
+    def __init__(self, family: Any, device: torch.device, dtype: torch.dtype, longest: int, min_sample_s: float,
+                 seed: int, quant: Any) -> None:
+        self.family, self.dev, self.dtype = family, device, dtype
+        self.longest, self.min_sample_s = longest, min_sample_s
+        g = torch.Generator().manual_seed(seed)
+        block_w = _random_weights(family, family.block_tensors(0), dtype, device, g)
+        self.weights: Callable[[], Dict[str, Tensor]] = lambda: block_w
+        if quant is not None:  # the block's packed form, dequantized on every call as the engine does
+            names = family.block_tensors(0)
+            buf, layout = quant.pack({names[k]: v for k, v in block_w.items()}, names, work=device, dest=device)
+            packed_w = local_weights(FlatRead(buf, layout), quant.names(names), dtype)
+            self.weights = lambda: quant.dequantize(packed_w)
+        self.outer_w = _random_weights(family, family.outer_tensors(), dtype, device, g)
+        self.host_caches: Dict[Tuple[int, int], KVCache] = {}  # (B, length) -> host-compute decode caches, made once
+        self.pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs
+
+    def block_call(self, B: int, T: int, S: int, kv: str = "none") -> Callable[[], Any]:
+        """One block over T new tokens a row (B rows), attending to S keys (the cache holds S - T before). The cache
+        is as long as a real run's (prompt + gen), so attention reads the same strided views of it; with ``kv`` in
+        host memory, laid out and attended to as the engine's host layers are. A host-compute decode block takes the
+        next of enough layers to read ``HOST_WORKING_SET_BYTES`` from DRAM."""
+        fam, dev, dtype = self.family, self.dev, self.dtype
+        nkv, hs = fam.num_kv_heads, fam.head_dim
+        hidden = torch.randn(B, T, fam.hidden_size, device=dev, dtype=dtype)               # (B, T, C)
+        L = max(S, self.longest)
+        ctx = fam.context(torch.ones(B, S, dtype=torch.long, device=dev), T, dtype)
+        if kv == "host-compute" and T == 1:
+            layer_bytes = 2 * B * L * nkv * hs * dtype.itemsize
+            layers = max(1, min(fam.num_blocks, -(-HOST_WORKING_SET_BYTES // layer_bytes)))
+            if (B, L) not in self.host_caches:
+                self.host_caches[(B, L)] = KVCache(layers, B, L, nkv, hs, dtype, dev, device_layers=0,
+                                                   host_compute=True)
+            turn, many = itertools.cycle(range(layers)), self.host_caches[(B, L)]
+            return lambda: fam.block(self.weights(), hidden, many.layer(next(turn)), ctx)
+        cache = KVCache(1, B, L, nkv, hs, dtype, dev, device_layers=None if kv == "none" else 0,
+                        host_compute=kv == "host-compute")
+        # the layer's cache taken as the engine takes it, once a block (its views cost launch time too)
+        return lambda: fam.block(self.weights(), hidden, cache.layer(0), ctx)
+
+    def time_block(self, B: int, T: int, S: int, kv: str = "none") -> float:
+        # the CPUs' blocks over a longer sample: on a shared host their speed drifts within milliseconds (runs 13-14
+        # of 2026-12-04: two calibrations minutes apart put one block 16% apart), and a step is seconds of them
+        cpus = kv == "host-compute" and T == 1
+        sample_s = max(self.min_sample_s, CPU_SAMPLE_S) if cpus else self.min_sample_s
+        return _seconds(self.block_call(B, T, S, kv), self.dev, sample_s)
+
+    def time_outer(self, B: int, T: int, S: int) -> float:
+        """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
+        head."""
+        fam, dev = self.family, self.dev
+        ids = torch.randint(0, fam.vocab_size, (B, T), device=dev)                       # (B, T)
+        mask = torch.ones(B, S, dtype=torch.long, device=dev)                           # (B, S)
+
+        def outer() -> Tensor:
+            ctx = fam.context(mask, T, self.dtype)
+            h = fam.embed(self.outer_w, ids, ctx)                                      # (B, T, C)
+            return fam.head(self.outer_w, h[:, -1:])                                   # (B, 1, vocab)
+        return _seconds(outer, dev, self.min_sample_s)
+
+    def sample(self, points: List[Tuple[str, int, int, int]], placements: List[str], split: bool,
+               rounds: int) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+        """Every point timed once a round, ``rounds`` rounds, and its median kept: on a shared host the speed of
+        launching kernels from Python drifts by up to 2x for seconds at a time (seen on the H100 VM), and
+        interleaving spreads such a spell over all points instead of one. (device samples, host-cache samples)"""
+        times: Dict[Tuple[str, int, int, int], Tuple[List[float], List[float]]] = {p: ([], []) for p in points}
+        kv_times: Dict[Tuple[str, str, int, int, int], List[float]] = {
+            (kv, *p): [] for kv in placements for p in points if kv != "host" or p[0] == "prefill"}
+        if split:  # the split's interleaving, at the decode points
+            kv_times.update({("split", *p): [] for p in points if p[0] == "decode"})
+        with torch.inference_mode(), attention_kernels(self.dev):
+            for _ in range(max(1, rounds)):
+                for p in points:
+                    _, B, T, S = p
+                    times[p][0].append(self.time_block(B, T, S))
+                    times[p][1].append(self.time_outer(B, T, S))
+                    for kv in placements:
+                        if (kv, *p) in kv_times:
+                            kv_times[(kv, *p)].append(self.time_block(B, T, S, kv))
+                    if ("split", *p) in kv_times:
+                        kv_times[("split", *p)].append(_split_pair_s(self.family, self.weights, self.dev, self.dtype,
+                                                                     B, S, self.longest, self.pair_caches))
+        self.pair_caches.clear()
+        samples: List[Dict[str, Any]] = []
+        for (phase, B, T, S), (blk, out) in times.items():
+            where = {"context": S} if phase == "decode" else {"prompt": T}
+            samples.append({"phase": phase, "batch": B, **where, "block_s": statistics.median(blk),
+                            "outer_s": statistics.median(out), "block_rounds_s": blk, "outer_rounds_s": out})
+        kv_samples = [{"kv_offload": kv, "phase": phase, "batch": B, "tokens": T, "keys": S,
+                       "block_s": statistics.median(t), "block_rounds_s": t}
+                      for (kv, phase, B, T, S), t in kv_times.items()]
+        return samples, kv_samples
+
+    def probes(self, placements: List[str], max_batch: int, rounds: int,
+               shared_probe: Optional[bool] = None) -> Tuple[List[Dict[str, Any]], ...]:
+        """(shared, uplink, loop): host memory read by the link and the CPUs at once (a "split" step, and
+        "host-compute" with weights streaming; ``shared_probe``, by default on a GPU only), the engine's uplink
+        ("host"), the decode loop's own work."""
+        fam, dev, dtype = self.family, self.dev, self.dtype
+        shared: List[Dict[str, Any]] = []
+        if "host-compute" in placements and (dev.type == "cuda" if shared_probe is None else shared_probe):
+            with torch.inference_mode(), attention_kernels(dev):
+                cpu_block = self.block_call(max_batch, 1, self.longest, "host-compute")
+                cpu_bytes = max_batch * self.longest * fam.num_kv_heads * fam.head_dim * 2 * dtype.itemsize
+                shared = [_shared_read(cpu_block, cpu_bytes, dev) for _ in range(max(1, rounds))]
+        self.host_caches.clear()
+        uplink = [_uplink_sample(fam, self.weights, dev, dtype, max_batch, self.longest, rounds)] \
+            if "host" in placements else []
+        loop = [{"phase": "loop", "batch": B, "step_s": _decode_loop_s(fam, dev, dtype, B, rounds)}
+                for B in sorted({1, max_batch})]
+        return shared, uplink, loop
+
+
+def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, Any]],
+            kv_samples: List[Dict[str, Any]], shared: List[Dict[str, Any]], uplink: List[Dict[str, Any]],
+            loop: List[Dict[str, Any]], placements: List[str], split: bool, rows_keys: int) -> ComputeModel:
+    """The compute model fitted to a calibration's timings; ``rows_keys``: the shared probe's batch x keys."""
     dec = [s for s in samples if s["phase"] == "decode"]
     pre = [s for s in samples if s["phase"] == "prefill"]
-    host_read = _host_read_gbps(dec, kv_samples, nkv * hs * 2 * dtype.itemsize)
-    # the link and the CPUs reading host memory at once (a "split" step, and "host-compute" with weights streaming)
-    shared: List[Dict[str, Any]] = []
-    if "host-compute" in placements and dev.type == "cuda":
-        with torch.inference_mode(), attention_kernels(dev):
-            cpu_block = block_call(max_batch, 1, longest, "host-compute")
-            shared = [_shared_read(cpu_block, max_batch * longest * nkv * hs * 2 * dtype.itemsize, dev)
-                      for _ in range(max(1, rounds))]
-    host_caches.clear()
-    busy = [s["gbps"] for s in shared if s["link_busy"]]
-    cpu_busy = _cpu_busy_factor(kv_samples, [s for s in shared if s["link_busy"]], max_batch * longest)
-    uplink = [_uplink_sample(family, weights, dev, dtype, max_batch, longest, rounds)] if "host" in placements else []
-    loop = [{"phase": "loop", "batch": B, "step_s": _decode_loop_s(family, dev, dtype, B, rounds)}
-            for B in sorted({1, max_batch})]
+    busy = [s for s in shared if s["link_busy"]]
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
-    model = ComputeModel(
+
+    def kv_fit(kv: str, phase: str, x: Callable[[Dict[str, Any]], float]) -> Linear3:
+        return Linear3.fit([(x(s), s["keys"] if phase == "decode" else s["tokens"], s["block_s"]) for s in kv_samples
+                            if s["kv_offload"] == kv and s["phase"] == phase])
+    return ComputeModel(
         num_blocks=family.num_blocks,
         decode_block=decode_block,
         decode_outer=Linear3.fit([(s["batch"], s["context"], s["outer_s"]) for s in dec]),
@@ -239,23 +293,14 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         prefill_outer=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
         decode_loop=Linear3.fit([(s["batch"], 0.0, s["step_s"]) for s in loop]),
         key=key, samples=samples + kv_samples + loop + shared + uplink,
-        kv_blocks={kv: (decode_block if kv == "host" else
-                        Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
-                                     if s["kv_offload"] == kv and s["phase"] == "decode"]),
-                        Linear3.fit([(s["batch"] * s["tokens"], s["tokens"], s["block_s"]) for s in kv_samples
-                                     if s["kv_offload"] == kv and s["phase"] == "prefill"]))
+        kv_blocks={kv: (decode_block if kv == "host" else kv_fit(kv, "decode", lambda s: s["batch"]),
+                        kv_fit(kv, "prefill", lambda s: s["batch"] * s["tokens"]))
                    for kv in placements},
-        split_pair=Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
-                                if s["kv_offload"] == "split"]) if "split" in kv_offloads else None,
-        host_read_gbps=host_read,
-        shared_read_gbps=statistics.median(busy) if busy else None,
+        split_pair=kv_fit("split", "decode", lambda s: s["batch"]) if split else None,
+        host_read_gbps=_host_read_gbps(dec, kv_samples, family.num_kv_heads * family.head_dim * 2 * dtype.itemsize),
+        shared_read_gbps=statistics.median(s["gbps"] for s in busy) if busy else None,
         uplink_gbps=uplink[0]["gbps"] if uplink else None,
-        cpu_busy_factor=cpu_busy)
-    _COMPUTE_CACHE[key] = model
-    if cache is not None:
-        stored[key] = model.to_dict()
-        Path(cache).write_text(json.dumps(stored, indent=1))
-    return model
+        cpu_busy_factor=_cpu_busy_factor(kv_samples, busy, rows_keys))
 
 
 def _decode_loop_s(family: Any, device: torch.device, dtype: torch.dtype, batch: int, rounds: int,
