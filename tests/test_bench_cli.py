@@ -56,6 +56,7 @@ def test_a_run_cut_short_keeps_its_rows(cache, monkeypatch):
     assert main(args) == 130
     doc = json.loads(out.read_text())
     assert doc["meta"]["partial"] is True and [r["batch"] for r in doc["rows"]] == [1]
+    assert doc["meta"]["model"] == "tiny-llama" and doc["meta"]["host"]  # what was run, and where, kept too
     monkeypatch.setattr(bench, "_bench_group", real)
     assert main(args) == 0
     doc = json.loads(out.read_text())

@@ -553,7 +553,7 @@ def main(a: argparse.Namespace) -> int:
             meta.update({f"tp{ranks}_{k}": v for k, v in per_rank[0][1].items() if k.endswith("_gbps")})
             meta[f"tp{ranks}_rank_links_gbps"] = [m.get("h2d_gbps") or m.get("memcpy_gbps") for _, m in per_rank]
     if 1 in a.tp and not a.planned_only:
-        one, one_meta = _bench_all(a, path, device, dtype)
+        one, one_meta = _bench_all(a, path, device, dtype, meta)
         rows += one
         meta.update(one_meta)
     if device.startswith("cuda"):
@@ -578,9 +578,10 @@ def _write_json(path: str, meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> 
     Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
 
 
-def _bench_all(a: argparse.Namespace, path: Path, device: str,
-               dtype: Optional[torch.dtype]) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """Every offload, budget and batch of the command line, on this process (one rank of ``--tp`` N, or alone)."""
+def _bench_all(a: argparse.Namespace, path: Path, device: str, dtype: Optional[torch.dtype],
+               run_meta: Optional[Dict[str, Any]] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Every offload, budget and batch of the command line, on this process (one rank of ``--tp`` N, or alone).
+    ``run_meta``: the run's own record (model, host, date), kept in the JSON written as it goes."""
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     budgets = list(a.gpu_memory) if a.gpu_memory else [None]
     rows: List[Dict[str, Any]] = []
@@ -597,7 +598,7 @@ def _bench_all(a: argparse.Namespace, path: Path, device: str,
                     rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks, compress,
                                          kv)
                     if a.json and ranks == 1:  # what is measured so far survives a run cut short (a time limit)
-                        _write_json(a.json, {**meta, "partial": True}, rows)
+                        _write_json(a.json, {**(run_meta or {}), **meta, "partial": True}, rows)
     return rows, meta
 
 

@@ -1,0 +1,129 @@
+"""Rows of ``zstream bench --predict`` replayed through this build's planner, from the calibration each row stored.
+
+    python3 benches/replay_predictions.py benches/results/raw/h200-2026-12-04-run1[3-9]-bench_*.json
+    python3 benches/replay_predictions.py --busy-factor FILES...   # older calibrations: the CPUs' slow-down beside
+                                                                   # the link recomputed from their own shared probe
+
+Each row's prediction was made by a calibration timed in the row's own process and kept in the JSON
+(``meta.compute_models[row.predicted_compute]``). Replaying it through ``choose_batch`` with the row's batch,
+residency, KV placement, CPU layers, micro-batch and link gives the prediction this build's model makes from the same
+timings: a change to the model is checked against every run already measured, without the GPU. With the build that
+made the row, the replay equals the stored prediction (the test of this script checks that). Quantized rows are
+listed but not replayed (their sizes come from the packed checkpoint, not from the config).
+
+``--busy-factor``: a calibration from before format 5 has no ``cpu_busy_factor``; it is recomputed here from the
+calibration's own shared probe and host-compute samples, as ``calibrate_compute`` now computes it
+(docs/performance.md, item 25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+import zstream
+from zstream.foundations.models import family_for
+from zstream.foundations.units import parse_bytes
+from zstream.planning.batch import ComputeModel, ModelSizes, choose_batch
+from zstream.planning.facts import facts_from_shapes
+from zstream.streaming.calibrate import _cpu_busy_factor
+
+
+def preset_of(meta: Dict[str, Any]) -> str:
+    """The synthetic preset a bench JSON's model was made from (``opt-30b-in-memory`` -> ``opt-30b``)."""
+    name = str(meta.get("model", ""))
+    found = [p for p in zstream.synthetic.PRESETS if name == p or name.startswith(p + "-")]
+    if not found:
+        raise SystemExit(f"{name!r}: not a synthetic preset's checkpoint; give --preset")
+    return max(found, key=len)
+
+
+def dtype_of(key: str) -> torch.dtype:
+    """The dtype a calibration was timed in, from its key (``streaming.calibrate.compute_key`` names it)."""
+    names = [w for w in key.split() if w in ("float16", "bfloat16", "float32")]
+    if not names:
+        raise SystemExit(f"no dtype in the calibration key {key[:80]!r}...")
+    return getattr(torch, names[0])
+
+
+def busy_factor(compute: ComputeModel, family: Any, dtype: torch.dtype) -> Optional[float]:
+    """``cpu_busy_factor`` from a stored calibration's samples: its busy shared windows (their calls counted from
+    the bytes the CPUs read, where an older probe did not record them) against its host-compute block at the
+    probe's point, the largest batch x keys timed."""
+    host = [s for s in compute.samples if s.get("kv_offload") == "host-compute" and s.get("phase") == "decode"]
+    if not host:
+        return None
+    top = max(host, key=lambda s: (s["batch"] * s["keys"], s["keys"]))
+    per_call = top["batch"] * top["keys"] * family.num_kv_heads * family.head_dim * 2 * dtype.itemsize
+    busy = [{**s, "calls": s.get("calls") or s["cpu_bytes"] / per_call} for s in compute.samples
+            if s.get("phase") == "shared" and s.get("link_busy")]
+    return _cpu_busy_factor(host, busy, top["batch"] * top["keys"])
+
+
+def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute_busy: bool) -> Dict[str, Any]:
+    """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed)."""
+    out = {"kv_offload": row["kv_offload"], "batch": row["batch"], "micro_batch": row.get("micro_batch"),
+           "kv_cpu_layers": row.get("kv_cpu_layers"), "measured": row["tokens_per_s"],
+           "stored": row.get("predicted_tokens_per_s"), "replayed": None}
+    if row.get("quantize") or row.get("predicted_compute") not in meta.get("compute_models", {}):
+        return out
+    family = family_for(zstream.synthetic.PRESETS[preset])
+    compute = ComputeModel.from_dict(meta["compute_models"][row["predicted_compute"]])
+    dtype = dtype_of(compute.key)
+    if recompute_busy and compute.cpu_busy_factor is None:
+        compute.cpu_busy_factor = busy_factor(compute, family, dtype)
+    out["busy_factor"] = compute.cpu_busy_factor
+    batch, micro, kv = row["batch"], row.get("micro_batch"), row["kv_offload"]
+    micro = micro if micro and micro < batch else None
+    resident = row["resident_blocks"]
+    plan = choose_batch(ModelSizes.of(facts_from_shapes(family, dtype)), compute,
+                        budget=parse_bytes(row["gpu_memory"]) if row.get("gpu_memory") else None,
+                        prompt=row["prompt"], gen=row["gen"], link_gbps=row.get("predicted_link_gbps"),
+                        stream="cpu" if row.get("predicted_link_gbps") else None, max_batch=batch,
+                        kv_offloads=(kv,), micro_batch_sizes=(micro,),
+                        kv_cpu_layers=row.get("kv_cpu_layers") if kv == "split" else None)
+    c = plan.candidate(batch, resident, kv, micro)
+    out["replayed"] = c.tokens_per_s if c is not None else None
+    return out
+
+
+def _line(r: Dict[str, Any]) -> str:
+    def ratio(x: Optional[float]) -> str:
+        return f"{x / r['measured']:7.3f}" if x else f"{'-':>7}"
+    busy = r.get("busy_factor")
+    return (f"{r['file'][:44]:44} {r['kv_offload']:>12} {r['batch']:5d} {r['micro_batch'] or '-'!s:>5} "
+            f"{r['kv_cpu_layers'] or 0!s:>4} {ratio(r['stored'])} {ratio(r['replayed'])} "
+            f"{f'{busy:.3f}' if busy else '-':>6}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("files", nargs="+", help="zstream bench --predict JSON files")
+    p.add_argument("--preset", help="the synthetic preset of the rows' model (default: from the JSON's model name)")
+    p.add_argument("--busy-factor", action="store_true",
+                   help="recompute cpu_busy_factor for calibrations stored without it")
+    p.add_argument("--json", help="write the replayed rows here")
+    a = p.parse_args(argv)
+    rows: List[Dict[str, Any]] = []
+    print(f"{'file':44} {'kv':>12} {'batch':>5} {'micro':>5} {'cpu':>4} {'stored':>7} {'replay':>7} {'busy':>6}")
+    for f in a.files:
+        doc = json.loads(Path(f).read_text())
+        preset = a.preset or preset_of(doc["meta"])
+        for row in doc["rows"]:
+            if row.get("predicted_tokens_per_s") is None:
+                continue
+            r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor)}
+            rows.append(r)
+            print(_line(r))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

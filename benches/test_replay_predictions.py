@@ -1,0 +1,58 @@
+"""The replay script on a bench JSON made here (CPU, tiny model, every KV placement with its prediction): with the
+build that made the rows, every replayed prediction equals the stored one; a calibration stored without the busy
+factor gets it from its own samples."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from zstream.interfaces.cli import main as zstream_main
+from zstream.planning.batch import ComputeModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import replay_predictions as rp
+
+
+def test_the_replay_of_this_builds_rows_equals_their_predictions(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZSTREAM_CACHE", str(tmp_path / "cache"))
+    made = tmp_path / "bench.json"
+    assert zstream_main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "2,4", "--prompt", "6", "--gen", "3",
+                         "--gpu-memory", "1GiB", "--kv-offload", "none,host,host-compute,split", "--micro-batch", "2",
+                         "--predict", "--json", str(made)]) == 0
+    doc = json.loads(made.read_text())
+    predicted = [r for r in doc["rows"] if r.get("predicted_tokens_per_s") is not None]
+    assert {r["kv_offload"] for r in predicted} == {"none", "host", "host-compute", "split"}
+    out = tmp_path / "replayed.json"
+    assert rp.main([str(made), "--json", str(out)]) == 0
+    replayed = json.loads(out.read_text())
+    assert len(replayed) == len(predicted)
+    for r in replayed:
+        assert r["replayed"] == pytest.approx(r["stored"], rel=1e-9), r
+    assert "host-compute" in capsys.readouterr().out
+
+
+def test_a_busy_factor_is_recomputed_from_a_calibrations_own_samples():
+    """Calls of 12 and 13 ms in the busy windows (their count from the bytes read: 2 x 64 rows x 544 keys of
+    bloom-7b1's 16 KiB a key) against the block alone at that point, 10 ms."""
+    import torch
+
+    import zstream
+    from zstream.foundations.models import family_for
+
+    family = family_for(zstream.synthetic.PRESETS["bloom-7b1"])
+    per_call = 64 * 544 * family.num_kv_heads * family.head_dim * 2 * 2
+    host = [{"kv_offload": "host-compute", "phase": "decode", "batch": b, "keys": 544, "block_s": t}
+            for b, t in ((1, 1e-3), (64, 10e-3))]
+    shared = [{"phase": "shared", "link_busy": True, "cpu_bytes": 20 * per_call, "cpu_gbps": 20 * per_call / w / 1e9}
+              for w in (0.24, 0.26)] + [{"phase": "shared", "link_busy": False, "cpu_bytes": per_call,
+                                         "cpu_gbps": 1e-9}]
+    compute = ComputeModel.from_dict({"num_blocks": 30, "decode_block": [0, 0, 0], "decode_outer": [0, 0, 0],
+                                      "prefill_block": [0, 0, 0], "prefill_outer": [0, 0, 0],
+                                      "samples": host + shared})
+    assert rp.busy_factor(compute, family, torch.float16) == pytest.approx(12.5e-3 / 10e-3)
+    assert rp.dtype_of("Bloom blocks=30 [a=[1, 2]] float16 NVIDIA H200 v5 batch<=8") is torch.float16
+    assert rp.preset_of({"model": "opt-30b-in-memory"}) == "opt-30b"
