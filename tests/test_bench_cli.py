@@ -77,7 +77,9 @@ def test_the_planners_choice_is_run_with_its_prediction(cache, capsys):
         chosen["batch"], chosen["kv_offload"], chosen["resident_blocks"])
     assert 1 <= row["batch"] <= 2 and row["kv_offload"] == "none" and row["tokens_per_s"] > 0  # up to MAX_BATCH
     assert row["predicted_tokens_per_s"] == pytest.approx(chosen["predicted_tokens_per_s"])
-    assert "predicted best" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "predicted best" in printed and "predicted within 10% of measured:" in printed
+    assert doc["meta"]["prediction_summary"]["rows"] == sum(1 for r in doc["rows"] if r.get("predicted_tokens_per_s"))
     only = cache / "planned_only.json"
     assert main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "4", "--prompt", "6", "--gen", "3",
                  "--gpu-memory", "300MiB", "--planned", "2", "--planned-only", "--json", str(only)]) == 0
@@ -353,3 +355,22 @@ def test_meminfo_fields_are_summed_in_bytes(tmp_path):
     f.write_text("MemTotal:       1000 kB\nDirty:             12 kB\nWriteback:          3 kB\nDirtyX: 7 kB\n")
     assert meminfo_bytes("Dirty", "Writeback", path=str(f)) == 15 * 1024
     assert meminfo_bytes("Dirty", path=str(tmp_path / "missing")) == 0
+
+
+def test_the_predictions_are_summed_up_against_the_measured():
+    """Three predicted rows at 1.05x, 0.85x and 1.10x of their measured tokens/s: two within 10% (1.10 counts),
+    the furthest the 0.85x row, whose slowest step (30 ms) is 3x its median (10 ms); rows without a prediction are
+    left out, and a run without any has no summary."""
+    from zstream.interfaces.bench import prediction_summary
+
+    rows = [{"kv_offload": "host", "batch": 8, "tokens_per_s": 100.0, "predicted_tokens_per_s": 105.0,
+             "decode_steps_s": [0.01, 0.01, 0.011]},
+            {"kv_offload": "split", "batch": 16, "tokens_per_s": 200.0, "predicted_tokens_per_s": 170.0,
+             "decode_steps_s": [0.01, 0.03, 0.01, 0.009]},
+            {"batch": 4, "tokens_per_s": 50.0, "predicted_tokens_per_s": 55.0, "decode_steps_s": []},
+            {"kv_offload": "host", "batch": 64, "tokens_per_s": 80.0}]
+    s = prediction_summary(rows)
+    assert (s["rows"], s["within"], s["tolerance"]) == (3, 2, 0.10)
+    assert s["worst"] == {"kv_offload": "split", "batch": 16, "ratio": pytest.approx(0.85),
+                          "slowest_step_over_median": pytest.approx(3.0)}
+    assert prediction_summary(rows[3:]) is None

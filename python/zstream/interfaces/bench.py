@@ -212,6 +212,31 @@ def _row(system: str, offload: str, model: Any, r: Dict[str, Any], bound_gbps: O
             "load_s": model.load_s}
 
 
+PREDICTION_TOLERANCE = 0.10  # the planner's aim: tokens/s within 10% of the measured (issue 17)
+
+
+def prediction_summary(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """How the planner's predictions of ``rows`` stood against their measured tokens/s: how many were within
+    ``PREDICTION_TOLERANCE``, and the furthest, with how steady its decode steps were (the slowest over the median:
+    a row far from its prediction and unsteady was disturbed while it ran). None without predictions."""
+    judged = [r for r in rows if r.get("predicted_tokens_per_s") and r.get("tokens_per_s")]
+    if not judged:
+        return None
+
+    def ratio(r: Dict[str, Any]) -> float:
+        return float(r["predicted_tokens_per_s"] / r["tokens_per_s"])
+
+    def steadiness(r: Dict[str, Any]) -> Optional[float]:
+        steps = r.get("decode_steps_s") or []
+        return max(steps) / statistics.median(steps) if steps and statistics.median(steps) > 0 else None
+    worst = max(judged, key=lambda r: abs(ratio(r) - 1))
+    within = sum(abs(ratio(r) - 1) <= PREDICTION_TOLERANCE + 1e-12 for r in judged)  # 1.10 is within 10%
+    return {"rows": len(judged), "within": within,
+            "tolerance": PREDICTION_TOLERANCE,
+            "worst": {"kv_offload": worst.get("kv_offload", "none"), "batch": worst["batch"], "ratio": ratio(worst),
+                      "slowest_step_over_median": steadiness(worst)}}
+
+
 def _print_table(rows: List[Dict[str, Any]]) -> None:
     predicted = any("predicted_tokens_per_s" in r for r in rows)
     head = (f"{'offload':8} {'kv':>12} {'tp':>2} {'batch':>5} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} "
@@ -566,6 +591,14 @@ def main(a: argparse.Namespace) -> int:
         rows += _planned(a, path, a.gpu_memory[0] if a.gpu_memory else None, device, dtype, meta)
     print()
     _print_table(rows)
+    summary = prediction_summary(rows)
+    if summary is not None:
+        meta["prediction_summary"] = summary
+        w = summary["worst"]
+        steady = f", its slowest step {w['slowest_step_over_median']:.2f}x its median" \
+            if w["slowest_step_over_median"] else ""
+        print(f"predicted within {summary['tolerance']:.0%} of measured: {summary['within']} of {summary['rows']} "
+              f"rows; furthest {w['ratio']:.3f}x ({w['kv_offload']}, batch {w['batch']}{steady})")
     for k in ("h2d_gbps", "memcpy_gbps", "disk_gbps_odirect", "fio_gbps"):
         if meta.get(k):
             print(f"{k}: {meta[k]:.2f}")
