@@ -18,7 +18,6 @@ Prints per batch and layout the median decode step, and the CPU layers' wait and
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from zstream.planning.residency import cpu_layers_of
 from zstream.streaming import cache as cache_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from split_layout_ab import arguments, engine_layout, in_turn, load_split  # a sibling script
+from split_layout_ab import engine_layout, in_turn, load_split, run_all  # a sibling script
 
 LAYOUTS = {"odd": cpu_layers_of, "all": lambda n, count: list(range(n))}
 
@@ -96,17 +95,11 @@ def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Any = None) -> int:
-    a = arguments(__doc__, rounds=2).parse_args(argv)
-    rows = [run_batch(a.checkpoint, int(b), a) for b in a.batch.split(",")]
-    for r in rows:
-        for name in LAYOUTS:
-            x = r[name]
-            print(f"batch {r['batch']} {name}: step {x['decode_step_s'] * 1e3:.1f} ms; {x['layers_on_cpus']} layers on "
-                  f"the CPUs wait {x['wait_s'] * 1e3:.1f} ms ({x['wait_per_layer_s'] * 1e3:.2f} a layer), attend "
-                  f"{x['attend_s'] * 1e3:.1f} ms ({x['attend_per_layer_s'] * 1e3:.2f} a layer)")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows}, indent=1))
-    return 0
+    return run_all(argv, __doc__ or "", 2, run_batch, lambda r: [
+        f"batch {r['batch']} {name}: step {x['decode_step_s'] * 1e3:.1f} ms; {x['layers_on_cpus']} layers on the "
+        f"CPUs wait {x['wait_s'] * 1e3:.1f} ms ({x['wait_per_layer_s'] * 1e3:.2f} a layer), attend "
+        f"{x['attend_s'] * 1e3:.1f} ms ({x['attend_per_layer_s'] * 1e3:.2f} a layer)"
+        for name, x in ((n, r[n]) for n in LAYOUTS)])
 
 
 if __name__ == "__main__":

@@ -97,16 +97,23 @@ def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def main(argv: Any = None) -> int:
-    a = arguments(__doc__, rounds=3).parse_args(argv)
-    rows = [run_batch(a.checkpoint, int(b), a) for b in a.batch.split(",")]
+def run_all(argv: Any, doc: str, rounds: int, run: Callable[[str, int, argparse.Namespace], Dict[str, Any]],
+            lines: Callable[[Dict[str, Any]], List[str]]) -> int:
+    """A script's command line: ``run`` for each batch asked, its ``lines`` printed, the rows written as JSON."""
+    a = arguments(doc, rounds=rounds).parse_args(argv)
+    rows = [run(a.checkpoint, int(b), a) for b in a.batch.split(",")]
     for r in rows:
-        print(f"batch {r['batch']}: {r['cpu_layers']}/{r['num_blocks']} layers on the CPUs; step odd "
-              f"{r['odd']['decode_step_s'] * 1e3:.1f} ms, first {r['first']['decode_step_s'] * 1e3:.1f} ms "
-              f"({r['first_over_odd_step']:.3f}x); layer 0's copy {(r['layer0_copy_s'] or 0) * 1e3:.1f} ms")
+        print("\n".join(lines(r)))
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows}, indent=1))
     return 0
+
+
+def main(argv: Any = None) -> int:
+    return run_all(argv, __doc__ or "", 3, run_batch, lambda r: [
+        f"batch {r['batch']}: {r['cpu_layers']}/{r['num_blocks']} layers on the CPUs; step odd "
+        f"{r['odd']['decode_step_s'] * 1e3:.1f} ms, first {r['first']['decode_step_s'] * 1e3:.1f} ms "
+        f"({r['first_over_odd_step']:.3f}x); layer 0's copy {(r['layer0_copy_s'] or 0) * 1e3:.1f} ms"])
 
 
 if __name__ == "__main__":
