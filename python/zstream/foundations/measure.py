@@ -11,7 +11,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -158,6 +158,52 @@ def flush_writeback() -> Tuple[int, float]:
     t0 = time.perf_counter()
     os.sync()
     return pending, time.perf_counter() - t0
+
+
+# /proc/vmstat counters that say the kernel stalled or worked beside a measurement: memory compaction (a fault or an
+# allocation waiting for contiguous pages: transparent huge pages, pinning), huge-page faults, major faults
+VMSTAT_FIELDS = ("compact_stall", "compact_fail", "thp_fault_alloc", "thp_fault_fallback", "pgmajfault")
+
+
+def host_counters(stat: str = "/proc/stat", vmstat: str = "/proc/vmstat") -> Dict[str, float]:
+    """What the whole host and this process did so far, to difference around a measurement (``counters_since``):
+    the CPUs' busy and stolen seconds (/proc/stat: a virtual machine's vCPUs wait while the host runs others), this
+    process's CPU seconds and involuntary context switches, and ``VMSTAT_FIELDS``. Missing files give no keys."""
+    out: Dict[str, float] = {}
+    try:
+        with open(stat) as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal ...
+        hz = os.sysconf("SC_CLK_TCK")
+        out["cpus_busy_s"] = (sum(ticks[:3]) + sum(ticks[5:7])) / hz
+        out["steal_s"] = (ticks[7] if len(ticks) > 7 else 0) / hz
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(vmstat) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name in VMSTAT_FIELDS:
+                    out[name] = float(value)
+    except (OSError, ValueError):
+        pass
+    t = os.times()
+    out["process_cpu_s"] = t.user + t.system
+    try:
+        import resource
+        out["involuntary_switches"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw)
+    except (ImportError, OSError):
+        pass
+    return out
+
+
+def counters_since(before: Dict[str, float], after: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """``host_counters`` now (or ``after``) less ``before``, key by key; with ``others_cpu_s``: the CPU seconds the
+    rest of the host spent meanwhile (the CPUs' busy time less this process's)."""
+    now = host_counters() if after is None else after
+    delta = {k: now[k] - before[k] for k in now if k in before}
+    if "cpus_busy_s" in delta and "process_cpu_s" in delta:
+        delta["others_cpu_s"] = max(0.0, delta["cpus_busy_s"] - delta["process_cpu_s"])
+    return delta
 
 
 def _timed(fn: Callable[[], object]) -> float:

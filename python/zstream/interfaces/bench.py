@@ -28,7 +28,16 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import OutOfMemoryError, UsageError
-from ..foundations.measure import Rate, flush_writeback, measure_copy, measure_disk, measure_h2d, measure_memcpy
+from ..foundations.measure import (
+    Rate,
+    counters_since,
+    flush_writeback,
+    host_counters,
+    measure_copy,
+    measure_disk,
+    measure_h2d,
+    measure_memcpy,
+)
 from ..foundations.units import parse_dtype
 from ..planning.residency import kv_layer_bytes
 from .args import DTYPE_CHOICES, OFFLOAD_CHOICES, cache_dir, comma_list, positive, size
@@ -130,6 +139,7 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     prefill_s = time.perf_counter() - t0
     one = torch.ones(batch, 1, dtype=torch.long, device=dev)
     steps: List[float] = []
+    counters = host_counters()  # what the host did beside the decode steps (stolen CPU time, compaction)
     for step in range(gen - 1):
         if trace is not None and step == 0:
             model.trace_start()  # the first decode steps, back to back
@@ -148,7 +158,8 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     return {"batch": batch, "prompt": prompt, "gen": gen, "prefill_s": prefill_s, "decode_step_s": decode,
             "decode_steps_s": steps, "tokens_per_s": batch * gen / total,
             "alloc_retries": stats.get("num_alloc_retries"), "device_allocs": stats.get("num_device_alloc"),
-            "peak_gpu_bytes": peak_bytes(model), "waited_s_per_pass": waited, "limit": limit, "limit_why": why}
+            "peak_gpu_bytes": peak_bytes(model), "waited_s_per_pass": waited, "limit": limit, "limit_why": why,
+            "decode_counters": counters_since(counters)}
 
 
 def disk_rate(model: Any, blocks: int = 10, rounds: int = 3) -> Rate:
@@ -441,6 +452,7 @@ def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str,
     from ..api.plan_batch import plan_batch
 
     stream = offload if offload in ("cpu", "nvme") and model.plan.streamed_blocks else "none"
+    counters = host_counters()  # what the host did beside the calibration, if one runs
     try:
         plan = plan_batch(model, prompt=a.prompt, gen=a.gen, offload=stream, prefetch=a.prefetch,
                           kv_offload=model.plan.kv_offload, max_batch=batch, micro_batch=model.plan.micro_batch,
@@ -454,7 +466,7 @@ def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str,
     meta.setdefault("compute_models", {})[plan.compute.key] = plan.compute.to_dict()
     return {"predicted_tokens_per_s": c.tokens_per_s, "predicted_decode_step_s": c.decode_step_s,
             "predicted_prefill_s": c.prefill_s, "predicted_compute": plan.compute.key,
-            "predicted_link_gbps": plan.link_gbps}
+            "predicted_link_gbps": plan.link_gbps, "prediction_counters": counters_since(counters)}
 
 
 PLANNED_MICRO_BATCHES = (None, 8, 16, 32, 64)  # the micro-batch sizes --planned lets the planner choose among
