@@ -977,3 +977,54 @@ def test_the_shared_probe_times_the_largest_host_compute_block_each_round(tiny_b
     assert probed == [([(HostComputeLayerCache, 3)], layer_bytes)] * 2
     assert timer.probes(["host"], max_batch=3, rounds=1, shared_probe=True)[0] == []
     assert timer.probes(["host-compute"], max_batch=3, rounds=1)[0] == []  # on a CPU, not by default
+
+
+def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
+    """Every block resident, the cache on the device, the batch in one piece: the step costs the graphed block's and
+    the graphed step's timings (and the decode loop's); any other step, or cuda_graphs=False, the eager ones."""
+    cm = compute_model(4, block_s=3e-4, per_token=1e-6, per_key=0.0, outer_s=8e-4)
+    cm.decode_graph_block, cm.decode_graph_outer = Linear3(1e-4, 1e-7, 0.0), Linear3(2e-4, 0.0, 0.0)
+    cm.decode_loop = Linear3(5e-5, 0.0, 0.0)
+    tm = ThroughputModel(cm, [100 * MB] * 4, link_gbps=50.0)
+    step = tm.decode_step(8, resident=4, context=100)[0]
+    assert step == pytest.approx(4 * (1e-4 + 8e-7) + 2e-4 + 5e-5)
+    eager = 4 * cm.decode_block_s(8, 100) + cm.decode_outer_s(8, 100)
+    micro = 4 * 2 * cm.decode_block_s(4, 100) + cm.decode_outer_s(8, 100)  # two micro-batches a block: eager
+    assert tm.decode_step(8, 4, 100, micro=4)[0] == pytest.approx(micro)
+    assert tm.decode_step(8, 4, 100, micro=8)[0] == pytest.approx(step)  # one micro-batch of the whole batch
+    assert tm.decode_step(8, 3, 100)[0] > eager - 1e-12                   # a block streams: eager
+    off = ThroughputModel(cm, [100 * MB] * 4, link_gbps=50.0, graphs=False)
+    assert off.decode_step(8, 4, 100)[0] == pytest.approx(eager)
+    again = ComputeModel.from_dict(cm.to_dict())
+    assert (again.decode_graph_block, again.decode_graph_outer) == (cm.decode_graph_block, cm.decode_graph_outer)
+    assert ComputeModel.from_dict(compute_model(4).to_dict()).decode_graph_block is None
+    plan = choose_batch(toy_sizes(4), cm, budget=10**10, prompt=16, gen=8, link_gbps=50.0, stream=None,
+                        max_batch=4, cuda_graphs=False)
+    assert all(c.decode_step_s > 4 * cm.decode_block_s(c.batch, 20) for c in plan.table)
+    plan.cuda_graphs = False
+    assert plan.load_kwargs()["cuda_graphs"] is False
+
+
+def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bloom):
+    """A graphed decode point is timed over GRAPH_PROBE_BLOCKS blocks (on the CPU, the fixed-shape step eagerly):
+    the block is the difference over the blocks between, the step's rest what remains; fitted beside the eager."""
+    few, many = calibrate.GRAPH_PROBE_BLOCKS
+    sample = calibrate._graph_sample(4, 9, [(few * 1e-3 + 5e-4, many * 1e-3 + 5e-4), (0.004, 0.016)])
+    assert sample["block_rounds_s"] == pytest.approx([1e-3, 0.012 / (many - few)])
+    assert sample["outer_rounds_s"] == pytest.approx([5e-4, 0.004 - few * 0.012 / (many - few)])
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    timer = calibrate._BlockTimer(model.family, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001,
+                                  seed=0, quant=None)
+    assert not timer.graphs  # no CUDA graphs on the CPU
+    timer.graphs = True
+    samples, _ = timer.sample([("decode", 2, 1, 10), ("decode", 3, 1, 6), ("prefill", 1, 5, 5)], [], False, 2)
+    graphed = [s for s in samples if s["phase"] == "graph"]
+    assert [(s["batch"], s["context"]) for s in graphed] == [(2, 10), (3, 6)]
+    assert all(len(s["block_rounds_s"]) == 2 and s["block_s"] > 0 for s in graphed)
+    loop = [{"phase": "loop", "batch": 1, "step_s": 1e-4}]
+    fitted = calibrate._fitted(model.family, torch.float32, "k", samples, [], [], [], loop, [], False, 1)
+    assert fitted.decode_graph_block is not None and fitted.decode_graph_outer is not None
+    assert calibrate._fitted(model.family, torch.float32, "k", [s for s in samples if s["phase"] != "graph"], [],
+                             [], [], loop, [], False, 1).decode_graph_block is None
+    assert calibrate._graph_sample(1, 1, [(2e-3, 1e-3)])["block_s"] == 1e-6  # noise below zero: the fit's floor
+    model.close()

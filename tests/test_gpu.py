@@ -202,6 +202,34 @@ def test_host_kv_cache_on_the_gpu(tmp_path, kv):
             assert up.mapped is not None and up.mapped.device.type == "cuda" and up.host.is_pinned()
 
 
+@pytest.mark.parametrize("preset", ["tiny-bloom", "tiny-llama", "tiny-opt"])
+def test_decode_steps_replay_one_cuda_graph(tmp_path, preset):
+    """Every block resident, the cache on the device: decode steps replay a CUDA graph recorded at the first one,
+    and give the eager steps' tokens (greedy, left-padded) and logits to fp16 rounding; the graph's cache slots are
+    the eager ones."""
+    from tiny_models import padded_batch
+
+    path = synthetic.make_checkpoint(preset, tmp_path / "m", dtype=torch.float16, progress=False)
+    ids, mask = padded_batch(vocab=250, lengths=(11, 7, 4))
+    kw = {"device": "cuda", "offload": "none", "progress": False}
+    with zstream.load(path, **kw) as graphed, zstream.load(path, cuda_graphs=False, **kw) as eager:
+        assert graphed.plan.decode_graph and not eager.plan.decode_graph
+        assert "CUDA graph" in graphed.plan.summary()
+        greedy = {"max_new_tokens": 24, "do_sample": False}
+        assert torch.equal(graphed.generate(ids, attention_mask=mask, **greedy),
+                           eager.generate(ids, attention_mask=mask, **greedy))
+        assert graphed._graph is not None and graphed._graph.graph is not None  # recorded, and replayed
+        caches = [m.new_cache(3, 11 + 16) for m in (graphed, eager)]
+        nxt = None
+        for step in range(12):
+            args = (ids, mask) if step == 0 else (nxt, torch.ones(3, 1, dtype=torch.long))
+            got, want = (m.forward(*args, c, last_only=True) for m, c in zip((graphed, eager), caches))
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+            nxt = want[:, -1].argmax(-1, keepdim=True)
+        n = caches[1].length
+        torch.testing.assert_close(caches[0].k[..., :n, :], caches[1].k[..., :n, :], rtol=1e-2, atol=1e-2)
+
+
 def test_lossless_kernel_on_the_gpu_bit_for_bit():
     """The compiled kernel on real shapes and on the awkward ones: several tensors in one launch, runs cut short at
     the end, an output view that is not 8-byte aligned (the kernel writes int64s: it must go through a copy)."""

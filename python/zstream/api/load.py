@@ -34,7 +34,8 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
          copy_from_tokens: Optional[int] = None, download: Optional[bool] = None, revision: Optional[str] = None,
          tensor_parallel: Optional[int] = None, parallel_timeout: float = DEFAULT_TIMEOUT_S,
          compress: Optional[str] = None, kv_offload: str = "none", micro_batch: Optional[int] = None,
-         kv_cpu_layers: Optional[int] = None, progress: bool = True, **unknown: Any) -> StreamingModel:
+         kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = True, progress: bool = True,
+         **unknown: Any) -> StreamingModel:
     """Load a checkpoint for streaming inference.
 
     ``model``: a checkpoint directory, or a Hugging Face repo id (from the local cache; downloaded when missing, as
@@ -74,6 +75,9 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     ``micro_batch``: rows a block computes at a time (FlexGen's GPU batches): a larger batch runs as several
     micro-batches through each block while the block is on the device, so its weights cross the link once for all of
     them and the device keeps activations for one micro-batch only (None: the whole batch at once).
+    ``cuda_graphs``: on a GPU with every block resident, the KV cache on the device and plain weights, decode steps
+    replay one CUDA graph instead of launching each block's kernels from Python (their attention reads the cache's
+    every slot, the unwritten ones masked: logits agree to rounding); False launches them one by one.
     ``tensor_parallel``: shard the model over the ranks this process was started with (``torchrun --nproc-per-node
     N``, or ``zstream.launch``): each rank holds and streams only its piece of every block (its heads, its MLP units)
     over its own link, and the ranks all-reduce activations twice a block (docs/parallel.md). None: every rank of the
@@ -90,7 +94,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
                            quantize=quantize, group_size=group_size, symmetric=symmetric,
                            copy_from_tokens=copy_from_tokens, progress=progress, tensor_parallel=tensor_parallel,
                            parallel_timeout=parallel_timeout, compress=compress, kv_offload=kv_offload,
-                           micro_batch=micro_batch, kv_cpu_layers=kv_cpu_layers,
+                           micro_batch=micro_batch, kv_cpu_layers=kv_cpu_layers, cuda_graphs=cuda_graphs,
                            unknown=unknown)
     group = join(options.tensor_parallel, _rank_device(options, device), options.parallel_timeout)
     if group is not None:

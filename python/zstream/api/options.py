@@ -53,12 +53,14 @@ class LoadOptions:
     kv_offload: str = "none"        # "host", "host-compute": every layer's KV cache in pinned host memory
     micro_batch: Optional[int] = None  # rows a block computes at a time
     kv_cpu_layers: Optional[int] = None  # kv_offload="split": layers attended on the CPUs (None: half)
+    cuda_graphs: bool = True  # decode steps of an all-resident model replayed as one CUDA graph
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
                            max_batch=self.max_batch, max_seq_len=self.max_seq_len,
                            max_resident_blocks=self.max_resident_blocks, kv_offload=self.kv_offload,
-                           micro_batch=self.micro_batch, kv_cpu_layers=self.kv_cpu_layers)
+                           micro_batch=self.micro_batch, kv_cpu_layers=self.kv_cpu_layers,
+                           cuda_graphs=self.cuda_graphs)
 
 
 def _count(name: str, value: Any, lowest: int, optional: bool = False) -> Optional[int]:
@@ -77,7 +79,8 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
                  copy_from_tokens: Optional[int] = None, progress: bool = True, tensor_parallel: Optional[int] = None,
                  parallel_timeout: float = DEFAULT_TIMEOUT_S, compress: Optional[str] = None,
                  kv_offload: str = "none", micro_batch: Optional[int] = None,
-                 kv_cpu_layers: Optional[int] = None, unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
+                 kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = True,
+                 unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
     """``LoadOptions`` from ``load``'s keywords; ``unknown`` holds keywords ``load`` does not take."""
     if unknown:
         name = sorted(unknown)[0]
@@ -102,6 +105,8 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
         raise UsageError(f"kv_offload must be one of {', '.join(map(repr, KV_OFFLOADS))}, 'auto', not {kv_offload!r} "
                          "('host' keeps the KV cache in pinned host memory and brings each layer's up as it computes; "
                          "'host-compute' runs attention on the CPUs there; 'split' does both, layer by layer)")
+    if not isinstance(cuda_graphs, bool):
+        raise UsageError(f"cuda_graphs must be True or False, not {cuda_graphs!r}")
     if isinstance(parallel_timeout, bool) or not isinstance(parallel_timeout, (int, float)) or parallel_timeout <= 0:
         raise UsageError(f"parallel_timeout must be a positive number of seconds, not {parallel_timeout!r}")
     return LoadOptions(
@@ -115,4 +120,4 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
         tensor_parallel=_count("tensor_parallel", tensor_parallel, 1, True), parallel_timeout=float(parallel_timeout),
         compress=None if compress == "none" else compress, kv_offload=kv_offload,
         micro_batch=_count("micro_batch", micro_batch, 1, True),
-        kv_cpu_layers=_count("kv_cpu_layers", kv_cpu_layers, 0, True))
+        kv_cpu_layers=_count("kv_cpu_layers", kv_cpu_layers, 0, True), cuda_graphs=cuda_graphs)

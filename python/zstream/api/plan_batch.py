@@ -32,7 +32,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                step_overhead_s: float = 0.0, quantize: Optional[str] = None, group_size: int = 64,
                symmetric: bool = False, tensor_parallel: int = 1, kv_offload: str = "none",
                micro_batch: Union[int, Sequence[Optional[int]], None] = None,
-               kv_cpu_layers: Optional[int] = None) -> BatchPlan:
+               kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = True) -> BatchPlan:
     """The batch and residency that maximise tokens/s for a budget, predicted from measurements made now.
 
     ``model``: a checkpoint directory (only its headers are read) or a model ``zstream.load`` returned (its plan's
@@ -50,7 +50,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     the pinned weights, and the block is timed with it.
     ``micro_batch``: rows a block computes at a time, as ``load`` takes it, or a list of sizes to plan and pick
     from (None among them: the whole batch). ``kv_cpu_layers``: with "split", the layers attended on the CPUs, as
-    ``load`` takes it (None: the planner's choice, given in ``plan.load_kwargs()``)."""
+    ``load`` takes it (None: the planner's choice, given in ``plan.load_kwargs()``). ``cuda_graphs``: as ``load``
+    takes it; a step with every block resident and the cache on the device is planned as the CUDA graph it replays."""
     if offload not in ("auto", "none", "cpu", "nvme"):
         raise UsageError(f"offload must be one of auto, none, cpu, nvme for planning, not {offload!r}")
     if prompt < 1 or gen < 1:
@@ -103,7 +104,9 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
             store.close()
     plan = choose_batch(sizes, compute, budget=budget, prompt=prompt, gen=gen, link_gbps=link_gbps, stream=stream,
                         prefetch=prefetch, max_batch=max_batch, step_overhead_s=step_overhead_s,
-                        kv_offloads=kv_offloads, micro_batch_sizes=micros, kv_cpu_layers=kv_cpu_layers)
+                        kv_offloads=kv_offloads, micro_batch_sizes=micros, kv_cpu_layers=kv_cpu_layers,
+                        cuda_graphs=cuda_graphs)
+    plan.cuda_graphs = cuda_graphs
     plan.device, plan.dtype, plan.link = str(dev), facts.dtype, link if crosses else ""
     plan.tensor_parallel = tensor_parallel
     if facts.quantize_at_load and not loaded:

@@ -71,6 +71,7 @@ class Linear3:
 
 
 FITS = ("decode_block", "decode_outer", "prefill_block", "prefill_outer", "decode_loop")  # ComputeModel's fits
+GRAPH_FITS = ("decode_graph_block", "decode_graph_outer")  # and those of a calibration on a GPU
 
 
 @dataclass
@@ -108,6 +109,10 @@ class ComputeModel:
     # a decode step's own work outside its pass (x = batch): the logits read, the token taken, the stop check and
     # the synchronisation that reads it; the device idles through it (a step starts once the last one's tokens are in)
     decode_loop: Linear3 = field(default_factory=lambda: Linear3(0.0, 0.0, 0.0))
+    # a decode step replayed as one CUDA graph (every block resident, the cache on the device; ``streaming.graph``):
+    # a block's kernels without their launches, and the step's eager rest (x = batch, y = context; None: not timed)
+    decode_graph_block: Optional[Linear3] = None
+    decode_graph_outer: Optional[Linear3] = None
 
     def _block(self, kv: str, phase: int) -> Linear3:
         # "host": the cache comes up ahead of the block (its bytes are the link's cost); a model calibrated without
@@ -158,7 +163,9 @@ class ComputeModel:
                 "host_read_gbps": self.host_read_gbps, "shared_read_gbps": self.shared_read_gbps,
                 "uplink_gbps": self.uplink_gbps, "cpu_busy_factor": self.cpu_busy_factor,
                 "split_pair": None if self.split_pair is None else [self.split_pair.c0, self.split_pair.c1,
-                                                                    self.split_pair.c2]}
+                                                                    self.split_pair.c2],
+                **{k: None if getattr(self, k) is None else [getattr(self, k).c0, getattr(self, k).c1,
+                                                              getattr(self, k).c2] for k in GRAPH_FITS}}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ComputeModel:
@@ -168,7 +175,8 @@ class ComputeModel:
                    kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"),
                    shared_read_gbps=d.get("shared_read_gbps"), uplink_gbps=d.get("uplink_gbps"),
                    cpu_busy_factor=d.get("cpu_busy_factor"),
-                   split_pair=Linear3(*d["split_pair"]) if d.get("split_pair") else None, **fits)
+                   split_pair=Linear3(*d["split_pair"]) if d.get("split_pair") else None,
+                   **{k: Linear3(*d[k]) for k in GRAPH_FITS if d.get(k)}, **fits)
 
 
 @dataclass
@@ -262,6 +270,7 @@ class ThroughputModel:
     link_gbps: Optional[float]      # GB/s; None: nothing may stream
     ring_slots: int = 3             # prefetch + 1
     step_overhead_s: float = 0.0    # per pass, on top of the schedule and the calibrated decode loop (given)
+    graphs: bool = True             # load's cuda_graphs: an all-resident step replays a CUDA graph where calibrated
 
     @property
     def host_gbps(self) -> Optional[float]:
@@ -320,7 +329,14 @@ class ThroughputModel:
         """A decode step; ``kv_bytes``: the host KV cache that comes up over the link in it ("host", "split");
         ``micro``: rows a block computes at a time (a block costs its micro-batches' times, one after another);
         ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean); ``cpu_bytes``:
-        the caches the CPUs read ("host-compute", "split")."""
+        the caches the CPUs read ("host-compute", "split"). A step the engine replays as a CUDA graph (every block
+        resident, the cache on the device, no micro-batches) costs the graphed block's and step's timings."""
+        c = self.compute
+        graphed = self.graphs and c.decode_graph_block is not None and c.decode_graph_outer is not None
+        if graphed and kv == "none" and resident >= len(self.block_bytes) and (micro is None or micro >= batch):
+            assert c.decode_graph_block is not None and c.decode_graph_outer is not None
+            return self.pass_s(resident, c.decode_graph_block(batch, context),
+                               c.decode_graph_outer(batch, context) + c.decode_loop(batch, 0.0))
         busy = self.link_busy_share(batch, resident, context, kv, kv_bytes, micro, cpu_layers)
         block = self._block(partial(self.compute.decode_block_s, link_busy=busy), batch, context, kv, micro,
                             cpu_layers)
@@ -463,6 +479,7 @@ class BatchPlan:
     link: str = ""                  # what the link is ("pinned host-to-device", "disk read (O_DIRECT)", given)
     quantize: Dict[str, Any] = field(default_factory=dict)  # load's quantize arguments (empty: none, or packed)
     tensor_parallel: int = 1        # ranks: every size, budget and time is one rank's (its shard, its GPU, its link)
+    cuda_graphs: bool = True        # load's: planned with all-resident steps replayed as CUDA graphs
 
     def candidate(self, batch: int, resident: int, kv: str = "none",
                   micro: Optional[int] = None) -> Optional[Candidate]:
@@ -510,6 +527,8 @@ class BatchPlan:
         kw.update(self.quantize)
         if self.tensor_parallel > 1:
             kw["tensor_parallel"] = self.tensor_parallel
+        if not self.cuda_graphs:
+            kw["cuda_graphs"] = False
         return kw
 
     def summary(self, rows: Optional[List[int]] = None) -> str:
@@ -551,7 +570,7 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                  max_batch: int = 1024, step_overhead_s: float = 0.0,
                  kv_offloads: Sequence[str] = ("none",),
                  micro_batch_sizes: Sequence[Optional[int]] = (None,),
-                 kv_cpu_layers: Optional[int] = None) -> BatchPlan:
+                 kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = True) -> BatchPlan:
     """Every (batch, resident blocks) the loader would accept under ``budget``, with its predicted tokens/s; the
     best of them. ``stream``: the offload mode that streams ("cpu" or "nvme"), or None to keep every block resident
     (offload="none"). Batches run from 1 to the largest that fits (at most ``max_batch``); for each, every
@@ -561,14 +580,15 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
     its blocks' measured compute, and with "host" the cache's bytes on the link beside the streamed blocks. Each
     micro-batch size of ``micro_batch_sizes`` (None: the whole batch) is planned for the batches it splits: its
     smaller working set on the device, its blocks computing one micro-batch after another. ``kv_cpu_layers``: with
-    "split", the layers attended on the CPUs (None: for each candidate the count ``best_split`` finds)."""
+    "split", the layers attended on the CPUs (None: for each candidate the count ``best_split`` finds).
+    ``cuda_graphs``: load's; an all-resident step is planned as the CUDA graph the engine would replay."""
     if prompt < 1 or gen < 1:
         raise ValueError(f"prompt and gen must be at least 1, not {prompt} and {gen}")
     if stream is not None and not link_gbps:
         raise ValueError(f"stream={stream!r} needs the link bandwidth (link_gbps), or stream=None")
     seq = min(prompt + gen, sizes.max_positions)
     n, slots = sizes.num_blocks, prefetch + 1
-    tm = ThroughputModel(compute, sizes.block_bytes, link_gbps, slots, step_overhead_s)
+    tm = ThroughputModel(compute, sizes.block_bytes, link_gbps, slots, step_overhead_s, graphs=cuda_graphs)
     context = prompt + gen / 2  # decode steps attend to prompt + 1 .. prompt + gen - 1 keys
     table: List[Candidate] = []
     for kv, micro in itertools.product(kv_offloads, micro_batch_sizes):

@@ -97,6 +97,7 @@ class PlanOptions:
     kv_offload: str = "none"
     micro_batch: Optional[int] = None         # rows a block computes at a time (None: the whole batch)
     kv_cpu_layers: Optional[int] = None       # kv_offload="split": layers attended on the CPUs (None: half)
+    cuda_graphs: bool = True                  # decode steps of an all-resident model replayed as one CUDA graph
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Plan:
     kv_host_bytes: int = 0         # host bytes of that cache at the planned batch and sequence
     micro_batch: Optional[int] = None  # rows a block computes at a time; None: the whole batch
     kv_cpu_layers: int = 0         # layers whose attention runs on the CPUs ("host-compute": all, "split": some)
+    decode_graph: bool = False     # decode steps replayed as one CUDA graph (``decode_graph_allowed``)
 
     @property
     def num_blocks(self) -> int:
@@ -258,13 +260,25 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
     if options.max_resident_blocks is not None and offload != "none":  # "none" keeps every block on the device
         resident = resident[:options.max_resident_blocks]
     streamed = [i for i in range(n) if i not in set(resident)]
+    graph = decode_graph_allowed(options, device_type, bool(streamed), facts.quant is not None)
+    if graph:
+        notes.append("decode steps replay one CUDA graph (every block resident, the KV cache on the device)")
     return Plan(offload=offload, device=resources.device, dtype=facts.dtype, block_bytes=facts.block_bytes,
                 outer_bytes=facts.device_outer_bytes, resident_blocks=resident, streamed_blocks=streamed,
                 ring_slots=min(options.prefetch + 1, len(streamed)), kv_reserve_bytes=reserve, budget_bytes=budget,
                 notes=notes, quantization=facts.quant.cfg.describe() if facts.quant is not None else None,
                 unquantized_block_bytes=facts.unquantized_block_bytes, kv_offload=options.kv_offload,
                 kv_host_bytes=_kv_host_bytes(facts, options), micro_batch=options.micro_batch,
-                kv_cpu_layers=kv_cpu_layers(options, facts.num_blocks))
+                kv_cpu_layers=kv_cpu_layers(options, facts.num_blocks), decode_graph=graph)
+
+
+def decode_graph_allowed(options: PlanOptions, device_type: str, streams: bool, coded: bool) -> bool:
+    """Whether decode steps may replay one CUDA graph (``streaming.graph``): on a GPU, with every block resident and
+    the KV cache on the device (a streamed block's weights move between slots; a host cache moves by the step), the
+    weights plain (not dequantized or decoded per call), and no micro-batches. Launching a resident step's kernels
+    from Python took longer than the GPU ran them, and as long as the machine's Python was slow."""
+    return (options.cuda_graphs and device_type == "cuda" and not streams and options.kv_offload == "none"
+            and not coded and options.micro_batch is None)
 
 
 def choose_kv_offload(facts: CheckpointFacts, options: PlanOptions, budget: Optional[int],

@@ -18,13 +18,14 @@ from ..foundations.store import FlatRead
 from ..planning.batch import ComputeModel, Linear3
 from .cache import KVCache
 from .generate import decode, setup
+from .graph import DecodeGraph
 from .weights import attention_kernels, local_weights
 
 _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by ComputeModel.key
 # in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop;
 # 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM; 5: the
-# CPUs' blocks beside the link's copies)
-CALIBRATION_FORMAT = 5
+# CPUs' blocks beside the link's copies; 6: decode steps replayed as a CUDA graph)
+CALIBRATION_FORMAT = 6
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -33,6 +34,7 @@ UPLINK_PROBE_LAYER_BYTES = 128 << 20  # a layer's cache in the uplink's probe: l
 UPLINK_PROBE_LAYERS = 8               # the layers a probe pass brings up: the pass's first wait is 1/8 of it
 CPU_SAMPLE_S = 0.05                   # a host-compute decode block's timing sample: many calls, many layers
 SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
+GRAPH_PROBE_BLOCKS = (2, 8)           # a graphed decode step timed over this many blocks: the difference is blocks'
 
 
 def _sync(device: torch.device) -> None:
@@ -175,6 +177,9 @@ class _BlockTimer:
             self.weights = lambda: quant.dequantize(packed_w)
         self.outer_w = _random_weights(family, family.outer_tensors(), dtype, device, g)
         self.host_caches: Dict[Tuple[int, int], KVCache] = {}  # (B, length) -> host-compute decode caches, made once
+        # decode steps replayed as a CUDA graph (``graph.DecodeGraph``) where the engine would: on a GPU, plain weights
+        self.graphs = device.type == "cuda" and quant is None
+        self.graph_steps: Dict[Tuple[int, int, int], Callable[[], Any]] = {}  # (B, S, blocks) -> one graphed step
         self.pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs
 
     def block_call(self, B: int, T: int, S: int, kv: str = "none") -> Callable[[], Any]:
@@ -207,6 +212,19 @@ class _BlockTimer:
         sample_s = max(self.min_sample_s, CPU_SAMPLE_S) if cpus else self.min_sample_s
         return _seconds(self.block_call(B, T, S, kv), self.dev, sample_s)
 
+    def time_graph(self, B: int, S: int, blocks: int) -> float:
+        """A decode step replayed from a CUDA graph of ``blocks`` blocks, as the engine runs one: its context made
+        eagerly and copied in, the replay, the logits taken out (recorded once a point, replayed every round; on the
+        CPU the same fixed-shape step, run eagerly)."""
+        if (B, S, blocks) not in self.graph_steps:
+            fam, dev = self.family, self.dev
+            cache = KVCache(blocks, B, self.longest, fam.num_kv_heads, fam.head_dim, self.dtype, dev)
+            graph = DecodeGraph(fam, self.outer_w, [self.weights()] * blocks, cache, capture=dev.type == "cuda")
+            ids = torch.ones(B, 1, dtype=torch.long, device=dev)                              # (B, 1)
+            mask = torch.ones(B, S, dtype=torch.long, device=dev)                             # (B, S)
+            self.graph_steps[(B, S, blocks)] = lambda: graph(ids, fam.context(mask, 1, self.dtype))
+        return _seconds(self.graph_steps[(B, S, blocks)], self.dev, self.min_sample_s)
+
     def time_outer(self, B: int, T: int, S: int) -> float:
         """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
         head."""
@@ -230,6 +248,8 @@ class _BlockTimer:
             (kv, *p): [] for kv in placements for p in points if kv != "host" or p[0] == "prefill"}
         if split:  # the split's interleaving, at the decode points
             kv_times.update({("split", *p): [] for p in points if p[0] == "decode"})
+        graph_times: Dict[Tuple[int, int], List[Tuple[float, float]]] = {
+            (B, S): [] for phase, B, _, S in points if phase == "decode" and self.graphs}
         with torch.inference_mode(), attention_kernels(self.dev):
             for _ in range(max(1, rounds)):
                 for p in points:
@@ -242,7 +262,11 @@ class _BlockTimer:
                     if ("split", *p) in kv_times:
                         kv_times[("split", *p)].append(_split_pair_s(self.family, self.weights, self.dev, self.dtype,
                                                                      B, S, self.longest, self.pair_caches))
+                    if (B, S) in graph_times:
+                        few, many = GRAPH_PROBE_BLOCKS
+                        graph_times[(B, S)].append((self.time_graph(B, S, few), self.time_graph(B, S, many)))
         self.pair_caches.clear()
+        self.graph_steps.clear()
         samples: List[Dict[str, Any]] = []
         for (phase, B, T, S), (blk, out) in times.items():
             where = {"context": S} if phase == "decode" else {"prompt": T}
@@ -251,7 +275,7 @@ class _BlockTimer:
         kv_samples = [{"kv_offload": kv, "phase": phase, "batch": B, "tokens": T, "keys": S,
                        "block_s": statistics.median(t), "block_rounds_s": t}
                       for (kv, phase, B, T, S), t in kv_times.items()]
-        return samples, kv_samples
+        return samples + [_graph_sample(B, S, t) for (B, S), t in graph_times.items()], kv_samples
 
     def probes(self, placements: List[str], max_batch: int, rounds: int,
                shared_probe: Optional[bool] = None) -> Tuple[List[Dict[str, Any]], ...]:
@@ -273,12 +297,24 @@ class _BlockTimer:
         return shared, uplink, loop
 
 
+def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]]) -> Dict[str, Any]:
+    """A graphed decode step's sample from its rounds of (few blocks, many blocks): a block is the difference over
+    the blocks between, the rest of the step (context, copies in and out, the replay's launch) what remains."""
+    few, many = GRAPH_PROBE_BLOCKS
+    blocks = [(t_many - t_few) / (many - few) for t_few, t_many in rounds]
+    outer = [t_few - few * b for (t_few, _), b in zip(rounds, blocks)]
+    # (at least a microsecond: a difference of two noisy timings can come out at or below zero, and fits need > 0)
+    return {"phase": "graph", "batch": B, "context": S, "block_s": max(1e-6, statistics.median(blocks)),
+            "outer_s": max(1e-6, statistics.median(outer)), "block_rounds_s": blocks, "outer_rounds_s": outer}
+
+
 def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, Any]],
             kv_samples: List[Dict[str, Any]], shared: List[Dict[str, Any]], uplink: List[Dict[str, Any]],
             loop: List[Dict[str, Any]], placements: List[str], split: bool, rows_keys: int) -> ComputeModel:
     """The compute model fitted to a calibration's timings; ``rows_keys``: the shared probe's batch x keys."""
     dec = [s for s in samples if s["phase"] == "decode"]
     pre = [s for s in samples if s["phase"] == "prefill"]
+    graphed = [s for s in samples if s["phase"] == "graph"]
     busy = [s for s in shared if s["link_busy"]]
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
 
@@ -300,7 +336,13 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
         host_read_gbps=_host_read_gbps(dec, kv_samples, family.num_kv_heads * family.head_dim * 2 * dtype.itemsize),
         shared_read_gbps=statistics.median(s["gbps"] for s in busy) if busy else None,
         uplink_gbps=uplink[0]["gbps"] if uplink else None,
-        cpu_busy_factor=_cpu_busy_factor(kv_samples, busy, rows_keys))
+        cpu_busy_factor=_cpu_busy_factor(kv_samples, busy, rows_keys),
+        decode_graph_block=_graph_fit(graphed, "block_s"), decode_graph_outer=_graph_fit(graphed, "outer_s"))
+
+
+def _graph_fit(graphed: List[Dict[str, Any]], what: str) -> Optional[Linear3]:
+    """The fit of the graphed decode samples' ``what`` over (batch, context); None where none was timed."""
+    return Linear3.fit([(s["batch"], s["context"], s[what]) for s in graphed]) if graphed else None
 
 
 def _decode_loop_s(family: Any, device: torch.device, dtype: torch.dtype, batch: int, rounds: int,

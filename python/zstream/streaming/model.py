@@ -34,6 +34,7 @@ from . import generate as gen
 from .blocks import Dequantized, Resident, Streamer
 from .cache import KVCache
 from .device import Device
+from .graph import GRAPH_MIN_STEPS, DecodeGraph
 from .trace import Traced, Tracer, write_trace
 from .weights import Weights, attention_kernels
 
@@ -90,6 +91,7 @@ class StreamingModel:
         self._warned_random = False
         self._closed = False
         self._lock = threading.RLock()  # one pass at a time through the streamer: see _serialised
+        self._graph: Optional[DecodeGraph] = None  # the decode steps of the last cache, as one CUDA graph
         self.blocks = self._chain()
 
     def _chain(self) -> Streamer:
@@ -109,6 +111,8 @@ class StreamingModel:
 
     @torch.inference_mode()
     def _forward(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache, last_only: bool) -> Tensor:
+        if self._graphable(input_ids, cache):
+            return self._graphed(input_ids, attention_mask, cache)
         fam, blocks = self.family, self.blocks
         blocks.begin_pass(input_ids.numel())
         input_ids = input_ids.to(self.device)
@@ -129,6 +133,33 @@ class StreamingModel:
             logits = [fam.head(self.outer, h) for h in hidden]              # (b, T, vocab)
             return logits[0] if len(logits) == 1 else torch.cat(logits)     # (B, T, vocab)
 
+    def _graphable(self, input_ids: Tensor, cache: KVCache) -> bool:
+        """Whether this pass is a decode step the plan lets replay as a CUDA graph (``plan.decode_graph``): one new
+        token a row, after a prompt, the whole batch at once, the cache on the device, no trace running, and a graph
+        already made for this cache or room left in it for enough steps to pay for making one."""
+        if not self.plan.decode_graph or self._tracer is not None or self.group is not None:
+            return False
+        if input_ids.shape[1] != 1 or cache.length == 0 or cache.device_layers != self.family.num_blocks:
+            return False
+        micro = self.plan.micro_batch
+        if micro is not None and micro < input_ids.shape[0]:
+            return False
+        graph = self._graph
+        # generation sizes a cache for every new token, the last of which never runs: free slots - 1 steps to come
+        return (graph is not None and graph.fits(cache)) or cache.max_len - cache.length > GRAPH_MIN_STEPS
+
+    def _graphed(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache) -> Tensor:
+        """A decode step replayed from this cache's CUDA graph (recorded at its first step) -> logits (B, 1, vocab)."""
+        fam = self.family
+        input_ids = input_ids.to(self.device)
+        mask, _start = cache.extend(attention_mask.to(self.device))
+        ctx = fam.context(mask, 1, self.dtype)  # eagerly, as for any step: the graph takes a copy
+        if self._graph is None or not self._graph.fits(cache):
+            self._graph = None  # the last cache's graph and its memory go first
+            blocks = [self.resident[i] for i in range(fam.num_blocks)]
+            self._graph = DecodeGraph(fam, self.outer, blocks, cache, capture=self.device.type == "cuda")
+        return self._graph(input_ids, ctx)
+
     @contextlib.contextmanager
     def _telling_the_ranks(self) -> Iterator[None]:
         """Under tensor parallelism, a rank that fails mid-pass tells the others (waiting for it in an all-reduce)
@@ -145,6 +176,7 @@ class StreamingModel:
         return dict(self.facts.stored_block_names[i])
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        self._graph = None  # the last cache's graph holds that cache's device memory: let both go first
         try:
             kv = self.plan.kv_offload
             cpu = cpu_layers_of(self.family.num_blocks, self.plan.kv_cpu_layers)  # ("host-compute": every layer)
@@ -409,6 +441,7 @@ class StreamingModel:
             if self._traced is not None:
                 self._traced.untrace()
                 self._traced = self._tracer = None
+            self._graph = None
             self.blocks.close()
             self._streamed = None
             self._seam.close()

@@ -1,0 +1,98 @@
+"""Decode steps as one CUDA graph (``streaming.graph``): the graphed step runs at fixed shapes (attention over every
+slot of the cache, the unwritten ones masked; this step's keys and values written at a slot held in a device
+tensor). On the CPU the same fixed-shape step runs eagerly (``capture=False``), and is checked here against the
+eager step every family runs, which is checked against transformers elsewhere: the same cache slots, the same logits
+to rounding and the same tokens, greedy and sampled, with left padding. The capture itself runs on the GPU
+(test_gpu.py). And when the plan allows a graph."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import zstream
+from zstream.planning.residency import PlanOptions, decode_graph_allowed
+from zstream.streaming import graph as graph_mod
+from zstream.streaming.graph import GRAPH_MIN_STEPS, DecodeGraph
+
+from tiny_models import padded_batch
+
+FAMILIES = ["tiny-bloom", "tiny-opt", "tiny-llama", "tiny-mistral", "tiny-qwen2"]
+
+
+def _graphed(model: object) -> None:
+    """Let a CPU model take the graphed path (its plan never does: no CUDA there)."""
+    model.plan = dataclasses.replace(model.plan, decode_graph=True)  # type: ignore[attr-defined]
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_fixed_shape_step_gives_the_eager_steps_logits_and_tokens(family_checkpoints: dict, name: str) -> None:
+    ids, mask = padded_batch(vocab=250, lengths=(9, 6, 3))
+    kw = {"device": "cpu", "progress": False, "offload": "none"}
+    with zstream.load(family_checkpoints[name], **kw) as eager, zstream.load(family_checkpoints[name], **kw) as fixed:
+        _graphed(fixed)
+        caches = [m.new_cache(3, 9 + GRAPH_MIN_STEPS + 4) for m in (eager, fixed)]
+        nxt = None
+        for step in range(GRAPH_MIN_STEPS + 4):
+            step_ids, step_mask = (ids, mask) if step == 0 else (nxt, torch.ones(3, 1, dtype=torch.long))
+            want = eager.forward(step_ids, step_mask, caches[0], last_only=True)
+            got = fixed.forward(step_ids, step_mask, caches[1], last_only=True)
+            assert got.shape == want.shape == (3, 1, eager.family.vocab_size)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            nxt = want[:, -1].argmax(-1, keepdim=True)
+        assert fixed._graph is not None and fixed._graph.cache is caches[1]  # the fixed-shape path ran
+        assert eager._graph is None
+        n = caches[0].length
+        torch.testing.assert_close(caches[1].k[:, :, :, :n], caches[0].k[:, :, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[1].v[:, :, :, :n], caches[0].v[:, :, :, :n], rtol=1e-5, atol=1e-5)
+        greedy = {"max_new_tokens": 12, "do_sample": False}
+        assert torch.equal(fixed.generate(ids, attention_mask=mask, **greedy),
+                           eager.generate(ids, attention_mask=mask, **greedy))
+        sampled = {"max_new_tokens": 12, "do_sample": True, "top_k": 20, "temperature": 0.8, "seed": 3}
+        assert torch.equal(fixed.generate(ids, attention_mask=mask, **sampled),
+                           eager.generate(ids, attention_mask=mask, **sampled))
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+def test_a_graph_is_made_once_a_cache_and_only_with_room_for_enough_steps(family_checkpoints: dict,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+    real_init = DecodeGraph.__init__
+
+    def spy(self: DecodeGraph, *args: object, **kwargs: object) -> None:
+        made.append(self)
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(graph_mod.DecodeGraph, "__init__", spy)
+    ids, mask = padded_batch(vocab=250, lengths=(5, 4))
+    with zstream.load(family_checkpoints["tiny-llama"], device="cpu", progress=False) as model:
+        _graphed(model)
+        model.generate(ids, attention_mask=mask, max_new_tokens=GRAPH_MIN_STEPS)  # a prompt, then 7 steps: too few
+        assert made == [] and model._graph is None
+        model.generate(ids, attention_mask=mask, max_new_tokens=GRAPH_MIN_STEPS + 2)
+        assert len(made) == 1 and model._graph is made[0]  # one graph for every step of the cache
+        model.generate(ids, attention_mask=mask, max_new_tokens=GRAPH_MIN_STEPS + 2)
+        assert len(made) == 2 and model._graph is made[1]  # a new cache: a new graph, the old one let go
+        model.plan = dataclasses.replace(model.plan, micro_batch=1)  # micro-batches of one row: not graphed
+        model.generate(ids, attention_mask=mask, max_new_tokens=GRAPH_MIN_STEPS + 2)
+        assert len(made) == 2
+    assert model._graph is None
+
+
+def test_the_plan_allows_a_graph_only_where_the_step_is_fixed() -> None:
+    on = PlanOptions(offload="none")
+    assert decode_graph_allowed(on, "cuda", streams=False, coded=False)
+    assert not decode_graph_allowed(on, "cpu", streams=False, coded=False)            # no CUDA graphs on the CPU
+    assert not decode_graph_allowed(on, "cuda", streams=True, coded=False)            # weights move between slots
+    assert not decode_graph_allowed(on, "cuda", streams=False, coded=True)            # dequantized every call
+    for off in (dataclasses.replace(on, cuda_graphs=False), dataclasses.replace(on, kv_offload="host"),
+                dataclasses.replace(on, micro_batch=4)):
+        assert not decode_graph_allowed(off, "cuda", streams=False, coded=False), off
+
+
+def test_cuda_graphs_must_be_a_bool() -> None:
+    with pytest.raises(zstream.UsageError, match="cuda_graphs must be True or False"):
+        zstream.load("unused", cuda_graphs="yes")
