@@ -25,7 +25,8 @@
 #         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way.
 #         ab-split-layout: the split's two CPU-layer layouts A/B in one process (AB_BATCHES, AB_ROUNDS);
 #         calibration-ab: the calibration's host-memory probes against what they replaced (CAL_BATCHES, CAL_ROUNDS);
-#         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES).
+#         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES);
+#         test-graph and bench-graph: resident decode steps as one CUDA graph, tested, then timed against eager.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -76,6 +77,15 @@ for stage in "$@"; do
         --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} \
         ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
         --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" ;;
+    bench-graph) # decode steps with every block resident as one CUDA graph and launched from Python, in one call
+      # (performance.md item 29): bloom-7b1 fp16 under 16 GiB at GRAPH_BATCHES (7), each with its prediction
+      CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      for how in graph eager; do
+        $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${GRAPH_BATCHES:-7} --prompt 512 --gen 32 --predict \
+          --repeats ${GRAPH_REPEATS:-3} $([ $how = eager ] && echo --no-cuda-graphs) --json "$OUT/bench_graph_$how.json"
+      done ;;
+    test-graph) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "graph" > "$OUT/pytest_graph.log" 2>&1;
+      echo "rc=$?" >> "$OUT/pytest_graph.log"); tail -3 "$OUT/pytest_graph.log" ;;
     ab-split-layout) # which layers a "split" cache attends on the CPUs, both layouts in one process, alternating
       # (performance.md item 17): bloom-7b1 under 16 GiB, AB_BATCHES (16,64), AB_ROUNDS (3), micro-batches of 16
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
