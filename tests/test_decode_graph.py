@@ -76,6 +76,8 @@ def test_a_graph_is_made_once_a_cache_and_only_with_room_for_enough_steps(family
         assert len(made) == 1 and model._graph is made[0]  # one graph for every step of the cache
         model.generate(ids, attention_mask=mask, max_new_tokens=GRAPH_MIN_STEPS + 2)
         assert len(made) == 2 and model._graph is made[1]  # a new cache: a new graph, the old one let go
+        model.new_cache(2, 16)
+        assert model._graph is None  # let go as the next cache is made (it holds its cache's memory)
         model.plan = dataclasses.replace(model.plan, micro_batch=1)  # micro-batches of one row: not graphed
         model.generate(ids, attention_mask=mask, max_new_tokens=GRAPH_MIN_STEPS + 2)
         assert len(made) == 2
