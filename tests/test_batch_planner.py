@@ -998,9 +998,19 @@ def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     again = ComputeModel.from_dict(cm.to_dict())
     assert (again.decode_graph_block, again.decode_graph_outer) == (cm.decode_graph_block, cm.decode_graph_outer)
     assert ComputeModel.from_dict(compute_model(4).to_dict()).decode_graph_block is None
-    plan = choose_batch(toy_sizes(4), cm, budget=10**10, prompt=16, gen=8, link_gbps=50.0, stream=None,
-                        max_batch=4, cuda_graphs=False)
-    assert all(c.decode_step_s > 4 * cm.decode_block_s(c.batch, 20) for c in plan.table)
+    cm.decode_graph_record_block, cm.decode_graph_record_outer = Linear3(1e-3, 0.0, 0.0), Linear3(4e-3, 0.0, 0.0)
+    assert cm.graph_record_s(8, 100) == pytest.approx(4 * 1e-3 + 4e-3)
+    kw = {"budget": 10**10, "prompt": 16, "link_gbps": 50.0, "stream": None, "max_batch": 4}
+    graphed = choose_batch(toy_sizes(4), cm, gen=12, **kw).candidate(2, 4)
+    prefill = tm.prefill(2, 4, 16)[0]
+    assert graphed.decode_step_s == pytest.approx(tm.decode_step(2, 4, 16 + 6)[0])
+    record = cm.graph_record_s(2, 22)
+    assert 2 * 12 / graphed.tokens_per_s == pytest.approx(prefill + 11 * graphed.decode_step_s + record)
+    short = choose_batch(toy_sizes(4), cm, gen=8, **kw).candidate(2, 4)  # 7 steps: too few to record a graph
+    assert short.decode_step_s == pytest.approx(off.decode_step(2, 4, 16 + 4)[0])
+    assert 2 * 8 / short.tokens_per_s == pytest.approx(tm.prefill(2, 4, 16)[0] + 7 * short.decode_step_s)
+    plan = choose_batch(toy_sizes(4), cm, gen=12, cuda_graphs=False, **kw)
+    assert plan.candidate(2, 4).decode_step_s == pytest.approx(off.decode_step(2, 4, 22)[0])
     plan.cuda_graphs = False
     assert plan.load_kwargs()["cuda_graphs"] is False
 
@@ -1009,9 +1019,11 @@ def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bl
     """A graphed decode point is timed over GRAPH_PROBE_BLOCKS blocks (on the CPU, the fixed-shape step eagerly):
     the block is the difference over the blocks between, the step's rest what remains; fitted beside the eager."""
     few, many = calibrate.GRAPH_PROBE_BLOCKS
-    sample = calibrate._graph_sample(4, 9, [(few * 1e-3 + 5e-4, many * 1e-3 + 5e-4), (0.004, 0.016)])
+    sample = calibrate._graph_sample(4, 9, [(few * 1e-3 + 5e-4, many * 1e-3 + 5e-4), (0.004, 0.016)],
+                                     (few * 3e-3 + 0.02, many * 3e-3 + 0.02))
     assert sample["block_rounds_s"] == pytest.approx([1e-3, 0.012 / (many - few)])
     assert sample["outer_rounds_s"] == pytest.approx([5e-4, 0.004 - few * 0.012 / (many - few)])
+    assert (sample["record_block_s"], sample["record_outer_s"]) == pytest.approx((3e-3, 0.02))
     model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
     timer = calibrate._BlockTimer(model.family, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001,
                                   seed=0, quant=None)
@@ -1020,11 +1032,12 @@ def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bl
     samples, _ = timer.sample([("decode", 2, 1, 10), ("decode", 3, 1, 6), ("prefill", 1, 5, 5)], [], False, 2)
     graphed = [s for s in samples if s["phase"] == "graph"]
     assert [(s["batch"], s["context"]) for s in graphed] == [(2, 10), (3, 6)]
-    assert all(len(s["block_rounds_s"]) == 2 and s["block_s"] > 0 for s in graphed)
+    assert all(len(s["block_rounds_s"]) == 2 and s["block_s"] > 0 and s["record_block_s"] > 0 for s in graphed)
     loop = [{"phase": "loop", "batch": 1, "step_s": 1e-4}]
     fitted = calibrate._fitted(model.family, torch.float32, "k", samples, [], [], [], loop, [], False, 1)
-    assert fitted.decode_graph_block is not None and fitted.decode_graph_outer is not None
+    assert None not in (fitted.decode_graph_block, fitted.decode_graph_outer, fitted.decode_graph_record_block,
+                        fitted.decode_graph_record_outer)
     assert calibrate._fitted(model.family, torch.float32, "k", [s for s in samples if s["phase"] != "graph"], [],
                              [], [], loop, [], False, 1).decode_graph_block is None
-    assert calibrate._graph_sample(1, 1, [(2e-3, 1e-3)])["block_s"] == 1e-6  # noise below zero: the fit's floor
+    assert calibrate._graph_sample(1, 1, [(2e-3, 1e-3)], (1.0, 1.0))["block_s"] == 1e-6  # below zero: the floor
     model.close()

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import zstream
-from zstream.planning.residency import PlanOptions, decode_graph_allowed
+from zstream.planning.residency import GRAPH_MIN_STEPS, PlanOptions, decode_graph_allowed
 from zstream.streaming import graph as graph_mod
-from zstream.streaming.graph import GRAPH_MIN_STEPS, DecodeGraph
+from zstream.streaming.graph import DecodeGraph
 
 from tiny_models import padded_batch
 

@@ -16,7 +16,7 @@ import torch
 from ..errors import OutOfMemoryError
 from ..foundations.units import fmt_bytes
 from .facts import CheckpointFacts
-from .residency import choose_residency, cpu_layers_of, kv_layer_bytes, micro_batch_rows, reserve_bytes
+from .residency import GRAPH_MIN_STEPS, choose_residency, cpu_layers_of, kv_layer_bytes, micro_batch_rows, reserve_bytes
 
 # ---- the predictive batch planner ------------------------------------------------------------------------------
 #
@@ -71,7 +71,8 @@ class Linear3:
 
 
 FITS = ("decode_block", "decode_outer", "prefill_block", "prefill_outer", "decode_loop")  # ComputeModel's fits
-GRAPH_FITS = ("decode_graph_block", "decode_graph_outer")  # and those of a calibration on a GPU
+GRAPH_FITS = ("decode_graph_block", "decode_graph_outer", "decode_graph_record_block",  # and those of a
+              "decode_graph_record_outer")                                               # calibration on a GPU
 
 
 @dataclass
@@ -113,6 +114,9 @@ class ComputeModel:
     # a block's kernels without their launches, and the step's eager rest (x = batch, y = context; None: not timed)
     decode_graph_block: Optional[Linear3] = None
     decode_graph_outer: Optional[Linear3] = None
+    # and recording the graph, once a generation: its first step (an eager warm-up step and the capture)
+    decode_graph_record_block: Optional[Linear3] = None
+    decode_graph_record_outer: Optional[Linear3] = None
 
     def _block(self, kv: str, phase: int) -> Linear3:
         # "host": the cache comes up ahead of the block (its bytes are the link's cost); a model calibrated without
@@ -147,6 +151,11 @@ class ComputeModel:
 
     def prefill_outer_s(self, batch: int, prompt: int) -> float:
         return self.prefill_outer(batch * prompt, prompt)
+
+    def graph_record_s(self, batch: int, context: float) -> float:
+        """Recording the decode step's CUDA graph, once a generation (0 where it was not timed)."""
+        rb, ro = self.decode_graph_record_block, self.decode_graph_record_outer
+        return self.num_blocks * rb(batch, context) + ro(batch, context) if rb is not None and ro is not None else 0.0
 
     def decode_s(self, batch: int, context: float) -> float:
         """One decode step with every block resident."""
@@ -325,15 +334,15 @@ class ThroughputModel:
 
     def decode_step(self, batch: int, resident: int, context: float, kv: str = "none",
                     kv_bytes: int = 0, micro: Optional[int] = None, cpu_layers: int = 0,
-                    cpu_bytes: int = 0) -> Tuple[float, float, float]:
+                    cpu_bytes: int = 0, gen: Optional[int] = None) -> Tuple[float, float, float]:
         """A decode step; ``kv_bytes``: the host KV cache that comes up over the link in it ("host", "split");
         ``micro``: rows a block computes at a time (a block costs its micro-batches' times, one after another);
         ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean); ``cpu_bytes``:
         the caches the CPUs read ("host-compute", "split"). A step the engine replays as a CUDA graph (every block
-        resident, the cache on the device, no micro-batches) costs the graphed block's and step's timings."""
+        resident, the cache on the device, no micro-batches; with ``gen``, a generation long enough to record it)
+        costs the graphed block's and step's timings."""
         c = self.compute
-        graphed = self.graphs and c.decode_graph_block is not None and c.decode_graph_outer is not None
-        if graphed and kv == "none" and resident >= len(self.block_bytes) and (micro is None or micro >= batch):
+        if self.graphed(batch, resident, kv, micro, gen):
             assert c.decode_graph_block is not None and c.decode_graph_outer is not None
             return self.pass_s(resident, c.decode_graph_block(batch, context),
                                c.decode_graph_outer(batch, context) + c.decode_loop(batch, 0.0))
@@ -347,6 +356,16 @@ class ThroughputModel:
         outer = self.compute.decode_outer_s(batch, context)
         lead = self.first_cache_wait(batch, context, kv, kv_bytes, micro, cpu_layers)
         return self.pass_s(resident, block, outer, kv_bytes, cpu_bytes, lead)
+
+    def graphed(self, batch: int, resident: int, kv: str = "none", micro: Optional[int] = None,
+                gen: Optional[int] = None) -> bool:
+        """Whether the engine replays this decode step as a CUDA graph (``residency.decode_graph_allowed``, and
+        calibrated so): every block resident, the cache on the device, the batch in one piece; with ``gen``, a
+        generation long enough to record one (``GRAPH_MIN_STEPS``)."""
+        c = self.compute
+        return (self.graphs and c.decode_graph_block is not None and c.decode_graph_outer is not None
+                and kv == "none" and resident >= len(self.block_bytes) and (micro is None or micro >= batch)
+                and (gen is None or gen > GRAPH_MIN_STEPS))
 
     def link_busy_share(self, batch: int, resident: int, context: float, kv: str, kv_bytes: int,
                         micro: Optional[int], cpu_layers: int) -> float:
@@ -609,8 +628,10 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                 kv_up = (n - cpu) * layer_kv if kv in ("host", "split") else 0
                 kv_cpu = cpu * layer_kv
                 prefill, _, _ = tm.prefill(batch, resident, prompt, kv, micro_here, cpu)
-                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro_here, cpu, kv_cpu)
-                total = prefill + (gen - 1) * step
+                step, xfer, comp = tm.decode_step(batch, resident, context, kv, kv_up, micro_here, cpu, kv_cpu,
+                                                  gen=gen)
+                graphed = tm.graphed(batch, resident, kv, micro_here, gen)  # its graph recorded at the first step
+                total = prefill + (gen - 1) * step + (compute.graph_record_s(batch, context) if graphed else 0.0)
                 table.append(Candidate(batch=batch, resident_blocks=resident, num_blocks=n,
                                        offload="none" if resident == n else str(stream),
                                        memory_bytes=sizes.memory_bytes(batch, resident, seq, slots, kv, micro_here),

@@ -272,6 +272,10 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
                 kv_cpu_layers=kv_cpu_layers(options, facts.num_blocks), decode_graph=graph)
 
 
+# a cache with room for fewer decode steps decodes eagerly: recording a graph costs about two eager steps
+GRAPH_MIN_STEPS = 8
+
+
 def decode_graph_allowed(options: PlanOptions, device_type: str, streams: bool, coded: bool) -> bool:
     """Whether decode steps may replay one CUDA graph (``streaming.graph``): on a GPU, with every block resident and
     the KV cache on the device (a streamed block's weights move between slots; a host cache moves by the step), the

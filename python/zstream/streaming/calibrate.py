@@ -35,6 +35,7 @@ UPLINK_PROBE_LAYERS = 8               # the layers a probe pass brings up: the p
 CPU_SAMPLE_S = 0.05                   # a host-compute decode block's timing sample: many calls, many layers
 SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
 GRAPH_PROBE_BLOCKS = (2, 8)           # a graphed decode step timed over this many blocks: the difference is blocks'
+GRAPH_PROBE_CACHE_BYTES = 256 << 20   # its blocks take turns over this much cache at most (one layer at the least)
 
 
 def _sync(device: torch.device) -> None:
@@ -180,6 +181,7 @@ class _BlockTimer:
         # decode steps replayed as a CUDA graph (``graph.DecodeGraph``) where the engine would: on a GPU, plain weights
         self.graphs = device.type == "cuda" and quant is None
         self.graph_steps: Dict[Tuple[int, int, int], Callable[[], Any]] = {}  # (B, S, blocks) -> one graphed step
+        self.graph_records: Dict[Tuple[int, int, int], float] = {}  # (B, S, blocks) -> its first step, recording
         self.pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs
 
     def block_call(self, B: int, T: int, S: int, kv: str = "none") -> Callable[[], Any]:
@@ -216,14 +218,22 @@ class _BlockTimer:
         """A decode step replayed from a CUDA graph of ``blocks`` blocks, as the engine runs one: its context made
         eagerly and copied in, the replay, the logits taken out (recorded once a point, replayed every round; on the
         CPU the same fixed-shape step, run eagerly)."""
-        if (B, S, blocks) not in self.graph_steps:
+        point = (B, S, blocks)
+        if point not in self.graph_steps:
             fam, dev = self.family, self.dev
-            cache = KVCache(blocks, B, self.longest, fam.num_kv_heads, fam.head_dim, self.dtype, dev)
+            layer_bytes = 2 * B * self.longest * fam.num_kv_heads * fam.head_dim * self.dtype.itemsize
+            layers = max(1, min(blocks, GRAPH_PROBE_CACHE_BYTES // layer_bytes))  # the blocks take them in turn
+            cache = KVCache(layers, B, self.longest, fam.num_kv_heads, fam.head_dim, self.dtype, dev)
             graph = DecodeGraph(fam, self.outer_w, [self.weights()] * blocks, cache, capture=dev.type == "cuda")
             ids = torch.ones(B, 1, dtype=torch.long, device=dev)                              # (B, 1)
             mask = torch.ones(B, S, dtype=torch.long, device=dev)                             # (B, S)
-            self.graph_steps[(B, S, blocks)] = lambda: graph(ids, fam.context(mask, 1, self.dtype))
-        return _seconds(self.graph_steps[(B, S, blocks)], self.dev, self.min_sample_s)
+            self.graph_steps[point] = lambda: graph(ids, fam.context(mask, 1, self.dtype))
+            _sync(dev)
+            t0 = time.perf_counter()
+            self.graph_steps[point]()  # the first step records the graph (and replays it)
+            _sync(dev)
+            self.graph_records[point] = time.perf_counter() - t0
+        return _seconds(self.graph_steps[point], self.dev, self.min_sample_s)
 
     def time_outer(self, B: int, T: int, S: int) -> float:
         """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
@@ -266,7 +276,7 @@ class _BlockTimer:
                         few, many = GRAPH_PROBE_BLOCKS
                         graph_times[(B, S)].append((self.time_graph(B, S, few), self.time_graph(B, S, many)))
         self.pair_caches.clear()
-        self.graph_steps.clear()
+        self.graph_steps.clear()  # (the graphs and their caches' memory)
         samples: List[Dict[str, Any]] = []
         for (phase, B, T, S), (blk, out) in times.items():
             where = {"context": S} if phase == "decode" else {"prompt": T}
@@ -275,7 +285,11 @@ class _BlockTimer:
         kv_samples = [{"kv_offload": kv, "phase": phase, "batch": B, "tokens": T, "keys": S,
                        "block_s": statistics.median(t), "block_rounds_s": t}
                       for (kv, phase, B, T, S), t in kv_times.items()]
-        return samples + [_graph_sample(B, S, t) for (B, S), t in graph_times.items()], kv_samples
+        few, many = GRAPH_PROBE_BLOCKS
+        graphed = [_graph_sample(B, S, t, (self.graph_records[(B, S, few)], self.graph_records[(B, S, many)]))
+                   for (B, S), t in graph_times.items()]
+        self.graph_records.clear()
+        return samples + graphed, kv_samples
 
     def probes(self, placements: List[str], max_batch: int, rounds: int,
                shared_probe: Optional[bool] = None) -> Tuple[List[Dict[str, Any]], ...]:
@@ -297,15 +311,21 @@ class _BlockTimer:
         return shared, uplink, loop
 
 
-def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]]) -> Dict[str, Any]:
+def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]], records: Tuple[float, float]) -> Dict[str, Any]:
     """A graphed decode step's sample from its rounds of (few blocks, many blocks): a block is the difference over
-    the blocks between, the rest of the step (context, copies in and out, the replay's launch) what remains."""
+    the blocks between, the rest of the step (context, copies in and out, the replay's launch) what remains; and the
+    same of ``records``, the first step of each (the graph recorded: a warm-up step and the capture)."""
     few, many = GRAPH_PROBE_BLOCKS
-    blocks = [(t_many - t_few) / (many - few) for t_few, t_many in rounds]
-    outer = [t_few - few * b for (t_few, _), b in zip(rounds, blocks)]
+
+    def split(pairs: Sequence[Tuple[float, float]]) -> Tuple[List[float], List[float]]:
+        blocks = [(t_many - t_few) / (many - few) for t_few, t_many in pairs]
+        return blocks, [t_few - few * b for (t_few, _), b in zip(pairs, blocks)]
+    blocks, outer = split(rounds)
+    (record_block,), (record_outer,) = split([records])
     # (at least a microsecond: a difference of two noisy timings can come out at or below zero, and fits need > 0)
     return {"phase": "graph", "batch": B, "context": S, "block_s": max(1e-6, statistics.median(blocks)),
-            "outer_s": max(1e-6, statistics.median(outer)), "block_rounds_s": blocks, "outer_rounds_s": outer}
+            "outer_s": max(1e-6, statistics.median(outer)), "block_rounds_s": blocks, "outer_rounds_s": outer,
+            "record_block_s": max(1e-6, record_block), "record_outer_s": max(1e-6, record_outer)}
 
 
 def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, Any]],
@@ -337,7 +357,9 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
         shared_read_gbps=statistics.median(s["gbps"] for s in busy) if busy else None,
         uplink_gbps=uplink[0]["gbps"] if uplink else None,
         cpu_busy_factor=_cpu_busy_factor(kv_samples, busy, rows_keys),
-        decode_graph_block=_graph_fit(graphed, "block_s"), decode_graph_outer=_graph_fit(graphed, "outer_s"))
+        decode_graph_block=_graph_fit(graphed, "block_s"), decode_graph_outer=_graph_fit(graphed, "outer_s"),
+        decode_graph_record_block=_graph_fit(graphed, "record_block_s"),
+        decode_graph_record_outer=_graph_fit(graphed, "record_outer_s"))
 
 
 def _graph_fit(graphed: List[Dict[str, Any]], what: str) -> Optional[Linear3]:

@@ -21,8 +21,6 @@ from ..foundations.models import Family, StepContext
 from .cache import KVCache, LayerCache
 from .weights import Weights
 
-GRAPH_MIN_STEPS = 8  # a cache with room for fewer steps decodes eagerly: capturing costs about two eager steps
-
 
 class SlotLayerCache(LayerCache):
     """A device layer's cache in a graphed step: this step's keys and values (one token) go to the slot held in
@@ -56,14 +54,16 @@ class DecodeGraph:
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)                  # (B, 1)
         self.mask: Optional[Tensor] = None      # (B, 1 or nh, 1, max_len): made from the first step's context
         self.rope: Optional[Tuple[Tensor, Tensor]] = None
-        self.layers = [SlotLayerCache(cache.k[i], cache.v[i], self.slot) for i in range(len(weights))]
+        # block i takes cache layer i (the calibration's few layers in turn, to bound its memory)
+        n = cache.device_layers
+        self.layers = [SlotLayerCache(cache.k[i % n], cache.v[i % n], self.slot) for i in range(len(weights))]
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[Tensor] = None
         self.max_len = L
 
     def fits(self, cache: KVCache) -> bool:
         """Whether this graph decodes ``cache``: the same tensors (a new cache is a new graph)."""
-        return cache is self.cache and cache.length < self.max_len
+        return cache is self.cache
 
     def __call__(self, input_ids: Tensor, ctx: StepContext) -> Tensor:
         self._load(input_ids, ctx)

@@ -29,12 +29,12 @@ from ..foundations.quant import BlockQuant
 from ..foundations.store import WeightStore
 from ..foundations.units import dtype_name, fmt_bytes, fmt_params
 from ..planning.facts import CheckpointFacts
-from ..planning.residency import Plan, cpu_layers_of, micro_batch_rows
+from ..planning.residency import GRAPH_MIN_STEPS, Plan, cpu_layers_of, micro_batch_rows
 from . import generate as gen
 from .blocks import Dequantized, Resident, Streamer
 from .cache import KVCache
 from .device import Device
-from .graph import GRAPH_MIN_STEPS, DecodeGraph
+from .graph import DecodeGraph
 from .trace import Traced, Tracer, write_trace
 from .weights import Weights, attention_kernels
 
