@@ -14,12 +14,17 @@ listed but not replayed (their sizes come from the packed checkpoint, not from t
 ``--busy-factor``: a calibration from before format 5 has no ``cpu_busy_factor``; it is recomputed here from the
 calibration's own shared probe and host-compute samples, as ``calibrate_compute`` now computes it
 (docs/performance.md, item 25).
+
+``--cpu-rounds min`` (or ``low2``, the second lowest): the CPUs' decode points (host-compute blocks, split pairs)
+refitted from each point's rounds by that statistic instead of their median, and the busy factor with them: what a
+calibration that keeps the least disturbed rounds of a CPU point would have predicted (item 30).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -29,7 +34,7 @@ import torch
 import zstream
 from zstream.foundations.models import family_for
 from zstream.foundations.units import parse_bytes
-from zstream.planning.batch import ComputeModel, ModelSizes, choose_batch
+from zstream.planning.batch import ComputeModel, Linear3, ModelSizes, choose_batch
 from zstream.planning.facts import facts_from_shapes
 from zstream.streaming.calibrate import _cpu_busy_factor
 
@@ -65,7 +70,32 @@ def busy_factor(compute: ComputeModel, family: Any, dtype: torch.dtype) -> Optio
     return _cpu_busy_factor(host, busy, top["batch"] * top["keys"])
 
 
-def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute_busy: bool) -> Dict[str, Any]:
+CPU_ROUNDS = {"median": statistics.median, "min": min, "low2": lambda xs: sorted(xs)[min(1, len(xs) - 1)]}
+
+
+def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how: str) -> None:
+    """The CPUs' decode points of ``compute`` refitted from their rounds by ``CPU_ROUNDS[how]`` (in place): the
+    host-compute decode block, the split pair, and the busy factor (which divides by the host-compute block)."""
+    pick = CPU_ROUNDS[how]
+    for s in compute.samples:
+        if s.get("kv_offload") in ("host-compute", "split") and s.get("phase") == "decode" and s.get("block_rounds_s"):
+            s["block_s"] = pick(s["block_rounds_s"])
+
+    def fit(kv: str) -> Optional[Linear3]:
+        pts = [(s["batch"], s["keys"], s["block_s"]) for s in compute.samples
+               if s.get("kv_offload") == kv and s.get("phase") == "decode"]
+        return Linear3.fit(pts) if pts else None
+    host = fit("host-compute")
+    if host is not None and "host-compute" in compute.kv_blocks:
+        compute.kv_blocks["host-compute"] = (host, compute.kv_blocks["host-compute"][1])
+    if compute.split_pair is not None:
+        compute.split_pair = fit("split")
+    if compute.cpu_busy_factor is not None:
+        compute.cpu_busy_factor = busy_factor(compute, family, dtype)
+
+
+def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute_busy: bool,
+               cpu_rounds: str = "median") -> Dict[str, Any]:
     """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed)."""
     out = {"kv_offload": row["kv_offload"], "batch": row["batch"], "micro_batch": row.get("micro_batch"),
            "kv_cpu_layers": row.get("kv_cpu_layers"), "measured": row["tokens_per_s"],
@@ -77,6 +107,8 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
     dtype = dtype_of(compute.key)
     if recompute_busy and compute.cpu_busy_factor is None:
         compute.cpu_busy_factor = busy_factor(compute, family, dtype)
+    if cpu_rounds != "median":
+        refit_cpu_points(compute, family, dtype, cpu_rounds)
     out["busy_factor"] = compute.cpu_busy_factor
     batch, micro, kv = row["batch"], row.get("micro_batch"), row["kv_offload"]
     micro = micro if micro and micro < batch else None
@@ -107,6 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--preset", help="the synthetic preset of the rows' model (default: from the JSON's model name)")
     p.add_argument("--busy-factor", action="store_true",
                    help="recompute cpu_busy_factor for calibrations stored without it")
+    p.add_argument("--cpu-rounds", choices=sorted(CPU_ROUNDS), default="median",
+                   help="refit the CPUs' decode points from their rounds by this statistic (default: as stored)")
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
@@ -117,9 +151,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         for row in doc["rows"]:
             if row.get("predicted_tokens_per_s") is None:
                 continue
-            r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor)}
+            r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor, a.cpu_rounds)}
             rows.append(r)
             print(_line(r))
+    replayed = [r["replayed"] / r["measured"] for r in rows if r["replayed"]]
+    if replayed:
+        near = sum(abs(x - 1) <= 0.10 for x in replayed)
+        print(f"replayed within 10% of measured: {near} of {len(replayed)} rows")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -56,3 +56,27 @@ def test_a_busy_factor_is_recomputed_from_a_calibrations_own_samples():
     assert rp.busy_factor(compute, family, torch.float16) == pytest.approx(12.5e-3 / 10e-3)
     assert rp.dtype_of("Bloom blocks=30 [a=[1, 2]] float16 NVIDIA H200 v5 batch<=8") is torch.float16
     assert rp.preset_of({"model": "opt-30b-in-memory"}) == "opt-30b"
+
+
+def test_the_cpus_points_refit_from_their_least_disturbed_rounds():
+    """``--cpu-rounds min``: a host-compute point whose rounds were 4, 9 and 5 ms refits at 4 (the median: 5), the
+    split pair's likewise; the device's points keep theirs."""
+    import torch
+
+    import zstream
+    from zstream.foundations.models import family_for
+
+    family = family_for(zstream.synthetic.PRESETS["bloom-7b1"])
+    rounds = {1: [1e-3, 3e-3, 2e-3], 64: [4e-3, 9e-3, 5e-3]}
+    host = [{"kv_offload": kv, "phase": "decode", "batch": b, "keys": 544, "block_s": sorted(r)[1],
+             "block_rounds_s": r} for kv in ("host-compute", "split") for b, r in rounds.items()]
+    device = {"phase": "decode", "batch": 1, "context": 544, "block_s": 7e-4, "block_rounds_s": [5e-4, 7e-4, 9e-4]}
+    compute = ComputeModel.from_dict({"num_blocks": 30, "decode_block": [0, 0, 0], "decode_outer": [0, 0, 0],
+                                      "prefill_block": [0, 0, 0], "prefill_outer": [0, 0, 0],
+                                      "kv_blocks": {"host-compute": [[1e-3, 0, 0], [1e-3, 0, 0]]},
+                                      "split_pair": [1e-3, 0, 0], "samples": [*host, device]})
+    rp.refit_cpu_points(compute, family, torch.float16, "min")
+    assert compute.kv_blocks["host-compute"][0](64, 544) == pytest.approx(4e-3, rel=1e-6)
+    assert compute.kv_blocks["host-compute"][0](1, 544) == pytest.approx(1e-3, rel=1e-6)
+    assert compute.split_pair(64, 544) == pytest.approx(4e-3, rel=1e-6)
+    assert device["block_s"] == 7e-4 and compute.kv_blocks["host-compute"][1](1, 1) == 1e-3
