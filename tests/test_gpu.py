@@ -215,10 +215,14 @@ def test_decode_steps_replay_one_cuda_graph(tmp_path, preset):
     with zstream.load(path, **kw) as graphed, zstream.load(path, cuda_graphs=False, **kw) as eager:
         assert graphed.plan.decode_graph and not eager.plan.decode_graph
         assert "CUDA graph" in graphed.plan.summary()
-        greedy = {"max_new_tokens": 24, "do_sample": False}
-        assert torch.equal(graphed.generate(ids, attention_mask=mask, **greedy),
-                           eager.generate(ids, attention_mask=mask, **greedy))
+        tokens = graphed.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)  # (3, 35)
         assert graphed._graph is not None and graphed._graph.graph is not None  # recorded, and replayed
+        # each new token is the eager model's greedy choice after the tokens before it, but where its two best
+        # logits are within fp16 rounding of each other (random weights: near ties; another kernel may pick either)
+        full = torch.cat([mask, torch.ones(3, 24, dtype=torch.long)], dim=1).to(tokens.device)
+        logits = eager(tokens, full).float()[:, 10:-1]                  # (3, 24, vocab): before each new token
+        chosen = logits.gather(-1, tokens[:, 11:, None])[..., 0]        # (3, 24)
+        assert bool((logits.max(-1).values - chosen <= 2e-2).all())
         caches = [m.new_cache(3, 11 + 16) for m in (graphed, eager)]
         nxt = None
         for step in range(12):
