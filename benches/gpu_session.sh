@@ -82,7 +82,7 @@ for stage in "$@"; do
       CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       for how in graph eager; do
         $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${GRAPH_BATCHES:-7} --prompt 512 --gen 32 --predict \
-          --repeats ${GRAPH_REPEATS:-3} $([ $how = eager ] && echo --no-cuda-graphs) --json "$OUT/bench_graph_$how.json"
+          --repeats ${GRAPH_REPEATS:-3} $([ $how = graph ] && echo --cuda-graphs) --json "$OUT/bench_graph_$how.json"
       done ;;
     test-graph) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "graph" > "$OUT/pytest_graph.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_graph.log"); tail -3 "$OUT/pytest_graph.log" ;;

@@ -985,7 +985,7 @@ def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     cm = compute_model(4, block_s=3e-4, per_token=1e-6, per_key=0.0, outer_s=8e-4)
     cm.decode_graph_block, cm.decode_graph_outer = Linear3(1e-4, 1e-7, 0.0), Linear3(2e-4, 0.0, 0.0)
     cm.decode_loop = Linear3(5e-5, 0.0, 0.0)
-    tm = ThroughputModel(cm, [100 * MB] * 4, link_gbps=50.0)
+    tm = ThroughputModel(cm, [100 * MB] * 4, link_gbps=50.0, graphs=True)
     step = tm.decode_step(8, resident=4, context=100)[0]
     assert step == pytest.approx(4 * (1e-4 + 8e-7) + 2e-4 + 5e-5)
     eager = 4 * cm.decode_block_s(8, 100) + cm.decode_outer_s(8, 100)
@@ -1001,18 +1001,19 @@ def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     cm.decode_graph_record_block, cm.decode_graph_record_outer = Linear3(1e-3, 0.0, 0.0), Linear3(4e-3, 0.0, 0.0)
     assert cm.graph_record_s(8, 100) == pytest.approx(4 * 1e-3 + 4e-3)
     kw = {"budget": 10**10, "prompt": 16, "link_gbps": 50.0, "stream": None, "max_batch": 4}
-    graphed = choose_batch(toy_sizes(4), cm, gen=12, **kw).candidate(2, 4)
+    graphed = choose_batch(toy_sizes(4), cm, gen=12, cuda_graphs=True, **kw).candidate(2, 4)
     prefill = tm.prefill(2, 4, 16)[0]
     assert graphed.decode_step_s == pytest.approx(tm.decode_step(2, 4, 16 + 6)[0])
     record = cm.graph_record_s(2, 22)
     assert 2 * 12 / graphed.tokens_per_s == pytest.approx(prefill + 11 * graphed.decode_step_s + record)
-    short = choose_batch(toy_sizes(4), cm, gen=8, **kw).candidate(2, 4)  # 7 steps: too few to record a graph
+    short = choose_batch(toy_sizes(4), cm, gen=8, cuda_graphs=True, **kw).candidate(2, 4)  # 7 steps: too few
     assert short.decode_step_s == pytest.approx(off.decode_step(2, 4, 16 + 4)[0])
     assert 2 * 8 / short.tokens_per_s == pytest.approx(tm.prefill(2, 4, 16)[0] + 7 * short.decode_step_s)
-    plan = choose_batch(toy_sizes(4), cm, gen=12, cuda_graphs=False, **kw)
+    plan = choose_batch(toy_sizes(4), cm, gen=12, **kw)  # load's default: no graphs
     assert plan.candidate(2, 4).decode_step_s == pytest.approx(off.decode_step(2, 4, 22)[0])
-    plan.cuda_graphs = False
-    assert plan.load_kwargs()["cuda_graphs"] is False
+    assert "cuda_graphs" not in plan.load_kwargs()
+    plan.cuda_graphs = True
+    assert plan.load_kwargs()["cuda_graphs"] is True
 
 
 def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bloom):

@@ -85,7 +85,7 @@ def test_a_graph_is_made_once_a_cache_and_only_with_room_for_enough_steps(family
 
 
 def test_the_plan_allows_a_graph_only_where_the_step_is_fixed() -> None:
-    on = PlanOptions(offload="none")
+    on = PlanOptions(offload="none", cuda_graphs=True)
     assert decode_graph_allowed(on, "cuda", streams=False, coded=False)
     assert not decode_graph_allowed(on, "cpu", streams=False, coded=False)            # no CUDA graphs on the CPU
     assert not decode_graph_allowed(on, "cuda", streams=True, coded=False)            # weights move between slots

@@ -212,7 +212,7 @@ def test_decode_steps_replay_one_cuda_graph(tmp_path, preset):
     path = synthetic.make_checkpoint(preset, tmp_path / "m", dtype=torch.float16, progress=False)
     ids, mask = padded_batch(vocab=250, lengths=(11, 7, 4))
     kw = {"device": "cuda", "offload": "none", "progress": False}
-    with zstream.load(path, **kw) as graphed, zstream.load(path, cuda_graphs=False, **kw) as eager:
+    with zstream.load(path, cuda_graphs=True, **kw) as graphed, zstream.load(path, **kw) as eager:
         assert graphed.plan.decode_graph and not eager.plan.decode_graph
         assert "CUDA graph" in graphed.plan.summary()
         tokens = graphed.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)  # (3, 35)

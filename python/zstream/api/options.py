@@ -53,7 +53,7 @@ class LoadOptions:
     kv_offload: str = "none"        # "host", "host-compute": every layer's KV cache in pinned host memory
     micro_batch: Optional[int] = None  # rows a block computes at a time
     kv_cpu_layers: Optional[int] = None  # kv_offload="split": layers attended on the CPUs (None: half)
-    cuda_graphs: bool = True  # decode steps of an all-resident model replayed as one CUDA graph
+    cuda_graphs: bool = False  # decode steps of an all-resident model replayed as one CUDA graph
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
@@ -79,7 +79,7 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
                  copy_from_tokens: Optional[int] = None, progress: bool = True, tensor_parallel: Optional[int] = None,
                  parallel_timeout: float = DEFAULT_TIMEOUT_S, compress: Optional[str] = None,
                  kv_offload: str = "none", micro_batch: Optional[int] = None,
-                 kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = True,
+                 kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = False,
                  unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
     """``LoadOptions`` from ``load``'s keywords; ``unknown`` holds keywords ``load`` does not take."""
     if unknown:

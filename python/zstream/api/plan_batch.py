@@ -32,7 +32,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                step_overhead_s: float = 0.0, quantize: Optional[str] = None, group_size: int = 64,
                symmetric: bool = False, tensor_parallel: int = 1, kv_offload: str = "none",
                micro_batch: Union[int, Sequence[Optional[int]], None] = None,
-               kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = True) -> BatchPlan:
+               kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = False) -> BatchPlan:
     """The batch and residency that maximise tokens/s for a budget, predicted from measurements made now.
 
     ``model``: a checkpoint directory (only its headers are read) or a model ``zstream.load`` returned (its plan's

@@ -69,9 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --kv-offload split: layers attended on the CPUs (default: half)")
     p.add_argument("--micro-batch", type=positive, default=None,
                    help="rows a block computes at a time (load's micro_batch): larger batches run as micro-batches")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="launch every block's kernels from Python (load's cuda_graphs=False): decode steps of an "
-                        "all-resident model are otherwise replayed as one CUDA graph")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode steps of an all-resident model replayed as one CUDA graph (load's cuda_graphs=True), "
+                        "and planned so")
     p.add_argument("--predict", action="store_true",
                    help="beside each measured row, the batch planner's prediction for the same batch, residency and "
                         "KV placement (plan_batch on the loaded model: its link, its budget, a compute model "
@@ -357,7 +357,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
                      max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False,
                      quantize=a.quantize, group_size=a.group_size, tensor_parallel=ranks,
                      compress=None if compress == "none" else compress, kv_offload=kv_offload,
-                     micro_batch=a.micro_batch, kv_cpu_layers=a.kv_cpu_layers, cuda_graphs=not a.no_cuda_graphs,
+                     micro_batch=a.micro_batch, kv_cpu_layers=a.kv_cpu_layers, cuda_graphs=a.cuda_graphs,
                      copy_from_tokens=a.copy_from_tokens if offload == "ats" else None)
     except OutOfMemoryError as e:
         print(f"\n# {offload}, budget {budget}, batch {batches}: does not fit: {e}")
@@ -460,7 +460,7 @@ def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str,
         plan = plan_batch(model, prompt=a.prompt, gen=a.gen, offload=stream, prefetch=a.prefetch,
                           kv_offload=model.plan.kv_offload, max_batch=batch, micro_batch=model.plan.micro_batch,
                           kv_cpu_layers=model.plan.kv_cpu_layers if model.plan.kv_offload == "split" else None,
-                          cuda_graphs=not a.no_cuda_graphs)
+                          cuda_graphs=a.cuda_graphs)
     except (ValueError, OutOfMemoryError) as e:
         return {"predicted_error": str(e)}
     micro = model.plan.micro_batch if model.plan.micro_batch and model.plan.micro_batch < batch else None
@@ -486,7 +486,7 @@ def _planned(a: argparse.Namespace, path: Path, budget: Optional[str], device: s
     plan = plan_batch(path, gpu_memory=budget, prompt=a.prompt, gen=a.gen, offload=stream, device=device,
                       dtype=dtype, prefetch=a.prefetch, kv_offload="auto", micro_batch=list(PLANNED_MICRO_BATCHES),
                       max_batch=a.planned or max(a.batch), quantize=a.quantize, group_size=a.group_size,
-                      cuda_graphs=not a.no_cuda_graphs)
+                      cuda_graphs=a.cuda_graphs)
     print(plan.summary())
     best = plan.best
     if best is None:

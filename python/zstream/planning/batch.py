@@ -279,7 +279,7 @@ class ThroughputModel:
     link_gbps: Optional[float]      # GB/s; None: nothing may stream
     ring_slots: int = 3             # prefetch + 1
     step_overhead_s: float = 0.0    # per pass, on top of the schedule and the calibrated decode loop (given)
-    graphs: bool = True             # load's cuda_graphs: an all-resident step replays a CUDA graph where calibrated
+    graphs: bool = False            # load's cuda_graphs: an all-resident step replays a CUDA graph where calibrated
 
     @property
     def host_gbps(self) -> Optional[float]:
@@ -498,7 +498,7 @@ class BatchPlan:
     link: str = ""                  # what the link is ("pinned host-to-device", "disk read (O_DIRECT)", given)
     quantize: Dict[str, Any] = field(default_factory=dict)  # load's quantize arguments (empty: none, or packed)
     tensor_parallel: int = 1        # ranks: every size, budget and time is one rank's (its shard, its GPU, its link)
-    cuda_graphs: bool = True        # load's: planned with all-resident steps replayed as CUDA graphs
+    cuda_graphs: bool = False       # load's: planned with all-resident steps replayed as CUDA graphs
 
     def candidate(self, batch: int, resident: int, kv: str = "none",
                   micro: Optional[int] = None) -> Optional[Candidate]:
@@ -546,8 +546,8 @@ class BatchPlan:
         kw.update(self.quantize)
         if self.tensor_parallel > 1:
             kw["tensor_parallel"] = self.tensor_parallel
-        if not self.cuda_graphs:
-            kw["cuda_graphs"] = False
+        if self.cuda_graphs:
+            kw["cuda_graphs"] = True
         return kw
 
     def summary(self, rows: Optional[List[int]] = None) -> str:
@@ -589,7 +589,7 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                  max_batch: int = 1024, step_overhead_s: float = 0.0,
                  kv_offloads: Sequence[str] = ("none",),
                  micro_batch_sizes: Sequence[Optional[int]] = (None,),
-                 kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = True) -> BatchPlan:
+                 kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = False) -> BatchPlan:
     """Every (batch, resident blocks) the loader would accept under ``budget``, with its predicted tokens/s; the
     best of them. ``stream``: the offload mode that streams ("cpu" or "nvme"), or None to keep every block resident
     (offload="none"). Batches run from 1 to the largest that fits (at most ``max_batch``); for each, every

@@ -97,7 +97,7 @@ class PlanOptions:
     kv_offload: str = "none"
     micro_batch: Optional[int] = None         # rows a block computes at a time (None: the whole batch)
     kv_cpu_layers: Optional[int] = None       # kv_offload="split": layers attended on the CPUs (None: half)
-    cuda_graphs: bool = True                  # decode steps of an all-resident model replayed as one CUDA graph
+    cuda_graphs: bool = False                 # decode steps of an all-resident model replayed as one CUDA graph
 
 
 @dataclass
