@@ -80,6 +80,9 @@ def test_the_planners_choice_is_run_with_its_prediction(cache, capsys):
     printed = capsys.readouterr().out
     assert "predicted best" in printed and "predicted within 10% of measured:" in printed
     assert doc["meta"]["prediction_summary"]["rows"] == sum(1 for r in doc["rows"] if r.get("predicted_tokens_per_s"))
+    for r in doc["rows"]:  # what the host did beside the decode steps and beside the prediction's calibration
+        assert r["decode_counters"]["process_cpu_s"] >= 0 and "others_cpu_s" in r["decode_counters"]
+        assert "steal_s" in r["prediction_counters"] if r.get("planned") else "prediction_counters" not in r
     only = cache / "planned_only.json"
     assert main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "4", "--prompt", "6", "--gen", "3",
                  "--gpu-memory", "300MiB", "--planned", "2", "--planned-only", "--json", str(only)]) == 0
@@ -355,6 +358,34 @@ def test_meminfo_fields_are_summed_in_bytes(tmp_path):
     f.write_text("MemTotal:       1000 kB\nDirty:             12 kB\nWriteback:          3 kB\nDirtyX: 7 kB\n")
     assert meminfo_bytes("Dirty", "Writeback", path=str(f)) == 15 * 1024
     assert meminfo_bytes("Dirty", path=str(tmp_path / "missing")) == 0
+
+
+def test_host_counters_are_read_and_differenced(tmp_path):
+    """The CPUs' busy (user, nice, system, irq, softirq) and stolen ticks of /proc/stat's first line, /proc/vmstat's
+    compaction and huge-page counters, this process's CPU time; differenced key by key, with the rest of the host's
+    CPU seconds the busy ones less this process's."""
+    import os
+
+    from zstream.foundations.measure import counters_since, host_counters
+
+    hz = os.sysconf("SC_CLK_TCK")
+    stat, vmstat = tmp_path / "stat", tmp_path / "vmstat"
+
+    def write(user: int, steal: int, stalls: int) -> None:
+        stat.write_text(f"cpu  {user} 0 {hz} 900 7 {hz} 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+        vmstat.write_text(f"nr_free_pages 5\ncompact_stall {stalls}\nthp_fault_alloc 3\npgmajfault 1\n")
+    write(10 * hz, hz, 2)
+    before = host_counters(str(stat), str(vmstat))
+    assert before["cpus_busy_s"] == 12 and before["steal_s"] == 1 and before["compact_stall"] == 2
+    assert "nr_free_pages" not in before and "idle" not in before
+    write(16 * hz, 4 * hz, 5)
+    after = host_counters(str(stat), str(vmstat))
+    after["process_cpu_s"] = before["process_cpu_s"] + 2.0
+    delta = counters_since(before, after)
+    assert (delta["cpus_busy_s"], delta["steal_s"], delta["compact_stall"]) == (6, 3, 3)
+    assert delta["others_cpu_s"] == pytest.approx(4.0) and delta["thp_fault_alloc"] == 0
+    assert host_counters(str(tmp_path / "none"), str(tmp_path / "none")).keys() >= {"process_cpu_s"}
+    assert "steal_s" not in host_counters(str(tmp_path / "none"), str(vmstat))
 
 
 def test_the_predictions_are_summed_up_against_the_measured():
