@@ -283,6 +283,12 @@ def test_micro_batches_are_calibrated_at_their_own_rows(tiny_bloom, monkeypatch)
     zstream.plan_batch(tiny_bloom, device="cpu", gpu_memory="1GiB", prompt=8, gen=2, max_batch=6, link_gbps=1.0,
                        micro_batch=[None, 2, 4, 8])
     assert asked[0]["max_batch"] == 6 and asked[0]["batches"] == [2, 4]
+    assert asked[0]["graphs"] is False  # graphed steps timed only where load would replay them (cuda_graphs=True)
+    zstream.plan_batch(tiny_bloom, device="cpu", gpu_memory="1GiB", prompt=8, gen=2, max_batch=6, link_gbps=1.0,
+                       cuda_graphs=True)
+    assert asked[1]["graphs"] is True
+    graphed = calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8, rounds=1, graphs=True)
+    assert graphed.key == plain.key + " graphs" and graphed.decode_graph_block is None  # no CUDA: none timed
 
 
 def test_plan_batch_calibrates_and_measures_on_the_cpu(tiny_bloom):
@@ -1029,6 +1035,10 @@ def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bl
     timer = calibrate._BlockTimer(model.family, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001,
                                   seed=0, quant=None)
     assert not timer.graphs  # no CUDA graphs on the CPU
+    cuda = torch.device("cuda")
+    assert calibrate.times_graphs(True, cuda, None)
+    assert not calibrate.times_graphs(False, cuda, None) and not calibrate.times_graphs(True, cuda, object())
+    assert not calibrate.times_graphs(True, torch.device("cpu"), None)
     timer.graphs = True
     samples, _ = timer.sample([("decode", 2, 1, 10), ("decode", 3, 1, 6), ("prefill", 1, 5, 5)], [], False, 2)
     graphed = [s for s in samples if s["phase"] == "graph"]

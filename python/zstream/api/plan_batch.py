@@ -98,7 +98,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                                                           max_batch, kv, m)), default=1)
             compute = calibrate_compute(facts.family, dev, facts.dtype, max_batch=largest, prompt=prompt, gen=gen,
                                         cache=cache, quant=facts.quant, kv_offloads=kv_offloads,
-                                        batches=[m for m in micros if m is not None and m < largest])
+                                        batches=[m for m in micros if m is not None and m < largest],
+                                        graphs=cuda_graphs)
     finally:
         if not loaded:
             store.close()

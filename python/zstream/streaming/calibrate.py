@@ -86,7 +86,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
                       prompt: int, gen: int, rounds: int = 5, min_sample_s: float = 0.005,
                       max_prefill_tokens: int = 32768, cache: Union[str, os.PathLike, None] = None,
                       seed: int = 0, quant: Any = None, kv_offloads: Sequence[str] = ("none",),
-                      batches: Sequence[int] = ()) -> ComputeModel:
+                      batches: Sequence[int] = (), graphs: bool = False) -> ComputeModel:
     """Measure the compute model of ``family`` on ``device``: one block of the real shapes on random weights,
     and the per-pass work (mask, embedding, head), timed at the corners of the range the planner will ask about.
 
@@ -103,7 +103,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     CPUs; with "host" or "split", its prefill with the cache in host memory (the prompt's copies down); both through
     the engine's own layer caches. ``batches``: more decode batches to time (the micro-batches the planner will ask
     about: a block of a micro-batched step is timed at its micro-batch's rows, not read off the fit between the
-    corners)."""
+    corners). ``graphs``: the decode points are also timed as the CUDA graph an all-resident step replays (load's
+    ``cuda_graphs``; on a GPU, plain weights only)."""
     dev = torch.device(device)
     max_batch = max(1, int(max_batch))
     longest = min(prompt + gen, family.max_positions)
@@ -114,7 +115,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     key = (f"{compute_key(family, dtype, dev)} v{CALIBRATION_FORMAT} batch<={max_batch} prompt={prompt} gen={gen} "
            f"prefill<={max_prefill_tokens}" + (f" at={','.join(map(str, extra))}" if extra else "")
            + (f" quant={quant.cfg.describe()}" if quant is not None else "")
-           + (f" kv={','.join(placements + (['split'] if split else []))}" if placements else ""))
+           + (f" kv={','.join(placements + (['split'] if split else []))}" if placements else "")
+           + (" graphs" if graphs else ""))
     if key in _COMPUTE_CACHE:
         return _COMPUTE_CACHE[key]
     stored: Dict[str, Any] = json.loads(Path(cache).read_text()) if cache is not None and Path(cache).exists() else {}
@@ -122,7 +124,7 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         _COMPUTE_CACHE[key] = ComputeModel.from_dict(stored[key])
         return _COMPUTE_CACHE[key]
 
-    timer = _BlockTimer(family, dev, dtype, longest, min_sample_s, seed, quant)
+    timer = _BlockTimer(family, dev, dtype, longest, min_sample_s, seed, quant, graphs)
     points = _points(max_batch, prompt, longest, max_prefill_tokens, extra)
     samples, kv_samples = timer.sample(points, placements, split, rounds)
     shared, uplink, loop = timer.probes(placements, max_batch, rounds)
@@ -159,13 +161,19 @@ def _points(max_batch: int, prompt: int, longest: int, max_prefill_tokens: int,
     return points
 
 
+def times_graphs(asked: bool, device: torch.device, quant: Any) -> bool:
+    """Whether a calibration times decode steps as CUDA graphs: where asked (load's ``cuda_graphs``), on a GPU, with
+    plain weights (a packed block is dequantized every call: the engine does not graph it)."""
+    return asked and device.type == "cuda" and quant is None
+
+
 class _BlockTimer:
     """One block of the family's real shapes on random weights, and the per-pass work, timed on ``device`` as the
     engine runs them: through its layer caches of each placement, and with ``quant`` (a ``quant.BlockQuant``) its
     packed weights dequantized on every call."""
 
     def __init__(self, family: Any, device: torch.device, dtype: torch.dtype, longest: int, min_sample_s: float,
-                 seed: int, quant: Any) -> None:
+                 seed: int, quant: Any, graphs: bool = False) -> None:
         self.family, self.dev, self.dtype = family, device, dtype
         self.longest, self.min_sample_s = longest, min_sample_s
         g = torch.Generator().manual_seed(seed)
@@ -179,7 +187,7 @@ class _BlockTimer:
         self.outer_w = _random_weights(family, family.outer_tensors(), dtype, device, g)
         self.host_caches: Dict[Tuple[int, int], KVCache] = {}  # (B, length) -> host-compute decode caches, made once
         # decode steps replayed as a CUDA graph (``graph.DecodeGraph``) where the engine would: on a GPU, plain weights
-        self.graphs = device.type == "cuda" and quant is None
+        self.graphs = times_graphs(graphs, device, quant)
         self.graph_steps: Dict[Tuple[int, int, int], Callable[[], Any]] = {}  # (B, S, blocks) -> one graphed step
         self.graph_records: Dict[Tuple[int, int, int], float] = {}  # (B, S, blocks) -> its first step, recording
         self.pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs
