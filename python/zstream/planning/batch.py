@@ -16,7 +16,16 @@ import torch
 from ..errors import OutOfMemoryError
 from ..foundations.units import fmt_bytes
 from .facts import CheckpointFacts
-from .residency import GRAPH_MIN_STEPS, choose_residency, cpu_layers_of, kv_layer_bytes, micro_batch_rows, reserve_bytes
+from .residency import (
+    GRAPH_MIN_STEPS,
+    PlanOptions,
+    choose_residency,
+    cpu_layers_of,
+    decode_graph_allowed,
+    kv_layer_bytes,
+    micro_batch_rows,
+    reserve_bytes,
+)
 
 # ---- the predictive batch planner ------------------------------------------------------------------------------
 #
@@ -363,8 +372,11 @@ class ThroughputModel:
         calibrated so): every block resident, the cache on the device, the batch in one piece; with ``gen``, a
         generation long enough to record one (``GRAPH_MIN_STEPS``)."""
         c = self.compute
-        return (self.graphs and c.decode_graph_block is not None and c.decode_graph_outer is not None
-                and kv == "none" and resident >= len(self.block_bytes) and (micro is None or micro >= batch)
+        if c.decode_graph_block is None or c.decode_graph_outer is None:  # (timed on a GPU, plain weights only)
+            return False
+        whole = None if micro is None or micro >= batch else micro
+        options = PlanOptions(kv_offload=kv, micro_batch=whole, cuda_graphs=self.graphs)
+        return (decode_graph_allowed(options, "cuda", streams=resident < len(self.block_bytes), coded=False)
                 and (gen is None or gen > GRAPH_MIN_STEPS))
 
     def link_busy_share(self, batch: int, resident: int, context: float, kv: str, kv_bytes: int,
