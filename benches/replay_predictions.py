@@ -17,7 +17,9 @@ calibration's own shared probe and host-compute samples, as ``calibrate_compute`
 
 ``--cpu-rounds min`` (or ``low2``, the second lowest): the CPUs' decode points (host-compute blocks, split pairs)
 refitted from each point's rounds by that statistic instead of their median, and the busy factor with them: what a
-calibration that keeps the least disturbed rounds of a CPU point would have predicted (item 30).
+calibration that keeps the least disturbed rounds of a CPU point would have predicted (item 30). ``--cpu-rounds
+calm``: from the median of the rounds this build's calibration keeps (``calibrate.calm_rounds``, item 31; it also
+times the CPUs' points again where rounds were dropped, which a replay cannot).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from zstream.foundations.models import family_for
 from zstream.foundations.units import parse_bytes
 from zstream.planning.batch import ComputeModel, Linear3, ModelSizes, choose_batch
 from zstream.planning.facts import facts_from_shapes
-from zstream.streaming.calibrate import _cpu_busy_factor
+from zstream.streaming.calibrate import _cpu_busy_factor, calm_rounds
 
 
 def preset_of(meta: Dict[str, Any]) -> str:
@@ -70,16 +72,22 @@ def busy_factor(compute: ComputeModel, family: Any, dtype: torch.dtype) -> Optio
     return _cpu_busy_factor(host, busy, top["batch"] * top["keys"])
 
 
-CPU_ROUNDS = {"median": statistics.median, "min": min, "low2": lambda xs: sorted(xs)[min(1, len(xs) - 1)]}
+CPU_ROUNDS = {"median": statistics.median, "min": min, "low2": lambda xs: sorted(xs)[min(1, len(xs) - 1)],
+              "calm": statistics.median}  # "calm": the median of the rounds ``calibrate.calm_rounds`` keeps
 
 
 def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how: str) -> None:
     """The CPUs' decode points of ``compute`` refitted from their rounds by ``CPU_ROUNDS[how]`` (in place): the
-    host-compute decode block, the split pair, and the busy factor (which divides by the host-compute block)."""
+    host-compute decode block, the split pair, and the busy factor (which divides by the host-compute block). With
+    "calm", from the rounds a calibration of this build keeps (its ``calm_rounds`` over the stored rounds; a
+    calibration of format 7 or later stored them already)."""
     pick = CPU_ROUNDS[how]
-    for s in compute.samples:
-        if s.get("kv_offload") in ("host-compute", "split") and s.get("phase") == "decode" and s.get("block_rounds_s"):
-            s["block_s"] = pick(s["block_rounds_s"])
+    points = [s for s in compute.samples if s.get("kv_offload") in ("host-compute", "split")
+              and s.get("phase") == "decode" and s.get("block_rounds_s")]
+    kept = calm_rounds([s["block_rounds_s"] for s in points]) if how == "calm" and points else None
+    for s in points:
+        rounds = s["block_rounds_s"] if kept is None else [s["block_rounds_s"][i] for i in kept]
+        s["block_s"] = pick(rounds)
 
     def fit(kv: str) -> Optional[Linear3]:
         pts = [(s["batch"], s["keys"], s["block_s"]) for s in compute.samples

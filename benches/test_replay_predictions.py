@@ -80,3 +80,23 @@ def test_the_cpus_points_refit_from_their_least_disturbed_rounds():
     assert compute.kv_blocks["host-compute"][0](1, 544) == pytest.approx(1e-3, rel=1e-6)
     assert compute.split_pair(64, 544) == pytest.approx(4e-3, rel=1e-6)
     assert device["block_s"] == 7e-4 and compute.kv_blocks["host-compute"][1](1, 1) == 1e-3
+
+
+def test_the_cpus_points_refit_from_the_rounds_a_calibration_keeps_calm():
+    """``--cpu-rounds calm``: rounds of 1, 3, 1.1 ms and 4, 12, 5 ms; the second round is disturbed (3x both
+    points' fastest), so the points refit at the median of the other two: 1.05 and 4.5 ms (all rounds: 1.1 and 5)."""
+    import torch
+
+    import zstream
+    from zstream.foundations.models import family_for
+
+    family = family_for(zstream.synthetic.PRESETS["bloom-7b1"])
+    rounds = {1: [1e-3, 3e-3, 1.1e-3], 64: [4e-3, 12e-3, 5e-3]}
+    host = [{"kv_offload": "host-compute", "phase": "decode", "batch": b, "keys": 544, "block_s": sorted(r)[1],
+             "block_rounds_s": r} for b, r in rounds.items()]
+    compute = ComputeModel.from_dict({"num_blocks": 30, "decode_block": [0, 0, 0], "decode_outer": [0, 0, 0],
+                                      "prefill_block": [0, 0, 0], "prefill_outer": [0, 0, 0],
+                                      "kv_blocks": {"host-compute": [[1e-3, 0, 0], [1e-3, 0, 0]]}, "samples": host})
+    rp.refit_cpu_points(compute, family, torch.float16, "calm")
+    assert compute.kv_blocks["host-compute"][0](1, 544) == pytest.approx(1.05e-3, rel=1e-6)
+    assert compute.kv_blocks["host-compute"][0](64, 544) == pytest.approx(4.5e-3, rel=1e-6)

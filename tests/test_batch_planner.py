@@ -985,6 +985,59 @@ def test_the_shared_probe_times_the_largest_host_compute_block_each_round(tiny_b
     assert timer.probes(["host-compute"], max_batch=3, rounds=1)[0] == []  # on a CPU, not by default
 
 
+def test_a_round_is_calm_by_its_points_median_slow_down():
+    """Per round, each point's time over its fastest round, then their median: round 0 (1, 1) scores 1, round 1
+    (1.1, 1) 1.05, round 2 (3, 3) 3, round 3 (1, 1.2) 1.1; within 1.3 of the calmest: rounds 0, 1 and 3. Run 21's
+    split pairs at batch 16 and 544 keys (rounds of 21.1, 5.2, 7.8, 6.2 and 19.2 ms) and 256 keys (20.1, 2.7, 3.1,
+    4.0, 7.5) and its host-compute block at 544 keys (24.0, 4.0, 4.2, 4.6, 7.2): scores 6.0, 1, 1.148, 1.192 and
+    2.78, so rounds 1-3."""
+    assert calibrate.calm_rounds([[1.0, 1.1, 3.0, 1.0], [2.0, 2.0, 6.0, 2.4]], tolerance=1.3) == [0, 1, 3]
+    run21 = [[21.1, 5.2, 7.8, 6.2, 19.2], [20.1, 2.7, 3.1, 4.0, 7.5], [24.0, 4.0, 4.2, 4.6, 7.2]]
+    assert calibrate.calm_rounds(run21, tolerance=1.3) == [1, 2, 3]
+    assert calibrate.calm_rounds(run21, tolerance=1.18) == [1, 2]
+    assert calibrate.calm_rounds([[1.0, 2.0]], tolerance=2.5) == [0, 1]
+    assert calibrate.calm_rounds([[1.0, 2.0, 1.0]], tolerance=1.0) == [0, 2]  # as calm as the calmest: kept
+    assert calibrate.calm_rounds([[5.0], [7.0]]) == [0] and calibrate.calm_rounds([]) == []
+    assert calibrate.CALM_ROUND_TOLERANCE == 1.3  # (the factor the docs' replay chose: item 31)
+
+
+@pytest.mark.parametrize(("slow_downs", "calls", "kept"), [
+    # rounds 0 and 2 disturbed: round 3 is calm, round 4 not, round 5 makes three calm rounds
+    ([3.0, 1.0, 3.0, 1.2, 2.9, 1.1], 6, [1, 3, 5]),
+    # never calm again: as many rounds once more, then the calm one's time
+    ([1.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0], 6, [0]),
+    # calm throughout: no round more
+    ([1.0, 1.1, 1.2], 3, [0, 1, 2]),
+])
+def test_the_cpus_points_keep_their_calm_rounds_timed_again_where_disturbed(tiny_bloom, monkeypatch, slow_downs,
+                                                                            calls, kept):
+    """The CPUs' decode points (host-compute blocks and split pairs; 3 rounds asked) are timed again until 3 rounds
+    were calm, at most 3 times more, and each keeps the median of its calm rounds; the device's points and the
+    host-compute prefill are timed 3 times. A point's time is its batch x keys in microseconds, times the round's
+    slow-down."""
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    asked: dict = {}
+
+    def scripted(self, kv, B, T, S):
+        n = asked.setdefault((kv, B, T, S), [])
+        n.append(1)
+        return B * S * 1e-6 * (slow_downs[len(n) - 1] if T == 1 else 1.0)
+    monkeypatch.setattr(calibrate._BlockTimer, "time_kv", scripted)
+    monkeypatch.setattr(calibrate, "_COMPUTE_CACHE", {})  # (each case calibrates anew)
+    cm = calibrate_compute(model.family, "cpu", torch.float32, max_batch=4, prompt=8, gen=2, rounds=3,
+                           kv_offloads=("split",))
+    on_cpus = [s for s in cm.samples if s.get("kv_offload") in ("host-compute", "split") and s["phase"] == "decode"]
+    assert {s["kv_offload"] for s in on_cpus} == {"host-compute", "split"} and len(on_cpus) == 2 * 3 * 2
+    median = sorted(slow_downs[i] for i in kept)[len(kept) // 2]
+    for s in on_cpus:
+        assert len(s["block_rounds_s"]) == calls and s["calm_rounds"] == kept
+        assert s["block_s"] == pytest.approx(s["batch"] * s["keys"] * 1e-6 * median)
+    assert {len(n) for (kv, _, T, _), n in asked.items() if T > 1} == {3}
+    assert all(len(s["block_rounds_s"]) == 3 for s in cm.samples if "kv_offload" not in s and "block_rounds_s" in s)
+    assert cm.split_pair == Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in on_cpus
+                                         if s["kv_offload"] == "split"])
+
+
 def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     """Every block resident, the cache on the device, the batch in one piece: the step costs the graphed block's and
     the graphed step's timings (and the decode loop's); any other step, or cuda_graphs=False, the eager ones."""
