@@ -276,3 +276,24 @@ def test_a_block_packed_at_load_is_laid_out_like_a_packed_checkpoint(tmp_path):
     with pytest.warns(RuntimeWarning, match="pageable"):  # "pinned" on a machine without CUDA: a host arena still
         pinned, _ = bq.pack(views, {"fc": "m.fc", "bias": "m.bias"}, work=torch.device("cpu"), dest="pinned")
     assert pinned.device.type == "cpu" and torch.equal(pinned, buf)
+
+
+@pytest.mark.parametrize("coding", ["int4", "int8", "lossless"])
+def test_a_coded_blocks_decoded_bytes_are_what_decoding_makes(coding):
+    """``dequantized_nbytes`` (what the planner reserves for a coded block while it computes) against the tensors
+    its ``dequantize`` returns, in fp32: two coded weights and one left as it is."""
+    from zstream.foundations.lossless.blocks import BlockCode, LosslessConfig
+    from zstream.foundations.quant.blocks import BlockQuant
+    from zstream.foundations.store import FlatRead
+    from zstream.streaming.weights import local_weights
+
+    shapes = {"a": (128, 256), "b": (64, 256)}
+    code = (BlockCode(LosslessConfig(torch.float16), shapes, torch.float32) if coding == "lossless"
+            else BlockQuant(QuantConfig.parse(coding), shapes, torch.float32))
+    names = {"a": "blk.a", "b": "blk.b", "norm": "blk.norm"}
+    g = torch.Generator().manual_seed(0)
+    views = {f"blk.{k}": (torch.randn(*s, generator=g) * 0.02).half() for k, s in {**shapes, "norm": (256,)}.items()}
+    buf, layout = code.pack(views, names, work=torch.device("cpu"), dest="cpu")
+    out = code.dequantize(local_weights(FlatRead(buf, layout), code.names(names), torch.float32))
+    assert set(out) == set(names) and out["a"].dtype == torch.float32
+    assert code.dequantized_nbytes == out["a"].nbytes + out["b"].nbytes == (128 + 64) * 256 * 4

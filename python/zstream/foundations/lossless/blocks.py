@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ...errors import QuantizationError
+from ..coded import CodedWeights
 from ..store import FlatRead
 from . import kernels
 from .codec import RAW, SUFFIXES, CodedTensor, encode, from_metadata, to_metadata
@@ -45,7 +46,7 @@ class LosslessConfig:
 
 
 @dataclass
-class BlockCode:
+class BlockCode(CodedWeights):
     """Which weights of a block are coded (its linear weights, by local name and shape), and how to decode them
     into the compute dtype ``dtype``."""
 
@@ -54,20 +55,9 @@ class BlockCode:
     dtype: torch.dtype
     sized_by_values = True  # a coded block's size is known once it is coded: the loader then updates the plan
 
-    @property
-    def dequantized_nbytes(self) -> int:
-        """Device bytes of one block's coded weights once decoded (they exist while the block computes)."""
-        return sum(math.prod(s) for s in self.shapes.values()) * self.dtype.itemsize
-
-    def names(self, block: Mapping[str, str]) -> Dict[str, str]:
-        """A block's {local: checkpoint name} with each coded weight replaced by its four parts."""
-        out: Dict[str, str] = {}
-        for local, ckpt in block.items():
-            if local in self.shapes:
-                out.update({local + s: ckpt + s for s in SUFFIXES})
-            else:
-                out[local] = ckpt
-        return out
+    def suffixes(self, local: str) -> Iterable[str]:
+        """A coded weight's four parts."""
+        return SUFFIXES
 
     def nbytes(self, block: Mapping[str, Tuple[int, ...]], itemsize: Mapping[str, int]) -> int:
         """A block's bytes before it is coded: what planning assumes until the coded size is known."""

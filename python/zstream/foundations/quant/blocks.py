@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ...errors import QuantizationError
+from ..coded import CodedWeights
 from ..store import FlatRead
 from . import kernels
 from .scheme import CODES, METADATA_KEY, SCALE, ZERO, QuantConfig, QuantizedTensor, quantize
@@ -25,7 +26,7 @@ PACKED_ALIGN = 256  # each packed tensor starts 256-byte aligned in a block buff
 
 
 @dataclass
-class BlockQuant:
+class BlockQuant(CodedWeights):
     """Which weights of a block are packed, and how to turn them back into matrices in the slot.
 
     The same for every block of a model (families repeat one block). ``shapes`` maps the local name of each
@@ -37,21 +38,9 @@ class BlockQuant:
     dtype: torch.dtype
     sized_by_values = False  # a packed block's size follows from its shapes (lossless.BlockCode's does not)
 
-    @property
-    def dequantized_nbytes(self) -> int:
-        """Device bytes of one block's quantized weights once dequantized (they exist while the block computes)."""
-        return sum(math.prod(s) for s in self.shapes.values()) * self.dtype.itemsize
-
-    def names(self, block: Mapping[str, str]) -> Dict[str, str]:
-        """A block's {local: checkpoint name} with each quantized weight replaced by its packed tensors."""
-        out: Dict[str, str] = {}
-        for local, ckpt in block.items():
-            if local in self.shapes:
-                for suffix in self.cfg.packed("", self.shapes[local]):
-                    out[local + suffix] = ckpt + suffix
-            else:
-                out[local] = ckpt
-        return out
+    def suffixes(self, local: str) -> Iterable[str]:
+        """A quantized weight's packed tensors."""
+        return self.cfg.packed("", self.shapes[local])
 
     def nbytes(self, block: Mapping[str, Tuple[int, ...]], itemsize: Mapping[str, int]) -> int:
         """Packed bytes of a block given {local: shape} and {local: bytes per element} of its tensors."""
