@@ -35,6 +35,14 @@ export PYTHONPATH=/tmp/zs
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current,driver_version --format=csv \
   | tee "$OUT/gpu.txt"
 Z="python3 -m zstream"
+# the GPU's clocks, power and throttle reasons every 100 ms through the session (GPU_CLOCKS=0: not): whether a
+# sustained pass runs at the clocks its short calibration samples saw (performance.md item 32)
+if [ "${GPU_CLOCKS:-1}" != 0 ]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv,nounits -lms 100 > "$OUT/gpu_clocks.csv" 2>/dev/null &
+  CLOCKS_PID=$!
+  trap 'kill $CLOCKS_PID 2>/dev/null' EXIT
+fi
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in

@@ -15,6 +15,8 @@ listed but not replayed (their sizes come from the packed checkpoint, not from t
 calibration's own shared probe and host-compute samples, as ``calibrate_compute`` now computes it
 (docs/performance.md, item 25).
 
+Beside each row: the stored prediction's prefill and decode step, measured over predicted (``prefill``, ``step``).
+
 ``--cpu-rounds min`` (or ``low2``, the second lowest): the CPUs' decode points (host-compute blocks, split pairs)
 refitted from each point's rounds by that statistic instead of their median, and the busy factor with them: what a
 calibration that keeps the least disturbed rounds of a CPU point would have predicted (item 30). ``--cpu-rounds
@@ -107,7 +109,10 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
     """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed)."""
     out = {"kv_offload": row["kv_offload"], "batch": row["batch"], "micro_batch": row.get("micro_batch"),
            "kv_cpu_layers": row.get("kv_cpu_layers"), "measured": row["tokens_per_s"],
-           "stored": row.get("predicted_tokens_per_s"), "replayed": None}
+           "stored": row.get("predicted_tokens_per_s"), "replayed": None,
+           # the stored prediction's phases, measured over predicted
+           "prefill_ratio": _over(row.get("prefill_s"), row.get("predicted_prefill_s")),
+           "step_ratio": _over(row.get("decode_step_s"), row.get("predicted_decode_step_s"))}
     if row.get("quantize") or row.get("predicted_compute") not in meta.get("compute_models", {}):
         return out
     family = family_for(zstream.synthetic.PRESETS[preset])
@@ -132,13 +137,20 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
     return out
 
 
+def _over(measured: Optional[float], predicted: Optional[float]) -> Optional[float]:
+    return measured / predicted if measured and predicted else None
+
+
 def _line(r: Dict[str, Any]) -> str:
     def ratio(x: Optional[float]) -> str:
         return f"{x / r['measured']:7.3f}" if x else f"{'-':>7}"
+
+    def plain(x: Optional[float]) -> str:
+        return f"{x:7.3f}" if x else f"{'-':>7}"
     busy = r.get("busy_factor")
     return (f"{r['file'][:44]:44} {r['kv_offload']:>12} {r['batch']:5d} {r['micro_batch'] or '-'!s:>5} "
             f"{r['kv_cpu_layers'] or 0!s:>4} {ratio(r['stored'])} {ratio(r['replayed'])} "
-            f"{f'{busy:.3f}' if busy else '-':>6}")
+            f"{f'{busy:.3f}' if busy else '-':>6} {plain(r.get('prefill_ratio'))} {plain(r.get('step_ratio'))}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -152,7 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
-    print(f"{'file':44} {'kv':>12} {'batch':>5} {'micro':>5} {'cpu':>4} {'stored':>7} {'replay':>7} {'busy':>6}")
+    print(f"{'file':44} {'kv':>12} {'batch':>5} {'micro':>5} {'cpu':>4} {'stored':>7} {'replay':>7} {'busy':>6} "
+          f"{'prefill':>7} {'step':>7}")
     for f in a.files:
         doc = json.loads(Path(f).read_text())
         preset = a.preset or preset_of(doc["meta"])
@@ -166,6 +179,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if replayed:
         near = sum(abs(x - 1) <= 0.10 for x in replayed)
         print(f"replayed within 10% of measured: {near} of {len(replayed)} rows")
+    prefills = [r["prefill_ratio"] for r in rows if r.get("prefill_ratio")]
+    if prefills:
+        print(f"prefill measured / predicted (stored): median {statistics.median(prefills):.3f} over {len(prefills)} "
+              f"rows, {sum(x > 1 for x in prefills)} of them slower than predicted")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

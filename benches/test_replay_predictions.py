@@ -30,9 +30,12 @@ def test_the_replay_of_this_builds_rows_equals_their_predictions(tmp_path, monke
     assert rp.main([str(made), "--json", str(out)]) == 0
     replayed = json.loads(out.read_text())
     assert len(replayed) == len(predicted)
-    for r in replayed:
+    for r, row in zip(replayed, predicted):
         assert r["replayed"] == pytest.approx(r["stored"], rel=1e-9), r
-    assert "host-compute" in capsys.readouterr().out
+        assert r["prefill_ratio"] == pytest.approx(row["prefill_s"] / row["predicted_prefill_s"])
+        assert r["step_ratio"] == pytest.approx(row["decode_step_s"] / row["predicted_decode_step_s"])
+    out = capsys.readouterr().out
+    assert "host-compute" in out and f"over {len(predicted)} rows" in out
 
 
 def test_a_busy_factor_is_recomputed_from_a_calibrations_own_samples():

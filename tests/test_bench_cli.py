@@ -7,6 +7,7 @@ import json
 import math
 import runpy
 import sys
+import time
 
 import pytest
 
@@ -381,7 +382,10 @@ def test_host_counters_are_read_and_differenced(tmp_path):
     write(16 * hz, 4 * hz, 5)
     after = host_counters(str(stat), str(vmstat))
     after["process_cpu_s"] = before["process_cpu_s"] + 2.0
+    after["unix_s"] = before["unix_s"] + 7.5
     delta = counters_since(before, after)
+    assert (delta["from_unix_s"], delta["to_unix_s"], delta["unix_s"]) == (before["unix_s"], after["unix_s"], 7.5)
+    assert abs(before["unix_s"] - time.time()) < 60  # (a wall clock, not a monotonic one)
     assert (delta["cpus_busy_s"], delta["steal_s"], delta["compact_stall"]) == (6, 3, 3)
     assert delta["others_cpu_s"] == pytest.approx(4.0) and delta["thp_fault_alloc"] == 0
     assert host_counters(str(tmp_path / "none"), str(tmp_path / "none")).keys() >= {"process_cpu_s"}

@@ -188,6 +188,7 @@ def host_counters(stat: str = "/proc/stat", vmstat: str = "/proc/vmstat") -> Dic
         pass
     t = os.times()
     out["process_cpu_s"] = t.user + t.system
+    out["unix_s"] = time.time()  # when: to line a window up with what else was logged (the GPU's clocks)
     try:
         import resource
         out["involuntary_switches"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw)
@@ -198,9 +199,12 @@ def host_counters(stat: str = "/proc/stat", vmstat: str = "/proc/vmstat") -> Dic
 
 def counters_since(before: Dict[str, float], after: Optional[Dict[str, float]] = None) -> Dict[str, float]:
     """``host_counters`` now (or ``after``) less ``before``, key by key; with ``others_cpu_s``: the CPU seconds the
-    rest of the host spent meanwhile (the CPUs' busy time less this process's)."""
+    rest of the host spent meanwhile (the CPUs' busy time less this process's), and the window's ends in Unix
+    seconds (``from_unix_s``, ``to_unix_s``)."""
     now = host_counters() if after is None else after
     delta = {k: now[k] - before[k] for k in now if k in before}
+    if "unix_s" in before and "unix_s" in now:
+        delta.update(from_unix_s=before["unix_s"], to_unix_s=now["unix_s"])
     if "cpus_busy_s" in delta and "process_cpu_s" in delta:
         delta["others_cpu_s"] = max(0.0, delta["cpus_busy_s"] - delta["process_cpu_s"])
     return delta
