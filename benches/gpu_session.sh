@@ -38,10 +38,15 @@ Z="python3 -m zstream"
 # the GPU's clocks, power and throttle reasons every 100 ms through the session (GPU_CLOCKS=0: not): whether a
 # sustained pass runs at the clocks its short calibration samples saw (performance.md item 32)
 if [ "${GPU_CLOCKS:-1}" != 0 ]; then
-  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-    --format=csv,nounits -lms 100 > "$OUT/gpu_clocks.csv" 2>/dev/null &
+  for why in clocks_event_reasons.active clocks_throttle_reasons.active pstate; do  # (the name drivers accept)
+    nvidia-smi --query-gpu=$why --format=csv > /dev/null 2>&1 && break
+  done
+  # (appended: several sessions in one call log into one file; at most 10 minutes, a call's limit, if not stopped)
+  timeout 600 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$why \
+    --format=csv,nounits -lms 100 >> "$OUT/gpu_clocks.csv" 2>/dev/null &
   CLOCKS_PID=$!
   trap 'kill $CLOCKS_PID 2>/dev/null' EXIT
+  trap 'kill $CLOCKS_PID 2>/dev/null; exit 143' TERM INT
 fi
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
