@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import zstream
 from zstream.planning.residency import GRAPH_MIN_STEPS, PlanOptions, decode_graph_allowed
@@ -54,6 +55,51 @@ def test_the_fixed_shape_step_gives_the_eager_steps_logits_and_tokens(family_che
         sampled = {"max_new_tokens": 12, "do_sample": True, "top_k": 20, "temperature": 0.8, "seed": 3}
         assert torch.equal(fixed.generate(ids, attention_mask=mask, **sampled),
                            eager.generate(ids, attention_mask=mask, **sampled))
+
+
+class NoReadback(TorchFunctionMode):
+    """Fails any op that a CUDA graph cannot record: a tensor's value read back to Python (a device sync, which
+    capture refuses) or a shape that depends on values (boolean indexing, nonzero, unique)."""
+
+    READS = frozenset({torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu,
+             torch.Tensor.nonzero, torch.nonzero, torch.masked_select, torch.Tensor.masked_select, torch.unique,
+             torch.Tensor.unique, torch.argwhere})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        indexed = func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if func in self.READS or indexed:
+            raise AssertionError(f"{getattr(func, '__name__', func)} in a step a CUDA graph records")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_fixed_shape_step_reads_nothing_back_and_has_fixed_shapes(family_checkpoints: dict, name: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the capture on a GPU would refuse, caught on the CPU: every family's graphed step, under a mode that
+    fails reads of tensor values and value-dependent shapes (itself checked to fail them)."""
+    t = torch.ones(3)
+    for refused in (lambda: bool(t[0]), lambda: t.sum().item(), lambda: t[t > 0], lambda: [0, 1][t[0].long()]):
+        with NoReadback(), pytest.raises(AssertionError, match="CUDA graph records"):
+            refused()
+    real_step = DecodeGraph._step
+    stepped = []
+
+    def guarded(self: DecodeGraph) -> torch.Tensor:
+        with NoReadback():
+            out = real_step(self)
+        stepped.append(out.shape)
+        return out
+
+    monkeypatch.setattr(graph_mod.DecodeGraph, "_step", guarded)
+    ids, mask = padded_batch(vocab=250, lengths=(7, 4))
+    with zstream.load(family_checkpoints[name], device="cpu", progress=False, offload="none") as model:
+        _graphed(model)
+        model.generate(ids, attention_mask=mask, max_new_tokens=GRAPH_MIN_STEPS + 3)
+    assert len(stepped) == GRAPH_MIN_STEPS + 2  # every decode step after the prompt, through the fixed-shape step
 
 
 @pytest.mark.filterwarnings("ignore:.*random weights")
