@@ -938,8 +938,8 @@ def test_the_cpus_blocks_are_slowed_by_the_share_of_them_the_link_copies_beside(
 
 def test_the_cpus_busy_factor_is_the_shared_probes_call_over_the_block_alone():
     """The calibration's factor: the busy windows' median call (bytes a call over the CPUs' rate) against the
-    host-compute block alone at the probe's point (batch x keys); at least 1 (a faster window is noise); none
-    without both timings."""
+    host-compute block alone at the probe's point (batch x keys), or, where the probe timed it, against the block's
+    call alone just before each window; at least 1 (a faster window is noise); none without both timings."""
     from zstream.streaming.calibrate import _cpu_busy_factor
 
     host = [{"kv_offload": "host-compute", "phase": "decode", "batch": b, "keys": k, "block_s": t}
@@ -952,6 +952,9 @@ def test_the_cpus_busy_factor_is_the_shared_probes_call_over_the_block_alone():
     assert _cpu_busy_factor(host, fast, 64 * 544) == 1.0
     assert _cpu_busy_factor(host, [], 64 * 544) is None
     assert _cpu_busy_factor(host, busy, 32 * 544) is None
+    # each window against the block alone just before it (format 7): 12.5/11, 12/8 and 15/10 ms -> median 1.5
+    paired = [dict(b, alone_call_s=t) for b, t in zip(busy, (11e-3, 8e-3, 10e-3))]
+    assert _cpu_busy_factor(host, paired, 64 * 544) == pytest.approx(1.5)
 
 
 def test_the_shared_probe_times_the_largest_host_compute_block_each_round(tiny_bloom, monkeypatch):

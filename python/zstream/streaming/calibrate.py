@@ -25,7 +25,7 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop;
 # 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM; 5: the
 # CPUs' blocks beside the link's copies; 6: decode steps replayed as a CUDA graph; 7: the CPUs' points from their
-# calm rounds)
+# calm rounds, their slow-down beside the link against the block alone in the window before)
 CALIBRATION_FORMAT = 7
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
@@ -529,15 +529,18 @@ def _host_read_gbps(device: List[Dict[str, Any]], host: List[Dict[str, Any]], ke
 
 def _cpu_busy_factor(host: List[Dict[str, Any]], busy: List[Dict[str, Any]], rows_keys: int) -> Optional[float]:
     """How much longer the shared probe's host-compute block (``rows_keys`` = batch x keys, the largest point) took
-    with the link copying beside it than the same point's block alone: the median call of the busy windows (bytes
-    a call over the CPUs' rate) over the point's median; never below 1 (the two were timed minutes apart: a faster
-    window is noise, not a gain). None where either was not timed."""
+    with the link copying beside it than alone: each busy window's call (bytes a call over the CPUs' rate) over the
+    block's call alone just before it (``alone_call_s``; a probe from before format 7: the point's calibrated
+    time, minutes apart), their median; never below 1 (a faster window is noise, not a gain). None where either
+    was not timed."""
     alone = [s for s in host if s["kv_offload"] == "host-compute" and s["phase"] == "decode"
              and s["batch"] * s["keys"] == rows_keys]
-    calls = [s["cpu_bytes"] / s["calls"] / (s["cpu_gbps"] * 1e9) for s in busy if s.get("calls") and s["cpu_gbps"]]
-    if not alone or not calls:
+    windows = [s for s in busy if s.get("calls") and s["cpu_gbps"]]
+    if not alone or not windows:
         return None
-    return max(1.0, statistics.median(calls) / alone[0]["block_s"])
+    ratios = [s["cpu_bytes"] / s["calls"] / (s["cpu_gbps"] * 1e9) / (s.get("alone_call_s") or alone[0]["block_s"])
+              for s in windows]
+    return max(1.0, statistics.median(ratios))
 
 
 def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.device,  # GPU only
@@ -546,7 +549,8 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
     of host cache a call) called back to back while pinned host-to-device copies of ``chunk`` bytes run queued on a
     stream of their own, as the ring's and the uplink's do in a step. The copies are queued before the window opens,
     enough to outlast it at twice their rate alone; the window lasts ``window_s`` and at least ten calls, and closes
-    early if the copies end first. Where the window falls on the copy stream is read from events recorded on the
+    early if the copies end first. Just before it, the block runs alone for as long (``alone_call_s``, its call).
+    Where the window falls on the copy stream is read from events recorded on the
     compute stream, which runs the block's kernels (run 8 of 2026-12-04: events on a third stream, idle, were stamped
     after every copy in 4 windows of 10, as if queued behind them: CUDA maps streams onto a few hardware queues)."""
     src = torch.empty(chunk, dtype=torch.uint8).pin_memory()
@@ -565,6 +569,12 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
     _sync_stream(device)
     call_s = time.perf_counter() - t0
     window_s = max(window_s, 10 * call_s)
+    alone_calls, t0 = 0, time.perf_counter()  # the block alone, just before its busy window: their ratio is the
+    while time.perf_counter() - t0 < window_s:  # CPUs' slow-down, not the host's drift between the two
+        cpu_block()
+        alone_calls += 1
+    _sync_stream(device)
+    alone_call_s = (time.perf_counter() - t0) / alone_calls
     queued_s = window_s + 2 * call_s  # the window overshoots by at most a call
     start = torch.cuda.Event(enable_timing=True)
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(max(16, int(2 * alone * queued_s / chunk) + 4))]
@@ -584,7 +594,8 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
     window = time.perf_counter() - t0
     copies.synchronize()
     return {**shared_sample([start.elapsed_time(e) / 1e3 for e in ends], chunk, start.elapsed_time(opened) / 1e3,
-                            start.elapsed_time(closed) / 1e3, window, calls * cpu_bytes, alone), "calls": calls}
+                            start.elapsed_time(closed) / 1e3, window, calls * cpu_bytes, alone), "calls": calls,
+            "alone_call_s": alone_call_s}
 
 
 def _sync_stream(device: torch.device) -> None:  # GPU only
