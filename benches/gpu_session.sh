@@ -28,6 +28,7 @@
 #         calibration-ab: the calibration's host-memory probes against what they replaced (CAL_BATCHES, CAL_ROUNDS);
 #         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES);
 #         test-graph and bench-graph: resident decode steps as one CUDA graph, tested, then timed against eager.
+#         prefill-ab: a prefill block timed as calibrated against a pass's worth back to back (PREFILL_BATCHES).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -98,6 +99,10 @@ for stage in "$@"; do
         $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${GRAPH_BATCHES:-7} --prompt 512 --gen 32 --predict \
           --repeats ${GRAPH_REPEATS:-3} $([ $how = graph ] && echo --cuda-graphs) --json "$OUT/bench_graph_$how.json"
       done ;;
+    prefill-ab) # a prefill block timed as the calibration does against a pass's worth back to back (item 32),
+      # bloom-7b1 shapes, alternating; the clock log shows the two ways' clocks
+      python3 benches/prefill_sustained_ab.py bloom-7b1 --batch ${PREFILL_BATCHES:-1,8,16,64} --prompt 512 \
+        --rounds ${PREFILL_ROUNDS:-3} --json "$OUT/prefill_sustained_ab.json" ;;
     test-graph) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "graph" > "$OUT/pytest_graph.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_graph.log"); tail -3 "$OUT/pytest_graph.log" ;;
     ab-split-layout) # which layers a "split" cache attends on the CPUs, both layouts in one process, alternating
