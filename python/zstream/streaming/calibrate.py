@@ -550,9 +550,9 @@ def _shared_read(cpu_block: Callable[[], Any], cpu_bytes: int, device: torch.dev
     stream of their own, as the ring's and the uplink's do in a step. The copies are queued before the window opens,
     enough to outlast it at twice their rate alone; the window lasts ``window_s`` and at least ten calls, and closes
     early if the copies end first. Just before it, the block runs alone for as long (``alone_call_s``, its call).
-    Where the window falls on the copy stream is read from events recorded on the
-    compute stream, which runs the block's kernels (run 8 of 2026-12-04: events on a third stream, idle, were stamped
-    after every copy in 4 windows of 10, as if queued behind them: CUDA maps streams onto a few hardware queues)."""
+    Where the window falls on the copy stream is read from events recorded on the compute stream, which runs the
+    block's kernels (run 8 of 2026-12-04: events on a third stream, idle, were stamped after every copy in 4 windows
+    of 10, as if queued behind them: CUDA maps streams onto a few hardware queues)."""
     src = torch.empty(chunk, dtype=torch.uint8).pin_memory()
     dst = torch.empty(chunk, dtype=torch.uint8, device=device)
     copies = torch.cuda.Stream(device)
