@@ -40,7 +40,7 @@ from zstream.foundations.models import family_for
 from zstream.foundations.units import parse_bytes
 from zstream.planning.batch import ComputeModel, Linear3, ModelSizes, choose_batch
 from zstream.planning.facts import facts_from_shapes
-from zstream.streaming.calibrate import _cpu_busy_factor, calm_rounds
+from zstream.streaming.calibrate import CALM_ROUND_TOLERANCE, _cpu_busy_factor, calm_rounds
 
 
 def preset_of(meta: Dict[str, Any]) -> str:
@@ -78,15 +78,16 @@ CPU_ROUNDS = {"median": statistics.median, "min": min, "low2": lambda xs: sorted
               "calm": statistics.median}  # "calm": the median of the rounds ``calibrate.calm_rounds`` keeps
 
 
-def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how: str) -> None:
+def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how: str,
+                     tolerance: float = CALM_ROUND_TOLERANCE) -> None:
     """The CPUs' decode points of ``compute`` refitted from their rounds by ``CPU_ROUNDS[how]`` (in place): the
     host-compute decode block, the split pair, and the busy factor (which divides by the host-compute block). With
     "calm", from the rounds a calibration of this build keeps (its ``calm_rounds`` over the stored rounds; a
-    calibration of format 7 or later stored them already)."""
+    calibration of format 7 or later stored them already), ``tolerance`` its ``CALM_ROUND_TOLERANCE``."""
     pick = CPU_ROUNDS[how]
     points = [s for s in compute.samples if s.get("kv_offload") in ("host-compute", "split")
               and s.get("phase") == "decode" and s.get("block_rounds_s")]
-    kept = calm_rounds([s["block_rounds_s"] for s in points]) if how == "calm" and points else None
+    kept = calm_rounds([s["block_rounds_s"] for s in points], tolerance) if how == "calm" and points else None
     for s in points:
         rounds = s["block_rounds_s"] if kept is None else [s["block_rounds_s"][i] for i in kept]
         s["block_s"] = pick(rounds)
@@ -105,7 +106,7 @@ def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how
 
 
 def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute_busy: bool,
-               cpu_rounds: str = "median") -> Dict[str, Any]:
+               cpu_rounds: str = "median", tolerance: float = CALM_ROUND_TOLERANCE) -> Dict[str, Any]:
     """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed)."""
     out = {"kv_offload": row["kv_offload"], "batch": row["batch"], "micro_batch": row.get("micro_batch"),
            "kv_cpu_layers": row.get("kv_cpu_layers"), "measured": row["tokens_per_s"],
@@ -121,7 +122,7 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
     if recompute_busy and compute.cpu_busy_factor is None:
         compute.cpu_busy_factor = busy_factor(compute, family, dtype)
     if cpu_rounds != "median":
-        refit_cpu_points(compute, family, dtype, cpu_rounds)
+        refit_cpu_points(compute, family, dtype, cpu_rounds, tolerance)
     out["busy_factor"] = compute.cpu_busy_factor
     batch, micro, kv = row["batch"], row.get("micro_batch"), row["kv_offload"]
     micro = micro if micro and micro < batch else None
@@ -161,6 +162,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="recompute cpu_busy_factor for calibrations stored without it")
     p.add_argument("--cpu-rounds", choices=sorted(CPU_ROUNDS), default="median",
                    help="refit the CPUs' decode points from their rounds by this statistic (default: as stored)")
+    p.add_argument("--calm-tolerance", type=float, default=CALM_ROUND_TOLERANCE,
+                   help="with --cpu-rounds calm: how far from the calmest round a round is still calm")
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
@@ -172,7 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for row in doc["rows"]:
             if row.get("predicted_tokens_per_s") is None:
                 continue
-            r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor, a.cpu_rounds)}
+            r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor, a.cpu_rounds,
+                                                    a.calm_tolerance)}
             rows.append(r)
             print(_line(r))
     replayed = [r["replayed"] / r["measured"] for r in rows if r["replayed"]]
