@@ -37,7 +37,8 @@ CPU_SAMPLE_S = 0.05                   # a host-compute decode block's timing sam
 # a round of the CPUs' decode points is calm where its points ran within this factor of the calmest round's (their
 # time over each point's fastest round, median over the points); the others are spells of a disturbed host, and are
 # timed again (up to as many rounds once more). Chosen on the stored calibrations of runs 13-21 (item 31,
-# docs/performance.md): 1.15, 1.3, 1.5 and 2 bring 32, 34, 32 and 31 of 41 rows within 10% (all rounds: 31)
+# docs/performance.md): 1.15, 1.3, 1.5 and 2 bring 32, 34, 32 and 31 of 41 rows within 10% (all rounds: 31); chosen
+# on six runs and scored on the seventh, 33-34 (benches/calm_holdout.py)
 CALM_ROUND_TOLERANCE = 1.3
 SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
 GRAPH_PROBE_BLOCKS = (2, 8)           # a graphed decode step timed over this many blocks: the difference is blocks'
