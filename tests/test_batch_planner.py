@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -1027,8 +1028,16 @@ def test_the_cpus_points_keep_their_calm_rounds_timed_again_where_disturbed(tiny
         return B * S * 1e-6 * (slow_downs[len(n) - 1] if T == 1 else 1.0)
     monkeypatch.setattr(calibrate._BlockTimer, "time_kv", scripted)
     monkeypatch.setattr(calibrate, "_COMPUTE_CACHE", {})  # (each case calibrates anew)
-    cm = calibrate_compute(model.family, "cpu", torch.float32, max_batch=4, prompt=8, gen=2, rounds=3,
-                           kv_offloads=("split",))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        cm = calibrate_compute(model.family, "cpu", torch.float32, max_batch=4, prompt=8, gen=2, rounds=3,
+                               kv_offloads=("split",))
+    # told where the calm rounds stayed fewer than asked: "5 of 6 rounds ran slower", the prediction on 1
+    told = [str(w.message) for w in warned if "calibrating the CPUs' attention" in str(w.message)]
+    assert told == ([] if len(kept) >= 3 else [f"zstream: calibrating the CPUs' attention, {calls - len(kept)} of "
+                                               f"{calls} rounds ran slower than the calmest by more than 1.3x (the "
+                                               "host's CPUs were busy with other work); the prediction of placements "
+                                               f"that attend on the CPUs rests on {len(kept)} rounds"])
     on_cpus = [s for s in cm.samples if s.get("kv_offload") in ("host-compute", "split") and s["phase"] == "decode"]
     assert {s["kv_offload"] for s in on_cpus} == {"host-compute", "split"} and len(on_cpus) == 2 * 3 * 2
     median = sorted(slow_downs[i] for i in kept)[len(kept) // 2]

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..errors import warn
 from ..foundations.store import FlatRead
 from ..planning.batch import ComputeModel, Linear3
 from .cache import KVCache
@@ -302,6 +303,11 @@ class _BlockTimer:
                 for kv, _, B, T, S in on_cpus:
                     kv_times[(kv, "decode", B, T, S)].append(self.time_kv(kv, B, T, S))
         calm = calm_rounds([kv_times[k] for k in on_cpus]) if on_cpus else []
+        if on_cpus and len(calm) < rounds:
+            taken = len(kv_times[on_cpus[0]])
+            warn(f"zstream: calibrating the CPUs' attention, {taken - len(calm)} of {taken} rounds ran slower than the "
+                 f"calmest by more than {CALM_ROUND_TOLERANCE}x (the host's CPUs were busy with other work); the "
+                 f"prediction of placements that attend on the CPUs rests on {len(calm)} rounds", RuntimeWarning)
         self.pair_caches.clear()
         self.graph_steps.clear()  # (the graphs and their caches' memory)
         samples: List[Dict[str, Any]] = []
