@@ -9,7 +9,7 @@ timed over a few milliseconds, the pass runs it for 0.1-1.4 s: if the SM clock f
 power cap), the prefill's samples show a lower clock than the calibration's. The windows come from the row's host
 counters (``prediction_counters``: the calibration; ``decode_counters``: the decode steps, the prefill just
 before them, ``prefill_s`` long). ``nvidia-smi`` stamps local time; ``--utc-offset-h`` is the GPU machine's offset
-from UTC (0 there so far).
+from UTC (``gpu_clocks_utc_offset.txt`` beside the log: ``+0000`` is 0).
 """
 
 from __future__ import annotations

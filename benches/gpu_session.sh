@@ -43,6 +43,7 @@ if [ "${GPU_CLOCKS:-1}" != 0 ]; then
   for why in clocks_event_reasons.active clocks_throttle_reasons.active pstate; do  # (the name drivers accept)
     nvidia-smi --query-gpu=$why --format=csv > /dev/null 2>&1 && break
   done
+  date +%z > "$OUT/gpu_clocks_utc_offset.txt"  # nvidia-smi stamps local time (clock_windows.py --utc-offset-h)
   # (appended: several sessions in one call log into one file; at most 10 minutes, a call's limit, if not stopped)
   timeout 600 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$why \
     --format=csv,nounits -lms 100 >> "$OUT/gpu_clocks.csv" 2>/dev/null &
