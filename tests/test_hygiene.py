@@ -227,9 +227,10 @@ def test_ctrl_c_during_generate_leaves_the_model_usable(slow, ctrl_c):
         assert free == total, f"{total - free} of {total} staging slots still held after the interrupted pass"
         after_round.append(settle())
     # a leak grows every round; a count may also step up at some round and stay: the store's workers open their
-    # io_uring rings on their first read, and on a loaded machine not every worker has read by the first round's
-    # end (a clean-clone CI run of 2026-12-05 also saw the descriptors step from 16 to 18 after the first round,
-    # once in five runs of the suite, not seen again alone or under coverage)
+    # io_uring rings on their first read (on a loaded machine not every worker has read by the first round's end),
+    # and under coverage (CI) each thread that records coverage data opens its own SQLite connection to the data
+    # file (coverage.sqldata.CoverageData._connect): a clean-clone CI run of 2026-12-05 saw the descriptors step
+    # from 16 to 18 after the first round, once in five runs of the suite
     for k, what in enumerate(("fds", "threads")):
         counts = [c[k] for c in after_round]
         assert not all(b > a for a, b in zip(counts, counts[1:])), f"{what} grew every round: {counts}"
