@@ -18,3 +18,13 @@ def test_steps_are_summed_by_where_their_blocks_ran():
     one, two = ts.step_summaries(events, {2}, 3)
     assert (one["cpu_layers"], one["cpu_ms"], one["device_ms"], one["span_ms"]) == (1, 20.0, 2.0, 23.0)
     assert one["gaps_ms"] == 1.0 and two["gaps_ms"] == 0.0 and two["cpu_layer_median_ms"] == 30.0
+
+
+def test_the_run_20_trace_is_summed_as_the_docs_quote_it(capsys):
+    """Run 20 (OPT-30B fp16 at the planner's choice, traced): the calibrated CPU layer alone and with the busy factor
+    (the link copying beside all of it), as docs/performance.md quotes them: 26.1 ms x 1.09 = 28.6 ms."""
+    raw = Path(__file__).resolve().parent / "results" / "raw"
+    assert ts.main([str(raw / "h200-2026-12-04-run20-trace_opt30b_fp16trace.json"),
+                    str(raw / "h200-2026-12-04-run20-bench_opt30b_fp16trace.json")]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated CPU layer: 26.1 ms alone, 28.6 with the busy factor 1.09" in out

@@ -56,11 +56,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"copies {len(copies)}, median {statistics.median(copies):.2f} ms")
     cm = ComputeModel.from_dict(doc["meta"]["compute_models"][row["predicted_compute"]])
     context = row["prompt"] + row["gen"] / 2
-    alone = sum(cm.decode_block_s(b, context, "host-compute") for b in micro_batches(row["batch"],
-                                                                                    row.get("micro_batch")))
-    factor = cm.cpu_busy_factor or 1.0
-    print(f"calibrated CPU layer: {alone * 1e3:.1f} ms alone, {alone * factor * 1e3:.1f} with the busy factor "
-          f"{factor:.2f}")
+    parts = micro_batches(row["batch"], row.get("micro_batch"))
+    alone, busy = (sum(cm.decode_block_s(b, context, "host-compute", link_busy=share) for b in parts)
+                   for share in (0.0, 1.0))  # the link copying beside none of it, and all of it
+    print(f"calibrated CPU layer: {alone * 1e3:.1f} ms alone, {busy * 1e3:.1f} with the busy factor "
+          f"{cm.cpu_busy_factor or 1.0:.2f}")
     return 0
 
 

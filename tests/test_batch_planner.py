@@ -1083,8 +1083,7 @@ def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     plan = choose_batch(toy_sizes(4), cm, gen=12, **kw)  # load's default: no graphs
     assert plan.candidate(2, 4).decode_step_s == pytest.approx(off.decode_step(2, 4, 22)[0])
     assert "cuda_graphs" not in plan.load_kwargs()
-    plan.cuda_graphs = True
-    assert plan.load_kwargs()["cuda_graphs"] is True
+    assert choose_batch(toy_sizes(4), cm, gen=12, cuda_graphs=True, **kw).load_kwargs()["cuda_graphs"] is True
 
 
 def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bloom):

@@ -107,7 +107,6 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                         prefetch=prefetch, max_batch=max_batch, step_overhead_s=step_overhead_s,
                         kv_offloads=kv_offloads, micro_batch_sizes=micros, kv_cpu_layers=kv_cpu_layers,
                         cuda_graphs=cuda_graphs)
-    plan.cuda_graphs = cuda_graphs
     plan.device, plan.dtype, plan.link = str(dev), facts.dtype, link if crosses else ""
     plan.tensor_parallel = tensor_parallel
     if facts.quantize_at_load and not loaded:

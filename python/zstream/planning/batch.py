@@ -80,8 +80,9 @@ class Linear3:
 
 
 FITS = ("decode_block", "decode_outer", "prefill_block", "prefill_outer", "decode_loop")  # ComputeModel's fits
-GRAPH_FITS = ("decode_graph_block", "decode_graph_outer", "decode_graph_record_block",  # and those of a
-              "decode_graph_record_outer")                                               # calibration on a GPU
+# the fits a calibration may lack (None): the split pair, and those timed on a GPU as CUDA graphs
+OPTIONAL_FITS = ("split_pair", "decode_graph_block", "decode_graph_outer", "decode_graph_record_block",
+                 "decode_graph_record_outer")
 
 
 @dataclass
@@ -175,15 +176,14 @@ class ComputeModel:
         return self.num_blocks * self.prefill_block_s(batch, prompt) + self.prefill_outer_s(batch, prompt)
 
     def to_dict(self) -> Dict[str, Any]:
-        fits = {k: [getattr(self, k).c0, getattr(self, k).c1, getattr(self, k).c2] for k in FITS}
-        kv = {k: [[f.c0, f.c1, f.c2] for f in pair] for k, pair in self.kv_blocks.items()}
-        return {"num_blocks": self.num_blocks, "key": self.key, **fits, "kv_blocks": kv, "samples": self.samples,
-                "host_read_gbps": self.host_read_gbps, "shared_read_gbps": self.shared_read_gbps,
-                "uplink_gbps": self.uplink_gbps, "cpu_busy_factor": self.cpu_busy_factor,
-                "split_pair": None if self.split_pair is None else [self.split_pair.c0, self.split_pair.c1,
-                                                                    self.split_pair.c2],
-                **{k: None if getattr(self, k) is None else [getattr(self, k).c0, getattr(self, k).c1,
-                                                              getattr(self, k).c2] for k in GRAPH_FITS}}
+        def coefficients(f: Optional[Linear3]) -> Optional[List[float]]:
+            return None if f is None else [f.c0, f.c1, f.c2]
+        kv = {k: [coefficients(f) for f in pair] for k, pair in self.kv_blocks.items()}
+        return {"num_blocks": self.num_blocks, "key": self.key, **{k: coefficients(getattr(self, k)) for k in FITS},
+                "kv_blocks": kv, "samples": self.samples, "host_read_gbps": self.host_read_gbps,
+                "shared_read_gbps": self.shared_read_gbps, "uplink_gbps": self.uplink_gbps,
+                "cpu_busy_factor": self.cpu_busy_factor,
+                **{k: coefficients(getattr(self, k)) for k in OPTIONAL_FITS}}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> ComputeModel:
@@ -193,8 +193,7 @@ class ComputeModel:
                    kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"),
                    shared_read_gbps=d.get("shared_read_gbps"), uplink_gbps=d.get("uplink_gbps"),
                    cpu_busy_factor=d.get("cpu_busy_factor"),
-                   split_pair=Linear3(*d["split_pair"]) if d.get("split_pair") else None,
-                   **{k: Linear3(*d[k]) for k in GRAPH_FITS if d.get(k)}, **fits)
+                   **{k: Linear3(*d[k]) for k in OPTIONAL_FITS if d.get(k)}, **fits)
 
 
 @dataclass
@@ -652,7 +651,7 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                                        kv_cpu_layers=cpu))
     best = max(table, key=lambda c: c.tokens_per_s, default=None)
     return BatchPlan(best=best, table=table, budget_bytes=budget, prompt=prompt, gen=gen, link_gbps=link_gbps,
-                     prefetch=prefetch, compute=compute)
+                     prefetch=prefetch, compute=compute, cuda_graphs=cuda_graphs)
 
 
 def fitting_batches(sizes: ModelSizes, budget: Optional[int], seq: int, slots: int, stream: bool,
