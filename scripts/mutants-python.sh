@@ -26,6 +26,7 @@ rm -rf "$STAGE"
 mkdir -p "$STAGE/src"
 cp -r python/zstream "$STAGE/src/zstream"
 cp -r tests "$STAGE/tests"
+cp -r benches "$STAGE/benches"
 only=$(printf '"%s", ' "${globs[@]}")
 # MUTMUT_TESTS="tests/test_ring.py tests/test_engine.py" narrows the tests for a run on one module
 default_tests="tests/test_ring.py tests/test_engine.py tests/test_generation.py tests/test_quant.py
@@ -36,6 +37,8 @@ selection=$(printf '"%s", ' "${tests[@]}")
 cat > "$STAGE/pyproject.toml" <<TOML
 [tool.mutmut]
 source_paths = ["src/zstream"]
+# the planner's tests replay the measured rows stored under benches/results
+also_copy = ["benches"]
 only_mutate = [${only%, }]
 # the Triton kernel's body is compiled by Triton from its source: mutmut's trampolines cannot stand in it; the
 # calibration is the batch planner's timing code (mutants of its loop counts only change how long it measures)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import warnings
 
 import numpy as np
@@ -695,6 +696,70 @@ def test_a_host_cache_comes_up_at_the_uplinks_calibrated_rate_never_above_the_li
     assert at[44.0].first_cache_wait(1, 100, "host", 10 * layer) == pytest.approx(layer / 44e9 - 1e-3)
     # a layer on the CPUs (20 ms) against one brought up (1 + 18.2 ms at 55, 1 + 22.7 at 44): more go to the CPUs
     assert (at[None].best_split(1, 10, 100, layer), at[44.0].best_split(1, 10, 100, layer)) == (4, 6)
+
+
+def _stored_computes(run: str, kv: str = "split") -> list[ComputeModel]:
+    """The compute models calibrated with ``kv`` in a stored H200 bench run (``benches/results/raw``)."""
+    import json
+    from pathlib import Path
+
+    doc = json.loads((Path(__file__).parents[1] / "benches" / "results" / "raw" / f"h200-2026-12-04-{run}.json")
+                     .read_text())
+    return [ComputeModel.from_dict(m) for k, m in doc["meta"]["compute_models"].items() if kv in k]
+
+
+@pytest.mark.parametrize("run", ["run16-bench_kv_all", "run21-bench_kv_all"])
+def test_the_split_count_is_the_best_of_every_count(run):
+    """On the H200's calibrations of bloom-7b1, the count ``best_split`` picks is the shortest of every count from 0
+    to 30, by the decode step and by a whole generation (prefill and 31 steps). Each layer interleaved with the
+    other kind adds a pair's extra, up to half the layers, so the time falls and rises twice: run 21's calibration
+    at batch 64 (micro-batches of 16, 24 resident) is best at 8 layers on the CPUs, 290 ms a step, where the
+    planner's search around the balance of link and CPUs picked 11 (345 ms); one of run 16's at batch 48 (12
+    resident, 100 keys) at 9, where a walk down from the balance over every count ends at 30 (its second low)."""
+    sizes, _ = bloom_sizes()
+    models = _stored_computes(run)
+    assert len(models) == 3  # the split's calibrations for its rows at batches 8, 16 and 64
+    for compute, batch, micro, resident, context in itertools.product(models, (8, 48, 64), (None, 16), (0, 12, 24, 30),
+                                                                      (100, 528)):
+        tm = ThroughputModel(compute, sizes.block_bytes, 55.0)
+        if micro is not None and micro >= batch:
+            continue
+        layer = sizes.kv_layer_bytes(batch, context)
+        step = [tm.decode_step(batch, resident, context, "split", (30 - c) * layer, micro, c, c * layer)[0]
+                for c in range(31)]
+        whole = [tm.prefill(batch, resident, 512, "split", micro, c)[0] + 31 * step[c] for c in range(31)]
+        assert step[tm.best_split(batch, resident, context, layer, micro)] == min(step), (batch, micro, resident)
+        assert whole[tm.best_split(batch, resident, context, layer, micro, 512, 32)] == min(whole)
+
+
+def test_the_planners_split_candidates_take_the_count_with_the_most_tokens_per_s():
+    """``choose_batch``'s split candidates (run 21's calibration at batch 64, under 16 GiB) carry the count of
+    layers on the CPUs whose generation (prefill and 31 steps) gives the most tokens/s of every count."""
+    sizes, _ = bloom_sizes()
+    compute = _stored_computes("run21-bench_kv_all")[-1]
+    plan = choose_batch(sizes, compute, budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0,
+                        stream="cpu", max_batch=64, kv_offloads=("split",), micro_batch_sizes=(16,))
+    tm = ThroughputModel(compute, sizes.block_bytes, 55.0)
+    at64 = [c for c in plan.table if c.batch == 64]
+    assert len(at64) > 5
+    for cand in at64:
+        layer = sizes.kv_layer_bytes(64, 528)
+        every = [64 * 32 / (tm.prefill(64, cand.resident_blocks, 512, "split", 16, c)[0]
+                            + 31 * tm.decode_step(64, cand.resident_blocks, 528, "split", (30 - c) * layer, 16, c,
+                                                  c * layer)[0]) for c in range(31)]
+        assert cand.tokens_per_s == pytest.approx(max(every)), cand.resident_blocks
+
+
+def test_descend_walks_past_short_bumps_to_the_lowest_count():
+    from zstream.planning.batch import descend
+
+    costs = [9, 8, 7, 7.5, 6, 5, 6, 7, 4, 9]  # from 1: a bump of one count at 3, a rise of two (6, 7) before 4
+    seen: dict = {}
+    assert descend(costs.__getitem__, 1, 0, 9, seen, look=3) == 8
+    assert descend(costs.__getitem__, 1, 0, 9, {}, look=2) == 5  # the rise of two hides 4
+    assert descend(costs.__getitem__, 9, 0, 9, {}, look=3) == 8  # and from above
+    assert descend(costs.__getitem__, 1, 0, 6, {}, look=3) == 5  # within its bounds
+    assert seen[8] == 4 and set(seen) <= set(range(10))
 
 
 def test_split_layers_are_spread_evenly():

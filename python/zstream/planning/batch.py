@@ -427,24 +427,57 @@ class ThroughputModel:
         return (cpu_layers * cpu + (n - cpu_layers) * device) / n
 
     def best_split(self, batch: int, resident: int, context: float, layer_kv_bytes: int,
-                   micro: Optional[int] = None) -> int:
-        """The layers a "split" cache should attend on the CPUs: where the compute stream (the CPUs' attention
-        added for each such layer) meets the link (each other layer's cache added), checked on the schedule."""
+                   micro: Optional[int] = None, prompt: Optional[int] = None, gen: Optional[int] = None) -> int:
+        """The layers a "split" cache should attend on the CPUs: the count whose decode step (with ``prompt`` and
+        ``gen``: whose prefill and ``gen - 1`` steps) is shortest on the schedule. Up to half the layers, each one
+        on the CPUs sits between two brought up and pays for their interleaving (``split_extra_s``); past half, each
+        one brought up does: two regimes, each a balance of the compute stream (the CPUs' attention added for each
+        layer) against the link (each other layer's cache added). In each, the search starts where the two meet
+        and walks to the schedule's best (the busy link and the first cache's wait move it, by 2-4 layers on the
+        H200's calibrations); the better of the two wins."""
         n = len(self.block_bytes)
         if not self.link_gbps:
             return n
+
+        def cost(cpu: int) -> float:
+            step = self.decode_step(batch, resident, context, "split", (n - cpu) * layer_kv_bytes, micro, cpu,
+                                    cpu * layer_kv_bytes)[0]
+            if prompt is None or gen is None:
+                return step
+            return self.prefill(batch, resident, prompt, "split", micro, cpu)[0] + (gen - 1) * step
+
         t_dev = self._block(self.compute.decode_block_s, batch, context, "none", micro, 0)
         # the CPUs' layers run beside the other layers' caches coming up
         t_cpu = self._block(partial(self.compute.decode_block_s, link_busy=1.0), batch, context, "host-compute",
                             micro, 0)
         up = layer_kv_bytes / (self.kv_up_gbps * 1e9)
         weights = sum(self.block_bytes[resident:]) / (self.link_gbps * 1e9)
-        f = (weights + n * up - n * t_dev) / max(t_cpu - t_dev + up, 1e-12)
-        # the host memory's floor is the same for every split (each layer's cache is read once, by the link or by
-        # the CPUs), so the balance of the other two still picks the count
-        near = {min(n, max(0, k)) for k in range(int(f) - 1, int(f) + 3)}
-        return min(near, key=lambda c: self.decode_step(batch, resident, context, "split", (n - c) * layer_kv_bytes,
-                                                        micro, c, c * layer_kv_bytes)[0])
+        balance = round((weights + n * up - n * t_dev) / max(t_cpu - t_dev + up, 1e-12))
+        seen: Dict[int, float] = {}
+        ends = [descend(cost, min(hi, max(lo, balance)), lo, hi, seen) for lo, hi in ((0, n // 2), (n // 2, n))]
+        return min(ends, key=lambda k: seen[k])
+
+
+def descend(cost: Callable[[int], float], start: int, lo: int, hi: int, seen: Dict[int, float],
+            look: int = 3) -> int:
+    """The count in ``lo``..``hi`` reached from ``start`` by stepping to the lowest ``cost`` among the next ``look``
+    counts, down then up, while that is lower: the minimum of a cost that falls then rises, past bumps of fewer
+    than ``look`` counts. ``seen`` keeps every cost taken (shared between searches)."""
+
+    def at(k: int) -> float:
+        if k not in seen:
+            seen[k] = cost(k)
+        return seen[k]
+
+    best = start
+    for way in (-1, 1):
+        while True:
+            lower = [k for k in range(best + way, best + way * (look + 1), way) if lo <= k <= hi and at(k) < at(best)]
+            if not lower:
+                break
+            best = min(lower, key=at)
+    at(best)
+    return best
 
 
 def micro_batches(batch: int, micro: Optional[int]) -> List[int]:
@@ -633,7 +666,8 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
             for resident in range(lowest, most + 1):
                 cpu = n if kv == "host-compute" else 0
                 if kv == "split":
-                    cpu = (tm.best_split(batch, resident, context, layer_kv, micro_here) if kv_cpu_layers is None
+                    cpu = (tm.best_split(batch, resident, context, layer_kv, micro_here, prompt, gen)
+                           if kv_cpu_layers is None
                            else max(0, min(kv_cpu_layers, n)))
                 # the caches that come up every step ("host", "split"), and those the CPUs read where they are
                 kv_up = (n - cpu) * layer_kv if kv in ("host", "split") else 0
