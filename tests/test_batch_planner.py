@@ -293,6 +293,77 @@ def test_micro_batches_are_calibrated_at_their_own_rows(tiny_bloom, monkeypatch)
     assert graphed.key == plain.key + " graphs" and graphed.decode_graph_block is None  # no CUDA: none timed
 
 
+def test_the_plan_summary_reads_back_as_the_best_and_the_frontier():
+    """``BatchPlan.summary``, read back: its first line names the best candidate's batch, residency, placements,
+    tokens/s, budget, prompt, gen and link; each row one frontier candidate (batches 1, 2, 4, ..., the largest, the
+    best and the largest all resident; or the rows asked for) with its numbers as the candidate holds them."""
+    import re
+
+    from zstream.foundations.units import fmt_bytes
+
+    sizes, _ = bloom_sizes()
+    compute = with_host_kv(compute_model(30, block_s=2.8e-4, per_token=2e-6, per_key=2e-10), 3.5e-7)
+    plan = choose_batch(sizes, compute, budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0,
+                        stream="cpu", max_batch=40, kv_offloads=("host-compute",), micro_batch_sizes=(16,))
+    plan.link = "pinned host-to-device"
+    best = plan.best
+    assert best is not None and best.micro_batch == 16
+    head, columns, *rows = plan.summary().splitlines()
+    got = re.fullmatch(r"predicted best: batch (\d+), (\d+)/(\d+) blocks resident \(offload=(\w+), kv_offload=([\w-]+)"
+                       r", micro_batch=(\d+)\), ([\d.]+) tokens/s; budget (.+), prompt (\d+), gen (\d+), link "
+                       r"([\d.]+) GB/s \((.+)\)", head)
+    assert got is not None, head
+    assert got.groups() == (str(best.batch), str(best.resident_blocks), "30", best.offload, best.kv_offload, "16",
+                            f"{best.tokens_per_s:.1f}", "16.0 GiB", "512", "32", "55.0", "pinned host-to-device")
+    assert columns.split() == ["batch", "resident", "offload", "kv", "memory", "prefill", "ms", "step", "ms", "xfer",
+                               "ms", "comp", "ms", "tok/s", "limit"]
+    front = {c.batch: c for c in plan.frontier()}
+    shown = {b for b in front if b & (b - 1) == 0} | {max(front), best.batch, plan.max_batch("none")} & set(front)
+    assert [int(r.split()[0]) for r in rows] == sorted(shown)
+    for row in rows:
+        batch, resident, offload, kv, memory, unit, prefill, step, xfer, comp, tps, limit = row.split()
+        c = front[int(batch)]
+        assert (resident, offload, kv, f"{memory} {unit}", limit) == (
+            f"{c.resident_blocks}/30", c.offload, c.kv_offload, fmt_bytes(c.memory_bytes), c.limit)
+        assert [float(v) for v in (prefill, step, xfer, comp, tps)] == pytest.approx(
+            [c.prefill_s * 1e3, c.decode_step_s * 1e3, c.transfer_s * 1e3, c.compute_s * 1e3, c.tokens_per_s],
+            abs=0.051)
+    assert [int(r.split()[0]) for r in plan.summary(rows=[3, 5]).splitlines()[2:]] == [3, 5]
+    # the device cache: the largest all resident (7), the largest streamed (36) and a best set apart from both
+    on_gpu = choose_batch(sizes, compute, budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0,
+                          stream="cpu", max_batch=64)
+    on_gpu.best = on_gpu.frontier()[22]
+    ends = [on_gpu.best.batch, on_gpu.max_batch("none"), on_gpu.frontier()[-1].batch]
+    assert len(set(ends)) == 3 and not [b for b in ends if b & (b - 1) == 0], ends
+    assert [int(r.split()[0]) for r in on_gpu.summary().splitlines()[2:]] == sorted({1, 2, 4, 8, 16, 32, *ends})
+    plan.tensor_parallel, plan.budget_bytes, plan.link, plan.link_gbps = 2, None, "", 40.0
+    head = plan.summary().splitlines()[0]
+    assert head.endswith("; budget unlimited, prompt 512, gen 32, link 40.0 GB/s; one rank of 2 (its piece, its GPU, "
+                         "its link; all-reduces not counted)"), head
+    plan.link_gbps = None
+    assert plan.summary().splitlines()[0].endswith("gen 32, link none; one rank of 2 (its piece, its GPU, its link; "
+                                                   "all-reduces not counted)")
+    empty = dataclasses.replace(plan, best=None, table=[], budget_bytes=parse_bytes("1GiB"))
+    assert empty.summary() == "predicted: nothing fits the budget of 1.0 GiB"
+
+
+def test_a_candidate_reads_back_from_its_dict():
+    """``Candidate.to_dict`` (the bench JSON's and ``BatchPlan.to_dict``'s rows) holds every field under its own
+    name, and the limit."""
+    from zstream.planning.batch import Candidate
+
+    sizes, _ = bloom_sizes()
+    compute = with_host_kv(compute_model(30), 3.5e-7)
+    plan = choose_batch(sizes, compute, budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=55.0,
+                        stream="cpu", max_batch=24, kv_offloads=("none", "split"), micro_batch_sizes=(None, 8))
+    kinds = {(c.kv_offload, c.micro_batch, c.offload) for c in plan.table}
+    assert {("none", None, "none"), ("none", 8, "cpu"), ("split", 8, "cpu")} <= kinds
+    for c in plan.table:
+        d = c.to_dict()
+        assert d.pop("limit") == c.limit
+        assert Candidate(num_blocks=30, **d) == c
+
+
 def test_plan_batch_calibrates_and_measures_on_the_cpu(tiny_bloom):
     """Nothing given: the link (the disk, for nvme on the CPU) and the compute are measured; the choice loads."""
     probe = zstream.load(tiny_bloom, offload="nvme", device="cpu", progress=False)
