@@ -22,15 +22,17 @@
 #         0.1.8 with dummy weights, and zstream on an in-memory checkpoint of the same shapes; OPT_KV, OPT_BATCHES,
 #         OPT_MICRO, OPT_QUANT, OPT_PREDICT=1, OPT_PLANNED=MAX_BATCH for the planner's own choice, OPT_PLANNED_ONLY=1
 #         for that alone, OPT_TRACE=1 traces the first row's decode steps, OPT_TAG names the JSON). bench-kv takes
-#         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way, and KV_GRAPHS=1
-#         (--cuda-graphs: an all-resident step replays a CUDA graph, planned so).
+#         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way, KV_GRAPHS=1
+#         (--cuda-graphs: an all-resident step replays a CUDA graph, planned so) and KV_CPU_LAYERS (the split's
+#         layers on the CPUs; default half).
 #         ab-split-layout: the split's two CPU-layer layouts A/B in one process (AB_BATCHES, AB_ROUNDS);
 #         calibration-ab: the calibration's host-memory probes against what they replaced (CAL_BATCHES, CAL_ROUNDS);
 #         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES);
 #         test-graph and bench-graph: resident decode steps as one CUDA graph, tested, then timed against eager.
 #         prefill-ab: a prefill block timed as calibrated against a pass's worth back to back (PREFILL_BATCHES).
 set -uo pipefail
-export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-/root/zcache}
+SCRATCH=${SCRATCH:-$HOME}  # the checkpoints this script writes, on the GPU machine's local disk
+export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-$SCRATCH/zcache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --upgrade --no-deps --no-index --target /tmp/zs .device/zstream-*.whl || exit 1
 export PYTHONPATH=/tmp/zs
@@ -61,7 +63,7 @@ for stage in "$@"; do
                  >> "$OUT/pytest_tp.log" 2>&1; grep -E "passed|failed|Error|assert" "$OUT/pytest_tp.log" | tail -15) ;;
     fio-strided) # one rank's pieces of row-parallel weights are every other (1/N) run of a row: 16 KiB of each 32 KiB
       # row of bloom-7b1's dense_4h_to_h at N=2, 8 KiB at N=4, 4 KiB at N=8; a layout per rank reads them contiguously
-      F=/root/fio_strided.bin  # fio lays the file out first (8 GiB)
+      F=$SCRATCH/fio_strided.bin  # fio lays the file out first (8 GiB)
       for spec in read,1M read:16k,16k read:24k,8k read:28k,4k; do
         sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
         .device/fio --name=strided --filename="$F" --rw="${spec%,*}" --bs="${spec#*,}" --direct=1 --ioengine=io_uring \
@@ -88,14 +90,14 @@ for stage in "$@"; do
         2>"$OUT/lossless_sweep.err" | tee "$OUT/lossless_sweep.jsonl"; tail -2 "$OUT/lossless_sweep.err" ;;
     bench-kv) # the KV cache on the device and in host memory (issue 17), bloom-7b1 fp16 under FlexGen's 16 GiB, each
       # batch planned on its own: the largest batches only fit with the cache on the host
-      CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
         --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} \
-        ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
+        ${KV_CPU_LAYERS:+--kv-cpu-layers $KV_CPU_LAYERS} ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
         ${KV_GRAPHS:+--cuda-graphs} --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" ;;
     bench-graph) # decode steps with every block resident as one CUDA graph and launched from Python, in one call
       # (performance.md item 29): bloom-7b1 fp16 under 16 GiB at GRAPH_BATCHES (7), each with its prediction
-      CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       for how in graph eager; do
         $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${GRAPH_BATCHES:-7} --prompt 512 --gen 32 --predict \
           --repeats ${GRAPH_REPEATS:-3} $([ $how = graph ] && echo --cuda-graphs) --json "$OUT/bench_graph_$how.json"
@@ -108,12 +110,12 @@ for stage in "$@"; do
       echo "rc=$?" >> "$OUT/pytest_graph.log"); tail -3 "$OUT/pytest_graph.log" ;;
     ab-split-layout) # which layers a "split" cache attends on the CPUs, both layouts in one process, alternating
       # (performance.md item 17): bloom-7b1 under 16 GiB, AB_BATCHES (16,64), AB_ROUNDS (3), micro-batches of 16
-      CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       python3 benches/split_layout_ab.py "$CK" --gpu-memory 16GiB --batch ${AB_BATCHES:-16,64} --micro-batch 16 \
         --rounds ${AB_ROUNDS:-3} --json "$OUT/split_layout_ab.json" ;;
     split-anatomy) # a "split" step's CPU layers clocked (the wait for the device, the attention) in the engine's layout
       # against every layer on the CPUs, one model, alternating (performance.md item 20): ANAT_BATCHES (16,64)
-      CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       python3 benches/split_anatomy.py "$CK" --gpu-memory 16GiB --batch ${ANAT_BATCHES:-16,64} --micro-batch 16 \
         --rounds ${ANAT_ROUNDS:-2} --json "$OUT/split_anatomy.json" ;;
     calibration-ab) # the calibration's host-compute block on one layer against layers in turn, and the uplink's rate
@@ -121,7 +123,7 @@ for stage in "$@"; do
       python3 benches/calibration_ab.py bloom-7b1 --batch ${CAL_BATCHES:-8,16,64} --rounds ${CAL_ROUNDS:-2} \
         --json "$OUT/calibration_ab.json" ;;
     bench-kv-predict) # the same with the batch planner's prediction beside each row (calibrated in the run)
-      CK=/root/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} \
         --batch ${KV_BATCHES:-8,32,64} --prompt 512 --gen 32 --predict --json "$OUT/bench_kv_predict.json" ;;
     peers-flexgen) # FlexGen 0.1.8 (its wheel carried in .device/flexgen_whl, its offline runner in .device/flexgen_peer.py
@@ -134,7 +136,7 @@ for stage in "$@"; do
         | tee "$OUT/flexgen.log" | grep -i -E "throughput|latency|peak" ;;
     bench-opt30b) # zstream on the same shapes under the same 16 GiB, its weights made in host memory at load (60 GB of
       # fp16 next to FlexGen's on a 64 GiB disk do not fit), each placement and batch planned on its own
-      CK=/root/opt-30b-in-memory; [ -f "$CK/config.json" ] || $Z make-checkpoint opt-30b "$CK" --in-memory > /dev/null
+      CK=$SCRATCH/opt-30b-in-memory; [ -f "$CK/config.json" ] || $Z make-checkpoint opt-30b "$CK" --in-memory > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${OPT_KV:-host,split,host-compute} \
         --batch ${OPT_BATCHES:-64} --prompt 512 --gen 32 ${OPT_MICRO:+--micro-batch $OPT_MICRO} \
         ${OPT_QUANT:+--quantize $OPT_QUANT} ${OPT_PREDICT:+--predict} ${OPT_PLANNED:+--planned $OPT_PLANNED} \
@@ -142,13 +144,13 @@ for stage in "$@"; do
         --json "$OUT/bench_opt30b${OPT_TAG:+_$OPT_TAG}.json" ;;
     test-kv) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "kv" > "$OUT/pytest_kv.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_kv.log"); tail -3 "$OUT/pytest_kv.log" ;;
-    bench-lossless) CK=/root/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
+    bench-lossless) CK=$SCRATCH/llama-2-7b-bf16; [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 > /dev/null
       $Z bench "$CK" --offload cpu --compress none,lossless --batch 1,16,64 --prompt 512 --gen "${LOSSLESS_GEN:-32}" \
         --json "$OUT/bench_lossless.json" ;;
     bench-lossless-nvme) # plain and coded from disk, page cache dropped before each, alternating for NVME_ROUNDS
       # rounds (the disk's rate drifts: the ratio is taken per round); each run measures the disk with fio on its own
       # files, the bound it is held to. NVME_BLOCKS of llama-2-7b's 32 blocks (all by default).
-      B=${NVME_BLOCKS:-32}; CK=/root/llama-2-7b-bf16-$B
+      B=${NVME_BLOCKS:-32}; CK=$SCRATCH/llama-2-7b-bf16-$B
       [ -f "$CK/config.json" ] || $Z make-checkpoint llama-2-7b "$CK" --dtype bf16 --blocks "$B" > /dev/null
       C=$CK-lossless; [ -f "$C/config.json" ] || $Z pack "$CK" "$C" --compress lossless --device cuda
       # the first read pass after 9-22 GB of fresh writes ran at 0.4 GB/s twice (the drive still busy with them)
@@ -179,24 +181,24 @@ PY
     bench-tp-llama) NCCL_NVLS_ENABLE=0 $Z bench llama-2-7b --tp 1,"${TP:-2}" --offload cpu --batch 1,16,64 --prompt 512 \
                  --gen 32 --json "$OUT/bench_tp_llama.json" ;;
     bench-tp-nvme) CK=$ZSTREAM_CACHE/synthetic/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" > /dev/null
-      L=/root/bloom-7b1-tp${TP:-2}; [ -f "$L/tensor-parallel.json" ] || $Z pack "$CK" "$L" --quantize none --tensor-parallel "${TP:-2}" --quiet
+      L=$SCRATCH/bloom-7b1-tp${TP:-2}; [ -f "$L/tensor-parallel.json" ] || $Z pack "$CK" "$L" --quantize none --tensor-parallel "${TP:-2}" --quiet
       sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
       NCCL_NVLS_ENABLE=0 $Z bench "$L" --tp "${TP:-2}" --offload nvme --batch 1,16 --prompt 512 --gen 8 --fio .device/fio \
         --json "$OUT/bench_tp_nvme.json" ;;
     bench-176b) # BLOOM-176B (issue 15), its weights made in host memory at load (352 GB of fp16 do not fit a 235 GiB
       # disk; make-checkpoint --in-memory writes the config and tokenizer only): BLOCKS_176B of its 70 blocks (a
       # slice at real width on one or two GPUs; all 70 on 4 or 8), 1 rank and TP176 ranks, fp16 and int4
-      N=${BLOCKS_176B:-70}; CK=/root/bloom-176b-$N
+      N=${BLOCKS_176B:-70}; CK=$SCRATCH/bloom-176b-$N
       [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-176b "$CK" --in-memory --blocks "$N" > /dev/null
       for q in none int4; do NCCL_NVLS_ENABLE=0 $Z bench "$CK" --offload cpu --tp "${TP176:-1,$(nvidia-smi -L | wc -l)}" \
         --batch 1,16,64 --prompt 512 --gen 32 $([ $q = int4 ] && echo --quantize int4) \
         --json "$OUT/bench_176b_${N}_$q.json"; done ;;
-    bench-tp-70b) CK=/root/llama-2-70b-${BLOCKS_70B:-40}
+    bench-tp-70b) CK=$SCRATCH/llama-2-70b-${BLOCKS_70B:-40}
       [ -f "$CK/config.json" ] || python3 -c "import sys, zstream; from zstream.api.synthetic import PRESETS
 zstream.make_checkpoint({**PRESETS['llama-2-70b'], 'num_hidden_layers': int(sys.argv[2])}, sys.argv[1], progress=False)" "$CK" "${BLOCKS_70B:-40}"
       NCCL_NVLS_ENABLE=0 $Z bench "$CK" --tp "${TP:-2}" --offload cpu --gpu-memory 40GiB --batch 1,16 --prompt 512 --gen 16 \
         --json "$OUT/bench_tp_70b.json" ;;
-    sweep) python3 benches/reader_sweep.py --dir /root/sweep --gib 8 --fio .device/fio --budget-s "${SWEEP_BUDGET:-240}" \
+    sweep) python3 benches/reader_sweep.py --dir $SCRATCH/sweep --gib 8 --fio .device/fio --budget-s "${SWEEP_BUDGET:-240}" \
              --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; tail -30 "$OUT/sweep.log" ;;
     bench-cpu) $Z bench bloom-7b1 --offload cpu --batch 1,16,64 --prompt 512 --gen 32 \
                  --json "$OUT/bench_cpu.json" --trace "$OUT/trace_cpu.json" ;;
@@ -235,7 +237,7 @@ zstream.make_checkpoint({**PRESETS['llama-2-70b'], 'num_hidden_layers': int(sys.
         | grep '^{' | tee -a "$OUT/peers.jsonl"; tail -3 "$OUT/peer_ds_nvme.err" ;;
     criterion) # the criterion bench binary built here (cargo bench --no-run), beside fio on the same file, then
                # pytest-benchmark at bloom-7b1's block size
-      export CARGO_TARGET_DIR=/root/cb; mkdir -p $CARGO_TARGET_DIR
+      export CARGO_TARGET_DIR=$SCRATCH/cb; mkdir -p $CARGO_TARGET_DIR
       .device/readers-bench --bench 2>&1 | grep -E "^readers|time:|thrpt:" | tee "$OUT/criterion.txt"
       f=$(ls $CARGO_TARGET_DIR/zstream-bench/readers-*.safetensors | head -1)
       sync; echo 3 > /proc/sys/vm/drop_caches
