@@ -8,7 +8,9 @@ residencies and contexts: the decode step at the count ``ThroughputModel.best_sp
 of every count from 0 to the blocks (``missed`` where longer, ``worst`` the largest such ratio); and the time
 ``choose_batch`` takes to plan every placement of bloom-7b1 under 16 GiB up to batch 64 (median of ``--repeat``).
 Run on two builds (a ``git worktree`` of each), it says what a change to the search buys and costs
-(docs/performance.md, item 34). The build's own ``best_split`` is called as that build defines it.
+(docs/performance.md, item 34). The build's own ``best_split`` is called as that build defines it. And for each
+measured split row: its step at its own count of CPU layers (measured and predicted) beside the step predicted at the
+count ``best_split`` picks from the row's calibration.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -37,6 +39,13 @@ from replay_predictions import preset_of
 GRID = dict(batch=(1, 8, 16, 32, 48, 64, 96, 128), micro=(None, 16), context=(100, 528, 2000))
 
 
+def split_step(tm: ThroughputModel, batch: int, resident: int, context: float, layer: int, micro: Optional[int],
+               cpu: int) -> float:
+    """The predicted decode step of a split with ``cpu`` of its layers' caches (``layer`` bytes each) on the CPUs."""
+    n = len(tm.block_bytes)
+    return tm.decode_step(batch, resident, context, "split", (n - cpu) * layer, micro, cpu, cpu * layer)[0]
+
+
 def search_against_every_count(tm: ThroughputModel, n: int, sizes: ModelSizes) -> Dict[str, Any]:
     """The grid's points, those where the picked count steps longer than the best count, the worst ratio."""
     points, missed, worst = 0, 0, 1.0
@@ -45,13 +54,33 @@ def search_against_every_count(tm: ThroughputModel, n: int, sizes: ModelSizes) -
             continue
         layer = sizes.kv_layer_bytes(batch, context)
         for resident in sorted({0, n // 5, 2 * n // 5, 3 * n // 5, 4 * n // 5, n}):
-            step = [tm.decode_step(batch, resident, context, "split", (n - c) * layer, micro, c, c * layer)[0]
-                    for c in range(n + 1)]
+            step = [split_step(tm, batch, resident, context, layer, micro, c) for c in range(n + 1)]
             picked = step[tm.best_split(batch, resident, context, layer, micro)]
             points += 1
             if picked > min(step) * (1 + 1e-9):
                 missed, worst = missed + 1, max(worst, picked / min(step))
     return {"points": points, "missed": missed, "worst": worst}
+
+
+def rows_at_the_planners_count(doc: Dict[str, Any], sizes: ModelSizes) -> List[Dict[str, Any]]:
+    """Each measured split row of a bench JSON: its count of CPU layers and step (measured, and predicted by its own
+    calibration), and the count ``best_split`` picks from that calibration with its predicted step."""
+    out = []
+    for row in doc["rows"]:
+        stored = doc["meta"].get("compute_models", {}).get(row.get("predicted_compute"))
+        if row.get("kv_offload") != "split" or stored is None or row.get("quantize"):
+            continue
+        tm = ThroughputModel(ComputeModel.from_dict(stored), sizes.block_bytes, row["predicted_link_gbps"])
+        batch, resident = row["batch"], row["resident_blocks"]
+        micro = row["micro_batch"] if row.get("micro_batch") and row["micro_batch"] < batch else None
+        context = row["prompt"] + row["gen"] / 2
+        layer = sizes.kv_layer_bytes(batch, round(context))
+        best = tm.best_split(batch, resident, context, layer, micro)
+        out.append({"batch": batch, "micro_batch": micro, "resident": resident, "cpu_layers": row["kv_cpu_layers"],
+                    "measured_step_s": row["decode_step_s"],
+                    "predicted_step_s": split_step(tm, batch, resident, context, layer, micro, row["kv_cpu_layers"]),
+                    "best_split": best, "best_step_s": split_step(tm, batch, resident, context, layer, micro, best)})
+    return out
 
 
 def plan_seconds(sizes: ModelSizes, compute: ComputeModel, repeat: int) -> float:
@@ -73,7 +102,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the results here")
     a = p.parse_args(argv)
     print(f"best_split{inspect.signature(ThroughputModel.best_split)}")
-    out = []
+    out: List[Dict[str, Any]] = []
+    rows: List[Dict[str, Any]] = []
     for path in a.files:
         doc = json.loads(path.read_text())
         preset = preset_of(doc["meta"])
@@ -89,12 +119,18 @@ def main(argv: List[str] | None = None) -> int:
             plan = f"{r['plan_s']:.2f} s" if r["plan_s"] is not None else "-"
             print(f"{path.name:44} {r['points']:5d} points, {r['missed']:5d} missed, worst {r['worst']:.3f}x; "
                   f"planning {plan}")
+        for r in rows_at_the_planners_count(doc, sizes):
+            rows.append({"file": path.name, **r})
+            print(f"{path.name:44} split row at batch {r['batch']}, {r['cpu_layers']} on the CPUs: step "
+                  f"{r['measured_step_s'] * 1e3:.1f} ms measured, {r['predicted_step_s'] * 1e3:.1f} predicted; the "
+                  f"planner's count {r['best_split']}: {r['best_step_s'] * 1e3:.1f} predicted "
+                  f"({r['best_step_s'] / r['predicted_step_s']:.3f}x)")
     points, missed = sum(r["points"] for r in out), sum(r["missed"] for r in out)
     times = [r["plan_s"] for r in out if r["plan_s"] is not None]
     print(f"all: {missed} of {points} points missed the best count, worst {max(r['worst'] for r in out):.3f}x"
           + (f"; planning bloom-7b1 median {statistics.median(times):.2f} s" if times else ""))
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+        a.json.write_text(json.dumps({"calibrations": out, "split_rows": rows}, indent=1))
     return 0
 
 
