@@ -98,7 +98,7 @@ def plan_seconds(sizes: ModelSizes, compute: ComputeModel, repeat: int) -> float
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path)
-    p.add_argument("--repeat", type=int, default=3, help="plannings timed per calibration (their median)")
+    p.add_argument("--repeat", type=int, default=3, help="plannings timed per calibration (their median; 0: none)")
     p.add_argument("--json", type=Path, help="write the results here")
     a = p.parse_args(argv)
     print(f"best_split{inspect.signature(ThroughputModel.best_split)}")
@@ -114,7 +114,7 @@ def main(argv: List[str] | None = None) -> int:
             compute = ComputeModel.from_dict(stored)
             tm = ThroughputModel(compute, sizes.block_bytes, doc["meta"].get("h2d_gbps") or 55.0)
             r = {"file": path.name, "preset": preset, **search_against_every_count(tm, sizes.num_blocks, sizes),
-                 "plan_s": plan_seconds(sizes, compute, a.repeat) if preset == "bloom-7b1" else None}
+                 "plan_s": plan_seconds(sizes, compute, a.repeat) if preset == "bloom-7b1" and a.repeat else None}
             out.append(r)
             plan = f"{r['plan_s']:.2f} s" if r["plan_s"] is not None else "-"
             print(f"{path.name:44} {r['points']:5d} points, {r['missed']:5d} missed, worst {r['worst']:.3f}x; "
