@@ -637,6 +637,9 @@ def test_micro_batches_are_planned_with_their_working_set_and_their_time():
     block = 4 * compute.decode_block_s(16, 528, "host-compute")
     assert split.decode_step_s == pytest.approx(tm.pass_s(split.resident_blocks, block,
                                                           compute.decode_outer_s(64, 528))[0])
+    prefill_block = 4 * compute.prefill_block_s(16, 512, "host-compute")  # the prompt in micro-batches too
+    assert split.prefill_s == pytest.approx(tm.pass_s(split.resident_blocks, prefill_block,
+                                                      compute.prefill_outer_s(64, 512))[0])
     best = choose_batch(sizes, compute, micro_batch_sizes=(16,), **base).best
     assert best is not None and best.micro_batch == 16
     assert choose_batch(sizes, compute, micro_batch_sizes=(16,), **base).load_kwargs()["micro_batch"] == 16
@@ -856,6 +859,8 @@ def test_descend_walks_past_short_bumps_to_the_lowest_count():
     assert descend(costs.__getitem__, 9, 0, 9, {}, look=3) == 8  # and from above
     assert descend(costs.__getitem__, 1, 0, 6, {}, look=3) == 5  # within its bounds
     assert seen[8] == 4 and set(seen) <= set(range(10))
+    flat = [5, 4, 4, 4, 6, 7]  # a tie stays where it was reached
+    assert descend(flat.__getitem__, 0, 0, 5, {}) == 1 and descend(flat.__getitem__, 5, 0, 5, {}) == 3
 
 
 def test_split_layers_are_spread_evenly():
