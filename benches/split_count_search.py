@@ -68,8 +68,8 @@ def rows_at_the_planners_count(doc: Dict[str, Any], sizes: ModelSizes) -> List[D
     out = []
     for row in doc["rows"]:
         stored = doc["meta"].get("compute_models", {}).get(row.get("predicted_compute"))
-        if row.get("kv_offload") != "split" or stored is None or row.get("quantize"):
-            continue
+        if row.get("kv_offload") != "split" or stored is None or row.get("quantize") or "kv_cpu_layers" not in row:
+            continue  # (rows of a bench older than run 10 of 2026-12-04 do not record their count)
         tm = ThroughputModel(ComputeModel.from_dict(stored), sizes.block_bytes, row["predicted_link_gbps"])
         batch, resident = row["batch"], row["resident_blocks"]
         micro = row["micro_batch"] if row.get("micro_batch") and row["micro_batch"] < batch else None
@@ -99,6 +99,7 @@ def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--repeat", type=int, default=3, help="plannings timed per calibration (their median; 0: none)")
+    p.add_argument("--preset", help="the synthetic preset the files' model was made from (default: from its name)")
     p.add_argument("--json", type=Path, help="write the results here")
     a = p.parse_args(argv)
     print(f"best_split{inspect.signature(ThroughputModel.best_split)}")
@@ -106,7 +107,7 @@ def main(argv: List[str] | None = None) -> int:
     rows: List[Dict[str, Any]] = []
     for path in a.files:
         doc = json.loads(path.read_text())
-        preset = preset_of(doc["meta"])
+        preset = a.preset or preset_of(doc["meta"])
         sizes = ModelSizes.of(facts_from_shapes(family_for(zstream.synthetic.PRESETS[preset]), torch.float16))
         for key, stored in doc["meta"].get("compute_models", {}).items():
             if "split" not in key:
