@@ -433,8 +433,8 @@ class ThroughputModel:
         on the CPUs sits between two brought up and pays for their interleaving (``split_extra_s``); past half, each
         one brought up does: two regimes, each a balance of the compute stream (the CPUs' attention added for each
         layer) against the link (each other layer's cache added). In each, the search starts where the two meet
-        and walks to the schedule's best (the busy link and the first cache's wait move it, by 2-4 layers on the
-        H200's calibrations); the better of the two wins."""
+        (which saves steps, not accuracy) and walks to the schedule's best, which the pairs, the busy link and the
+        first cache's wait move off that point; the better of the two wins."""
         n = len(self.block_bytes)
         if not self.link_gbps:
             return n
