@@ -704,6 +704,8 @@ def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_att
     assert tm.first_cache_wait(1, 100, "split", 5 * big, cpu_layers=5) == pytest.approx(big / 55e9 - 6e-3)
     assert tm.first_cache_wait(1, 100, "split", 4 * big, cpu_layers=6) == pytest.approx(big / 55e9 - 6e-3 - 6e-3)
     assert tm.first_cache_wait(1, 100, "split", 4 * small, cpu_layers=6) == 0.0
+    # two micro-batches of a row: layer 0 on the CPUs takes 12 ms of the wait
+    assert tm.first_cache_wait(2, 100, "split", 4 * big, 1, cpu_layers=6) == pytest.approx(big / 55e9 - 6e-3 - 12e-3)
     # layer 0 on the CPUs runs beside that copy: at a busy factor of 1.5 it takes 9 ms of the wait, not 6
     slowed = ThroughputModel(dataclasses.replace(compute, cpu_busy_factor=1.5), sizes.block_bytes, link_gbps=55.0)
     assert slowed.first_cache_wait(1, 100, "split", 4 * big, cpu_layers=6) == pytest.approx(big / 55e9 - 6e-3 - 9e-3)
@@ -847,6 +849,25 @@ def test_the_planners_split_candidates_take_the_count_with_the_most_tokens_per_s
                             + 31 * tm.decode_step(64, cand.resident_blocks, 528, "split", (30 - c) * layer, 16, c,
                                                   c * layer)[0]) for c in range(31)]
         assert cand.tokens_per_s == pytest.approx(max(every)), cand.resident_blocks
+
+
+def test_a_pass_adds_its_lead_and_the_given_overhead_and_streams_only_over_a_link():
+    """A streamed pass (5 of 10 blocks resident, 30 ms blocks, 100 MB copies of 2 ms at 50 GB/s: compute-bound) is
+    later by the compute stream's wait for its first cache (``lead_s``) and by ``step_overhead_s``, which every
+    candidate's prefill and step carry; with no link, a pass that streams is refused."""
+    sizes = toy_sizes(n=10)
+    compute = compute_model(10, block_s=30e-3, per_token=0.0, per_key=0.0, outer_s=6e-3)
+    tm = ThroughputModel(compute, sizes.block_bytes, link_gbps=50.0)
+    assert tm.pass_s(5, 30e-3, 6e-3, lead_s=14e-3)[0] - tm.pass_s(5, 30e-3, 6e-3)[0] == pytest.approx(14e-3)
+    late = ThroughputModel(compute, sizes.block_bytes, link_gbps=50.0, step_overhead_s=5e-3)
+    assert late.pass_s(5, 30e-3, 6e-3)[0] - tm.pass_s(5, 30e-3, 6e-3)[0] == pytest.approx(5e-3)
+    assert late.pass_s(10, 30e-3, 6e-3)[0] - tm.pass_s(10, 30e-3, 6e-3)[0] == pytest.approx(5e-3)
+    kw = dict(budget=None, prompt=16, gen=4, link_gbps=50.0, max_batch=2)
+    plain, slow = (choose_batch(sizes, compute, step_overhead_s=o, **kw) for o in (0.0, 5e-3))
+    for a, b in zip(plain.table, slow.table):
+        assert (b.decode_step_s - a.decode_step_s, b.prefill_s - a.prefill_s) == pytest.approx((5e-3, 5e-3))
+    with pytest.raises(ValueError, match="no link bandwidth"):
+        ThroughputModel(compute, sizes.block_bytes, link_gbps=None).pass_s(5, 30e-3, 6e-3)
 
 
 def test_descend_walks_past_short_bumps_to_the_lowest_count():
@@ -1096,6 +1117,12 @@ def test_the_cpus_blocks_are_slowed_by_the_share_of_them_the_link_copies_beside(
     assert tm.decode_step(8, 8, 512, "host-compute")[0] == pytest.approx(
         ThroughputModel(scaled, sizes.block_bytes, link_gbps=50.0).decode_step(8, 8, 512, "host-compute")[0])
     assert tm.decode_step(8, 8, 512, "host-compute")[0] > tm.decode_step(8, 10, 512, "host-compute")[0]
+    # micro-batches of 4 rows: two calls a layer, 80 ms of the CPUs' layers beside the same 4 ms
+    assert tm.link_busy_share(8, 8, 512, "host-compute", 0, 4, 0) == pytest.approx(0.05)
+    assert tm.decode_step(8, 8, 512, "host-compute", micro=4)[0] == pytest.approx(tm.pass_s(
+        8, 2 * compute.decode_block_s(4, 512, "host-compute", link_busy=0.05), compute.decode_outer_s(8, 512))[0])
+    # 5 layers on the CPUs (20 ms) beside 5 caches of 20 MB coming up (2 ms): a tenth
+    assert tm.link_busy_share(8, 10, 512, "split", 10**8, None, 5) == pytest.approx(0.1)
     # a split of 5 layers on the CPUs (20 ms) beside 5 caches of 0.4 GB coming up (40 ms): busy throughout
     assert tm.link_busy_share(8, 10, 512, "split", 2 * 10**9, None, 5) == 1.0
     step = tm.decode_step(8, 10, 512, "split", 2 * 10**9, None, 5, 2 * 10**9)[0]
@@ -1229,8 +1256,9 @@ def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     micro = 4 * 2 * cm.decode_block_s(4, 100) + cm.decode_outer_s(8, 100)  # two micro-batches a block: eager
     assert tm.decode_step(8, 4, 100, micro=4)[0] == pytest.approx(micro)
     assert tm.decode_step(8, 4, 100, micro=8)[0] == pytest.approx(step)  # one micro-batch of the whole batch
-    assert tm.decode_step(8, 3, 100)[0] > eager - 1e-12                   # a block streams: eager
     off = ThroughputModel(cm, [100 * MB] * 4, link_gbps=50.0, graphs=False)
+    assert tm.decode_step(8, 3, 100)[0] == pytest.approx(off.decode_step(8, 3, 100)[0])  # a block streams: eager
+    assert tm.decode_step(8, 4, 100, "host")[0] == pytest.approx(eager)  # the cache in host memory: eager
     assert off.decode_step(8, 4, 100)[0] == pytest.approx(eager)
     again = ComputeModel.from_dict(cm.to_dict())
     assert (again.decode_graph_block, again.decode_graph_outer) == (cm.decode_graph_block, cm.decode_graph_outer)
