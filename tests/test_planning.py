@@ -15,7 +15,7 @@ from zstream.foundations.hardware import HardwareReport
 from zstream.foundations.models import family_for
 from zstream.foundations.quant import QuantConfig, block_quant_for
 from zstream.planning.facts import CheckpointFacts, facts_from_shapes
-from zstream.planning.offload import HOST_SLACK_BYTES, choose_offload
+from zstream.planning.offload import HOST_SLACK_BYTES, choose_offload, host_holds
 from zstream.planning.residency import PlanOptions, Resources, plan_load, reserve_bytes
 
 GiB = 1 << 30
@@ -119,6 +119,13 @@ def test_every_mode_budget_quantization_and_machine(offload, budget, quant, hw):
     assert plan.ring_slots == min(3, len(plan.streamed_blocks))
     assert plan.block_bytes == facts.block_bytes and plan.quantization == (
         None if facts.quant is None else "int4, group 64, asymmetric")
+    if mode == "ats":  # read in place: nothing reserved on the device, no budget, the link by what the GPU can do
+        assert (plan.device, plan.dtype, plan.outer_bytes, plan.kv_reserve_bytes, plan.budget_bytes) == (
+            res.device, facts.dtype, facts.outer_bytes, 0, None)
+        assert plan.link == ("ATS (pageable memory read in place)" if hw == "gh200"
+                             else "mapped pinned memory read in place")
+        assert [n for n in plan.notes if n.startswith("offload='auto' chose 'ats'")] == (
+            [] if offload == "ats" else [plan.notes[-1]])
     if mode not in ("ats",) and plan.budget_bytes is not None and plan.streamed_blocks:
         used = plan.outer_bytes + resident * facts.device_block_bytes[0] + 3 * facts.device_block_bytes[0]
         assert used + plan.kv_reserve_bytes <= plan.budget_bytes          # what stays fits the budget
@@ -138,17 +145,33 @@ def test_cpu_only_with_host_memory_to_spare():
     assert choose_offload(w, 0, 1, edge, device_type="cuda")[0] == "nvme"  # strictly more than the slack is needed
     assert choose_offload(w, 0, 1, edge + 1, device_type="cuda")[0] == "cpu"
     assert choose_offload(w, 0, 1, edge + 1, device_type="cpu")[0] == "nvme"  # the CPU's weights come from disk
+    assert not host_holds(0, HOST_SLACK_BYTES) and host_holds(0, HOST_SLACK_BYTES + 1)  # strictly more, exactly
 
 
 def test_ats_only_where_the_gpu_reads_host_page_tables_and_blocks_are_not_quantized():
     assert choose_offload(10, 0, 1, 100, device_type="cuda", ats=True)[0] == "ats"
     offload, note = choose_offload(10, 0, 1, 10**12, device_type="cuda", ats=True, quantized=True)
-    assert offload == "cpu" and "not in place" in note
+    assert (offload, note) == ("cpu", "offload='auto' chose 'cpu': weights 10 B, KV+activations 0 B, budget 1 B; "
+                                      "quantized weights stream by copies, not in place (ats)")
+    assert "not in place" not in choose_offload(10, 0, 1, 10**12, device_type="cuda", quantized=True)[1]
     assert choose_offload(10, 0, 1, 10**12, device_type="cuda", ats=False)[0] == "cpu"
 
 
+def test_an_in_place_plan_carries_the_kv_cache_and_micro_batch_options():
+    """offload="ats" with the cache split between the link and the CPUs, micro-batches of 2, batch 4 of 512: the plan
+    carries them, and the host cache of every layer (K and V, 4 x 512 positions, 32 heads x 128, fp16)."""
+    options = PlanOptions(offload="ats", kv_offload="split", kv_cpu_layers=5, micro_batch=2, max_batch=4,
+                          max_seq_len=512)
+    plan = plan_load(FP16, HARDWARE["gh200"], options, where="x")
+    assert (plan.kv_offload, plan.kv_cpu_layers, plan.micro_batch) == ("split", 5, 2)
+    assert plan.kv_host_bytes == 30 * 2 * 4 * 512 * 4096 * 2
+    assert plan_load(FP16, HARDWARE["gh200"], PlanOptions(offload="ats", kv_offload="split"), where="x") \
+        .kv_cpu_layers == 15  # half, by default
+
+
 def test_quantizing_at_load_never_lands_on_disk():
-    with pytest.raises(QuantizationError, match="zstream pack"):
+    with pytest.raises(QuantizationError, match=r"x: the weights quantized \(10.0 GiB\) do not fit host memory \(1 B "
+                                                r"available\).*zstream pack x OUT"):
         choose_offload(10 * GiB, 0, 1, 1, device_type="cuda", quantized=True, quantize_at_load=True, where="x")
     assert choose_offload(10 * GiB, 0, 1, 1, device_type="cuda", quantized=True)[0] == "nvme"  # packed: fine
 
