@@ -810,9 +810,8 @@ def test_the_split_count_is_the_best_of_every_count(run):
 
 def test_the_split_search_starts_near_the_balance(monkeypatch):
     """The search for the split's count costs fewer evaluations of the step than the counts: it starts where the link
-    and the CPUs balance. On the H200's calibrations of runs 16 and 21 it takes 12.7 steps a search (every count: 31;
-    over the calibrations of runs 10-21, 11.9 a search, and 19.0 started at each half's middle): a start off the
-    balance costs more (the result is the same, which the test above checks)."""
+    and the CPUs balance. On the H200's calibrations of runs 16 and 21 it takes 12.7 steps a search (every count:
+    31); a start off the balance costs more (the result is the same, which the test above checks)."""
     sizes, _ = bloom_sizes()
     steps = [0]
     real = ThroughputModel.decode_step
