@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -39,13 +39,6 @@ from replay_predictions import preset_of
 GRID = dict(batch=(1, 8, 16, 32, 48, 64, 96, 128), micro=(None, 16), context=(100, 528, 2000))
 
 
-def split_step(tm: ThroughputModel, batch: int, resident: int, context: float, layer: int, micro: Optional[int],
-               cpu: int) -> float:
-    """The predicted decode step of a split with ``cpu`` of its layers' caches (``layer`` bytes each) on the CPUs."""
-    n = len(tm.block_bytes)
-    return tm.decode_step(batch, resident, context, "split", (n - cpu) * layer, micro, cpu, cpu * layer)[0]
-
-
 def search_against_every_count(tm: ThroughputModel, n: int, sizes: ModelSizes) -> Dict[str, Any]:
     """The grid's points, those where the picked count steps longer than the best count, the worst ratio."""
     points, missed, worst = 0, 0, 1.0
@@ -54,7 +47,7 @@ def search_against_every_count(tm: ThroughputModel, n: int, sizes: ModelSizes) -
             continue
         layer = sizes.kv_layer_bytes(batch, context)
         for resident in sorted({0, n // 5, 2 * n // 5, 3 * n // 5, 4 * n // 5, n}):
-            step = [split_step(tm, batch, resident, context, layer, micro, c) for c in range(n + 1)]
+            step = [tm.split_step(batch, resident, context, layer, micro, c) for c in range(n + 1)]
             picked = step[tm.best_split(batch, resident, context, layer, micro)]
             points += 1
             if picked > min(step) * (1 + 1e-9):
@@ -78,8 +71,8 @@ def rows_at_the_planners_count(doc: Dict[str, Any], sizes: ModelSizes) -> List[D
         best = tm.best_split(batch, resident, context, layer, micro)
         out.append({"batch": batch, "micro_batch": micro, "resident": resident, "cpu_layers": row["kv_cpu_layers"],
                     "measured_step_s": row["decode_step_s"],
-                    "predicted_step_s": split_step(tm, batch, resident, context, layer, micro, row["kv_cpu_layers"]),
-                    "best_split": best, "best_step_s": split_step(tm, batch, resident, context, layer, micro, best)})
+                    "predicted_step_s": tm.split_step(batch, resident, context, layer, micro, row["kv_cpu_layers"]),
+                    "best_split": best, "best_step_s": tm.split_step(batch, resident, context, layer, micro, best)})
     return out
 
 

@@ -426,6 +426,14 @@ class ThroughputModel:
         device, cpu = (sum(time(b, x, k) for b in parts) for k in ("host", "host-compute"))
         return (cpu_layers * cpu + (n - cpu_layers) * device) / n
 
+    def split_step(self, batch: int, resident: int, context: float, layer_kv_bytes: int, micro: Optional[int],
+                   cpu: int) -> float:
+        """The decode step of a "split" cache with ``cpu`` layers' caches (``layer_kv_bytes`` each) attended on
+        the CPUs and every other layer's brought up."""
+        n = len(self.block_bytes)
+        return self.decode_step(batch, resident, context, "split", (n - cpu) * layer_kv_bytes, micro, cpu,
+                                cpu * layer_kv_bytes)[0]
+
     def best_split(self, batch: int, resident: int, context: float, layer_kv_bytes: int,
                    micro: Optional[int] = None, prompt: Optional[int] = None, gen: Optional[int] = None) -> int:
         """The layers a "split" cache should attend on the CPUs: the count whose decode step (with ``prompt`` and
@@ -440,8 +448,7 @@ class ThroughputModel:
             return n
 
         def cost(cpu: int) -> float:
-            step = self.decode_step(batch, resident, context, "split", (n - cpu) * layer_kv_bytes, micro, cpu,
-                                    cpu * layer_kv_bytes)[0]
+            step = self.split_step(batch, resident, context, layer_kv_bytes, micro, cpu)
             if prompt is None or gen is None:
                 return step
             return self.prefill(batch, resident, prompt, "split", micro, cpu)[0] + (gen - 1) * step
