@@ -330,6 +330,62 @@ def test_nvme_streams_each_ranks_piece_from_a_layout_written_for_it(tmp_path: Pa
         zstream.pack(src, tmp_path / "zero", quantize="int8", tensor_parallel=0, progress=False)
 
 
+def _to_fp16(path: Path, but_block_norms: bool) -> None:
+    """Rewrites ``path``'s checkpoint (saved in fp32) in fp16; ``but_block_norms``: the blocks' norms stay fp32."""
+    from safetensors.torch import load_file, save_file
+
+    (file,) = path.glob("*.safetensors")
+    keep = lambda k: but_block_norms and "layernorm" in k and ".h." in k  # noqa: E731
+    save_file({k: t if keep(k) else t.half() for k, t in load_file(file).items()}, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(("case", "at_load", "packed"), [("bloom", None, None), ("bloom-fp32-norms", "int4", None),
+                                                         ("llama-gqa", "int4", None), ("opt-post-ln", "int8", None),
+                                                         ("qwen2", None, "int8")])
+def test_a_ranks_planned_sizes_are_the_bytes_of_its_pieces_written_out(tmp_path: Path, case: str, at_load: Any,
+                                                                       packed: Any) -> None:
+    """A rank that cuts its pieces from whole blocks at load plans their sizes from the shard's shapes; the same
+    pieces written out by ``zstream pack --tensor-parallel`` are files whose bytes the planner reads as stored. The
+    two agree for every rank, block by block, as streamed and before quantization, with the same tensor names:
+    unquantized, quantized at load and packed before sharding; the blocks' norms in another dtype than the
+    embeddings are sized in their own."""
+    from zstream.foundations.checkpoint import read_config
+    from zstream.foundations.quant import QuantConfig
+    from zstream.planning.facts import checkpoint_facts
+
+    src = save_with_transformers(_config(case.split("-fp32")[0], 2), tmp_path / "src")
+    _to_fp16(src, but_block_norms=case.endswith("fp32-norms"))
+    layout = zstream.pack(src, tmp_path / "tp2", quantize=at_load or packed, group_size=8, tensor_parallel=2,
+                          progress=False)
+    if packed:
+        src = zstream.pack(src, tmp_path / "packed", quantize=packed, group_size=8, progress=False)
+    quant = QuantConfig.parse(at_load, group_size=8)
+    whole = zstream.WeightStore.open(src)
+    for rank in range(2):
+        family = family_for(read_config(src), whole.names()).shard(rank, 2, reduce=lambda t: t)
+        cut = checkpoint_facts(whole, family, dtype=None, device_type="cpu", quantize=quant, where="whole",
+                               shard_at_load=True)
+        own = zstream.WeightStore.open(layout / f"rank{rank}-of-2")
+        written = checkpoint_facts(own, family, dtype=None, device_type="cpu", quantize=None, where="own")
+        assert cut.block_bytes == written.block_bytes, rank
+        assert cut.unquantized_block_bytes == written.unquantized_block_bytes, rank
+        assert cut.block_names == written.block_names
+        assert (cut.quant is None) == (written.quant is None) == (not (at_load or packed))
+        assert cut.packed == bool(packed) and cut.quantize_at_load == bool(at_load)
+        whole_family = family_for(read_config(src), whole.names())
+        alone = checkpoint_facts(whole, whole_family, dtype=None, device_type="cpu", quantize=quant, where="whole")
+        assert alone.block_bytes[0] / 2 <= cut.block_bytes[0] < alone.block_bytes[0] * 0.6  # a piece, not the block
+        if at_load:  # and one process quantizing at load plans the bytes zstream pack writes
+            one = zstream.pack(src, tmp_path / f"whole-{rank}", quantize=at_load, group_size=8, progress=False)
+            own = zstream.WeightStore.open(one)
+            written = checkpoint_facts(own, family_for(read_config(one), own.names()), dtype=None, device_type="cpu",
+                                       quantize=None, where="one")
+            assert (alone.block_bytes, alone.unquantized_block_bytes) == (written.block_bytes,
+                                                                          written.unquantized_block_bytes)
+        assert cut.stored_block_names == ([cut_names for cut_names in cut.block_names] if packed
+                                          else [whole_family.block_tensors(i) for i in range(family.num_blocks)])
+
+
 def _trace(path: Path, out: Path, ids: torch.Tensor) -> int:
     with zstream.load(path, device="cpu", offload="cpu", max_resident_blocks=0, progress=False) as model:
         model.trace_start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -105,12 +105,13 @@ def checkpoint_facts(store: WeightStore, family: Family, *, dtype: Optional[torc
         return CheckpointFacts(family, ckpt_dtype, dtype, stored, stored, outer, _stored_bytes(store, stored),
                                outer_bytes)
     shapes = family.block_shapes()
-    unquantized = [sum(math.prod(s) for s in shapes.values()) * ckpt_dtype.itemsize] * family.num_blocks
+    itemsize = _itemsizes(store, family, stored, ckpt_dtype)
+    unquantized = [_unquantized_bytes(shapes, itemsize)] * family.num_blocks
     streamed = [bq.names(names) for names in stored]
     if packed:  # the files hold the packed tensors: stream them under their own names
         return CheckpointFacts(family, ckpt_dtype, dtype, streamed, streamed, outer,
                                _stored_bytes(store, streamed), outer_bytes, bq, True, unquantized)
-    per_block = bq.nbytes(shapes, {local: ckpt_dtype.itemsize for local in shapes})
+    per_block = bq.nbytes(shapes, itemsize)
     return CheckpointFacts(family, ckpt_dtype, dtype, stored, streamed, outer, [per_block] * family.num_blocks,
                            outer_bytes, bq, False, unquantized)
 
@@ -124,8 +125,8 @@ def _coded_facts(store: WeightStore, family: Family, whole: Family, code: BlockC
                                 "or tensor parallelism (for that, pack the original with --tensor-parallel too)")
     whole.validate(coded_infos(store, whole, code))
     streamed = [code.names(names) for names in stored]
-    shapes = family.block_shapes()
-    unquantized = [sum(math.prod(s) for s in shapes.values()) * ckpt_dtype.itemsize] * family.num_blocks
+    unquantized = [_unquantized_bytes(family.block_shapes(), _itemsizes(store, family, stored, ckpt_dtype))
+                   ] * family.num_blocks
     outer_bytes = sum(store.info(n).nbytes for n in set(outer.values()))
     return CheckpointFacts(family, ckpt_dtype, dtype, streamed, streamed, outer, _stored_bytes(store, streamed),
                            outer_bytes, code, True, unquantized)  # type: ignore[arg-type]
@@ -136,10 +137,8 @@ def _shard_facts(store: WeightStore, family: Family, ckpt_dtype: torch.dtype, dt
                  packed: bool) -> CheckpointFacts:
     """The facts of one rank's pieces of whole blocks: sizes from the shard's shapes, not the files'."""
     shapes = family.block_shapes()
-    first = stored[0] if stored else {}
-    itemsize = {local: store.info(first[local]).torch_dtype.itemsize if first[local] in store else ckpt_dtype.itemsize
-                for local in shapes}  # (a packed weight has no tensor under its own name; bq sizes it)
-    unquantized = sum(math.prod(s) * itemsize[local] for local, s in shapes.items())
+    itemsize = _itemsizes(store, family, stored, ckpt_dtype)
+    unquantized = _unquantized_bytes(shapes, itemsize)
     if bq is None:
         return CheckpointFacts(family, ckpt_dtype, dtype, stored, stored, outer, [unquantized] * family.num_blocks,
                                outer_bytes, shard_at_load=True)
@@ -148,6 +147,20 @@ def _shard_facts(store: WeightStore, family: Family, ckpt_dtype: torch.dtype, dt
     return CheckpointFacts(family, ckpt_dtype, dtype, streamed if packed else stored, streamed, outer,
                            [per_block] * family.num_blocks, outer_bytes, bq, packed,
                            [unquantized] * family.num_blocks, shard_at_load=True)
+
+
+def _itemsizes(store: WeightStore, family: Family, stored: List[Dict[str, str]], ckpt_dtype: torch.dtype
+               ) -> Dict[str, int]:
+    """Each block tensor's element size as its first block stores it (norms may be kept wider than the weights); a
+    packed or coded weight, which has no tensor under its own name, counts in the checkpoint's dtype."""
+    first = stored[0] if stored else {}
+    return {local: store.info(first[local]).torch_dtype.itemsize if first.get(local) in store else ckpt_dtype.itemsize
+            for local in family.block_shapes()}
+
+
+def _unquantized_bytes(shapes: Dict[str, Tuple[int, ...]], itemsize: Dict[str, int]) -> int:
+    """A block's bytes before quantization or coding."""
+    return sum(math.prod(shape) * itemsize[local] for local, shape in shapes.items())
 
 
 def facts_from_shapes(family: Family, dtype: torch.dtype) -> CheckpointFacts:
