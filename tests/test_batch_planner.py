@@ -443,14 +443,14 @@ def test_calibration_times_the_dequantization(tiny_bloom, monkeypatch):
         events.append(("block", w))
         return real_block(w, *args)
 
-    def seconds(fn, device, min_sample_s):
+    def seconds(fn, device, min_sample_s, at_least=1):
         def recorded():
             start = len(events)
             result = fn()
             timed.append(events[start:])
             return result
 
-        return real_seconds(recorded, device, min_sample_s)
+        return real_seconds(recorded, device, min_sample_s, at_least)
 
     monkeypatch.setattr(BlockQuant, "dequantize", dequantize)
     monkeypatch.setattr(fam, "block", block)
@@ -577,8 +577,10 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     monkeypatch.setattr(calibrate.KVCache, "layer",
                         lambda self, *a: taken.append((self.host_compute, a[0])) or real_layer(self, *a))
     samples: list = []  # the sample length each timing asked for
+    calls: list = []    # and the calls it asked for at least
     real_seconds = calibrate._seconds
-    monkeypatch.setattr(calibrate, "_seconds", lambda fn, dev, s: samples.append(s) or real_seconds(fn, dev, s))
+    monkeypatch.setattr(calibrate, "_seconds", lambda fn, dev, s, at_least=1: samples.append(s) or
+                        calls.append(at_least) or real_seconds(fn, dev, s, at_least))
     busy_asked: list = []  # the CPUs' slow-down beside the link: asked of the host-compute timings, kept as given
     monkeypatch.setattr(calibrate, "_cpu_busy_factor",
                         lambda host, busy, rk: busy_asked.append((host, busy, rk)) or 1.25)
@@ -591,6 +593,9 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
     # the CPUs' decode blocks (batches 1 and 2, two contexts, one round) over the longer sample, the rest not
     assert samples.count(calibrate.CPU_SAMPLE_S) == 4 and calibrate.CPU_SAMPLE_S > 0.005
     assert len(samples) > 4 and set(samples) == {0.005, calibrate.CPU_SAMPLE_S}
+    # a prefill block is timed a pass's worth of calls back to back (batches 1 and 2, two prompts, once a placement:
+    # "none", "host", "host-compute"), as the engine runs it; every other timing takes what its sample needs
+    assert calls.count(fam.num_blocks) == 4 * 3 and set(calls) == {1, fam.num_blocks} and fam.num_blocks > 1
     assert set(seen) == {LayerCache, HostLayerCache, HostComputeLayerCache} and len(taken) == len(seen)
     # a host-compute block takes its layers in turn (their caches, far smaller than 1 GiB here: every layer), so
     # that on a GPU host the CPUs read them from DRAM as the engine's layers are, not from their own cache
@@ -1279,6 +1284,59 @@ def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     assert plan.candidate(2, 4).decode_step_s == pytest.approx(off.decode_step(2, 4, 22)[0])
     assert "cuda_graphs" not in plan.load_kwargs()
     assert choose_batch(toy_sizes(4), cm, gen=12, cuda_graphs=True, **kw).load_kwargs()["cuda_graphs"] is True
+
+
+def test_a_timing_sample_runs_its_calls_back_to_back_at_least_as_many_as_asked():
+    """``_seconds``: a warm-up call and a first timed one, then as many calls as fill the sample (at most 50), or
+    ``at_least`` where that is more, one timing over them all."""
+    calls = [0]
+
+    def fn():
+        calls[0] += 1
+
+    assert calibrate._seconds(fn, torch.device("cpu"), 0.0, at_least=7) >= 0 and calls[0] == 2 + 7
+    calls[0] = 0
+    calibrate._seconds(fn, torch.device("cpu"), 0.0)
+    assert calls[0] == 2 + 1
+    calls[0] = 0
+    calibrate._seconds(fn, torch.device("cpu"), 10.0, at_least=3)  # (a sample of 10 s: 50 calls, the most)
+    assert calls[0] == 2 + 50
+
+
+def test_a_graphed_fit_leaves_out_samples_at_the_floor():
+    """A recording's block part at the floor (its difference came out at or below zero) is left out of the fit; the
+    others fit as they are. Run 4 of 2026-12-05's calibration had its first point at the floor, and the relative fit
+    bent to it: 4.2e-9 x batch x context a block, 15 us at batch 7 over 528 keys, where the engine's recording of
+    30 blocks took 14 ms over its step."""
+    per_block = {(1, 256): 1e-6, (1, 544): 4.1e-4, (3, 256): 4.2e-4, (3, 544): 4.3e-4, (8, 256): 4.4e-4,
+                 (8, 544): 4.6e-4}
+    graphed = [{"batch": b, "context": c, "record_block_s": t} for (b, c), t in per_block.items()]
+    fit = calibrate._graph_fit(graphed, "record_block_s")
+    assert fit(7, 528) == pytest.approx(4.5e-4, rel=0.05)
+    assert Linear3.fit([(b, c, t) for (b, c), t in per_block.items()])(7, 528) < 1e-4  # (with it: bent to it)
+    at_floor = [{**s, "record_block_s": calibrate.GRAPH_FLOOR_S} for s in graphed]
+    assert calibrate._graph_fit(at_floor, "record_block_s")(7, 528) < 1e-4  # all at the floor: fitted as they are
+    assert calibrate._graph_fit([], "record_block_s") is None
+
+
+def test_the_first_graph_a_calibration_records_is_a_throwaway(tiny_bloom, monkeypatch):
+    """The first point's recording would pay for what a process's first capture sets up (its difference over the
+    blocks came out at the floor in run 4 of 2026-12-05): a one-block graph is recorded first, untimed, once a
+    sampling."""
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    made: list = []  # the blocks of each graph made, and whether its first step ran before a timing started
+    real = calibrate.DecodeGraph
+    monkeypatch.setattr(calibrate, "DecodeGraph", lambda fam, outer, weights, *a, **k:
+                        made.append(len(weights)) or real(fam, outer, weights, *a, **k))
+    timer = calibrate._BlockTimer(model.family, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001,
+                                  seed=0, quant=None)
+    timer.graphs = True
+    timer.sample([("decode", 2, 1, 10), ("decode", 3, 1, 6)], [], False, 2)
+    few, many = calibrate.GRAPH_PROBE_BLOCKS
+    assert made == [1, few, many, few, many]
+    timer.sample([("decode", 2, 1, 10)], [], False, 1)
+    assert made[5:] == [1, few, many]
+    model.close()
 
 
 def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bloom):

@@ -26,8 +26,9 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop;
 # 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM; 5: the
 # CPUs' blocks beside the link's copies; 6: decode steps replayed as a CUDA graph; 7: the CPUs' points from their
-# calm rounds, their slow-down beside the link against the block alone in the window before)
-CALIBRATION_FORMAT = 7
+# calm rounds, their slow-down beside the link against the block alone in the window before; 8: prefill blocks a
+# pass's worth back to back, graph recordings after a warm-up capture and fitted without their noise floor)
+CALIBRATION_FORMAT = 8
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -44,6 +45,7 @@ CALM_ROUND_TOLERANCE = 1.3
 SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
 GRAPH_PROBE_BLOCKS = (2, 8)           # a graphed decode step timed over this many blocks: the difference is blocks'
 GRAPH_PROBE_CACHE_BYTES = 256 << 20   # its blocks take turns over this much cache at most (one layer at the least)
+GRAPH_FLOOR_S = 1e-6                  # a graphed sample's part (a difference of timings) at least this
 
 
 def _sync(device: torch.device) -> None:
@@ -51,16 +53,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> float:
+def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float, at_least: int = 1) -> float:
     """Seconds per call of ``fn``: ``inner`` calls back to back (enough for ``min_sample_s``, so that timer resolution
-    washes out) with one synchronisation at the end, after a warm-up call (allocator, kernel selection)."""
+    washes out, and ``at_least``) with one synchronisation at the end, after a warm-up call (allocator, kernel
+    selection)."""
     fn()
     _sync(device)
     t0 = time.perf_counter()
     fn()
     _sync(device)
     one = time.perf_counter() - t0
-    inner = max(1, min(50, int(min_sample_s / max(one, 1e-7))))
+    inner = max(at_least, min(50, int(min_sample_s / max(one, 1e-7))))
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
@@ -228,7 +231,10 @@ class _BlockTimer:
         # of 2026-12-04: two calibrations minutes apart put one block 16% apart), and a step is seconds of them
         cpus = kv == "host-compute" and T == 1
         sample_s = max(self.min_sample_s, CPU_SAMPLE_S) if cpus else self.min_sample_s
-        return _seconds(self.block_call(B, T, S, kv), self.dev, sample_s)
+        # a prefill block a pass's worth of times back to back, as the engine runs them: a GPU busy for that long
+        # runs its matmuls 5-15% slower than in a sample of one or two (run 3 of 2026-12-05, item 35)
+        calls = self.family.num_blocks if T > 1 else 1
+        return _seconds(self.block_call(B, T, S, kv), self.dev, sample_s, at_least=calls)
 
     def time_kv(self, kv: str, B: int, T: int, S: int) -> float:
         """A block with its cache placed by ``kv`` ("host", "host-compute"), or a "split" pair of them."""
@@ -241,21 +247,27 @@ class _BlockTimer:
         eagerly and copied in, the replay, the logits taken out (recorded once a point, replayed every round; on the
         CPU the same fixed-shape step, run eagerly)."""
         point = (B, S, blocks)
+        if not self.graph_steps and not self.graph_records:  # a first capture pays once for what later ones reuse
+            self._graph_step(B, S, 1)()
         if point not in self.graph_steps:
-            fam, dev = self.family, self.dev
-            layer_bytes = 2 * B * self.longest * fam.num_kv_heads * fam.head_dim * self.dtype.itemsize
-            layers = max(1, min(blocks, GRAPH_PROBE_CACHE_BYTES // layer_bytes))  # the blocks take them in turn
-            cache = KVCache(layers, B, self.longest, fam.num_kv_heads, fam.head_dim, self.dtype, dev)
-            graph = DecodeGraph(fam, self.outer_w, [self.weights()] * blocks, cache, capture=dev.type == "cuda")
-            ids = torch.ones(B, 1, dtype=torch.long, device=dev)                              # (B, 1)
-            mask = torch.ones(B, S, dtype=torch.long, device=dev)                             # (B, S)
-            self.graph_steps[point] = lambda: graph(ids, fam.context(mask, 1, self.dtype))
-            _sync(dev)
+            self.graph_steps[point] = self._graph_step(B, S, blocks)
+            _sync(self.dev)
             t0 = time.perf_counter()
             self.graph_steps[point]()  # the first step records the graph (and replays it)
-            _sync(dev)
+            _sync(self.dev)
             self.graph_records[point] = time.perf_counter() - t0
         return _seconds(self.graph_steps[point], self.dev, self.min_sample_s)
+
+    def _graph_step(self, B: int, S: int, blocks: int) -> Callable[[], Any]:
+        """A graphed decode step of ``blocks`` blocks at batch ``B`` over ``S`` keys (recorded at its first call)."""
+        fam, dev = self.family, self.dev
+        layer_bytes = 2 * B * self.longest * fam.num_kv_heads * fam.head_dim * self.dtype.itemsize
+        layers = max(1, min(blocks, GRAPH_PROBE_CACHE_BYTES // layer_bytes))  # the blocks take them in turn
+        cache = KVCache(layers, B, self.longest, fam.num_kv_heads, fam.head_dim, self.dtype, dev)
+        graph = DecodeGraph(fam, self.outer_w, [self.weights()] * blocks, cache, capture=dev.type == "cuda")
+        ids = torch.ones(B, 1, dtype=torch.long, device=dev)                              # (B, 1)
+        mask = torch.ones(B, S, dtype=torch.long, device=dev)                             # (B, S)
+        return lambda: graph(ids, fam.context(mask, 1, self.dtype))
 
     def time_outer(self, B: int, T: int, S: int) -> float:
         """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
@@ -374,10 +386,11 @@ def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]], records: Tu
         return blocks, [t_few - few * b for (t_few, _), b in zip(pairs, blocks)]
     blocks, outer = split(rounds)
     (record_block,), (record_outer,) = split([records])
-    # (at least a microsecond: a difference of two noisy timings can come out at or below zero, and fits need > 0)
-    return {"phase": "graph", "batch": B, "context": S, "block_s": max(1e-6, statistics.median(blocks)),
-            "outer_s": max(1e-6, statistics.median(outer)), "block_rounds_s": blocks, "outer_rounds_s": outer,
-            "record_block_s": max(1e-6, record_block), "record_outer_s": max(1e-6, record_outer)}
+    # (at least the floor: a difference of two noisy timings can come out at or below zero, and fits need > 0)
+    f = GRAPH_FLOOR_S
+    return {"phase": "graph", "batch": B, "context": S, "block_s": max(f, statistics.median(blocks)),
+            "outer_s": max(f, statistics.median(outer)), "block_rounds_s": blocks, "outer_rounds_s": outer,
+            "record_block_s": max(f, record_block), "record_outer_s": max(f, record_outer)}
 
 
 def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, Any]],
@@ -415,8 +428,12 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
 
 
 def _graph_fit(graphed: List[Dict[str, Any]], what: str) -> Optional[Linear3]:
-    """The fit of the graphed decode samples' ``what`` over (batch, context); None where none was timed."""
-    return Linear3.fit([(s["batch"], s["context"], s[what]) for s in graphed]) if graphed else None
+    """The fit of the graphed decode samples' ``what`` over (batch, context); None where none was timed. A sample at
+    the floor (a difference of two timings that came out at or below zero: noise, not a cost) is left out where
+    others are not: a fit in relative error would bend every coefficient to it (run 4 of 2026-12-05: the first
+    point's recording, at the floor, put a block's recording at 0.5 us where the engine's took 0.4 ms)."""
+    usable = [s for s in graphed if s[what] > GRAPH_FLOOR_S] or graphed
+    return Linear3.fit([(s["batch"], s["context"], s[what]) for s in usable]) if usable else None
 
 
 def _decode_loop_s(family: Any, device: torch.device, dtype: torch.dtype, batch: int, rounds: int,
