@@ -26,8 +26,8 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # in every key: a calibration stored by an older build lacks what this one times (2: the host prefill, the loop;
 # 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM; 5: the
 # CPUs' blocks beside the link's copies; 6: decode steps replayed as a CUDA graph; 7: the CPUs' points from their
-# calm rounds, their slow-down beside the link against the block alone in the window before; 8: prefill blocks a
-# pass's worth back to back, graph recordings after a warm-up capture and fitted without their noise floor)
+# calm rounds, their slow-down beside the link against the block alone in the window before; 8: graph recordings
+# after a throwaway capture, fitted without their noise floor)
 CALIBRATION_FORMAT = 8
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
@@ -53,17 +53,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float, at_least: int = 1) -> float:
+def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> float:
     """Seconds per call of ``fn``: ``inner`` calls back to back (enough for ``min_sample_s``, so that timer resolution
-    washes out, and ``at_least``) with one synchronisation at the end, after a warm-up call (allocator, kernel
-    selection)."""
+    washes out) with one synchronisation at the end, after a warm-up call (allocator, kernel selection)."""
     fn()
     _sync(device)
     t0 = time.perf_counter()
     fn()
     _sync(device)
     one = time.perf_counter() - t0
-    inner = max(at_least, min(50, int(min_sample_s / max(one, 1e-7))))
+    inner = max(1, min(50, int(min_sample_s / max(one, 1e-7))))
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
@@ -231,10 +230,9 @@ class _BlockTimer:
         # of 2026-12-04: two calibrations minutes apart put one block 16% apart), and a step is seconds of them
         cpus = kv == "host-compute" and T == 1
         sample_s = max(self.min_sample_s, CPU_SAMPLE_S) if cpus else self.min_sample_s
-        # a prefill block a pass's worth of times back to back, as the engine runs them: a GPU busy for that long
-        # runs its matmuls 5-15% slower than in a sample of one or two (run 3 of 2026-12-05, item 35)
-        calls = self.family.num_blocks if T > 1 else 1
-        return _seconds(self.block_call(B, T, S, kv), self.dev, sample_s, at_least=calls)
+        # (a prefill block timed a pass's worth of calls back to back moved its fit by 0-5%, not the 12-17% the
+        # prefill misses by: run 6 of 2026-12-05, docs/performance.md item 35)
+        return _seconds(self.block_call(B, T, S, kv), self.dev, sample_s)
 
     def time_kv(self, kv: str, B: int, T: int, S: int) -> float:
         """A block with its cache placed by ``kv`` ("host", "host-compute"), or a "split" pair of them."""
