@@ -38,6 +38,15 @@ def test_the_replay_of_this_builds_rows_equals_their_predictions(tmp_path, monke
     assert "host-compute" in out and f"over {len(predicted)} rows" in out
 
 
+def test_a_graphed_row_is_replayed_as_graphed():
+    """A row calibrated with CUDA graphs (the H200's resident batch 7 of run 4 of 2026-12-05, its graph fits stored)
+    replays as the planner predicted it, graphed: its stored prediction. Planned eagerly, it comes out 2% lower."""
+    doc = json.loads((Path(__file__).parent / "results" / "raw" / "h200-2026-12-05-run4-bench_kv_all.json").read_text())
+    (row,) = [r for r in doc["rows"] if r["batch"] == 7]
+    r = rp.replay_row(row, doc["meta"], "bloom-7b1", recompute_busy=False)
+    assert r["replayed"] == pytest.approx(r["stored"], rel=1e-6)
+
+
 def test_a_busy_factor_is_recomputed_from_a_calibrations_own_samples():
     """Calls of 12 and 13 ms in the busy windows (their count from the bytes read: 2 x 64 rows x 544 keys of
     bloom-7b1's 16 KiB a key) against the block alone at that point, 10 ms."""

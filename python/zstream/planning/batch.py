@@ -124,7 +124,8 @@ class ComputeModel:
     # a block's kernels without their launches, and the step's eager rest (x = batch, y = context; None: not timed)
     decode_graph_block: Optional[Linear3] = None
     decode_graph_outer: Optional[Linear3] = None
-    # and recording the graph, once a generation: its first step (an eager warm-up step and the capture)
+    # and recording the graph, once a generation: what its first step (an eager warm-up step, the capture and the
+    # replay) takes over a replayed step
     decode_graph_record_block: Optional[Linear3] = None
     decode_graph_record_outer: Optional[Linear3] = None
 
@@ -163,7 +164,8 @@ class ComputeModel:
         return self.prefill_outer(batch * prompt, prompt)
 
     def graph_record_s(self, batch: int, context: float) -> float:
-        """Recording the decode step's CUDA graph, once a generation (0 where it was not timed)."""
+        """Recording the decode step's CUDA graph, once a generation: the first step's time over a replayed step's
+        (0 where it was not timed)."""
         rb, ro = self.decode_graph_record_block, self.decode_graph_record_outer
         return self.num_blocks * rb(batch, context) + ro(batch, context) if rb is not None and ro is not None else 0.0
 

@@ -27,8 +27,8 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM; 5: the
 # CPUs' blocks beside the link's copies; 6: decode steps replayed as a CUDA graph; 7: the CPUs' points from their
 # calm rounds, their slow-down beside the link against the block alone in the window before; 8: graph recordings
-# after a throwaway capture, fitted without their noise floor)
-CALIBRATION_FORMAT = 8
+# after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes)
+CALIBRATION_FORMAT = 9
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -376,7 +376,8 @@ def calm_rounds(rounds_by_point: Sequence[Sequence[float]], tolerance: float = C
 def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]], records: Tuple[float, float]) -> Dict[str, Any]:
     """A graphed decode step's sample from its rounds of (few blocks, many blocks): a block is the difference over
     the blocks between, the rest of the step (context, copies in and out, the replay's launch) what remains; and the
-    same of ``records``, the first step of each (the graph recorded: a warm-up step and the capture)."""
+    same of ``records``, the first step of each (the graph recorded: a warm-up step, the capture and a replay), less
+    the replayed step's: what recording adds to a generation's first step."""
     few, many = GRAPH_PROBE_BLOCKS
 
     def split(pairs: Sequence[Tuple[float, float]]) -> Tuple[List[float], List[float]]:
@@ -384,6 +385,9 @@ def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]], records: Tu
         return blocks, [t_few - few * b for (t_few, _), b in zip(pairs, blocks)]
     blocks, outer = split(rounds)
     (record_block,), (record_outer,) = split([records])
+    # a recording's first step replays the graph too: what it adds is what it took over a replayed step
+    record_block -= statistics.median(blocks)
+    record_outer -= statistics.median(outer)
     # (at least the floor: a difference of two noisy timings can come out at or below zero, and fits need > 0)
     f = GRAPH_FLOOR_S
     return {"phase": "graph", "batch": B, "context": S, "block_s": max(f, statistics.median(blocks)),
