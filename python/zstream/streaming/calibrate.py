@@ -230,8 +230,8 @@ class _BlockTimer:
         # of 2026-12-04: two calibrations minutes apart put one block 16% apart), and a step is seconds of them
         cpus = kv == "host-compute" and T == 1
         sample_s = max(self.min_sample_s, CPU_SAMPLE_S) if cpus else self.min_sample_s
-        # (a prefill block timed a pass's worth of calls back to back moved its fit by 0-5%, not the 12-17% the
-        # prefill misses by: run 6 of 2026-12-05, docs/performance.md item 35)
+        # (a prefill block timed a pass's worth of calls back to back moved its fit 0-5% and left the prefill 3-13%
+        # slower than predicted: run 6 of 2026-12-05, docs/performance.md item 35)
         return _seconds(self.block_call(B, T, S, kv), self.dev, sample_s)
 
     def time_kv(self, kv: str, B: int, T: int, S: int) -> float:
