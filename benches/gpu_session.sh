@@ -23,8 +23,9 @@
 #         OPT_MICRO, OPT_QUANT, OPT_PREDICT=1, OPT_PLANNED=MAX_BATCH for the planner's own choice, OPT_PLANNED_ONLY=1
 #         for that alone, OPT_TRACE=1 traces the first row's decode steps, OPT_TAG names the JSON). bench-kv takes
 #         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way, KV_GRAPHS=1
-#         (--cuda-graphs: an all-resident step replays a CUDA graph, planned so) and KV_CPU_LAYERS (the split's
-#         layers on the CPUs; default half).
+#         (--cuda-graphs: an all-resident step replays a CUDA graph, planned so), KV_CPU_LAYERS (the split's
+#         layers on the CPUs; default half) and KV_TRACE_PREFILL=1 (the first streamed row's prefill traced:
+#         benches/trace_summary.py --prefill).
 #         ab-split-layout: the split's two CPU-layer layouts A/B in one process (AB_BATCHES, AB_ROUNDS);
 #         calibration-ab: the calibration's host-memory probes against what they replaced (CAL_BATCHES, CAL_ROUNDS);
 #         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES);
@@ -94,7 +95,7 @@ for stage in "$@"; do
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
         --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} \
         ${KV_CPU_LAYERS:+--kv-cpu-layers $KV_CPU_LAYERS} ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
-        ${KV_GRAPHS:+--cuda-graphs} --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" ;;
+        ${KV_TRACE_PREFILL:+--trace-prefill "$OUT/trace_prefill_kv${KV_TAG:+_$KV_TAG}.json"} ${KV_GRAPHS:+--cuda-graphs} --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" ;;
     bench-graph) # decode steps with every block resident as one CUDA graph and launched from Python, in one call
       # (performance.md item 29): bloom-7b1 fp16 under 16 GiB at GRAPH_BATCHES (7), each with its prediction
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null

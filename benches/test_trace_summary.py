@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trace_summary as ts
 
@@ -28,3 +30,25 @@ def test_the_run_20_trace_is_summed_as_the_docs_quote_it(capsys):
                     str(raw / "h200-2026-12-04-run20-bench_opt30b_fp16trace.json")]) == 0
     out = capsys.readouterr().out
     assert "calibrated CPU layer: 26.1 ms alone, 28.6 with the busy factor 1.09" in out
+
+
+def test_a_prefill_trace_is_set_against_each_blocks_calibrated_prefill():
+    """``prefill_summary``: each traced block against its calibrated prefill block over the row's micro-batches; a
+    split's layers on the CPUs as "host-compute", the others as "host"."""
+    from zstream.planning.batch import ComputeModel, Linear3
+
+    zero = Linear3(0.0, 0.0, 0.0)
+    cm = ComputeModel(num_blocks=4, decode_block=zero, decode_outer=zero, prefill_block=Linear3(1e-3, 0.0, 0.0),
+                      prefill_outer=zero, decode_loop=zero,
+                      kv_blocks={"host": (zero, Linear3(2e-3, 0.0, 0.0)),
+                                 "host-compute": (zero, Linear3(0.0, 1e-6, 0.0))})
+    events = [{"ph": "X", "tid": 3, "name": f"block {i}", "ts": 10 * i, "dur": d}
+              for i, d in ((0, 5000), (1, 4000), (2, 6000), (3, 9000))]
+    row = {"kv_offload": "split", "kv_cpu_layers": 2, "batch": 8, "micro_batch": 4, "prompt": 100}
+    s = ts.prefill_summary(events, cm, row, 4)
+    # two micro-batches of 4: "host" 2 x 2 ms; "host-compute" 2 x 1e-6 x 400 tokens = 0.8 ms (layers 1 and 3)
+    assert s["calibrated_ms"] == pytest.approx([4.0, 0.8, 4.0, 0.8])
+    assert s["measured_ms"] == [5.0, 4.0, 6.0, 9.0] and s["blocks"] == 4
+    assert s["ratio"] == pytest.approx(((5.0 + 6.0) / 2) / ((4.0 + 0.8) / 2))
+    plain = ts.prefill_summary(events, cm, {"kv_offload": "none", "batch": 2, "prompt": 100}, 4)
+    assert plain["calibrated_ms"] == pytest.approx([1.0] * 4) and plain["ratio"] == pytest.approx(5.5)

@@ -37,6 +37,23 @@ def test_repeats_trace_and_json(cache, capsys):
     assert "disk_gbps_odirect" in capsys.readouterr().out
 
 
+def test_the_prefill_is_traced_on_its_own(cache):
+    """``--trace-prefill``: the first streamed row's prefill, one compute event a streamed block (one pass); the
+    decode trace, asked beside it, holds its two steps' events."""
+    out = cache / "b.json"
+    assert main(["bench", "tiny-llama", "--offload", "nvme", "--batch", "1,2", "--prompt", "6", "--gen", "4",
+                 "--trace-prefill", str(cache / "p.json"), "--trace", str(cache / "t.json"), "--json", str(out),
+                 "--fio", "/no/fio"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["prefill_traced"] and doc["meta"]["traced"]
+
+    def computes(path):
+        return sorted(e["name"] for e in json.loads(path.read_text())["traceEvents"]
+                      if e.get("ph") == "X" and e["tid"] == 3)
+    assert computes(cache / "p.json") == ["block 0", "block 1"]
+    assert computes(cache / "t.json") == ["block 0", "block 0", "block 1", "block 1"]
+
+
 def test_a_run_cut_short_keeps_its_rows(cache, monkeypatch):
     """A device call has a time limit: the JSON holds every group measured before the run was stopped, marked
     partial, and a run that completes leaves no such mark."""

@@ -5,9 +5,9 @@ per step, the achieved GB/s, the transfer bound and the step as a % of it, peak 
 The bound is measured here, now: pinned host-to-device copy bandwidth for offload="cpu"; an O_DIRECT sequential
 read of the same checkpoint's blocks for offload="nvme" (``--fio`` adds fio on the same shard files).
 ``--trace`` writes a Chrome/Perfetto trace of one decode step: per block, the disk read, the copy and the
-compute, each on its own track. ``--tp 1,2`` runs each configuration on 1 and on 2 tensor-parallel ranks (forked by
-``zstream.launch``, one GPU each); every rank measures its own link while the others measure theirs, and the bound
-of a step is the slowest rank's bytes over its link.
+compute, each on its own track; ``--trace-prefill`` the same of the prefill. ``--tp 1,2`` runs each configuration on
+1 and on 2 tensor-parallel ranks (forked by ``zstream.launch``, one GPU each); every rank measures its own link while
+the others measure theirs, and the bound of a step is the slowest rank's bytes over its link.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive, default=1, help="repeat each configuration, report medians")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.add_argument("--trace", default=None, help="write a Chrome trace of one decode step here")
+    p.add_argument("--trace-prefill", default=None, help="write a Chrome trace of the prefill here")
     p.add_argument("--fio", default=None, help="fio binary: also measure the shard files with fio (nvme)")
     p.add_argument("--load-test", action="store_true",
                    help="time offload=cpu loads from a cold and a warm page cache against disk and memcpy speed")
@@ -123,8 +124,9 @@ def _sync(dev: torch.device) -> None:
 
 
 def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[str] = None,
-            trace_steps: int = 2) -> Dict[str, Any]:
-    """Prefill ``batch`` x ``prompt`` random tokens, then ``gen - 1`` greedy decode steps, timing each."""
+            trace_steps: int = 2, trace_prefill: Optional[str] = None) -> Dict[str, Any]:
+    """Prefill ``batch`` x ``prompt`` random tokens, then ``gen - 1`` greedy decode steps, timing each (``trace``:
+    the first ``trace_steps`` decode steps traced, ``trace_prefill``: the prefill)."""
     dev = model.device
     vocab = model.family.vocab_size
     waited0 = model.waited_s
@@ -134,12 +136,16 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     cache = model.new_cache(batch, prompt + gen)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    if trace_prefill is not None:
+        model.trace_start()
     _sync(dev)
     t0 = time.perf_counter()
     logits = model.forward(ids, mask, cache, last_only=True)
     nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
     _sync(dev)
     prefill_s = time.perf_counter() - t0
+    if trace_prefill is not None:
+        model.trace_stop(trace_prefill)
     one = torch.ones(batch, 1, dtype=torch.long, device=dev)
     steps: List[float] = []
     counters = host_counters()  # what the host did beside the decode steps (stolen CPU time, compaction)
@@ -385,9 +391,13 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
     predictions = {b: _prediction(model, a, b, offload, meta) for b in batches} if a.predict else {}
     run_one(model, batches[0], min(a.prompt, 16), 3)  # warm-up
     for b in batches:
-        trace = a.trace if (b == batches[0] and offload != "none" and not meta.get("traced")) else None
-        reps = [run_one(model, b, a.prompt, a.gen, trace=trace) for _ in range(a.repeats)]
+        first = b == batches[0] and offload != "none"  # (the trace records streamed blocks)
+        trace = a.trace if first and not meta.get("traced") else None
+        trace_prefill = a.trace_prefill if first and not meta.get("prefill_traced") else None
+        reps = [run_one(model, b, a.prompt, a.gen, trace=trace, trace_prefill=trace_prefill)
+                for _ in range(a.repeats)]
         meta["traced"] = meta.get("traced") or trace is not None
+        meta["prefill_traced"] = meta.get("prefill_traced") or trace_prefill is not None
         r = reps[0] if a.repeats == 1 else {
             **reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
                                                                            "tokens_per_s")}}
