@@ -154,8 +154,9 @@ def _itemsizes(store: WeightStore, family: Family, stored: List[Dict[str, str]],
     """Each block tensor's element size as its first block stores it (norms may be kept wider than the weights); a
     packed or coded weight, which has no tensor under its own name, counts in the checkpoint's dtype."""
     first = stored[0] if stored else {}
-    return {local: store.info(first[local]).torch_dtype.itemsize if first.get(local) in store else ckpt_dtype.itemsize
-            for local in family.block_shapes()}
+    names = {local: first.get(local, "") for local in family.block_shapes()}
+    return {local: store.info(name).torch_dtype.itemsize if name in store else ckpt_dtype.itemsize
+            for local, name in names.items()}
 
 
 def _unquantized_bytes(shapes: Dict[str, Tuple[int, ...]], itemsize: Dict[str, int]) -> int:
