@@ -4,6 +4,7 @@ edges; every refusal. Pure functions: nothing is read, nothing touches a device.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -215,3 +216,14 @@ def test_refusals_name_the_fix():
                                                         "block_bytes", "outer_bytes")])
     with pytest.raises(ModelError, match="computes in the checkpoint's dtype"):
         plan_load(bf16, HARDWARE["gh200"], PlanOptions(offload="ats"), where="x")
+
+
+def test_a_micro_batch_size_leaves_an_all_resident_plan_graphed():
+    """With cuda_graphs on a GPU and every block resident, the plan allows the graph whatever the micro-batch size: a
+    batch no larger runs whole and the step graphs it, as the batch planner predicts (run 5 of 2026-12-05: load's
+    micro_batch=16 had kept batch 7 eager, 1.141x its graphed prediction)."""
+    options = PlanOptions(offload="none", budget=None, max_seq_len=SEQ, cuda_graphs=True, micro_batch=16)
+    plan = plan_load(FP16, HARDWARE["pcie"], options, where="ckpt")
+    assert plan.decode_graph and plan.micro_batch == 16 and not plan.streamed_blocks
+    eager = plan_load(FP16, HARDWARE["pcie"], dataclasses.replace(options, cuda_graphs=False), where="ckpt")
+    assert not eager.decode_graph

@@ -375,8 +375,9 @@ class ThroughputModel:
         c = self.compute
         if c.decode_graph_block is None or c.decode_graph_outer is None:  # (timed on a GPU, plain weights only)
             return False
-        whole = None if micro is None or micro >= batch else micro
-        options = PlanOptions(kv_offload=kv, micro_batch=whole, cuda_graphs=self.graphs)
+        if micro is not None and micro < batch:  # run in pieces (``StreamingModel._graphable``)
+            return False
+        options = PlanOptions(kv_offload=kv, cuda_graphs=self.graphs)
         return (decode_graph_allowed(options, "cuda", streams=resident < len(self.block_bytes), coded=False)
                 and (gen is None or gen > GRAPH_MIN_STEPS))
 

@@ -279,10 +279,12 @@ GRAPH_MIN_STEPS = 8
 def decode_graph_allowed(options: PlanOptions, device_type: str, streams: bool, coded: bool) -> bool:
     """Whether decode steps may replay one CUDA graph (``streaming.graph``): on a GPU, with every block resident and
     the KV cache on the device (a streamed block's weights move between slots; a host cache moves by the step), the
-    weights plain (not dequantized or decoded per call), and no micro-batches. Launching a resident step's kernels
-    from Python took longer than the GPU ran them, and as long as the machine's Python was slow."""
+    weights plain (not dequantized or decoded per call). A batch larger than the micro-batch runs in pieces and is
+    not graphed: the step decides that, as only it knows the batch (a micro-batch of 16 leaves a batch of 7 whole).
+    Launching a resident step's kernels from Python took longer than the GPU ran them, and as long as the machine's
+    Python was slow."""
     return (options.cuda_graphs and device_type == "cuda" and not streams and options.kv_offload == "none"
-            and not coded and options.micro_batch is None)
+            and not coded)
 
 
 def choose_kv_offload(facts: CheckpointFacts, options: PlanOptions, budget: Optional[int],
