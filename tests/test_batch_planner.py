@@ -1334,7 +1334,7 @@ def test_the_first_graph_a_calibration_records_is_a_throwaway(tiny_bloom, monkey
     blocks came out at the floor in run 4 of 2026-12-05): a one-block graph is recorded first, untimed, once a
     sampling."""
     model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
-    made: list = []  # the blocks of each graph made, and whether its first step ran before a timing started
+    made: list = []  # the blocks of each graph made, in order
     real = calibrate.DecodeGraph
     monkeypatch.setattr(calibrate, "DecodeGraph", lambda fam, outer, weights, *a, **k:
                         made.append(len(weights)) or real(fam, outer, weights, *a, **k))

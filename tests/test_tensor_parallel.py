@@ -364,8 +364,17 @@ def test_a_ranks_planned_sizes_are_the_bytes_of_its_pieces_written_out(tmp_path:
         src = zstream.pack(src, tmp_path / "packed", quantize=packed, group_size=8, progress=False)
     quant = QuantConfig.parse(at_load, group_size=8)
     whole = zstream.WeightStore.open(src)
+    whole_family = family_for(read_config(src), whole.names())
+    alone = checkpoint_facts(whole, whole_family, dtype=None, device_type="cpu", quantize=quant, where="whole")
+    if at_load:  # one process quantizing at load plans the bytes zstream pack writes
+        one = zstream.pack(src, tmp_path / "whole", quantize=at_load, group_size=8, progress=False)
+        own = zstream.WeightStore.open(one)
+        written = checkpoint_facts(own, family_for(read_config(one), own.names()), dtype=None, device_type="cpu",
+                                   quantize=None, where="one")
+        assert (alone.block_bytes, alone.unquantized_block_bytes) == (written.block_bytes,
+                                                                      written.unquantized_block_bytes)
     for rank in range(2):
-        family = family_for(read_config(src), whole.names()).shard(rank, 2, reduce=lambda t: t)
+        family = whole_family.shard(rank, 2, reduce=lambda t: t)
         cut = checkpoint_facts(whole, family, dtype=None, device_type="cpu", quantize=quant, where="whole",
                                shard_at_load=True)
         own = zstream.WeightStore.open(layout / f"rank{rank}-of-2")
@@ -375,17 +384,8 @@ def test_a_ranks_planned_sizes_are_the_bytes_of_its_pieces_written_out(tmp_path:
         assert cut.block_names == written.block_names
         assert (cut.quant is None) == (written.quant is None) == (not (at_load or packed))
         assert cut.packed == bool(packed) and cut.quantize_at_load == bool(at_load)
-        whole_family = family_for(read_config(src), whole.names())
-        alone = checkpoint_facts(whole, whole_family, dtype=None, device_type="cpu", quantize=quant, where="whole")
         assert alone.block_bytes[0] / 2 <= cut.block_bytes[0] < alone.block_bytes[0] * 0.6  # a piece, not the block
-        if at_load:  # and one process quantizing at load plans the bytes zstream pack writes
-            one = zstream.pack(src, tmp_path / f"whole-{rank}", quantize=at_load, group_size=8, progress=False)
-            own = zstream.WeightStore.open(one)
-            written = checkpoint_facts(own, family_for(read_config(one), own.names()), dtype=None, device_type="cpu",
-                                       quantize=None, where="one")
-            assert (alone.block_bytes, alone.unquantized_block_bytes) == (written.block_bytes,
-                                                                          written.unquantized_block_bytes)
-        assert cut.stored_block_names == ([cut_names for cut_names in cut.block_names] if packed
+        assert cut.stored_block_names == (cut.block_names if packed
                                           else [whole_family.block_tensors(i) for i in range(family.num_blocks)])
 
 

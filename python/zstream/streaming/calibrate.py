@@ -245,7 +245,7 @@ class _BlockTimer:
         eagerly and copied in, the replay, the logits taken out (recorded once a point, replayed every round; on the
         CPU the same fixed-shape step, run eagerly)."""
         point = (B, S, blocks)
-        if not self.graph_steps and not self.graph_records:  # a first capture pays once for what later ones reuse
+        if not self.graph_steps:  # a sampling's first capture pays once for what later ones reuse
             self._graph_step(B, S, 1)()
         if point not in self.graph_steps:
             self.graph_steps[point] = self._graph_step(B, S, blocks)
