@@ -1281,6 +1281,32 @@ def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     assert choose_batch(toy_sizes(4), cm, gen=12, cuda_graphs=True, **kw).load_kwargs()["cuda_graphs"] is True
 
 
+def test_a_graph_is_planned_where_the_loader_would_record_it_and_counted_in_memory():
+    """The planner and ``plan_load`` agree on whether a graph's memory fits beside every block (bloom-7b1, batch 7,
+    544 positions): a budget a byte short of it plans the step eager, and the loader decodes eagerly; with the byte,
+    both graph it, and the candidate's memory is the loader's weights and reserve, the graph's included."""
+    from zstream.planning.residency import PlanOptions, Resources, plan_load
+
+    sizes, family = bloom_sizes()
+    cm = compute_model(30, block_s=3e-4, per_token=1e-6, per_key=0.0, outer_s=8e-4)
+    cm.decode_graph_block, cm.decode_graph_outer = Linear3(1e-4, 1e-7, 0.0), Linear3(2e-4, 0.0, 0.0)
+    facts = facts_from_shapes(family, torch.float16)
+    used = sizes.memory_bytes(7, 30, 544, 0)
+    graph = sizes.graph_memory(7, 544)
+    assert graph > 33 << 20
+    for budget, graphs in ((used + graph - 1, False), (used + graph, True)):
+        plan = choose_batch(sizes, cm, budget=budget, prompt=512, gen=32, link_gbps=None, stream=None, max_batch=7,
+                            cuda_graphs=True)
+        c = plan.candidate(7, 30)
+        tm = ThroughputModel(cm, sizes.block_bytes, link_gbps=None, graphs=graphs)
+        assert c.decode_step_s == pytest.approx(tm.decode_step(7, 30, 528)[0])
+        assert c.memory_bytes == used + (graph if graphs else 0)
+        loaded = plan_load(facts, Resources("cuda:0", device_free=budget), PlanOptions(
+            offload="none", budget=budget, max_batch=7, max_seq_len=544, cuda_graphs=True), where="ckpt")
+        assert loaded.decode_graph is graphs
+        assert facts.device_bytes + loaded.kv_reserve_bytes == c.memory_bytes
+
+
 def test_a_graphed_fit_leaves_out_samples_at_the_floor():
     """A recording's block part at the floor (its difference came out at or below zero) is left out of the fit; the
     others fit as they are. Run 4 of 2026-12-05's calibration had its first point at the floor, and the relative fit

@@ -7,6 +7,7 @@ to rounding and the same tokens, greedy and sampled, with left padding. The capt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -131,6 +132,44 @@ def test_a_graph_is_made_once_a_cache_and_only_with_room_for_enough_steps(family
         model.generate(ids, attention_mask=mask, max_new_tokens=GRAPH_MIN_STEPS + 2)
         assert len(made) == 3
     assert model._graph is None
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+def test_every_graph_is_recorded_on_the_devices_one_stream(family_checkpoints: dict,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphs are warmed up and captured on one stream a device, made once: torch keeps a cuBLAS workspace for every
+    stream a matmul ran on (33 MiB on the H200), so a stream a recording held 33 MiB more each time (runs 3-6 of
+    2026-12-05). The CUDA calls are stand-ins here, the capture run eagerly; test_gpu.py measures the memory."""
+    made: list = []
+    captured: list = []
+
+    class Stream:
+        def __init__(self, *args: object) -> None:
+            made.append(self)
+
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    class Graph:
+        def replay(self) -> None:
+            pass
+
+    monkeypatch.setattr(graph_mod, "_RECORDING_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream.__new__(Stream))  # (not made: the current one)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, stream=None: captured.append(stream) or contextlib.nullcontext())
+    real_init = DecodeGraph.__init__
+    monkeypatch.setattr(graph_mod.DecodeGraph, "__init__",
+                        lambda self, *a, capture=True: real_init(self, *a, capture=True))  # type: ignore[misc]
+    ids, mask = padded_batch(vocab=250, lengths=(5, 4))
+    with zstream.load(family_checkpoints["tiny-llama"], device="cpu", progress=False) as model:
+        _graphed(model)
+        for _ in range(3):  # a cache each: a graph recorded each
+            model.generate(ids, attention_mask=mask, max_new_tokens=GRAPH_MIN_STEPS + 2)
+    assert len(made) == 1 and captured == made * 3
 
 
 def test_the_plan_allows_a_graph_only_where_the_step_is_fixed() -> None:

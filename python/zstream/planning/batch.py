@@ -22,6 +22,8 @@ from .residency import (
     choose_residency,
     cpu_layers_of,
     decode_graph_allowed,
+    decode_graph_bytes,
+    decode_graph_fits,
     kv_layer_bytes,
     micro_batch_rows,
     reserve_bytes,
@@ -211,6 +213,7 @@ class ModelSizes:
     reserve_of: Optional[Callable[[int, int, str, Optional[int]], int]] = None
     kv_layer_bytes: Optional[Callable[[int, int], int]] = None  # (batch, seq) -> one layer's keys and values
     host_budget: Optional[int] = None  # host bytes a host KV cache may take (None: no limit)
+    graph_bytes: Optional[Callable[[int, int], int]] = None  # (batch, seq) -> a decode graph's own device bytes
 
     @property
     def num_blocks(self) -> int:
@@ -227,7 +230,8 @@ class ModelSizes:
                    reserve=lambda batch, seq: reserve_bytes(family, batch, seq, dtype, quant),
                    max_positions=family.max_positions,
                    reserve_of=lambda batch, seq, kv, micro: reserve_bytes(family, batch, seq, dtype, quant, kv, micro),
-                   kv_layer_bytes=lambda batch, seq: kv_layer_bytes(family, batch, seq, dtype), host_budget=host_budget)
+                   kv_layer_bytes=lambda batch, seq: kv_layer_bytes(family, batch, seq, dtype), host_budget=host_budget,
+                   graph_bytes=lambda batch, seq: decode_graph_bytes(family, batch, seq, dtype))
 
     def reserve_for(self, batch: int, seq: int, kv: str = "none", micro: Optional[int] = None) -> int:
         if kv == "none" and micro is None:
@@ -250,6 +254,16 @@ class ModelSizes:
         ring = ring_slots * max(self.device_block_bytes, default=0) if resident < n else 0
         return (self.outer_bytes + sum(self.device_block_bytes[:resident]) + ring
                 + self.reserve_for(batch, seq, kv, micro))
+
+    def graph_memory(self, batch: int, seq: int) -> int:
+        """A decode graph's own device bytes (``residency.decode_graph_bytes``; 0 where these sizes lack them)."""
+        return self.graph_bytes(batch, seq) if self.graph_bytes is not None else 0
+
+    def graph_fits(self, budget: Optional[int], batch: int, seq: int) -> bool:
+        """Whether a decode graph's memory fits beside every block resident (``residency.decode_graph_fits``; a
+        graphed batch is one micro-batch, whose reserve is the whole batch's)."""
+        return decode_graph_fits(self.memory_bytes(batch, self.num_blocks, seq, 0), self.graph_memory(batch, seq),
+                                 budget)
 
     def max_resident(self, budget: Optional[int], batch: int, seq: int, ring_slots: int,
                      kv: str = "none", micro: Optional[int] = None) -> Optional[int]:
@@ -290,6 +304,7 @@ class ThroughputModel:
     ring_slots: int = 3             # prefetch + 1
     step_overhead_s: float = 0.0    # per pass, on top of the schedule and the calibrated decode loop (given)
     graphs: bool = False            # load's cuda_graphs: an all-resident step replays a CUDA graph where calibrated
+    graph_fits: Optional[Callable[[int], bool]] = None  # batch -> whether its graph's memory fits (None: it does)
 
     @property
     def host_gbps(self) -> Optional[float]:
@@ -370,8 +385,9 @@ class ThroughputModel:
     def graphed(self, batch: int, resident: int, kv: str = "none", micro: Optional[int] = None,
                 gen: Optional[int] = None) -> bool:
         """Whether the engine replays this decode step as a CUDA graph (``residency.decode_graph_allowed``, and
-        calibrated so): every block resident, the cache on the device, the batch in one piece; with ``gen``, a
-        generation long enough to record one (``GRAPH_MIN_STEPS``)."""
+        calibrated so): every block resident, the cache on the device, the batch in one piece, the graph's memory
+        within the budget (``graph_fits``); with ``gen``, a generation long enough to record one
+        (``GRAPH_MIN_STEPS``)."""
         c = self.compute
         if c.decode_graph_block is None or c.decode_graph_outer is None:  # (timed on a GPU, plain weights only)
             return False
@@ -379,7 +395,7 @@ class ThroughputModel:
             return False
         options = PlanOptions(kv_offload=kv, cuda_graphs=self.graphs)
         return (decode_graph_allowed(options, "cuda", streams=resident < len(self.block_bytes), coded=False)
-                and (gen is None or gen > GRAPH_MIN_STEPS))
+                and (gen is None or gen > GRAPH_MIN_STEPS) and (self.graph_fits is None or self.graph_fits(batch)))
 
     def link_busy_share(self, batch: int, resident: int, context: float, kv: str, kv_bytes: int,
                         micro: Optional[int], cpu_layers: int) -> float:
@@ -662,6 +678,8 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
     seq = min(prompt + gen, sizes.max_positions)
     n, slots = sizes.num_blocks, prefetch + 1
     tm = ThroughputModel(compute, sizes.block_bytes, link_gbps, slots, step_overhead_s, graphs=cuda_graphs)
+    if cuda_graphs:  # a graph where its memory fits beside every block, as ``plan_load`` decides
+        tm.graph_fits = lambda batch: sizes.graph_fits(budget, batch, seq)
     context = prompt + gen / 2  # decode steps attend to prompt + 1 .. prompt + gen - 1 keys
     table: List[Candidate] = []
     for kv, micro in itertools.product(kv_offloads, micro_batch_sizes):
@@ -687,9 +705,10 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                                                   gen=gen)
                 graphed = tm.graphed(batch, resident, kv, micro_here, gen)  # its graph recorded at the first step
                 total = prefill + (gen - 1) * step + (compute.graph_record_s(batch, context) if graphed else 0.0)
+                memory = (sizes.memory_bytes(batch, resident, seq, slots, kv, micro_here)
+                          + (sizes.graph_memory(batch, seq) if graphed else 0))
                 table.append(Candidate(batch=batch, resident_blocks=resident, num_blocks=n,
-                                       offload="none" if resident == n else str(stream),
-                                       memory_bytes=sizes.memory_bytes(batch, resident, seq, slots, kv, micro_here),
+                                       offload="none" if resident == n else str(stream), memory_bytes=memory,
                                        prefill_s=prefill, decode_step_s=step, transfer_s=xfer, compute_s=comp,
                                        tokens_per_s=batch * gen / total, kv_offload=kv, micro_batch=micro_here,
                                        kv_cpu_layers=cpu))

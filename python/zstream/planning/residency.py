@@ -31,6 +31,9 @@ KV_OFFLOADS = ("none", "host", "host-compute", "split")
 HOST_KV_DEVICE_LAYERS = 3  # device room a "host" KV cache needs: two layers' buffers, and one in transit up
 DEFAULT_SEQ_LEN = 2048  # the KV cache a load keeps room for when max_seq_len is not given (or the model's limit)
 WORKSPACE_BYTES = 256 << 20  # allocator slack and kernels' workspaces
+# the cuBLAS workspaces torch keeps for the stream decode graphs are recorded on (``graph.recording_stream``): 33 MiB
+# a stream on the H200 (runs 3-6 of 2026-12-05: each recording on a new stream held exactly 33 MiB more)
+GRAPH_STREAM_WORKSPACE_BYTES = 33 << 20
 
 
 def kv_layer_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> int:
@@ -43,6 +46,21 @@ def cpu_layers_of(num_blocks: int, count: int) -> List[int]:
     between two of them the link brings up the caches of the layers in between."""
     count = max(0, min(count, num_blocks))
     return [(2 * k + 1) * num_blocks // (2 * count) for k in range(count)]
+
+
+def decode_graph_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> int:
+    """Device bytes a decode step's CUDA graph holds beside the eager reserve: its private memory pool, a step's
+    working set at ``batch`` rows attending to ``seq`` keys (kept for its replays: eager passes cannot use it, nor
+    it theirs), and the workspace of the stream it is recorded on."""
+    step = batch * (family.hidden_size * 24 * dtype.itemsize + family.vocab_size * 8)
+    scores = 2 * batch * family.num_heads * seq * 4  # attention's scores and weights, fp32 at most
+    return step + scores + GRAPH_STREAM_WORKSPACE_BYTES
+
+
+def decode_graph_fits(used: int, graph: int, budget: Optional[int]) -> bool:
+    """Whether a decode graph of ``graph`` bytes fits beside the ``used`` bytes of an all-resident plan. A graph never
+    costs a resident block: where it does not fit, decode steps run eagerly."""
+    return budget is None or used + graph <= budget
 
 
 def micro_batch_rows(batch: int, micro_batch: Optional[int]) -> List[slice]:
@@ -262,7 +280,15 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
     streamed = [i for i in range(n) if i not in set(resident)]
     graph = decode_graph_allowed(options, device_type, bool(streamed), facts.quant is not None)
     if graph:
-        notes.append("decode steps replay one CUDA graph (every block resident, the KV cache on the device)")
+        graph_bytes = decode_graph_bytes(family, options.max_batch, seq, facts.dtype)
+        graph = decode_graph_fits(facts.device_bytes + reserve, graph_bytes, budget)
+        if graph:
+            reserve += graph_bytes
+            notes.append(f"decode steps replay one CUDA graph (every block resident, the KV cache on the device; "
+                         f"its memory, {fmt_bytes(graph_bytes)}, reserved)")
+        else:
+            notes.append(f"decode steps run eagerly: a CUDA graph ({fmt_bytes(graph_bytes)}) does not fit the budget "
+                         "beside every block")
     return Plan(offload=offload, device=resources.device, dtype=facts.dtype, block_bytes=facts.block_bytes,
                 outer_bytes=facts.device_outer_bytes, resident_blocks=resident, streamed_blocks=streamed,
                 ring_slots=min(options.prefetch + 1, len(streamed)), kv_reserve_bytes=reserve, budget_bytes=budget,

@@ -27,8 +27,9 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # 3: host memory read by the link and the CPUs at once; 4: the uplink's rate, the CPUs' reads from DRAM; 5: the
 # CPUs' blocks beside the link's copies; 6: decode steps replayed as a CUDA graph; 7: the CPUs' points from their
 # calm rounds, their slow-down beside the link against the block alone in the window before; 8: graph recordings
-# after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes)
-CALIBRATION_FORMAT = 9
+# after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes;
+# 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own)
+CALIBRATION_FORMAT = 10
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)

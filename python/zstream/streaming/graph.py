@@ -12,7 +12,7 @@ ALiBi, RoPE tables) is made eagerly, as for any step, and copied into the graph'
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -20,6 +20,20 @@ from torch import Tensor
 from ..foundations.models import Family, StepContext
 from .cache import KVCache, LayerCache
 from .weights import Weights
+
+# the stream each device's graphs are warmed up and recorded on, one for the process (``recording_stream``)
+_RECORDING_STREAMS: Dict[int, torch.cuda.Stream] = {}
+
+
+def recording_stream(device: torch.device) -> torch.cuda.Stream:  # GPU only
+    """The one side stream every decode graph on ``device`` is warmed up and captured on. torch keeps a cuBLAS
+    workspace for each stream a matmul has run on, for the life of the process (33 MiB on the H200): recording each
+    graph on a stream of its own held 33 MiB more a recording, up to torch's pool of 32 streams, 1.03 GiB over the
+    memory plan (runs 3-6 of 2026-12-05, docs/performance.md item 36)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _RECORDING_STREAMS:
+        _RECORDING_STREAMS[index] = torch.cuda.Stream(index)
+    return _RECORDING_STREAMS[index]
 
 
 class SlotLayerCache(LayerCache):
@@ -107,14 +121,14 @@ class DecodeGraph:
 
     def _record(self) -> Tensor:  # GPU only
         """Capture the step, after one eager run on a side stream as CUDA graphs need (it writes the slot the replay
-        writes, with the same values); -> the graph's output."""
-        side = torch.cuda.Stream()
+        writes, with the same values); both on the device's one recording stream; -> the graph's output."""
+        side = recording_stream(self.ids.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             out = self._step()
         self.graph = graph
         return out
