@@ -44,8 +44,9 @@ from zstream.streaming.calibrate import CALM_ROUND_TOLERANCE, _cpu_busy_factor, 
 
 
 def preset_of(meta: Dict[str, Any]) -> str:
-    """The synthetic preset a bench JSON's model was made from (``opt-30b-in-memory`` -> ``opt-30b``)."""
-    name = str(meta.get("model", ""))
+    """The synthetic preset a bench JSON's model was made from (``opt-30b-in-memory`` -> ``opt-30b``; a path to the
+    preset's cached checkpoint -> its directory's name)."""
+    name = Path(str(meta.get("model", ""))).name
     found = [p for p in zstream.synthetic.PRESETS if name == p or name.startswith(p + "-")]
     if not found:
         raise SystemExit(f"{name!r}: not a synthetic preset's checkpoint; give --preset")

@@ -254,6 +254,10 @@ def test_predictions_beside_measurements_for_each_kv_placement(cache, tmp_path):
         plan = zstream.plan_batch(model, prompt=6, gen=3, offload="none", kv_offload="host-compute", max_batch=2)
     c = plan.candidate(2, model.plan.num_blocks, "host-compute")
     assert c is not None and c.tokens_per_s == pytest.approx(rows[1]["predicted_tokens_per_s"], rel=1e-9)
+    # and its memory the loader's: every weight resident (no ring) and the reserve, set beside the row's peak
+    assert rows[1]["predicted_memory_bytes"] == model.plan.resident_bytes + model.plan.kv_reserve_bytes
+    assert all(r["decode_graph"] is False and r["held_before_load_bytes"] == r["calibration_held_bytes"] == 0
+               for r in rows)  # (no CUDA: nothing held on a device)
     # the calibration behind each prediction is in the JSON, so the prediction replays from it
     from zstream.planning.batch import ComputeModel, ThroughputModel
 

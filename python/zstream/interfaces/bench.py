@@ -179,6 +179,11 @@ def disk_rate(model: Any, blocks: int = 10, rounds: int = 3) -> Rate:
                         rounds=rounds)
 
 
+def held_bytes(device: str) -> int:
+    """Device memory torch has allocated now (0 on the CPU): set against a row's peak, what it did not allocate."""
+    return torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
+
+
 def peak_bytes(model: Any) -> int:
     """Peak device memory allocated by torch; on the CPU, the process's peak resident memory (the device's)."""
     if model.device.type == "cuda":
@@ -229,7 +234,7 @@ def _row(system: str, offload: str, model: Any, r: Dict[str, Any], bound_gbps: O
             "bound_gbps": bound_gbps, "bound_step_s": bound,
             "pct_of_bound": 100 * bound / r["decode_step_s"] if bound else None,
             "resident_blocks": len(model.plan.resident_blocks), "streamed_blocks": len(model.plan.streamed_blocks),
-            "load_s": model.load_s}
+            "decode_graph": model.plan.decode_graph, "load_s": model.load_s}
 
 
 PREDICTION_TOLERANCE = 0.10  # the planner's aim: tokens/s within 10% of the measured (issue 17)
@@ -358,6 +363,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
     from ..api.load import load
 
     rows: List[Dict[str, Any]] = []
+    held = held_bytes(device)  # what the process holds on the device before this load: earlier rows' leftovers
     try:
         model = load(path, offload=offload, device=device, dtype=dtype, gpu_memory=budget, prefetch=a.prefetch,
                      max_batch=max(batches), max_seq_len=a.prompt + a.gen, max_resident_blocks=cap, progress=False,
@@ -388,7 +394,9 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         meta["link_gbps_spread"] = [rate.low, rate.high]
     # predicted before anything runs: a run's pinned KV cache stays in torch's host cache, and the planner would
     # count its room as taken
+    before = held_bytes(device)
     predictions = {b: _prediction(model, a, b, offload, meta) for b in batches} if a.predict else {}
+    calibration_held = held_bytes(device) - before  # what a calibration left on the device (graphs' streams)
     run_one(model, batches[0], min(a.prompt, 16), 3)  # warm-up
     for b in batches:
         first = b == batches[0] and offload != "none"  # (the trace records streamed blocks)
@@ -417,6 +425,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         _host_memory_limit(row, model.plan.link, bound, relabel=model.device.type == "cuda",
                            shared_gbps=calibrated.get("shared_read_gbps"))
         row["kv_offload_asked"], row["micro_batch"] = kv_offload, model.plan.micro_batch
+        row["held_before_load_bytes"], row["calibration_held_bytes"] = held, calibration_held
         row.update(predictions.get(b, {}))
         row["quantize"] = model.plan.quantization
         if model.plan.unquantized_block_bytes is not None:
@@ -479,7 +488,8 @@ def _prediction(model: Any, a: argparse.Namespace, batch: int, offload: str,
         return {"predicted_error": "the planner finds this configuration does not fit"}
     meta.setdefault("compute_models", {})[plan.compute.key] = plan.compute.to_dict()
     return {"predicted_tokens_per_s": c.tokens_per_s, "predicted_decode_step_s": c.decode_step_s,
-            "predicted_prefill_s": c.prefill_s, "predicted_compute": plan.compute.key,
+            "predicted_prefill_s": c.prefill_s, "predicted_memory_bytes": c.memory_bytes,
+            "predicted_compute": plan.compute.key,
             "predicted_link_gbps": plan.link_gbps, "prediction_counters": counters_since(counters)}
 
 
@@ -515,7 +525,8 @@ def _planned(a: argparse.Namespace, path: Path, budget: Optional[str], device: s
             # memory, now holding the weights, no longer fitted the batch's cache): the plan's prediction stands
             meta.setdefault("compute_models", {})[plan.compute.key] = plan.compute.to_dict()
             r.update(predicted_tokens_per_s=best.tokens_per_s, predicted_decode_step_s=best.decode_step_s,
-                     predicted_prefill_s=best.prefill_s, predicted_compute=plan.compute.key,
+                     predicted_prefill_s=best.prefill_s, predicted_memory_bytes=best.memory_bytes,
+                     predicted_compute=plan.compute.key,
                      predicted_link_gbps=plan.link_gbps, predicted_from="plan")
     return rows
 
