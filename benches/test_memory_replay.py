@@ -53,3 +53,16 @@ def test_the_summary_counts_rows_over_their_plan_and_budget(tmp_path, capsys):
     assert [(r["batch"], r["file"][:19]) for r in graphed] == [(7, "h200-2026-12-05-run")]
     eager = by_row(mr.replay_file(RAW / "h200-2026-12-05-run3-bench_graph_eager.json"))[("none", 7)]
     assert graphed[0]["planned"] - eager["planned"] == pytest.approx(51e6, rel=0.05)  # the graph's pool and stream
+
+
+
+def test_a_row_given_a_micro_batch_size_ran_eagerly_before_rows_recorded_it():
+    """Run 5 of 2026-12-05's batch 7, every block resident, was given micro_batch=16: that build's plan refused the
+    graph for it, so its plan has no graph's memory (run 4's, given none, was graphed). A row that says is taken at
+    its word."""
+    doc = json.loads((RAW / "h200-2026-12-05-run5-bench_kv_trace.json").read_text())
+    row = next(r for r in doc["rows"] if r["batch"] == 7 and r["kv_offload"] == "none")
+    assert row["micro_batch"] == 16 and not mr.graphed(row)
+    assert mr.graphed({**row, "decode_graph": True}) and not mr.graphed({**row, "micro_batch": None,
+                                                                          "decode_graph": False})
+    assert mr.graphed({**row, "micro_batch": None})
