@@ -267,6 +267,69 @@ def test_calibration_on_the_cpu_times_the_planned_points_and_fits_them(tmp_path)
     assert again is not model and again.to_dict() == model.to_dict()
 
 
+def test_a_calibrations_weights_go_when_it_returns_even_if_its_frames_are_kept(monkeypatch):
+    """Frames kept by a caught exception's traceback (a process's first calibration imports transformers' generation
+    config, and that import leaves such a cycle) hold the timer until a garbage collection; its weights (2.5 GB of
+    bloom-7b1 on the device) go as the calibration returns, collected or not."""
+    import gc
+    import sys
+    import weakref
+
+    family = family_for(zstream.synthetic.PRESETS["tiny-bloom"])
+    made: list = []
+    random_weights = calibrate._random_weights
+
+    def watched(*a: object) -> dict:
+        weights = random_weights(*a)
+        made.extend(weakref.ref(t) for t in weights.values())
+        return weights
+
+    monkeypatch.setattr(calibrate, "_random_weights", watched)
+    kept: list = []
+    decode_loop_s = calibrate._decode_loop_s
+
+    def keeping_frames(*a: object, **kw: object) -> float:
+        try:
+            raise RuntimeError("kept")
+        except RuntimeError:
+            kept.append(sys.exc_info())  # the traceback keeps this frame and every caller's
+        return decode_loop_s(*a, **kw)
+
+    monkeypatch.setattr(calibrate, "_decode_loop_s", keeping_frames)
+    gc.disable()
+    try:
+        calibrate_compute(family, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1, seed=7)
+        assert kept and made and all(r() is None for r in made)
+    finally:
+        kept.clear()
+        gc.enable()
+
+
+def test_an_interrupted_calibration_lets_its_caches_and_graphs_go(monkeypatch):
+    """Ctrl-C in the middle of a calibration: the traceback (kept by a notebook as the last one) keeps its frames, but
+    not the timer's weights, host caches, split caches or graphs (on the CPU the graphs run eagerly here)."""
+    family = family_for(zstream.synthetic.PRESETS["tiny-bloom"])
+    monkeypatch.setattr(calibrate, "times_graphs", lambda asked, device, quant: True)
+    timers: list = []
+    init, time_outer = calibrate._BlockTimer.__init__, calibrate._BlockTimer.time_outer
+    monkeypatch.setattr(calibrate._BlockTimer, "__init__", lambda self, *a: timers.append(self) or init(self, *a))
+    calls: list = []
+
+    def interrupted(self: object, *a: int) -> float:
+        calls.append(a)
+        if len(calls) == 2:  # the second point: the first one's caches and graphs made
+            assert timers[0].host_caches and timers[0].pair_caches and timers[0].graph_steps
+            raise KeyboardInterrupt
+        return time_outer(self, *a)
+
+    monkeypatch.setattr(calibrate._BlockTimer, "time_outer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_compute(family, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1, seed=8,
+                          kv_offloads=("none", "host-compute", "split"), graphs=True)
+    (timer,) = timers
+    assert not (timer.host_caches or timer.pair_caches or timer.graph_steps or timer.outer_w or timer.weights())
+
+
 def test_micro_batches_are_calibrated_at_their_own_rows(tiny_bloom, monkeypatch):
     """A micro-batched step's blocks run at the micro-batch's rows: those batches are decode points of their own
     (runs 13-14 of 2026-12-04 read a host-compute block at 16 rows off the fit between 8 and 64, 16% apart in two

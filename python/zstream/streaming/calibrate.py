@@ -136,9 +136,12 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         return _COMPUTE_CACHE[key]
 
     timer = _BlockTimer(family, dev, dtype, longest, min_sample_s, seed, quant, graphs)
-    points = _points(max_batch, prompt, longest, max_prefill_tokens, extra)
-    samples, kv_samples = timer.sample(points, placements, split, rounds)
-    shared, uplink, loop = timer.probes(placements, max_batch, rounds)
+    try:
+        points = _points(max_batch, prompt, longest, max_prefill_tokens, extra)
+        samples, kv_samples = timer.sample(points, placements, split, rounds)
+        shared, uplink, loop = timer.probes(placements, max_batch, rounds)
+    finally:
+        timer.close()
     model = _fitted(family, dtype, key, samples, kv_samples, shared, uplink, loop, placements, split,
                     max_batch * longest)
     _COMPUTE_CACHE[key] = model
@@ -202,6 +205,16 @@ class _BlockTimer:
         self.graph_steps: Dict[Tuple[int, int, int], Callable[[], Any]] = {}  # (B, S, blocks) -> one graphed step
         self.graph_records: Dict[Tuple[int, int, int], float] = {}  # (B, S, blocks) -> its first step, recording
         self.pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs
+
+    def close(self) -> None:
+        """Let the timer's weights and caches go now, not when it is collected: frames kept by a caught exception's
+        traceback can hold it until a garbage collection (a process's first calibration, whose first import of
+        transformers' generation config leaves such a cycle: its block and outer weights, 2.5 GB of bloom-7b1)."""
+        self.weights = dict
+        self.outer_w = {}
+        self.host_caches.clear()
+        self.pair_caches.clear()
+        self.graph_steps.clear()
 
     def block_call(self, B: int, T: int, S: int, kv: str = "none") -> Callable[[], Any]:
         """One block over T new tokens a row (B rows), attending to S keys (the cache holds S - T before). The cache
