@@ -95,14 +95,17 @@ for stage in "$@"; do
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
         --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} \
         ${KV_CPU_LAYERS:+--kv-cpu-layers $KV_CPU_LAYERS} ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
-        ${KV_TRACE_PREFILL:+--trace-prefill "$OUT/trace_prefill_kv${KV_TAG:+_$KV_TAG}.json"} ${KV_GRAPHS:+--cuda-graphs} --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" ;;
+        ${KV_TRACE_PREFILL:+--trace-prefill "$OUT/trace_prefill_kv${KV_TAG:+_$KV_TAG}.json"} ${KV_GRAPHS:+--cuda-graphs} --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json"
+      # each row's peak against its memory plan (item 36)
+      python3 benches/memory_replay.py "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" | tail -n 14 ;;
     bench-graph) # decode steps with every block resident as one CUDA graph and launched from Python, in one call
       # (performance.md item 29): bloom-7b1 fp16 under 16 GiB at GRAPH_BATCHES (7), each with its prediction
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       for how in graph eager; do
         $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${GRAPH_BATCHES:-7} --prompt 512 --gen 32 --predict \
           --repeats ${GRAPH_REPEATS:-3} $([ $how = graph ] && echo --cuda-graphs) --json "$OUT/bench_graph_$how.json"
-      done ;;
+      done
+      python3 benches/memory_replay.py "$OUT"/bench_graph_*.json | tail -n 3 ;;
     prefill-ab) # a prefill block timed as the calibration does against a pass's worth back to back (item 32),
       # bloom-7b1 shapes, alternating; the clock log shows the two ways' clocks
       python3 benches/prefill_sustained_ab.py bloom-7b1 --batch ${PREFILL_BATCHES:-1,8,16,64} --prompt 512 \
