@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -470,3 +471,18 @@ def test_gather_returns_every_ranks_object_in_rank_order() -> None:
         key = f"zstream/test/gather0/{r}"
         store.set(key, pickle.dumps({"rank": r}))
     assert ranks[0].gather({"rank": 0}, "w") == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
+
+
+def test_a_ranks_options_turn_cuda_graphs_off_and_say_so() -> None:
+    """A rank's decode step all-reduces between blocks and is never graphed (``StreamingModel._graphable``): its
+    plan must neither say it replays a graph nor reserve a graph's memory, so the rank's options turn it off."""
+    from zstream.api import load as load_module
+    from zstream.api.options import load_options
+
+    asked = load_options(device="cpu", offload="cpu", cuda_graphs=True)
+    with pytest.warns(RuntimeWarning, match="cuda_graphs has no effect under tensor parallelism"):
+        rank = load_module._rank_options(asked, "cpu")
+    assert asked.cuda_graphs and not rank.cuda_graphs and not rank.plan_options().cuda_graphs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none asked: nothing said
+        assert load_module._rank_options(load_options(device="cpu", offload="cpu"), "cpu").offload == "cpu"

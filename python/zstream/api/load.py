@@ -188,7 +188,10 @@ def _rank_options(options: LoadOptions, device: Union[str, torch.device, None]) 
         warn("zstream: offload='ats' reads whole blocks in place and cannot give a rank its piece; tensor "
              "parallelism streams them from pinned host memory instead (offload='cpu')", RuntimeWarning)
         offload = "cpu"
-    return replace(options, device=_rank_device(options, device), offload=offload)
+    if options.cuda_graphs:
+        warn("zstream: cuda_graphs has no effect under tensor parallelism: a rank's decode step all-reduces "
+             "between blocks, and runs eagerly", RuntimeWarning)
+    return replace(options, device=_rank_device(options, device), offload=offload, cuda_graphs=False)
 
 
 def _rank_plan(plan: Plan, facts: CheckpointFacts, resources: Resources, options: LoadOptions, group: Group,
