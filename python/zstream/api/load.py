@@ -77,8 +77,10 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     them and the device keeps activations for one micro-batch only (None: the whole batch at once).
     ``cuda_graphs``: on a GPU with every block resident, the KV cache on the device and plain weights, decode steps
     replay one CUDA graph instead of launching each block's kernels from Python (their attention reads the cache's
-    every slot, the unwritten ones masked: logits agree to rounding). Off by default until the project's GPU tests
-    have run it (docs/performance.md, item 29); the same fixed-shape step is tested on the CPU.
+    every slot, the unwritten ones masked: logits agree to rounding). The plan reserves the graph's memory, and where
+    it does not fit beside every block, decodes eagerly; a tensor-parallel rank always does. Off by default until
+    the project's GPU tests have run it (docs/performance.md, items 29 and 36); the same fixed-shape step is tested
+    on the CPU.
     ``tensor_parallel``: shard the model over the ranks this process was started with (``torchrun --nproc-per-node
     N``, or ``zstream.launch``): each rank holds and streams only its piece of every block (its heads, its MLP units)
     over its own link, and the ranks all-reduce activations twice a block (docs/parallel.md). None: every rank of the
