@@ -376,22 +376,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         return rows
     if model.plan.rank == 0:
         print(f"\n# {offload}, budget {budget}: {model.plan}")
-    if model.group is not None:  # the ranks measure their links at once: each with the others busy
-        model.group.gather(None, "starting the link measurement")
-    bound = model.plan.link_gbps
-    if offload == "nvme":
-        rate = disk_rate(model)
-        bound = rate.gbps
-        meta["disk_gbps_odirect"], meta["disk_gbps_spread"] = rate.gbps, [rate.low, rate.high]
-        if a.fio:
-            drop_page_cache(model.store.files)
-            meta["fio_gbps"] = fio_gbps(a.fio, model.store.files)
-            bound = max(bound, meta["fio_gbps"] or 0)
-    elif offload == "cpu":
-        rate = measure_h2d(model.device, 1 << 30) if device.startswith("cuda") else measure_copy(model.device)
-        bound = rate.gbps
-        meta["h2d_gbps" if device.startswith("cuda") else "memcpy_gbps"] = rate.gbps
-        meta["link_gbps_spread"] = [rate.low, rate.high]
+    bound = _link_bound(a, model, offload, meta)
     # predicted before anything runs: a run's pinned KV cache stays in torch's host cache, and the planner would
     # count its room as taken
     before = held_bytes(device)
@@ -399,38 +384,11 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
     calibration_held = held_bytes(device) - before  # what a calibration left on the device (graphs' streams)
     run_one(model, batches[0], min(a.prompt, 16), 3)  # warm-up
     for b in batches:
-        first = b == batches[0] and offload != "none"  # (the trace records streamed blocks)
-        trace = a.trace if first and not meta.get("traced") else None
-        trace_prefill = a.trace_prefill if first and not meta.get("prefill_traced") else None
-        reps = [run_one(model, b, a.prompt, a.gen, trace=trace, trace_prefill=trace_prefill)
-                for _ in range(a.repeats)]
-        meta["traced"] = meta.get("traced") or trace is not None
-        meta["prefill_traced"] = meta.get("prefill_traced") or trace_prefill is not None
-        r = reps[0] if a.repeats == 1 else {
-            **reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
-                                                                           "tokens_per_s")}}
-        # the layers' caches brought up from host memory cross the link whole every step ("host" and the "split"
-        # layers not attended on the CPUs), at the decode's mean context
-        placed = model.plan.kv_offload
-        up = model.family.num_blocks - model.plan.kv_cpu_layers if placed in ("host", "split") else 0
-        layer = kv_layer_bytes(model.family, b, a.prompt + a.gen // 2, model.dtype)
-        kv = up * layer
-        row = _row("zstream", offload, model, r, bound, kv)
-        row["gpu_memory"], row["tp"], row["rank"] = budget, model.plan.ranks, model.plan.rank
-        row["compress"], row["kv_offload"], row["kv_bytes_per_step"] = compress, placed, kv
-        # the caches the CPUs attend to are read from the host memory the link reads too (planning.batch)
-        on_cpus = model.plan.kv_cpu_layers if placed in ("host-compute", "split") else 0
-        row["kv_cpu_bytes_per_step"], row["kv_cpu_layers"] = on_cpus * layer, on_cpus
-        calibrated = meta.get("compute_models", {}).get(predictions.get(b, {}).get("predicted_compute"), {})
-        _host_memory_limit(row, model.plan.link, bound, relabel=model.device.type == "cuda",
-                           shared_gbps=calibrated.get("shared_read_gbps"))
-        row["kv_offload_asked"], row["micro_batch"] = kv_offload, model.plan.micro_batch
-        row["held_before_load_bytes"], row["calibration_held_bytes"] = held, calibration_held
-        row.update(predictions.get(b, {}))
-        row["quantize"] = model.plan.quantization
-        if model.plan.unquantized_block_bytes is not None:
-            row["unquantized_bytes_per_step"] = sum(model.plan.unquantized_block_bytes[i]
-                                                    for i in model.plan.streamed_blocks)
+        row = _row("zstream", offload, model, _measured(a, model, b, offload, meta), bound,
+                   _kv_up_bytes(model, b, a.prompt + a.gen // 2))
+        row.update(gpu_memory=budget, tp=model.plan.ranks, rank=model.plan.rank, compress=compress,
+                   kv_offload_asked=kv_offload, held_before_load_bytes=held, calibration_held_bytes=calibration_held)
+        _describe_kv(row, model, bound, a.prompt + a.gen // 2, predictions.get(b, {}), meta)
         rows.append(row)
         if model.plan.rank == 0:
             _print_table([row])
@@ -441,6 +399,77 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         # the KV cache's pinned host memory too: torch keeps it cached, and the next plan counts it as taken
         getattr(torch._C, "_host_emptyCache", lambda: None)()
     return rows
+
+
+def _link_bound(a: argparse.Namespace, model: Any, offload: str, meta: Dict[str, Any]) -> Optional[float]:
+    """The streamed bytes' limit in GB/s, measured now (and kept in ``meta``): the disk's O_DIRECT rate (or fio's)
+    for nvme, pinned host-to-device copies (a memcpy on the CPU) for cpu; the plan's link otherwise."""
+    if model.group is not None:  # the ranks measure their links at once: each with the others busy
+        model.group.gather(None, "starting the link measurement")
+    bound = model.plan.link_gbps
+    cuda = model.device.type == "cuda"
+    if offload == "nvme":
+        rate = disk_rate(model)
+        bound = rate.gbps
+        meta["disk_gbps_odirect"], meta["disk_gbps_spread"] = rate.gbps, [rate.low, rate.high]
+        if a.fio:
+            drop_page_cache(model.store.files)
+            meta["fio_gbps"] = fio_gbps(a.fio, model.store.files)
+            bound = max(bound, meta["fio_gbps"] or 0)
+    elif offload == "cpu":
+        rate = measure_h2d(model.device, 1 << 30) if cuda else measure_copy(model.device)
+        bound = rate.gbps
+        meta["h2d_gbps" if cuda else "memcpy_gbps"] = rate.gbps
+        meta["link_gbps_spread"] = [rate.low, rate.high]
+    return bound
+
+
+def _measured(a: argparse.Namespace, model: Any, b: int, offload: str, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """``a.repeats`` runs of batch ``b`` (the medians of their times); the first streamed batch of the whole bench
+    traced where asked."""
+    first = offload != "none"  # (the trace records streamed blocks)
+    trace = a.trace if first and not meta.get("traced") else None
+    trace_prefill = a.trace_prefill if first and not meta.get("prefill_traced") else None
+    reps = [run_one(model, b, a.prompt, a.gen, trace=trace, trace_prefill=trace_prefill) for _ in range(a.repeats)]
+    meta["traced"] = meta.get("traced") or trace is not None
+    meta["prefill_traced"] = meta.get("prefill_traced") or trace_prefill is not None
+    if a.repeats == 1:
+        return reps[0]
+    return {**reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
+                                                                          "tokens_per_s")}}
+
+
+def _kv_layer(model: Any, batch: int, context: int) -> int:
+    return kv_layer_bytes(model.family, batch, context, model.dtype)
+
+
+def _kv_up_bytes(model: Any, batch: int, context: int) -> int:
+    """The layers' caches brought up from host memory, whole, every step ("host", and the "split" layers not
+    attended on the CPUs), at the decode's mean context."""
+    placed = model.plan.kv_offload
+    up = model.family.num_blocks - model.plan.kv_cpu_layers if placed in ("host", "split") else 0
+    return up * _kv_layer(model, batch, context)
+
+
+def _describe_kv(row: Dict[str, Any], model: Any, bound: Optional[float], context: int,
+                 prediction: Dict[str, Any], meta: Dict[str, Any]) -> None:
+    """A row's KV placement, the caches the CPUs read, what limits it (host memory, where the link and the CPUs
+    share it), its micro-batch and quantization, and its prediction."""
+    placed = model.plan.kv_offload
+    row["kv_offload"], row["kv_bytes_per_step"] = placed, _kv_up_bytes(model, row["batch"], context)
+    # the caches the CPUs attend to are read from the host memory the link reads too (planning.batch)
+    on_cpus = model.plan.kv_cpu_layers if placed in ("host-compute", "split") else 0
+    row["kv_cpu_bytes_per_step"] = on_cpus * _kv_layer(model, row["batch"], context)
+    row["kv_cpu_layers"] = on_cpus
+    calibrated = meta.get("compute_models", {}).get(prediction.get("predicted_compute"), {})
+    _host_memory_limit(row, model.plan.link, bound, relabel=model.device.type == "cuda",
+                       shared_gbps=calibrated.get("shared_read_gbps"))
+    row["micro_batch"] = model.plan.micro_batch
+    row.update(prediction)
+    row["quantize"] = model.plan.quantization
+    if model.plan.unquantized_block_bytes is not None:
+        row["unquantized_bytes_per_step"] = sum(model.plan.unquantized_block_bytes[i]
+                                                for i in model.plan.streamed_blocks)
 
 
 def _host_memory_limit(row: Dict[str, Any], link: str, bound_gbps: Optional[float], relabel: bool,
