@@ -557,6 +557,24 @@ def test_tensor_parallel_plans_one_ranks_share(tiny_bloom):
         plan_batch(tiny_bloom, tensor_parallel=0, device="cpu", compute=compute)
 
 
+def test_a_tensor_parallel_plan_is_never_graphed(tiny_bloom):
+    """A rank's decode step all-reduces between blocks and runs eagerly: plan_batch with tensor_parallel plans no
+    graph (a calibration with graph fits, even so), warns as load does, and its load arguments ask for none. One
+    process plans what it was asked, silently."""
+    cm = compute_model(6, block_s=3e-4, per_token=1e-6, per_key=0.0, outer_s=8e-4)
+    cm.decode_graph_block, cm.decode_graph_outer = Linear3(1e-5, 0.0, 0.0), Linear3(1e-5, 0.0, 0.0)
+    kw = {"gpu_memory": "1GiB", "prompt": 8, "gen": 16, "offload": "none", "device": "cpu", "compute": cm}
+    with pytest.warns(RuntimeWarning, match="cuda_graphs has no effect under tensor parallelism"):
+        two = plan_batch(tiny_bloom, tensor_parallel=2, cuda_graphs=True, **kw)
+    assert not two.cuda_graphs and "cuda_graphs" not in two.load_kwargs()
+    eager = ThroughputModel(cm, [1] * 6, link_gbps=None)
+    assert two.candidate(2, 6).decode_step_s == pytest.approx(eager.decode_step(2, 6, 12)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = plan_batch(tiny_bloom, cuda_graphs=True, **kw)
+    assert one.cuda_graphs and one.candidate(2, 6).decode_step_s < two.candidate(2, 6).decode_step_s
+
+
 # ---- the KV cache in host memory ----------------------------------------------------------------------------------
 
 

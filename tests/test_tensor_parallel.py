@@ -481,8 +481,8 @@ def test_a_ranks_options_turn_cuda_graphs_off_and_say_so() -> None:
 
     asked = load_options(device="cpu", offload="cpu", cuda_graphs=True)
     with pytest.warns(RuntimeWarning, match="cuda_graphs has no effect under tensor parallelism"):
-        rank = load_module._rank_options(asked, "cpu")
+        rank = load_module._rank_options(asked, "cpu", 2)
     assert asked.cuda_graphs and not rank.cuda_graphs and not rank.plan_options().cuda_graphs
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none asked: nothing said
-        assert load_module._rank_options(load_options(device="cpu", offload="cpu"), "cpu").offload == "cpu"
+        assert load_module._rank_options(load_options(device="cpu", offload="cpu"), "cpu", 2).offload == "cpu"

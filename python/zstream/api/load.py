@@ -19,7 +19,7 @@ from ..foundations.parallel import DEFAULT_TIMEOUT_S, Group, join, launched_worl
 from ..foundations.store import WeightStore
 from ..foundations.units import dtype_name
 from ..planning.facts import CheckpointFacts, checkpoint_facts
-from ..planning.residency import Plan, Resources, plan_load
+from ..planning.residency import Plan, Resources, graphs_for_ranks, plan_load
 from ..streaming.build import READ_CONCURRENCY, build, build_in_place
 from ..streaming.model import StreamingModel
 from . import synthetic
@@ -101,7 +101,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
                            unknown=unknown)
     group = join(options.tensor_parallel, _rank_device(options, device), options.parallel_timeout)
     if group is not None:
-        options = _rank_options(options, device)
+        options = _rank_options(options, device, group.world)
     try:
         return _load(model, options, group, download=download, revision=revision, started=started)
     except BaseException as e:
@@ -184,16 +184,14 @@ def _rank_device(options: LoadOptions, device: Union[str, torch.device, None]) -
     return torch.device("cuda", local_rank())  # GPU only
 
 
-def _rank_options(options: LoadOptions, device: Union[str, torch.device, None]) -> LoadOptions:
+def _rank_options(options: LoadOptions, device: Union[str, torch.device, None], ranks: int) -> LoadOptions:
     offload = options.offload
     if offload == "ats":
         warn("zstream: offload='ats' reads whole blocks in place and cannot give a rank its piece; tensor "
              "parallelism streams them from pinned host memory instead (offload='cpu')", RuntimeWarning)
         offload = "cpu"
-    if options.cuda_graphs:
-        warn("zstream: cuda_graphs has no effect under tensor parallelism: a rank's decode step all-reduces "
-             "between blocks, and runs eagerly", RuntimeWarning)
-    return replace(options, device=_rank_device(options, device), offload=offload, cuda_graphs=False)
+    return replace(options, device=_rank_device(options, device), offload=offload,
+                   cuda_graphs=graphs_for_ranks(options.cuda_graphs, ranks))
 
 
 def _rank_plan(plan: Plan, facts: CheckpointFacts, resources: Resources, options: LoadOptions, group: Group,

@@ -19,7 +19,7 @@ from ..foundations.units import parse_bytes, parse_dtype
 from ..planning.batch import BatchPlan, ComputeModel, ModelSizes, choose_batch, fitting_batches
 from ..planning.facts import CheckpointFacts, checkpoint_facts
 from ..planning.offload import streaming_offload
-from ..planning.residency import KV_OFFLOADS
+from ..planning.residency import KV_OFFLOADS, graphs_for_ranks
 from ..streaming.calibrate import calibrate_compute
 from ..streaming.model import StreamingModel
 from . import synthetic
@@ -67,6 +67,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
         raise UsageError(f"tensor_parallel must be a number of ranks >= 1, not {tensor_parallel!r}")
     if loaded:
         tensor_parallel = model.plan.ranks
+    cuda_graphs = graphs_for_ranks(cuda_graphs, tensor_parallel)
     store, facts, dev = _facts(model, device, dtype, QuantConfig.parse(quantize, group_size, symmetric),
                                tensor_parallel)
     if kv_offload == "auto" and dev.type != "cuda":  # the device's memory is host memory: load's auto says "none"

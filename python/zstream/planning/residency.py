@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..errors import ModelError, OutOfMemoryError, QuantizationError, UsageError
+from ..errors import ModelError, OutOfMemoryError, QuantizationError, UsageError, warn
 from ..foundations.hardware import HardwareReport
 from ..foundations.models import Family
 from ..foundations.quant import BlockQuant
@@ -55,6 +55,17 @@ def decode_graph_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype)
     step = batch * (family.hidden_size * 24 * dtype.itemsize + family.vocab_size * 8)
     scores = 2 * batch * family.num_heads * seq * 4  # attention's scores and weights, fp32 at most
     return step + scores + GRAPH_STREAM_WORKSPACE_BYTES
+
+
+def graphs_for_ranks(cuda_graphs: bool, ranks: int) -> bool:
+    """load's and plan_batch's ``cuda_graphs`` for a model over ``ranks`` tensor-parallel ranks: off, with a warning,
+    where there are several (a rank's decode step all-reduces between blocks, and ``StreamingModel._graphable``
+    never graphs it)."""
+    if cuda_graphs and ranks > 1:
+        warn("zstream: cuda_graphs has no effect under tensor parallelism: a rank's decode step all-reduces "
+             "between blocks, and runs eagerly", RuntimeWarning)
+        return False
+    return cuda_graphs
 
 
 def decode_graph_fits(used: int, graph: int, budget: Optional[int]) -> bool:
