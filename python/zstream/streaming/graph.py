@@ -28,8 +28,8 @@ _RECORDING_STREAMS: Dict[int, torch.cuda.Stream] = {}
 def recording_stream(device: torch.device) -> torch.cuda.Stream:  # GPU only
     """The one side stream every decode graph on ``device`` is warmed up and captured on. torch keeps a cuBLAS
     workspace for each stream a matmul has run on, for the life of the process (33 MiB on the H200): recording each
-    graph on a stream of its own held 33 MiB more a recording, up to torch's pool of 32 streams, 1.03 GiB over the
-    memory plan (runs 3-6 of 2026-12-05, docs/performance.md item 36)."""
+    graph on a stream of its own held 33 MiB more a recording, up to torch's pool of 32 streams: 1.03 GiB, and rows
+    up to 0.96 GiB over their memory plans (runs 3-6 of 2026-12-05, docs/performance.md item 36)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _RECORDING_STREAMS:
         _RECORDING_STREAMS[index] = torch.cuda.Stream(index)
