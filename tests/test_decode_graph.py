@@ -172,6 +172,26 @@ def test_every_graph_is_recorded_on_the_devices_one_stream(family_checkpoints: d
     assert len(made) == 1 and captured == made * 3
 
 
+@pytest.mark.filterwarnings("ignore:.*random weights")
+def test_a_graphs_pool_is_the_segments_of_its_pool(family_checkpoints: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``graph_pool_bytes``: the segments torch's allocator lists under the pool of the last cache's graph, none
+    of another pool's or of the ordinary one; None before a graph is recorded (the CUDA calls are stand-ins)."""
+    class Graph:
+        def pool(self) -> tuple:
+            return (0, 7)
+
+    segments = [{"total_size": 2 << 20, "segment_pool_id": (0, 7)}, {"total_size": 20 << 20, "segment_pool_id": (0, 7)},
+                {"total_size": 64 << 20, "segment_pool_id": (0, 0)}, {"total_size": 4 << 20, "segment_pool_id": (0, 8)},
+                {"total_size": 8 << 20}]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    with zstream.load(family_checkpoints["tiny-llama"], device="cpu", progress=False) as model:
+        assert model.graph_pool_bytes() is None
+        model._graph = type("Recorded", (), {"graph": Graph()})()  # type: ignore[assignment]
+        assert model.graph_pool_bytes() == 22 << 20
+        model._graph.graph = None  # type: ignore[union-attr]
+        assert model.graph_pool_bytes() is None
+
+
 def test_the_plan_allows_a_graph_only_where_the_step_is_fixed() -> None:
     on = PlanOptions(offload="none", cuda_graphs=True)
     assert decode_graph_allowed(on, "cuda", streams=False, coded=False)

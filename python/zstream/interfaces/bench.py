@@ -389,6 +389,7 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         row.update(gpu_memory=budget, tp=model.plan.ranks, rank=model.plan.rank, compress=compress,
                    kv_offload_asked=kv_offload, held_before_load_bytes=held, calibration_held_bytes=calibration_held)
         _describe_kv(row, model, bound, a.prompt + a.gen // 2, predictions.get(b, {}), meta)
+        row["graph_pool_bytes"] = model.graph_pool_bytes()  # (reserved by the row's graph, outside its peak)
         rows.append(row)
         if model.plan.rank == 0:
             _print_table([row])

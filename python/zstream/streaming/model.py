@@ -423,6 +423,17 @@ class StreamingModel:
         """Peak device memory allocated by torch in this process (bytes); 0 on the CPU."""
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
 
+    def graph_pool_bytes(self) -> Optional[int]:
+        """Device bytes held by the private memory pool of the decode graph of the last cache (None: no graph
+        recorded): what the plan reserves for it beside the recording stream's workspace
+        (``residency.decode_graph_bytes``). The pool's memory is reserved, not allocated: no peak counts it."""
+        graph = self._graph.graph if self._graph is not None else None
+        if graph is None:
+            return None
+        pool = tuple(graph.pool())  # GPU only
+        return sum(s["total_size"] for s in torch.cuda.memory_snapshot()
+                   if tuple(s.get("segment_pool_id", ())) == pool)
+
     def ensure_open(self) -> None:
         if self._closed:
             raise ModelClosedError(f"{self.path}: the model is closed; load it again to use it")
