@@ -52,7 +52,7 @@ def test_the_summary_counts_rows_over_their_plan_and_budget(tmp_path, capsys):
     graphed = [r for r in rows if r["graphed"]]
     assert [(r["batch"], r["file"][:19]) for r in graphed] == [(7, "h200-2026-12-05-run")]
     eager = by_row(mr.replay_file(RAW / "h200-2026-12-05-run3-bench_graph_eager.json"))[("none", 7)]
-    assert graphed[0]["planned"] - eager["planned"] == pytest.approx(51e6, rel=0.05)  # the graph's pool and stream
+    assert graphed[0]["planned"] - eager["planned"] == pytest.approx(74e6, rel=0.01)  # the graph's pool and stream
 
 
 

@@ -232,13 +232,14 @@ def test_a_micro_batch_size_leaves_an_all_resident_plan_graphed():
 def test_a_decode_graphs_memory_is_reserved_and_never_costs_a_resident_block():
     """A graphed plan reserves the graph's own memory: its pool, a decode step's working set (bloom-7b1 at batch 7:
     each row's 24 hidden-sized activations in fp16 and 8 bytes a vocabulary entry of logits, fp32 attention scores
-    and weights over 544 keys of 32 heads), and the recording stream's cuBLAS workspace, 33 MiB on the H200. The
-    graphed batch-7 row of run 4 of 2026-12-05 peaked at 16.49 GiB under a 16 GiB budget (item 36: mostly streams'
-    workspaces). Where the graph does not fit beside every block, the plan keeps every block and decodes eagerly."""
+    and weights over 544 keys of 32 heads) over the allocator's first small and large segments (2 and 20 MiB),
+    and the recording stream's cuBLAS workspace, 33 MiB on the H200. The graphed batch-7 row of run 4 of 2026-12-05
+    peaked at 16.49 GiB under a 16 GiB budget (item 36: mostly streams' workspaces). Where the graph does not fit
+    beside every block, the plan keeps every block and decodes eagerly."""
     options = PlanOptions(offload="cpu", budget=16 * GiB, max_batch=7, max_seq_len=544, cuda_graphs=True)
     eager = plan_load(FP16, HARDWARE["pcie"], dataclasses.replace(options, cuda_graphs=False), where="ckpt")
     graphed = plan_load(FP16, HARDWARE["pcie"], options, where="ckpt")
-    want = 7 * (4096 * 24 * 2 + 250880 * 8) + 2 * 7 * 32 * 544 * 4 + 33 * 2**20
+    want = 7 * (4096 * 24 * 2 + 250880 * 8) + 2 * 7 * 32 * 544 * 4 + (2 + 20 + 33) * 2**20
     assert graphed.decode_graph and not graphed.streamed_blocks
     assert graphed.kv_reserve_bytes - eager.kv_reserve_bytes == want
     assert "CUDA graph" in graphed.summary() and "reserved" in graphed.summary()

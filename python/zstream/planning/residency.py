@@ -34,6 +34,9 @@ WORKSPACE_BYTES = 256 << 20  # allocator slack and kernels' workspaces
 # the cuBLAS workspaces torch keeps for the stream decode graphs are recorded on (``graph.recording_stream``): 33 MiB
 # a stream on the H200 (runs 3-6 of 2026-12-05: each recording on a new stream held exactly 33 MiB more)
 GRAPH_STREAM_WORKSPACE_BYTES = 33 << 20
+# a graph's private pool starts with whole segments of torch's caching allocator: one of its small ones (2 MiB, for
+# allocations under 1 MiB) and one of its large ones (20 MiB, for those up to 10 MiB, as a step's logits are)
+GRAPH_POOL_SEGMENT_BYTES = (2 + 20) << 20
 
 
 def kv_layer_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> int:
@@ -51,10 +54,10 @@ def cpu_layers_of(num_blocks: int, count: int) -> List[int]:
 def decode_graph_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype) -> int:
     """Device bytes a decode step's CUDA graph holds beside the eager reserve: its private memory pool, a step's
     working set at ``batch`` rows attending to ``seq`` keys (kept for its replays: eager passes cannot use it, nor
-    it theirs), and the workspace of the stream it is recorded on."""
+    it theirs) over the allocator's first segments, and the workspace of the stream it is recorded on."""
     step = batch * (family.hidden_size * 24 * dtype.itemsize + family.vocab_size * 8)
     scores = 2 * batch * family.num_heads * seq * 4  # attention's scores and weights, fp32 at most
-    return step + scores + GRAPH_STREAM_WORKSPACE_BYTES
+    return step + scores + GRAPH_POOL_SEGMENT_BYTES + GRAPH_STREAM_WORKSPACE_BYTES
 
 
 def graphs_for_ranks(cuda_graphs: bool, ranks: int) -> bool:
