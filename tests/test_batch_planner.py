@@ -268,9 +268,9 @@ def test_calibration_on_the_cpu_times_the_planned_points_and_fits_them(tmp_path)
 
 
 def test_a_calibrations_weights_go_when_it_returns_even_if_its_frames_are_kept(monkeypatch):
-    """Frames kept by a caught exception's traceback (a process's first calibration imports transformers' generation
-    config, and that import leaves such a cycle) hold the timer until a garbage collection; its weights (2.5 GB of
-    bloom-7b1 on the device) go as the calibration returns, collected or not."""
+    """Frames held in a reference cycle keep the timer until a garbage collection (a process whose first import of
+    transformers runs inside the calibration keeps its frames so; here a kept traceback does); its weights (2.5 GB
+    of bloom-7b1 on the device) go as the calibration returns, collected or not."""
     import gc
     import sys
     import weakref

@@ -207,9 +207,10 @@ class _BlockTimer:
         self.pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs
 
     def close(self) -> None:
-        """Let the timer's weights and caches go now, not when it is collected: frames kept by a caught exception's
-        traceback can hold it until a garbage collection (a process's first calibration, whose first import of
-        transformers' generation config leaves such a cycle: its block and outer weights, 2.5 GB of bloom-7b1)."""
+        """Let the timer's weights and caches go now, not when it is collected: frames held in a reference cycle keep
+        it until a garbage collection. A process whose first import of transformers runs inside the calibration
+        (``_decode_loop_s``) keeps the calibration's frames so, under that import's: its block and outer weights,
+        2.5 GB of bloom-7b1, and its caches."""
         self.weights = dict
         self.outer_w = {}
         self.host_caches.clear()
