@@ -7,10 +7,10 @@ weights, the resident blocks, a ring of ``prefetch + 1`` slots where anything st
 cache and activations (``planning.batch.ModelSizes.memory_bytes``, the loader's own sum), with a graphed row's graph
 (``residency.decode_graph_bytes``). Beside it: the row's peak (``torch.cuda.max_memory_allocated`` after its cache was
 made, so it counts whatever the process still held), and, for rows from builds that record them, what the process
-held before the row's load, what its calibration left behind, and the pool its decode graph reserved (outside the
-peak: a pool's memory is reserved, not allocated). A row whose peak is over its plan says that
-something the plan does not count stayed allocated: run 4 of 2026-12-05 found a cuBLAS workspace for every stream a
-graph had been recorded on (docs/performance.md, item 36).
+held before the row's load, what its calibration left behind, the pool its decode graph reserved (outside the
+peak: a pool's memory is reserved, not allocated), and the peak the caching allocator reserved from the driver.
+A row whose peak is over its plan says that something the plan does not count stayed allocated: run 4 of
+2026-12-05 found a cuBLAS workspace for every stream a graph had been recorded on (docs/performance.md, item 36).
 
 Only rows measured on a GPU are read (on the CPU the peak is the process's resident memory), and only unquantized,
 single-process rows of a synthetic preset (their sizes come from the config alone).
@@ -63,7 +63,8 @@ def replay_row(row: Dict[str, Any], sizes: ModelSizes) -> Dict[str, Any]:
             "graphed": graphed(row), "peak": row["peak_gpu_bytes"], "planned": planned,
             "budget": parse_bytes(row["gpu_memory"]) if row.get("gpu_memory") else None,
             "held_before_load": row.get("held_before_load_bytes"),
-            "calibration_held": row.get("calibration_held_bytes"), "graph_pool": row.get("graph_pool_bytes")}
+            "calibration_held": row.get("calibration_held_bytes"), "graph_pool": row.get("graph_pool_bytes"),
+            "peak_reserved": row.get("peak_reserved_bytes")}
 
 
 def replay_file(path: Path) -> List[Dict[str, Any]]:
@@ -94,12 +95,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     rows = [r for f in a.files for r in replay_file(Path(f))]
     print(f"{'file':44} {'kv':>12} {'batch':>5} {'micro':>5} {'res':>3} {'graph':>5} {'peak':>7} {'planned':>7} "
-          f"{'over MiB':>8} {'budget':>7} {'held':>7} {'calib':>7} {'pool':>7}  (GiB)")
+          f"{'over MiB':>8} {'budget':>7} {'held':>7} {'calib':>7} {'pool':>7} {'reserved':>8}  (GiB)")
     for r in rows:
         print(f"{r['file'][:44]:44} {r['kv_offload']:>12} {r['batch']:5d} {r['micro_batch'] or '-'!s:>5} "
               f"{r['resident_blocks']:3d} {'yes' if r['graphed'] else '-':>5} {_gib(r['peak'])} {_gib(r['planned'])} "
               f"{(r['peak'] - r['planned']) / (1 << 20):8.0f} {_gib(r['budget'])} {_gib(r['held_before_load'])} "
-              f"{_gib(r['calibration_held'])} {_gib(r['graph_pool'])}")
+              f"{_gib(r['calibration_held'])} {_gib(r['graph_pool'])} {_gib(r['peak_reserved']):>8}")
     over_plan = sum(r["peak"] > r["planned"] for r in rows)
     over_budget = sum(r["budget"] is not None and r["peak"] > r["budget"] for r in rows)
     print(f"peak over its plan: {over_plan} of {len(rows)} rows; over the budget: {over_budget}")

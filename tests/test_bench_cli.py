@@ -257,7 +257,8 @@ def test_predictions_beside_measurements_for_each_kv_placement(cache, tmp_path):
     # and its memory the loader's: every weight resident (no ring) and the reserve, set beside the row's peak
     assert rows[1]["predicted_memory_bytes"] == model.plan.resident_bytes + model.plan.kv_reserve_bytes
     assert all(r["decode_graph"] is False and r["held_before_load_bytes"] == r["calibration_held_bytes"] == 0
-               and r["graph_pool_bytes"] is None for r in rows)  # (no CUDA: nothing held on a device, no graph)
+               and r["graph_pool_bytes"] is None and r["peak_reserved_bytes"] is None
+               for r in rows)  # (no CUDA: nothing held on a device, no graph, no allocator)
     # the calibration behind each prediction is in the JSON, so the prediction replays from it
     from zstream.planning.batch import ComputeModel, ThroughputModel
 

@@ -167,7 +167,8 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     return {"batch": batch, "prompt": prompt, "gen": gen, "prefill_s": prefill_s, "decode_step_s": decode,
             "decode_steps_s": steps, "tokens_per_s": batch * gen / total,
             "alloc_retries": stats.get("num_alloc_retries"), "device_allocs": stats.get("num_device_alloc"),
-            "peak_gpu_bytes": peak_bytes(model), "waited_s_per_pass": waited, "limit": limit, "limit_why": why,
+            "peak_gpu_bytes": peak_bytes(model), "peak_reserved_bytes": peak_reserved_bytes(model),
+            "waited_s_per_pass": waited, "limit": limit, "limit_why": why,
             "decode_counters": counters_since(counters)}
 
 
@@ -191,6 +192,12 @@ def peak_bytes(model: Any) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_reserved_bytes(model: Any) -> Optional[int]:
+    """Peak device memory torch's caching allocator held from the driver (allocated, cached, graphs' pools): what the
+    process took from the GPU. None on the CPU."""
+    return torch.cuda.max_memory_reserved(model.device) if model.device.type == "cuda" else None
 
 
 def limit_of(model: Any, step_s: float, waited_s: float) -> Tuple[str, str]:
