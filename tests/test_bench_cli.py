@@ -431,3 +431,28 @@ def test_the_predictions_are_summed_up_against_the_measured():
     assert s["worst"] == {"kv_offload": "split", "batch": 16, "ratio": pytest.approx(0.85),
                           "slowest_step_over_median": pytest.approx(3.0)}
     assert prediction_summary(rows[3:]) is None
+
+
+def test_repeats_take_the_medians_and_the_trace_goes_to_the_first_streamed_row(cache, monkeypatch):
+    """``--repeats 3``: a row's prefill, step and tokens/s are the medians of its three runs (here made 1, 2, 3 and
+    so on in call order); ``--trace``: the first run of the first offload that streams, never an all-resident
+    ("none") group's, and once."""
+    from zstream.interfaces import bench
+
+    real, calls = bench.run_one, []
+
+    def numbered(model, b, prompt, gen, trace=None, trace_steps=2, trace_prefill=None):  # type: ignore[no-untyped-def]
+        r = real(model, b, prompt, gen, trace=trace, trace_prefill=trace_prefill)
+        if gen == 3:  # the group's warm-up
+            return r
+        calls.append((model.plan.offload, trace))
+        n = float(len(calls))
+        return {**r, "prefill_s": n, "decode_step_s": 10 * n, "tokens_per_s": 100 * n}
+
+    monkeypatch.setattr(bench, "run_one", numbered)
+    out, trace = cache / "b.json", str(cache / "t.json")
+    assert main(["bench", "tiny-llama", "--offload", "none,nvme", "--batch", "1", "--prompt", "6", "--gen", "4",
+                 "--repeats", "3", "--trace", trace, "--json", str(out), "--fio", "/no/fio"]) == 0
+    assert calls == [("none", None)] * 3 + [("nvme", trace)] + [("nvme", None)] * 2
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["prefill_s"], r["decode_step_s"], r["tokens_per_s"]) for r in rows] == [(2, 20, 200), (5, 50, 500)]

@@ -433,12 +433,13 @@ def _link_bound(a: argparse.Namespace, model: Any, offload: str, meta: Dict[str,
 
 
 def _measured(a: argparse.Namespace, model: Any, b: int, offload: str, meta: Dict[str, Any]) -> Dict[str, Any]:
-    """``a.repeats`` runs of batch ``b`` (the medians of their times); the first streamed batch of the whole bench
-    traced where asked."""
+    """``a.repeats`` runs of batch ``b`` (the medians of their times); the first run of the first streamed batch of
+    the whole bench traced where asked (once: a trace's events cost the run time)."""
     first = offload != "none"  # (the trace records streamed blocks)
     trace = a.trace if first and not meta.get("traced") else None
     trace_prefill = a.trace_prefill if first and not meta.get("prefill_traced") else None
-    reps = [run_one(model, b, a.prompt, a.gen, trace=trace, trace_prefill=trace_prefill) for _ in range(a.repeats)]
+    reps = [run_one(model, b, a.prompt, a.gen, trace=trace if i == 0 else None,
+                    trace_prefill=trace_prefill if i == 0 else None) for i in range(a.repeats)]
     meta["traced"] = meta.get("traced") or trace is not None
     meta["prefill_traced"] = meta.get("prefill_traced") or trace_prefill is not None
     if a.repeats == 1:
