@@ -179,6 +179,7 @@ def test_tensor_parallel_runs_beside_one_process(cache, capsys):
     bounds = [b / g / 1e9 for b, g in zip(two["rank_streamed_bytes"], two["rank_bound_gbps"])]
     assert two["bound_step_s"] == pytest.approx(max(bounds))
     assert len(doc["meta"]["tp2_rank_links_gbps"]) == 2
+    assert doc["meta"]["memcpy_gbps"] > 0 and "h2d_gbps" not in doc["meta"]  # the CPU's link: a memcpy
 
 
 def test_compressed_and_plain_in_one_run(cache, tmp_path):
