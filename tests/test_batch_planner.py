@@ -575,6 +575,25 @@ def test_a_tensor_parallel_plan_is_never_graphed(tiny_bloom):
     assert one.cuda_graphs and one.candidate(2, 6).decode_step_s < two.candidate(2, 6).decode_step_s
 
 
+def test_the_budget_and_link_a_plan_starts_from(tiny_bloom, monkeypatch):
+    """Without ``gpu_memory``: a loaded model's own budget, else (on the CPU) the host memory available. The link: a
+    loaded model's own where the plan streams the way it does, else measured now."""
+    import dataclasses
+
+    plan_batch_module = importlib.import_module("zstream.api.plan_batch")
+    monkeypatch.setattr(plan_batch_module, "host_available_bytes", lambda: 5 << 30)
+    kw = {"prompt": 8, "gen": 4, "max_batch": 2, "compute": compute_model(6)}
+    assert plan_batch(tiny_bloom, offload="none", device="cpu", **kw).budget_bytes == 5 << 30
+    with zstream.load(tiny_bloom, device="cpu", offload="nvme", gpu_memory="300MiB", max_seq_len=16,
+                      progress=False) as model:
+        assert plan_batch(model, offload="none", **kw).budget_bytes == 300 << 20 == model.plan.budget_bytes
+        model.plan = dataclasses.replace(model.plan, link="the load's own", link_gbps=7.5)
+        own = plan_batch(model, offload="nvme", **kw)
+        assert (own.link, own.link_gbps) == ("the load's own", 7.5)
+        measured = plan_batch(model, offload="none", kv_offload="host", **kw)  # another way: measured now
+        assert measured.link != "the load's own" and measured.link_gbps > 0
+
+
 # ---- the KV cache in host memory ----------------------------------------------------------------------------------
 
 

@@ -76,23 +76,12 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     try:
         stream = _stream(offload, facts, dev)
         sizes = ModelSizes.of(facts, host_budget=_host_budget(facts, stream, loaded) if dev.type == "cuda" else None)
-        budget = parse_bytes(gpu_memory, what="gpu_memory")
-        if budget is None and loaded:
-            budget = model.plan.budget_bytes
-        if budget is None and dev.type == "cuda":
-            budget = torch.cuda.mem_get_info(dev)[0]
-        if budget is None:  # the CPU: host memory is the device's (``load`` keeps blocks resident only under one)
-            budget = host_available_bytes() or None
-        link = "given"
+        budget = _budget(gpu_memory, model if loaded else None, dev)
         # a host cache brought up to attend crosses the link even when every block stays resident
         crosses = stream is not None or bool({"host", "split"} & set(kv_offloads))
+        link = "given"
         if crosses and link_gbps is None:
-            if loaded and model.plan.link_gbps and model.plan.offload == stream:
-                link, link_gbps = model.plan.link, model.plan.link_gbps
-            else:
-                blocks = [list(names.values()) for names in facts.stored_block_names[:4]]
-                link, rate = measure_link(stream or "cpu", dev, store, blocks)
-                link_gbps = rate.gbps
+            link, link_gbps = _link(model if loaded else None, stream, dev, store, facts)
         if compute is None:  # calibrated over the batches that can run: the fit is trusted inside its range
             seq = min(prompt + gen, facts.family.max_positions)
             largest = max((b for kv in kv_offloads for m in micros
@@ -137,6 +126,30 @@ def _facts(model: Any, device: Optional[str], dtype: Union[str, torch.dtype, Non
         store.close()
         raise
     return store, facts, dev
+
+
+def _budget(gpu_memory: Union[int, str, None], loaded: Optional[StreamingModel], dev: torch.device) -> Optional[int]:
+    """The budget planned under: ``gpu_memory``, else a loaded model's own, else the device's free memory; on the
+    CPU, the host memory available (host memory is the device's: ``load`` keeps blocks resident only under one)."""
+    budget = parse_bytes(gpu_memory, what="gpu_memory")
+    if budget is None and loaded is not None:
+        budget = loaded.plan.budget_bytes
+    if budget is None and dev.type == "cuda":
+        budget = torch.cuda.mem_get_info(dev)[0]
+    if budget is None:
+        budget = host_available_bytes() or None
+    return budget
+
+
+def _link(loaded: Optional[StreamingModel], stream: Optional[str], dev: torch.device, store: WeightStore,
+          facts: CheckpointFacts) -> Tuple[str, float]:
+    """(what limits the link, its GB/s): a loaded model's own, measured at its load, where it streams the same way;
+    else measured now as the loader measures it, over a few blocks."""
+    if loaded is not None and loaded.plan.link_gbps and loaded.plan.offload == stream:
+        return loaded.plan.link, loaded.plan.link_gbps
+    blocks = [list(names.values()) for names in facts.stored_block_names[:4]]
+    link, rate = measure_link(stream or "cpu", dev, store, blocks)
+    return link, rate.gbps
 
 
 def _host_budget(facts: CheckpointFacts, stream: Optional[str], loaded: bool) -> int:
