@@ -55,9 +55,15 @@ def decode_graph_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype)
     """Device bytes a decode step's CUDA graph holds beside the eager reserve: its private memory pool, a step's
     working set at ``batch`` rows attending to ``seq`` keys (kept for its replays: eager passes cannot use it, nor
     it theirs) over the allocator's first segments, and the workspace of the stream it is recorded on."""
-    step = batch * (family.hidden_size * 24 * dtype.itemsize + family.vocab_size * 8)
+    step = activation_bytes(family, batch, 1, batch, dtype)
     scores = 2 * batch * family.num_heads * seq * 4  # attention's scores and weights, fp32 at most
     return step + scores + GRAPH_POOL_SEGMENT_BYTES + GRAPH_STREAM_WORKSPACE_BYTES
+
+
+def activation_bytes(family: Family, rows: int, tokens: int, logit_rows: int, dtype: torch.dtype) -> int:
+    """A pass's working set: 24 hidden-sized activations a token of ``rows`` x ``tokens`` in ``dtype``, and the
+    last position's logits of ``logit_rows`` rows (8 bytes a vocabulary entry: fp32 and a copy)."""
+    return rows * tokens * family.hidden_size * 24 * dtype.itemsize + logit_rows * family.vocab_size * 8
 
 
 def graphs_for_ranks(cuda_graphs: bool, ranks: int) -> bool:
@@ -94,7 +100,7 @@ def reserve_bytes(family: Family, batch: int, seq: int, dtype: torch.dtype, quan
         kv_offload, family.num_blocks)
     kv = min(layers, family.num_blocks) * kv_layer_bytes(family, batch, seq, dtype)
     rows = batch if micro_batch is None else min(batch, micro_batch)
-    acts = rows * seq * family.hidden_size * 24 * dtype.itemsize + batch * family.vocab_size * 8
+    acts = activation_bytes(family, rows, seq, batch, dtype)
     if rows < batch:  # every row's hidden state (the micro-batches' between blocks)
         acts += batch * seq * family.hidden_size * dtype.itemsize
     dequantized = quant.dequantized_nbytes if quant is not None else 0
