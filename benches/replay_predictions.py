@@ -134,7 +134,8 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
                         stream="cpu" if row.get("predicted_link_gbps") else None, max_batch=batch,
                         kv_offloads=(kv,), micro_batch_sizes=(micro,),
                         kv_cpu_layers=row.get("kv_cpu_layers") if kv == "split" else None,
-                        cuda_graphs=compute.decode_graph_block is not None)  # (timed where the run asked for them)
+                        cuda_graphs=compute.decode_graph_block is not None,  # (timed where the run asked for them)
+                        device_sync=row.get("step_wait") != "tokens")  # as the row's steps were timed
     c = plan.candidate(batch, resident, kv, micro)
     out["replayed"] = c.tokens_per_s if c is not None else None
     return out

@@ -20,7 +20,15 @@ from zstream.api.plan_batch import plan_batch
 from zstream.errors import OutOfMemoryError
 from zstream.foundations.models import family_for
 from zstream.foundations.units import parse_bytes
-from zstream.planning.batch import ComputeModel, Linear3, ModelSizes, ThroughputModel, choose_batch
+from zstream.planning.batch import (
+    ComputeModel,
+    Linear3,
+    ModelSizes,
+    ThroughputModel,
+    choose_batch,
+    ring_schedule,
+    steady_period,
+)
 from zstream.planning.facts import facts_from_shapes
 from zstream.planning.residency import choose_residency
 from zstream.streaming import calibrate
@@ -144,17 +152,57 @@ def test_schedule_with_an_infinite_link_is_the_compute():
     assert step == pytest.approx(comp, rel=1e-6)
 
 
-def test_schedule_idles_the_link_while_resident_blocks_compute():
-    """Hand-worked: 6 resident blocks of 1 ms, 4 streamed of 10 ms copies, 3 slots. The first 3 streamed blocks
-    landed last pass; block 9's copy waits for block 6's compute (slot reuse), at 7 ms; the next pass's 3 copies
-    follow: 7 + 4 * 10 = 47 ms, against max(40, 10) = 40 ms for the simple bound."""
+def test_a_loop_waiting_for_its_tokens_keeps_the_link_busy_across_passes():
+    """Hand-worked: 6 resident blocks of 1 ms, 4 streamed of 10 ms copies, 3 slots. The first pass after a
+    synchronisation (a prefill) finds blocks 6-8 landed; block 9's copy waits for block 6's compute (slot reuse), at
+    7 ms, and lands at 17: the pass ends at 18. The next pass's copies of blocks 6-8 queue behind it (27, 37, 47 ms)
+    while its resident blocks compute (18-24), and block 9's behind them (57): it ends at 58, 40 ms later, the
+    streamed bytes over the link, and so does every pass after it."""
     tm = ThroughputModel(compute_model(10), [100 * MB] * 10, link_gbps=10.0, ring_slots=3)
+    copies = [0.01] * 4
+    assert ring_schedule(copies, 3, 6, 1e-3, 0.0, 3) == pytest.approx([0.018, 0.058, 0.098])
     step, xfer, comp = tm.pass_s(6, block_s=1e-3, outer_s=0.0)
     assert xfer == pytest.approx(0.04) and comp == pytest.approx(0.01)
-    assert step == pytest.approx(0.047)
-    # every block streamed: the link starts after block 0's compute and never waits again
+    assert step == pytest.approx(0.040)
+    assert tm.pass_s(6, block_s=1e-3, outer_s=0.0, first=True)[0] == pytest.approx(0.018)
+    # every block streamed: the link never waits; the first pass copies all but the 3 that landed before it
+    step, xfer, _ = tm.pass_s(0, block_s=1e-3, outer_s=0.0)
+    assert step == pytest.approx(xfer) == pytest.approx(0.1)
+    assert tm.pass_s(0, block_s=1e-3, outer_s=0.0, first=True)[0] == pytest.approx(0.001 + 7 * 0.01 + 0.001)
+
+
+def test_a_loop_synchronising_the_device_idles_the_link_while_resident_blocks_compute():
+    """The same ring, each step waiting for every stream (``device_sync``): the next pass's 3 copies must land
+    before the step ends, so they cannot overlap its resident blocks: 7 + 4 * 10 = 47 ms a pass."""
+    tm = ThroughputModel(compute_model(10), [100 * MB] * 10, link_gbps=10.0, ring_slots=3, device_sync=True)
+    assert ring_schedule([0.01] * 4, 3, 6, 1e-3, 0.0, 2, device_sync=True) == pytest.approx([0.047, 0.094])
+    assert tm.pass_s(6, block_s=1e-3, outer_s=0.0)[0] == pytest.approx(0.047)
+    assert tm.pass_s(6, block_s=1e-3, outer_s=0.0, first=True)[0] == pytest.approx(0.047)
     step, xfer, _ = tm.pass_s(0, block_s=1e-3, outer_s=0.0)
     assert step == pytest.approx(1e-3 + xfer)
+
+
+def test_one_slot_holds_every_copy_back_until_the_compute_before_it():
+    """prefetch=0: block g + 1's copy waits for block g's compute. A pass ends at E; block 6's copy runs E..E+10
+    while the resident blocks compute (E..E+6); then each streamed block is its copy and its compute, one after the
+    other: 4 x (10 + 1) = 44 ms a pass, not the link's 40."""
+    tm = ThroughputModel(compute_model(10), [100 * MB] * 10, link_gbps=10.0, ring_slots=1)
+    assert tm.pass_s(6, block_s=1e-3, outer_s=0.0)[0] == pytest.approx(0.044)
+    assert steady_period([0.01] * 4, 1, 6, 1e-3, 0.0) == pytest.approx(0.044)
+
+
+def test_a_streamed_block_hidden_behind_the_compute_ties_and_the_fewer_streamed_wins():
+    """One block of 10 streamed, its 10 ms copy run while the 9 others compute 45 ms: decode steps and prefill cost
+    what every block resident costs, and of the tie the plan keeps every block on the device, in ``best`` and in
+    the frontier."""
+    plan = choose_batch(toy_sizes(), compute_model(10, block_s=5e-3), budget=None, prompt=8, gen=8,
+                        link_gbps=10.0, stream="cpu", max_batch=1)
+    one_streamed, none_streamed = plan.candidate(1, 9), plan.candidate(1, 10)
+    assert one_streamed is not None and none_streamed is not None
+    assert one_streamed.decode_step_s == pytest.approx(none_streamed.decode_step_s, rel=1e-12)
+    assert one_streamed.tokens_per_s == pytest.approx(none_streamed.tokens_per_s, rel=1e-12)
+    assert plan.best is not None and plan.best.resident_blocks == 10
+    assert [c.resident_blocks for c in plan.frontier()] == [10]
 
 
 def test_tokens_per_s_counts_like_the_bench():

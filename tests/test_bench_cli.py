@@ -457,3 +457,45 @@ def test_repeats_take_the_medians_and_the_trace_goes_to_the_first_streamed_row(c
     assert calls == [("none", None)] * 3 + [("nvme", trace)] + [("nvme", None)] * 2
     rows = json.loads(out.read_text())["rows"]
     assert [(r["prefill_s"], r["decode_step_s"], r["tokens_per_s"]) for r in rows] == [(2, 20, 200), (5, 50, 500)]
+
+
+def test_a_timed_step_waits_for_its_tokens_not_for_the_rings_copies(cache, monkeypatch):
+    """Each timed pass (the prefill, then every decode step) ends waiting for that pass's tokens, as a generation
+    does; the whole device is synchronised only before the prefill, so the ring's copies for the next pass run on
+    between steps as they do in a generation (``ThroughputModel.device_sync``)."""
+    from zstream.interfaces import bench
+
+    events: list = []
+    monkeypatch.setattr(bench, "wait_for_tokens", lambda t: events.append(("tokens", tuple(t.shape))))
+    monkeypatch.setattr(bench, "_sync", lambda dev: events.append(("device",)))
+    out = cache / "b.json"
+    assert main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "2", "--prompt", "6", "--gen", "4",
+                 "--json", str(out), "--fio", "/no/fio"]) == 0
+    def run(gen: int) -> list:  # the prefill and gen - 1 decode steps
+        return [("device",)] + [("tokens", (2, 1))] * gen
+
+    assert events == run(3) + run(4)  # the group's warm-up (gen 3), then the row
+    assert json.loads(out.read_text())["rows"][0]["step_wait"] == "tokens"
+
+
+def test_waiting_for_tokens_on_a_gpu_waits_for_their_stream_alone(monkeypatch):
+    """On a GPU the wait is the current stream's (the compute stream's), never ``torch.cuda.synchronize``."""
+    import torch
+
+    from zstream.interfaces import bench
+
+    waited: list = []
+
+    class Stream:
+        def synchronize(self) -> None:
+            waited.append("stream")
+
+    class Tokens:
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: waited.append(device) or Stream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: pytest.fail("the whole device waited for"))
+    bench.wait_for_tokens(Tokens())  # type: ignore[arg-type]
+    assert waited == [torch.device("cuda", 0), "stream"]
+    bench.wait_for_tokens(torch.zeros(2, 1))  # on the CPU: nothing to wait for
+    assert waited == [torch.device("cuda", 0), "stream"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from ..errors import OutOfMemoryError, UsageError
 from ..foundations.measure import (
@@ -123,6 +124,18 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+STEP_WAIT = "tokens"  # what a timed step waits for (bench rows' ``step_wait``; rows without one: the whole device)
+
+
+def wait_for_tokens(tokens: Tensor) -> None:
+    """Block until ``tokens`` are computed, as a generation waits for each step's (``int(unfinished.max())``): on a
+    GPU, for the stream that computed them. The ring's copies for the next pass run on, as they do in a generation;
+    ``torch.cuda.synchronize`` would wait for them too and time a step the engine never takes
+    (``planning.batch.ThroughputModel.device_sync``)."""
+    if tokens.device.type == "cuda":
+        torch.cuda.current_stream(tokens.device).synchronize()
+
+
 def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[str] = None,
             trace_steps: int = 2, trace_prefill: Optional[str] = None) -> Dict[str, Any]:
     """Prefill ``batch`` x ``prompt`` random tokens, then ``gen - 1`` greedy decode steps, timing each (``trace``:
@@ -138,11 +151,11 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
         torch.cuda.reset_peak_memory_stats(dev)
     if trace_prefill is not None:
         model.trace_start()
-    _sync(dev)
+    _sync(dev)  # a step starts on an idle device: the previous row's copies landed
     t0 = time.perf_counter()
     logits = model.forward(ids, mask, cache, last_only=True)
     nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    _sync(dev)
+    wait_for_tokens(nxt)
     prefill_s = time.perf_counter() - t0
     if trace_prefill is not None:
         model.trace_stop(trace_prefill)
@@ -155,7 +168,7 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
         t = time.perf_counter()
         logits = model.forward(nxt, one, cache, last_only=True)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
-        _sync(dev)
+        wait_for_tokens(nxt)
         steps.append(time.perf_counter() - t)
         if trace is not None and step == min(trace_steps, gen - 1) - 1:
             model.trace_stop(trace)
@@ -165,7 +178,7 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     waited = (model.waited_s - waited0) / (1 + len(steps))
     limit, why = limit_of(model, decode, waited) if steps else ("-", "no decode step")
     return {"batch": batch, "prompt": prompt, "gen": gen, "prefill_s": prefill_s, "decode_step_s": decode,
-            "decode_steps_s": steps, "tokens_per_s": batch * gen / total,
+            "decode_steps_s": steps, "step_wait": STEP_WAIT, "tokens_per_s": batch * gen / total,
             "alloc_retries": stats.get("num_alloc_retries"), "device_allocs": stats.get("num_device_alloc"),
             "peak_gpu_bytes": peak_bytes(model), "peak_reserved_bytes": peak_reserved_bytes(model),
             "waited_s_per_pass": waited, "limit": limit, "limit_why": why,

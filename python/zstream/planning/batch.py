@@ -284,12 +284,14 @@ class ThroughputModel:
     """Predicted prefill and decode times of a residency, from the measured compute and the measured link.
 
     A pass runs the outer work and the resident blocks (the first ``resident``, as the loader keeps them), then the
-    streamed ones through a ring of ``ring_slots`` device slots: the copy of streamed block j waits for the link and
-    for the compute of block j - slots (its slot's previous tenant); block j's compute waits for its copy. In the
-    steady state of a decode loop the ring's first slots were filled during the previous pass, and the pass ends
-    when its compute is done and the next pass's first slots have landed (a step synchronises the device). When
-    copies never wait for a slot this is max(streamed bytes / link, compute); with many resident blocks the link
-    idles while they compute, once the ring is full, and the schedule says by how much.
+    streamed ones through a ring of ``ring_slots`` device slots: the copy of streamed block g waits for the link and
+    for the compute of block g - slots (its slot's previous tenant); block g's compute waits for its copy. The ring
+    runs across passes (``streaming.ring``): the next pass's first copies are queued behind this pass's last blocks.
+    A generation waits for each step's tokens, not for those copies, so they land while the next pass's resident
+    blocks compute, and its decode steps settle at max(streamed bytes / link, compute) unless the slots hold the
+    copies back (``ring_schedule`` plays the passes out until they do). A loop that synchronises the whole device
+    after each step (``device_sync``: ``zstream bench`` before calibration format 11) also waits for the next
+    pass's first copies, and the link idles while the resident blocks compute.
 
     The link's copies and the CPUs attending a host cache read the same host memory. On the H200 host the two
     together read 93-111 GB/s (the calibration's probe, runs 8-9 of 2026-12-04, docs/performance.md), about the
@@ -305,6 +307,7 @@ class ThroughputModel:
     step_overhead_s: float = 0.0    # per pass, on top of the schedule and the calibrated decode loop (given)
     graphs: bool = False            # load's cuda_graphs: an all-resident step replays a CUDA graph where calibrated
     graph_fits: Optional[Callable[[int], bool]] = None  # batch -> whether its graph's memory fits (None: it does)
+    device_sync: bool = False       # each step waits for every stream, the ring's copies too (see above)
 
     @property
     def host_gbps(self) -> Optional[float]:
@@ -323,12 +326,14 @@ class ThroughputModel:
         return min(self.link_gbps, up) if up else self.link_gbps
 
     def pass_s(self, resident: int, block_s: float, outer_s: float, shared_bytes: int = 0,
-               cpu_bytes: int = 0, lead_s: float = 0.0) -> Tuple[float, float, float]:
-        """(seconds, transfer seconds, compute seconds) of one pass. ``shared_bytes``: what else crosses the link
-        in the pass, inside the blocks' compute (a host KV cache coming up, at ``kv_up_gbps``: ``block_s`` was timed
-        without it), so the pass takes at least every byte over the link. ``cpu_bytes``: the host caches the CPUs
-        attend to in the pass, read from the host memory the link reads too (``host_gbps``). ``lead_s``: the
-        compute stream's wait for the first host layer's cache (``first_cache_wait``)."""
+               cpu_bytes: int = 0, lead_s: float = 0.0, first: bool = False) -> Tuple[float, float, float]:
+        """(seconds, transfer seconds, compute seconds) of a pass: a decode step in the loop's steady state, or with
+        ``first`` the pass after the device was synchronised (the prefill: the ring's first slots landed before it,
+        and it ends with its compute). ``shared_bytes``: what else crosses the link in the pass, inside the blocks'
+        compute (a host KV cache coming up, at ``kv_up_gbps``: ``block_s`` was timed without it), so a step takes at
+        least every byte over the link. ``cpu_bytes``: the host caches the CPUs attend to in the pass, read from the
+        host memory the link reads too (``host_gbps``). ``lead_s``: the compute stream's wait for the first host
+        layer's cache (``first_cache_wait``)."""
         n = len(self.block_bytes)
         compute = n * block_s + outer_s
         if (resident < n or shared_bytes) and not self.link_gbps:
@@ -336,26 +341,16 @@ class ThroughputModel:
         host = self.host_gbps
         read = sum(self.block_bytes[resident:]) + shared_bytes + cpu_bytes
         floor = outer_s + read / (host * 1e9) if host and cpu_bytes else 0.0  # the host memory both read
+        shared = shared_bytes / (self.kv_up_gbps * 1e9) if shared_bytes else 0.0
         if resident >= n:
-            transfer = shared_bytes / (self.kv_up_gbps * 1e9) if shared_bytes else 0.0
-            return max(compute + lead_s, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
-        copy = [self.block_bytes[i] / (self.link_gbps * 1e9) for i in range(resident, n)]
-        s = len(copy)
-        slots = min(self.ring_slots, s)
-        t = outer_s + lead_s + resident * block_s  # the compute stream, after the work needing no streamed block
-        link = 0.0                          # the copy stream: the ring's first slots landed last pass
-        done: List[float] = []              # compute end of streamed block j
-        for j in range(s):
-            landed = 0.0
-            if j >= slots:
-                link = max(link, done[j - slots]) + copy[j]
-                landed = link
-            t = max(t, landed) + block_s
-            done.append(t)
-        for j in range(s, s + slots):       # the next pass's first blocks, into the slots freed last
-            link = max(link, done[j - slots]) + copy[j - s]
-        transfer = sum(copy) + shared_bytes / (self.kv_up_gbps * 1e9)
-        return max(t, link, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
+            return max(compute + lead_s, outer_s + shared, floor) + self.step_overhead_s, shared, compute
+        copies = [self.block_bytes[i] / (self.link_gbps * 1e9) for i in range(resident, n)]
+        transfer = sum(copies) + shared
+        if first:
+            ends = ring_schedule(copies, self.ring_slots, resident, block_s, outer_s + lead_s, 1, self.device_sync)
+            return max(ends[0], outer_s + shared, floor) + self.step_overhead_s, transfer, compute
+        step = steady_period(copies, self.ring_slots, resident, block_s, outer_s + lead_s, self.device_sync)
+        return max(step, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
 
     def decode_step(self, batch: int, resident: int, context: float, kv: str = "none",
                     kv_bytes: int = 0, micro: Optional[int] = None, cpu_layers: int = 0,
@@ -434,7 +429,7 @@ class ThroughputModel:
     def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none",
                 micro: Optional[int] = None, cpu_layers: int = 0) -> Tuple[float, float, float]:
         block = self._block(self.compute.prefill_block_s, batch, prompt, kv, micro, cpu_layers)
-        return self.pass_s(resident, block, self.compute.prefill_outer_s(batch, prompt))
+        return self.pass_s(resident, block, self.compute.prefill_outer_s(batch, prompt), first=True)
 
     def _block(self, time: Callable[[int, Any, str], float], batch: int, x: Any, kv: str, micro: Optional[int],
                cpu_layers: int) -> float:
@@ -482,6 +477,41 @@ class ThroughputModel:
         seen: Dict[int, float] = {}
         ends = [descend(cost, min(hi, max(lo, balance)), lo, hi, seen) for lo, hi in ((0, n // 2), (n // 2, n))]
         return min(ends, key=lambda k: seen[k])
+
+
+def ring_schedule(copies: Sequence[float], ring_slots: int, resident: int, block_s: float, head_s: float,
+                  passes: int, device_sync: bool = False) -> List[float]:
+    """When each of ``passes`` back-to-back passes ends, from 0 (the device synchronised, the ring's first slots
+    landed). A pass runs ``head_s`` and ``resident`` blocks, then one block of ``block_s`` per streamed block, whose
+    copy (``copies`` seconds each, in streamed order, one link) the ring issued as the block ``slots`` before it
+    was released and runs once that block's compute is done (``DeviceRing._issue``). The next pass starts when the
+    compute is done (``device_sync``: and every copy issued has landed)."""
+    s = len(copies)
+    slots = max(1, min(ring_slots, s))
+    landed = [0.0] * slots          # by global index g = pass * s + j
+    link = end = 0.0
+    ends: List[float] = []
+    for p in range(passes):
+        t = end + head_s + resident * block_s
+        for j in range(s):
+            t = max(t, landed[p * s + j]) + block_s
+            link = max(link, t) + copies[(j + slots) % s]  # block g + slots, into the slot g frees
+            landed.append(link)
+        end = max(t, link) if device_sync else t
+        ends.append(end)
+    return ends
+
+
+STEADY_PASSES = 16  # a ring of ~30-100 blocks settles within 10 (every residency, 1-5 slots, 1e-5 to 2e-2 s each)
+
+
+def steady_period(copies: Sequence[float], ring_slots: int, resident: int, block_s: float, head_s: float,
+                  device_sync: bool = False) -> float:
+    """Seconds a pass takes once the ring's schedule has settled: ``ring_schedule`` played out over
+    ``STEADY_PASSES``, its last passes' mean (a schedule may settle into a cycle of a few passes)."""
+    ends = ring_schedule(copies, ring_slots, resident, block_s, head_s, STEADY_PASSES, device_sync)
+    last = STEADY_PASSES // 3
+    return (ends[-1] - ends[-1 - last]) / last
 
 
 def descend(cost: Callable[[int], float], start: int, lo: int, hi: int, seen: Dict[int, float],
@@ -579,13 +609,11 @@ class BatchPlan:
 
     def frontier(self, kv: Optional[str] = None) -> List[Candidate]:
         """For each batch, its best residency and KV placement (of placement ``kv`` only, when given)."""
-        best: Dict[int, Candidate] = {}
+        by_batch: Dict[int, List[Candidate]] = {}
         for c in self.table:
-            if kv is not None and c.kv_offload != kv:
-                continue
-            if c.batch not in best or c.tokens_per_s > best[c.batch].tokens_per_s:
-                best[c.batch] = c
-        return [best[b] for b in sorted(best)]
+            if kv is None or c.kv_offload == kv:
+                by_batch.setdefault(c.batch, []).append(c)
+        return [c for b in sorted(by_batch) if (c := best_of(by_batch[b])) is not None]
 
     def max_batch(self, offload: Optional[str] = None, kv: Optional[str] = None) -> int:
         """The largest batch that fits; with ``offload="none"`` the largest with every block resident, with ``kv``
@@ -659,7 +687,8 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                  max_batch: int = 1024, step_overhead_s: float = 0.0,
                  kv_offloads: Sequence[str] = ("none",),
                  micro_batch_sizes: Sequence[Optional[int]] = (None,),
-                 kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = False) -> BatchPlan:
+                 kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = False,
+                 device_sync: bool = False) -> BatchPlan:
     """Every (batch, resident blocks) the loader would accept under ``budget``, with its predicted tokens/s; the
     best of them. ``stream``: the offload mode that streams ("cpu" or "nvme"), or None to keep every block resident
     (offload="none"). Batches run from 1 to the largest that fits (at most ``max_batch``); for each, every
@@ -670,14 +699,16 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
     micro-batch size of ``micro_batch_sizes`` (None: the whole batch) is planned for the batches it splits: its
     smaller working set on the device, its blocks computing one micro-batch after another. ``kv_cpu_layers``: with
     "split", the layers attended on the CPUs (None: for each candidate the count ``best_split`` finds).
-    ``cuda_graphs``: load's; an all-resident step is planned as the CUDA graph the engine would replay."""
+    ``cuda_graphs``: load's; an all-resident step is planned as the CUDA graph the engine would replay.
+    ``device_sync``: each step waits for every stream (``ThroughputModel.device_sync``), not only for its tokens."""
     if prompt < 1 or gen < 1:
         raise ValueError(f"prompt and gen must be at least 1, not {prompt} and {gen}")
     if stream is not None and not link_gbps:
         raise ValueError(f"stream={stream!r} needs the link bandwidth (link_gbps), or stream=None")
     seq = min(prompt + gen, sizes.max_positions)
     n, slots = sizes.num_blocks, prefetch + 1
-    tm = ThroughputModel(compute, sizes.block_bytes, link_gbps, slots, step_overhead_s, graphs=cuda_graphs)
+    tm = ThroughputModel(compute, sizes.block_bytes, link_gbps, slots, step_overhead_s, graphs=cuda_graphs,
+                         device_sync=device_sync)
     if cuda_graphs:  # a graph where its memory fits beside every block, as ``plan_load`` decides
         tm.graph_fits = lambda batch: sizes.graph_fits(budget, batch, seq)
     context = prompt + gen / 2  # decode steps attend to prompt + 1 .. prompt + gen - 1 keys
@@ -712,9 +743,21 @@ def choose_batch(sizes: ModelSizes, compute: ComputeModel, *, budget: Optional[i
                                        prefill_s=prefill, decode_step_s=step, transfer_s=xfer, compute_s=comp,
                                        tokens_per_s=batch * gen / total, kv_offload=kv, micro_batch=micro_here,
                                        kv_cpu_layers=cpu))
-    best = max(table, key=lambda c: c.tokens_per_s, default=None)
-    return BatchPlan(best=best, table=table, budget_bytes=budget, prompt=prompt, gen=gen, link_gbps=link_gbps,
-                     prefetch=prefetch, compute=compute, cuda_graphs=cuda_graphs)
+    return BatchPlan(best=best_of(table), table=table, budget_bytes=budget, prompt=prompt, gen=gen,
+                     link_gbps=link_gbps, prefetch=prefetch, compute=compute, cuda_graphs=cuda_graphs)
+
+
+TIE = 1e-9  # tokens/s this close (relative) are the same prediction
+
+
+def best_of(table: Sequence[Candidate]) -> Optional[Candidate]:
+    """The candidate with the most tokens/s; of those that tie (a streamed block whose copy hides entirely behind
+    the other blocks' compute costs nothing), the one streaming the fewest blocks, which leaves the link and the
+    host memory to the rest and rests on no overlap."""
+    if not table:
+        return None
+    top = max(c.tokens_per_s for c in table)
+    return max((c for c in table if c.tokens_per_s >= top * (1 - TIE)), key=lambda c: c.resident_blocks)
 
 
 def fitting_batches(sizes: ModelSizes, budget: Optional[int], seq: int, slots: int, stream: bool,
