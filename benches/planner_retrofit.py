@@ -59,7 +59,8 @@ def check(calib: Path, step_overhead_s: float) -> List[Dict[str, Any]]:
             and r["offload"] in ("none", "cpu") and r["streamed_blocks"] is not None
             and r.get("weights", "fp16") == "fp16"]  # the calibration is of fp16 blocks
     for r in rows:
-        tm = ThroughputModel(compute, sizes.block_bytes, r["bound_gbps"], 3, step_overhead_s)
+        tm = ThroughputModel(compute, sizes.block_bytes, r["bound_gbps"], 3, step_overhead_s,
+                             device_sync=True)  # (that bench synchronised the device after each step)
         step, _, _ = tm.decode_step(r["batch"], r["resident_blocks"], r["prompt"] + r["gen"] / 2)
         prefill, _, _ = tm.prefill(r["batch"], r["resident_blocks"], r["prompt"])
         out.append({"source": r["source"], "offload": r["offload"], "gpu_memory": r["gpu_memory"],
@@ -73,7 +74,7 @@ def check(calib: Path, step_overhead_s: float) -> List[Dict[str, Any]]:
 
     run12 = json.loads(RUN12.read_text())["meta"]
     plan = choose_batch(sizes, compute, budget=parse_bytes("16GiB"), prompt=512, gen=32, link_gbps=run12["h2d_gbps"],
-                        stream="cpu", step_overhead_s=step_overhead_s)
+                        stream="cpu", step_overhead_s=step_overhead_s, device_sync=True)
     print(f"\nrun 12, --max-batch at 16GiB (link {run12['h2d_gbps']:.2f} GB/s): predicted max batch "
           f"{plan.max_batch('none')} without offload, {plan.max_batch('cpu')} with (measured 7 and 36)")
     print(plan.summary())

@@ -15,7 +15,12 @@ listed but not replayed (their sizes come from the packed checkpoint, not from t
 calibration's own shared probe and host-compute samples, as ``calibrate_compute`` now computes it
 (docs/performance.md, item 25).
 
-Beside each row: the stored prediction's prefill and decode step, measured over predicted (``prefill``, ``step``).
+Beside each row: the stored prediction's prefill and decode step, measured over predicted (``prefill``, ``step``),
+and the replayed decode step (``step ms``).
+
+``--step-wait tokens``: the rows replayed as a generation runs its decode loop, each step waiting for its tokens
+only (this build's bench); by default each row is replayed as its steps were timed (before ``step_wait`` was
+recorded, the bench synchronised the whole device after each step: ``ThroughputModel.device_sync``).
 
 ``--cpu-rounds min`` (or ``low2``, the second lowest): the CPUs' decode points (host-compute blocks, split pairs)
 refitted from each point's rounds by that statistic instead of their median, and the busy factor with them: what a
@@ -107,11 +112,14 @@ def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how
 
 
 def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute_busy: bool,
-               cpu_rounds: str = "median", tolerance: float = CALM_ROUND_TOLERANCE) -> Dict[str, Any]:
-    """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed)."""
+               cpu_rounds: str = "median", tolerance: float = CALM_ROUND_TOLERANCE,
+               step_wait: str = "row") -> Dict[str, Any]:
+    """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed), and
+    the replayed decode step. ``step_wait``: "row", the loop as the row's steps were timed (its ``step_wait``:
+    before it was recorded, the bench synchronised the device after each step); "tokens" or "device", that loop."""
     out = {"kv_offload": row["kv_offload"], "batch": row["batch"], "micro_batch": row.get("micro_batch"),
            "kv_cpu_layers": row.get("kv_cpu_layers"), "measured": row["tokens_per_s"],
-           "stored": row.get("predicted_tokens_per_s"), "replayed": None,
+           "stored": row.get("predicted_tokens_per_s"), "replayed": None, "replayed_step_s": None,
            # the stored prediction's phases, measured over predicted
            "prefill_ratio": _over(row.get("prefill_s"), row.get("predicted_prefill_s")),
            "step_ratio": _over(row.get("decode_step_s"), row.get("predicted_decode_step_s"))}
@@ -135,9 +143,10 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
                         kv_offloads=(kv,), micro_batch_sizes=(micro,),
                         kv_cpu_layers=row.get("kv_cpu_layers") if kv == "split" else None,
                         cuda_graphs=compute.decode_graph_block is not None,  # (timed where the run asked for them)
-                        device_sync=row.get("step_wait") != "tokens")  # as the row's steps were timed
+                        device_sync=(row.get("step_wait") if step_wait == "row" else step_wait) != "tokens")
     c = plan.candidate(batch, resident, kv, micro)
     out["replayed"] = c.tokens_per_s if c is not None else None
+    out["replayed_step_s"] = c.decode_step_s if c is not None else None
     return out
 
 
@@ -154,7 +163,8 @@ def _line(r: Dict[str, Any]) -> str:
     busy = r.get("busy_factor")
     return (f"{r['file'][:44]:44} {r['kv_offload']:>12} {r['batch']:5d} {r['micro_batch'] or '-'!s:>5} "
             f"{r['kv_cpu_layers'] or 0!s:>4} {ratio(r['stored'])} {ratio(r['replayed'])} "
-            f"{f'{busy:.3f}' if busy else '-':>6} {plain(r.get('prefill_ratio'))} {plain(r.get('step_ratio'))}")
+            f"{f'{busy:.3f}' if busy else '-':>6} {plain(r.get('prefill_ratio'))} {plain(r.get('step_ratio'))} "
+            f"{plain(r['replayed_step_s'] * 1e3 if r.get('replayed_step_s') else None)}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -167,11 +177,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="refit the CPUs' decode points from their rounds by this statistic (default: as stored)")
     p.add_argument("--calm-tolerance", type=float, default=CALM_ROUND_TOLERANCE,
                    help="with --cpu-rounds calm: how far from the calmest round a round is still calm")
+    p.add_argument("--step-wait", choices=("row", "tokens", "device"), default="row",
+                   help="the decode loop replayed: as each row's steps were timed (default), or as a generation "
+                        "waits (tokens: what this build's bench measures), or synchronising the device each step")
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
     print(f"{'file':44} {'kv':>12} {'batch':>5} {'micro':>5} {'cpu':>4} {'stored':>7} {'replay':>7} {'busy':>6} "
-          f"{'prefill':>7} {'step':>7}")
+          f"{'prefill':>7} {'step':>7} {'step ms':>7}")
     for f in a.files:
         doc = json.loads(Path(f).read_text())
         preset = a.preset or preset_of(doc["meta"])
@@ -179,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if row.get("predicted_tokens_per_s") is None:
                 continue
             r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor, a.cpu_rounds,
-                                                    a.calm_tolerance)}
+                                                    a.calm_tolerance, a.step_wait)}
             rows.append(r)
             print(_line(r))
     replayed = [r["replayed"] / r["measured"] for r in rows if r["replayed"]]

@@ -63,7 +63,8 @@ def rows_at_the_planners_count(doc: Dict[str, Any], sizes: ModelSizes) -> List[D
         stored = doc["meta"].get("compute_models", {}).get(row.get("predicted_compute"))
         if row.get("kv_offload") != "split" or stored is None or row.get("quantize") or "kv_cpu_layers" not in row:
             continue  # (rows of a bench older than run 10 of 2026-12-04 do not record their count)
-        tm = ThroughputModel(ComputeModel.from_dict(stored), sizes.block_bytes, row["predicted_link_gbps"])
+        tm = ThroughputModel(ComputeModel.from_dict(stored), sizes.block_bytes, row["predicted_link_gbps"],
+                             device_sync=row.get("step_wait") != "tokens")  # as the row's steps were timed
         batch, resident = row["batch"], row["resident_blocks"]
         micro = row["micro_batch"] if row.get("micro_batch") and row["micro_batch"] < batch else None
         context = row["prompt"] + row["gen"] / 2

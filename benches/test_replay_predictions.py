@@ -47,6 +47,24 @@ def test_a_graphed_row_is_replayed_as_graphed():
     assert r["replayed"] == pytest.approx(r["stored"], rel=1e-6)
 
 
+def test_a_row_timed_with_the_device_synchronised_replays_so_and_as_a_generation_would_run():
+    """The H200's device cache at batch 8 (run 4 of 2026-12-05: 26 blocks resident, 4 streamed) was timed by a bench
+    that synchronised the device after each step: replayed so, its stored prediction (a 35.1 ms step). As a
+    generation runs it, waiting for its tokens only, the next pass's first copies overlap its resident blocks and
+    the step is the 4 blocks' copies and a little: 29.8 ms."""
+    doc = json.loads((Path(__file__).parent / "results" / "raw" / "h200-2026-12-05-run4-bench_kv_all.json").read_text())
+    (row,) = [r for r in doc["rows"] if r["batch"] == 8 and r["kv_offload"] == "none"]
+    assert "step_wait" not in row
+    synced = rp.replay_row(row, doc["meta"], "bloom-7b1", recompute_busy=False)
+    assert synced["replayed"] == pytest.approx(synced["stored"], rel=1e-9)
+    assert synced["replayed_step_s"] == pytest.approx(row["predicted_decode_step_s"], rel=1e-9)
+    tokens = rp.replay_row(row, doc["meta"], "bloom-7b1", recompute_busy=False, step_wait="tokens")
+    copies = row["streamed_bytes"] / (row["predicted_link_gbps"] * 1e9)
+    assert copies < tokens["replayed_step_s"] < copies * 1.03 < synced["replayed_step_s"] / 1.15
+    assert rp.replay_row({**row, "step_wait": "tokens"}, doc["meta"], "bloom-7b1",
+                         recompute_busy=False)["replayed_step_s"] == tokens["replayed_step_s"]
+
+
 def test_a_busy_factor_is_recomputed_from_a_calibrations_own_samples():
     """Calls of 12 and 13 ms in the busy windows (their count from the bytes read: 2 x 64 rows x 544 keys of
     bloom-7b1's 16 KiB a key) against the block alone at that point, 10 ms."""

@@ -171,6 +171,30 @@ def test_a_loop_waiting_for_its_tokens_keeps_the_link_busy_across_passes():
     assert tm.pass_s(0, block_s=1e-3, outer_s=0.0, first=True)[0] == pytest.approx(0.001 + 7 * 0.01 + 0.001)
 
 
+def test_the_first_pass_after_a_synchronisation_is_the_prefills():
+    """The prefill is a first pass: 0.018 s, as hand-worked above, where a decode step of the same blocks takes
+    0.040 s."""
+    tm = ThroughputModel(compute_model(10, block_s=1e-3, per_token=0.0, per_key=0.0, outer_s=0.0), [100 * MB] * 10,
+                         link_gbps=10.0, ring_slots=3)
+    assert tm.prefill(1, 6, 1)[0] == pytest.approx(0.018)
+    assert tm.decode_step(1, 6, 1)[0] == pytest.approx(0.040)
+
+
+def test_each_copy_is_of_its_own_block():
+    """Streamed copies of 1, 1 and 30 ms in 2 slots: the first pass finds blocks 0 and 1 landed, and block 2's copy,
+    30 ms, starts once block 0's compute (1 ms) frees its slot: the pass ends at 1 + 30 + 1 ms."""
+    assert ring_schedule([1e-3, 1e-3, 30e-3], 2, 0, 1e-3, 0.0, 1) == pytest.approx([0.032])
+
+
+def test_a_link_slower_than_the_compute_by_a_little_falls_behind_over_passes():
+    """3 streamed blocks in 3 slots, each copied again every pass (5 ms), behind 4 resident blocks; 2 ms a block: the
+    compute takes 14 ms a pass, the link 15. From the synchronisation the passes run at the compute's pace, the
+    link 1 ms further behind each pass, until its copies hold them back: then every pass takes the link's 15 ms."""
+    ends = ring_schedule([5e-3] * 3, 3, 4, 2e-3, 0.0, 6)
+    assert [round((b - a) * 1e3, 9) for a, b in zip([0.0, *ends], ends)] == [14, 14, 14, 15, 15, 15]
+    assert steady_period([5e-3] * 3, 3, 4, 2e-3, 0.0) == pytest.approx(0.015)
+
+
 def test_a_loop_synchronising_the_device_idles_the_link_while_resident_blocks_compute():
     """The same ring, each step waiting for every stream (``device_sync``): the next pass's 3 copies must land
     before the step ends, so they cannot overlap its resident blocks: 7 + 4 * 10 = 47 ms a pass."""
@@ -189,6 +213,9 @@ def test_one_slot_holds_every_copy_back_until_the_compute_before_it():
     tm = ThroughputModel(compute_model(10), [100 * MB] * 10, link_gbps=10.0, ring_slots=1)
     assert tm.pass_s(6, block_s=1e-3, outer_s=0.0)[0] == pytest.approx(0.044)
     assert steady_period([0.01] * 4, 1, 6, 1e-3, 0.0) == pytest.approx(0.044)
+    # a ring has no more slots than streamed blocks (``DeviceRing``): one streamed block with 3 asked for is one
+    # slot, its next copy (10 ms) waiting for its compute (1 ms)
+    assert ring_schedule([0.01], 3, 0, 1e-3, 0.0, 2) == pytest.approx([0.001, 0.012])
 
 
 def test_a_streamed_block_hidden_behind_the_compute_ties_and_the_fewer_streamed_wins():

@@ -502,16 +502,16 @@ def ring_schedule(copies: Sequence[float], ring_slots: int, resident: int, block
     return ends
 
 
-STEADY_PASSES = 16  # a ring of ~30-100 blocks settles within 10 (every residency, 1-5 slots, 1e-5 to 2e-2 s each)
+STEADY_PASSES = 16  # rings of 2-100 blocks, 1-5 slots, 1e-5 to 2e-2 s a block or copy settle within 10 passes
 
 
 def steady_period(copies: Sequence[float], ring_slots: int, resident: int, block_s: float, head_s: float,
                   device_sync: bool = False) -> float:
-    """Seconds a pass takes once the ring's schedule has settled: ``ring_schedule`` played out over
-    ``STEADY_PASSES``, its last passes' mean (a schedule may settle into a cycle of a few passes)."""
+    """Seconds a pass takes once the ring's schedule has settled: the last of ``STEADY_PASSES`` passes played out
+    (``ring_schedule``). Passes can run faster at first, while the link falls behind the compute a little each
+    pass."""
     ends = ring_schedule(copies, ring_slots, resident, block_s, head_s, STEADY_PASSES, device_sync)
-    last = STEADY_PASSES // 3
-    return (ends[-1] - ends[-1 - last]) / last
+    return ends[-1] - ends[-2]
 
 
 def descend(cost: Callable[[int], float], start: int, lo: int, hi: int, seen: Dict[int, float],
