@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+import random
 import warnings
 
 import numpy as np
@@ -193,6 +194,34 @@ def test_a_link_slower_than_the_compute_by_a_little_falls_behind_over_passes():
     ends = ring_schedule([5e-3] * 3, 3, 4, 2e-3, 0.0, 6)
     assert [round((b - a) * 1e3, 9) for a, b in zip([0.0, *ends], ends)] == [14, 14, 14, 15, 15, 15]
     assert steady_period([5e-3] * 3, 3, 4, 2e-3, 0.0) == pytest.approx(0.015)
+
+
+def test_a_link_slower_than_the_compute_by_very_little_is_the_bound_past_the_passes_played_out():
+    """5 streamed blocks in 5 slots behind 2 resident ones, 3 ms a block: 21 ms of compute a pass, 21.1 of copies.
+    Block 5's copy (10 ms) is issued once its compute of the pass before is done, with 9 ms to spare, and the link
+    falls 0.1 ms further behind each pass: the compute's 21 ms passes hold for 82 passes, longer than
+    ``STEADY_PASSES``; then the link's 21.1 ms. The period is the link's."""
+    copies = [10e-3, 0.5e-3, 0.6e-3, 5e-3, 5e-3]
+    ends = ring_schedule(copies, 5, 2, 3e-3, 0.0, 90)
+    passes = [round((b - a) * 1e3, 9) for a, b in zip([0.0, *ends], ends)]
+    assert passes[:82] == [21.0] * 82 and passes[82:] == [21.1] * 8
+    assert steady_period(copies, 5, 2, 3e-3, 0.0) == pytest.approx(0.0211)
+
+
+def test_a_settled_period_is_the_long_run_mean_of_the_passes():
+    """``steady_period`` stops once a pass leaves the next what it was left; its answer is the mean pass of a run of
+    300 (the last 100) for random rings: 2-96 blocks, every residency, 1-5 slots, either loop."""
+    rng = random.Random(3)
+    for _ in range(300):
+        n = rng.choice([2, 4, 10, 30, 96])
+        resident = rng.randrange(n)
+        block, head = rng.choice([1e-5, 1e-3, 1e-2]) * rng.random(), 1e-2 * rng.random()
+        copy = rng.choice([1e-4, 7e-3, 2e-2])
+        copies = [copy * rng.uniform(0.5, 1.5) for _ in range(n - resident)]
+        slots, synced = rng.randint(1, 5), rng.random() < 0.3
+        ends = ring_schedule(copies, slots, resident, block, head, 300, synced)
+        assert steady_period(copies, slots, resident, block, head, synced) == pytest.approx(
+            (ends[-1] - ends[-101]) / 100, rel=1e-9)
 
 
 def test_a_loop_synchronising_the_device_idles_the_link_while_resident_blocks_compute():

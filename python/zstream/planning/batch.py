@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -486,32 +486,45 @@ def ring_schedule(copies: Sequence[float], ring_slots: int, resident: int, block
     copy (``copies`` seconds each, in streamed order, one link) the ring issued as the block ``slots`` before it
     was released and runs once that block's compute is done (``DeviceRing._issue``). The next pass starts when the
     compute is done (``device_sync``: and every copy issued has landed)."""
+    return [end for end, _ in itertools.islice(_passes(copies, ring_slots, resident, block_s, head_s, device_sync),
+                                               passes)]
+
+
+def _passes(copies: Sequence[float], ring_slots: int, resident: int, block_s: float, head_s: float,
+            device_sync: bool) -> Iterator[Tuple[float, Tuple[float, ...]]]:
+    """``ring_schedule``'s passes, each (its end, what the next pass starts from, relative to that end: when the
+    copies already issued for it land)."""
     s = len(copies)
     slots = max(1, min(ring_slots, s))
     landed = [0.0] * slots          # by global index g = pass * s + j
     link = end = 0.0
-    ends: List[float] = []
-    for p in range(passes):
+    for p in itertools.count():
         t = end + head_s + resident * block_s
         for j in range(s):
             t = max(t, landed[p * s + j]) + block_s
             link = max(link, t) + copies[(j + slots) % s]  # block g + slots, into the slot g frees
             landed.append(link)
         end = max(t, link) if device_sync else t
-        ends.append(end)
-    return ends
+        yield end, tuple(x - end for x in landed[-slots:])  # (the last: when the link frees)
 
 
-STEADY_PASSES = 16  # rings of 2-100 blocks, 1-5 slots, 1e-5 to 2e-2 s a block or copy settle within 10 passes
+STEADY_PASSES = 64  # at most: a ring settles within a few passes, unless its link falls behind slowly (below)
 
 
 def steady_period(copies: Sequence[float], ring_slots: int, resident: int, block_s: float, head_s: float,
                   device_sync: bool = False) -> float:
-    """Seconds a pass takes once the ring's schedule has settled: the last of ``STEADY_PASSES`` passes played out
-    (``ring_schedule``). Passes can run faster at first, while the link falls behind the compute a little each
-    pass."""
-    ends = ring_schedule(copies, ring_slots, resident, block_s, head_s, STEADY_PASSES, device_sync)
-    return ends[-1] - ends[-2]
+    """Seconds a pass takes once the ring's schedule has settled: played out (``ring_schedule``) until a pass
+    leaves the next one what it was left itself, so that every later pass repeats it. Passes can run faster at
+    first, while the link falls behind the compute a little each pass, until its copies hold the compute back: where
+    that takes longer than ``STEADY_PASSES``, the link is the bound, and a settled pass its copies' time."""
+    last_end, last_state = 0.0, None
+    for p, (end, state) in enumerate(_passes(copies, ring_slots, resident, block_s, head_s, device_sync), 1):
+        if last_state is not None and all(abs(a - b) <= 1e-12 for a, b in zip(state, last_state)):
+            return end - last_end
+        if p == STEADY_PASSES:
+            return max(end - last_end, sum(copies))
+        last_end, last_state = end, state
+    raise AssertionError("unreachable: _passes never ends")
 
 
 def descend(cost: Callable[[int], float], start: int, lo: int, hi: int, seen: Dict[int, float],
