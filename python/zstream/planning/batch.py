@@ -290,7 +290,7 @@ class ThroughputModel:
     A generation waits for each step's tokens, not for those copies, so they land while the next pass's resident
     blocks compute, and its decode steps settle at max(streamed bytes / link, compute) unless the slots hold the
     copies back (``ring_schedule`` plays the passes out until they do). A loop that synchronises the whole device
-    after each step (``device_sync``: ``zstream bench`` before calibration format 11) also waits for the next
+    after each step (``device_sync``: ``zstream bench``'s rows without a ``step_wait``) also waits for the next
     pass's first copies, and the link idles while the resident blocks compute.
 
     The link's copies and the CPUs attending a host cache read the same host memory. On the H200 host the two
