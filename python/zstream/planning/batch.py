@@ -517,14 +517,14 @@ def steady_period(copies: Sequence[float], ring_slots: int, resident: int, block
     leaves the next one what it was left itself, so that every later pass repeats it. Passes can run faster at
     first, while the link falls behind the compute a little each pass, until its copies hold the compute back: where
     that takes longer than ``STEADY_PASSES``, the link is the bound, and a settled pass its copies' time."""
-    last_end, last_state = 0.0, None
-    for p, (end, state) in enumerate(_passes(copies, ring_slots, resident, block_s, head_s, device_sync), 1):
+    last_end, last_state, period = 0.0, None, 0.0
+    for end, state in itertools.islice(_passes(copies, ring_slots, resident, block_s, head_s, device_sync),
+                                       STEADY_PASSES):
+        period = end - last_end
         if last_state is not None and all(abs(a - b) <= 1e-12 for a, b in zip(state, last_state)):
-            return end - last_end
-        if p == STEADY_PASSES:
-            return max(end - last_end, sum(copies))
+            return period
         last_end, last_state = end, state
-    raise AssertionError("unreachable: _passes never ends")
+    return max(period, sum(copies))
 
 
 def descend(cost: Callable[[int], float], start: int, lo: int, hi: int, seen: Dict[int, float],
