@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import itertools
 import random
+import statistics
 import warnings
 
 import numpy as np
@@ -1572,7 +1573,8 @@ def test_the_first_graph_a_calibration_records_is_a_throwaway(tiny_bloom, monkey
                                   seed=0, quant=None)
     timer.graphs = True
     timer.sample([("decode", 2, 1, 10), ("decode", 3, 1, 6)], [], False, 2)
-    few, many = calibrate.GRAPH_PROBE_BLOCKS
+    few, many = calibrate.graph_probe_blocks(model.family.num_blocks)
+    assert many == model.family.num_blocks  # the step a generation replays, timed whole
     assert made == [1, few, many, few, many]
     timer.sample([("decode", 2, 1, 10)], [], False, 1)
     assert made[5:] == [1, few, many]
@@ -1582,9 +1584,9 @@ def test_the_first_graph_a_calibration_records_is_a_throwaway(tiny_bloom, monkey
 def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bloom):
     """A graphed decode point is timed over GRAPH_PROBE_BLOCKS blocks (on the CPU, the fixed-shape step eagerly):
     the block is the difference over the blocks between, the step's rest what remains; fitted beside the eager."""
-    few, many = calibrate.GRAPH_PROBE_BLOCKS
+    few, many = probe = (2, 8)
     sample = calibrate._graph_sample(4, 9, [(few * 1e-3 + 5e-4, many * 1e-3 + 5e-4), (0.004, 0.016)],
-                                     (few * 3e-3 + 0.02, many * 3e-3 + 0.02))
+                                     (few * 3e-3 + 0.02, many * 3e-3 + 0.02), probe)
     assert sample["block_rounds_s"] == pytest.approx([1e-3, 0.012 / (many - few)])
     assert sample["outer_rounds_s"] == pytest.approx([5e-4, 0.004 - few * 0.012 / (many - few)])
     # the recording less the replayed step's parts (their medians: 1.5e-3 a block, 2.5e-4 the rest)
@@ -1608,5 +1610,20 @@ def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bl
                         fitted.decode_graph_record_outer)
     assert calibrate._fitted(model.family, torch.float32, "k", [s for s in samples if s["phase"] != "graph"], [],
                              [], [], loop, [], False, 1).decode_graph_block is None
-    assert calibrate._graph_sample(1, 1, [(2e-3, 1e-3)], (1.0, 1.0))["block_s"] == 1e-6  # below zero: the floor
+    assert calibrate._graph_sample(1, 1, [(2e-3, 1e-3)], (1.0, 1.0), probe)["block_s"] == 1e-6  # below 0: the floor
     model.close()
+
+
+def test_a_graphed_point_times_the_models_own_step_whole():
+    """The graph probe's many blocks are the model's own count, and the fitted parts give back that step's median
+    as timed (not the median of each part, which need not add up to it): runs 7 and 11 of 2026-12-05 extrapolated
+    bloom-7b1's 30-block step from 2 and 8 blocks to 8.25 and 6.84 ms, where both ran at 7.35-7.57."""
+    assert calibrate.graph_probe_blocks(30) == (2, 30)
+    assert calibrate.graph_probe_blocks(2) == (1, 2) and calibrate.graph_probe_blocks(1) == (1, 2)
+    rounds = [(0.003, 0.009), (0.003, 0.015), (0.005, 0.011)]  # blocks 1, 2, 1 ms; the parts' rest 1, -1, 3 ms
+    sample = calibrate._graph_sample(1, 1, rounds, (0.05, 0.1), (2, 8))
+    assert sample["block_s"] == pytest.approx(1e-3)
+    assert sample["outer_s"] + 8 * sample["block_s"] == pytest.approx(0.011)  # the 8-block step's median
+    assert statistics.median(sample["outer_rounds_s"]) == pytest.approx(1e-3)  # (what the rest was before)
+    # the recording less the replayed step: its 8-block step took 0.1 s, 0.089 over the replay's 0.011
+    assert sample["record_outer_s"] + 8 * sample["record_block_s"] == pytest.approx(0.1 - 0.011)

@@ -28,8 +28,9 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # CPUs' blocks beside the link's copies; 6: decode steps replayed as a CUDA graph; 7: the CPUs' points from their
 # calm rounds, their slow-down beside the link against the block alone in the window before; 8: graph recordings
 # after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes;
-# 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own)
-CALIBRATION_FORMAT = 10
+# 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own;
+# 11: graphed steps timed at the model's own block count, over longer samples)
+CALIBRATION_FORMAT = 11
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -44,7 +45,8 @@ CPU_SAMPLE_S = 0.05                   # a host-compute decode block's timing sam
 # on six runs and scored on the seventh, 33-34 (benches/calm_holdout.py)
 CALM_ROUND_TOLERANCE = 1.3
 SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
-GRAPH_PROBE_BLOCKS = (2, 8)           # a graphed decode step timed over this many blocks: the difference is blocks'
+GRAPH_PROBE_FEW = 2                   # a graphed decode step timed over this many blocks and the model's own count
+GRAPH_SAMPLE_S = 0.05                 # a graphed step's timing sample: several whole steps back to back
 GRAPH_PROBE_CACHE_BYTES = 256 << 20   # its blocks take turns over this much cache at most (one layer at the least)
 GRAPH_FLOOR_S = 1e-6                  # a graphed sample's part (a difference of timings) at least this
 
@@ -175,6 +177,16 @@ def _points(max_batch: int, prompt: int, longest: int, max_prefill_tokens: int,
     return points
 
 
+def graph_probe_blocks(num_blocks: int) -> Tuple[int, int]:
+    """(few, many): the block counts a graphed decode point is timed over; the difference is blocks', the rest the
+    step's. Many is the model's own count, so the step an all-resident generation replays is timed whole, not
+    extrapolated from a shorter graph: from graphs of 2 and 8 blocks, runs 7 and 11 of 2026-12-05 predicted
+    bloom-7b1's 30-block step at 8.25 and 6.84 ms where both runs measured 7.35-7.57 (x4.7 on their difference's
+    noise, and whatever a 30-block graph's replay costs that an 8-block one's does not)."""
+    many = max(2, num_blocks)
+    return min(GRAPH_PROBE_FEW, many - 1), many
+
+
 def times_graphs(asked: bool, device: torch.device, quant: Any) -> bool:
     """Whether a calibration times decode steps as CUDA graphs: where asked (load's ``cuda_graphs``), on a GPU, with
     plain weights (a packed block is dequantized every call: the engine does not graph it)."""
@@ -204,6 +216,7 @@ class _BlockTimer:
         self.graphs = times_graphs(graphs, device, quant)
         self.graph_steps: Dict[Tuple[int, int, int], Callable[[], Any]] = {}  # (B, S, blocks) -> one graphed step
         self.graph_records: Dict[Tuple[int, int, int], float] = {}  # (B, S, blocks) -> its first step, recording
+        self.graph_probe = graph_probe_blocks(family.num_blocks)  # (few, many) blocks a graphed point is timed over
         self.pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs
 
     def close(self) -> None:
@@ -269,7 +282,7 @@ class _BlockTimer:
             self.graph_steps[point]()  # the first step records the graph (and replays it)
             _sync(self.dev)
             self.graph_records[point] = time.perf_counter() - t0
-        return _seconds(self.graph_steps[point], self.dev, self.min_sample_s)
+        return _seconds(self.graph_steps[point], self.dev, max(self.min_sample_s, GRAPH_SAMPLE_S))
 
     def _graph_step(self, B: int, S: int, blocks: int) -> Callable[[], Any]:
         """A graphed decode step of ``blocks`` blocks at batch ``B`` over ``S`` keys (recorded at its first call)."""
@@ -320,7 +333,7 @@ class _BlockTimer:
                         if (kv, *p) in kv_times:
                             kv_times[(kv, *p)].append(self.time_kv(kv, B, T, S))
                     if (B, S) in graph_times:
-                        few, many = GRAPH_PROBE_BLOCKS
+                        few, many = self.graph_probe
                         graph_times[(B, S)].append((self.time_graph(B, S, few), self.time_graph(B, S, many)))
             for _ in range(max(1, rounds)):  # the CPUs' points again, until as many rounds as asked were calm
                 if not on_cpus or len(calm_rounds([kv_times[k] for k in on_cpus])) >= rounds:
@@ -346,8 +359,9 @@ class _BlockTimer:
         for s in kv_samples:
             if (s["kv_offload"], s["phase"], s["batch"], s["tokens"], s["keys"]) in on_cpus:
                 s.update(block_s=statistics.median(s["block_rounds_s"][i] for i in calm), calm_rounds=calm)
-        few, many = GRAPH_PROBE_BLOCKS
-        graphed = [_graph_sample(B, S, t, (self.graph_records[(B, S, few)], self.graph_records[(B, S, many)]))
+        few, many = self.graph_probe
+        graphed = [_graph_sample(B, S, t, (self.graph_records[(B, S, few)], self.graph_records[(B, S, many)]),
+                                 self.graph_probe)
                    for (B, S), t in graph_times.items()]
         self.graph_records.clear()
         return samples + graphed, kv_samples
@@ -388,25 +402,30 @@ def calm_rounds(rounds_by_point: Sequence[Sequence[float]], tolerance: float = C
     return [i for i, score in enumerate(scores) if score <= calmest * tolerance]
 
 
-def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]], records: Tuple[float, float]) -> Dict[str, Any]:
+def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]], records: Tuple[float, float],
+                  probe: Tuple[int, int]) -> Dict[str, Any]:
     """A graphed decode step's sample from its rounds of (few blocks, many blocks): a block is the difference over
     the blocks between, the rest of the step (context, copies in and out, the replay's launch) what remains; and the
     same of ``records``, the first step of each (the graph recorded: a warm-up step, the capture and a replay), less
     the replayed step's: what recording adds to a generation's first step."""
-    few, many = GRAPH_PROBE_BLOCKS
+    few, many = probe
 
     def split(pairs: Sequence[Tuple[float, float]]) -> Tuple[List[float], List[float]]:
         blocks = [(t_many - t_few) / (many - few) for t_few, t_many in pairs]
         return blocks, [t_few - few * b for (t_few, _), b in zip(pairs, blocks)]
     blocks, outer = split(rounds)
+    block = statistics.median(blocks)
+    # the rest is what the step of ``many`` blocks leaves of its median: that step, the one an all-resident
+    # generation replays, comes out as timed
+    rest = statistics.median(t_many for _, t_many in rounds) - many * block
     (record_block,), (record_outer,) = split([records])
     # a recording's first step replays the graph too: what it adds is what it took over a replayed step
-    record_block -= statistics.median(blocks)
-    record_outer -= statistics.median(outer)
+    record_block -= block
+    record_outer -= rest
     # (at least the floor: a difference of two noisy timings can come out at or below zero, and fits need > 0)
     f = GRAPH_FLOOR_S
-    return {"phase": "graph", "batch": B, "context": S, "block_s": max(f, statistics.median(blocks)),
-            "outer_s": max(f, statistics.median(outer)), "block_rounds_s": blocks, "outer_rounds_s": outer,
+    return {"phase": "graph", "batch": B, "context": S, "block_s": max(f, block), "outer_s": max(f, rest),
+            "block_rounds_s": blocks, "outer_rounds_s": outer,
             "record_block_s": max(f, record_block), "record_outer_s": max(f, record_outer)}
 
 
