@@ -1627,3 +1627,15 @@ def test_a_graphed_point_times_the_models_own_step_whole():
     assert statistics.median(sample["outer_rounds_s"]) == pytest.approx(1e-3)  # (what the rest was before)
     # the recording less the replayed step: its 8-block step took 0.1 s, 0.089 over the replay's 0.011
     assert sample["record_outer_s"] + 8 * sample["record_block_s"] == pytest.approx(0.1 - 0.011)
+
+
+def test_graphs_are_timed_only_where_the_cache_may_stay_on_the_device(tiny_bloom):
+    """A graph replays all-resident steps with the cache on the device (``residency.decode_graph_allowed``): a
+    calibration for host placements alone does not time graphs (nor key them), even where load's cuda_graphs asks."""
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    kw = dict(max_batch=2, prompt=4, gen=2, rounds=1, min_sample_s=1e-4, graphs=True)
+    assert calibrate_compute(model.family, "cpu", torch.float32, kv_offloads=("none", "host"), **kw).key \
+        .endswith(" graphs")
+    assert not calibrate_compute(model.family, "cpu", torch.float32, kv_offloads=("host-compute",), **kw).key \
+        .endswith(" graphs")
+    model.close()
