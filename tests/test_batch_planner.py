@@ -1639,3 +1639,20 @@ def test_graphs_are_timed_only_where_the_cache_may_stay_on_the_device(tiny_bloom
     assert not calibrate_compute(model.family, "cpu", torch.float32, kv_offloads=("host-compute",), **kw).key \
         .endswith(" graphs")
     model.close()
+
+
+def test_the_models_whole_graphed_step_is_timed_sustained(tiny_bloom, monkeypatch):
+    """The whole graphed step is sampled over GRAPH_SUSTAINED_S, as long as a generation's decode (sustained, the
+    device's power cap lowers its clock: run 12 of 2026-12-05), the few-block graph over GRAPH_SAMPLE_S."""
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    timer = calibrate._BlockTimer(model.family, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001,
+                                  seed=0, quant=None)
+    few, many = timer.graph_probe
+    asked: list = []
+    real = calibrate._seconds
+    monkeypatch.setattr(calibrate, "_seconds", lambda fn, dev, sample_s: asked.append(sample_s) or real(fn, dev, 1e-4))
+    timer.time_graph(2, 10, few)
+    timer.time_graph(2, 10, many)
+    assert asked == [calibrate.GRAPH_SAMPLE_S, calibrate.GRAPH_SUSTAINED_S]
+    assert calibrate.GRAPH_SUSTAINED_S >= 0.2  # (a 32-token generation's decode of bloom-7b1 at batch 7)
+    model.close()

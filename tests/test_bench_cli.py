@@ -444,7 +444,7 @@ def test_repeats_take_the_medians_and_the_trace_goes_to_the_first_streamed_row(c
 
     def numbered(model, b, prompt, gen, trace=None, trace_steps=2, trace_prefill=None):  # type: ignore[no-untyped-def]
         r = real(model, b, prompt, gen, trace=trace, trace_prefill=trace_prefill)
-        if gen in (1, 3):  # the group's warm-up, a row's untimed prefill of its shape
+        if gen == 3:  # the group's warm-up
             return r
         calls.append((model.plan.offload, trace))
         n = float(len(calls))
@@ -457,30 +457,6 @@ def test_repeats_take_the_medians_and_the_trace_goes_to_the_first_streamed_row(c
     assert calls == [("none", None)] * 3 + [("nvme", trace)] + [("nvme", None)] * 2
     rows = json.loads(out.read_text())["rows"]
     assert [(r["prefill_s"], r["decode_step_s"], r["tokens_per_s"]) for r in rows] == [(2, 20, 200), (5, 50, 500)]
-
-
-def test_each_row_is_timed_after_an_untimed_prefill_of_its_own_shape(cache, monkeypatch):
-    """A process's first prefill of a shape makes the caching allocator's segments for it (a one-off cost: the
-    device-cache rows' prefills ran a nearly constant 6-16 ms over their predictions at batches 7-16, runs of
-    2026-12-04/05). Each row runs one untimed prefill of its batch and prompt before its timed runs, and keeps its
-    time as ``first_prefill_s``."""
-    from zstream.interfaces import bench
-
-    real, calls = bench.run_one, []
-
-    def logged(model, b, prompt, gen, **k):  # type: ignore[no-untyped-def]
-        calls.append((b, prompt, gen))
-        r = real(model, b, prompt, gen, **k)
-        return {**r, "prefill_s": 1000.0 + len(calls)} if gen == 1 else r
-
-    monkeypatch.setattr(bench, "run_one", logged)
-    out = cache / "w.json"
-    assert main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "1,2", "--prompt", "6", "--gen", "4",
-                 "--device", "cpu", "--json", str(out)]) == 0
-    assert calls == [(1, 6, 3), (1, 6, 1), (1, 6, 4), (2, 6, 1), (2, 6, 4)]
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["first_prefill_s"] for r in rows] == [1002.0, 1004.0]
-    assert all(r["prefill_s"] < 1000 for r in rows)  # the timed run's own
 
 
 def test_a_timed_step_waits_for_its_tokens_not_for_the_rings_copies(cache, monkeypatch):
@@ -498,7 +474,7 @@ def test_a_timed_step_waits_for_its_tokens_not_for_the_rings_copies(cache, monke
     def run(gen: int) -> list:  # the prefill and gen - 1 decode steps
         return [("device",)] + [("tokens", (2, 1))] * gen
 
-    assert events == run(3) + run(1) + run(4)  # the group's warm-up (gen 3), the row's prefill, then the row
+    assert events == run(3) + run(4)  # the group's warm-up (gen 3), then the row
     assert json.loads(out.read_text())["rows"][0]["step_wait"] == "tokens"
 
 

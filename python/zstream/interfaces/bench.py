@@ -447,10 +447,7 @@ def _link_bound(a: argparse.Namespace, model: Any, offload: str, meta: Dict[str,
 
 def _measured(a: argparse.Namespace, model: Any, b: int, offload: str, meta: Dict[str, Any]) -> Dict[str, Any]:
     """``a.repeats`` runs of batch ``b`` (the medians of their times); the first run of the first streamed batch of
-    the whole bench traced where asked (once: a trace's events cost the run time). Each after an untimed prefill of
-    its own shape, kept as ``first_prefill_s``: a process's first prefill of a shape pays for the caching
-    allocator's new segments, once, not every generation."""
-    first_prefill_s = run_one(model, b, a.prompt, 1)["prefill_s"]
+    the whole bench traced where asked (once: a trace's events cost the run time)."""
     first = offload != "none"  # (the trace records streamed blocks)
     trace = a.trace if first and not meta.get("traced") else None
     trace_prefill = a.trace_prefill if first and not meta.get("prefill_traced") else None
@@ -459,9 +456,9 @@ def _measured(a: argparse.Namespace, model: Any, b: int, offload: str, meta: Dic
     meta["traced"] = meta.get("traced") or trace is not None
     meta["prefill_traced"] = meta.get("prefill_traced") or trace_prefill is not None
     if a.repeats == 1:
-        return {**reps[0], "first_prefill_s": first_prefill_s}
-    return {**reps[0], "first_prefill_s": first_prefill_s,
-            **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s", "tokens_per_s")}}
+        return reps[0]
+    return {**reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
+                                                                          "tokens_per_s")}}
 
 
 def _kv_layer(model: Any, batch: int, context: int) -> int:

@@ -29,8 +29,8 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # calm rounds, their slow-down beside the link against the block alone in the window before; 8: graph recordings
 # after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes;
 # 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own;
-# 11: graphed steps timed at the model's own block count, over longer samples)
-CALIBRATION_FORMAT = 11
+# 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode)
+CALIBRATION_FORMAT = 12
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -46,7 +46,11 @@ CPU_SAMPLE_S = 0.05                   # a host-compute decode block's timing sam
 CALM_ROUND_TOLERANCE = 1.3
 SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
 GRAPH_PROBE_FEW = 2                   # a graphed decode step timed over this many blocks and the model's own count
-GRAPH_SAMPLE_S = 0.05                 # a graphed step's timing sample: several whole steps back to back
+GRAPH_SAMPLE_S = 0.05                 # a few-block graph's timing sample: several steps back to back
+# the model's whole graphed step is timed over as long as a generation's decode steps run: sustained, a graphed
+# step draws the device to its power cap and its clock down (run 12 of 2026-12-05: bloom-7b1's batch 7 decoded at a
+# median 1748 MHz and 480 W, its calibration's 50 ms samples at 1980 MHz; 7.07 ms measured, 6.58 predicted)
+GRAPH_SUSTAINED_S = 0.25
 GRAPH_PROBE_CACHE_BYTES = 256 << 20   # its blocks take turns over this much cache at most (one layer at the least)
 GRAPH_FLOOR_S = 1e-6                  # a graphed sample's part (a difference of timings) at least this
 
@@ -283,7 +287,8 @@ class _BlockTimer:
             self.graph_steps[point]()  # the first step records the graph (and replays it)
             _sync(self.dev)
             self.graph_records[point] = time.perf_counter() - t0
-        return _seconds(self.graph_steps[point], self.dev, max(self.min_sample_s, GRAPH_SAMPLE_S))
+        sample_s = GRAPH_SUSTAINED_S if blocks == self.graph_probe[1] else GRAPH_SAMPLE_S
+        return _seconds(self.graph_steps[point], self.dev, max(self.min_sample_s, sample_s))
 
     def _graph_step(self, B: int, S: int, blocks: int) -> Callable[[], Any]:
         """A graphed decode step of ``blocks`` blocks at batch ``B`` over ``S`` keys (recorded at its first call)."""
