@@ -11,7 +11,6 @@ import importlib
 import itertools
 import random
 import statistics
-import time
 import warnings
 
 import numpy as np
@@ -612,14 +611,14 @@ def test_calibration_times_the_dequantization(tiny_bloom, monkeypatch):
         events.append(("block", w))
         return real_block(w, *args)
 
-    def seconds(fn, device, min_sample_s, **kw):
+    def seconds(fn, device, min_sample_s):
         def recorded():
             start = len(events)
             result = fn()
             timed.append(events[start:])
             return result
 
-        return real_seconds(recorded, device, min_sample_s, **kw)
+        return real_seconds(recorded, device, min_sample_s)
 
     monkeypatch.setattr(BlockQuant, "dequantize", dequantize)
     monkeypatch.setattr(fam, "block", block)
@@ -784,8 +783,7 @@ def test_calibration_times_blocks_with_their_host_caches(tiny_bloom, monkeypatch
                         lambda self, *a: taken.append((self.host_compute, a[0])) or real_layer(self, *a))
     samples: list = []  # the sample length each timing asked for
     real_seconds = calibrate._seconds
-    monkeypatch.setattr(calibrate, "_seconds",
-                        lambda fn, dev, s, **kw: samples.append(s) or real_seconds(fn, dev, s, **kw))
+    monkeypatch.setattr(calibrate, "_seconds", lambda fn, dev, s: samples.append(s) or real_seconds(fn, dev, s))
     busy_asked: list = []  # the CPUs' slow-down beside the link: asked of the host-compute timings, kept as given
     monkeypatch.setattr(calibrate, "_cpu_busy_factor",
                         lambda host, busy, rk: busy_asked.append((host, busy, rk)) or 1.25)
@@ -1657,30 +1655,4 @@ def test_the_models_whole_graphed_step_is_timed_sustained(tiny_bloom, monkeypatc
     timer.time_graph(2, 10, many)
     assert asked == [calibrate.GRAPH_SAMPLE_S, calibrate.GRAPH_SUSTAINED_S]
     assert calibrate.GRAPH_SUSTAINED_S >= 0.2  # (a 32-token generation's decode of bloom-7b1 at batch 7)
-    model.close()
-
-
-def test_a_prefill_point_is_timed_a_pass_long_within_its_cap(tiny_bloom, monkeypatch):
-    """A prefill block is timed a pass's worth of calls back to back, at most PREFILL_SUSTAINED_S, as a prefill runs
-    (sustained, the card's power cap lowers its clock: run 12 of 2026-12-05); a decode block's sample is not."""
-    made = []
-
-    def counted() -> None:
-        made.append(1)
-        time.sleep(0.002)
-    made.clear()
-    calibrate._seconds(counted, torch.device("cpu"), 1e-6, calls=5, max_s=1.0)
-    assert len(made) == 2 + 5  # (a warm-up call and one timed to size the sample, then the sample)
-    made.clear()
-    calibrate._seconds(counted, torch.device("cpu"), 1e-6, calls=100, max_s=0.02)
-    assert 2 + 3 <= len(made) <= 2 + 10  # as many as fit 20 ms
-    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
-    timer = calibrate._BlockTimer(model.family, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001,
-                                  seed=0, quant=None)
-    asked: list = []
-    monkeypatch.setattr(calibrate, "_seconds", lambda fn, dev, sample_s, calls=1, max_s=float("inf"):
-                        asked.append((calls, max_s)) or 1e-3)
-    timer.time_block(2, 5, 5)
-    timer.time_block(2, 1, 6)
-    assert asked == [(model.family.num_blocks, calibrate.PREFILL_SUSTAINED_S), (1, float("inf"))]
     model.close()

@@ -29,8 +29,7 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # calm rounds, their slow-down beside the link against the block alone in the window before; 8: graph recordings
 # after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes;
 # 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own;
-# 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode, and
-# prefill blocks a pass's worth back to back)
+# 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode)
 CALIBRATION_FORMAT = 12
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
@@ -52,7 +51,6 @@ GRAPH_SAMPLE_S = 0.05                 # a few-block graph's timing sample: sever
 # step draws the device to its power cap and its clock down (run 12 of 2026-12-05: bloom-7b1's batch 7 decoded at a
 # median 1748 MHz and 480 W, its calibration's 50 ms samples at 1980 MHz; 7.07 ms measured, 6.58 predicted)
 GRAPH_SUSTAINED_S = 0.25
-PREFILL_SUSTAINED_S = 0.25            # a prefill point's sample: a pass's worth of the block, at most this long
 GRAPH_PROBE_CACHE_BYTES = 256 << 20   # its blocks take turns over this much cache at most (one layer at the least)
 GRAPH_FLOOR_S = 1e-6                  # a graphed sample's part (a difference of timings) at least this
 
@@ -62,20 +60,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float, calls: int = 1,
-             max_s: float = float("inf")) -> float:
+def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> float:
     """Seconds per call of ``fn``: ``inner`` calls back to back (enough for ``min_sample_s``, so that timer resolution
-    washes out, and ``calls`` of them where that takes no longer than ``max_s``) with one synchronisation at the end,
-    after a warm-up call (allocator, kernel selection)."""
+    washes out) with one synchronisation at the end, after a warm-up call (allocator, kernel selection)."""
     fn()
     _sync(device)
     t0 = time.perf_counter()
     fn()
     _sync(device)
     one = time.perf_counter() - t0
-    one = max(one, 1e-7)
-    sustained = calls if one * calls <= max_s else int(max_s / one)
-    inner = max(1, min(50, int(min_sample_s / one)), sustained)
+    inner = max(1, min(50, int(min_sample_s / max(one, 1e-7))))
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
@@ -269,12 +263,8 @@ class _BlockTimer:
         # of 2026-12-04: two calibrations minutes apart put one block 16% apart), and a step is seconds of them
         cpus = kv == "host-compute" and T == 1
         sample_s = max(self.min_sample_s, CPU_SAMPLE_S) if cpus else self.min_sample_s
-        # a prefill block a pass's worth of times back to back (at most PREFILL_SUSTAINED_S), as a prefill runs them:
-        # sustained, the card's power cap lowers its clock (run 12 of 2026-12-05: prefills at 1582-1785 MHz and
-        # 438-456 W, calibrations' short samples at 1980). On run 6's machine it moved the fit 0-5% only (item 35).
-        if T > 1:
-            return _seconds(self.block_call(B, T, S, kv), self.dev, sample_s, calls=self.family.num_blocks,
-                            max_s=PREFILL_SUSTAINED_S)
+        # (a prefill block timed a pass's worth of calls back to back moved its fit 0-5% and left the prefill 3-13%
+        # slower than predicted: run 6 of 2026-12-05, docs/performance.md item 35)
         return _seconds(self.block_call(B, T, S, kv), self.dev, sample_s)
 
     def time_kv(self, kv: str, B: int, T: int, S: int) -> float:
