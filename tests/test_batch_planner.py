@@ -1582,8 +1582,9 @@ def test_the_first_graph_a_calibration_records_is_a_throwaway(tiny_bloom, monkey
 
 
 def test_the_calibration_times_the_graphed_step_over_few_and_many_blocks(tiny_bloom):
-    """A graphed decode point is timed over GRAPH_PROBE_BLOCKS blocks (on the CPU, the fixed-shape step eagerly):
-    the block is the difference over the blocks between, the step's rest what remains; fitted beside the eager."""
+    """A graphed decode point is timed over few and many blocks (``graph_probe_blocks``; on the CPU, the fixed-shape
+    step eagerly): the block is the difference over the blocks between, the step's rest what remains; fitted beside
+    the eager."""
     few, many = probe = (2, 8)
     sample = calibrate._graph_sample(4, 9, [(few * 1e-3 + 5e-4, many * 1e-3 + 5e-4), (0.004, 0.016)],
                                      (few * 3e-3 + 0.02, many * 3e-3 + 0.02), probe)
