@@ -39,6 +39,10 @@ python3 -m pip install -q --upgrade --no-deps --no-index --target /tmp/zs .devic
 export PYTHONPATH=/tmp/zs
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current,driver_version --format=csv \
   | tee "$OUT/gpu.txt"
+# the card's power limits: sustained, a prefill or a graphed decode draws it to its cap and a lower clock than a
+# calibration's short samples see (docs/performance.md items 39-40); leases may differ in them
+nvidia-smi --query-gpu=power.limit,enforced.power.limit,power.default_limit,power.max_limit --format=csv \
+  > "$OUT/gpu_power.txt" 2>&1 || true
 Z="python3 -m zstream"
 # the GPU's clocks, power and throttle reasons every 100 ms through the session (GPU_CLOCKS=0: not): whether a
 # sustained pass runs at the clocks its short calibration samples saw (performance.md item 32)
