@@ -128,7 +128,8 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     prompt = max(1, min(prompt, longest))
     placements = _host_placements(kv_offloads)
     split = "split" in kv_offloads
-    graphs = graphs and "none" in kv_offloads  # (a graph replays steps with the cache on the device only)
+    # a graph replays steps with the cache on the device only (``residency.decode_graph_allowed``)
+    graphs = graphs and "none" in kv_offloads
     extra = sorted({int(b) for b in batches if 1 <= int(b) <= max_batch})
     key = (f"{compute_key(family, dtype, dev)} v{CALIBRATION_FORMAT} batch<={max_batch} prompt={prompt} gen={gen} "
            f"prefill<={max_prefill_tokens}" + (f" at={','.join(map(str, extra))}" if extra else "")
