@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" \
     torch numpy tqdm safetensors "transformers>=4.45" tokenizers huggingface_hub hypothesis pytest pytest-benchmark \
-    ruff import-linter pytest-cov
+    ruff import-linter pytest-cov "mypy>=1.13,<3"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 echo "== cargo fmt / clippy / test"
@@ -16,6 +16,9 @@ cargo test -p zstream-core
 
 echo "== ruff"
 ruff check python tests benches
+
+echo "== mypy (the package's type hints: pyproject.toml [tool.mypy])"
+mypy
 
 echo "== import layers (import-linter: pyproject.toml [tool.importlinter])"
 (cd python && lint-imports --config ../pyproject.toml)

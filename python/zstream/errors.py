@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
+from typing import Optional
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -91,7 +93,7 @@ class OutputExistsError(ZStreamError, FileExistsError):
 def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """``warnings.warn``, pointed at the first frame outside zstream: at the user's line, however many zstream
     frames (wrappers, generators, decorators) lie between."""
-    frame = sys._getframe(0)  # this function: warnings.warn's stacklevel 1
+    frame: Optional[FrameType] = sys._getframe(0)  # this function: warnings.warn's stacklevel 1
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame = frame.f_back

@@ -6,6 +6,7 @@ import hashlib
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -149,7 +150,7 @@ def _load(model: Union[str, os.PathLike], options: LoadOptions, group: Optional[
         raise
 
 
-def _open_store(path: os.PathLike, config: Dict[str, Any], options: LoadOptions, sharded: bool) -> WeightStore:
+def _open_store(path: Path, config: Dict[str, Any], options: LoadOptions, sharded: bool) -> WeightStore:
     """The checkpoint's store (an in-memory synthetic checkpoint's weights are made, not read). Arenas are pinned
     when blocks may stream to a GPU from host memory; weights quantized or sharded at load go through temporary
     arenas, where pinning would be wasted work."""

@@ -63,12 +63,14 @@ class LoadOptions:
                            cuda_graphs=self.cuda_graphs)
 
 
-def _count(name: str, value: Any, lowest: int, optional: bool = False) -> Optional[int]:
-    if value is None and optional:
-        return None
+def _count(name: str, value: Any, lowest: int, *, or_none: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-        raise UsageError(f"{name} must be an integer >= {lowest}{' or None' if optional else ''}, not {value!r}")
+        raise UsageError(f"{name} must be an integer >= {lowest}{' or None' if or_none else ''}, not {value!r}")
     return value
+
+
+def _count_or_none(name: str, value: Any, lowest: int) -> Optional[int]:
+    return None if value is None else _count(name, value, lowest, or_none=True)
 
 
 def load_options(*, offload: str = "auto", device: Union[str, torch.device, None] = None,
@@ -113,11 +115,11 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
         offload=offload, device=resolve_device(device), dtype=wanted or alias,
         budget=parse_bytes(gpu_memory, what="gpu_memory"),
         prefetch=_count("prefetch", prefetch, 1), disk_prefetch=_count("disk_prefetch", disk_prefetch, 1),
-        max_batch=_count("max_batch", max_batch, 1), max_seq_len=_count("max_seq_len", max_seq_len, 1, True),
-        max_resident_blocks=_count("max_resident_blocks", max_resident_blocks, 0, True), reader=reader,
+        max_batch=_count("max_batch", max_batch, 1), max_seq_len=_count_or_none("max_seq_len", max_seq_len, 1),
+        max_resident_blocks=_count_or_none("max_resident_blocks", max_resident_blocks, 0), reader=reader,
         quantize=QuantConfig.parse(quantize, group_size, symmetric),
-        copy_from_tokens=_count("copy_from_tokens", copy_from_tokens, 1, True), progress=bool(progress),
-        tensor_parallel=_count("tensor_parallel", tensor_parallel, 1, True), parallel_timeout=float(parallel_timeout),
+        copy_from_tokens=_count_or_none("copy_from_tokens", copy_from_tokens, 1), progress=bool(progress),
+        tensor_parallel=_count_or_none("tensor_parallel", tensor_parallel, 1), parallel_timeout=float(parallel_timeout),
         compress=None if compress == "none" else compress, kv_offload=kv_offload,
-        micro_batch=_count("micro_batch", micro_batch, 1, True),
-        kv_cpu_layers=_count("kv_cpu_layers", kv_cpu_layers, 0, True), cuda_graphs=cuda_graphs)
+        micro_batch=_count_or_none("micro_batch", micro_batch, 1),
+        kv_cpu_layers=_count_or_none("kv_cpu_layers", kv_cpu_layers, 0), cuda_graphs=cuda_graphs)

@@ -4,7 +4,7 @@ checkpoint's facts, the link measured now and a compute model measured on the de
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -60,7 +60,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     if kv_offload not in (*KV_OFFLOADS, "auto"):
         raise UsageError(f"kv_offload must be one of {', '.join(KV_OFFLOADS)}, auto for planning, not {kv_offload!r}")
     kv_offloads = KV_OFFLOADS if kv_offload == "auto" else (kv_offload,)
-    micros = list(micro_batch) if isinstance(micro_batch, (list, tuple)) else [micro_batch]
+    micros: List[Optional[int]] = (
+        [micro_batch] if micro_batch is None or isinstance(micro_batch, int) else list(micro_batch))
     if any(m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1) for m in micros):
         raise UsageError(f"micro_batch must be None, a number of rows >= 1 or a list of them, not {micro_batch!r}")
     loaded = isinstance(model, StreamingModel)

@@ -211,7 +211,7 @@ def _values(name: str, numel: int, dtype: torch.dtype, std: float, seed: int, *,
 def _write_tensor(f: BinaryIO, name: str, shape: Tuple[int, ...], dtype: torch.dtype, std: float, seed: int,
                   progress: Any) -> None:
     for x in _values(name, math.prod(shape), dtype, std, seed):
-        f.write(x.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
+        f.write(x.view(torch.uint8).numpy().data)  # the buffer itself, no bytes copy
         if progress is not None:
             progress.update(x.numel() * x.element_size())
 

@@ -63,5 +63,8 @@ def _install_from_runtime() -> bool:  # GPU only: the CUDA runtime's entry point
     lib = ctypes.CDLL(path)
     register = ctypes.cast(lib.cudaHostRegister, ctypes.c_void_p).value
     unregister = ctypes.cast(lib.cudaHostUnregister, ctypes.c_void_p).value
+    if register is None or unregister is None:  # (a symbol resolved to NULL: not a runtime zstream can call)
+        warn(f"zstream: {path} gives no cudaHostRegister/cudaHostUnregister; arenas stay unpinned", RuntimeWarning)
+        return False
     _core.install_cuda_host_api(register, unregister)
     return _core.cuda_host_api_installed()

@@ -93,7 +93,7 @@ def write_tensor(f: BinaryIO, t: torch.Tensor, entry: Entry) -> None:
         raise ZStreamError(f"internal error: {entry.name} is {t.dtype} of {raw.numel()} bytes, the header says "
                            f"{entry.dtype} of {entry.nbytes}")
     if raw.numel():
-        f.write(memoryview(raw.numpy()))
+        f.write(raw.numpy().data)
 
 
 def check_output(out: Path) -> None:

@@ -344,6 +344,7 @@ class ThroughputModel:
         shared = shared_bytes / (self.kv_up_gbps * 1e9) if shared_bytes else 0.0
         if resident >= n:
             return max(compute + lead_s, outer_s + shared, floor) + self.step_overhead_s, shared, compute
+        assert self.link_gbps  # (blocks stream: checked above)
         copies = [self.block_bytes[i] / (self.link_gbps * 1e9) for i in range(resident, n)]
         transfer = sum(copies) + shared
         if first:
@@ -626,7 +627,8 @@ class BatchPlan:
         for c in self.table:
             if kv is None or c.kv_offload == kv:
                 by_batch.setdefault(c.batch, []).append(c)
-        return [c for b in sorted(by_batch) if (c := best_of(by_batch[b])) is not None]
+        best = (best_of(by_batch[b]) for b in sorted(by_batch))
+        return [c for c in best if c is not None]
 
     def max_batch(self, offload: Optional[str] = None, kv: Optional[str] = None) -> int:
         """The largest batch that fits; with ``offload="none"`` the largest with every block resident, with ``kv``

@@ -168,7 +168,7 @@ def build_in_place(  # GPU only: the GH200 mode (ATS, or mapped pinned memory on
         outer_flat = store.read_flat(list(dict.fromkeys(facts.outer_names.values())))
         outer = local_weights(to_device(outer_flat, dev), facts.outer_names, plan.dtype)
         in_place: List[FlatRead] = []
-        host: List[Optional[FlatRead]] = []
+        host: List[FlatRead] = []
         from tqdm.auto import tqdm
 
         for names in tqdm(facts.block_names, desc="zstream load (ats)", leave=False, disable=not progress):

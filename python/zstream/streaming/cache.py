@@ -102,8 +102,8 @@ class Uplink:
     def __init__(self, k_host: Tensor, v_host: Tensor, device: torch.device, slots: int = 2) -> None:
         self.k_host, self.v_host = k_host, v_host            # (host layers, max_len, B, nkv, hs)
         shape = (k_host.shape[2], k_host.shape[3], k_host.shape[1], k_host.shape[4])
-        self.slots = [tuple(torch.empty(shape, dtype=k_host.dtype, device=device) for _ in range(2))
-                      for _ in range(min(slots, k_host.shape[0]))]
+        kv = [torch.empty(shape, dtype=k_host.dtype, device=device) for _ in range(2 * min(slots, k_host.shape[0]))]
+        self.slots = list(zip(kv[::2], kv[1::2]))  # a (K, V) pair of buffers a slot: (B, nkv, max_len, hs) each
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.device = device
         self.issued: Dict[int, Tuple[int, Optional[torch.cuda.Event]]] = {}  # layer -> (start, copy done)
@@ -154,8 +154,9 @@ class Uplink:
             self.issued[j] = (start, None)
             return
         with torch.cuda.stream(self.stream):
-            if self.free[slot] is not None:
-                self.stream.wait_event(self.free[slot])
+            last_reader = self.free[slot]
+            if last_reader is not None:
+                self.stream.wait_event(last_reader)
             self._copy(j, start, slot)
             done = torch.cuda.Event()
             done.record(self.stream)

@@ -360,7 +360,7 @@ class _BlockTimer:
             where = {"context": S} if phase == "decode" else {"prompt": T}
             samples.append({"phase": phase, "batch": B, **where, "block_s": statistics.median(blk),
                             "outer_s": statistics.median(out), "block_rounds_s": blk, "outer_rounds_s": out})
-        kv_samples = [{"kv_offload": kv, "phase": phase, "batch": B, "tokens": T, "keys": S,
+        kv_samples: List[Dict[str, Any]] = [{"kv_offload": kv, "phase": phase, "batch": B, "tokens": T, "keys": S,
                        "block_s": statistics.median(t), "block_rounds_s": t}
                       for (kv, phase, B, T, S), t in kv_times.items()]
         for s in kv_samples:

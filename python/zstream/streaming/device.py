@@ -107,7 +107,7 @@ class CpuStream:
 
     def __init__(self, inline: bool) -> None:
         self.inline = inline
-        self.queue: Deque[Callable[[], None]] = deque()
+        self.queue: Deque[Callable[[], object]] = deque()
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
 
@@ -178,7 +178,7 @@ class CpuDevice:
     def new_event(self, timing: bool = False) -> CpuEvent:
         return CpuEvent()
 
-    def _enqueue(self, stream: CpuStream, fn: Callable[[], None]) -> None:
+    def _enqueue(self, stream: CpuStream, fn: Callable[[], object]) -> None:
         if stream.inline:
             fn()
             return

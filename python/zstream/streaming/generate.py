@@ -105,7 +105,7 @@ def setup(config: Any, explicit: Set[str], input_ids: Tensor, attention_mask: Te
     from transformers.generation import logits_process as lp
     from transformers.generation import stopping_criteria as sc
 
-    T, device = input_ids.shape[1], input_ids.device
+    T, device = input_ids.shape[1], str(input_ids.device)  # (transformers' processors take it by name)
     if config.max_new_tokens is not None:
         max_new = int(config.max_new_tokens)
     elif "max_length" in explicit:
@@ -158,7 +158,7 @@ def setup(config: Any, explicit: Set[str], input_ids: Tensor, attention_mask: Te
     return Setup(config, max_new, eos, int(pad), p, c)
 
 
-def _add_warpers(p: Any, config: Any, device: torch.device) -> None:
+def _add_warpers(p: Any, config: Any, device: str) -> None:
     """Sampling's warpers, in transformers' order."""
     from transformers.generation import logits_process as lp
 
@@ -240,7 +240,7 @@ def text_pieces(tokenizer: Any) -> Any:
     return Pieces()
 
 
-def check_prompt(ids: Tensor) -> Tensor:
+def check_prompt(ids: object) -> Tensor:
     """A (B, T) LongTensor of token ids, or a ModelError naming what was given instead."""
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2):
         what = f"a {ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__

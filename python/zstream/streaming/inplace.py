@@ -13,6 +13,7 @@ guessed. The builder (``build.build_in_place``) reads the arenas and measures.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import List
 
 import torch
@@ -70,8 +71,8 @@ def measure_crossover(in_place: torch.Tensor, host: torch.Tensor,  # GPU only
     crossover = 1 << 30
     for n in (1, 4, 16, 64, 256, 1024, 4096):
         x = torch.randn(n, in_place.shape[1], dtype=in_place.dtype, device=device)
-        remote = cuda_median_ms(lambda x=x: x @ in_place.T)
-        local = max(copy_ms, cuda_median_ms(lambda x=x: x @ w_dev.T))  # the ring overlaps copy and compute
+        remote = cuda_median_ms(partial(torch.matmul, x, in_place.T))
+        local = max(copy_ms, cuda_median_ms(partial(torch.matmul, x, w_dev.T)))  # the ring overlaps copy and compute
         table[n] = (remote, local)
         if remote > local and crossover == 1 << 30:
             crossover = n

@@ -114,8 +114,8 @@ class Traced:
         self.tracer = tracer
         self.g = 0
         self._open: Optional[Tuple[int, Any]] = None
-        self._replaced = [(ring, ring.instrument(_TimedCopies(ring.device, tracer, ring),  # type: ignore[arg-type]
-                                                 _ReportedReads(ring.source, tracer, ring)))  # type: ignore[arg-type]
+        self._replaced = [(ring, ring.instrument(_TimedCopies(ring.device, tracer, ring),
+                                                 _ReportedReads(ring.source, tracer, ring)))
                           for ring in inner.rings()]
 
     def begin_pass(self, tokens: int) -> None:

@@ -98,8 +98,8 @@ class CodedTensor:
 
     def to(self, device: Union[str, torch.device]) -> CodedTensor:
         """The same code with its parts on ``device``."""
-        return CodedTensor(*(t.to(device) for t in (self.words, self.offsets, self.raw, self.table)), self.dtype,
-                           self.lanes)
+        return CodedTensor(self.words.to(device), self.offsets.to(device), self.raw.to(device), self.table.to(device),
+                           self.dtype, self.lanes)
 
     @property
     def nbytes(self) -> int:

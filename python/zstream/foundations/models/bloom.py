@@ -98,7 +98,7 @@ class Bloom(Family):
 
     _after_blocks = ("ln_f.weight", "ln_f.bias", "lm_head")
 
-    def shard(self, rank: int, world: int, reduce: Reduce) -> Family:
+    def shard(self, rank: int, world: int, reduce: Reduce) -> Bloom:
         part = super().shard(rank, world, reduce)
         if part is not self:  # ALiBi: the slopes of the rank's own heads
             nh = part.num_heads

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -102,6 +102,9 @@ def find_prefix(names: Iterable[str], anchor: str, candidates: Sequence[str], fa
             return prefix
     tried = ", ".join(repr(p + anchor) for p in candidates)
     raise ModelError(f"{family} checkpoint has none of {tried}: not a {family} checkpoint?")
+
+
+F = TypeVar("F", bound="Family")  # a family's own class, which its shard keeps
 
 
 class Family:
@@ -254,7 +257,7 @@ class Family:
 
     # ---- tensor parallelism -------------------------------------------------------------------
 
-    def shard(self, rank: int, world: int, reduce: Reduce) -> Family:
+    def shard(self: F, rank: int, world: int, reduce: Reduce) -> F:
         """This family as rank ``rank`` of ``world`` runs it: its own heads and MLP units, its block shapes those of
         its pieces, ``reduce`` summing the row-parallel outputs. ModelError where the model does not divide."""
         if world == 1:

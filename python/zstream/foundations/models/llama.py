@@ -129,6 +129,8 @@ class Llama(Family):
     _splits: ClassVar[Dict[str, str]] = {
         "self_attn.q_proj": "column", "self_attn.k_proj": "kv", "self_attn.v_proj": "kv", "self_attn.o_proj": "row",
         "mlp.gate_proj": "column", "mlp.up_proj": "column", "mlp.down_proj": "row"}
+    intermediate_size: int  # the MLP's hidden units (read_sizes sets it)
+    attn_bias: Tuple[str, ...]  # the attention projections that carry biases
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         super().__init__(config, tensor_names)

@@ -29,6 +29,7 @@ class OPT(Family):
         "self_attn.q_proj": "column", "self_attn.k_proj": "column", "self_attn.v_proj": "column",
         "self_attn.out_proj": "row", "fc1": "column", "fc2": "row"}
     _mlp_width = "ffn_dim"
+    ffn_dim: int  # the MLP's hidden units (read_sizes sets it)
 
     def __init__(self, config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] = None) -> None:
         super().__init__(config, tensor_names)

@@ -44,7 +44,7 @@ class BlockQuant(CodedWeights):
 
     def nbytes(self, block: Mapping[str, Tuple[int, ...]], itemsize: Mapping[str, int]) -> int:
         """Packed bytes of a block given {local: shape} and {local: bytes per element} of its tensors."""
-        return sum(self.cfg.packed_nbytes(self.shapes[local]) if local in self.shapes  # type: ignore[arg-type]
+        return sum(self.cfg.packed_nbytes(self.shapes[local]) if local in self.shapes
                    else math.prod(shape) * itemsize[local] for local, shape in block.items())
 
     def dequantize(self, w: Mapping[str, Tensor]) -> Dict[str, Tensor]:

@@ -106,7 +106,8 @@ class QuantConfig:
         out_f, in_f = shape
         codes = (out_f, in_f // 2) if self.bits == 4 else (out_f, in_f)
         groups = (out_f, in_f // self.group_size)
-        names = {name + CODES: (torch.uint8, codes), name + SCALE: (torch.float16, groups)}
+        names: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = {name + CODES: (torch.uint8, codes),
+                                                                 name + SCALE: (torch.float16, groups)}
         if not self.symmetric:
             names[name + ZERO] = (torch.float16, groups)
         return names
