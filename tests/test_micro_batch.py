@@ -78,6 +78,12 @@ def test_the_plan_keeps_room_for_one_micro_batch() -> None:
         zstream.load("x", micro_batch=0)
 
 
+@pytest.mark.parametrize("micro", [0, 2.5, True, "16", [16, 0], (None, "8")])
+def test_plan_batch_refuses_a_micro_batch_that_is_not_rows_before_reading_anything(micro) -> None:
+    with pytest.raises(zstream.UsageError, match=r"micro_batch must be None, a number of rows >= 1 or a list"):
+        zstream.plan_batch("no/such/checkpoint", micro_batch=micro)
+
+
 def test_a_host_layer_frees_its_buffer_after_its_last_micro_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the cache brought up from host memory, a layer's buffer is shared by its micro-batches: the copy of the
     layer two after it into that buffer starts only once the batch's last rows have attended."""

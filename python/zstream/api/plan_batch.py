@@ -60,10 +60,10 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     if kv_offload not in (*KV_OFFLOADS, "auto"):
         raise UsageError(f"kv_offload must be one of {', '.join(KV_OFFLOADS)}, auto for planning, not {kv_offload!r}")
     kv_offloads = KV_OFFLOADS if kv_offload == "auto" else (kv_offload,)
-    micros: List[Optional[int]] = (
-        [micro_batch] if micro_batch is None or isinstance(micro_batch, int) else list(micro_batch))
-    if any(m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1) for m in micros):
+    asked: List[Any] = list(micro_batch) if isinstance(micro_batch, (list, tuple)) else [micro_batch]
+    if any(m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1) for m in asked):
         raise UsageError(f"micro_batch must be None, a number of rows >= 1 or a list of them, not {micro_batch!r}")
+    micros: List[Optional[int]] = asked
     loaded = isinstance(model, StreamingModel)
     if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise UsageError(f"tensor_parallel must be a number of ranks >= 1, not {tensor_parallel!r}")
