@@ -12,7 +12,6 @@ ways and their ratio, and the uplink's GB/s beside the link's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -20,9 +19,8 @@ from typing import Any, Dict, List
 
 import torch
 
-from zstream.api.synthetic import resolve_config
+from ab_args import ab_parser, ab_setup  # a sibling script
 from zstream.foundations.measure import measure_copy, measure_h2d
-from zstream.foundations.models import family_for
 from zstream.streaming import calibrate
 
 WAYS = {"one layer": 0, "layers in turn": calibrate.HOST_WORKING_SET_BYTES}  # the working set each way
@@ -45,18 +43,8 @@ def host_compute_blocks(family: Any, device: torch.device, dtype: torch.dtype, b
 
 
 def main(argv: Any = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a preset name or a config.json")
-    p.add_argument("--batch", default="8,16,64", help="comma-separated batches")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--gen", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    device, dtype = torch.device(a.device), torch.float16 if a.device.startswith("cuda") else torch.float32
-    family = family_for(resolve_config(a.model))
-    batches = [int(b) for b in a.batch.split(",")]
+    a = ab_parser(__doc__, batch="8,16,64", rounds=2).parse_args(argv)
+    device, dtype, family, batches = ab_setup(a)
     runs: Dict[str, List[Dict[int, float]]] = {way: [] for way in WAYS}
     for r in range(a.rounds):
         for way in (list(WAYS) if r % 2 == 0 else list(reversed(WAYS))):

@@ -22,7 +22,6 @@ nothing is read from disk. ``benches/gpu_session.sh graph-ab`` runs it with the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -31,8 +30,7 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-from zstream.api.synthetic import resolve_config
-from zstream.foundations.models import family_for
+from ab_args import ab_parser, ab_setup  # a sibling script
 from zstream.streaming import calibrate
 from zstream.streaming.cache import KVCache
 from zstream.streaming.graph import DecodeGraph
@@ -101,20 +99,11 @@ def time_way(way: str, probe: Step, own: Step, device: torch.device, warm_s: flo
 
 
 def main(argv: Any = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a preset name or a config.json")
-    p.add_argument("--batch", default="7", help="comma-separated batches")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--gen", type=int, default=32, help="the cache is as long as prompt + gen; keys at prompt + gen/2")
-    p.add_argument("--rounds", type=int, default=3)
+    p = ab_parser(__doc__, batch="7", rounds=3, gen_help="the cache is as long as prompt + gen; keys at prompt + gen/2")
     p.add_argument("--ways", default=",".join(WAYS), help=f"which ways, in a round's order: {', '.join(WAYS)}")
     p.add_argument("--warm-s", type=float, default=0.3, help="'warm': seconds of untimed replays first")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    device, dtype = torch.device(a.device), torch.float16 if a.device.startswith("cuda") else torch.float32
-    family = family_for(resolve_config(a.model))
-    batches = [int(b) for b in a.batch.split(",")]
+    device, dtype, family, batches = ab_setup(a)
     ways = a.ways.split(",")
     unknown = set(ways) - set(WAYS)
     if unknown:

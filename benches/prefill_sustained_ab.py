@@ -29,8 +29,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from zstream.api.synthetic import resolve_config
-from zstream.foundations.models import family_for
+from ab_args import ab_parser, ab_setup  # a sibling script
 from zstream.streaming import calibrate
 from zstream.streaming.weights import attention_kernels
 
@@ -89,24 +88,15 @@ def time_way(way: str, call: Any, heaviest: Any, device: torch.device, a: argpar
 
 
 def main(argv: Any = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a preset name or a config.json")
-    p.add_argument("--batch", default="1,8,16,64", help="comma-separated batches")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--gen", type=int, default=32, help="the cache is as long as prompt + gen, as a run's")
+    p = ab_parser(__doc__, batch="1,8,16,64", rounds=3)
     p.add_argument("--blocks", type=int, default=0, help="calls in a sustained pass (0: the model's blocks)")
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ways", default="sample,pass,load,idle,empty",
                    help=f"which ways, in a round's order: {', '.join(SHORT)}")
     p.add_argument("--preload-s", type=float, default=0.5, help="'after load': seconds of the largest batch first")
     p.add_argument("--idle-s", type=float, default=1.0, help="'after idle': seconds of sleep first")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    device, dtype = torch.device(a.device), torch.float16 if a.device.startswith("cuda") else torch.float32
-    family = family_for(resolve_config(a.model))
+    device, dtype, family, batches = ab_setup(a)
     blocks = a.blocks or family.num_blocks
-    batches = [int(b) for b in a.batch.split(",")]
     ways = [SHORT[w] for w in a.ways.split(",")]
     timer = calibrate._BlockTimer(family, device, dtype, a.prompt + a.gen, 0.005, 0, None)
     rounds: Dict[str, Dict[int, List[float]]] = {way: {b: [] for b in batches} for way in ways}

@@ -13,6 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graph_probe_ab as ab
+from zstream.api.synthetic import resolve_config
+from zstream.foundations.models import family_for
 
 
 def test_every_way_alternates_through_the_calibrations_timing(tmp_path, monkeypatch):
@@ -40,7 +42,7 @@ def test_every_way_alternates_through_the_calibrations_timing(tmp_path, monkeypa
     back = [("warmed", 0.125), ("probe", long), ("own", long), ("probe", long), ("probe", short)]
     assert timed == (one_round + back) * 2  # per batch: the second round in reverse
     r = json.loads(out.read_text())
-    assert r["keys"] == 7 and r["blocks"] == ab.family_for(ab.resolve_config("tiny-llama")).num_blocks
+    assert r["keys"] == 7 and r["blocks"] == family_for(resolve_config("tiny-llama")).num_blocks
     for way in ab.WAYS:
         for b in ("1", "2"):
             rounds = r["rounds"][way][b]
@@ -57,7 +59,7 @@ def test_the_models_graph_reads_each_blocks_own_weights_and_cache_and_computes_t
         return graphs[-1]
 
     monkeypatch.setattr(ab, "DecodeGraph", graph)
-    family = ab.family_for(ab.resolve_config("tiny-llama"))
+    family = family_for(resolve_config("tiny-llama"))
     timer = ab.calibrate._BlockTimer(family, torch.device("cpu"), torch.float32, 8, 0.005, 0, None, graphs=True)
     with torch.inference_mode():
         own = ab.distinct_step(timer, 2, 7)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prefill_sustained_ab as ab
+from zstream.api.synthetic import resolve_config
+from zstream.foundations.models import family_for
 
 
 def test_both_ways_alternate_at_every_batch(tmp_path, monkeypatch):
@@ -22,7 +24,7 @@ def test_both_ways_alternate_at_every_batch(tmp_path, monkeypatch):
     out = tmp_path / "ab.json"
     assert ab.main(["tiny-llama", "--batch", "1,2", "--prompt", "6", "--gen", "2", "--rounds", "3", "--device", "cpu",
                     "--ways", "sample,pass", "--json", str(out)]) == 0
-    blocks = ab.family_for(ab.resolve_config("tiny-llama")).num_blocks
+    blocks = family_for(resolve_config("tiny-llama")).num_blocks
     sample, sustained = ("sample", 0.005), ("pass", blocks)
     assert order == [sample] * 2 + [sustained] * 4 + [sample] * 4 + [sustained] * 2  # rounds 1 and 3 sample first
     r = json.loads(out.read_text())
