@@ -15,9 +15,11 @@ layer. Ways, alternating round by round so that the host's and the card's drift 
 - "warm": the probe timed as "sustained" right after ``--warm-s`` of untimed replays, as a generation's decode steps
   follow its prefill with the card already at its power draw.
 
-Each way's steps are also timed one by one (CUDA events; on the CPU the clock): the first and last quarter's medians
-say whether the clock fell inside the window. The model is a preset's shapes (or a config.json) on random weights;
-nothing is read from disk. ``benches/gpu_session.sh graph-ab`` runs it with the clock log beside it.
+Each way is timed as the calibration's sample is (``calibrate._seconds``: the wall clock over the steps, one
+synchronisation at the end), and in the same window step by step (CUDA events; on the CPU the clock): the first and
+last quarter's medians say whether the clock fell inside the window. The model is a preset's shapes (or a
+config.json) on random weights; nothing is read from disk. ``benches/gpu_session.sh graph-ab`` runs it with the clock
+log beside it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -53,28 +55,32 @@ def distinct_step(timer: Any, B: int, S: int) -> Step:
     return lambda: graph(ids, fam.context(mask, 1, timer.dtype))
 
 
-def step_times(step: Step, device: torch.device, sample_s: float) -> List[float]:
-    """Each step's seconds over about ``sample_s`` of steps back to back, after a warm-up step: on a GPU between
-    CUDA events recorded around every step (one synchronisation at the end), on the CPU by the clock."""
+def step_times(step: Step, device: torch.device, sample_s: float) -> Tuple[float, List[float]]:
+    """(seconds a step as the calibration's sample takes it, each step's seconds) over about ``sample_s`` of steps
+    back to back, sized as ``calibrate._seconds`` sizes its sample (after a warm-up step and one timed step): the
+    first is the wall clock over the steps with one synchronisation at the end, as ``_seconds`` reads it; the steps
+    are timed between CUDA events recorded around every one (on the CPU, by the clock) in the same window."""
     step()
     calibrate._sync(device)
     t0 = time.perf_counter()
     step()
     calibrate._sync(device)
-    count = max(2, round(sample_s / max(time.perf_counter() - t0, 1e-7)))
+    count = max(2, min(calibrate.SAMPLE_MAX_CALLS, int(sample_s / max(time.perf_counter() - t0, 1e-7))))
     if device.type != "cuda":
         ticks = [time.perf_counter()]
         for _ in range(count):
             step()
             ticks.append(time.perf_counter())
-        return [b - a for a, b in zip(ticks, ticks[1:])]
+        return (ticks[-1] - ticks[0]) / count, [b - a for a, b in zip(ticks, ticks[1:])]
     events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
+    t0 = time.perf_counter()
     events[0].record()
     for e in events[1:]:
         step()
         e.record()
     events[-1].synchronize()
-    return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+    wall = (time.perf_counter() - t0) / count
+    return wall, [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
 
 
 def warmed(step: Step, device: torch.device, warm_s: float) -> None:
@@ -86,13 +92,13 @@ def warmed(step: Step, device: torch.device, warm_s: float) -> None:
 
 
 def time_way(way: str, probe: Step, own: Step, device: torch.device, warm_s: float) -> Dict[str, Any]:
-    """One round of ``way``: the calibration's own timing (seconds a step) and the steps timed one by one."""
+    """One round of ``way``: seconds a step as the calibration times it, and the same window's steps one by one (one
+    window: a second would start where the first left the card)."""
     step = own if way == "distinct" else probe
     sample_s = calibrate.GRAPH_SAMPLE_S if way == "sample" else calibrate.GRAPH_SUSTAINED_S
     if way == "warm":
         warmed(step, device, warm_s)
-    mean = calibrate._seconds(step, device, sample_s)
-    steps = step_times(step, device, sample_s)
+    mean, steps = step_times(step, device, sample_s)
     quarter = max(1, len(steps) // 4)
     return {"step_s": mean, "steps_s": steps, "first_quarter_s": statistics.median(steps[:quarter]),
             "last_quarter_s": statistics.median(steps[-quarter:])}

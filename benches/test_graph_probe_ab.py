@@ -1,6 +1,6 @@
 """The graphed-step A/B script on a tiny model (CPU): every way at every batch, alternating round by round, each timed
-through the calibration's own timing function over its own sample length; the model-like graph reading its own
-weights and cache layer per block and computing what the calibration's probe computes."""
+over its own sample length, sized as the calibration sizes its sample; the model-like graph reading its own weights
+and cache layer per block and computing what the calibration's probe computes."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from zstream.foundations.models import family_for
 
 def test_every_way_alternates_through_the_calibrations_timing(tmp_path, monkeypatch):
     timed: list = []
-    real_seconds = ab.calibrate._seconds
+    real_times = ab.step_times
     made: list = []
     real_distinct = ab.distinct_step
 
@@ -27,12 +27,12 @@ def test_every_way_alternates_through_the_calibrations_timing(tmp_path, monkeypa
         made.append(real_distinct(timer, B, S))
         return made[-1]
 
-    def seconds(step, dev, s):  # type: ignore[no-untyped-def]
+    def times(step, dev, s):  # type: ignore[no-untyped-def]
         timed.append(("own" if step is made[-1] else "probe", s))
-        return real_seconds(step, dev, s)
+        return real_times(step, dev, s)
 
     monkeypatch.setattr(ab, "distinct_step", distinct)
-    monkeypatch.setattr(ab.calibrate, "_seconds", seconds)
+    monkeypatch.setattr(ab, "step_times", times)
     monkeypatch.setattr(ab, "warmed", lambda step, dev, s: timed.append(("warmed", s)))
     out = tmp_path / "ab.json"
     assert ab.main(["tiny-llama", "--batch", "1,2", "--prompt", "6", "--gen", "2", "--rounds", "2", "--device", "cpu",
@@ -74,10 +74,15 @@ def test_the_models_graph_reads_each_blocks_own_weights_and_cache_and_computes_t
         assert torch.equal(own(), probe())
 
 
-def test_steps_are_timed_one_by_one(monkeypatch):
-    """A warm-up step, one step timed to size the sample, then that many steps, each between two clock reads."""
-    ticks = iter([0.0, 1.0, 10.0, 12.0, 15.0, 19.0])  # the sizing step takes 1 s: 3 steps make a 3 s sample
+def test_steps_are_timed_one_by_one_in_the_calibrations_window(monkeypatch):
+    """A warm-up step, one step timed to size the sample, then that many steps, each between two clock reads; the
+    sample's seconds a step are the window's over its steps. The sample is sized as the calibration sizes its own."""
+    ticks = iter([0.0, 1.0, 10.0, 12.0, 15.0, 19.0])  # the sizing step takes 1 s: 3 steps make a 3.5 s sample
     monkeypatch.setattr(ab.time, "perf_counter", lambda: next(ticks))
     calls: list = []
-    assert ab.step_times(lambda: calls.append(1), torch.device("cpu"), 3.0) == [2.0, 3.0, 4.0]
+    assert ab.step_times(lambda: calls.append(1), torch.device("cpu"), 3.5) == (3.0, [2.0, 3.0, 4.0])
     assert len(calls) == 5
+    ticks = iter([0.0, 1e-6] + [float(t) for t in range(100)])  # a step of 1 us: at most the calibration's count
+    calls.clear()
+    mean, steps = ab.step_times(lambda: calls.append(1), torch.device("cpu"), 1.0)
+    assert len(steps) == ab.calibrate.SAMPLE_MAX_CALLS == len(calls) - 2 and mean == 1.0

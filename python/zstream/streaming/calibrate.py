@@ -53,6 +53,7 @@ GRAPH_SAMPLE_S = 0.05                 # a few-block graph's timing sample: sever
 GRAPH_SUSTAINED_S = 0.25
 GRAPH_PROBE_CACHE_BYTES = 256 << 20   # its blocks take turns over this much cache at most (one layer at the least)
 GRAPH_FLOOR_S = 1e-6                  # a graphed sample's part (a difference of timings) at least this
+SAMPLE_MAX_CALLS = 50                 # a timing sample's calls at most, however short a call
 
 
 def _sync(device: torch.device) -> None:
@@ -69,7 +70,7 @@ def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -
     fn()
     _sync(device)
     one = time.perf_counter() - t0
-    inner = max(1, min(50, int(min_sample_s / max(one, 1e-7))))
+    inner = max(1, min(SAMPLE_MAX_CALLS, int(min_sample_s / max(one, 1e-7))))
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
