@@ -57,15 +57,10 @@ def distinct_step(timer: Any, B: int, S: int) -> Step:
 
 def step_times(step: Step, device: torch.device, sample_s: float) -> Tuple[float, List[float]]:
     """(seconds a step as the calibration's sample takes it, each step's seconds) over about ``sample_s`` of steps
-    back to back, sized as ``calibrate._seconds`` sizes its sample (after a warm-up step and one timed step): the
-    first is the wall clock over the steps with one synchronisation at the end, as ``_seconds`` reads it; the steps
-    are timed between CUDA events recorded around every one (on the CPU, by the clock) in the same window."""
-    step()
-    calibrate._sync(device)
-    t0 = time.perf_counter()
-    step()
-    calibrate._sync(device)
-    count = max(2, min(calibrate.SAMPLE_MAX_CALLS, int(sample_s / max(time.perf_counter() - t0, 1e-7))))
+    back to back, sized as the calibration sizes its sample (``calibrate.sample_calls``): the first is the wall clock
+    over the steps with one synchronisation at the end, as ``calibrate._seconds`` reads it; the steps are timed
+    between CUDA events recorded around every one (on the CPU, by the clock) in the same window."""
+    count = max(2, calibrate.sample_calls(step, device, sample_s))
     if device.type != "cuda":
         ticks = [time.perf_counter()]
         for _ in range(count):

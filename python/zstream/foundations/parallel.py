@@ -79,7 +79,8 @@ class Group:
         gets here (a missing file at load) is named at once, on any backend. Also a barrier."""
         self._check()
         key = f"{self._key}gather{next(self._gathers)}/"
-        self._store.set(f"{key}{self.rank}", pickle.dumps(obj))  # type: ignore[arg-type]  # (it takes bytes; its stub says str)
+        # (the store takes bytes; its type stub says str)
+        self._store.set(f"{key}{self.rank}", pickle.dumps(obj))  # type: ignore[arg-type]
         names = [f"{key}{r}" for r in range(self.world)]
         self._poll(lambda: self._store.check(names), what)
         return [pickle.loads(self._store.get(name)) for name in names]

@@ -61,16 +61,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> float:
-    """Seconds per call of ``fn``: ``inner`` calls back to back (enough for ``min_sample_s``, so that timer resolution
-    washes out) with one synchronisation at the end, after a warm-up call (allocator, kernel selection)."""
+def sample_calls(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> int:
+    """How many calls of ``fn`` back to back make a sample of ``min_sample_s`` (so that timer resolution washes out),
+    at most ``SAMPLE_MAX_CALLS``: timed on one call, after a warm-up call (allocator, kernel selection)."""
     fn()
     _sync(device)
     t0 = time.perf_counter()
     fn()
     _sync(device)
     one = time.perf_counter() - t0
-    inner = max(1, min(SAMPLE_MAX_CALLS, int(min_sample_s / max(one, 1e-7))))
+    return max(1, min(SAMPLE_MAX_CALLS, int(min_sample_s / max(one, 1e-7))))
+
+
+def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> float:
+    """Seconds per call of ``fn``: ``sample_calls`` calls back to back with one synchronisation at the end."""
+    inner = sample_calls(fn, device, min_sample_s)
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
