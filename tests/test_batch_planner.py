@@ -925,8 +925,9 @@ def test_a_decode_pass_waits_for_its_first_host_layers_cache_unless_the_cpus_att
 
 def test_the_calibration_times_a_split_pair_as_the_engine_interleaves_it(tiny_bloom, monkeypatch):
     """With "split" asked for, a pass of a layer brought up then a layer on the CPUs is timed at every decode point
-    (run 12 of 2026-12-04: an up-layer between two CPU layers cost twice its device block), and the planner adds
-    what the pair takes beyond its two blocks to each pair of a split step."""
+    (run 12 of 2026-12-04: an up-layer between two CPU layers cost twice its device block) and every prefill point
+    (runs 3-4 of 2026-12-06: a split prefill slower than a "host" and a "host-compute" one alone), and the planner
+    adds what a pair takes beyond its two blocks to each pair of a split step and a split prefill."""
     from zstream.streaming.cache import HostComputeLayerCache, HostLayerCache
 
     model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
@@ -937,13 +938,21 @@ def test_the_calibration_times_a_split_pair_as_the_engine_interleaves_it(tiny_bl
     cm = calibrate_compute(fam, "cpu", torch.float32, max_batch=2, prompt=8, gen=2, rounds=1, kv_offloads=("split",))
     assert cm.key.endswith("kv=host,host-compute,split") and set(cm.kv_blocks) == {"host", "host-compute"}
     pairs = [s for s in cm.samples if s.get("kv_offload") == "split"]
-    assert {(s["phase"], s["batch"], s["keys"]) for s in pairs} == {("decode", b, k) for b in (1, 2) for k in (4, 10)}
-    assert cm.split_pair == Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in pairs])
-    assert ComputeModel.from_dict(cm.to_dict()).split_pair == cm.split_pair
+    decode = [s for s in pairs if s["phase"] == "decode"]
+    prefill = [s for s in pairs if s["phase"] == "prefill"]
+    assert {(s["batch"], s["keys"]) for s in decode} == {(b, k) for b in (1, 2) for k in (4, 10)}
+    assert {(s["batch"], s["tokens"], s["keys"]) for s in prefill} == {(b, t, t) for b in (1, 2) for t in (4, 8)}
+    assert cm.split_pair == Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in decode])
+    assert cm.split_pair_prefill == Linear3.fit([(s["batch"] * s["tokens"], s["tokens"], s["block_s"])
+                                                 for s in prefill])
+    stored = ComputeModel.from_dict(cm.to_dict())
+    assert (stored.split_pair, stored.split_pair_prefill) == (cm.split_pair, cm.split_pair_prefill)
     # a pass of the tiny model's caches: two pairs, up then CPUs, in turn
     assert [HostLayerCache, HostComputeLayerCache] * 2 in [seen[i:i + 4] for i in range(len(seen) - 3)]
     assert cm.split_extra_s(2, 10) == pytest.approx(max(0.0, cm.split_pair(2, 10) - cm.decode_block_s(2, 10, "host")
                                                         - cm.decode_block_s(2, 10, "host-compute")))
+    alone = cm.prefill_block_s(2, 8, "host") + cm.prefill_block_s(2, 8, "host-compute")
+    assert cm.split_prefill_extra_s(2, 8) == pytest.approx(max(0.0, cm.split_pair_prefill(16, 8) - alone))
     # the planner: 3 of 10 layers on the CPUs make 3 pairs, each 5 ms longer than its blocks (micro-batches: each)
     sizes = toy_sizes(n=10)
     base = compute_model(10, block_s=1e-3, per_token=0.0, per_key=0.0, outer_s=1e-3)
@@ -957,6 +966,16 @@ def test_the_calibration_times_a_split_pair_as_the_engine_interleaves_it(tiny_bl
 
     assert step(paired, None) - step(two, None) == pytest.approx(3 * 5e-3)
     assert step(paired, 2) - step(two, 2) == pytest.approx(2 * 3 * 5e-3)  # two micro-batches of 2 rows
+    # the prefill's pairs: 7 of 10 layers on the CPUs make 3 pairs, each 2 ms + 0.1 ms a token of the batch's prompts
+    # (4 x 16: 8.4 ms) against its two 1 ms blocks; the decode's pair does not enter the prefill
+    prefilled = dataclasses.replace(paired, split_pair_prefill=Linear3(2e-3, 1e-4, 0.0))
+
+    def prefill(m: ComputeModel, micro: int | None) -> float:
+        return ThroughputModel(m, sizes.block_bytes, link_gbps=55.0).prefill(4, 10, 16, "split", micro, 7)[0]
+
+    assert prefill(paired, None) == pytest.approx(prefill(two, None))
+    assert prefill(prefilled, None) - prefill(two, None) == pytest.approx(3 * 6.4e-3)
+    assert prefill(prefilled, 2) - prefill(two, 2) == pytest.approx(2 * 3 * 3.2e-3)  # two of 2 x 16 tokens
 
 
 def test_a_host_cache_comes_up_at_the_uplinks_calibrated_rate_never_above_the_links():

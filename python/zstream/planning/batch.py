@@ -82,9 +82,9 @@ class Linear3:
 
 
 FITS = ("decode_block", "decode_outer", "prefill_block", "prefill_outer", "decode_loop")  # ComputeModel's fits
-# the fits a calibration may lack (None): the split pair, and those timed on a GPU as CUDA graphs
-OPTIONAL_FITS = ("split_pair", "decode_graph_block", "decode_graph_outer", "decode_graph_record_block",
-                 "decode_graph_record_outer")
+# the fits a calibration may lack (None): the split pair's, and those timed on a GPU as CUDA graphs
+OPTIONAL_FITS = ("split_pair", "split_pair_prefill", "decode_graph_block", "decode_graph_outer",
+                 "decode_graph_record_block", "decode_graph_record_outer")
 
 
 @dataclass
@@ -116,6 +116,7 @@ class ComputeModel:
     # seconds of a "split" pair as the engine interleaves them, a layer brought up (its cache landed) then a layer
     # on the CPUs (x = batch, y = context; None: not timed, the two blocks' sum)
     split_pair: Optional[Linear3] = None
+    split_pair_prefill: Optional[Linear3] = None  # (batch x prompt, prompt): a split pair's prefill
     # how much longer a host-compute decode block takes while the link copies from the same host memory: the shared
     # probe's calls against the block alone, at the largest batch and context (None: not timed, no slower)
     cpu_busy_factor: Optional[float] = None
@@ -154,6 +155,14 @@ class ComputeModel:
             return 0.0
         alone = self.decode_block_s(batch, context, "host") + self.decode_block_s(batch, context, "host-compute")
         return max(0.0, self.split_pair(batch, context) - alone)
+
+    def split_prefill_extra_s(self, batch: int, prompt: int) -> float:
+        """What a "split" pair adds to its two blocks' prefill times as the engine interleaves them (0 where not
+        timed)."""
+        if self.split_pair_prefill is None:
+            return 0.0
+        alone = self.prefill_block_s(batch, prompt, "host") + self.prefill_block_s(batch, prompt, "host-compute")
+        return max(0.0, self.split_pair_prefill(batch * prompt, prompt) - alone)
 
     def decode_outer_s(self, batch: int, context: float) -> float:
         """The per-pass work of a decode step (mask / ALiBi, embedding, head) and the decode loop's own."""
@@ -370,10 +379,8 @@ class ThroughputModel:
         busy = self.link_busy_share(batch, resident, context, kv, kv_bytes, micro, cpu_layers)
         block = self._block(partial(self.compute.decode_block_s, link_busy=busy), batch, context, kv, micro,
                             cpu_layers)
-        if kv == "split":  # each layer brought up next to a layer on the CPUs pays for their interleaving
-            n = len(self.block_bytes)
-            pairs = min(cpu_layers, n - cpu_layers)
-            block += pairs * sum(self.compute.split_extra_s(b, context) for b in micro_batches(batch, micro)) / n
+        if kv == "split":
+            block += self._pairs_s(self.compute.split_extra_s, batch, context, micro, cpu_layers)
         outer = self.compute.decode_outer_s(batch, context)
         lead = self.first_cache_wait(batch, context, kv, kv_bytes, micro, cpu_layers)
         return self.pass_s(resident, block, outer, kv_bytes, cpu_bytes, lead)
@@ -430,6 +437,8 @@ class ThroughputModel:
     def prefill(self, batch: int, resident: int, prompt: int, kv: str = "none",
                 micro: Optional[int] = None, cpu_layers: int = 0) -> Tuple[float, float, float]:
         block = self._block(self.compute.prefill_block_s, batch, prompt, kv, micro, cpu_layers)
+        if kv == "split":
+            block += self._pairs_s(self.compute.split_prefill_extra_s, batch, prompt, micro, cpu_layers)
         return self.pass_s(resident, block, self.compute.prefill_outer_s(batch, prompt), first=True)
 
     def _block(self, time: Callable[[int, Any, str], float], batch: int, x: Any, kv: str, micro: Optional[int],
@@ -440,6 +449,14 @@ class ThroughputModel:
         n = len(self.block_bytes)
         device, cpu = (sum(time(b, x, k) for b in parts) for k in ("host", "host-compute"))
         return (cpu_layers * cpu + (n - cpu_layers) * device) / n
+
+    def _pairs_s(self, extra: Callable[[int, Any], float], batch: int, x: Any, micro: Optional[int],
+                 cpu_layers: int) -> float:
+        """A split block's share of what its pairs add: each layer brought up next to a layer on the CPUs pays
+        ``extra`` (a pair's time beyond its two blocks) for their interleaving, once a micro-batch."""
+        n = len(self.block_bytes)
+        pairs = min(cpu_layers, n - cpu_layers)
+        return pairs * sum(extra(b, x) for b in micro_batches(batch, micro)) / n
 
     def split_step(self, batch: int, resident: int, context: float, layer_kv_bytes: int, micro: Optional[int],
                    cpu: int) -> float:

@@ -29,8 +29,9 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # calm rounds, their slow-down beside the link against the block alone in the window before; 8: graph recordings
 # after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes;
 # 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own;
-# 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode)
-CALIBRATION_FORMAT = 12
+# 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode; 13: a
+# split pair's prefill)
+CALIBRATION_FORMAT = 13
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -123,8 +124,9 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
     kept for the life of the process. ``quant`` (a ``quant.BlockQuant``): the block is timed as the engine runs a
     quantized one, its packed weights dequantized before the block's matmuls. ``kv_offloads``: with "host-compute"
     or "split" among them, the block is also timed with its KV cache in host memory and attention on the host's
-    CPUs; with "host" or "split", its prefill with the cache in host memory (the prompt's copies down); both through
-    the engine's own layer caches. ``batches``: more decode batches to time (the micro-batches the planner will ask
+    CPUs; with "host" or "split", its prefill with the cache in host memory (the prompt's copies down); with "split",
+    a pair of the two interleaved as the engine runs them, at every point; all through the engine's own layer
+    caches. ``batches``: more decode batches to time (the micro-batches the planner will ask
     about: a block of a micro-batched step is timed at its micro-batch's rows, not read off the fit between the
     corners). ``graphs``: the decode points are also timed as the CUDA graph an all-resident step replays (load's
     ``cuda_graphs``; on a GPU, plain weights only)."""
@@ -170,7 +172,8 @@ def _host_placements(kv_offloads: Sequence[str]) -> List[str]:
     its cache comes up ahead of the block, on its own stream (cache.Uplink), and the cache's bytes are a cost of the
     link. Its prefill is timed, through the engine's own host layer: the prompt's keys and values go down to host
     memory on the compute stream (runs 1-4 of 2026-12-04: without it the prefill of "host" and "split" rows came out
-    0.61-0.78x of measured). "split" is planned from the host block's and the host-compute block's timings."""
+    0.61-0.78x of measured). "split" is planned from the host block's and the host-compute block's timings and its
+    own pairs' (``_split_pair_s``)."""
     asked = set(kv_offloads)
     up = ["host"] if {"host", "split"} & asked else []
     on_cpus = ["host-compute"] if {"host-compute", "split"} & asked else []
@@ -277,7 +280,8 @@ class _BlockTimer:
     def time_kv(self, kv: str, B: int, T: int, S: int) -> float:
         """A block with its cache placed by ``kv`` ("host", "host-compute"), or a "split" pair of them."""
         if kv == "split":
-            return _split_pair_s(self.family, self.weights, self.dev, self.dtype, B, S, self.longest, self.pair_caches)
+            return _split_pair_s(self.family, self.weights, self.dev, self.dtype, B, T, S, self.longest,
+                                 self.pair_caches)
         return self.time_block(B, T, S, kv)
 
     def time_graph(self, B: int, S: int, blocks: int) -> float:
@@ -331,8 +335,9 @@ class _BlockTimer:
         times: Dict[Tuple[str, int, int, int], Tuple[List[float], List[float]]] = {p: ([], []) for p in points}
         kv_times: Dict[Tuple[str, str, int, int, int], List[float]] = {
             (kv, *p): [] for kv in placements for p in points if kv != "host" or p[0] == "prefill"}
-        if split:  # the split's interleaving, at the decode points
-            kv_times.update({("split", *p): [] for p in points if p[0] == "decode"})
+        if split:  # the split's interleaving, at every point: the prefill's too (runs 3-4 of 2026-12-06, an H100
+            # host: a split prefill at batch 8 ran slower than a "host" and a "host-compute" one alone)
+            kv_times.update({("split", *p): [] for p in points})
         graph_times: Dict[Tuple[int, int], List[Tuple[float, float]]] = {
             (B, S): [] for phase, B, _, S in points if phase == "decode" and self.graphs}
         on_cpus = [k for k in kv_times if k[1] == "decode" and k[0] in ("host-compute", "split")]
@@ -467,6 +472,7 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
                         kv_fit(kv, "prefill", lambda s: s["batch"] * s["tokens"]))
                    for kv in placements},
         split_pair=kv_fit("split", "decode", lambda s: s["batch"]) if split else None,
+        split_pair_prefill=kv_fit("split", "prefill", lambda s: s["batch"] * s["tokens"]) if split else None,
         host_read_gbps=_host_read_gbps(dec, kv_samples, family.num_kv_heads * family.head_dim * 2 * dtype.itemsize),
         shared_read_gbps=statistics.median(s["gbps"] for s in busy) if busy else None,
         uplink_gbps=uplink[0]["gbps"] if uplink else None,
@@ -518,9 +524,10 @@ def _decode_loop_s(family: Any, device: torch.device, dtype: torch.dtype, batch:
 
 
 def _split_pair_s(family: Any, weights: Callable[[], Dict[str, Tensor]], device: torch.device, dtype: torch.dtype,
-                  B: int, S: int, longest: int, caches: Dict[int, Tuple[KVCache, int]]) -> float:
-    """A "split" pair, as the engine interleaves it: a layer brought up, then a layer on the CPUs, over one new token
-    a row (B rows) attending to S keys; the up-layers' caches landed before the clock starts (the link is the
+                  B: int, T: int, S: int, longest: int, caches: Dict[int, Tuple[KVCache, int]]) -> float:
+    """A "split" pair, as the engine interleaves it: a layer brought up, then a layer on the CPUs, over T new tokens
+    a row (B rows) attending to S keys (a prefill: T = S, the prompt's keys and values going down to host memory as
+    the engine's layers send them); the up-layers' caches landed before the clock starts (the link is the
     planner's to count), so the time is the two blocks' and what their interleaving adds (run 12 of 2026-12-04: an
     up-layer between two CPU layers cost 0.57 ms at bloom-7b1's batch 16, its device block 0.24). Two pairs a pass
     where a layer is at most ``SPLIT_PAIR_LAYER_BYTES``, else one; the median of three passes. ``caches``: the
@@ -531,14 +538,15 @@ def _split_pair_s(family: Any, weights: Callable[[], Dict[str, Tensor]], device:
         caches[B] = (KVCache(2 * pairs, B, longest + 1, nkv, hs, dtype, device, device_layers=0,
                              host_compute=list(range(1, 2 * pairs, 2)), uplink_slots=pairs), pairs)
     cache, pairs = caches[B]
-    hidden = torch.randn(B, 1, family.hidden_size, device=device, dtype=dtype)         # (B, 1, C)
-    one = torch.ones(B, 1, dtype=torch.long, device=device)                            # (B, 1)
+    hidden = torch.randn(B, T, family.hidden_size, device=device, dtype=dtype)         # (B, T, C)
+    new = torch.ones(B, T, dtype=torch.long, device=device)                            # (B, T)
 
     def one_pass() -> float:
         cache.reset()
-        cache.extend(torch.ones(B, S - 1, dtype=torch.long, device=device))  # the earlier keys (any values)
-        mask, _ = cache.extend(one)  # the pass begins: every up-layer's cache starts up (a slot each)
-        ctx = family.context(mask, 1, dtype)
+        if S > T:
+            cache.extend(torch.ones(B, S - T, dtype=torch.long, device=device))  # the earlier keys (any values)
+        mask, _ = cache.extend(new)  # the pass begins: every up-layer's earlier cache starts up (a slot each)
+        ctx = family.context(mask, T, dtype)
         _sync(device)
         t0 = time.perf_counter()
         for i in range(2 * pairs):
