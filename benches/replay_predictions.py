@@ -16,7 +16,11 @@ calibration's own shared probe and host-compute samples, as ``calibrate_compute`
 (docs/performance.md, item 25).
 
 Beside each row: the stored prediction's prefill and decode step, measured over predicted (``prefill``, ``step``),
-and the replayed decode step (``step ms``).
+the replayed decode step (``step ms``) and the measured prefill over the replayed one (``re-pre``).
+
+``--prefill seconds`` (or ``relative``): the prefill's fits taken again from the calibration's stored samples in
+seconds, as this build's calibration fits them (``calibrate.prefill_fit``, format 14 on), or in relative error, as
+formats 13 and before did (docs/performance.md item 44).
 
 ``--step-wait tokens``: the rows replayed as a generation runs its decode loop, each step waiting for its tokens
 only (this build's bench); by default each row is replayed as its steps were timed (before ``step_wait`` was
@@ -36,7 +40,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -45,7 +49,7 @@ from zstream.foundations.models import family_for
 from zstream.foundations.units import parse_bytes
 from zstream.planning.batch import ComputeModel, Linear3, ModelSizes, choose_batch
 from zstream.planning.facts import facts_from_shapes
-from zstream.streaming.calibrate import CALM_ROUND_TOLERANCE, _cpu_busy_factor, calm_rounds
+from zstream.streaming.calibrate import CALM_ROUND_TOLERANCE, _cpu_busy_factor, calm_rounds, prefill_fit
 
 
 def preset_of(meta: Dict[str, Any]) -> str:
@@ -111,12 +115,37 @@ def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how
         compute.cpu_busy_factor = busy_factor(compute, family, dtype)
 
 
+PREFILL_FITS: Dict[str, Callable[[List[Tuple[float, float, float]]], Linear3]] = {
+    "seconds": prefill_fit, "relative": Linear3.fit}  # this build's calibration's (format 14 on), and the one before
+
+
+def refit_prefill(compute: ComputeModel, how: str) -> None:
+    """Every prefill fit of ``compute`` taken again from its stored samples by ``PREFILL_FITS[how]`` (in place): the
+    device block and the pass's outer work, each host placement's block, the split pair."""
+    fit_points = PREFILL_FITS[how]
+    device = [s for s in compute.samples if s.get("phase") == "prefill" and "kv_offload" not in s]
+    if device:
+        compute.prefill_block = fit_points([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in device])
+        compute.prefill_outer = fit_points([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in device])
+
+    def fit(kv: str) -> Optional[Linear3]:
+        pts = [(s["batch"] * s["tokens"], s["tokens"], s["block_s"]) for s in compute.samples
+               if s.get("kv_offload") == kv and s.get("phase") == "prefill"]
+        return fit_points(pts) if pts else None
+    for kv, (decode, prefill) in compute.kv_blocks.items():
+        compute.kv_blocks[kv] = (decode, fit(kv) or prefill)
+    if compute.split_pair_prefill is not None:
+        compute.split_pair_prefill = fit("split")
+
+
 def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute_busy: bool,
                cpu_rounds: str = "median", tolerance: float = CALM_ROUND_TOLERANCE,
-               step_wait: str = "row") -> Dict[str, Any]:
-    """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed), and
-    the replayed decode step. ``step_wait``: "row", the loop as the row's steps were timed (its ``step_wait``:
-    before it was recorded, the bench synchronised the device after each step); "tokens" or "device", that loop."""
+               step_wait: str = "row", prefill: str = "stored") -> Dict[str, Any]:
+    """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed), the
+    replayed decode step and the measured prefill over the replayed one. ``step_wait``: "row", the loop as the row's
+    steps were timed (its ``step_wait``: before it was recorded, the bench synchronised the device after each step);
+    "tokens" or "device", that loop. ``prefill``: "seconds" or "relative", the prefill's fits taken again from
+    the samples so (``refit_prefill``)."""
     out = {"kv_offload": row["kv_offload"], "batch": row["batch"], "micro_batch": row.get("micro_batch"),
            "kv_cpu_layers": row.get("kv_cpu_layers"), "measured": row["tokens_per_s"],
            "stored": row.get("predicted_tokens_per_s"), "replayed": None, "replayed_step_s": None,
@@ -132,6 +161,8 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
         compute.cpu_busy_factor = busy_factor(compute, family, dtype)
     if cpu_rounds != "median":
         refit_cpu_points(compute, family, dtype, cpu_rounds, tolerance)
+    if prefill != "stored":
+        refit_prefill(compute, prefill)
     out["busy_factor"] = compute.cpu_busy_factor
     batch, micro, kv = row["batch"], row.get("micro_batch"), row["kv_offload"]
     micro = micro if micro and micro < batch else None
@@ -147,6 +178,7 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
     c = plan.candidate(batch, resident, kv, micro)
     out["replayed"] = c.tokens_per_s if c is not None else None
     out["replayed_step_s"] = c.decode_step_s if c is not None else None
+    out["replayed_prefill_ratio"] = _over(row.get("prefill_s"), c.prefill_s if c is not None else None)
     return out
 
 
@@ -164,7 +196,8 @@ def _line(r: Dict[str, Any]) -> str:
     return (f"{r['file'][:44]:44} {r['kv_offload']:>12} {r['batch']:5d} {r['micro_batch'] or '-'!s:>5} "
             f"{r['kv_cpu_layers'] or 0!s:>4} {ratio(r['stored'])} {ratio(r['replayed'])} "
             f"{f'{busy:.3f}' if busy else '-':>6} {plain(r.get('prefill_ratio'))} {plain(r.get('step_ratio'))} "
-            f"{plain(r['replayed_step_s'] * 1e3 if r.get('replayed_step_s') else None)}")
+            f"{plain(r['replayed_step_s'] * 1e3 if r.get('replayed_step_s') else None)} "
+            f"{plain(r.get('replayed_prefill_ratio'))}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -180,11 +213,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--step-wait", choices=("row", "tokens", "device"), default="row",
                    help="the decode loop replayed: as each row's steps were timed (default), or as a generation "
                         "waits (tokens: what this build's bench measures), or synchronising the device each step")
+    p.add_argument("--prefill", choices=("stored", *PREFILL_FITS), default="stored",
+                   help="the prefill's fits as stored (default), or taken again from the samples in seconds (as "
+                        "this build's calibration fits them) or in relative error (as formats 13 and before did)")
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
     print(f"{'file':44} {'kv':>12} {'batch':>5} {'micro':>5} {'cpu':>4} {'stored':>7} {'replay':>7} {'busy':>6} "
-          f"{'prefill':>7} {'step':>7} {'step ms':>7}")
+          f"{'prefill':>7} {'step':>7} {'step ms':>7} {'re-pre':>7}")
     for f in a.files:
         doc = json.loads(Path(f).read_text())
         preset = a.preset or preset_of(doc["meta"])
@@ -192,17 +228,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             if row.get("predicted_tokens_per_s") is None:
                 continue
             r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor, a.cpu_rounds,
-                                                    a.calm_tolerance, a.step_wait)}
+                                                    a.calm_tolerance, a.step_wait, a.prefill)}
             rows.append(r)
             print(_line(r))
     replayed = [r["replayed"] / r["measured"] for r in rows if r["replayed"]]
     if replayed:
         near = sum(abs(x - 1) <= 0.10 for x in replayed)
         print(f"replayed within 10% of measured: {near} of {len(replayed)} rows")
-    prefills = [r["prefill_ratio"] for r in rows if r.get("prefill_ratio")]
-    if prefills:
-        print(f"prefill measured / predicted (stored): median {statistics.median(prefills):.3f} over {len(prefills)} "
-              f"rows, {sum(x > 1 for x in prefills)} of them slower than predicted")
+    for what, key in (("stored", "prefill_ratio"), ("replayed", "replayed_prefill_ratio")):
+        prefills = [r[key] for r in rows if r.get(key)]
+        if prefills:
+            print(f"prefill measured / predicted ({what}): median {statistics.median(prefills):.3f} over "
+                  f"{len(prefills)} rows, {sum(x > 1 for x in prefills)} of them slower than predicted, "
+                  f"{sum(abs(x - 1) <= 0.10 for x in prefills)} within 10%")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

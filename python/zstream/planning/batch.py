@@ -55,25 +55,27 @@ class Linear3:
         return self.c0 + self.c1 * x + self.c2 * x * y
 
     @classmethod
-    def fit(cls, samples: Sequence[Tuple[float, float, float]]) -> Linear3:
-        """Least squares over (x, y, seconds) in *relative* error, so that the fast small-batch timings weigh as much
-        as the slow large ones. Non-negative by exhaustion: every subset of the three terms is fitted and the best
-        fit whose coefficients are all >= 0 wins (three unknowns: eight tiny solves)."""
+    def fit(cls, samples: Sequence[Tuple[float, float, float]], relative: bool = True) -> Linear3:
+        """Least squares over (x, y, seconds), by default in *relative* error, so that the fast small-batch timings
+        weigh as much as the slow large ones; ``relative=False``: in seconds (the prefill's fits:
+        ``calibrate.prefill_fit``). Non-negative by exhaustion: every subset of the three terms is fitted and the
+        best fit whose coefficients are all >= 0 wins (three unknowns: eight tiny solves)."""
         if not samples or any(t <= 0 for _, _, t in samples):
             raise ValueError(f"need positive timings to fit, got {list(samples)}")
         rows = torch.tensor([[1.0, x, x * y] for x, y, _ in samples], dtype=torch.float64)
         t = torch.tensor([s[2] for s in samples], dtype=torch.float64)
-        a, ones = rows / t[:, None], torch.ones(len(samples), 1, dtype=torch.float64)  # relative: (n, 3), (n, 1)
+        scale = t if relative else t.max().expand_as(t)  # (seconds: every row over one constant, for conditioning)
+        a, target = rows / scale[:, None], (t / scale)[:, None]  # (n, 3), (n, 1)
         best: Optional[Tuple[float, List[float]]] = None
         for mask in range(1, 8):
             cols = [j for j in range(3) if mask >> j & 1]
-            sol = torch.linalg.lstsq(a[:, cols], ones).solution[:, 0]  # (len(cols),)
+            sol = torch.linalg.lstsq(a[:, cols], target).solution[:, 0]  # (len(cols),)
             if bool((sol < 0).any()):
                 continue
             coef = [0.0, 0.0, 0.0]
             for j, v in zip(cols, sol.tolist()):
                 coef[j] = v
-            err = float(((a @ torch.tensor(coef, dtype=torch.float64)) - 1).pow(2).sum())
+            err = float(((a @ torch.tensor(coef, dtype=torch.float64))[:, None] - target).pow(2).sum())
             if best is None or err < best[0] - 1e-12:
                 best = (err, coef)
         if best is None:  # unreachable for positive timings: c0 alone is always a non-negative fit

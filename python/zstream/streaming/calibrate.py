@@ -30,8 +30,8 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes;
 # 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own;
 # 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode; 13: a
-# split pair's prefill)
-CALIBRATION_FORMAT = 13
+# split pair's prefill; 14: the prefill's fits in seconds)
+CALIBRATION_FORMAT = 14
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -458,14 +458,15 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
 
     def kv_fit(kv: str, phase: str, x: Callable[[Dict[str, Any]], float]) -> Linear3:
-        return Linear3.fit([(x(s), s["keys"] if phase == "decode" else s["tokens"], s["block_s"]) for s in kv_samples
-                            if s["kv_offload"] == kv and s["phase"] == phase])
+        points = [(x(s), s["keys"] if phase == "decode" else s["tokens"], s["block_s"]) for s in kv_samples
+                  if s["kv_offload"] == kv and s["phase"] == phase]
+        return Linear3.fit(points) if phase == "decode" else prefill_fit(points)
     return ComputeModel(
         num_blocks=family.num_blocks,
         decode_block=decode_block,
         decode_outer=Linear3.fit([(s["batch"], s["context"], s["outer_s"]) for s in dec]),
-        prefill_block=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in pre]),
-        prefill_outer=Linear3.fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
+        prefill_block=prefill_fit([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in pre]),
+        prefill_outer=prefill_fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
         decode_loop=Linear3.fit([(s["batch"], 0.0, s["step_s"]) for s in loop]),
         key=key, samples=samples + kv_samples + loop + shared + uplink,
         kv_blocks={kv: (decode_block if kv == "host" else kv_fit(kv, "decode", lambda s: s["batch"]),
@@ -480,6 +481,16 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
         decode_graph_block=_graph_fit(graphed, "block_s"), decode_graph_outer=_graph_fit(graphed, "outer_s"),
         decode_graph_record_block=_graph_fit(graphed, "record_block_s"),
         decode_graph_record_outer=_graph_fit(graphed, "record_outer_s"))
+
+
+def prefill_fit(points: List[Tuple[float, float, float]]) -> Linear3:
+    """A prefill's fit over (batch x prompt, prompt, seconds), in seconds rather than relative error. Its smallest
+    points sit at the launch floor (a batch-1 block takes about as long over 256 tokens as over 512), which no
+    c0 + c1 x + c2 x y follows; a relative fit splits that miss across every point and put the largest, the one a
+    row's micro-batch runs at, 3-9% under its own timing (runs 12 of 2026-12-05 and 2-4 of 2026-12-06: 5 of 5
+    calibrations). In seconds the miss goes to the small points, whose prefill is milliseconds beside a generation's
+    steps (docs/performance.md item 44)."""
+    return Linear3.fit(points, relative=False)
 
 
 def _graph_fit(graphed: List[Dict[str, Any]], what: str) -> Optional[Linear3]:
