@@ -13,7 +13,10 @@ layer. Ways, alternating round by round so that the host's and the card's drift 
 - "distinct": a graph whose blocks each read their own weights (copies) and their own cache layer, as the model's,
   timed as "sustained";
 - "warm": the probe timed as "sustained" right after ``--warm-s`` of untimed replays, as a generation's decode steps
-  follow its prefill with the card already at its power draw.
+  follow its prefill with the card already at its power draw;
+- "prefill": the probe timed as "sustained" right after a prefill's blocks (the model's block count, one block's
+  weights, batch x prompt tokens) and the synchronisation that reads its tokens, as a generation's first steps
+  follow its prefill (item 45: on the H200 the card's clock fell under its power cap there, not in "warm").
 
 Each way is timed as the calibration's sample is (``calibrate._seconds``: the wall clock over the steps, one
 synchronisation at the end), and in the same window step by step (CUDA events; on the CPU the clock): the first and
@@ -38,7 +41,7 @@ from zstream.streaming.cache import KVCache
 from zstream.streaming.graph import DecodeGraph
 from zstream.streaming.weights import attention_kernels
 
-WAYS = ("sample", "sustained", "distinct", "warm")
+WAYS = ("sample", "sustained", "distinct", "warm", "prefill")
 Step = Callable[[], Any]
 
 
@@ -86,13 +89,28 @@ def warmed(step: Step, device: torch.device, warm_s: float) -> None:
         calibrate._sync(device)
 
 
-def time_way(way: str, probe: Step, own: Step, device: torch.device, warm_s: float) -> Dict[str, Any]:
+def prefill_pass(timer: Any, B: int, prompt: int) -> Step:
+    """A prefill's blocks back to back: the model's block count of the timer's block over ``B`` x ``prompt`` tokens,
+    then the synchronisation a generation waits on for its first tokens."""
+    block = timer.block_call(B, prompt, prompt)
+
+    def run() -> None:
+        for _ in range(timer.family.num_blocks):
+            block()
+        calibrate._sync(timer.dev)
+    return run
+
+
+def time_way(way: str, probe: Step, own: Step, device: torch.device, warm_s: float,
+             prefill: Step = lambda: None) -> Dict[str, Any]:
     """One round of ``way``: seconds a step as the calibration times it, and the same window's steps one by one (one
     window: a second would start where the first left the card)."""
     step = own if way == "distinct" else probe
     sample_s = calibrate.GRAPH_SAMPLE_S if way == "sample" else calibrate.GRAPH_SUSTAINED_S
     if way == "warm":
         warmed(step, device, warm_s)
+    if way == "prefill":
+        prefill()
     mean, steps = step_times(step, device, sample_s)
     quarter = max(1, len(steps) // 4)
     return {"step_s": mean, "steps_s": steps, "first_quarter_s": statistics.median(steps[:quarter]),
@@ -116,10 +134,11 @@ def main(argv: Any = None) -> int:
         for b in batches:
             probe = timer._graph_step(b, keys, family.num_blocks)
             own = distinct_step(timer, b, keys) if "distinct" in ways else probe
+            prefill = prefill_pass(timer, b, a.prompt)
             for r in range(a.rounds):
                 for way in (ways if r % 2 == 0 else list(reversed(ways))):
-                    rounds[way][b].append(time_way(way, probe, own, device, a.warm_s))
-            del probe, own
+                    rounds[way][b].append(time_way(way, probe, own, device, a.warm_s, prefill))
+            del probe, own, prefill
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     med = {w: {b: {k: statistics.median(x[k] for x in rs) for k in ("step_s", "first_quarter_s", "last_quarter_s")}

@@ -34,13 +34,22 @@ def test_every_way_alternates_through_the_calibrations_timing(tmp_path, monkeypa
     monkeypatch.setattr(ab, "distinct_step", distinct)
     monkeypatch.setattr(ab, "step_times", times)
     monkeypatch.setattr(ab, "warmed", lambda step, dev, s: timed.append(("warmed", s)))
+    real_prefill = ab.prefill_pass
+
+    def prefill(timer, B, prompt):  # type: ignore[no-untyped-def]
+        run = real_prefill(timer, B, prompt)
+        return lambda: (run(), timed.append(("prefill", B, prompt)))
+    monkeypatch.setattr(ab, "prefill_pass", prefill)
     out = tmp_path / "ab.json"
     assert ab.main(["tiny-llama", "--batch", "1,2", "--prompt", "6", "--gen", "2", "--rounds", "2", "--device", "cpu",
                     "--warm-s", "0.125", "--json", str(out)]) == 0
     short, long = ab.calibrate.GRAPH_SAMPLE_S, ab.calibrate.GRAPH_SUSTAINED_S
-    one_round = [("probe", short), ("probe", long), ("own", long), ("warmed", 0.125), ("probe", long)]
-    back = [("warmed", 0.125), ("probe", long), ("own", long), ("probe", long), ("probe", short)]
-    assert timed == (one_round + back) * 2  # per batch: the second round in reverse
+    one_round = [("probe", short), ("probe", long), ("own", long), ("warmed", 0.125), ("probe", long),
+                 ("prefill", "B", 6), ("probe", long)]
+    back = [("prefill", "B", 6), ("probe", long), ("warmed", 0.125), ("probe", long), ("own", long), ("probe", long),
+            ("probe", short)]
+    per_batch = [[(*t[:1], b, *t[2:]) if t[0] == "prefill" else t for t in one_round + back] for b in (1, 2)]
+    assert timed == [t for batch in per_batch for t in batch]  # per batch: the second round in reverse
     r = json.loads(out.read_text())
     assert r["keys"] == 7 and r["blocks"] == family_for(resolve_config("tiny-llama")).num_blocks
     for way in ab.WAYS:
@@ -86,3 +95,21 @@ def test_steps_are_timed_one_by_one_in_the_calibrations_window(monkeypatch):
     calls.clear()
     mean, steps = ab.step_times(lambda: calls.append(1), torch.device("cpu"), 1.0)
     assert len(steps) == ab.calibrate.SAMPLE_MAX_CALLS == len(calls) - 2 and mean == 1.0
+
+
+def test_a_prefill_pass_runs_the_models_block_count_over_the_prompt_then_waits(monkeypatch):
+    """"prefill": the block at batch x prompt tokens attending to the prompt, the model's block count of times, then
+    the synchronisation a generation's first tokens wait on, before the decode steps are timed."""
+    from types import SimpleNamespace
+
+    made: list = []
+    ran: list = []
+
+    def block_call(B, T, S):  # type: ignore[no-untyped-def]
+        made.append((B, T, S))
+        return lambda: ran.append("block")
+    timer = SimpleNamespace(family=SimpleNamespace(num_blocks=3), dev=torch.device("cpu"), block_call=block_call)
+    synced: list = []
+    monkeypatch.setattr(ab.calibrate, "_sync", lambda dev: synced.append(len(ran)))
+    ab.prefill_pass(timer, 7, 512)()
+    assert made == [(7, 512, 512)] and ran == ["block"] * 3 and synced == [3]

@@ -43,7 +43,8 @@ def test_the_prefill_refitted_in_seconds_or_as_before_from_a_calibrations_sample
     """Run 12 of 2026-12-05 (H200, calibration format 12: the prefill fitted in relative error). Refitted "relative"
     from its stored samples, every row's prefill replays as stored; refitted in seconds, as this build's calibration
     fits, the prediction rises toward the measured prefill, by 1-4% at the rows' micro-batch of 8 or 16 (item 44)."""
-    doc = json.loads((Path(__file__).parent / "results" / "raw" / "h200-2026-12-05-run12-bench_kv_all.json").read_text())
+    raw = Path(__file__).parent / "results" / "raw"
+    doc = json.loads((raw / "h200-2026-12-05-run12-bench_kv_all.json").read_text())
     rows = [r for r in doc["rows"] if r.get("predicted_prefill_s") and r["batch"] in (8, 16, 64)]
     assert {r["kv_offload"] for r in rows} == {"none", "host", "host-compute", "split"}
     for row in rows:
