@@ -14,7 +14,9 @@ layer. Ways, alternating round by round so that the host's and the card's drift 
   timed as "sustained";
 - "warm": the probe timed as "sustained" right after ``--warm-s`` of untimed replays, as a generation's decode steps
   follow its prefill with the card already at its power draw;
-- "prefill": the probe timed as "sustained" right after a prefill's blocks (the model's block count, one block's
+- "synced": the probe timed as "sustained" with a synchronisation after every step, as a generation's steps each
+  wait for their tokens (calibration format 15), the host's work before a replay no longer under the last one;
+- "prefill": the probe timed as "synced" right after a prefill's blocks (the model's block count, one block's
   weights, batch x prompt tokens) and the synchronisation that reads its tokens, as a generation's first steps
   follow its prefill (item 45: on the H200 the card's clock fell under its power cap there, not in "warm").
 
@@ -41,7 +43,7 @@ from zstream.streaming.cache import KVCache
 from zstream.streaming.graph import DecodeGraph
 from zstream.streaming.weights import attention_kernels
 
-WAYS = ("sample", "sustained", "distinct", "warm", "prefill")
+WAYS = ("sample", "sustained", "distinct", "warm", "synced", "prefill")
 Step = Callable[[], Any]
 
 
@@ -58,11 +60,12 @@ def distinct_step(timer: Any, B: int, S: int) -> Step:
     return lambda: graph(ids, fam.context(mask, 1, timer.dtype))
 
 
-def step_times(step: Step, device: torch.device, sample_s: float) -> Tuple[float, List[float]]:
+def step_times(step: Step, device: torch.device, sample_s: float, each: bool = False) -> Tuple[float, List[float]]:
     """(seconds a step as the calibration's sample takes it, each step's seconds) over about ``sample_s`` of steps
     back to back, sized as the calibration sizes its sample (``calibrate.sample_calls``): the first is the wall clock
-    over the steps with one synchronisation at the end, as ``calibrate._seconds`` reads it; the steps are timed
-    between CUDA events recorded around every one (on the CPU, by the clock) in the same window."""
+    over the steps with one synchronisation at the end (with ``each``, after every step too), as
+    ``calibrate._seconds`` reads it; the steps are timed between CUDA events recorded around every one (on the CPU,
+    by the clock) in the same window."""
     count = max(2, calibrate.sample_calls(step, device, sample_s))
     if device.type != "cuda":
         ticks = [time.perf_counter()]
@@ -76,6 +79,8 @@ def step_times(step: Step, device: torch.device, sample_s: float) -> Tuple[float
     for e in events[1:]:
         step()
         e.record()
+        if each:
+            e.synchronize()
     events[-1].synchronize()
     wall = (time.perf_counter() - t0) / count
     return wall, [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
@@ -111,7 +116,7 @@ def time_way(way: str, probe: Step, own: Step, device: torch.device, warm_s: flo
         warmed(step, device, warm_s)
     if way == "prefill":
         prefill()
-    mean, steps = step_times(step, device, sample_s)
+    mean, steps = step_times(step, device, sample_s, each=way in ("synced", "prefill"))
     quarter = max(1, len(steps) // 4)
     return {"step_s": mean, "steps_s": steps, "first_quarter_s": statistics.median(steps[:quarter]),
             "last_quarter_s": statistics.median(steps[-quarter:])}

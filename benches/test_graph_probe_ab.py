@@ -27,9 +27,9 @@ def test_every_way_alternates_through_the_calibrations_timing(tmp_path, monkeypa
         made.append(real_distinct(timer, B, S))
         return made[-1]
 
-    def times(step, dev, s):  # type: ignore[no-untyped-def]
-        timed.append(("own" if step is made[-1] else "probe", s))
-        return real_times(step, dev, s)
+    def times(step, dev, s, each=False):  # type: ignore[no-untyped-def]
+        timed.append(("own" if step is made[-1] else "probe", s) + (("each",) if each else ()))
+        return real_times(step, dev, s, each)
 
     monkeypatch.setattr(ab, "distinct_step", distinct)
     monkeypatch.setattr(ab, "step_times", times)
@@ -45,9 +45,9 @@ def test_every_way_alternates_through_the_calibrations_timing(tmp_path, monkeypa
                     "--warm-s", "0.125", "--json", str(out)]) == 0
     short, long = ab.calibrate.GRAPH_SAMPLE_S, ab.calibrate.GRAPH_SUSTAINED_S
     one_round = [("probe", short), ("probe", long), ("own", long), ("warmed", 0.125), ("probe", long),
-                 ("prefill", "B", 6), ("probe", long)]
-    back = [("prefill", "B", 6), ("probe", long), ("warmed", 0.125), ("probe", long), ("own", long), ("probe", long),
-            ("probe", short)]
+                 ("probe", long, "each"), ("prefill", "B", 6), ("probe", long, "each")]
+    back = [("prefill", "B", 6), ("probe", long, "each"), ("probe", long, "each"), ("warmed", 0.125), ("probe", long),
+            ("own", long), ("probe", long), ("probe", short)]
     per_batch = [[(*t[:1], b, *t[2:]) if t[0] == "prefill" else t for t in one_round + back] for b in (1, 2)]
     assert timed == [t for batch in per_batch for t in batch]  # per batch: the second round in reverse
     r = json.loads(out.read_text())

@@ -1667,17 +1667,23 @@ def test_graphs_are_timed_only_where_the_cache_may_stay_on_the_device(tiny_bloom
 
 def test_the_models_whole_graphed_step_is_timed_sustained(tiny_bloom, monkeypatch):
     """The whole graphed step is sampled over GRAPH_SUSTAINED_S, as long as a generation's decode (sustained, the
-    device's power cap lowers its clock: run 12 of 2026-12-05), the few-block graph over GRAPH_SAMPLE_S."""
+    device's power cap lowers its clock: run 12 of 2026-12-05), the few-block graph over GRAPH_SAMPLE_S; both with a
+    synchronisation after every step, as the engine's steps wait for their tokens."""
     model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
     timer = calibrate._BlockTimer(model.family, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001,
                                   seed=0, quant=None)
     few, many = timer.graph_probe
     asked: list = []
     real = calibrate._seconds
-    monkeypatch.setattr(calibrate, "_seconds", lambda fn, dev, sample_s: asked.append(sample_s) or real(fn, dev, 1e-4))
+
+    def seconds(fn, dev, sample_s, each=False):  # type: ignore[no-untyped-def]
+        asked.append((sample_s, each))
+        return real(fn, dev, 1e-4, each)
+    monkeypatch.setattr(calibrate, "_seconds", seconds)
     timer.time_graph(2, 10, few)
     timer.time_graph(2, 10, many)
-    assert asked == [calibrate.GRAPH_SAMPLE_S, calibrate.GRAPH_SUSTAINED_S]
+    # each step synchronised, as a generation waits for its tokens (format 15)
+    assert asked == [(calibrate.GRAPH_SAMPLE_S, True), (calibrate.GRAPH_SUSTAINED_S, True)]
     assert calibrate.GRAPH_SUSTAINED_S >= 0.2  # (a 32-token generation's decode of bloom-7b1 at batch 7)
     model.close()
 
@@ -1702,3 +1708,16 @@ def test_the_prefill_is_fitted_in_seconds_so_its_largest_point_comes_out_as_time
         assert Linear3.fit(points)(x, y) < 0.98 * t  # relative: under the row's point
         assert calibrate.prefill_fit(points)(x, y) == pytest.approx(t, rel=0.01)
         assert_best_non_negative_fit(calibrate.prefill_fit(points), points, relative=False)
+
+
+def test_a_sample_synchronises_after_every_call_only_where_asked(monkeypatch):
+    """``_seconds``: calls back to back and one synchronisation at the end (a block in a pass); with ``each``, one
+    after every call too (a graphed decode step, which the engine starts once the last step's tokens are in)."""
+    events: list = []
+    monkeypatch.setattr(calibrate, "sample_calls", lambda fn, dev, s: 3)
+    monkeypatch.setattr(calibrate, "_sync", lambda dev: events.append("sync"))
+    calibrate._seconds(lambda: events.append("call"), torch.device("cpu"), 0.1)
+    assert events == ["call"] * 3 + ["sync"]
+    events.clear()
+    calibrate._seconds(lambda: events.append("call"), torch.device("cpu"), 0.1, each=True)
+    assert events == ["call", "sync"] * 3 + ["sync"]

@@ -30,8 +30,8 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes;
 # 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own;
 # 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode; 13: a
-# split pair's prefill; 14: the prefill's fits in seconds)
-CALIBRATION_FORMAT = 14
+# split pair's prefill; 14: the prefill's fits in seconds; 15: graphed steps synchronised one by one)
+CALIBRATION_FORMAT = 15
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -74,12 +74,15 @@ def sample_calls(fn: Callable[[], Any], device: torch.device, min_sample_s: floa
     return max(1, min(SAMPLE_MAX_CALLS, int(min_sample_s / max(one, 1e-7))))
 
 
-def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> float:
-    """Seconds per call of ``fn``: ``sample_calls`` calls back to back with one synchronisation at the end."""
+def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float, each: bool = False) -> float:
+    """Seconds per call of ``fn``: ``sample_calls`` calls back to back with one synchronisation at the end, or with
+    ``each`` after every call (a call that the engine starts only once the last one's results are in)."""
     inner = sample_calls(fn, device, min_sample_s)
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
+        if each:
+            _sync(device)
     _sync(device)
     return (time.perf_counter() - t0) / inner
 
@@ -299,7 +302,9 @@ class _BlockTimer:
             _sync(self.dev)
             self.graph_records[point] = time.perf_counter() - t0
         sample_s = GRAPH_SUSTAINED_S if blocks == self.graph_probe[1] else GRAPH_SAMPLE_S
-        return _seconds(self.graph_steps[point], self.dev, max(self.min_sample_s, sample_s))
+        # each step waits for the last one's results, as a generation waits for its tokens: the host's work before a
+        # replay (the context, the graph's inputs, the launch) runs while the device idles, not under the last replay
+        return _seconds(self.graph_steps[point], self.dev, max(self.min_sample_s, sample_s), each=True)
 
     def _graph_step(self, B: int, S: int, blocks: int) -> Callable[[], Any]:
         """A graphed decode step of ``blocks`` blocks at batch ``B`` over ``S`` keys (recorded at its first call)."""
