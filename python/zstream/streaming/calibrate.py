@@ -492,8 +492,8 @@ def prefill_fit(points: List[Tuple[float, float, float]]) -> Linear3:
     """A prefill's fit over (batch x prompt, prompt, seconds), in seconds rather than relative error. Its smallest
     points sit at the launch floor (a batch-1 block takes about as long over 256 tokens as over 512), which no
     c0 + c1 x + c2 x y follows; a relative fit splits that miss across every point and put the largest, the one a
-    row's micro-batch runs at, 3-9% under its own timing (runs 12 of 2026-12-05 and 2-4 of 2026-12-06: 5 of 5
-    calibrations). In seconds the miss goes to the small points, whose prefill is milliseconds beside a generation's
+    row's micro-batch runs at, 3-8% under its own timing (every calibration of run 12 of 2026-12-05 and runs 2-4 of
+    2026-12-06, 24). In seconds the miss goes to the small points, whose prefill is milliseconds beside a generation's
     steps (docs/performance.md item 44)."""
     return Linear3.fit(points, relative=False)
 
