@@ -18,13 +18,14 @@ layer. Ways, alternating round by round so that the host's and the card's drift 
   wait for their tokens (calibration format 15), the host's work before a replay no longer under the last one;
 - "prefill": the probe timed as "synced" right after a prefill's blocks (the model's block count, one block's
   weights, batch x prompt tokens) and the synchronisation that reads its tokens, as a generation's first steps
-  follow its prefill (item 45: on the H200 the card's clock fell under its power cap there, not in "warm").
+  follow its prefill (item 45: on the H200 the card's clock fell under its power cap there, not in "warm"; run 5 of
+  2026-12-06 timed it as "sustained", before "synced" was a way).
 
 Each way is timed as the calibration's sample is (``calibrate._seconds``: the wall clock over the steps, one
-synchronisation at the end), and in the same window step by step (CUDA events; on the CPU the clock): the first and
-last quarter's medians say whether the clock fell inside the window. The model is a preset's shapes (or a
-config.json) on random weights; nothing is read from disk. ``benches/gpu_session.sh graph-ab`` runs it with the clock
-log beside it.
+synchronisation at the end; "synced" and "prefill" one after every step too), and in the same window step by step
+(CUDA events; on the CPU the clock): the first and last quarter's medians say whether the clock fell inside the
+window. The model is a preset's shapes (or a config.json) on random weights; nothing is read from disk.
+``benches/gpu_session.sh graph-ab`` runs it with the clock log beside it.
 """
 
 from __future__ import annotations
