@@ -31,7 +31,8 @@
 #         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES);
 #         test-graph and bench-graph: resident decode steps as one CUDA graph, tested, then timed against eager.
 #         prefill-ab: a prefill block timed as calibrated against a pass's worth back to back (PREFILL_BATCHES).
-#         graph-ab: the calibration's graphed step against the model's layout and a warm card (GRAPHAB_BATCHES).
+#         graph-ab: the calibration's graphed step against the model's layout, a warm card, steps synchronised one by
+#         one and steps after a prefill (GRAPHAB_BATCHES).
 set -uo pipefail
 SCRATCH=${SCRATCH:-$HOME}  # the checkpoints this script writes, on the GPU machine's local disk
 export PYTHONUNBUFFERED=1 ZSTREAM_CACHE=${ZSTREAM_CACHE:-$SCRATCH/zcache}
@@ -115,8 +116,8 @@ for stage in "$@"; do
       # bloom-7b1 shapes, alternating; the clock log shows the two ways' clocks
       python3 benches/prefill_sustained_ab.py bloom-7b1 --batch ${PREFILL_BATCHES:-1,8,16,64} --prompt 512 \
         --rounds ${PREFILL_ROUNDS:-3} --json "$OUT/prefill_sustained_ab.json" ;;
-    graph-ab) # the calibration's graphed step against the model's layout and a warm card, one process, alternating
-      # (performance.md item 41): bloom-7b1 shapes at GRAPHAB_BATCHES (7); the clock log shows each way's clocks
+    graph-ab) # the calibration's graphed step against the model's layout, a warm card, steps synchronised one by one
+      # and after a prefill, one process, alternating (performance.md items 41, 45, 46): bloom-7b1 shapes at GRAPHAB_BATCHES (7); the clock log shows each way's clocks
       python3 benches/graph_probe_ab.py bloom-7b1 --batch ${GRAPHAB_BATCHES:-7} --prompt 512 --gen 32 \
         --rounds ${GRAPHAB_ROUNDS:-5} --json "$OUT/graph_probe_ab.json" ;;
     test-graph) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "graph" > "$OUT/pytest_graph.log" 2>&1;
