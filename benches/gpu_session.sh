@@ -117,7 +117,8 @@ for stage in "$@"; do
       python3 benches/prefill_sustained_ab.py bloom-7b1 --batch ${PREFILL_BATCHES:-1,8,16,64} --prompt 512 \
         --rounds ${PREFILL_ROUNDS:-3} --json "$OUT/prefill_sustained_ab.json" ;;
     graph-ab) # the calibration's graphed step against the model's layout, a warm card, steps synchronised one by one
-      # and after a prefill, one process, alternating (performance.md items 41, 45, 46): bloom-7b1 shapes at GRAPHAB_BATCHES (7); the clock log shows each way's clocks
+      # and after a prefill, one process, alternating (performance.md items 41, 45, 46): bloom-7b1 shapes at
+      # GRAPHAB_BATCHES (7); the clock log shows each way's clocks
       python3 benches/graph_probe_ab.py bloom-7b1 --batch ${GRAPHAB_BATCHES:-7} --prompt 512 --gen 32 \
         --rounds ${GRAPHAB_ROUNDS:-5} --json "$OUT/graph_probe_ab.json" ;;
     test-graph) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "graph" > "$OUT/pytest_graph.log" 2>&1;
