@@ -40,7 +40,7 @@ def test_the_replay_of_this_builds_rows_equals_their_predictions(tmp_path, monke
 
 
 def test_the_prefill_refitted_in_seconds_or_as_before_from_a_calibrations_samples():
-    """Run 12 of 2026-12-05 (H200, calibration format 12: the prefill fitted in relative error). Refitted "relative"
+    """Run 12 of 2026-12-05 (H200, calibration format 11: the prefill fitted in relative error). Refitted "relative"
     from its stored samples, every row's prefill replays as stored; refitted in seconds, as this build's calibration
     fits, the prediction rises toward the measured prefill, by 1-4% at the rows' micro-batch of 8 or 16 (item 44)."""
     raw = Path(__file__).parent / "results" / "raw"
