@@ -77,6 +77,27 @@ def test_memory_reproduces_the_h100_max_batches():
     assert plan.candidate(37, 0) is None
 
 
+def test_a_candidate_streaming_fewer_blocks_than_slots_holds_the_loaders_ring():
+    """bloom-7b1 at batch 7 under 16 GiB: every block fits, and the planner also weighs streaming the last one or two
+    (run 8 of 2026-12-06 chose 29/30). ``plan_load`` capped so gives the ring as many slots as blocks stream, and the
+    candidate's memory is what that plan holds (it had counted three slots: 16.6 GiB, over the budget the row ran
+    under at 15.5)."""
+    from zstream.planning.residency import PlanOptions, Resources, plan_load
+
+    sizes, family = bloom_sizes()
+    budget = parse_bytes("16GiB")
+    facts = facts_from_shapes(family, torch.float16)
+    plan = choose_batch(sizes, compute_model(30), budget=budget, prompt=512, gen=32, link_gbps=55.0, stream="cpu",
+                        max_batch=7)
+    for resident in (27, 28, 29, 30):
+        c = plan.candidate(7, resident)
+        assert c is not None and c.memory_bytes <= budget
+        loaded = plan_load(facts, Resources("cuda:0", device_free=budget), PlanOptions(
+            offload="cpu", budget=budget, max_batch=7, max_seq_len=544, max_resident_blocks=resident), where="ckpt")
+        assert loaded.ring_slots == min(3, 30 - resident)
+        assert c.memory_bytes == loaded.resident_bytes + loaded.ring_bytes + loaded.kv_reserve_bytes
+
+
 def test_every_candidate_fits_and_residency_is_choose_residencys():
     sizes = toy_sizes()
     budget = 700 * MB

@@ -259,10 +259,11 @@ class ModelSizes:
 
     def memory_bytes(self, batch: int, resident: int, seq: int, ring_slots: int, kv: str = "none",
                      micro: Optional[int] = None) -> int:
-        """Device bytes the loader budgets for ``resident`` blocks kept and the rest streamed: outer weights,
-        resident blocks, a ring of ``ring_slots`` of the largest block (only if anything streams), and the reserve."""
-        n = self.num_blocks
-        ring = ring_slots * max(self.device_block_bytes, default=0) if resident < n else 0
+        """Device bytes the loader holds for ``resident`` blocks kept and the rest streamed: outer weights, resident
+        blocks, a ring of the largest streamed block (``plan_load``'s ring: ``ring_slots``, or as many slots as
+        blocks stream where fewer do), and the reserve."""
+        streamed = self.device_block_bytes[resident:]
+        ring = min(ring_slots, len(streamed)) * max(streamed, default=0)
         return (self.outer_bytes + sum(self.device_block_bytes[:resident]) + ring
                 + self.reserve_for(batch, seq, kv, micro))
 
