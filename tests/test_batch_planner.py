@@ -1742,3 +1742,87 @@ def test_a_sample_synchronises_after_every_call_only_where_asked(monkeypatch):
     events.clear()
     calibrate._seconds(lambda: events.append("call"), torch.device("cpu"), 0.1, each=True)
     assert events == ["call", "sync"] * 3 + ["sync"]
+
+
+# ---- the eager step timed whole (format 16) ----------------------------------------------------------------------
+
+
+def test_an_eager_point_is_what_the_whole_step_took_over_its_parts_round_by_round():
+    """An eager step's extra is each round's step less its blocks and outer work timed in the same round (the host's
+    speed moves between rounds), their median, at the floor where it came out at or below zero."""
+    steps, blocks, outer = [0.0100, 0.0150, 0.0098], [3e-4, 4e-4, 3e-4], [5e-4, 6e-4, 5e-4]
+    s = calibrate._eager_sample(7, 528, steps, (blocks, outer), 30)
+    assert s["extra_rounds_s"] == pytest.approx([0.0005, 0.0024, 0.0003])
+    assert s["extra_s"] == pytest.approx(0.0005)  # (the median of the parts' medians would give 9.5e-3 - 9.5e-3 = 0)
+    assert s["step_s"] == pytest.approx(0.0100) and (s["phase"], s["batch"], s["context"]) == ("eager", 7, 528)
+    assert calibrate._eager_sample(1, 1, [1e-3], ([1e-4], [1e-3]), 2)["extra_s"] == calibrate.GRAPH_FLOOR_S
+
+
+def test_the_calibration_times_an_eager_step_through_the_engines_block_loop(tiny_bloom, monkeypatch):
+    """At each decode point (not the prefill's), one eager step of the model's every block a round, each step
+    synchronised as a generation's, through ``blocks.run_blocks``, the loop the engine's forward runs; timed on a GPU
+    with plain weights only."""
+    import zstream.streaming.model as engine
+
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    loops: list = []
+    real_loop = calibrate.run_blocks
+    assert engine.run_blocks is real_loop  # the engine's own loop
+
+    def counted(fam, blocks, hidden, layer, parts, ctxs):  # type: ignore[no-untyped-def]
+        loops.append(fam.num_blocks)
+        return real_loop(fam, blocks, hidden, layer, parts, ctxs)
+    monkeypatch.setattr(calibrate, "run_blocks", counted)
+    asked: list = []
+    real = calibrate._seconds
+
+    def seconds(fn, dev, sample_s, each=False):  # type: ignore[no-untyped-def]
+        if sample_s == calibrate.EAGER_SAMPLE_S:
+            asked.append(each)
+        return real(fn, dev, 1e-4, each)
+    monkeypatch.setattr(calibrate, "_seconds", seconds)
+    timer = calibrate._BlockTimer(model.family, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001,
+                                  seed=0, quant=None)
+    assert not timer.eager  # (the CPU's steps are not launched ahead of a device)
+    assert calibrate.times_eager_steps(torch.device("cuda"), None)
+    assert not calibrate.times_eager_steps(torch.device("cuda"), object())
+    timer.eager = True
+    samples, _ = timer.sample([("decode", 2, 1, 10), ("decode", 3, 1, 6), ("prefill", 1, 5, 5)], [], False, 2)
+    eager = [s for s in samples if s["phase"] == "eager"]
+    assert [(s["batch"], s["context"], len(s["step_rounds_s"])) for s in eager] == [(2, 10, 2), (3, 6, 2)]
+    assert loops and set(loops) == {model.family.num_blocks} and asked == [True] * 4
+    decode = {(s["batch"], s["context"]): s for s in samples if s["phase"] == "decode"}
+    for s in eager:
+        parts = decode[(s["batch"], s["context"])]
+        n = model.family.num_blocks
+        assert s["extra_rounds_s"] == pytest.approx(
+            [t - (n * b + o) for t, b, o in zip(s["step_rounds_s"], parts["block_rounds_s"], parts["outer_rounds_s"])])
+    assert not timer.eager_steps  # (their caches let go)
+    loop = [{"phase": "loop", "batch": 1, "step_s": 1e-4}]
+    fitted = calibrate._fitted(model.family, torch.float32, "k", samples, [], [], [], loop, [], False, 1)
+    assert fitted.decode_eager_extra is not None
+    assert ComputeModel.from_dict(fitted.to_dict()).decode_eager_extra == fitted.decode_eager_extra
+    assert calibrate._fitted(model.family, torch.float32, "k", [s for s in samples if s["phase"] != "eager"], [],
+                             [], [], loop, [], False, 1).decode_eager_extra is None
+    model.close()
+
+
+def test_an_eager_step_with_the_cache_on_the_device_pays_its_extra_once_a_micro_batch():
+    """The eager extra goes on a decode step whose cache is on the device and that is not replayed as a graph, once
+    for each micro-batch's loop over the blocks; a host cache's blocks were timed with their waits, and a graphed
+    step has its own timings. Bloom-7b1's eager batch 7 ran 0.6-1.0 ms a step over its prediction on both cards
+    (H100 runs 1 and 8 of 2026-12-06, H200 run 3 of 2026-12-05)."""
+    cm = compute_model(30)
+    cm.kv_blocks = {"host-compute": (Linear3(2e-3, 1e-4, 0.0), Linear3(2e-3, 1e-5, 0.0)),
+                    "host": (cm.decode_block, cm.prefill_block)}
+    tm = ThroughputModel(cm, [100 * MB] * 30, link_gbps=50.0)
+    before = {kv: tm.decode_step(8, 30, 500, kv)[0] for kv in ("none", "host", "host-compute")}
+    micro = tm.decode_step(8, 30, 500, "none", micro=4)[0]
+    cm.decode_eager_extra = Linear3(4e-4, 1e-5, 0.0)
+    assert tm.decode_step(8, 30, 500)[0] == pytest.approx(before["none"] + 4e-4 + 8e-5)
+    assert tm.decode_step(8, 30, 500, "none", micro=4)[0] == pytest.approx(micro + 2 * (4e-4 + 4e-5))
+    assert tm.decode_step(8, 30, 500, "host")[0] == pytest.approx(before["host"])
+    assert tm.decode_step(8, 30, 500, "host-compute")[0] == pytest.approx(before["host-compute"])
+    cm.decode_graph_block, cm.decode_graph_outer = Linear3(1e-4, 0.0, 0.0), Linear3(2e-4, 0.0, 0.0)
+    graphed = ThroughputModel(cm, [100 * MB] * 30, link_gbps=50.0, graphs=True)
+    assert graphed.decode_step(8, 30, 500)[0] == pytest.approx(30 * 1e-4 + 2e-4)  # (no decode loop fitted here)

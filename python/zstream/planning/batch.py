@@ -86,7 +86,7 @@ class Linear3:
 FITS = ("decode_block", "decode_outer", "prefill_block", "prefill_outer", "decode_loop")  # ComputeModel's fits
 # the fits a calibration may lack (None): the split pair's, and those timed on a GPU as CUDA graphs
 OPTIONAL_FITS = ("split_pair", "split_pair_prefill", "decode_graph_block", "decode_graph_outer",
-                 "decode_graph_record_block", "decode_graph_record_outer")
+                 "decode_graph_record_block", "decode_graph_record_outer", "decode_eager_extra")
 
 
 @dataclass
@@ -133,6 +133,10 @@ class ComputeModel:
     # replay) takes over a replayed step
     decode_graph_record_block: Optional[Linear3] = None
     decode_graph_record_outer: Optional[Linear3] = None
+    # what an eager decode step of every block (resident, the cache on the device) took over its blocks and its
+    # outer work timed back to back: the engine's own loop, and the device idling while the host starts a step that
+    # waits for the last one's tokens (x = batch, y = context; None: not timed)
+    decode_eager_extra: Optional[Linear3] = None
 
     def _block(self, kv: str, phase: int) -> Linear3:
         # "host": the cache comes up ahead of the block (its bytes are the link's cost); a model calibrated without
@@ -165,6 +169,11 @@ class ComputeModel:
             return 0.0
         alone = self.prefill_block_s(batch, prompt, "host") + self.prefill_block_s(batch, prompt, "host-compute")
         return max(0.0, self.split_pair_prefill(batch * prompt, prompt) - alone)
+
+    def eager_extra_s(self, batch: int, context: float) -> float:
+        """What an eager decode step with the cache on the device costs beyond its blocks and outer work (0 where not
+        timed)."""
+        return self.decode_eager_extra(batch, context) if self.decode_eager_extra is not None else 0.0
 
     def decode_outer_s(self, batch: int, context: float) -> float:
         """The per-pass work of a decode step (mask / ALiBi, embedding, head) and the decode loop's own."""
@@ -385,6 +394,8 @@ class ThroughputModel:
         if kv == "split":
             block += self._pairs_s(self.compute.split_extra_s, batch, context, micro, cpu_layers)
         outer = self.compute.decode_outer_s(batch, context)
+        if kv == "none":  # (a host cache's blocks were timed as the engine runs them, waits included)
+            outer += sum(self.compute.eager_extra_s(b, context) for b in micro_batches(batch, micro))
         lead = self.first_cache_wait(batch, context, kv, kv_bytes, micro, cpu_layers)
         return self.pass_s(resident, block, outer, kv_bytes, cpu_bytes, lead)
 

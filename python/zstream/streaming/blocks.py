@@ -14,12 +14,16 @@ into matrices in their slot; ``trace.Traced`` records what happens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequence
 
+from torch import Tensor
+
+from ..foundations.models import Family, StepContext
 from ..foundations.quant import BlockQuant
 from .weights import Weights
 
 if TYPE_CHECKING:
+    from .cache import LayerCache
     from .ring import DeviceRing
 
 
@@ -30,6 +34,19 @@ class Streamer(Protocol):
     def reset(self) -> None: ...                     # drop everything in flight
     def rings(self) -> List[DeviceRing]: ...        # the device rings underneath (tracing instruments them)
     def close(self) -> None: ...
+
+
+def run_blocks(family: Family, blocks: Streamer, hidden: List[Tensor], layer: Callable[[int, slice], LayerCache],
+               parts: Sequence[slice], ctxs: Sequence[StepContext]) -> List[Tensor]:
+    """Every block of a pass over each micro-batch's ``hidden`` (b, T, C), ``layer(i, rows)`` its cache: the engine's
+    loop (``StreamingModel``), and the calibration's eager step (``calibrate``) times this same loop."""
+    for i in range(family.num_blocks):
+        w = blocks.acquire(i)   # the block's weights cross once for every micro-batch (FlexGen's zig-zag)
+        for j, (rows, ctx) in enumerate(zip(parts, ctxs)):
+            hidden[j] = family.block(w, hidden[j], layer(i, rows), ctx)  # all-reduced twice under TP
+        del w  # the views of a slot must be gone before the slot is reused
+        blocks.release(i)
+    return hidden
 
 
 class Resident:

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..errors import warn
 from ..foundations.store import FlatRead
 from ..planning.batch import ComputeModel, Linear3
+from .blocks import Resident, run_blocks
 from .cache import KVCache
 from .generate import decode, setup
 from .graph import DecodeGraph
@@ -30,8 +31,9 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # after a throwaway capture, fitted without their noise floor; 9: a recording less the replayed step it includes;
 # 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own;
 # 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode; 13: a
-# split pair's prefill; 14: the prefill's fits in seconds; 15: graphed steps synchronised one by one)
-CALIBRATION_FORMAT = 15
+# split pair's prefill; 14: the prefill's fits in seconds; 15: graphed steps synchronised one by one; 16: an eager
+# step of every block timed whole)
+CALIBRATION_FORMAT = 16
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -54,6 +56,7 @@ GRAPH_SAMPLE_S = 0.05                 # a few-block graph's timing sample: sever
 GRAPH_SUSTAINED_S = 0.25
 GRAPH_PROBE_CACHE_BYTES = 256 << 20   # its blocks take turns over this much cache at most (one layer at the least)
 GRAPH_FLOOR_S = 1e-6                  # a graphed sample's part (a difference of timings) at least this
+EAGER_SAMPLE_S = 0.1                  # an eager step of every block's timing sample: steps one after another
 SAMPLE_MAX_CALLS = 50                 # a timing sample's calls at most, however short a call
 
 
@@ -205,6 +208,12 @@ def graph_probe_blocks(num_blocks: int) -> Tuple[int, int]:
     return min(GRAPH_PROBE_FEW, many - 1), many
 
 
+def times_eager_steps(device: torch.device, quant: Any) -> bool:
+    """Whether a calibration times whole eager decode steps: on a GPU, where a step's kernels are launched from
+    Python while the device waits on them, with plain weights (a packed block's dequantization is its own cost)."""
+    return device.type == "cuda" and quant is None
+
+
 def times_graphs(asked: bool, device: torch.device, quant: Any) -> bool:
     """Whether a calibration times decode steps as CUDA graphs: where asked (load's ``cuda_graphs``), on a GPU, with
     plain weights (a packed block is dequantized every call: the engine does not graph it)."""
@@ -236,6 +245,8 @@ class _BlockTimer:
         self.graph_records: Dict[Tuple[int, int, int], float] = {}  # (B, S, blocks) -> its first step, recording
         self.graph_probe = graph_probe_blocks(family.num_blocks)  # (few, many) blocks a graphed point is timed over
         self.pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs
+        self.eager = times_eager_steps(device, quant)  # decode points also timed as a whole eager step
+        self.eager_steps: Dict[Tuple[int, int], Callable[[], Any]] = {}  # (B, S) -> one eager step
 
     def close(self) -> None:
         """Let the timer's weights and caches go now, not when it is collected: frames held in a reference cycle keep
@@ -247,6 +258,7 @@ class _BlockTimer:
         self.host_caches.clear()
         self.pair_caches.clear()
         self.graph_steps.clear()
+        self.eager_steps.clear()
 
     def block_call(self, B: int, T: int, S: int, kv: str = "none") -> Callable[[], Any]:
         """One block over T new tokens a row (B rows), attending to S keys (the cache holds S - T before). The cache
@@ -317,6 +329,31 @@ class _BlockTimer:
         mask = torch.ones(B, S, dtype=torch.long, device=dev)                             # (B, S)
         return lambda: graph(ids, fam.context(mask, 1, self.dtype))
 
+    def time_eager(self, B: int, S: int) -> float:
+        """An eager decode step of the model's every block at batch ``B`` over ``S`` keys, resident with the cache
+        on the device, as the engine runs one: its context, embedding, the engine's block loop
+        (``blocks.run_blocks``) and the head, each step starting once the last one's results are in."""
+        if (B, S) not in self.eager_steps:
+            self.eager_steps[(B, S)] = self._eager_step(B, S)
+        return _seconds(self.eager_steps[(B, S)], self.dev, max(self.min_sample_s, EAGER_SAMPLE_S), each=True)
+
+    def _eager_step(self, B: int, S: int) -> Callable[[], Any]:
+        fam, dev = self.family, self.dev
+        layer_bytes = 2 * B * self.longest * fam.num_kv_heads * fam.head_dim * self.dtype.itemsize
+        layers = max(1, min(fam.num_blocks, GRAPH_PROBE_CACHE_BYTES // layer_bytes))  # the blocks take them in turn
+        cache = KVCache(layers, B, self.longest, fam.num_kv_heads, fam.head_dim, self.dtype, dev)
+        w = self.weights()
+        blocks = Resident(dict.fromkeys(range(fam.num_blocks), w), None)
+        ids = torch.ones(B, 1, dtype=torch.long, device=dev)                              # (B, 1)
+        mask = torch.ones(B, S, dtype=torch.long, device=dev)                             # (B, S)
+
+        def step() -> Tensor:
+            ctx = fam.context(mask, 1, self.dtype)
+            hidden = run_blocks(fam, blocks, [fam.embed(self.outer_w, ids, ctx)],
+                                lambda i, rows: cache.layer(i % layers, rows), [slice(None)], [ctx])
+            return fam.head(self.outer_w, hidden[0][:, -1:])                           # (B, 1, vocab)
+        return step
+
     def time_outer(self, B: int, T: int, S: int) -> float:
         """What a pass does besides its blocks: the context (mask, ALiBi, RoPE), the embedding, the last position's
         head."""
@@ -345,6 +382,8 @@ class _BlockTimer:
             kv_times.update({("split", *p): [] for p in points})
         graph_times: Dict[Tuple[int, int], List[Tuple[float, float]]] = {
             (B, S): [] for phase, B, _, S in points if phase == "decode" and self.graphs}
+        eager_times: Dict[Tuple[int, int], List[float]] = {
+            (B, S): [] for phase, B, _, S in points if phase == "decode" and self.eager}
         on_cpus = [k for k in kv_times if k[1] == "decode" and k[0] in ("host-compute", "split")]
         with torch.inference_mode(), attention_kernels(self.dev):
             for _ in range(max(1, rounds)):
@@ -358,6 +397,8 @@ class _BlockTimer:
                     if (B, S) in graph_times:
                         few, many = self.graph_probe
                         graph_times[(B, S)].append((self.time_graph(B, S, few), self.time_graph(B, S, many)))
+                    if p[0] == "decode" and (B, S) in eager_times:
+                        eager_times[(B, S)].append(self.time_eager(B, S))
             for _ in range(max(1, rounds)):  # the CPUs' points again, until as many rounds as asked were calm
                 if not on_cpus or len(calm_rounds([kv_times[k] for k in on_cpus])) >= rounds:
                     break
@@ -371,6 +412,7 @@ class _BlockTimer:
                  f"prediction of placements that attend on the CPUs rests on {len(calm)} rounds", RuntimeWarning)
         self.pair_caches.clear()
         self.graph_steps.clear()  # (the graphs and their caches' memory)
+        self.eager_steps.clear()
         samples: List[Dict[str, Any]] = []
         for (phase, B, T, S), (blk, out) in times.items():
             where = {"context": S} if phase == "decode" else {"prompt": T}
@@ -387,7 +429,9 @@ class _BlockTimer:
                                  self.graph_probe)
                    for (B, S), t in graph_times.items()]
         self.graph_records.clear()
-        return samples + graphed, kv_samples
+        eager = [_eager_sample(B, S, t, times[("decode", B, 1, S)], self.family.num_blocks)
+                 for (B, S), t in eager_times.items()]
+        return samples + graphed + eager, kv_samples
 
     def probes(self, placements: List[str], max_batch: int, rounds: int,
                shared_probe: Optional[bool] = None) -> Tuple[List[Dict[str, Any]], ...]:
@@ -425,6 +469,17 @@ def calm_rounds(rounds_by_point: Sequence[Sequence[float]], tolerance: float = C
     return [i for i, score in enumerate(scores) if score <= calmest * tolerance]
 
 
+def _eager_sample(B: int, S: int, steps: List[float], parts: Tuple[List[float], List[float]],
+                  num_blocks: int) -> Dict[str, Any]:
+    """A decode point's whole eager steps, one a round, against its block and outer work timed back to back in the
+    same rounds (``parts``): what the step takes beyond them, each round's difference (the host's speed drifts
+    between rounds, not within one), their median, at the floor where it came out at or below zero."""
+    blocks, outer = parts
+    extra = [step - (num_blocks * b + o) for step, b, o in zip(steps, blocks, outer)]
+    return {"phase": "eager", "batch": B, "context": S, "step_s": statistics.median(steps), "step_rounds_s": steps,
+            "extra_s": max(GRAPH_FLOOR_S, statistics.median(extra)), "extra_rounds_s": extra}
+
+
 def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]], records: Tuple[float, float],
                   probe: Tuple[int, int]) -> Dict[str, Any]:
     """A graphed decode step's sample from its rounds of (few blocks, many blocks): a block is the difference over
@@ -459,6 +514,7 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
     dec = [s for s in samples if s["phase"] == "decode"]
     pre = [s for s in samples if s["phase"] == "prefill"]
     graphed = [s for s in samples if s["phase"] == "graph"]
+    eager = [s for s in samples if s["phase"] == "eager"]
     busy = [s for s in shared if s["link_busy"]]
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
 
@@ -485,7 +541,9 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
         cpu_busy_factor=_cpu_busy_factor(kv_samples, busy, rows_keys),
         decode_graph_block=_graph_fit(graphed, "block_s"), decode_graph_outer=_graph_fit(graphed, "outer_s"),
         decode_graph_record_block=_graph_fit(graphed, "record_block_s"),
-        decode_graph_record_outer=_graph_fit(graphed, "record_outer_s"))
+        decode_graph_record_outer=_graph_fit(graphed, "record_outer_s"),
+        decode_eager_extra=Linear3.fit([(s["batch"], s["context"], s["extra_s"]) for s in eager], relative=False)
+        if eager else None)
 
 
 def prefill_fit(points: List[Tuple[float, float, float]]) -> Linear3:

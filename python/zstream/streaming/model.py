@@ -31,7 +31,7 @@ from ..foundations.units import dtype_name, fmt_bytes, fmt_params
 from ..planning.facts import CheckpointFacts
 from ..planning.residency import GRAPH_MIN_STEPS, Plan, cpu_layers_of, micro_batch_rows
 from . import generate as gen
-from .blocks import Dequantized, Resident, Streamer
+from .blocks import Dequantized, Resident, Streamer, run_blocks
 from .cache import KVCache
 from .device import Device
 from .graph import DecodeGraph
@@ -122,12 +122,7 @@ class StreamingModel:
         ctxs = [fam.context(mask[rows], input_ids.shape[1], self.dtype) for rows in parts]
         with self._telling_the_ranks():
             hidden = [fam.embed(self.outer, input_ids[rows], ctx) for rows, ctx in zip(parts, ctxs)]  # (b, T, C)
-            for i in range(fam.num_blocks):
-                w = blocks.acquire(i)   # the block's weights cross once for every micro-batch (FlexGen's zig-zag)
-                for j, (rows, ctx) in enumerate(zip(parts, ctxs)):
-                    hidden[j] = fam.block(w, hidden[j], cache.layer(i, rows), ctx)  # all-reduced twice under TP
-                del w  # the views of a slot must be gone before the slot is reused
-                blocks.release(i)
+            hidden = run_blocks(fam, blocks, hidden, cache.layer, parts, ctxs)
             if last_only:
                 hidden = [h[:, -1:] for h in hidden]                        # (b, 1, C)
             logits = [fam.head(self.outer, h) for h in hidden]              # (b, T, vocab)
