@@ -22,6 +22,11 @@ the replayed decode step (``step ms``) and the measured prefill over the replaye
 seconds, as this build's calibration fits them (``calibrate.prefill_fit``, format 14 on), or in relative error, as
 formats 13 and before did (docs/performance.md item 44).
 
+``--eager whole``: the eager step's extra over its blocks and outer work (``ComputeModel.decode_eager_extra``, format
+16 on) taken again from the stored samples as this build's calibration takes it: each point's whole step's median
+less its parts' medians (``calibrate.eager_extra_fit``, format 17), where format 16 took the median of each round's
+difference (docs/performance.md item 47).
+
 ``--step-wait tokens``: the rows replayed as a generation runs its decode loop, each step waiting for its tokens
 only (this build's bench); by default each row is replayed as its steps were timed (before ``step_wait`` was
 recorded, the bench synchronised the whole device after each step: ``ThroughputModel.device_sync``).
@@ -49,7 +54,13 @@ from zstream.foundations.models import family_for
 from zstream.foundations.units import parse_bytes
 from zstream.planning.batch import ComputeModel, Linear3, ModelSizes, choose_batch
 from zstream.planning.facts import facts_from_shapes
-from zstream.streaming.calibrate import CALM_ROUND_TOLERANCE, _cpu_busy_factor, calm_rounds, prefill_fit
+from zstream.streaming.calibrate import (
+    CALM_ROUND_TOLERANCE,
+    _cpu_busy_factor,
+    calm_rounds,
+    eager_extra_fit,
+    prefill_fit,
+)
 
 
 def preset_of(meta: Dict[str, Any]) -> str:
@@ -140,12 +151,13 @@ def refit_prefill(compute: ComputeModel, how: str) -> None:
 
 def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute_busy: bool,
                cpu_rounds: str = "median", tolerance: float = CALM_ROUND_TOLERANCE,
-               step_wait: str = "row", prefill: str = "stored") -> Dict[str, Any]:
+               step_wait: str = "row", prefill: str = "stored", eager: str = "stored") -> Dict[str, Any]:
     """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed), the
     replayed decode step and the measured prefill over the replayed one. ``step_wait``: "row", the loop as the row's
     steps were timed (its ``step_wait``: before it was recorded, the bench synchronised the device after each step);
     "tokens" or "device", that loop. ``prefill``: "seconds" or "relative", the prefill's fits taken again from
-    the samples so (``refit_prefill``)."""
+    the samples so (``refit_prefill``). ``eager``: "whole", the eager step's extra taken again from the samples as
+    this build takes it (``calibrate.eager_extra_fit``; a calibration without whole eager steps keeps none)."""
     out = {"kv_offload": row["kv_offload"], "batch": row["batch"], "micro_batch": row.get("micro_batch"),
            "kv_cpu_layers": row.get("kv_cpu_layers"), "measured": row["tokens_per_s"],
            "stored": row.get("predicted_tokens_per_s"), "replayed": None, "replayed_step_s": None,
@@ -163,6 +175,8 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
         refit_cpu_points(compute, family, dtype, cpu_rounds, tolerance)
     if prefill != "stored":
         refit_prefill(compute, prefill)
+    if eager == "whole":
+        compute.decode_eager_extra = eager_extra_fit(compute.samples, compute.num_blocks)
     out["busy_factor"] = compute.cpu_busy_factor
     batch, micro, kv = row["batch"], row.get("micro_batch"), row["kv_offload"]
     micro = micro if micro and micro < batch else None
@@ -216,6 +230,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--prefill", choices=("stored", *PREFILL_FITS), default="stored",
                    help="the prefill's fits as stored (default), or taken again from the samples in seconds (as "
                         "this build's calibration fits them) or in relative error (as formats 13 and before did)")
+    p.add_argument("--eager", choices=("stored", "whole"), default="stored",
+                   help="the eager step's extra as stored (default), or taken again from the samples as this build's "
+                        "calibration takes it (each point's whole step's median less its parts')")
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
@@ -228,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if row.get("predicted_tokens_per_s") is None:
                 continue
             r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor, a.cpu_rounds,
-                                                    a.calm_tolerance, a.step_wait, a.prefill)}
+                                                    a.calm_tolerance, a.step_wait, a.prefill, a.eager)}
             rows.append(r)
             print(_line(r))
     replayed = [r["replayed"] / r["measured"] for r in rows if r["replayed"]]

@@ -177,3 +177,23 @@ def test_the_cpus_points_refit_from_the_rounds_a_calibration_keeps_calm():
     rp.refit_cpu_points(compute, family, torch.float16, "calm")
     assert compute.kv_blocks["host-compute"][0](1, 544) == pytest.approx(1.05e-3, rel=1e-6)
     assert compute.kv_blocks["host-compute"][0](64, 544) == pytest.approx(4.5e-3, rel=1e-6)
+
+
+def test_the_eager_steps_extra_taken_again_as_this_build_takes_it():
+    """The H100's eager batch 7 of run 9 of 2026-12-06 (format 16: the extra the median of each round's difference,
+    0.47 ms at the row): replayed as stored, its stored prediction (1.078x the measured tokens/s); with the extra
+    taken again from the same samples as the whole steps' medians over their parts' (``calibrate.eager_extra_fit``,
+    1.22 ms), within 2% of the row. A calibration without whole eager steps keeps none."""
+    raw = Path(__file__).parent / "results" / "raw"
+    doc = json.loads((raw / "h100-2026-12-06-run9-bench_graph_eager.json").read_text())
+    (row,) = doc["rows"]
+    stored = rp.replay_row(row, doc["meta"], "bloom-7b1", recompute_busy=False)
+    assert stored["replayed"] == pytest.approx(stored["stored"], rel=1e-6)
+    assert stored["stored"] / stored["measured"] > 1.07
+    whole = rp.replay_row(row, doc["meta"], "bloom-7b1", recompute_busy=False, eager="whole")
+    assert abs(whole["replayed"] / whole["measured"] - 1) < 0.02
+    assert whole["replayed_step_s"] - stored["replayed_step_s"] == pytest.approx(1.219e-3 - 0.471e-3, abs=2e-5)
+    old = json.loads((raw / "h100-2026-12-06-run8-bench_kv_all.json").read_text())
+    (eager_29,) = [r for r in old["rows"] if r["batch"] == 7]
+    kept = rp.replay_row(eager_29, old["meta"], "bloom-7b1", recompute_busy=False, eager="whole")
+    assert kept["replayed"] == pytest.approx(kept["stored"], rel=1e-6)

@@ -1747,15 +1747,25 @@ def test_a_sample_synchronises_after_every_call_only_where_asked(monkeypatch):
 # ---- the eager step timed whole (format 16) ----------------------------------------------------------------------
 
 
-def test_an_eager_point_is_what_the_whole_step_took_over_its_parts_round_by_round():
-    """An eager step's extra is each round's step less its blocks and outer work timed in the same round (the host's
-    speed moves between rounds), their median, at the floor where it came out at or below zero."""
-    steps, blocks, outer = [0.0100, 0.0150, 0.0098], [3e-4, 4e-4, 3e-4], [5e-4, 6e-4, 5e-4]
-    s = calibrate._eager_sample(7, 528, steps, (blocks, outer), 30)
-    assert s["extra_rounds_s"] == pytest.approx([0.0005, 0.0024, 0.0003])
-    assert s["extra_s"] == pytest.approx(0.0005)  # (the median of the parts' medians would give 9.5e-3 - 9.5e-3 = 0)
-    assert s["step_s"] == pytest.approx(0.0100) and (s["phase"], s["batch"], s["context"]) == ("eager", 7, 528)
-    assert calibrate._eager_sample(1, 1, [1e-3], ([1e-4], [1e-3]), 2)["extra_s"] == calibrate.GRAPH_FLOOR_S
+def test_an_eager_points_extra_gives_back_the_whole_step_as_timed():
+    """An eager point's extra is its steps' median less the block's and outer work's medians, the ones the device fits
+    take, so the prediction gives back the whole step as timed; at the floor where that is at or below zero. Run 9
+    of 2026-12-06 (an H100) differenced round by round instead: the rounds moved by milliseconds and their median
+    put bloom-7b1's batch 7 at 0.47 ms, the medians at 1.22."""
+    decode = [{"phase": "decode", "batch": B, "context": S, "block_s": b, "outer_s": o}
+              for B, S, b, o in ((1, 10, 3e-4, 5e-4), (4, 10, 4e-4, 6e-4), (4, 20, 5e-4, 6e-4))]
+    host = {"kv_offload": "host-compute", "phase": "decode", "batch": 4, "tokens": 1, "keys": 10, "block_s": 1.0}
+    eager = [{"phase": "eager", "batch": 1, "context": 10, "step_s": 30 * 3e-4 + 5e-4 + 2e-4},
+             {"phase": "eager", "batch": 4, "context": 10, "step_s": 30 * 4e-4 + 6e-4 + 5e-4},
+             {"phase": "eager", "batch": 4, "context": 20, "step_s": 30 * 5e-4 + 6e-4 + 5e-4}]
+    loop = {"phase": "loop", "batch": 1, "step_s": 1e-4}
+    fit = calibrate.eager_extra_fit([*decode, host, *eager, loop], 30)
+    assert fit is not None
+    assert (fit(1, 10), fit(4, 10), fit(4, 20)) == pytest.approx((2e-4, 5e-4, 5e-4), abs=1e-9)
+    assert fit(16, 10) == pytest.approx(2e-4 + 15 * 1e-4)  # (c0 + c1 x: in seconds, through the three)
+    below = {"phase": "eager", "batch": 1, "context": 10, "step_s": 1e-3}  # under its parts' 9.5 ms
+    assert calibrate.eager_extra_fit([*decode, below], 30) == Linear3(calibrate.GRAPH_FLOOR_S, 0.0, 0.0)
+    assert calibrate.eager_extra_fit(decode, 30) is None
 
 
 def test_the_calibration_times_an_eager_step_through_the_engines_block_loop(tiny_bloom, monkeypatch):
@@ -1791,16 +1801,11 @@ def test_the_calibration_times_an_eager_step_through_the_engines_block_loop(tiny
     eager = [s for s in samples if s["phase"] == "eager"]
     assert [(s["batch"], s["context"], len(s["step_rounds_s"])) for s in eager] == [(2, 10, 2), (3, 6, 2)]
     assert loops and set(loops) == {model.family.num_blocks} and asked == [True] * 4
-    decode = {(s["batch"], s["context"]): s for s in samples if s["phase"] == "decode"}
-    for s in eager:
-        parts = decode[(s["batch"], s["context"])]
-        n = model.family.num_blocks
-        assert s["extra_rounds_s"] == pytest.approx(
-            [t - (n * b + o) for t, b, o in zip(s["step_rounds_s"], parts["block_rounds_s"], parts["outer_rounds_s"])])
+    assert all(s["step_s"] == statistics.median(s["step_rounds_s"]) for s in eager)
     assert not timer.eager_steps  # (their caches let go)
     loop = [{"phase": "loop", "batch": 1, "step_s": 1e-4}]
     fitted = calibrate._fitted(model.family, torch.float32, "k", samples, [], [], [], loop, [], False, 1)
-    assert fitted.decode_eager_extra is not None
+    assert fitted.decode_eager_extra == calibrate.eager_extra_fit(samples, model.family.num_blocks) is not None
     assert ComputeModel.from_dict(fitted.to_dict()).decode_eager_extra == fitted.decode_eager_extra
     assert calibrate._fitted(model.family, torch.float32, "k", [s for s in samples if s["phase"] != "eager"], [],
                              [], [], loop, [], False, 1).decode_eager_extra is None
@@ -1809,8 +1814,8 @@ def test_the_calibration_times_an_eager_step_through_the_engines_block_loop(tiny
 
 def test_an_eager_step_with_the_cache_on_the_device_pays_its_extra_once_a_micro_batch():
     """The eager extra goes on a decode step whose cache is on the device and that is not replayed as a graph, once
-    for each micro-batch's loop over the blocks; a host cache's blocks were timed with their waits, and a graphed
-    step has its own timings. Bloom-7b1's eager batch 7 ran 0.6-1.0 ms a step over its prediction on both cards
+    for each micro-batch's loop over the blocks, as compute the device idles through; a host cache's blocks were
+    timed with their waits, and a graphed step has its own timings. Bloom-7b1's eager batch 7 ran 0.6-1.0 ms a step over its prediction on both cards
     (H100 runs 1 and 8 of 2026-12-06, H200 run 3 of 2026-12-05)."""
     cm = compute_model(30)
     cm.kv_blocks = {"host-compute": (Linear3(2e-3, 1e-4, 0.0), Linear3(2e-3, 1e-5, 0.0)),
@@ -1823,6 +1828,16 @@ def test_an_eager_step_with_the_cache_on_the_device_pays_its_extra_once_a_micro_
     assert tm.decode_step(8, 30, 500, "none", micro=4)[0] == pytest.approx(micro + 2 * (4e-4 + 4e-5))
     assert tm.decode_step(8, 30, 500, "host")[0] == pytest.approx(before["host"])
     assert tm.decode_step(8, 30, 500, "host-compute")[0] == pytest.approx(before["host-compute"])
+    # streamed blocks: the idling lengthens a compute-bound step (run 8's 29/30), not a link-bound one, whose copies
+    # the ring queued ahead (run 9's batch 8 with 4 of 30 streamed: 30.9 ms predicted, 31.5 with the extra in the
+    # pass's outer work, 29.3 measured)
+    cm.decode_eager_extra = None
+    fast, slow = (ThroughputModel(cm, [100 * MB] * 30, link_gbps=g) for g in (1000.0, 5.0))
+    compute_bound, link_bound = fast.decode_step(8, 29, 500)[0], slow.decode_step(8, 26, 500)[0]
+    assert link_bound > 2 * compute_bound
+    cm.decode_eager_extra = Linear3(4e-4, 1e-5, 0.0)
+    assert fast.decode_step(8, 29, 500)[0] == pytest.approx(compute_bound + 4e-4 + 8e-5)
+    assert slow.decode_step(8, 26, 500)[0] == pytest.approx(link_bound)
     cm.decode_graph_block, cm.decode_graph_outer = Linear3(1e-4, 0.0, 0.0), Linear3(2e-4, 0.0, 0.0)
     graphed = ThroughputModel(cm, [100 * MB] * 30, link_gbps=50.0, graphs=True)
     assert graphed.decode_step(8, 30, 500)[0] == pytest.approx(30 * 1e-4 + 2e-4)  # (no decode loop fitted here)

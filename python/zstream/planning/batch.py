@@ -347,16 +347,19 @@ class ThroughputModel:
         return min(self.link_gbps, up) if up else self.link_gbps
 
     def pass_s(self, resident: int, block_s: float, outer_s: float, shared_bytes: int = 0,
-               cpu_bytes: int = 0, lead_s: float = 0.0, first: bool = False) -> Tuple[float, float, float]:
+               cpu_bytes: int = 0, lead_s: float = 0.0, first: bool = False,
+               idle_s: float = 0.0) -> Tuple[float, float, float]:
         """(seconds, transfer seconds, compute seconds) of a pass: a decode step in the loop's steady state, or with
         ``first`` the pass after the device was synchronised (the prefill: the ring's first slots landed before it,
         and it ends with its compute). ``shared_bytes``: what else crosses the link in the pass, inside the blocks'
         compute (a host KV cache coming up, at ``kv_up_gbps``: ``block_s`` was timed without it), so a step takes at
         least every byte over the link. ``cpu_bytes``: the host caches the CPUs attend to in the pass, read from the
         host memory the link reads too (``host_gbps``). ``lead_s``: the compute stream's wait for the first host
-        layer's cache (``first_cache_wait``)."""
+        layer's cache (``first_cache_wait``). ``idle_s``: the device's idling while the host runs the step's loop
+        (``ComputeModel.eager_extra_s``): it lengthens the compute, but not the link's copies, which the ring queued
+        ahead."""
         n = len(self.block_bytes)
-        compute = n * block_s + outer_s
+        compute = n * block_s + outer_s + idle_s
         if (resident < n or shared_bytes) and not self.link_gbps:
             raise ValueError("bytes cross the link, but no link bandwidth was given")
         host = self.host_gbps
@@ -372,7 +375,7 @@ class ThroughputModel:
             ends = ring_schedule(copies, self.ring_slots, resident, block_s, outer_s + lead_s, 1, self.device_sync)
             return max(ends[0], outer_s + shared, floor) + self.step_overhead_s, transfer, compute
         step = steady_period(copies, self.ring_slots, resident, block_s, outer_s + lead_s, self.device_sync)
-        return max(step, outer_s + transfer, floor) + self.step_overhead_s, transfer, compute
+        return max(step, outer_s + transfer, floor, compute + lead_s) + self.step_overhead_s, transfer, compute
 
     def decode_step(self, batch: int, resident: int, context: float, kv: str = "none",
                     kv_bytes: int = 0, micro: Optional[int] = None, cpu_layers: int = 0,
@@ -394,10 +397,10 @@ class ThroughputModel:
         if kv == "split":
             block += self._pairs_s(self.compute.split_extra_s, batch, context, micro, cpu_layers)
         outer = self.compute.decode_outer_s(batch, context)
-        if kv == "none":  # (a host cache's blocks were timed as the engine runs them, waits included)
-            outer += sum(self.compute.eager_extra_s(b, context) for b in micro_batches(batch, micro))
+        # (a host cache's blocks were timed as the engine runs them, their waits included)
+        idle = sum(self.compute.eager_extra_s(b, context) for b in micro_batches(batch, micro)) if kv == "none" else 0.0
         lead = self.first_cache_wait(batch, context, kv, kv_bytes, micro, cpu_layers)
-        return self.pass_s(resident, block, outer, kv_bytes, cpu_bytes, lead)
+        return self.pass_s(resident, block, outer, kv_bytes, cpu_bytes, lead, idle_s=idle)
 
     def graphed(self, batch: int, resident: int, kv: str = "none", micro: Optional[int] = None,
                 gen: Optional[int] = None) -> bool:

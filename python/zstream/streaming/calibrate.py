@@ -32,8 +32,8 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own;
 # 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode; 13: a
 # split pair's prefill; 14: the prefill's fits in seconds; 15: graphed steps synchronised one by one; 16: an eager
-# step of every block timed whole)
-CALIBRATION_FORMAT = 16
+# step of every block timed whole; 17: its extra over the parts from the whole step's median)
+CALIBRATION_FORMAT = 17
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -429,7 +429,7 @@ class _BlockTimer:
                                  self.graph_probe)
                    for (B, S), t in graph_times.items()]
         self.graph_records.clear()
-        eager = [_eager_sample(B, S, t, times[("decode", B, 1, S)], self.family.num_blocks)
+        eager = [{"phase": "eager", "batch": B, "context": S, "step_s": statistics.median(t), "step_rounds_s": t}
                  for (B, S), t in eager_times.items()]
         return samples + graphed + eager, kv_samples
 
@@ -469,15 +469,18 @@ def calm_rounds(rounds_by_point: Sequence[Sequence[float]], tolerance: float = C
     return [i for i, score in enumerate(scores) if score <= calmest * tolerance]
 
 
-def _eager_sample(B: int, S: int, steps: List[float], parts: Tuple[List[float], List[float]],
-                  num_blocks: int) -> Dict[str, Any]:
-    """A decode point's whole eager steps, one a round, against its block and outer work timed back to back in the
-    same rounds (``parts``): what the step takes beyond them, each round's difference (the host's speed drifts
-    between rounds, not within one), their median, at the floor where it came out at or below zero."""
-    blocks, outer = parts
-    extra = [step - (num_blocks * b + o) for step, b, o in zip(steps, blocks, outer)]
-    return {"phase": "eager", "batch": B, "context": S, "step_s": statistics.median(steps), "step_rounds_s": steps,
-            "extra_s": max(GRAPH_FLOOR_S, statistics.median(extra)), "extra_rounds_s": extra}
+def eager_extra_fit(samples: Sequence[Dict[str, Any]], num_blocks: int) -> Optional[Linear3]:
+    """What a whole eager step takes over its blocks and outer work, fitted over (batch, context) in seconds: at each
+    decode point its steps' median less ``num_blocks`` times the block's median and the outer work's, the medians the
+    device fits take, so that the prediction gives back the step as timed (as a graphed point's parts do), at the
+    floor where that came out at or below zero. Each round's own difference moved by milliseconds from round to round
+    (run 9 of 2026-12-06, an H100: the Python's speed moves between the three timings, the block's thirty-fold):
+    their median (format 16) put bloom-7b1's batch 7 at 0.47 ms where the medians' difference gives 1.22, and the
+    row ran 0.34 ms a step over the first. None where no point was timed whole."""
+    decode = {(s["batch"], s["context"]): s for s in samples if s.get("phase") == "decode" and "kv_offload" not in s}
+    points = [(s["batch"], s["context"], max(GRAPH_FLOOR_S, s["step_s"] - num_blocks * d["block_s"] - d["outer_s"]))
+              for s in samples if s.get("phase") == "eager" and (d := decode.get((s["batch"], s["context"])))]
+    return Linear3.fit(points, relative=False) if points else None
 
 
 def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]], records: Tuple[float, float],
@@ -514,7 +517,6 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
     dec = [s for s in samples if s["phase"] == "decode"]
     pre = [s for s in samples if s["phase"] == "prefill"]
     graphed = [s for s in samples if s["phase"] == "graph"]
-    eager = [s for s in samples if s["phase"] == "eager"]
     busy = [s for s in shared if s["link_busy"]]
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
 
@@ -542,8 +544,7 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
         decode_graph_block=_graph_fit(graphed, "block_s"), decode_graph_outer=_graph_fit(graphed, "outer_s"),
         decode_graph_record_block=_graph_fit(graphed, "record_block_s"),
         decode_graph_record_outer=_graph_fit(graphed, "record_outer_s"),
-        decode_eager_extra=Linear3.fit([(s["batch"], s["context"], s["extra_s"]) for s in eager], relative=False)
-        if eager else None)
+        decode_eager_extra=eager_extra_fit(samples, family.num_blocks))
 
 
 def prefill_fit(points: List[Tuple[float, float, float]]) -> Linear3:
