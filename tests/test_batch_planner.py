@@ -1815,8 +1815,8 @@ def test_the_calibration_times_an_eager_step_through_the_engines_block_loop(tiny
 def test_an_eager_step_with_the_cache_on_the_device_pays_its_extra_once_a_micro_batch():
     """The eager extra goes on a decode step whose cache is on the device and that is not replayed as a graph, once
     for each micro-batch's loop over the blocks, as compute the device idles through; a host cache's blocks were
-    timed with their waits, and a graphed step has its own timings. Bloom-7b1's eager batch 7 ran 0.6-1.0 ms a step over its prediction on both cards
-    (H100 runs 1 and 8 of 2026-12-06, H200 run 3 of 2026-12-05)."""
+    timed with their waits, and a graphed step has its own timings. Bloom-7b1's eager batch 7 ran 0.6-1.0 ms a step
+    over its prediction on both cards (H100 runs 1 and 8 of 2026-12-06, H200 run 3 of 2026-12-05)."""
     cm = compute_model(30)
     cm.kv_blocks = {"host-compute": (Linear3(2e-3, 1e-4, 0.0), Linear3(2e-3, 1e-5, 0.0)),
                     "host": (cm.decode_block, cm.prefill_block)}
