@@ -1769,9 +1769,9 @@ def test_an_eager_points_extra_gives_back_the_whole_step_as_timed():
 
 
 def test_the_calibration_times_an_eager_step_through_the_engines_block_loop(tiny_bloom, monkeypatch):
-    """At each decode point (not the prefill's), one eager step of the model's every block a round, each step
-    synchronised as a generation's, through ``blocks.run_blocks``, the loop the engine's forward runs; timed on a GPU
-    with plain weights only."""
+    """At each decode point (not the prefill's, even at the same batch and length), one eager step of the model's
+    every block a round, each step synchronised as a generation's, through ``blocks.run_blocks``, the loop the
+    engine's forward runs; timed on a GPU with plain weights only. A graphed point likewise, once a round."""
     import zstream.streaming.model as engine
 
     model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
@@ -1796,10 +1796,14 @@ def test_the_calibration_times_an_eager_step_through_the_engines_block_loop(tiny
     assert not timer.eager  # (the CPU's steps are not launched ahead of a device)
     assert calibrate.times_eager_steps(torch.device("cuda"), None)
     assert not calibrate.times_eager_steps(torch.device("cuda"), object())
-    timer.eager = True
-    samples, _ = timer.sample([("decode", 2, 1, 10), ("decode", 3, 1, 6), ("prefill", 1, 5, 5)], [], False, 2)
+    timer.eager = timer.graphs = True
+    # (a prefill point at a decode point's batch and length: run 9 of 2026-12-06 timed such graphed points twice a
+    # round, once for the prefill's)
+    samples, _ = timer.sample([("decode", 2, 1, 10), ("decode", 3, 1, 6), ("prefill", 2, 10, 10)], [], False, 2)
     eager = [s for s in samples if s["phase"] == "eager"]
     assert [(s["batch"], s["context"], len(s["step_rounds_s"])) for s in eager] == [(2, 10, 2), (3, 6, 2)]
+    graphed = [s for s in samples if s["phase"] == "graph"]
+    assert [(s["batch"], s["context"], len(s["block_rounds_s"])) for s in graphed] == [(2, 10, 2), (3, 6, 2)]
     assert loops and set(loops) == {model.family.num_blocks} and asked == [True] * 4
     assert all(s["step_s"] == statistics.median(s["step_rounds_s"]) for s in eager)
     assert not timer.eager_steps  # (their caches let go)

@@ -32,7 +32,8 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # 10: recordings on the device's one recording stream, as the engine's, no longer each setting up a stream of its own;
 # 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode; 13: a
 # split pair's prefill; 14: the prefill's fits in seconds; 15: graphed steps synchronised one by one; 16: an eager
-# step of every block timed whole; 17: its extra over the parts from the whole step's median)
+# step of every block timed whole; 17: its extra over the parts from the whole step's median, a graphed point timed
+# once a round where a prefill point has its batch and length)
 CALIBRATION_FORMAT = 17
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
@@ -388,16 +389,18 @@ class _BlockTimer:
         with torch.inference_mode(), attention_kernels(self.dev):
             for _ in range(max(1, rounds)):
                 for p in points:
-                    _, B, T, S = p
+                    phase, B, T, S = p
                     times[p][0].append(self.time_block(B, T, S))
                     times[p][1].append(self.time_outer(B, T, S))
                     for kv in (*placements, "split"):
                         if (kv, *p) in kv_times:
                             kv_times[(kv, *p)].append(self.time_kv(kv, B, T, S))
+                    if phase != "decode":  # (a prefill's (B, prompt) may be a decode point's (B, context) too)
+                        continue
                     if (B, S) in graph_times:
                         few, many = self.graph_probe
                         graph_times[(B, S)].append((self.time_graph(B, S, few), self.time_graph(B, S, many)))
-                    if p[0] == "decode" and (B, S) in eager_times:
+                    if (B, S) in eager_times:
                         eager_times[(B, S)].append(self.time_eager(B, S))
             for _ in range(max(1, rounds)):  # the CPUs' points again, until as many rounds as asked were calm
                 if not on_cpus or len(calm_rounds([kv_times[k] for k in on_cpus])) >= rounds:
