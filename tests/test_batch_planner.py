@@ -1806,7 +1806,6 @@ def test_the_calibration_times_an_eager_step_through_the_engines_block_loop(tiny
     assert [(s["batch"], s["context"], len(s["block_rounds_s"])) for s in graphed] == [(2, 10, 2), (3, 6, 2)]
     assert loops and set(loops) == {model.family.num_blocks} and asked == [True] * 4
     assert all(s["step_s"] == statistics.median(s["step_rounds_s"]) for s in eager)
-    assert not timer.eager_steps  # (their caches let go)
     loop = [{"phase": "loop", "batch": 1, "step_s": 1e-4}]
     fitted = calibrate._fitted(model.family, torch.float32, "k", samples, [], [], [], loop, [], False, 1)
     assert fitted.decode_eager_extra == calibrate.eager_extra_fit(samples, model.family.num_blocks) is not None
@@ -1845,3 +1844,27 @@ def test_an_eager_step_with_the_cache_on_the_device_pays_its_extra_once_a_micro_
     cm.decode_graph_block, cm.decode_graph_outer = Linear3(1e-4, 0.0, 0.0), Linear3(2e-4, 0.0, 0.0)
     graphed = ThroughputModel(cm, [100 * MB] * 30, link_gbps=50.0, graphs=True)
     assert graphed.decode_step(8, 30, 500)[0] == pytest.approx(30 * 1e-4 + 2e-4)  # (no decode loop fitted here)
+
+
+def test_an_eager_probe_lets_its_cache_go_after_each_sample(tiny_bloom, monkeypatch):
+    """The eager probe's cache (up to GRAPH_PROBE_CACHE_BYTES) is made for each sample and let go after it: a
+    calibration's device holds one point's at a time, beside the model it plans for, not one for every point."""
+    import gc
+    import weakref
+
+    model = zstream.load(tiny_bloom, offload="none", device="cpu", progress=False)
+    made: weakref.WeakSet = weakref.WeakSet()
+    real = calibrate.KVCache
+
+    def tracked(*a, **k):  # type: ignore[no-untyped-def]
+        cache = real(*a, **k)
+        made.add(cache)
+        return cache
+    monkeypatch.setattr(calibrate, "KVCache", tracked)
+    timer = calibrate._BlockTimer(model.family, torch.device("cpu"), torch.float32, longest=10, min_sample_s=0.001,
+                                  seed=0, quant=None)
+    for B, S in ((2, 10), (3, 6)):
+        assert timer.time_eager(B, S) > 0
+        gc.collect()
+        assert len(made) == 0
+    model.close()

@@ -247,7 +247,6 @@ class _BlockTimer:
         self.graph_probe = graph_probe_blocks(family.num_blocks)  # (few, many) blocks a graphed point is timed over
         self.pair_caches: Dict[int, Tuple[KVCache, int]] = {}  # B -> a split cache (up, CPUs, ...) and its pairs
         self.eager = times_eager_steps(device, quant)  # decode points also timed as a whole eager step
-        self.eager_steps: Dict[Tuple[int, int], Callable[[], Any]] = {}  # (B, S) -> one eager step
 
     def close(self) -> None:
         """Let the timer's weights and caches go now, not when it is collected: frames held in a reference cycle keep
@@ -259,7 +258,6 @@ class _BlockTimer:
         self.host_caches.clear()
         self.pair_caches.clear()
         self.graph_steps.clear()
-        self.eager_steps.clear()
 
     def block_call(self, B: int, T: int, S: int, kv: str = "none") -> Callable[[], Any]:
         """One block over T new tokens a row (B rows), attending to S keys (the cache holds S - T before). The cache
@@ -333,10 +331,9 @@ class _BlockTimer:
     def time_eager(self, B: int, S: int) -> float:
         """An eager decode step of the model's every block at batch ``B`` over ``S`` keys, resident with the cache
         on the device, as the engine runs one: its context, embedding, the engine's block loop
-        (``blocks.run_blocks``) and the head, each step starting once the last one's results are in."""
-        if (B, S) not in self.eager_steps:
-            self.eager_steps[(B, S)] = self._eager_step(B, S)
-        return _seconds(self.eager_steps[(B, S)], self.dev, max(self.min_sample_s, EAGER_SAMPLE_S), each=True)
+        (``blocks.run_blocks``) and the head, each step starting once the last one's results are in. Made again at
+        every call (its cache up to ``GRAPH_PROBE_CACHE_BYTES``), so that the device holds one point's at a time."""
+        return _seconds(self._eager_step(B, S), self.dev, max(self.min_sample_s, EAGER_SAMPLE_S), each=True)
 
     def _eager_step(self, B: int, S: int) -> Callable[[], Any]:
         fam, dev = self.family, self.dev
@@ -415,7 +412,6 @@ class _BlockTimer:
                  f"prediction of placements that attend on the CPUs rests on {len(calm)} rounds", RuntimeWarning)
         self.pair_caches.clear()
         self.graph_steps.clear()  # (the graphs and their caches' memory)
-        self.eager_steps.clear()
         samples: List[Dict[str, Any]] = []
         for (phase, B, T, S), (blk, out) in times.items():
             where = {"context": S} if phase == "decode" else {"prompt": T}
