@@ -46,6 +46,10 @@ nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.c
 nvidia-smi --query-gpu=power.limit,enforced.power.limit,power.default_limit,power.max_limit --format=csv \
   > "$OUT/gpu_power.txt" 2>&1 || true
 Z="python3 -m zstream"
+# the host's CPUs and memory policy: NUMA nodes, automatic NUMA balancing, transparent huge pages (what could move the
+# CPUs' attention's speed between a calibration and its row; the rows' decode_counters count the migrations)
+{ lscpu; echo "numa_balancing: $(cat /proc/sys/kernel/numa_balancing 2>/dev/null)";
+  echo "transparent_hugepage: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"; } > "$OUT/host.txt" 2>&1
 # the GPU's clocks, power and throttle reasons every 100 ms through the session (GPU_CLOCKS=0: not): whether a
 # sustained pass runs at the clocks its short calibration samples saw (performance.md item 32)
 if [ "${GPU_CLOCKS:-1}" != 0 ]; then

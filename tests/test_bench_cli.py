@@ -397,7 +397,8 @@ def test_host_counters_are_read_and_differenced(tmp_path):
 
     def write(user: int, steal: int, stalls: int) -> None:
         stat.write_text(f"cpu  {user} 0 {hz} 900 7 {hz} 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
-        vmstat.write_text(f"nr_free_pages 5\ncompact_stall {stalls}\nthp_fault_alloc 3\npgmajfault 1\n")
+        vmstat.write_text(f"nr_free_pages 5\ncompact_stall {stalls}\nthp_fault_alloc 3\npgmajfault 1\n"
+                          f"numa_hint_faults {7 * stalls}\nnuma_pages_migrated {stalls}\n")
     write(10 * hz, hz, 2)
     before = host_counters(str(stat), str(vmstat))
     assert before["cpus_busy_s"] == 12 and before["steal_s"] == 1 and before["compact_stall"] == 2
@@ -411,6 +412,8 @@ def test_host_counters_are_read_and_differenced(tmp_path):
     assert abs(before["unix_s"] - time.time()) < 60  # (a wall clock, not a monotonic one)
     assert (delta["cpus_busy_s"], delta["steal_s"], delta["compact_stall"]) == (6, 3, 3)
     assert delta["others_cpu_s"] == pytest.approx(4.0) and delta["thp_fault_alloc"] == 0
+    # pages NUMA balancing moved under the CPUs meanwhile
+    assert (delta["numa_hint_faults"], delta["numa_pages_migrated"]) == (21, 3)
     assert host_counters(str(tmp_path / "none"), str(tmp_path / "none")).keys() >= {"process_cpu_s"}
     assert "steal_s" not in host_counters(str(tmp_path / "none"), str(vmstat))
 
