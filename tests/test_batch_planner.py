@@ -1744,7 +1744,7 @@ def test_a_sample_synchronises_after_every_call_only_where_asked(monkeypatch):
     assert events == ["call", "sync"] * 3 + ["sync"]
 
 
-# ---- the eager step timed whole (format 16) ----------------------------------------------------------------------
+# ---- the eager step timed whole (formats 16-17) ------------------------------------------------------------------
 
 
 def test_an_eager_points_extra_gives_back_the_whole_step_as_timed():
