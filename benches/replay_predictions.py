@@ -60,6 +60,7 @@ from zstream.streaming.calibrate import (
     calm_rounds,
     eager_extra_fit,
     prefill_fit,
+    prefill_points,
 )
 
 
@@ -134,14 +135,12 @@ def refit_prefill(compute: ComputeModel, how: str) -> None:
     """Every prefill fit of ``compute`` taken again from its stored samples by ``PREFILL_FITS[how]`` (in place): the
     device block and the pass's outer work, each host placement's block, the split pair."""
     fit_points = PREFILL_FITS[how]
-    device = [s for s in compute.samples if s.get("phase") == "prefill" and "kv_offload" not in s]
-    if device:
-        compute.prefill_block = fit_points([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in device])
-        compute.prefill_outer = fit_points([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in device])
+    if prefill_points(compute.samples):
+        compute.prefill_block = fit_points(prefill_points(compute.samples))
+        compute.prefill_outer = fit_points(prefill_points(compute.samples, what="outer_s"))
 
     def fit(kv: str) -> Optional[Linear3]:
-        pts = [(s["batch"] * s["tokens"], s["tokens"], s["block_s"]) for s in compute.samples
-               if s.get("kv_offload") == kv and s.get("phase") == "prefill"]
+        pts = prefill_points(compute.samples, kv)
         return fit_points(pts) if pts else None
     for kv, (decode, prefill) in compute.kv_blocks.items():
         compute.kv_blocks[kv] = (decode, fit(kv) or prefill)

@@ -514,28 +514,25 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
             loop: List[Dict[str, Any]], placements: List[str], split: bool, rows_keys: int) -> ComputeModel:
     """The compute model fitted to a calibration's timings; ``rows_keys``: the shared probe's batch x keys."""
     dec = [s for s in samples if s["phase"] == "decode"]
-    pre = [s for s in samples if s["phase"] == "prefill"]
     graphed = [s for s in samples if s["phase"] == "graph"]
     busy = [s for s in shared if s["link_busy"]]
     decode_block = Linear3.fit([(s["batch"], s["context"], s["block_s"]) for s in dec])
 
-    def kv_fit(kv: str, phase: str, x: Callable[[Dict[str, Any]], float]) -> Linear3:
-        points = [(x(s), s["keys"] if phase == "decode" else s["tokens"], s["block_s"]) for s in kv_samples
-                  if s["kv_offload"] == kv and s["phase"] == phase]
-        return Linear3.fit(points) if phase == "decode" else prefill_fit(points)
+    def kv_fit(kv: str) -> Linear3:  # a decode block with its cache placed by ``kv`` (or the split pair)
+        return Linear3.fit([(s["batch"], s["keys"], s["block_s"]) for s in kv_samples
+                            if s["kv_offload"] == kv and s["phase"] == "decode"])
     return ComputeModel(
         num_blocks=family.num_blocks,
         decode_block=decode_block,
         decode_outer=Linear3.fit([(s["batch"], s["context"], s["outer_s"]) for s in dec]),
-        prefill_block=prefill_fit([(s["batch"] * s["prompt"], s["prompt"], s["block_s"]) for s in pre]),
-        prefill_outer=prefill_fit([(s["batch"] * s["prompt"], s["prompt"], s["outer_s"]) for s in pre]),
+        prefill_block=prefill_fit(prefill_points(samples)),
+        prefill_outer=prefill_fit(prefill_points(samples, what="outer_s")),
         decode_loop=Linear3.fit([(s["batch"], 0.0, s["step_s"]) for s in loop]),
         key=key, samples=samples + kv_samples + loop + shared + uplink,
-        kv_blocks={kv: (decode_block if kv == "host" else kv_fit(kv, "decode", lambda s: s["batch"]),
-                        kv_fit(kv, "prefill", lambda s: s["batch"] * s["tokens"]))
+        kv_blocks={kv: (decode_block if kv == "host" else kv_fit(kv), prefill_fit(prefill_points(kv_samples, kv)))
                    for kv in placements},
-        split_pair=kv_fit("split", "decode", lambda s: s["batch"]) if split else None,
-        split_pair_prefill=kv_fit("split", "prefill", lambda s: s["batch"] * s["tokens"]) if split else None,
+        split_pair=kv_fit("split") if split else None,
+        split_pair_prefill=prefill_fit(prefill_points(kv_samples, "split")) if split else None,
         host_read_gbps=_host_read_gbps(dec, kv_samples, family.num_kv_heads * family.head_dim * 2 * dtype.itemsize),
         shared_read_gbps=statistics.median(s["gbps"] for s in busy) if busy else None,
         uplink_gbps=uplink[0]["gbps"] if uplink else None,
@@ -544,6 +541,18 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
         decode_graph_record_block=_graph_fit(graphed, "record_block_s"),
         decode_graph_record_outer=_graph_fit(graphed, "record_outer_s"),
         decode_eager_extra=eager_extra_fit(samples, family.num_blocks))
+
+
+def prefill_points(samples: Sequence[Dict[str, Any]], kv: Optional[str] = None,
+                   what: str = "block_s") -> List[Tuple[float, float, float]]:
+    """A prefill fit's points, (batch x prompt, prompt, seconds), out of a calibration's samples: the device block's
+    (``kv`` None; ``what``: its "block_s", or the pass's "outer_s"), or a block's with its cache placed by ``kv``
+    ("host", "host-compute"; "split": the pair). The one selection the calibration's fits and a replay's take."""
+    if kv is None:
+        return [(s["batch"] * s["prompt"], s["prompt"], s[what]) for s in samples
+                if s.get("phase") == "prefill" and "kv_offload" not in s]
+    return [(s["batch"] * s["tokens"], s["tokens"], s[what]) for s in samples
+            if s.get("kv_offload") == kv and s.get("phase") == "prefill"]
 
 
 def prefill_fit(points: List[Tuple[float, float, float]]) -> Linear3:
