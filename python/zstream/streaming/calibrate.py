@@ -317,15 +317,22 @@ class _BlockTimer:
         # replay (the context, the graph's inputs, the launch) runs while the device idles, not under the last replay
         return _seconds(self.graph_steps[point], self.dev, max(self.min_sample_s, sample_s), each=True)
 
-    def _graph_step(self, B: int, S: int, blocks: int) -> Callable[[], Any]:
-        """A graphed decode step of ``blocks`` blocks at batch ``B`` over ``S`` keys (recorded at its first call)."""
+    def _probe_inputs(self, B: int, S: int, blocks: int) -> Tuple[KVCache, Tensor, Tensor]:
+        """A whole-step probe's device cache, which its ``blocks`` blocks take in turn (``cache.device_layers`` of
+        them, up to ``GRAPH_PROBE_CACHE_BYTES``), and a decode step's token ids (B, 1) and mask (B, S)."""
         fam, dev = self.family, self.dev
         layer_bytes = 2 * B * self.longest * fam.num_kv_heads * fam.head_dim * self.dtype.itemsize
-        layers = max(1, min(blocks, GRAPH_PROBE_CACHE_BYTES // layer_bytes))  # the blocks take them in turn
+        layers = max(1, min(blocks, GRAPH_PROBE_CACHE_BYTES // layer_bytes))
         cache = KVCache(layers, B, self.longest, fam.num_kv_heads, fam.head_dim, self.dtype, dev)
-        graph = DecodeGraph(fam, self.outer_w, [self.weights()] * blocks, cache, capture=dev.type == "cuda")
         ids = torch.ones(B, 1, dtype=torch.long, device=dev)                              # (B, 1)
         mask = torch.ones(B, S, dtype=torch.long, device=dev)                             # (B, S)
+        return cache, ids, mask
+
+    def _graph_step(self, B: int, S: int, blocks: int) -> Callable[[], Any]:
+        """A graphed decode step of ``blocks`` blocks at batch ``B`` over ``S`` keys (recorded at its first call)."""
+        fam = self.family
+        cache, ids, mask = self._probe_inputs(B, S, blocks)
+        graph = DecodeGraph(fam, self.outer_w, [self.weights()] * blocks, cache, capture=self.dev.type == "cuda")
         return lambda: graph(ids, fam.context(mask, 1, self.dtype))
 
     def time_eager(self, B: int, S: int) -> float:
@@ -336,14 +343,10 @@ class _BlockTimer:
         return _seconds(self._eager_step(B, S), self.dev, max(self.min_sample_s, EAGER_SAMPLE_S), each=True)
 
     def _eager_step(self, B: int, S: int) -> Callable[[], Any]:
-        fam, dev = self.family, self.dev
-        layer_bytes = 2 * B * self.longest * fam.num_kv_heads * fam.head_dim * self.dtype.itemsize
-        layers = max(1, min(fam.num_blocks, GRAPH_PROBE_CACHE_BYTES // layer_bytes))  # the blocks take them in turn
-        cache = KVCache(layers, B, self.longest, fam.num_kv_heads, fam.head_dim, self.dtype, dev)
-        w = self.weights()
-        blocks = Resident(dict.fromkeys(range(fam.num_blocks), w), None)
-        ids = torch.ones(B, 1, dtype=torch.long, device=dev)                              # (B, 1)
-        mask = torch.ones(B, S, dtype=torch.long, device=dev)                             # (B, S)
+        fam = self.family
+        cache, ids, mask = self._probe_inputs(B, S, fam.num_blocks)
+        layers = cache.device_layers
+        blocks = Resident(dict.fromkeys(range(fam.num_blocks), self.weights()), None)
 
         def step() -> Tensor:
             ctx = fam.context(mask, 1, self.dtype)
