@@ -31,6 +31,7 @@
 #         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES);
 #         test-graph and bench-graph: resident decode steps as one CUDA graph, tested, then timed against eager.
 #         prefill-ab: a prefill block timed as calibrated against a pass's worth back to back (PREFILL_BATCHES).
+#         ring-host-cost: a streamed block's cost to the thread launching a decode step (RING_ROUNDS).
 #         graph-ab: the calibration's graphed step against the model's layout, a warm card, steps synchronised one by
 #         one and steps after a prefill (GRAPHAB_BATCHES).
 set -uo pipefail
@@ -125,6 +126,9 @@ for stage in "$@"; do
       # GRAPHAB_BATCHES (7); the clock log shows each way's clocks
       python3 benches/graph_probe_ab.py bloom-7b1 --batch ${GRAPHAB_BATCHES:-7} --prompt 512 --gen 32 \
         --rounds ${GRAPHAB_ROUNDS:-5} --json "$OUT/graph_probe_ab.json" ;;
+    ring-host-cost) # a streamed block's cost to the launching thread, the ring's slot views kept against made at
+      # every copy, one process, interleaved (performance.md item 48): a tiny 30-block bloom, steps launch-bound
+      python3 benches/ring_host_cost.py --device cuda --rounds ${RING_ROUNDS:-8} --json "$OUT/ring_host_cost.json" ;;
     test-graph) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "graph" > "$OUT/pytest_graph.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_graph.log"); tail -3 "$OUT/pytest_graph.log" ;;
     ab-split-layout) # which layers a "split" cache attends on the CPUs, both layouts in one process, alternating

@@ -18,7 +18,9 @@ import torch
 from safetensors import safe_open
 
 import zstream
+from zstream.foundations.store import FlatRead
 from zstream.streaming.device import CpuDevice
+from zstream.streaming.ring import views_of
 
 from tiny_models import padded_batch, reference_logits, reference_model, save_with_transformers
 
@@ -342,6 +344,64 @@ def test_a_checkpoint_in_another_dtype_streams_in_the_compute_dtype(tmp_path, mo
     assert got.dtype == torch.float32
     real = mask.bool()
     assert (got[real] - reference_logits(ref, ids, mask)[real]).abs().max().item() <= 1e-4
+
+
+def test_a_block_back_in_a_slot_it_held_is_handed_out_as_the_same_views(checkpoint, monkeypatch):
+    """Five blocks through two slots: each block comes back to each slot every other pass. The weights handed out for
+    a (slot, block) are made once, views of the slot, and reused; each still reads its block's own bytes when its
+    compute starts and ends (``Checking``), and the logits stay transformers'."""
+    path, ref, truth = checkpoint
+    model, checking, log = streaming_model(path, truth, monkeypatch, offload="cpu", max_resident_blocks=0, prefetch=1)
+    ring = log.ring
+    handed: Dict[Tuple[int, int], set] = {}
+    acquire = ring.acquire
+
+    def spying(block: int) -> Dict[str, torch.Tensor]:
+        w = acquire(block)
+        handed.setdefault((ring.consumed % ring.slots, block), set()).add(id(w))
+        return w
+
+    monkeypatch.setattr(ring, "acquire", spying)
+    ids, mask = padded_batch(vocab=CONFIG["vocab_size"], lengths=(9, 6))
+    want = reference_logits(ref, ids, mask)
+    for _ in range(4):
+        got = model(ids, mask)
+        assert (got[mask.bool()] - want[mask.bool()]).abs().max().item() <= 1e-4
+    assert ring.slots == 2 and len(handed) == 2 * NUM_BLOCKS  # every block in both slots
+    assert all(len(ids_) == 1 for ids_ in handed.values())   # ... each time the same weights
+    slot_memory = {buf.untyped_storage().data_ptr() for buf in ring.buffers}
+    for view in ring.views.values():
+        assert view.weights is not None
+        assert {t.untyped_storage().data_ptr() for t in view.weights.values()} <= slot_memory
+    assert checking.checked == 2 * 4 * NUM_BLOCKS
+    kept = ring.views[(0, 0)]
+    moved = {name: (off + 4096, dt, shape) for name, (off, dt, shape) in kept.host_layout.items()}
+    assert ring.slot_view(0, 0, FlatRead(kept.flat.buffer, moved)).flat.layout == moved  # a new layout: made again
+    other = ring.views[(1, 1)]
+    assert ring.slot_view(1, 1, FlatRead(other.flat.buffer, dict(other.host_layout))) is other  # an equal one: not
+    model.close()
+    assert not ring.views  # closing lets them go
+
+
+def test_weights_are_views_of_a_slot_only_if_every_tensor_is():
+    slot = torch.zeros(64, dtype=torch.uint8)
+    view = slot[8:24].view(torch.float32)
+    assert views_of({"a": view, "b": slot[32:].view(torch.float16)}, slot)
+    assert not views_of({"a": view, "b": view.to(torch.float16)}, slot)
+    assert not views_of({"a": view.clone()}, slot)
+
+
+def test_weights_converted_out_of_a_slot_are_not_kept(tmp_path):
+    """fp16 bytes, float32 compute: a block's weights are copies, made at every acquire; keeping them would hold a
+    converted copy of every block in every slot, past the device budget the ring was sized for."""
+    path = zstream.make_checkpoint(CONFIG, tmp_path / "m", torch.float16, progress=False)
+    with zstream.load(path, offload="cpu", device="cpu", dtype=torch.float32, max_resident_blocks=0,
+                      progress=False) as model:
+        (ring,) = model.blocks.rings()
+        ids = torch.randint(3, 300, (2, 5))
+        model(ids)
+        model(ids)
+        assert ring.views and all(view.weights is None for view in ring.views.values())
 
 
 def test_a_single_streamed_block_gets_a_single_slot(checkpoint):

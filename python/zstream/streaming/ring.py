@@ -13,14 +13,35 @@ Global index g counts every block the ring ever hands out: block ``order[g % len
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from ..foundations.store import FlatRead
 from .device import Device
 from .sources import HostSource
 from .weights import DEVICE_ALIGN, Weights, block_pad, local_weights
+
+
+@dataclass
+class SlotView:
+    """A slot holding one block, worked out once: where its copy lands, the block's tensors' places in the slot, and
+    the weights handed to the compute where every one is a view of the slot (no dtype conversion, no unaligned
+    copy), so a block that comes back to the slot reuses them. A decode step that launches faster than the device
+    computes no longer pays a block's views on every pass (docs/performance.md item 48)."""
+
+    host_layout: Dict[str, Tuple[int, torch.dtype, Tuple[int, ...]]]  # the host bytes' layout this was made for
+    dest: Tensor                  # the slot's bytes the copy fills
+    flat: FlatRead                # the block's tensors in the slot
+    weights: Optional[Weights] = None  # views of the slot, once made (None: not yet, or not views)
+
+
+def views_of(weights: Weights, buffer: Tensor) -> bool:
+    """Whether every tensor of ``weights`` lives in ``buffer``'s memory (a view; a converted or cloned one does not)."""
+    storage = buffer.untyped_storage().data_ptr()
+    return all(t.untyped_storage().data_ptr() == storage for t in weights.values())
 
 
 class DeviceRing:
@@ -40,7 +61,8 @@ class DeviceRing:
         self.copy_stream = device.new_stream()
         self.copied = [device.new_event() for _ in range(self.slots)]    # the slot's copy landed
         self.computed = [device.new_event() for _ in range(self.slots)]  # the slot's compute finished
-        self.layouts: List[Optional[FlatRead]] = [None] * self.slots    # what each slot holds
+        self.held: List[Optional[SlotView]] = [None] * self.slots      # what each slot holds
+        self.views: Dict[Tuple[int, int], SlotView] = {}                # (slot, block) -> its view, made once
         self.issued = 0    # global index of the next copy to issue
         self.consumed = 0  # global index of the next block to compute
         self.busy = False  # between acquire and release: still set after a failure, so the next pass resets
@@ -58,13 +80,24 @@ class DeviceRing:
         self.waited_s += time.perf_counter() - t0
         if g >= self.slots:
             dev.wait(self.copy_stream, self.computed[slot])  # the block that used this slot has finished
-        pad = block_pad(host)
-        dev.copy(self.buffers[slot][pad:pad + host.nbytes], host.buffer, self.copy_stream)
+        view = self.slot_view(slot, self.block_at(g), host)
+        dev.copy(view.dest, host.buffer, self.copy_stream)
         dev.record(self.copied[slot], self.copy_stream)
         # Keep only the layout: the host bytes may go back to the source once the copy is done.
-        self.layouts[slot] = FlatRead(self.buffers[slot][pad:], host.layout)
+        self.held[slot] = view
         self.source.copied(g, self.copied[slot])
         self.issued += 1
+
+    def slot_view(self, slot: int, block: int, host: FlatRead) -> SlotView:
+        """``block`` in ``slot``: made the first time, and again only if its host layout is not the one it was
+        made for."""
+        view = self.views.get((slot, block))
+        if view is None or (view.host_layout is not host.layout and view.host_layout != host.layout):
+            pad = block_pad(host)
+            buffer = self.buffers[slot]
+            view = SlotView(host.layout, buffer[pad:pad + host.nbytes], FlatRead(buffer[pad:], host.layout))
+            self.views[(slot, block)] = view
+        return view
 
     def begin_pass(self, tokens: int) -> None:
         """A forward pass starts: if the last one stopped midway (an error, Ctrl-C), start the schedule over."""
@@ -83,9 +116,14 @@ class DeviceRing:
         t0 = time.perf_counter()
         self.device.wait(self.device.compute_stream(), self.copied[slot])  # the CPU blocks here; a GPU queues it
         self.waited_s += time.perf_counter() - t0
-        layout = self.layouts[slot]
-        assert layout is not None
-        return local_weights(layout, self.block_names[block], self.dtype)
+        view = self.held[slot]
+        assert view is not None
+        if view.weights is not None:
+            return view.weights
+        weights = local_weights(view.flat, self.block_names[block], self.dtype)
+        if views_of(weights, self.buffers[slot]):
+            view.weights = weights  # valid for as long as the slot exists: the events order its bytes
+        return weights
 
     def release(self, block: int) -> None:
         """The compute of the acquired block is enqueued: free its slot behind it and start the next copy."""
@@ -100,7 +138,7 @@ class DeviceRing:
         """Drop everything in flight and start over at the first streamed block."""
         self.device.synchronize()
         self.source.reset()
-        self.layouts = [None] * self.slots
+        self.held = [None] * self.slots
         self.issued = self.consumed = 0
         self.busy = False
 
@@ -116,5 +154,6 @@ class DeviceRing:
 
     def close(self) -> None:
         self.reset()
+        self.views.clear()
         self.device.close()
 
