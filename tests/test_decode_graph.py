@@ -15,6 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import zstream
+from zstream.foundations.models.common import MASK_ALIGN
 from zstream.planning.residency import GRAPH_MIN_STEPS, PlanOptions, decode_graph_allowed
 from zstream.streaming import graph as graph_mod
 from zstream.streaming.graph import DecodeGraph
@@ -93,6 +94,7 @@ def test_the_fixed_shape_step_reads_nothing_back_and_has_fixed_shapes(family_che
         with NoReadback():
             out = real_step(self)
         stepped.append(out.shape)
+        assert self.mask is not None and all(st % MASK_ALIGN == 0 for st in self.mask.stride()[:-1])  # no pad a call
         return out
 
     monkeypatch.setattr(graph_mod.DecodeGraph, "_step", guarded)

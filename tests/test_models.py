@@ -269,6 +269,27 @@ def test_context_is_shared_and_holds_alibi_and_rope():
     assert ctx.rope[0].shape == (2, 1, 1, 16)
 
 
+@pytest.mark.parametrize("preset", ["tiny-bloom", "tiny-llama", "tiny-opt"])
+@pytest.mark.parametrize(("keys", "new"), [(13, 1), (13, 13), (16, 1)])
+def test_a_masks_rows_start_eight_elements_apart_whatever_the_keys(preset, keys, new):
+    """SDPA's memory-efficient kernel pads a copy of any mask whose rows do not start 16 bytes apart, at every call:
+    the context's mask is a view of rows rounded up to MASK_ALIGN, its values those of the plain computation."""
+    from zstream.foundations.models.common import MASK_ALIGN
+
+    family = family_for(PRESETS[preset])
+    mask = torch.ones(2, keys, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: every family builds a mask
+    ctx = family.context(mask, new, torch.float16)
+    assert ctx.mask is not None and ctx.mask.shape[-2:] == (new, keys)
+    assert ctx.mask.stride(-1) == 1 and all(st % MASK_ALIGN == 0 for st in ctx.mask.stride()[:-1])
+    plain = ctx.mask.contiguous()
+    q = torch.randn(2, family.num_heads, new, 8, dtype=torch.float32)
+    k, v = torch.randn(2, 2, family.num_heads, keys, 8).unbind(0)
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask.float())
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=plain.float())
+    assert torch.equal(got, want)
+
+
 def test_alibi_bias_is_relative_so_low_precision_keeps_it_fine():
     # at position 1500, slope * position is ~750 for the first head, which bf16 rounds in steps of 4;
     # the distance form keeps the nearest keys' biases exact

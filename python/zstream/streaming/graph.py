@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..foundations.models import Family, StepContext
+from ..foundations.models import Family, StepContext, mask_buffer
 from .cache import KVCache, LayerCache
 from .weights import Weights
 
@@ -94,7 +94,7 @@ class DecodeGraph:
         S = ctx.end
         if self.mask is None:
             heads = ctx.mask.shape[1] if ctx.mask is not None else 1
-            self.mask = torch.empty(self.ids.shape[0], heads, 1, self.max_len, dtype=self.cache.k.dtype,
+            self.mask = mask_buffer(self.ids.shape[0], heads, 1, self.max_len, dtype=self.cache.k.dtype,
                                     device=self.ids.device)
             if ctx.rope is not None:
                 self.rope = (torch.empty_like(ctx.rope[0]), torch.empty_like(ctx.rope[1]))

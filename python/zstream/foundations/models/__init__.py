@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Type
 
 from ...errors import ModelError
 from .bloom import Bloom
-from .common import Cut, Family, StepContext, piece
+from .common import Cut, Family, StepContext, mask_buffer, piece
 from .llama import Llama
 from .opt import OPT
 
@@ -79,5 +79,5 @@ def family_for(config: Mapping[str, Any], tensor_names: Optional[Iterable[str]] 
     return cls(config, tensor_names)
 
 
-__all__ = ["FAMILIES", "OPT", "Bloom", "Cut", "Family", "Llama", "StepContext", "family_for", "piece",
+__all__ = ["FAMILIES", "OPT", "Bloom", "Cut", "Family", "Llama", "StepContext", "family_for", "mask_buffer", "piece",
            "supported_architectures"]

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Dict, Iterable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .common import Family, Reduce, Shape, StepContext, check_divisible, find_prefix, read_sizes
+from .common import Family, Reduce, Shape, StepContext, check_divisible, find_prefix, mask_buffer, read_sizes
 from .ops import layer_norm, linear, merge_heads, row_linear
 
 
@@ -116,7 +116,9 @@ class Bloom(Family):
         key_pos = (mask.cumsum(-1) - 1) * mask  # (B, S) positions counting real tokens only
         dist = (key_pos[:, ctx.start :, None] - key_pos[:, None, :]).float()  # (B, T, S)
         slopes = self._slopes.to(attention_mask.device)
-        alibi = (-slopes[None, :, None, None] * dist[:, None]).to(dtype)  # (B, nh, T, S)
+        B, T, S = dist.shape
+        alibi = mask_buffer(B, self.num_heads, T, S, dtype=dtype, device=attention_mask.device)
+        torch.mul(-slopes[None, :, None, None], dist[:, None], out=alibi)  # (B, nh, T, S)
         assert ctx.mask is not None  # _always_mask: the causal / padding mask is always built
         ctx.mask = alibi.add_(ctx.mask)  # + (B, 1, T, S) mask
         return ctx

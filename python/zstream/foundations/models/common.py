@@ -21,6 +21,19 @@ Shape = Tuple[int, ...]
 Cut = Tuple[int, int, int]  # (dim, index, count): cut a tensor into `count` equal pieces along `dim`, keep `index`
 Reduce = Callable[[Tensor], Tensor]  # sums a rank's partial result over the ranks, in place
 
+# SDPA's memory-efficient kernel (the one a float mask gets on a GPU) reads a mask whose rows start 16 bytes apart;
+# torch pads any other into a fresh copy at every call (``preprocess_mask``), so every layer of every step over S keys
+# not a multiple of 8 paid a copy: such bloom-7b1 steps ran about 0.25 ms slower (docs/performance.md item 49)
+MASK_ALIGN = 8  # elements
+
+
+def mask_buffer(*shape: int, dtype: torch.dtype, device: Union[str, torch.device], fill: float = 0.0) -> Tensor:
+    """A mask of ``shape`` (..., S) filled with ``fill``, as a view of one whose rows are rounded up to MASK_ALIGN
+    elements: attention takes it as it is."""
+    S = shape[-1]
+    rounded = -(-S // MASK_ALIGN) * MASK_ALIGN
+    return torch.full((*shape[:-1], rounded), fill, dtype=dtype, device=device)[..., :S]
+
 @dataclass
 class StepContext:
     """Everything a block needs that is the same for every block of one forward pass.
@@ -336,8 +349,8 @@ class Family:
         allowed = allowed[None] & valid[:, None, :]  # (B, T, S)
         # a padding query sees no real key; let it see itself so its softmax row is not all -inf (NaN)
         allowed = allowed | (k_idx == q_idx)[None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        mask = mask.masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, T, S)
+        mask = mask_buffer(allowed.shape[0], 1, T, S, dtype=dtype, device=device)  # (B, 1, T, S)
+        mask.masked_fill_(~allowed[:, None], float("-inf"))
         return StepContext(start, positions, mask, is_causal=False)
 
     # ---- math ---------------------------------------------------------------------------------
