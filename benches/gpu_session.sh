@@ -31,6 +31,7 @@
 #         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES);
 #         test-graph and bench-graph: resident decode steps as one CUDA graph, tested, then timed against eager.
 #         prefill-ab: a prefill block timed as calibrated against a pass's worth back to back (PREFILL_BATCHES).
+#         mask-ab: a decode step's attention with the engine's mask against a contiguous one (MASK_BATCH, MASK_ROUNDS).
 #         ring-host-cost: a streamed block's cost to the thread launching a decode step (RING_ROUNDS).
 #         graph-ab: the calibration's graphed step against the model's layout, a warm card, steps synchronised one by
 #         one and steps after a prefill (GRAPHAB_BATCHES).
@@ -126,6 +127,10 @@ for stage in "$@"; do
       # GRAPHAB_BATCHES (7); the clock log shows each way's clocks
       python3 benches/graph_probe_ab.py bloom-7b1 --batch ${GRAPHAB_BATCHES:-7} --prompt 512 --gen 32 \
         --rounds ${GRAPHAB_ROUNDS:-5} --json "$OUT/graph_probe_ab.json" ;;
+    mask-ab) # a step's attention calls with the engine's rounded-row mask against a contiguous one, one process,
+      # alternating (performance.md item 49): bloom-7b1 shapes, batch MASK_BATCH (7), S over 513-543
+      python3 benches/mask_alignment_ab.py bloom-7b1 --batch ${MASK_BATCH:-7} --keys 513-543 \
+        --rounds ${MASK_ROUNDS:-5} --json "$OUT/mask_alignment_ab.json" ;;
     ring-host-cost) # a streamed block's cost to the launching thread, the ring's slot views kept against made at
       # every copy, one process, interleaved (performance.md item 48): a tiny 30-block bloom, steps launch-bound
       python3 benches/ring_host_cost.py --device cuda --rounds ${RING_ROUNDS:-8} --json "$OUT/ring_host_cost.json" ;;
