@@ -95,7 +95,7 @@ class DecodeGraph:
         if self.mask is None:
             heads = ctx.mask.shape[1] if ctx.mask is not None else 1
             self.mask = mask_buffer(self.ids.shape[0], heads, 1, self.max_len, dtype=self.cache.k.dtype,
-                                    device=self.ids.device)
+                                    device=self.ids.device, fill=None)  # written at every step
             if ctx.rope is not None:
                 self.rope = (torch.empty_like(ctx.rope[0]), torch.empty_like(ctx.rope[1]))
         self.ids.copy_(input_ids)

@@ -117,7 +117,7 @@ class Bloom(Family):
         dist = (key_pos[:, ctx.start :, None] - key_pos[:, None, :]).float()  # (B, T, S)
         slopes = self._slopes.to(attention_mask.device)
         B, T, S = dist.shape
-        alibi = mask_buffer(B, self.num_heads, T, S, dtype=dtype, device=attention_mask.device)
+        alibi = mask_buffer(B, self.num_heads, T, S, dtype=dtype, device=attention_mask.device, fill=None)
         torch.mul(-slopes[None, :, None, None], dist[:, None], out=alibi)  # (B, nh, T, S)
         assert ctx.mask is not None  # _always_mask: the causal / padding mask is always built
         ctx.mask = alibi.add_(ctx.mask)  # + (B, 1, T, S) mask

@@ -23,16 +23,21 @@ Reduce = Callable[[Tensor], Tensor]  # sums a rank's partial result over the ran
 
 # SDPA's memory-efficient kernel (the one a float mask gets on a GPU) reads a mask whose rows start 16 bytes apart;
 # torch pads any other into a fresh copy at every call (``preprocess_mask``), so every layer of every step over S keys
-# not a multiple of 8 paid a copy: such bloom-7b1 steps ran about 0.25 ms slower (docs/performance.md item 49)
+# not a multiple of 8 paid a copy: bloom-7b1's eager steps at batch 7 ran 0.17-0.27 ms slower at such S
+# (docs/performance.md item 49)
 MASK_ALIGN = 8  # elements
 
 
-def mask_buffer(*shape: int, dtype: torch.dtype, device: Union[str, torch.device], fill: float = 0.0) -> Tensor:
-    """A mask of ``shape`` (..., S) filled with ``fill``, as a view of one whose rows are rounded up to MASK_ALIGN
-    elements: attention takes it as it is."""
+def mask_buffer(*shape: int, dtype: torch.dtype, device: Union[str, torch.device],
+                fill: Optional[float] = 0.0) -> Tensor:
+    """A mask of ``shape`` (..., S) filled with ``fill`` (None: left unset, for a caller that writes all of it), as
+    a view of one whose rows are rounded up to MASK_ALIGN elements: attention takes it as it is."""
     S = shape[-1]
-    rounded = -(-S // MASK_ALIGN) * MASK_ALIGN
-    return torch.full((*shape[:-1], rounded), fill, dtype=dtype, device=device)[..., :S]
+    rounded = (*shape[:-1], -(-S // MASK_ALIGN) * MASK_ALIGN)
+    buffer = (torch.empty(rounded, dtype=dtype, device=device) if fill is None
+              else torch.full(rounded, fill, dtype=dtype, device=device))
+    return buffer[..., :S]
+
 
 @dataclass
 class StepContext:
