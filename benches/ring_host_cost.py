@@ -51,15 +51,8 @@ def slope(xs: List[int], ys: List[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def main(argv: List[str] | None = None) -> Dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--streamed", default="0,1,2,5", help="blocks streamed, one model each")
-    p.add_argument("--batch", type=int, default=7)
-    p.add_argument("--rounds", type=int, default=6, help="generations per model and way, interleaved")
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    torch.set_num_threads(1)  # one launching thread, as on a GPU
+def _timed(a: argparse.Namespace) -> Dict[str, Dict[int, List[float]]]:
+    """{way: {blocks streamed: decode step seconds, one a round}}, the two ways interleaved on the same models."""
     streamed = [int(s) for s in a.streamed.split(",")]
     prompt, gen = 48, 33
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,6 +70,24 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
                     steps["every copy"][n].append(run_one(model, a.batch, prompt, gen)["decode_step_s"])
         for model in models.values():
             model.close()
+    return steps
+
+
+def main(argv: List[str] | None = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--streamed", default="0,1,2,5", help="blocks streamed, one model each")
+    p.add_argument("--batch", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=6, help="generations per model and way, interleaved")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one launching thread, as on a GPU
+    try:
+        steps = _timed(a)
+    finally:
+        torch.set_num_threads(threads)
+    streamed = sorted(steps["kept"])
     out: Dict[str, Any] = {"device": a.device, "batch": a.batch, "streamed": streamed}
     for way, by_n in steps.items():
         medians = [statistics.median(by_n[n]) for n in streamed]

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from ring_host_cost import main, views_every_copy
 from zstream.streaming.ring import DeviceRing
 
 
-def test_both_ways_time_every_model_and_the_ring_is_restored(tmp_path):
-    keep = DeviceRing.slot_view
+def test_both_ways_time_every_model_and_the_ring_and_threads_are_restored(tmp_path):
+    keep, threads = DeviceRing.slot_view, torch.get_num_threads()
     out = main(["--streamed", "0,2", "--rounds", "1", "--json", str(tmp_path / "o.json")])
-    assert DeviceRing.slot_view is keep
+    assert DeviceRing.slot_view is keep and torch.get_num_threads() == threads
     for way in ("kept", "every copy"):
         assert len(out[way]["step_ms"]) == 2 and all(ms > 0 for ms in out[way]["step_ms"])
     assert json.loads((tmp_path / "o.json").read_text())["streamed"] == [0, 2]
