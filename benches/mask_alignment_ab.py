@@ -15,6 +15,7 @@ a multiple of 8. Prints, per way, the step's median at S a multiple of 8 and at 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -69,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 k, v = k_all[:, :, :S], v_all[:, :, :S]
                 for way in steps:
                     mask = ctx.mask if way == "rounded" or ctx.mask is None else ctx.mask.contiguous()
-                    step_ctx = type(ctx)(ctx.start, ctx.positions, mask, ctx.is_causal, ctx.rope)
+                    step_ctx = dataclasses.replace(ctx, mask=mask)
                     ops.attention(q, k, v, step_ctx)  # warm (allocator, kernel choice)
                     _sync(dev)
                     t0 = time.perf_counter()

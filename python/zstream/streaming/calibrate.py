@@ -475,10 +475,8 @@ def eager_extra_fit(samples: Sequence[Dict[str, Any]], num_blocks: int) -> Optio
     """What a whole eager step takes over its blocks and outer work, fitted over (batch, context) in seconds: at each
     decode point its steps' median less ``num_blocks`` times the block's median and the outer work's, the medians the
     device fits take, so that the prediction gives back the step as timed (as a graphed point's parts do), at the
-    floor where that came out at or below zero. Each round's own difference moved by milliseconds from round to round
-    (run 9 of 2026-12-06, an H100: the Python's speed moves between the three timings, the block's thirty-fold):
-    their median (format 16) put bloom-7b1's batch 7 at 0.47 ms where the medians' difference gives 1.22, and the
-    row ran 0.34 ms a step over the first. None where no point was timed whole."""
+    floor where that came out at or below zero. Not each round's own difference: those moved by milliseconds from
+    round to round (docs/performance.md item 47). None where no point was timed whole."""
     decode = {(s["batch"], s["context"]): s for s in samples if s.get("phase") == "decode" and "kv_offload" not in s}
     points = [(s["batch"], s["context"], max(GRAPH_FLOOR_S, s["step_s"] - num_blocks * d["block_s"] - d["outer_s"]))
               for s in samples if s.get("phase") == "eager" and (d := decode.get((s["batch"], s["context"])))]

@@ -61,7 +61,6 @@ class DeviceRing:
         self.copy_stream = device.new_stream()
         self.copied = [device.new_event() for _ in range(self.slots)]    # the slot's copy landed
         self.computed = [device.new_event() for _ in range(self.slots)]  # the slot's compute finished
-        self.held: List[Optional[SlotView]] = [None] * self.slots      # what each slot holds
         self.views: Dict[Tuple[int, int], SlotView] = {}                # (slot, block) -> its view, made once
         self.issued = 0    # global index of the next copy to issue
         self.consumed = 0  # global index of the next block to compute
@@ -80,11 +79,10 @@ class DeviceRing:
         self.waited_s += time.perf_counter() - t0
         if g >= self.slots:
             dev.wait(self.copy_stream, self.computed[slot])  # the block that used this slot has finished
+        # (the view keeps the host bytes' layout only: they may go back to the source once the copy is done)
         view = self.slot_view(slot, self.block_at(g), host)
         dev.copy(view.dest, host.buffer, self.copy_stream)
         dev.record(self.copied[slot], self.copy_stream)
-        # Keep only the layout: the host bytes may go back to the source once the copy is done.
-        self.held[slot] = view
         self.source.copied(g, self.copied[slot])
         self.issued += 1
 
@@ -116,8 +114,7 @@ class DeviceRing:
         t0 = time.perf_counter()
         self.device.wait(self.device.compute_stream(), self.copied[slot])  # the CPU blocks here; a GPU queues it
         self.waited_s += time.perf_counter() - t0
-        view = self.held[slot]
-        assert view is not None
+        view = self.views[(slot, block)]  # made by the copy into the slot, issued above at the latest
         if view.weights is not None:
             return view.weights
         weights = local_weights(view.flat, self.block_names[block], self.dtype)
@@ -138,7 +135,6 @@ class DeviceRing:
         """Drop everything in flight and start over at the first streamed block."""
         self.device.synchronize()
         self.source.reset()
-        self.held = [None] * self.slots
         self.issued = self.consumed = 0
         self.busy = False
 
