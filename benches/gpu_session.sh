@@ -22,8 +22,9 @@
 #         0.1.8 with dummy weights, and zstream on an in-memory checkpoint of the same shapes; OPT_KV, OPT_BATCHES,
 #         OPT_MICRO, OPT_QUANT, OPT_PREDICT=1, OPT_PLANNED=MAX_BATCH for the planner's own choice, OPT_PLANNED_ONLY=1
 #         for that alone, OPT_TRACE=1 traces the first row's decode steps, OPT_TAG names the JSON). bench-kv takes
-#         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way, KV_GRAPHS=1
-#         (--cuda-graphs: an all-resident step replays a CUDA graph, planned so), KV_CPU_LAYERS (the split's
+#         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way, KV_GRAPHS=0
+#         (--no-cuda-graphs: every step eager, planned so; an all-resident step replays a CUDA graph by default),
+#         KV_CPU_LAYERS (the split's
 #         layers on the CPUs; default half) and KV_TRACE_PREFILL=1 (the first streamed row's prefill traced:
 #         benches/trace_summary.py --prefill).
 #         ab-split-layout: the split's two CPU-layer layouts A/B in one process (AB_BATCHES, AB_ROUNDS);
@@ -107,7 +108,7 @@ for stage in "$@"; do
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
         --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} \
         ${KV_CPU_LAYERS:+--kv-cpu-layers $KV_CPU_LAYERS} ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
-        ${KV_TRACE_PREFILL:+--trace-prefill "$OUT/trace_prefill_kv${KV_TAG:+_$KV_TAG}.json"} ${KV_GRAPHS:+--cuda-graphs} --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json"
+        ${KV_TRACE_PREFILL:+--trace-prefill "$OUT/trace_prefill_kv${KV_TAG:+_$KV_TAG}.json"} $([ "${KV_GRAPHS:-}" = 0 ] && echo --no-cuda-graphs) --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json"
       # each row's peak against its memory plan (item 36)
       python3 benches/memory_replay.py "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" | tail -n 14 ;;
     bench-graph) # decode steps with every block resident as one CUDA graph and launched from Python, in one call
@@ -115,7 +116,7 @@ for stage in "$@"; do
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       for how in graph eager; do
         $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${GRAPH_BATCHES:-7} --prompt 512 --gen 32 --predict \
-          --repeats ${GRAPH_REPEATS:-3} $([ $how = graph ] && echo --cuda-graphs) --json "$OUT/bench_graph_$how.json"
+          --repeats ${GRAPH_REPEATS:-3} $([ $how = eager ] && echo --no-cuda-graphs) --json "$OUT/bench_graph_$how.json"
       done
       python3 benches/memory_replay.py "$OUT"/bench_graph_*.json | tail -n 3 ;;
     prefill-ab) # a prefill block timed as the calibration does against a pass's worth back to back (item 32),

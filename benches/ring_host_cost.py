@@ -60,7 +60,7 @@ def _timed(a: argparse.Namespace) -> Dict[str, Dict[int, List[float]]]:
         make_checkpoint({**PRESETS["tiny-bloom"], "n_layer": LAYERS}, path)
         models = {n: zstream.load(str(path), offload="cpu", device=a.device, dtype=torch.float16,
                                   max_batch=a.batch, max_seq_len=prompt + gen, progress=False,
-                                  max_resident_blocks=LAYERS - n) for n in streamed}
+                                  max_resident_blocks=LAYERS - n, cuda_graphs=False) for n in streamed}
         steps: Dict[str, Dict[int, List[float]]] = {"kept": {n: [] for n in streamed},
                                                     "every copy": {n: [] for n in streamed}}
         for _ in range(a.rounds):

@@ -478,10 +478,10 @@ def test_micro_batches_are_calibrated_at_their_own_rows(tiny_bloom, monkeypatch)
     zstream.plan_batch(tiny_bloom, device="cpu", gpu_memory="1GiB", prompt=8, gen=2, max_batch=6, link_gbps=1.0,
                        micro_batch=[None, 2, 4, 8])
     assert asked[0]["max_batch"] == 6 and asked[0]["batches"] == [2, 4]
-    assert asked[0]["graphs"] is False  # graphed steps timed only where load would replay them (cuda_graphs=True)
+    assert asked[0]["graphs"] is True  # graphed steps timed where load would replay them: by default
     zstream.plan_batch(tiny_bloom, device="cpu", gpu_memory="1GiB", prompt=8, gen=2, max_batch=6, link_gbps=1.0,
-                       cuda_graphs=True)
-    assert asked[1]["graphs"] is True
+                       cuda_graphs=False)
+    assert asked[1]["graphs"] is False
     graphed = calibrate_compute(family, "cpu", torch.float32, max_batch=64, prompt=32, gen=8, rounds=1, graphs=True)
     assert graphed.key == plain.key + " graphs" and graphed.decode_graph_block is None  # no CUDA: none timed
 
@@ -689,19 +689,20 @@ def test_tensor_parallel_plans_one_ranks_share(tiny_bloom):
 
 def test_a_tensor_parallel_plan_is_never_graphed(tiny_bloom):
     """A rank's decode step all-reduces between blocks and runs eagerly: plan_batch with tensor_parallel plans no
-    graph (a calibration with graph fits, even so), warns as load does, and its load arguments ask for none. One
-    process plans what it was asked, silently."""
+    graph (a calibration with graph fits, even so), warns as load does where graphs were asked for (silent where
+    left to the default), and its load arguments turn them off. One process plans what it was asked, silently."""
     cm = compute_model(6, block_s=3e-4, per_token=1e-6, per_key=0.0, outer_s=8e-4)
     cm.decode_graph_block, cm.decode_graph_outer = Linear3(1e-5, 0.0, 0.0), Linear3(1e-5, 0.0, 0.0)
     kw = {"gpu_memory": "1GiB", "prompt": 8, "gen": 16, "offload": "none", "device": "cpu", "compute": cm}
     with pytest.warns(RuntimeWarning, match="cuda_graphs has no effect under tensor parallelism"):
         two = plan_batch(tiny_bloom, tensor_parallel=2, cuda_graphs=True, **kw)
-    assert not two.cuda_graphs and "cuda_graphs" not in two.load_kwargs()
+    assert not two.cuda_graphs and two.load_kwargs()["cuda_graphs"] is False
     eager = ThroughputModel(cm, [1] * 6, link_gbps=None)
     assert two.candidate(2, 6).decode_step_s == pytest.approx(eager.decode_step(2, 6, 12)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         one = plan_batch(tiny_bloom, cuda_graphs=True, **kw)
+        assert not plan_batch(tiny_bloom, tensor_parallel=2, **kw).cuda_graphs  # the default: off, no warning
     assert one.cuda_graphs and one.candidate(2, 6).decode_step_s < two.candidate(2, 6).decode_step_s
 
 
@@ -1524,9 +1525,9 @@ def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     short = choose_batch(toy_sizes(4), cm, gen=8, cuda_graphs=True, **kw).candidate(2, 4)  # 7 steps: too few
     assert short.decode_step_s == pytest.approx(off.decode_step(2, 4, 16 + 4)[0])
     assert 2 * 8 / short.tokens_per_s == pytest.approx(tm.prefill(2, 4, 16)[0] + 7 * short.decode_step_s)
-    plan = choose_batch(toy_sizes(4), cm, gen=12, **kw)  # load's default: no graphs
+    plan = choose_batch(toy_sizes(4), cm, gen=12, **kw)  # graphs off: planned eager, and loaded so
     assert plan.candidate(2, 4).decode_step_s == pytest.approx(off.decode_step(2, 4, 22)[0])
-    assert "cuda_graphs" not in plan.load_kwargs()
+    assert plan.load_kwargs()["cuda_graphs"] is False
     assert choose_batch(toy_sizes(4), cm, gen=12, cuda_graphs=True, **kw).load_kwargs()["cuda_graphs"] is True
 
 

@@ -502,3 +502,17 @@ def test_waiting_for_tokens_on_a_gpu_waits_for_their_stream_alone(monkeypatch):
     assert waited == [torch.device("cuda", 0), "stream"]
     bench.wait_for_tokens(torch.zeros(2, 1))  # on the CPU: nothing to wait for
     assert waited == [torch.device("cuda", 0), "stream"]
+
+
+def test_bench_leaves_cuda_graphs_to_loads_default_unless_told() -> None:
+    """``zstream bench`` passes None (load's default: graphed where it applies) unless --cuda-graphs or
+    --no-cuda-graphs says otherwise."""
+    import argparse
+
+    from zstream.interfaces.bench import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["tiny-llama"]).cuda_graphs is None
+    assert p.parse_args(["tiny-llama", "--cuda-graphs"]).cuda_graphs is True
+    assert p.parse_args(["tiny-llama", "--no-cuda-graphs"]).cuda_graphs is False

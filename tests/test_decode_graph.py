@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import warnings
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 import zstream
+from zstream.api.options import load_options
 from zstream.foundations.models.common import MASK_ALIGN
-from zstream.planning.residency import GRAPH_MIN_STEPS, PlanOptions, decode_graph_allowed
+from zstream.planning.residency import GRAPH_MIN_STEPS, PlanOptions, decode_graph_allowed, graphs_for_ranks
 from zstream.streaming import graph as graph_mod
 from zstream.streaming.graph import DecodeGraph
 
@@ -207,6 +210,33 @@ def test_the_plan_allows_a_graph_only_where_the_step_is_fixed() -> None:
     assert decode_graph_allowed(dataclasses.replace(on, micro_batch=16), "cuda", streams=False, coded=False)
 
 
-def test_cuda_graphs_must_be_a_bool() -> None:
-    with pytest.raises(zstream.UsageError, match="cuda_graphs must be True or False"):
+def test_cuda_graphs_must_be_a_bool_or_none() -> None:
+    with pytest.raises(zstream.UsageError, match="cuda_graphs must be True, False or None"):
         zstream.load("unused", cuda_graphs="yes")
+
+
+def test_decode_steps_are_graphed_by_default_where_they_can_be() -> None:
+    """load's default (None) plans an all-resident GPU model's decode steps as a CUDA graph; False keeps them eager;
+    the device and the residency still decide (the plan's own rule, above)."""
+    default = load_options(device="cpu", offload="none")
+    assert default.cuda_graphs is None and default.plan_options().cuda_graphs
+    assert decode_graph_allowed(default.plan_options(), "cuda", streams=False, coded=False)
+    assert not decode_graph_allowed(default.plan_options(), "cpu", streams=False, coded=False)
+    off = load_options(device="cpu", offload="none", cuda_graphs=False)
+    assert not off.plan_options().cuda_graphs
+    assert load_options(device="cpu", offload="none", cuda_graphs=True).plan_options().cuda_graphs
+    for entry in (zstream.load, zstream.plan_batch, load_options):  # each entry point leaves it to the default
+        assert inspect.signature(entry).parameters["cuda_graphs"].default is None, entry
+
+
+def test_ranks_turn_the_default_graphs_off_without_a_warning() -> None:
+    """Several tensor-parallel ranks never graph: silently where graphs were left to the default, with a warning
+    where they were asked for (test_tensor_parallel.py); one rank keeps the default on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert graphs_for_ranks(None, 2) is False
+        assert graphs_for_ranks(False, 2) is False
+        assert graphs_for_ranks(None, 1) is True
+        assert graphs_for_ranks(False, 1) is False
+    with pytest.warns(RuntimeWarning, match="no effect under tensor parallelism"):
+        assert graphs_for_ranks(True, 4) is False

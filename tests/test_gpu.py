@@ -204,15 +204,15 @@ def test_host_kv_cache_on_the_gpu(tmp_path, kv):
 
 @pytest.mark.parametrize("preset", ["tiny-bloom", "tiny-llama", "tiny-opt"])
 def test_decode_steps_replay_one_cuda_graph(tmp_path, preset):
-    """Every block resident, the cache on the device: decode steps replay a CUDA graph recorded at the first one,
-    and give the eager steps' tokens (greedy, left-padded) and logits to fp16 rounding; the graph's cache slots are
-    the eager ones."""
+    """Every block resident, the cache on the device: by default decode steps replay a CUDA graph recorded at the
+    first one, and give the eager steps' (cuda_graphs=False) tokens (greedy, left-padded) and logits to fp16
+    rounding; the graph's cache slots are the eager ones."""
     from tiny_models import padded_batch
 
     path = synthetic.make_checkpoint(preset, tmp_path / "m", dtype=torch.float16, progress=False)
     ids, mask = padded_batch(vocab=250, lengths=(11, 7, 4))
     kw = {"device": "cuda", "offload": "none", "progress": False}
-    with zstream.load(path, cuda_graphs=True, **kw) as graphed, zstream.load(path, **kw) as eager:
+    with zstream.load(path, **kw) as graphed, zstream.load(path, cuda_graphs=False, **kw) as eager:
         assert graphed.plan.decode_graph and not eager.plan.decode_graph
         assert "CUDA graph" in graphed.plan.summary()
         tokens = graphed.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)  # (3, 35)

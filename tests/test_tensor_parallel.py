@@ -484,5 +484,6 @@ def test_a_ranks_options_turn_cuda_graphs_off_and_say_so() -> None:
         rank = load_module._rank_options(asked, "cpu", 2)
     assert asked.cuda_graphs and not rank.cuda_graphs and not rank.plan_options().cuda_graphs
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # none asked: nothing said
-        assert load_module._rank_options(load_options(device="cpu", offload="cpu"), "cpu", 2).offload == "cpu"
+        warnings.simplefilter("error")  # none asked (the default): off, and nothing said
+        default = load_module._rank_options(load_options(device="cpu", offload="cpu"), "cpu", 2)
+        assert default.offload == "cpu" and not default.plan_options().cuda_graphs

@@ -35,7 +35,7 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
          copy_from_tokens: Optional[int] = None, download: Optional[bool] = None, revision: Optional[str] = None,
          tensor_parallel: Optional[int] = None, parallel_timeout: float = DEFAULT_TIMEOUT_S,
          compress: Optional[str] = None, kv_offload: str = "none", micro_batch: Optional[int] = None,
-         kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = False, progress: bool = True,
+         kv_cpu_layers: Optional[int] = None, cuda_graphs: Optional[bool] = None, progress: bool = True,
          **unknown: Any) -> StreamingModel:
     """Load a checkpoint for streaming inference.
 
@@ -79,9 +79,9 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     ``cuda_graphs``: on a GPU with every block resident, the KV cache on the device and plain weights, decode steps
     replay one CUDA graph instead of launching each block's kernels from Python (their attention reads the cache's
     every slot, the unwritten ones masked: logits agree to rounding). The plan reserves the graph's memory, and where
-    it does not fit beside every block, decodes eagerly; a tensor-parallel rank always does. Off by default until
-    the project's GPU tests have run it (docs/performance.md, items 29 and 36); the same fixed-shape step is tested
-    on the CPU.
+    it does not fit beside every block, decodes eagerly; a tensor-parallel rank always does. None (the default): on
+    wherever it applies; False: every step eager. bloom-7b1's graphed step at batch 7 took 9-10% less time than
+    the eager one on H100 and H200 leases (docs/performance.md, items 29 and 50).
     ``tensor_parallel``: shard the model over the ranks this process was started with (``torchrun --nproc-per-node
     N``, or ``zstream.launch``): each rank holds and streams only its piece of every block (its heads, its MLP units)
     over its own link, and the ranks all-reduce activations twice a block (docs/parallel.md). None: every rank of the

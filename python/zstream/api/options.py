@@ -53,14 +53,15 @@ class LoadOptions:
     kv_offload: str = "none"        # "host", "host-compute": every layer's KV cache in pinned host memory
     micro_batch: Optional[int] = None  # rows a block computes at a time
     kv_cpu_layers: Optional[int] = None  # kv_offload="split": layers attended on the CPUs (None: half)
-    cuda_graphs: bool = False  # decode steps of an all-resident model replayed as one CUDA graph
+    # decode steps of an all-resident model replayed as one CUDA graph (None: wherever that applies; True: asked)
+    cuda_graphs: Optional[bool] = None
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(offload=self.offload, budget=self.budget, prefetch=self.prefetch,
                            max_batch=self.max_batch, max_seq_len=self.max_seq_len,
                            max_resident_blocks=self.max_resident_blocks, kv_offload=self.kv_offload,
                            micro_batch=self.micro_batch, kv_cpu_layers=self.kv_cpu_layers,
-                           cuda_graphs=self.cuda_graphs)
+                           cuda_graphs=self.cuda_graphs is not False)
 
 
 def _count(name: str, value: Any, lowest: int, *, or_none: bool = False) -> int:
@@ -81,7 +82,7 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
                  copy_from_tokens: Optional[int] = None, progress: bool = True, tensor_parallel: Optional[int] = None,
                  parallel_timeout: float = DEFAULT_TIMEOUT_S, compress: Optional[str] = None,
                  kv_offload: str = "none", micro_batch: Optional[int] = None,
-                 kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = False,
+                 kv_cpu_layers: Optional[int] = None, cuda_graphs: Optional[bool] = None,
                  unknown: Optional[Dict[str, Any]] = None) -> LoadOptions:
     """``LoadOptions`` from ``load``'s keywords; ``unknown`` holds keywords ``load`` does not take."""
     if unknown:
@@ -107,8 +108,8 @@ def load_options(*, offload: str = "auto", device: Union[str, torch.device, None
         raise UsageError(f"kv_offload must be one of {', '.join(map(repr, KV_OFFLOADS))}, 'auto', not {kv_offload!r} "
                          "('host' keeps the KV cache in pinned host memory and brings each layer's up as it computes; "
                          "'host-compute' runs attention on the CPUs there; 'split' does both, layer by layer)")
-    if not isinstance(cuda_graphs, bool):
-        raise UsageError(f"cuda_graphs must be True or False, not {cuda_graphs!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise UsageError(f"cuda_graphs must be True, False or None (where it applies), not {cuda_graphs!r}")
     if isinstance(parallel_timeout, bool) or not isinstance(parallel_timeout, (int, float)) or parallel_timeout <= 0:
         raise UsageError(f"parallel_timeout must be a positive number of seconds, not {parallel_timeout!r}")
     return LoadOptions(

@@ -32,7 +32,7 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
                step_overhead_s: float = 0.0, quantize: Optional[str] = None, group_size: int = 64,
                symmetric: bool = False, tensor_parallel: int = 1, kv_offload: str = "none",
                micro_batch: Union[int, Sequence[Optional[int]], None] = None,
-               kv_cpu_layers: Optional[int] = None, cuda_graphs: bool = False) -> BatchPlan:
+               kv_cpu_layers: Optional[int] = None, cuda_graphs: Optional[bool] = None) -> BatchPlan:
     """The batch and residency that maximise tokens/s for a budget, predicted from measurements made now.
 
     ``model``: a checkpoint directory (only its headers are read) or a model ``zstream.load`` returned (its plan's
@@ -51,8 +51,8 @@ def plan_batch(model: Any, *, gpu_memory: Union[int, str, None] = None, prompt: 
     ``micro_batch``: rows a block computes at a time, as ``load`` takes it, or a list of sizes to plan and pick
     from (None among them: the whole batch). ``kv_cpu_layers``: with "split", the layers attended on the CPUs, as
     ``load`` takes it (None: the planner's choice, given in ``plan.load_kwargs()``). ``cuda_graphs``: as ``load``
-    takes it; a step with every block resident and the cache on the device is planned as the CUDA graph it replays,
-    where the graph's memory fits beside the blocks (never under tensor parallelism)."""
+    takes it (None: on where it applies); a step with every block resident and the cache on the device is planned as
+    the CUDA graph it replays, where the graph's memory fits beside the blocks (never under tensor parallelism)."""
     if offload not in ("auto", "none", "cpu", "nvme"):
         raise UsageError(f"offload must be one of auto, none, cpu, nvme for planning, not {offload!r}")
     if prompt < 1 or gen < 1:

@@ -70,9 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --kv-offload split: layers attended on the CPUs (default: half)")
     p.add_argument("--micro-batch", type=positive, default=None,
                    help="rows a block computes at a time (load's micro_batch): larger batches run as micro-batches")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="decode steps of an all-resident model replayed as one CUDA graph (load's cuda_graphs=True), "
-                        "and planned so")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps of an all-resident model replayed as one CUDA graph, and planned so (load's "
+                        "cuda_graphs; default: wherever that applies; --no-cuda-graphs: every step eager)")
     p.add_argument("--predict", action="store_true",
                    help="beside each measured row, the batch planner's prediction for the same batch, residency and "
                         "KV placement (plan_batch on the loaded model: its link, its budget, a compute model "

@@ -693,8 +693,7 @@ class BatchPlan:
         kw.update(self.quantize)
         if self.tensor_parallel > 1:
             kw["tensor_parallel"] = self.tensor_parallel
-        if self.cuda_graphs:
-            kw["cuda_graphs"] = True
+        kw["cuda_graphs"] = self.cuda_graphs  # planned with or without graphs: load's default would graph
         return kw
 
     def summary(self, rows: Optional[List[int]] = None) -> str:

@@ -66,15 +66,17 @@ def activation_bytes(family: Family, rows: int, tokens: int, logit_rows: int, dt
     return rows * tokens * family.hidden_size * 24 * dtype.itemsize + logit_rows * family.vocab_size * 8
 
 
-def graphs_for_ranks(cuda_graphs: bool, ranks: int) -> bool:
-    """load's and plan_batch's ``cuda_graphs`` for a model over ``ranks`` tensor-parallel ranks: off, with a warning,
-    where there are several (a rank's decode step all-reduces between blocks, and ``StreamingModel._graphable``
-    never graphs it)."""
-    if cuda_graphs and ranks > 1:
-        warn("zstream: cuda_graphs has no effect under tensor parallelism: a rank's decode step all-reduces "
-             "between blocks, and runs eagerly", RuntimeWarning)
+def graphs_for_ranks(cuda_graphs: Optional[bool], ranks: int) -> bool:
+    """load's and plan_batch's ``cuda_graphs`` for a model over ``ranks`` tensor-parallel ranks. None (the default)
+    is on for one rank and off for several; off where there are several either way (a rank's decode step
+    all-reduces between blocks, and ``StreamingModel._graphable`` never graphs it), with a warning where it was
+    asked for."""
+    if ranks > 1:
+        if cuda_graphs:
+            warn("zstream: cuda_graphs has no effect under tensor parallelism: a rank's decode step all-reduces "
+                 "between blocks, and runs eagerly", RuntimeWarning)
         return False
-    return cuda_graphs
+    return cuda_graphs is not False
 
 
 def decode_graph_fits(used: int, graph: int, budget: Optional[int]) -> bool:
