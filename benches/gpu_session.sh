@@ -32,6 +32,7 @@
 #         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES);
 #         test-graph and bench-graph: resident decode steps as one CUDA graph, tested, then timed against eager.
 #         prefill-ab: a prefill block timed as calibrated against a pass's worth back to back (PREFILL_BATCHES).
+#         profile-steps: the graphed and eager all-resident rows, each profiled (benches/profile_summary.py; PROFILE_BATCH).
 #         mask-ab: a decode step's attention with the engine's mask against a contiguous one (MASK_BATCH, MASK_ROUNDS).
 #         ring-host-cost: a streamed block's cost to the thread launching a decode step (RING_ROUNDS).
 #         graph-ab: the calibration's graphed step against the model's layout, a warm card, steps synchronised one by
@@ -111,6 +112,16 @@ for stage in "$@"; do
         ${KV_TRACE_PREFILL:+--trace-prefill "$OUT/trace_prefill_kv${KV_TAG:+_$KV_TAG}.json"} $([ "${KV_GRAPHS:-}" = 0 ] && echo --no-cuda-graphs) --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json"
       # each row's peak against its memory plan (item 36)
       python3 benches/memory_replay.py "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" | tail -n 14 ;;
+    profile-steps) # where a decode step's time goes (item 51): bloom-7b1 fp16 under 16 GiB at PROFILE_BATCH (7), every
+      # block resident, graphed and eager, each row run once more under torch's profiler (its trace gzipped)
+      CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      for how in graph eager; do
+        $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${PROFILE_BATCH:-7} --prompt 512 --gen 32 --predict \
+          $([ $how = eager ] && echo --no-cuda-graphs) --profile "$OUT/profile_$how.json" --json "$OUT/bench_profile_$how.json" \
+          | grep -E "^none|predicted within"
+        python3 benches/profile_summary.py "$OUT/profile_$how.json" --skip 4 --json "$OUT/profile_summary_$how.json" | tail -n 2
+        gzip -f "$OUT/profile_$how.json"
+      done ;;
     bench-graph) # decode steps with every block resident as one CUDA graph and launched from Python, in one call
       # (performance.md item 29): bloom-7b1 fp16 under 16 GiB at GRAPH_BATCHES (7), each with its prediction
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null

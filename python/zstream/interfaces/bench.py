@@ -13,6 +13,7 @@ the others measure theirs, and the bound of a step is the slowest rank's bytes o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -86,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.add_argument("--trace", default=None, help="write a Chrome trace of one decode step here")
     p.add_argument("--trace-prefill", default=None, help="write a Chrome trace of the prefill here")
+    p.add_argument("--profile", default=None,
+                   help="run the first row once more under torch's profiler and write its Chrome trace here (the "
+                        "prefill and each decode step marked: benches/profile_summary.py)")
     p.add_argument("--fio", default=None, help="fio binary: also measure the shard files with fio (nvme)")
     p.add_argument("--load-test", action="store_true",
                    help="time offload=cpu loads from a cold and a warm page cache against disk and memcpy speed")
@@ -124,6 +128,14 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+# the profiler's marks of a profiled run (``--profile``; ``benches/profile_summary.py`` reads them)
+PROFILE_PREFILL, PROFILE_STEP = "zstream.prefill", "zstream.step."
+
+
+def _unmarked(name: str) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
+
+
 STEP_WAIT = "tokens"  # what a timed step waits for (bench rows' ``step_wait``; rows without one: the whole device)
 
 
@@ -137,9 +149,11 @@ def wait_for_tokens(tokens: Tensor) -> None:
 
 
 def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[str] = None,
-            trace_steps: int = 2, trace_prefill: Optional[str] = None) -> Dict[str, Any]:
+            trace_steps: int = 2, trace_prefill: Optional[str] = None, marks: bool = False) -> Dict[str, Any]:
     """Prefill ``batch`` x ``prompt`` random tokens, then ``gen - 1`` greedy decode steps, timing each (``trace``:
-    the first ``trace_steps`` decode steps traced, ``trace_prefill``: the prefill)."""
+    the first ``trace_steps`` decode steps traced, ``trace_prefill``: the prefill; ``marks``: the prefill and each
+    step marked for a profiler, ``PROFILE_PREFILL`` and ``PROFILE_STEP``)."""
+    mark = torch.profiler.record_function if marks else _unmarked
     dev = model.device
     vocab = model.family.vocab_size
     waited0 = model.waited_s
@@ -153,9 +167,10 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
         model.trace_start()
     _sync(dev)  # a step starts on an idle device: the previous row's copies landed
     t0 = time.perf_counter()
-    logits = model.forward(ids, mask, cache, last_only=True)
-    nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    wait_for_tokens(nxt)
+    with mark(PROFILE_PREFILL):
+        logits = model.forward(ids, mask, cache, last_only=True)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        wait_for_tokens(nxt)
     prefill_s = time.perf_counter() - t0
     if trace_prefill is not None:
         model.trace_stop(trace_prefill)
@@ -166,9 +181,10 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
         if trace is not None and step == 0:
             model.trace_start()  # the first decode steps, back to back
         t = time.perf_counter()
-        logits = model.forward(nxt, one, cache, last_only=True)
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        wait_for_tokens(nxt)
+        with mark(f"{PROFILE_STEP}{step}"):
+            logits = model.forward(nxt, one, cache, last_only=True)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            wait_for_tokens(nxt)
         steps.append(time.perf_counter() - t)
         if trace is not None and step == min(trace_steps, gen - 1) - 1:
             model.trace_stop(trace)
@@ -455,10 +471,26 @@ def _measured(a: argparse.Namespace, model: Any, b: int, offload: str, meta: Dic
                     trace_prefill=trace_prefill if i == 0 else None) for i in range(a.repeats)]
     meta["traced"] = meta.get("traced") or trace is not None
     meta["prefill_traced"] = meta.get("prefill_traced") or trace_prefill is not None
+    if a.profile and not meta.get("profiled_row") and model.group is None:
+        _profile(model, b, a.prompt, a.gen, a.profile)
+        meta["profiled_row"] = {"offload": offload, "batch": b, "kv_offload": model.plan.kv_offload,
+                                "resident_blocks": len(model.plan.resident_blocks),
+                                "decode_graph": model.plan.decode_graph}
     if a.repeats == 1:
         return reps[0]
     return {**reps[0], **{k: statistics.median(x[k] for x in reps) for k in ("prefill_s", "decode_step_s",
                                                                           "tokens_per_s")}}
+
+
+def _profile(model: Any, batch: int, prompt: int, gen: int, path: str) -> None:
+    """One more run of the row, untimed, under torch's profiler (the host's ops, and on a GPU its kernels and
+    copies), written to ``path`` as a Chrome trace: where a step's time goes, beside the timed runs' numbers."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if model.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_one(model, batch, prompt, gen, marks=True)
+    prof.export_chrome_trace(path)
 
 
 def _kv_layer(model: Any, batch: int, context: int) -> int:
