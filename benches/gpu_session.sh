@@ -119,7 +119,8 @@ for stage in "$@"; do
         $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${PROFILE_BATCH:-7} --prompt 512 --gen 32 --predict \
           $([ $how = eager ] && echo --no-cuda-graphs) --profile "$OUT/profile_$how.json" --json "$OUT/bench_profile_$how.json" \
           | grep -E "^none|predicted within"
-        python3 benches/profile_summary.py "$OUT/profile_$how.json" --skip 4 --json "$OUT/profile_summary_$how.json" | tail -n 2
+        python3 benches/profile_summary.py "$OUT/profile_$how.json" --skip 4 --bench "$OUT/bench_profile_$how.json" \
+          --json "$OUT/profile_summary_$how.json" | tail -n 3
         gzip -f "$OUT/profile_$how.json"
       done ;;
     bench-graph) # decode steps with every block resident as one CUDA graph and launched from Python, in one call

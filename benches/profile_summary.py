@@ -80,6 +80,16 @@ def summarize(trace: Dict[str, Any], skip: int = 1) -> Dict[str, Any]:
             "median_step": median, "skipped": skip}
 
 
+def profiled_row(bench: Dict[str, Any]) -> Dict[str, float]:
+    """The timed row the profile ran again (``meta.profiled_row``): its median decode step and its prediction, ms."""
+    want = bench["meta"]["profiled_row"]
+    row = next(r for r in bench["rows"] if r["batch"] == want["batch"] and r["offload"] == want["offload"]
+               and r.get("kv_offload", "none") == want["kv_offload"])
+    pred = row.get("predicted_decode_step_s")
+    return {"decode_step_ms": row["decode_step_s"] * 1e3,
+            "predicted_decode_step_ms": pred * 1e3 if pred is not None else float("nan")}
+
+
 def _line(name: str, r: Optional[Dict[str, float]]) -> str:
     if not r:
         return f"{name:>12}  -"
@@ -92,6 +102,7 @@ def main() -> None:
     p.add_argument("trace")
     p.add_argument("--skip", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--bench", default=None, help="the bench JSON of the same run: its profiled row's prediction")
     a = p.parse_args()
     opener = gzip.open if a.trace.endswith(".gz") else open
     with opener(a.trace, "rt") as f:
@@ -102,6 +113,10 @@ def main() -> None:
     for i, s in enumerate(out["steps"]):
         print(_line(f"step {i}", s))
     print(_line(f"median {a.skip}+", out["median_step"]))
+    if a.bench:
+        out["row"] = profiled_row(json.loads(Path(a.bench).read_text()))
+        r = out["row"]
+        print(f"the timed row: median step {r['decode_step_ms']:.3f} ms, predicted {r['predicted_decode_step_ms']:.3f}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 

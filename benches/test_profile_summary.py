@@ -12,7 +12,7 @@ import pytest
 from zstream.interfaces.cli import main as cli_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_summary import covered, summarize
+from profile_summary import covered, profiled_row, summarize
 
 
 def test_covered_counts_overlaps_once_and_clips_to_the_window() -> None:
@@ -64,6 +64,10 @@ def test_zstream_bench_writes_a_profile_with_the_prefill_and_every_step_marked(t
                      "--profile", str(trace), "--json", str(rows)]) == 0
     assert json.loads(rows.read_text())["meta"]["profiled_row"]["batch"] == 2
     out = summarize(json.loads(trace.read_text()), skip=0)
+    bench = json.loads(rows.read_text())
+    row = profiled_row(bench)
+    assert row["decode_step_ms"] == pytest.approx(bench["rows"][0]["decode_step_s"] * 1e3)  # batch 2's, not 3's
+    assert bench["rows"][1]["batch"] == 3 and math.isnan(row["predicted_decode_step_ms"])  # (no --predict)
     assert out["prefill"] is not None and len(out["steps"]) == 4  # gen 5: 4 decode steps, of the first row only
     assert all(s["wall_ms"] > 0 and s["kernels"] == 0 and math.isnan(s["lead_ms"]) for s in out["steps"])
 
