@@ -14,7 +14,7 @@ from ..foundations.parallel import DEFAULT_TIMEOUT_S
 from ..foundations.quant import QuantConfig
 from ..foundations.units import parse_bytes, parse_dtype
 from ..planning.offload import OFFLOADS
-from ..planning.residency import KV_OFFLOADS, PlanOptions
+from ..planning.residency import KV_OFFLOADS, PlanOptions, graphs_for_ranks
 
 READERS = ("auto", "uring", "pread", "mmap")
 
@@ -61,7 +61,7 @@ class LoadOptions:
                            max_batch=self.max_batch, max_seq_len=self.max_seq_len,
                            max_resident_blocks=self.max_resident_blocks, kv_offload=self.kv_offload,
                            micro_batch=self.micro_batch, kv_cpu_layers=self.kv_cpu_layers,
-                           cuda_graphs=self.cuda_graphs is not False)
+                           cuda_graphs=graphs_for_ranks(self.cuda_graphs, 1))  # (a rank's: resolved)
 
 
 def _count(name: str, value: Any, lowest: int, *, or_none: bool = False) -> int:
