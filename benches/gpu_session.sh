@@ -30,7 +30,8 @@
 #         ab-split-layout: the split's two CPU-layer layouts A/B in one process (AB_BATCHES, AB_ROUNDS);
 #         calibration-ab: the calibration's host-memory probes against what they replaced (CAL_BATCHES, CAL_ROUNDS);
 #         split-anatomy: a split step's CPU layers clocked, the engine's layout against all on the CPUs (ANAT_BATCHES);
-#         test-graph and bench-graph: resident decode steps as one CUDA graph, tested, then timed against eager.
+#         test-graph and bench-graph: resident decode steps as one CUDA graph, tested, then timed against eager
+#         (GRAPH_BATCHES, GRAPH_REPEATS, GRAPH_GEN: new tokens, 32).
 #         prefill-ab: a prefill block timed as calibrated against a pass's worth back to back (PREFILL_BATCHES).
 #         profile-steps: the graphed and eager all-resident rows, each profiled (benches/profile_summary.py; PROFILE_BATCH).
 #         mask-ab: a decode step's attention with the engine's mask against a contiguous one (MASK_BATCH, MASK_ROUNDS).
@@ -127,7 +128,7 @@ for stage in "$@"; do
       # (performance.md item 29): bloom-7b1 fp16 under 16 GiB at GRAPH_BATCHES (7), each with its prediction
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       for how in graph eager; do
-        $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${GRAPH_BATCHES:-7} --prompt 512 --gen 32 --predict \
+        $Z bench "$CK" --offload none --gpu-memory 16GiB --batch ${GRAPH_BATCHES:-7} --prompt 512 --gen ${GRAPH_GEN:-32} --predict \
           --repeats ${GRAPH_REPEATS:-3} $([ $how = eager ] && echo --no-cuda-graphs) --json "$OUT/bench_graph_$how.json"
       done
       python3 benches/memory_replay.py "$OUT"/bench_graph_*.json | tail -n 3 ;;

@@ -32,7 +32,7 @@ from zstream.planning.batch import (
     steady_period,
 )
 from zstream.planning.facts import facts_from_shapes
-from zstream.planning.residency import choose_residency
+from zstream.planning.residency import GRAPH_MIN_STEPS, choose_residency
 from zstream.streaming import calibrate
 from zstream.streaming.calibrate import calibrate_compute
 
@@ -693,7 +693,8 @@ def test_a_tensor_parallel_plan_is_never_graphed(tiny_bloom):
     left to the default), and its load arguments turn them off. One process plans what it was asked, silently."""
     cm = compute_model(6, block_s=3e-4, per_token=1e-6, per_key=0.0, outer_s=8e-4)
     cm.decode_graph_block, cm.decode_graph_outer = Linear3(1e-5, 0.0, 0.0), Linear3(1e-5, 0.0, 0.0)
-    kw = {"gpu_memory": "1GiB", "prompt": 8, "gen": 16, "offload": "none", "device": "cpu", "compute": cm}
+    kw = {"gpu_memory": "1GiB", "prompt": 8, "gen": GRAPH_MIN_STEPS + 8, "offload": "none", "device": "cpu",
+          "compute": cm}
     with pytest.warns(RuntimeWarning, match="cuda_graphs has no effect under tensor parallelism"):
         two = plan_batch(tiny_bloom, tensor_parallel=2, cuda_graphs=True, **kw)
     assert not two.cuda_graphs and two.load_kwargs()["cuda_graphs"] is False
@@ -1517,18 +1518,20 @@ def test_an_all_resident_step_is_planned_as_the_graph_it_replays():
     cm.decode_graph_record_block, cm.decode_graph_record_outer = Linear3(1e-3, 0.0, 0.0), Linear3(4e-3, 0.0, 0.0)
     assert cm.graph_record_s(8, 100) == pytest.approx(4 * 1e-3 + 4e-3)
     kw = {"budget": 10**10, "prompt": 16, "link_gbps": 50.0, "stream": None, "max_batch": 4}
-    graphed = choose_batch(toy_sizes(4), cm, gen=12, cuda_graphs=True, **kw).candidate(2, 4)
+    long = 2 * (GRAPH_MIN_STEPS // 2) + 4  # new tokens: more steps than a graph needs (an even count)
+    graphed = choose_batch(toy_sizes(4), cm, gen=long, cuda_graphs=True, **kw).candidate(2, 4)
     prefill = tm.prefill(2, 4, 16)[0]
-    assert graphed.decode_step_s == pytest.approx(tm.decode_step(2, 4, 16 + 6)[0])
-    record = cm.graph_record_s(2, 22)
-    assert 2 * 12 / graphed.tokens_per_s == pytest.approx(prefill + 11 * graphed.decode_step_s + record)
-    short = choose_batch(toy_sizes(4), cm, gen=8, cuda_graphs=True, **kw).candidate(2, 4)  # 7 steps: too few
-    assert short.decode_step_s == pytest.approx(off.decode_step(2, 4, 16 + 4)[0])
-    assert 2 * 8 / short.tokens_per_s == pytest.approx(tm.prefill(2, 4, 16)[0] + 7 * short.decode_step_s)
-    plan = choose_batch(toy_sizes(4), cm, gen=12, **kw)  # graphs off: planned eager, and loaded so
-    assert plan.candidate(2, 4).decode_step_s == pytest.approx(off.decode_step(2, 4, 22)[0])
+    assert graphed.decode_step_s == pytest.approx(tm.decode_step(2, 4, 16 + long // 2)[0])
+    record = cm.graph_record_s(2, 16 + long // 2)
+    assert 2 * long / graphed.tokens_per_s == pytest.approx(prefill + (long - 1) * graphed.decode_step_s + record)
+    short = GRAPH_MIN_STEPS  # new tokens: a step fewer than that, too few
+    too_few = choose_batch(toy_sizes(4), cm, gen=short, cuda_graphs=True, **kw).candidate(2, 4)
+    assert too_few.decode_step_s == pytest.approx(off.decode_step(2, 4, 16 + short / 2)[0])
+    assert 2 * short / too_few.tokens_per_s == pytest.approx(prefill + (short - 1) * too_few.decode_step_s)
+    plan = choose_batch(toy_sizes(4), cm, gen=long, **kw)  # graphs off: planned eager, and loaded so
+    assert plan.candidate(2, 4).decode_step_s == pytest.approx(off.decode_step(2, 4, 16 + long // 2)[0])
     assert plan.load_kwargs()["cuda_graphs"] is False
-    assert choose_batch(toy_sizes(4), cm, gen=12, cuda_graphs=True, **kw).load_kwargs()["cuda_graphs"] is True
+    assert choose_batch(toy_sizes(4), cm, gen=long, cuda_graphs=True, **kw).load_kwargs()["cuda_graphs"] is True
 
 
 def test_a_graph_is_planned_where_the_loader_would_record_it_and_counted_in_memory():

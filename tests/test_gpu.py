@@ -207,29 +207,33 @@ def test_decode_steps_replay_one_cuda_graph(tmp_path, preset):
     """Every block resident, the cache on the device: by default decode steps replay a CUDA graph recorded at the
     first one, and give the eager steps' (cuda_graphs=False) tokens (greedy, left-padded) and logits to fp16
     rounding; the graph's cache slots are the eager ones."""
+    from zstream.planning.residency import GRAPH_MIN_STEPS
+
     from tiny_models import padded_batch
 
     path = synthetic.make_checkpoint(preset, tmp_path / "m", dtype=torch.float16, progress=False)
     ids, mask = padded_batch(vocab=250, lengths=(11, 7, 4))
     kw = {"device": "cuda", "offload": "none", "progress": False}
+    new = GRAPH_MIN_STEPS + 8  # new tokens: enough steps for a graph
     with zstream.load(path, **kw) as graphed, zstream.load(path, cuda_graphs=False, **kw) as eager:
         assert graphed.plan.decode_graph and not eager.plan.decode_graph
         assert "CUDA graph" in graphed.plan.summary()
-        tokens = graphed.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)  # (3, 35)
+        tokens = graphed.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)  # (3, 11 + new)
         assert graphed._graph is not None and graphed._graph.graph is not None  # recorded, and replayed
         # each new token is the eager model's greedy choice after the tokens before it, but where its two best
         # logits are within fp16 rounding of each other (random weights: near ties; another kernel may pick either)
-        full = torch.cat([mask, torch.ones(3, 24, dtype=torch.long)], dim=1).to(tokens.device)
-        logits = eager(tokens, full).float()[:, 10:-1]                  # (3, 24, vocab): before each new token
-        chosen = logits.gather(-1, tokens[:, 11:, None])[..., 0]        # (3, 24)
+        full = torch.cat([mask, torch.ones(3, new, dtype=torch.long)], dim=1).to(tokens.device)
+        logits = eager(tokens, full).float()[:, 10:-1]                  # (3, new, vocab): before each new token
+        chosen = logits.gather(-1, tokens[:, 11:, None])[..., 0]        # (3, new)
         assert bool((logits.max(-1).values - chosen <= 2e-2).all())
-        caches = [m.new_cache(3, 11 + 16) for m in (graphed, eager)]
+        caches = [m.new_cache(3, 11 + new) for m in (graphed, eager)]
         nxt = None
         for step in range(12):
             args = (ids, mask) if step == 0 else (nxt, torch.ones(3, 1, dtype=torch.long))
             got, want = (m.forward(*args, c, last_only=True) for m, c in zip((graphed, eager), caches))
             torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
             nxt = want[:, -1].argmax(-1, keepdim=True)
+        assert graphed._graph is not None and graphed._graph.fits(caches[0])  # these steps replayed its graph
         n = caches[1].length
         torch.testing.assert_close(caches[0].k[..., :n, :], caches[1].k[..., :n, :], rtol=1e-2, atol=1e-2)
 

@@ -320,8 +320,10 @@ def plan_load(facts: CheckpointFacts, resources: Resources, options: PlanOptions
                 kv_cpu_layers=kv_cpu_layers(options, facts.num_blocks), decode_graph=graph)
 
 
-# a cache with room for fewer decode steps decodes eagerly: recording a graph costs about two eager steps
-GRAPH_MIN_STEPS = 8
+# a cache with room for no more decode steps decodes eagerly: recording a graph costs 2-3 eager steps and a graphed
+# step saves 9-10% of an eager one on most leases, so a graph paid after 22-32 steps on three of four leases and 6
+# on the fourth, whose Python was slow (bloom-7b1 at batch 7: benches/graph_break_even.py, performance.md item 52)
+GRAPH_MIN_STEPS = 24
 
 
 def decode_graph_allowed(options: PlanOptions, device_type: str, streams: bool, coded: bool) -> bool:
