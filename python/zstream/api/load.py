@@ -79,8 +79,9 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
     ``cuda_graphs``: on a GPU with every block resident, the KV cache on the device and plain weights, decode steps
     replay one CUDA graph instead of launching each block's kernels from Python (their attention reads the cache's
     every slot, the unwritten ones masked: logits agree to rounding). The plan reserves the graph's memory, and where
-    it does not fit beside every block, decodes eagerly; a tensor-parallel rank always does. None (the default): on
-    wherever it applies; False: every step eager. bloom-7b1's graphed step at batch 7 took 9-35% less time than
+    it does not fit beside every block, decodes eagerly; a tensor-parallel rank always does, and so does a
+    generation too short to pay for recording one (``GRAPH_MIN_STEPS``). None (the default): on wherever it
+    applies; False: every step eager. bloom-7b1's graphed step at batch 7 took 9-35% less time than
     the eager one on H100 and H200 leases, the more the slower the host's Python (docs/performance.md, items 29 and
     50).
     ``tensor_parallel``: shard the model over the ranks this process was started with (``torchrun --nproc-per-node
