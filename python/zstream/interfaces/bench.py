@@ -89,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-prefill", default=None, help="write a Chrome trace of the prefill here")
     p.add_argument("--profile", default=None,
                    help="run the first row once more under torch's profiler and write its Chrome trace here (the "
-                        "prefill and each decode step marked: benches/profile_summary.py)")
+                        "prefill and each decode step marked: benches/profile_summary.py; tensor-parallel rows, whose "
+                        "ranks step together, are not profiled)")
     p.add_argument("--fio", default=None, help="fio binary: also measure the shard files with fio (nvme)")
     p.add_argument("--load-test", action="store_true",
                    help="time offload=cpu loads from a cold and a warm page cache against disk and memcpy speed")
