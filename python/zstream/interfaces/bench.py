@@ -133,10 +133,6 @@ def _sync(dev: torch.device) -> None:
 PROFILE_PREFILL, PROFILE_STEP = "zstream.prefill", "zstream.step."
 
 
-def _unmarked(name: str) -> contextlib.nullcontext:
-    return contextlib.nullcontext()
-
-
 STEP_WAIT = "tokens"  # what a timed step waits for (bench rows' ``step_wait``; rows without one: the whole device)
 
 
@@ -154,7 +150,7 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     """Prefill ``batch`` x ``prompt`` random tokens, then ``gen - 1`` greedy decode steps, timing each (``trace``:
     the first ``trace_steps`` decode steps traced, ``trace_prefill``: the prefill; ``marks``: the prefill and each
     step marked for a profiler, ``PROFILE_PREFILL`` and ``PROFILE_STEP``)."""
-    mark = torch.profiler.record_function if marks else _unmarked
+    mark = torch.profiler.record_function if marks else contextlib.nullcontext
     dev = model.device
     vocab = model.family.vocab_size
     waited0 = model.waited_s
