@@ -53,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         split = split_steps(row, a.skip)
         if split is None:
             continue
-        graph = row.get("decode_graph")  # (not recorded before 2026-12-05)
+        # the steps replayed from a graph (before 2026-12-06: the plan allowed one; before 2026-12-05: not recorded)
+        graph = row["graphed_steps"] > 0 if "graphed_steps" in row else row.get("decode_graph")
         kind = "graphed" if graph else "-" if graph is None else "eager"
         out.append({"file": row["file"], "batch": row["batch"], "resident": row.get("resident_blocks"),
                     "kind": kind, **split})

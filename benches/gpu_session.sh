@@ -22,7 +22,8 @@
 #         0.1.8 with dummy weights, and zstream on an in-memory checkpoint of the same shapes; OPT_KV, OPT_BATCHES,
 #         OPT_MICRO, OPT_QUANT, OPT_PREDICT=1, OPT_PLANNED=MAX_BATCH for the planner's own choice, OPT_PLANNED_ONLY=1
 #         for that alone, OPT_TRACE=1 traces the first row's decode steps, OPT_TAG names the JSON). bench-kv takes
-#         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way, KV_GRAPHS=0
+#         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way, KV_REPEATS (each row run so many times,
+#         its medians reported), KV_GRAPHS=0
 #         (--no-cuda-graphs: every step eager, planned so; an all-resident step replays a CUDA graph by default),
 #         KV_CPU_LAYERS (the split's
 #         layers on the CPUs; default half) and KV_TRACE_PREFILL=1 (the first streamed row's prefill traced:
@@ -34,6 +35,7 @@
 #         (GRAPH_BATCHES, GRAPH_REPEATS, GRAPH_GEN: new tokens, 32).
 #         prefill-ab: a prefill block timed as calibrated against a pass's worth back to back (PREFILL_BATCHES).
 #         profile-steps: the graphed and eager all-resident rows, each profiled (benches/profile_summary.py; PROFILE_BATCH).
+#         profile-streamed: the eager row with one block streamed (offload cpu, PROFILE_BATCH), profiled the same way.
 #         mask-ab: a decode step's attention with the engine's mask against a contiguous one (MASK_BATCH, MASK_ROUNDS).
 #         ring-host-cost: a streamed block's cost to the thread launching a decode step (RING_ROUNDS).
 #         graph-ab: the calibration's graphed step against the model's layout, a warm card, steps synchronised one by
@@ -108,7 +110,7 @@ for stage in "$@"; do
       # batch planned on its own: the largest batches only fit with the cache on the host
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
-        --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} \
+        --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} ${KV_REPEATS:+--repeats $KV_REPEATS} \
         ${KV_CPU_LAYERS:+--kv-cpu-layers $KV_CPU_LAYERS} ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
         ${KV_TRACE_PREFILL:+--trace-prefill "$OUT/trace_prefill_kv${KV_TAG:+_$KV_TAG}.json"} $([ "${KV_GRAPHS:-}" = 0 ] && echo --no-cuda-graphs) --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json"
       # each row's peak against its memory plan (item 36)
@@ -124,6 +126,14 @@ for stage in "$@"; do
           --json "$OUT/profile_summary_$how.json" | tail -n 3
         gzip -f "$OUT/profile_$how.json"
       done ;;
+    profile-streamed) # the planner's eager batch-7 choice with one block streamed (items 47-48: a millisecond a step over
+      # its prediction in four runs), bloom-7b1 fp16 under 16 GiB, offload cpu, profiled as profile-steps' rows
+      CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
+      $Z bench "$CK" --offload cpu --gpu-memory 16GiB --batch ${PROFILE_BATCH:-7} --prompt 512 --gen 32 --predict \
+        --profile "$OUT/profile_streamed.json" --json "$OUT/bench_profile_streamed.json" | grep -E "^cpu|predicted within"
+      python3 benches/profile_summary.py "$OUT/profile_streamed.json" --skip 4 --bench "$OUT/bench_profile_streamed.json" \
+        --json "$OUT/profile_summary_streamed.json" | tail -n 3
+      gzip -f "$OUT/profile_streamed.json" ;;
     bench-graph) # decode steps with every block resident as one CUDA graph and launched from Python, in one call
       # (performance.md item 29): bloom-7b1 fp16 under 16 GiB at GRAPH_BATCHES (7), each with its prediction
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null

@@ -40,10 +40,13 @@ RING_SLOTS = 3  # bench's default prefetch of 2, plus one
 
 
 def graphed(row: Dict[str, Any]) -> bool:
-    """Whether the row decoded through a CUDA graph, as the row says; rows from before it was recorded, from their
+    """Whether the row decoded through a CUDA graph, as the row says: its steps replayed from one (``graphed_steps``,
+    since 2026-12-06), or before that its plan allowing one; rows from before either was recorded, from their
     calibration key (``... graphs``: load's cuda_graphs was on) and the plan's rule of those builds: every block
     resident, the cache on the device, no micro-batch size given (run 5 of 2026-12-05's batch 7, given 16, ran
     eagerly)."""
+    if row.get("graphed_steps") is not None:
+        return row["graphed_steps"] > 0
     if row.get("decode_graph") is not None:
         return bool(row["decode_graph"])
     return (str(row.get("predicted_compute", "")).endswith(" graphs") and row["streamed_blocks"] == 0

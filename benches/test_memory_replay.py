@@ -66,3 +66,11 @@ def test_a_row_given_a_micro_batch_size_ran_eagerly_before_rows_recorded_it():
     assert mr.graphed({**row, "decode_graph": True}) and not mr.graphed({**row, "micro_batch": None,
                                                                           "decode_graph": False})
     assert mr.graphed({**row, "micro_batch": None})
+
+
+def test_a_row_that_counts_its_graphed_steps_is_graphed_only_where_one_ran():
+    """Since 2026-12-06 a row counts its steps replayed from a graph: the plan allowing one (``decode_graph``) with
+    none run (a generation of 16 new tokens, too short) is a row without a graph's memory."""
+    row = json.loads((RAW / "h100-2026-12-06-run14-bench_graph_graph.json").read_text())["rows"][0]
+    assert row["decode_graph"] and row["gen"] == 16  # (its plan allowed one; that build did not count)
+    assert not mr.graphed({**row, "graphed_steps": 0}) and mr.graphed({**row, "graphed_steps": 15})

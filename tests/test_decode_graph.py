@@ -240,3 +240,19 @@ def test_ranks_turn_the_default_graphs_off_without_a_warning() -> None:
         assert graphs_for_ranks(False, 1) is False
     with pytest.warns(RuntimeWarning, match="no effect under tensor parallelism"):
         assert graphs_for_ranks(True, 4) is False
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights")
+def test_a_bench_row_counts_the_steps_a_graph_ran_not_what_the_plan_allowed(family_checkpoints: dict) -> None:
+    """``zstream bench``'s row says how many decode steps replayed a graph (``graphed_steps``): its plan's
+    ``decode_graph`` only allows one, and a generation too short for a graph ran every step eagerly (a bench row at
+    16 new tokens was listed as graphed)."""
+    from zstream.interfaces.bench import run_one
+
+    with zstream.load(family_checkpoints["tiny-bloom"], device="cpu", progress=False) as model:
+        _graphed(model)
+        short = run_one(model, 2, 4, GRAPH_MIN_STEPS)          # GRAPH_MIN_STEPS - 1 decode steps: too few
+        long = run_one(model, 2, 4, GRAPH_MIN_STEPS + 3)       # GRAPH_MIN_STEPS + 2 decode steps, every one graphed
+        again = run_one(model, 2, 4, GRAPH_MIN_STEPS + 3)      # counted a row at a time
+    assert short["graphed_steps"] == 0 and len(short["decode_steps_s"]) == GRAPH_MIN_STEPS - 1
+    assert long["graphed_steps"] == again["graphed_steps"] == GRAPH_MIN_STEPS + 2

@@ -174,6 +174,7 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
     one = torch.ones(batch, 1, dtype=torch.long, device=dev)
     steps: List[float] = []
     counters = host_counters()  # what the host did beside the decode steps (stolen CPU time, compaction)
+    graphed0 = model.graph_steps
     for step in range(gen - 1):
         if trace is not None and step == 0:
             model.trace_start()  # the first decode steps, back to back
@@ -195,7 +196,9 @@ def run_one(model: Any, batch: int, prompt: int, gen: int, *, trace: Optional[st
             "alloc_retries": stats.get("num_alloc_retries"), "device_allocs": stats.get("num_device_alloc"),
             "peak_gpu_bytes": peak_bytes(model), "peak_reserved_bytes": peak_reserved_bytes(model),
             "waited_s_per_pass": waited, "limit": limit, "limit_why": why,
-            "decode_counters": counters_since(counters)}
+            "decode_counters": counters_since(counters),
+            # the plan may allow a graph (the row's ``decode_graph``) where a generation too short for one runs eagerly
+            "graphed_steps": model.graph_steps - graphed0}
 
 
 def disk_rate(model: Any, blocks: int = 10, rounds: int = 3) -> Rate:

@@ -92,6 +92,7 @@ class StreamingModel:
         self._closed = False
         self._lock = threading.RLock()  # one pass at a time through the streamer: see _serialised
         self._graph: Optional[DecodeGraph] = None  # the decode steps of the last cache, as one CUDA graph
+        self.graph_steps = 0  # decode steps replayed from (or recorded into) a graph, over the model's life
         self.blocks = self._chain()
 
     def _chain(self) -> Streamer:
@@ -153,6 +154,7 @@ class StreamingModel:
             self._graph = None  # the last cache's graph and its memory go first
             blocks = [self.resident[i] for i in range(fam.num_blocks)]
             self._graph = DecodeGraph(fam, self.outer, blocks, cache, capture=self.device.type == "cuda")
+        self.graph_steps += 1
         return self._graph(input_ids, ctx)
 
     @contextlib.contextmanager
