@@ -13,7 +13,7 @@ import pytest
 from zstream.planning.residency import GRAPH_MIN_STEPS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from graph_break_even import break_even, pair
+from graph_break_even import break_even, pair, ran_a_graph
 
 RAW = Path(__file__).resolve().parent / "results" / "raw"
 
@@ -27,8 +27,8 @@ def test_a_graph_pays_where_the_two_generations_meet() -> None:
 
 
 def _row(steps_ms: list, batch: int = 7) -> dict:
-    return {"rows": [{"batch": batch, "decode_steps_s": [s / 1e3 for s in steps_ms],
-                      "decode_step_s": statistics.median(steps_ms) / 1e3}]}
+    return {"rows": [{"batch": batch, "gen": len(steps_ms) + 1, "decode_steps_s": [s / 1e3 for s in steps_ms],
+                      "decode_step_s": statistics.median(steps_ms) / 1e3, "graphed_steps": len(steps_ms)}]}
 
 
 def test_a_pair_is_read_from_the_graphed_file_and_the_eager_one_beside_it(tmp_path) -> None:
@@ -43,7 +43,16 @@ def test_a_pair_is_read_from_the_graphed_file_and_the_eager_one_beside_it(tmp_pa
 def test_the_engines_threshold_is_where_the_stored_leases_graphs_paid() -> None:
     """GRAPH_MIN_STEPS was set from the stored bench-graph pairs (performance.md item 52): at least the steps after
     which a graph paid on the median lease, so that a generation graphed is not slower there."""
-    paid = [pair(f)["break_even_steps"] for f in sorted(RAW.glob("*-bench_graph_graph.json"))]
+    pairs = [pair(f) for f in sorted(RAW.glob("*-bench_graph_graph.json"))]
+    paid = [p["break_even_steps"] for p in pairs if p["graph_ran"]]  # (16 new tokens: no graph, item 52)
     assert len(paid) >= 4 and all(n is not None for n in paid)
     threshold = GRAPH_MIN_STEPS
     assert threshold >= math.floor(statistics.median(paid))
+
+
+def test_a_graphed_row_that_ran_no_graph_is_no_pair() -> None:
+    """Run 14 of 2026-12-06 ran the graphed row at 16 new tokens, too few to record a graph: its first step is an
+    eager one, and no break-even can be read from it. Rows since then count their graphed steps."""
+    assert not pair(RAW / "h100-2026-12-06-run14-bench_graph_graph.json")["graph_ran"]
+    assert pair(RAW / "h100-2026-12-06-run1-bench_graph_graph.json")["graph_ran"]
+    assert not ran_a_graph({"gen": 32, "graphed_steps": 0}) and ran_a_graph({"gen": 16, "graphed_steps": 15})
