@@ -38,6 +38,7 @@
 #         profile-streamed: the eager row with one block streamed (offload cpu, PROFILE_BATCH), profiled the same way.
 #         mask-ab: a decode step's attention with the engine's mask against a contiguous one (MASK_BATCH, MASK_ROUNDS).
 #         ring-host-cost: a streamed block's cost to the thread launching a decode step (RING_ROUNDS).
+#         copy-ab: decode blocks alone against beside a streamed block's copy (COPYAB_BATCH, COPYAB_ROUNDS).
 #         graph-ab: the calibration's graphed step against the model's layout, a warm card, steps synchronised one by
 #         one and steps after a prefill (GRAPHAB_BATCHES).
 set -uo pipefail
@@ -155,6 +156,10 @@ for stage in "$@"; do
       # alternating (performance.md item 49): bloom-7b1 shapes, batch MASK_BATCH (7), S over 513-543
       python3 benches/mask_alignment_ab.py bloom-7b1 --batch ${MASK_BATCH:-7} --keys 513-543 \
         --rounds ${MASK_ROUNDS:-5} --json "$OUT/mask_alignment_ab.json" ;;
+    copy-ab) # decode blocks alone against beside a streamed block's copy, one process, alternating (item 54): bloom-7b1
+      # shapes, batch COPYAB_BATCH (7), 544 keys, a pass's 30 blocks against one block's 384 MiB host-to-device
+      python3 benches/copy_interference_ab.py bloom-7b1 --batch ${COPYAB_BATCH:-7} --keys 544 \
+        --rounds ${COPYAB_ROUNDS:-9} --json "$OUT/copy_interference_ab.json" ;;
     ring-host-cost) # a streamed block's cost to the launching thread, the ring's slot views kept against made at
       # every copy, one process, interleaved (performance.md item 48): a tiny 30-block bloom, steps launch-bound
       python3 benches/ring_host_cost.py --device cuda --rounds ${RING_ROUNDS:-8} --json "$OUT/ring_host_cost.json" ;;
