@@ -35,7 +35,8 @@
 #         (GRAPH_BATCHES, GRAPH_REPEATS, GRAPH_GEN: new tokens, 32).
 #         prefill-ab: a prefill block timed as calibrated against a pass's worth back to back (PREFILL_BATCHES).
 #         profile-steps: the graphed and eager all-resident rows, each profiled (benches/profile_summary.py; PROFILE_BATCH).
-#         profile-streamed: the eager row with one block streamed (offload cpu, PROFILE_BATCH), profiled the same way.
+#         profile-streamed: the eager row with blocks streamed (offload cpu, PROFILE_BATCH, PROFILE_RESIDENT: 29 of 30
+#         resident, as the planner chose), profiled the same way.
 #         mask-ab: a decode step's attention with the engine's mask against a contiguous one (MASK_BATCH, MASK_ROUNDS).
 #         ring-host-cost: a streamed block's cost to the thread launching a decode step (RING_ROUNDS).
 #         copy-ab: decode blocks alone against beside a streamed block's copy (COPYAB_BATCH, COPYAB_ROUNDS).
@@ -131,7 +132,7 @@ for stage in "$@"; do
       # its prediction in four runs), bloom-7b1 fp16 under 16 GiB, offload cpu, profiled as profile-steps' rows
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --batch ${PROFILE_BATCH:-7} --prompt 512 --gen 32 --predict \
-        --profile "$OUT/profile_streamed.json" --json "$OUT/bench_profile_streamed.json" | grep -E "^cpu|predicted within"
+        --max-resident-blocks ${PROFILE_RESIDENT:-29} --profile "$OUT/profile_streamed.json" --json "$OUT/bench_profile_streamed.json" | grep -E "^cpu|predicted within"
       python3 benches/profile_summary.py "$OUT/profile_streamed.json" --skip 4 --bench "$OUT/bench_profile_streamed.json" \
         --json "$OUT/profile_summary_streamed.json" | tail -n 3
       gzip -f "$OUT/profile_streamed.json" ;;

@@ -1342,6 +1342,49 @@ def test_a_decode_step_costs_the_decode_loops_own_work(monkeypatch):
     assert ComputeModel.from_dict(old).decode_loop == Linear3(0.0, 0.0, 0.0)
 
 
+def test_the_device_blocks_are_slowed_by_the_share_of_them_a_streamed_blocks_copy_lands_beside():
+    """With the cache on the device, a decode pass's blocks cost ``copy_busy_factor`` times as long where the
+    streamed blocks' copies run beside all of them, in proportion beside a share, and as calibrated where nothing
+    streams, where the factor was not timed, and in the prefill; the factor survives the calibration's JSON, and
+    one calibrated before it was timed reads as none."""
+    sizes = toy_sizes(n=10)  # 100 MB blocks
+    compute = dataclasses.replace(compute_model(10, block_s=1e-3, per_token=0.0, per_key=0.0, outer_s=0.0),
+                                  copy_busy_factor=1.2)
+    tm = ThroughputModel(compute, sizes.block_bytes, link_gbps=50.0)
+    plain = ThroughputModel(dataclasses.replace(compute, copy_busy_factor=None), sizes.block_bytes, link_gbps=50.0)
+    # every block resident: nothing crosses the link, the blocks as calibrated (10 ms)
+    assert tm.copy_slowdown(1e-3, 10) == 1.0
+    assert tm.decode_step(8, 10, 512)[0] == pytest.approx(10e-3)
+    # one block streamed: 0.1 GB at 50 GB/s (2 ms) beside 10 ms of blocks, a fifth of them: 1 + 0.2 x 0.2
+    assert tm.copy_slowdown(1e-3, 9) == pytest.approx(1.04)
+    assert tm.decode_step(8, 9, 512)[0] == pytest.approx(10.4e-3)
+    assert plain.decode_step(8, 9, 512)[0] == pytest.approx(10e-3)
+    # eight streamed: 16 ms of copies beside all 10 ms of blocks (12 ms slowed): the link's 16 ms still bound it
+    assert tm.copy_slowdown(1e-3, 2) == pytest.approx(1.2)
+    assert tm.decode_step(8, 2, 512)[2] == pytest.approx(12e-3)
+    assert tm.decode_step(8, 2, 512)[0] == pytest.approx(plain.decode_step(8, 2, 512)[0])
+    # attention on the CPUs (the block's time is theirs, not the device's), and the prefill: as calibrated
+    cpu = Linear3(4e-3, 0.0, 0.0)
+    on_cpus = dataclasses.replace(compute, kv_blocks={"host-compute": (cpu, cpu)})
+    assert ThroughputModel(on_cpus, sizes.block_bytes, link_gbps=50.0).decode_step(8, 9, 512, "host-compute")[0] == \
+        pytest.approx(ThroughputModel(dataclasses.replace(on_cpus, copy_busy_factor=None), sizes.block_bytes,
+                                      link_gbps=50.0).decode_step(8, 9, 512, "host-compute")[0])
+    assert tm.prefill(8, 9, 64)[0] == pytest.approx(plain.prefill(8, 9, 64)[0])
+    assert ComputeModel.from_dict(compute.to_dict()).copy_busy_factor == 1.2
+    assert ComputeModel.from_dict({k: v for k, v in compute.to_dict().items() if k != "copy_busy_factor"}) \
+        .copy_busy_factor is None
+
+
+def test_the_copy_busy_factor_is_the_blocks_beside_the_copies_over_alone_never_below_one():
+    """``calibrate.copy_busy_factor``: the medians' ratio of the copy probe's rounds; a pass faster beside the
+    copies is noise (1); none timed (a CPU calibration), none."""
+    rounds = [{"phase": "copy_busy", "alone_s": a, "beside_s": b} for a, b in [(7.3e-3, 7.7e-3), (7.2e-3, 7.6e-3),
+                                                                                 (9.0e-3, 7.65e-3)]]
+    assert calibrate.copy_busy_factor(rounds) == pytest.approx(7.65 / 7.3)
+    assert calibrate.copy_busy_factor([{**r, "beside_s": 7.0e-3} for r in rounds]) == 1.0
+    assert calibrate.copy_busy_factor([{"phase": "loop", "step_s": 1.0}]) is None
+
+
 def test_the_cpus_blocks_are_slowed_by_the_share_of_them_the_link_copies_beside():
     """A host-compute block costs ``cpu_busy_factor`` times its alone time where the link copies beside all of it,
     in proportion where beside a share, and as alone with nothing crossing; a device block is never slowed. The

@@ -319,3 +319,21 @@ def test_kv_shared_read_probe_times_the_link_and_the_cpus_at_once():
         assert s["gbps"] == pytest.approx(s["link_gbps"] + s["cpu_gbps"])
         assert s["link_gbps"] <= 1.05 * s["link_alone_gbps"]  # no more than the link moves alone
     assert cm.shared_read_gbps == sorted(s["gbps"] for s in shared)[1]
+
+
+def test_the_copy_probe_times_a_pass_of_blocks_with_the_link_busy_throughout():
+    """The calibration's copy probe on the GPU: a pass's blocks alone and beside queued copies, a round each, the
+    copies at about the link's rate and outlasting the blocks (queued for twice their time and more); the factor is
+    the medians' ratio and the model carries it."""
+    from zstream.foundations.models import family_for
+    from zstream.streaming import calibrate
+
+    family = family_for(synthetic.PRESETS["opt-1.3b"])
+    cm = calibrate.calibrate_compute(family, "cuda", torch.float16, max_batch=8, prompt=256, gen=8, rounds=3)
+    rounds = [s for s in cm.samples if s["phase"] == "copy_busy"]
+    assert len(rounds) == 3 and all(s["batch"] == 8 and s["context"] == 264 for s in rounds)
+    for s in rounds:
+        assert s["chunk_gbps"] > 5  # pinned: a rate of the link, not of pageable memory
+        assert s["chunks"] * calibrate.COPY_PROBE_CHUNK_BYTES / (s["chunk_gbps"] * 1e9) > 1.5 * s["alone_s"]
+        assert 0.5 * s["alone_s"] < s["beside_s"] < 2 * s["alone_s"]
+    assert cm.copy_busy_factor == calibrate.copy_busy_factor(rounds) >= 1.0

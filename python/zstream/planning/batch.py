@@ -122,6 +122,10 @@ class ComputeModel:
     # how much longer a host-compute decode block takes while the link copies from the same host memory: the shared
     # probe's calls against the block alone, at the largest batch and context (None: not timed, no slower)
     cpu_busy_factor: Optional[float] = None
+    # how much longer a pass's decode blocks take on the device while the link copies into its memory beside them
+    # (a streamed block's bytes landing in HBM as the resident blocks read theirs): a pass's blocks beside
+    # back-to-back copies against alone, at the largest batch and context (None: not timed, no slower)
+    copy_busy_factor: Optional[float] = None
     # a decode step's own work outside its pass (x = batch): the logits read, the token taken, the stop check and
     # the synchronisation that reads it; the device idles through it (a step starts once the last one's tokens are in)
     decode_loop: Linear3 = field(default_factory=lambda: Linear3(0.0, 0.0, 0.0))
@@ -206,7 +210,7 @@ class ComputeModel:
         return {"num_blocks": self.num_blocks, "key": self.key, **{k: coefficients(getattr(self, k)) for k in FITS},
                 "kv_blocks": kv, "samples": self.samples, "host_read_gbps": self.host_read_gbps,
                 "shared_read_gbps": self.shared_read_gbps, "uplink_gbps": self.uplink_gbps,
-                "cpu_busy_factor": self.cpu_busy_factor,
+                "cpu_busy_factor": self.cpu_busy_factor, "copy_busy_factor": self.copy_busy_factor,
                 **{k: coefficients(getattr(self, k)) for k in OPTIONAL_FITS}}
 
     @classmethod
@@ -216,7 +220,7 @@ class ComputeModel:
         return cls(num_blocks=int(d["num_blocks"]), key=str(d.get("key", "")), samples=list(d.get("samples", [])),
                    kv_blocks=kv, host_read_gbps=d.get("host_read_gbps"),
                    shared_read_gbps=d.get("shared_read_gbps"), uplink_gbps=d.get("uplink_gbps"),
-                   cpu_busy_factor=d.get("cpu_busy_factor"),
+                   cpu_busy_factor=d.get("cpu_busy_factor"), copy_busy_factor=d.get("copy_busy_factor"),
                    **{k: Linear3(*d[k]) for k in OPTIONAL_FITS if d.get(k)}, **fits)
 
 
@@ -383,7 +387,8 @@ class ThroughputModel:
         """A decode step; ``kv_bytes``: the host KV cache that comes up over the link in it ("host", "split");
         ``micro``: rows a block computes at a time (a block costs its micro-batches' times, one after another);
         ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean); ``cpu_bytes``:
-        the caches the CPUs read ("host-compute", "split"). A step the engine replays as a CUDA graph (every block
+        the caches the CPUs read ("host-compute", "split"). With the cache on the device, its blocks run slower by
+        the streamed blocks' copies landing beside them (``copy_slowdown``). A step the engine replays as a CUDA graph (every block
         resident, the cache on the device, no micro-batches; with ``gen``, a generation long enough to record it)
         costs the graphed block's and step's timings."""
         c = self.compute
@@ -396,6 +401,8 @@ class ThroughputModel:
                             cpu_layers)
         if kv == "split":
             block += self._pairs_s(self.compute.split_extra_s, batch, context, micro, cpu_layers)
+        if kv == "none":
+            block *= self.copy_slowdown(block, resident)
         outer = self.compute.decode_outer_s(batch, context)
         # (a host cache's blocks were timed as the engine runs them, their waits included)
         idle = sum(self.compute.eager_extra_s(b, context) for b in micro_batches(batch, micro)) if kv == "none" else 0.0
@@ -416,6 +423,16 @@ class ThroughputModel:
         options = PlanOptions(kv_offload=kv, cuda_graphs=self.graphs)
         return (decode_graph_allowed(options, "cuda", streams=resident < len(self.block_bytes), coded=False)
                 and (gen is None or gen > GRAPH_MIN_STEPS) and (self.graph_fits is None or self.graph_fits(batch)))
+
+    def copy_slowdown(self, block_s: float, resident: int) -> float:
+        """How much longer a decode pass's device blocks (``block_s`` each, the cache on the device) take for the
+        streamed blocks' copies landing beside them (``ComputeModel.copy_busy_factor``), in the share of the blocks'
+        time the link copies: 1 where nothing streams or it was not timed."""
+        n, factor = len(self.block_bytes), self.compute.copy_busy_factor
+        if not factor or resident >= n or not self.link_gbps or block_s <= 0:
+            return 1.0
+        copy_s = sum(self.block_bytes[resident:]) / (self.link_gbps * 1e9)
+        return 1.0 + (factor - 1.0) * min(1.0, copy_s / (n * block_s))
 
     def link_busy_share(self, batch: int, resident: int, context: float, kv: str, kv_bytes: int,
                         micro: Optional[int], cpu_layers: int) -> float:

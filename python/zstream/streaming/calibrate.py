@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import warn
-from ..foundations.store import FlatRead
+from ..foundations.store import FlatRead, host_buffer
 from ..planning.batch import ComputeModel, Linear3
 from .blocks import Resident, run_blocks
 from .cache import KVCache
@@ -33,8 +33,8 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode; 13: a
 # split pair's prefill; 14: the prefill's fits in seconds; 15: graphed steps synchronised one by one; 16: an eager
 # step of every block timed whole; 17: its extra over the parts from the whole step's median, a graphed point timed
-# once a round where a prefill point has its batch and length)
-CALIBRATION_FORMAT = 17
+# once a round where a prefill point has its batch and length; 18: a pass's decode blocks beside the link's copies)
+CALIBRATION_FORMAT = 18
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -48,6 +48,7 @@ CPU_SAMPLE_S = 0.05                   # a host-compute decode block's timing sam
 # docs/performance.md): 1.15, 1.3, 1.5 and 2 bring 32, 34, 32 and 31 of 41 rows within 10% (all rounds: 31); chosen
 # on six runs and scored on the seventh, 33-34 (benches/calm_holdout.py)
 CALM_ROUND_TOLERANCE = 1.3
+COPY_PROBE_CHUNK_BYTES = 256 << 20    # the copies a pass's blocks are timed beside: queued, each this large
 SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
 GRAPH_PROBE_FEW = 2                   # a graphed decode step timed over this many blocks and the model's own count
 GRAPH_SAMPLE_S = 0.05                 # a few-block graph's timing sample: several steps back to back
@@ -163,10 +164,11 @@ def calibrate_compute(family: Any, device: Union[str, torch.device], dtype: torc
         points = _points(max_batch, prompt, longest, max_prefill_tokens, extra)
         samples, kv_samples = timer.sample(points, placements, split, rounds)
         shared, uplink, loop = timer.probes(placements, max_batch, rounds)
+        copies = timer.copy_probe(max_batch, rounds) if dev.type == "cuda" else []
     finally:
         timer.close()
     model = _fitted(family, dtype, key, samples, kv_samples, shared, uplink, loop, placements, split,
-                    max_batch * longest)
+                    max_batch * longest, copies)
     _COMPUTE_CACHE[key] = model
     if cache is not None:
         stored[key] = model.to_dict()
@@ -455,6 +457,55 @@ class _BlockTimer:
         return shared, uplink, loop
 
 
+    def copy_probe(self, max_batch: int, rounds: int) -> List[Dict[str, Any]]:  # GPU only
+        """A pass's decode blocks (the model's count, at ``max_batch`` and the longest context) alone and beside
+        host-to-device copies queued on a stream of their own for longer than the blocks run, as a streamed block's
+        land while the resident ones compute (run 16 of 2026-12-06: bloom-7b1's 30 blocks at batch 7 took 1.052x as
+        long beside one block's copy); a round each, alternating, every block's time on the device's clock."""
+        fam, dev = self.family, self.dev
+        src = host_buffer(COPY_PROBE_CHUNK_BYTES, pin=True)  # (let go with the probe, unlike torch's pinned cache)
+        dst = torch.empty(COPY_PROBE_CHUNK_BYTES, dtype=torch.uint8, device=dev)
+        copies = torch.cuda.Stream(dev)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.inference_mode(), attention_kernels(dev):
+            block = self.block_call(max_batch, 1, self.longest)
+
+            def blocks_s(beside: int) -> float:
+                _sync(dev)
+                with torch.cuda.stream(copies):
+                    for _ in range(beside):
+                        dst.copy_(src, non_blocking=True)
+                begin.record()
+                for _ in range(fam.num_blocks):
+                    block()
+                end.record()
+                _sync(dev)
+                return begin.elapsed_time(end) / 1e3
+
+            alone = blocks_s(0)  # (warm-up: the kernels, the allocator)
+            with torch.cuda.stream(copies):
+                t0 = time.perf_counter()
+                dst.copy_(src, non_blocking=True)
+                copies.synchronize()
+                chunk_s = time.perf_counter() - t0
+            beside = 2 + int(2 * alone / chunk_s)  # the link busy from before the blocks start until past their end
+            out = []
+            for _ in range(max(3, rounds)):
+                out.append({"phase": "copy_busy", "batch": max_batch, "context": self.longest,
+                            "alone_s": blocks_s(0), "beside_s": blocks_s(beside), "chunks": beside,
+                            "chunk_gbps": COPY_PROBE_CHUNK_BYTES / chunk_s / 1e9})
+        return out
+
+
+def copy_busy_factor(samples: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """How much longer a pass's blocks took beside the link's copies than alone: their medians' ratio, never below
+    1 (a faster pass beside them is noise, not a gain); None where not timed."""
+    timed = [s for s in samples if s.get("phase") == "copy_busy"]
+    if not timed:
+        return None
+    return max(1.0, statistics.median(s["beside_s"] for s in timed) / statistics.median(s["alone_s"] for s in timed))
+
+
 def calm_rounds(rounds_by_point: Sequence[Sequence[float]], tolerance: float = CALM_ROUND_TOLERANCE) -> List[int]:
     """The rounds (indices) in which the CPUs' points ran undisturbed: a round's disturbance is its points' times
     over each point's fastest round, their median; a round is calm within ``tolerance`` of the calmest. On a shared
@@ -512,8 +563,10 @@ def _graph_sample(B: int, S: int, rounds: List[Tuple[float, float]], records: Tu
 
 def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, Any]],
             kv_samples: List[Dict[str, Any]], shared: List[Dict[str, Any]], uplink: List[Dict[str, Any]],
-            loop: List[Dict[str, Any]], placements: List[str], split: bool, rows_keys: int) -> ComputeModel:
-    """The compute model fitted to a calibration's timings; ``rows_keys``: the shared probe's batch x keys."""
+            loop: List[Dict[str, Any]], placements: List[str], split: bool, rows_keys: int,
+            copies: Sequence[Dict[str, Any]] = ()) -> ComputeModel:
+    """The compute model fitted to a calibration's timings; ``rows_keys``: the shared probe's batch x keys;
+    ``copies``: the copy probe's rounds (``_BlockTimer.copy_probe``)."""
     dec = [s for s in samples if s["phase"] == "decode"]
     graphed = [s for s in samples if s["phase"] == "graph"]
     busy = [s for s in shared if s["link_busy"]]
@@ -529,7 +582,7 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
         prefill_block=prefill_fit(prefill_points(samples)),
         prefill_outer=prefill_fit(prefill_points(samples, what="outer_s")),
         decode_loop=Linear3.fit([(s["batch"], 0.0, s["step_s"]) for s in loop]),
-        key=key, samples=samples + kv_samples + loop + shared + uplink,
+        key=key, samples=samples + kv_samples + loop + shared + uplink + list(copies),
         kv_blocks={kv: (decode_block if kv == "host" else kv_fit(kv), prefill_fit(prefill_points(kv_samples, kv)))
                    for kv in placements},
         split_pair=kv_fit("split") if split else None,
@@ -537,7 +590,7 @@ def _fitted(family: Any, dtype: torch.dtype, key: str, samples: List[Dict[str, A
         host_read_gbps=_host_read_gbps(dec, kv_samples, family.num_kv_heads * family.head_dim * 2 * dtype.itemsize),
         shared_read_gbps=statistics.median(s["gbps"] for s in busy) if busy else None,
         uplink_gbps=uplink[0]["gbps"] if uplink else None,
-        cpu_busy_factor=_cpu_busy_factor(kv_samples, busy, rows_keys),
+        cpu_busy_factor=_cpu_busy_factor(kv_samples, busy, rows_keys), copy_busy_factor=copy_busy_factor(copies),
         decode_graph_block=_graph_fit(graphed, "block_s"), decode_graph_outer=_graph_fit(graphed, "outer_s"),
         decode_graph_record_block=_graph_fit(graphed, "record_block_s"),
         decode_graph_record_outer=_graph_fit(graphed, "record_outer_s"),
