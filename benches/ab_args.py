@@ -1,4 +1,5 @@
-"""What the one-process A/B scripts share (``calibration_ab.py``, ``prefill_sustained_ab.py``, ``graph_probe_ab.py``):
+"""What the one-process A/B scripts share (``calibration_ab.py``, ``prefill_sustained_ab.py``, ``graph_probe_ab.py``,
+``copy_interference_ab.py``):
 a model of a preset's shapes (or a config.json) on random weights, the batches, prompt, gen and rounds asked for, the
 device, and the dtype the engine would run there (fp16 on a GPU, fp32 on the CPU)."""
 

@@ -4,16 +4,15 @@ The planner's eager batch-7 choice with one of bloom-7b1's 30 blocks streamed ha
 prediction in every run that made it, where the same step with every block resident and graphed came within
 1.02-1.08: the streamed block's copy (384 MiB over the link, through a ring of one slot) runs while the resident
 blocks compute, and the calibration times those blocks with the link idle. Alternating in one process, this times a
-decode pass's worth of blocks (``--blocks``, the preset's count) at batch ``--batch`` over ``--keys`` keys alone,
+decode pass's worth of blocks (``--blocks``, the model's count) at each ``--batch`` over prompt + gen keys alone,
 and with one block's bytes copying host-to-device on a stream of their own beside them, as the engine's ring issues
 it: each way's blocks timed on the device's clock (CUDA events), the copy's time alone and beside the blocks too.
 
-    python3 benches/copy_interference_ab.py bloom-7b1 --batch 7 --keys 544 --rounds 7 --json out.json
+    python3 benches/copy_interference_ab.py bloom-7b1 --batch 7 --prompt 512 --gen 32 --rounds 9 --json out.json
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -23,8 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from zstream.api.synthetic import resolve_config
-from zstream.foundations.models import family_for
+from ab_args import ab_parser, ab_setup
 from zstream.foundations.store import host_buffer
 from zstream.streaming.cache import KVCache
 from zstream.streaming.weights import attention_kernels
@@ -55,24 +53,13 @@ class Clock:
         return self.begin.elapsed_time(self.end) / 1e3 if self.cuda else self.t1 - self.t0
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset", nargs="?", default="bloom-7b1")
-    p.add_argument("--batch", type=int, default=7)
-    p.add_argument("--keys", type=int, default=544, help="keys each decode block attends to")
-    p.add_argument("--blocks", type=int, default=None, help="blocks a pass (default: the preset's)")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float16")
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
-    fam = family_for(resolve_config(a.preset))
-    blocks = a.blocks or fam.num_blocks
-    B, S = a.batch, a.keys
+def time_ways(fam: Any, dev: torch.device, dtype: torch.dtype, B: int, S: int, blocks: int,
+              rounds: int) -> Dict[str, Any]:
+    """Batch ``B``'s pass of ``blocks`` decode blocks over ``S`` keys, alone and beside one block's copy, and the
+    copy alone, ``rounds`` rounds alternating (see the module's doc)."""
     shapes = fam.expected_shapes()
     names = fam.block_tensors(0)
-    # one block's weights (as the calibration's): 30 calls over them read HBM as 30 blocks do (they outgrow L2)
+    # one block's weights (as the calibration's): a pass's calls over them read HBM as its blocks do (they outgrow L2)
     weights = {local: torch.randn(shapes[ckpt], dtype=torch.float32).mul_(0.02).to(dev, dtype)
                for local, ckpt in names.items()}
     block_bytes = sum(t.numel() * t.element_size() for t in weights.values())
@@ -112,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         for way in ways.values():  # warm-up: kernels, the allocator
             way()
         sync()
-        for _ in range(a.rounds):
+        for _ in range(rounds):
             for name, way in ways.items():
                 sync()
                 way()
@@ -125,16 +112,27 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 else:
                     times["copy alone"].append(copy_clock.seconds())
     med = {k: statistics.median(v) for k, v in times.items()}
-    out: Dict[str, Any] = {"preset": a.preset, "device": str(dev), "batch": B, "keys": S, "blocks": blocks,
-                           "block_bytes": block_bytes, "rounds": a.rounds,
-                           "ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
-                           "median_ms": {k: m * 1e3 for k, m in med.items()},
-                           "blocks_slowdown": med["blocks beside a copy"] / med["blocks alone"],
-                           "copy_gbps_alone": block_bytes / med["copy alone"] / 1e9,
-                           "copy_gbps_beside": block_bytes / med["copy beside the blocks"] / 1e9}
-    print(f"{blocks} blocks at batch {B}, {S} keys: alone {med['blocks alone'] * 1e3:.3f} ms, beside a copy of "
-          f"{block_bytes / 2**20:.0f} MiB {med['blocks beside a copy'] * 1e3:.3f} ms ({out['blocks_slowdown']:.3f}x); "
-          f"the copy alone {out['copy_gbps_alone']:.1f} GB/s, beside the blocks {out['copy_gbps_beside']:.1f}")
+    return {"batch": B, "keys": S, "blocks": blocks, "block_bytes": block_bytes,
+            "ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+            "median_ms": {k: m * 1e3 for k, m in med.items()},
+            "blocks_slowdown": med["blocks beside a copy"] / med["blocks alone"],
+            "copy_gbps_alone": block_bytes / med["copy alone"] / 1e9,
+            "copy_gbps_beside": block_bytes / med["copy beside the blocks"] / 1e9}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    p = ab_parser(__doc__, batch="7", rounds=9, gen_help="each block attends to prompt + gen keys")
+    p.add_argument("--blocks", type=int, default=None, help="blocks a pass (default: the model's)")
+    a = p.parse_args(argv)
+    dev, dtype, fam, batches = ab_setup(a)
+    blocks, S = a.blocks or fam.num_blocks, a.prompt + a.gen
+    out: Dict[str, Any] = {"model": a.model, "device": str(dev), "rounds": a.rounds, "by_batch": {}}
+    for B in batches:
+        r = out["by_batch"][B] = time_ways(fam, dev, dtype, B, S, blocks, a.rounds)
+        med = r["median_ms"]
+        print(f"{blocks} blocks at batch {B}, {S} keys: alone {med['blocks alone']:.3f} ms, beside a copy of "
+              f"{r['block_bytes'] / 2**20:.0f} MiB {med['blocks beside a copy']:.3f} ms ({r['blocks_slowdown']:.3f}x); "
+              f"the copy alone {r['copy_gbps_alone']:.1f} GB/s, beside the blocks {r['copy_gbps_beside']:.1f}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return out

@@ -158,8 +158,8 @@ for stage in "$@"; do
       python3 benches/mask_alignment_ab.py bloom-7b1 --batch ${MASK_BATCH:-7} --keys 513-543 \
         --rounds ${MASK_ROUNDS:-5} --json "$OUT/mask_alignment_ab.json" ;;
     copy-ab) # decode blocks alone against beside a streamed block's copy, one process, alternating (item 54): bloom-7b1
-      # shapes, batch COPYAB_BATCH (7), 544 keys, a pass's 30 blocks against one block's 384 MiB host-to-device
-      python3 benches/copy_interference_ab.py bloom-7b1 --batch ${COPYAB_BATCH:-7} --keys 544 \
+      # shapes, batches COPYAB_BATCH (7), 544 keys, a pass's 30 blocks against one block's 384 MiB host-to-device
+      python3 benches/copy_interference_ab.py bloom-7b1 --batch ${COPYAB_BATCH:-7} --prompt 512 --gen 32 \
         --rounds ${COPYAB_ROUNDS:-9} --json "$OUT/copy_interference_ab.json" ;;
     ring-host-cost) # a streamed block's cost to the launching thread, the ring's slot views kept against made at
       # every copy, one process, interleaved (performance.md item 48): a tiny 30-block bloom, steps launch-bound
