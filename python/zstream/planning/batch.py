@@ -388,9 +388,9 @@ class ThroughputModel:
         ``micro``: rows a block computes at a time (a block costs its micro-batches' times, one after another);
         ``cpu_layers``: with "split", the layers attended on the CPUs (a block costs their mean); ``cpu_bytes``:
         the caches the CPUs read ("host-compute", "split"). With the cache on the device, its blocks run slower by
-        the streamed blocks' copies landing beside them (``copy_slowdown``). A step the engine replays as a CUDA graph (every block
-        resident, the cache on the device, no micro-batches; with ``gen``, a generation long enough to record it)
-        costs the graphed block's and step's timings."""
+        the streamed blocks' copies landing beside them (``copy_slowdown``). A step the engine replays as a CUDA
+        graph (every block resident, the cache on the device, no micro-batches; with ``gen``, a generation long
+        enough to record it) costs the graphed block's and step's timings."""
         c = self.compute
         if self.graphed(batch, resident, kv, micro, gen):
             assert c.decode_graph_block is not None and c.decode_graph_outer is not None

@@ -456,7 +456,6 @@ class _BlockTimer:
                 for B in sorted({1, max_batch})]
         return shared, uplink, loop
 
-
     def copy_probe(self, max_batch: int, rounds: int) -> List[Dict[str, Any]]:  # GPU only
         """A pass's decode blocks (the model's count, at ``max_batch`` and the longest context) alone and beside
         host-to-device copies queued on a stream of their own for longer than the blocks run, as a streamed block's
