@@ -9,9 +9,12 @@ import math
 import torch
 
 import zstream
+from zstream.foundations.store import FlatRead
 from zstream.streaming.blocks import Dequantized, Resident
 from zstream.streaming.device import CpuDevice, CpuEvent
+from zstream.streaming.ring import DeviceRing
 from zstream.streaming.sources import HostBlocks, StoreReads
+from zstream.streaming.weights import DEVICE_ALIGN, device_placement, to_device
 
 
 class Recording:
@@ -141,3 +144,44 @@ def test_a_trained_quantized_resident_model_says_so_and_no_more(tmp_path):
         text = repr(model)
     assert text.endswith(": 2 blocks, hidden 64, 0.09M parameters, float32, int8, group 64, asymmetric; "
                          "offload=none on cpu; 2/2 blocks resident, 0 streamed (0 B a pass)>")
+
+
+def _flat(offsets: dict, nbytes: int) -> FlatRead:
+    """A host arena of ``nbytes`` (bytes 0, 1, 2, ...) holding float32 vectors of 4 at ``offsets``."""
+    buf = (torch.arange(nbytes) % 251).to(torch.uint8)
+    return FlatRead(buf, {n: (off, torch.float32, (4,)) for n, off in offsets.items()})
+
+
+def test_a_placement_starts_a_run_where_a_tensor_sits_off_16_bytes_from_its_run():
+    """Tensors at one residue modulo 16 keep their host layout in one run; one 8 bytes off (a second shard's) starts
+    a run of its own, DEVICE_ALIGN-aligned; split=False shifts the whole block once, as stored."""
+    flat = _flat({"a": 8, "b": 40, "c": 4112, "d": 4144}, 8192)  # a, b from one shard; c, d 8 bytes off from them
+    place = device_placement(flat)
+    assert place.runs == ((8, 48, 0), (4112, 48, DEVICE_ALIGN))
+    assert {n: off for n, (off, _, _) in place.layout.items()} == {"a": 0, "b": 32, "c": 256, "d": 288}
+    assert place.nbytes == DEVICE_ALIGN + 48
+    one = device_placement(flat, split=False)
+    assert one.runs == ((8, 4152, 0),) and one.layout["c"][0] == 4104 and one.nbytes == 4152
+    same = device_placement(_flat({"a": 8, "b": 40, "c": 4120}, 8192))  # every offset 8 mod 16: one run
+    assert same.runs == ((8, 4128, 0),)
+    assert device_placement(FlatRead(torch.empty(0, dtype=torch.uint8), {})).runs == ()
+
+
+def test_to_device_copies_each_run_and_its_tensors_read_as_on_the_host():
+    flat = _flat({"a": 8, "b": 40, "c": 4112, "d": 4144}, 8192)
+    moved = to_device(flat, torch.device("cpu"))
+    assert moved.nbytes == DEVICE_ALIGN + 48
+    host, dev = flat.view(), moved.view()
+    assert all(torch.equal(host[n], dev[n]) for n in host)
+
+
+def test_a_slot_too_small_for_the_runs_padding_takes_the_block_shifted_once():
+    """Tensors alternating between residues make a run each, and their padding can outgrow a slot sized for the
+    block as stored: the slot then takes it in one copy, as before (correct, if not aligned)."""
+    flat = _flat({f"t{i}": 16 * i + 8 * (i % 2) for i in range(8)}, 256)  # every other tensor 8 bytes off
+    assert device_placement(flat).nbytes > flat.nbytes + DEVICE_ALIGN
+    ring = DeviceRing(CpuDevice(), [0], flat.nbytes, 1, None, [{}], torch.float32)  # type: ignore[arg-type]
+    view = ring.slot_view(0, 0, flat)
+    assert len(view.copies) == 1 and view.flat.layout == device_placement(flat, split=False).layout
+    roomy = DeviceRing(CpuDevice(), [0], 4 * DEVICE_ALIGN * 8, 1, None, [{}], torch.float32)  # type: ignore[arg-type]
+    assert len(roomy.slot_view(0, 0, flat).copies) == 8

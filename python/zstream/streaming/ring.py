@@ -22,7 +22,7 @@ from torch import Tensor
 from ..foundations.store import FlatRead
 from .device import Device
 from .sources import HostSource
-from .weights import DEVICE_ALIGN, Weights, block_pad, local_weights
+from .weights import DEVICE_ALIGN, Weights, device_placement, local_weights
 
 
 @dataclass
@@ -33,7 +33,7 @@ class SlotView:
     computes no longer pays a block's views on every pass (docs/performance.md item 48)."""
 
     host_layout: Dict[str, Tuple[int, torch.dtype, Tuple[int, ...]]]  # the host bytes' layout this was made for
-    dest: Tensor                  # the slot's bytes the copy fills
+    copies: Tuple[Tuple[Tensor, int, int], ...]  # (the slot's bytes a copy fills, from host offset, bytes): a run each
     flat: FlatRead                # the block's tensors in the slot
     weights: Optional[Weights] = None  # views of the slot, once made (None: not yet, or not views)
 
@@ -81,7 +81,8 @@ class DeviceRing:
             dev.wait(self.copy_stream, self.computed[slot])  # the block that used this slot has finished
         # (the view keeps the host bytes' layout only: they may go back to the source once the copy is done)
         view = self.slot_view(slot, self.block_at(g), host)
-        dev.copy(view.dest, host.buffer, self.copy_stream)
+        for dest, start, nbytes in view.copies:
+            dev.copy(dest, host.buffer[start:start + nbytes], self.copy_stream)
         dev.record(self.copied[slot], self.copy_stream)
         self.source.copied(g, self.copied[slot])
         self.issued += 1
@@ -91,9 +92,12 @@ class DeviceRing:
         made for."""
         view = self.views.get((slot, block))
         if view is None or (view.host_layout is not host.layout and view.host_layout != host.layout):
-            pad = block_pad(host)
             buffer = self.buffers[slot]
-            view = SlotView(host.layout, buffer[pad:pad + host.nbytes], FlatRead(buffer[pad:], host.layout))
+            place = device_placement(host)
+            if place.nbytes > buffer.numel():  # (runs' padding past the slot: the block shifted once, as stored)
+                place = device_placement(host, split=False)
+            copies = tuple((buffer[dev:dev + nbytes], start, nbytes) for start, nbytes, dev in place.runs)
+            view = SlotView(host.layout, copies, FlatRead(buffer, place.layout))
             self.views[(slot, block)] = view
         return view
 

@@ -4,7 +4,9 @@ dtype; and the attention kernels the engine runs them with."""
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Dict
+import math
+from dataclasses import dataclass
+from typing import ContextManager, Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -17,23 +19,52 @@ Weights = Dict[str, Tensor]  # {local name: tensor on the compute device}
 PACKED_SUFFIXES = (CODES, SCALE, ZERO, *CODED_SUFFIXES)  # the parts of quantized and losslessly coded weights
 
 # cuBLAS picks its fastest kernels only for 16-byte (better: 256-byte) aligned operands, but a tensor sits in its
-# arena at its file offset modulo 4096, which safetensors aligns to 8 bytes only. A block's tensors usually share
-# one residue, so shifting the whole block by a pad on the device aligns them all.
+# arena at its file offset modulo 4096, which safetensors aligns to 8 bytes only. The tensors of a block read from
+# one file share one residue, so one shift on the device aligns them all; a block that spans two shards whose data
+# start 8 bytes apart modulo 16 needs a shift for each (on an H100, bloom-7b1's blocks 9 and 23 ran three GEMMs
+# on SM80 kernels 3.5x slower than the others': docs/performance.md item 55).
 DEVICE_ALIGN = 256
+TENSOR_ALIGN = 16  # the least a tensor's start on the device is aligned to
 
 
-def block_pad(flat: FlatRead) -> int:
-    """Bytes to shift ``flat`` by on the device so that its first tensor is DEVICE_ALIGN-aligned."""
-    first = min((off for off, _, _ in flat.layout.values()), default=0)
-    return -first % DEVICE_ALIGN
+@dataclass(frozen=True)
+class DevicePlacement:
+    """Where a block's bytes go on the device: ``runs`` of (host offset, bytes, device offset), a copy each, that
+    keep the host's layout within them, each starting ``DEVICE_ALIGN``-aligned; the tensors' ``layout`` there."""
+
+    runs: Tuple[Tuple[int, int, int], ...]
+    layout: Dict[str, Tuple[int, torch.dtype, Tuple[int, ...]]]
+    nbytes: int
+
+
+def device_placement(flat: FlatRead, split: bool = True) -> DevicePlacement:
+    """``flat``'s tensors in host order, a run ending where the next tensor would sit off ``TENSOR_ALIGN`` from the
+    run's start (a block's part in another shard); one run for a block read from one file. ``split=False``: one run
+    whatever the tensors' residues (the whole block shifted once)."""
+    runs: List[Tuple[int, int, int]] = []
+    layout: Dict[str, Tuple[int, torch.dtype, Tuple[int, ...]]] = {}
+    start = end = dev = 0
+    opened = False
+    for name, (off, dt, shape) in sorted(flat.layout.items(), key=lambda kv: kv[1][0]):
+        if not opened or (split and (off - start) % TENSOR_ALIGN):
+            if opened:
+                runs.append((start, end - start, dev))
+                dev = -(-(dev + end - start) // DEVICE_ALIGN) * DEVICE_ALIGN
+            start, end, opened = off, off, True
+        end = max(end, off + math.prod(shape) * dt.itemsize)
+        layout[name] = (dev + off - start, dt, shape)
+    if opened:
+        runs.append((start, end - start, dev))
+    return DevicePlacement(tuple(runs), layout, dev + end - start if opened else 0)
 
 
 def to_device(flat: FlatRead, device: torch.device) -> FlatRead:  # GPU only (the CPU views its arenas)
-    """One transfer of a whole block to ``device``, shifted so that its tensors are aligned there."""
-    pad = block_pad(flat)
-    buf = torch.empty(flat.nbytes + pad, dtype=torch.uint8, device=device)
-    buf[pad:].copy_(flat.buffer)
-    return FlatRead(buf[pad:], flat.layout)
+    """A block's transfer to ``device``, a copy a run (``device_placement``), so that its tensors are aligned there."""
+    place = device_placement(flat)
+    buf = torch.empty(place.nbytes, dtype=torch.uint8, device=device)
+    for host, nbytes, dev in place.runs:
+        buf[dev:dev + nbytes].copy_(flat.buffer[host:host + nbytes])
+    return FlatRead(buf, place.layout)
 
 
 def local_weights(flat: FlatRead, names: Dict[str, str], dtype: torch.dtype) -> Weights:
