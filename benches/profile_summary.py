@@ -5,6 +5,7 @@ runtime (launches, graph replays, copies issued), and its kernels (issue 17: the
 ran 0.3-0.6 ms longer than their calibrations timed, docs/performance.md items 45, 47 and 50).
 
     python3 benches/profile_summary.py TRACE.json[.gz] [--skip 1] [--json OUT]
+    python3 benches/profile_summary.py TRACE.json[.gz] --kernels zstream.prefill    (a window's kernels by name)
 
 ``--skip``: decode steps left out of the medians at the start (the first records a CUDA graph where the step is
 graphed, and the card's clock recovers from the prefill over the next few).
@@ -80,6 +81,21 @@ def summarize(trace: Dict[str, Any], skip: int = 1) -> Dict[str, Any]:
             "median_step": median, "skipped": skip}
 
 
+def kernels_by_name(events: List[Dict[str, Any]], window: str) -> List[Tuple[str, int, float]]:
+    """(kernel name, calls, ms) in the marked ``window`` (the prefill's mark, or a step's), the longest total first:
+    which kernels a window ran, and how often (item 55: three GEMMs of bloom-7b1 on SM80 kernels, 3.5x slower than
+    the others' Hopper ones, where two blocks' tensors sat 8 bytes off)."""
+    spans = [(lo, hi) for name, lo, hi in windows(events) if name == window]
+    if not spans:
+        raise SystemExit(f"no window {window!r} in this trace")
+    lo, hi = spans[0]
+    calls: Dict[str, List[float]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in KERNEL_CATS and lo <= float(e["ts"]) < hi:
+            calls.setdefault(e["name"], []).append(float(e.get("dur", 0.0)))
+    return sorted(((n, len(d), sum(d) / 1e3) for n, d in calls.items()), key=lambda r: -r[2])
+
+
 def profiled_row(bench: Dict[str, Any]) -> Dict[str, float]:
     """The timed row the profile ran again (``meta.profiled_row``): its median decode step and its prediction, ms."""
     want = bench["meta"]["profiled_row"]
@@ -103,10 +119,17 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=1)
     p.add_argument("--json", default=None)
     p.add_argument("--bench", default=None, help="the bench JSON of the same run: its profiled row's prediction")
+    p.add_argument("--kernels", default=None, metavar="WINDOW",
+                   help=f"list the kernels of one window instead ({PROFILE_PREFILL}, or {PROFILE_STEP}N)")
     a = p.parse_args()
     opener = gzip.open if a.trace.endswith(".gz") else open
     with opener(a.trace, "rt") as f:
-        out = summarize(json.load(f), a.skip)
+        trace = json.load(f)
+    if a.kernels:
+        for name, calls, ms in kernels_by_name(trace["traceEvents"] if isinstance(trace, dict) else trace, a.kernels):
+            print(f"{ms:9.3f} ms {calls:5d}  {name[:100]}")
+        return
+    out = summarize(trace, a.skip)
     print(f"{'ms':>12} {'wall':>9} {'gpu busy':>9} {'gaps':>8} {'copies':>9} {'lead':>8} {'tail':>8} {'runtime':>9} "
           f"{'kernels':>8}")
     print(_line("prefill", out["prefill"]))

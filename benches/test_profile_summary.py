@@ -12,7 +12,7 @@ import pytest
 from zstream.interfaces.cli import main as cli_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_summary import covered, profiled_row, summarize
+from profile_summary import covered, kernels_by_name, profiled_row, summarize
 
 
 def test_covered_counts_overlaps_once_and_clips_to_the_window() -> None:
@@ -55,6 +55,22 @@ def test_a_steps_times_from_its_kernels_copies_and_launches() -> None:
     assert s1["lead_ms"] == 0 and s1["gpu_busy_ms"] == pytest.approx(0.15) and s1["gaps_ms"] == pytest.approx(0.05)
     assert out["median_step"]["wall_ms"] == pytest.approx(0.75)  # the median of 1.0 and 0.5
     assert summarize({"traceEvents": events}, skip=1)["median_step"]["wall_ms"] == pytest.approx(0.5)
+
+
+def test_a_windows_kernels_by_name_the_longest_total_first() -> None:
+    """Kernels (and memsets) inside the window only, grouped by name with their calls; copies and other windows'
+    kernels left out; a window not in the trace refused."""
+    events = [
+        _x("user_annotation", "zstream.prefill", 0, 1000), _x("gpu_user_annotation", "zstream.prefill", 0, 1000),
+        _x("kernel", "nvjet", 100, 200), _x("kernel", "nvjet", 400, 200), _x("kernel", "cutlass_80_align2", 650, 300),
+        _x("gpu_memset", "Memset", 960, 10), _x("gpu_memcpy", "copy", 100, 800),
+        _x("user_annotation", "zstream.step.0", 1100, 100), _x("kernel", "nvjet", 1120, 50),
+    ]
+    assert kernels_by_name(events, "zstream.prefill") == [("nvjet", 2, 0.4), ("cutlass_80_align2", 1, 0.3),
+                                                          ("Memset", 1, 0.01)]
+    assert kernels_by_name(events, "zstream.step.0") == [("nvjet", 1, 0.05)]
+    with pytest.raises(SystemExit, match="no window"):
+        kernels_by_name(events, "zstream.step.7")
 
 
 def test_zstream_bench_writes_a_profile_with_the_prefill_and_every_step_marked(tmp_path, monkeypatch) -> None:
