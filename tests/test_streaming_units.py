@@ -165,6 +165,8 @@ def test_a_placement_starts_a_run_where_a_tensor_sits_off_16_bytes_from_its_run(
     same = device_placement(_flat({"a": 8, "b": 40, "c": 4120}, 8192))  # every offset 8 mod 16: one run
     assert same.runs == ((8, 4128, 0),)
     assert device_placement(FlatRead(torch.empty(0, dtype=torch.uint8), {})).runs == ()
+    empty = FlatRead(flat.buffer, {**flat.layout, "none": (0, torch.float32, (0,))})  # an empty tensor at 0
+    assert device_placement(empty).runs == place.runs
 
 
 def test_to_device_copies_each_run_and_its_tensors_read_as_on_the_host():

@@ -46,12 +46,16 @@ def device_placement(flat: FlatRead, split: bool = True) -> DevicePlacement:
     start = end = dev = 0
     opened = False
     for name, (off, dt, shape) in sorted(flat.layout.items(), key=lambda kv: kv[1][0]):
+        size = math.prod(shape) * dt.itemsize
+        if not size:  # (the reader points an empty tensor at its arena's start: it opens no run)
+            layout[name] = (dev, dt, shape)
+            continue
         if not opened or (split and (off - start) % TENSOR_ALIGN):
             if opened:
                 runs.append((start, end - start, dev))
                 dev = -(-(dev + end - start) // DEVICE_ALIGN) * DEVICE_ALIGN
             start, end, opened = off, off, True
-        end = max(end, off + math.prod(shape) * dt.itemsize)
+        end = max(end, off + size)
         layout[name] = (dev + off - start, dt, shape)
     if opened:
         runs.append((start, end - start, dev))
