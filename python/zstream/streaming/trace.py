@@ -1,5 +1,6 @@
-"""Tracing a streamed forward pass: per streamed block, its disk read, its copy and its compute, as a Chrome /
-Perfetto trace (JSON, open it in ui.perfetto.dev).
+"""Tracing a streamed forward pass: per streamed block, its disk read, its copy (a copy a run of its tensors: two
+where the block spans shards, ``weights.device_placement``) and its compute, as a Chrome / Perfetto trace (JSON,
+open it in ui.perfetto.dev).
 
 Tracing wraps, it does not check: ``Traced`` wraps the streamer of the streamed blocks (the compute and the Python
 time around each block), and instruments the rings under it with a device that times each copy on the copy
