@@ -172,7 +172,8 @@ for stage in "$@"; do
       python3 benches/split_layout_ab.py "$CK" --gpu-memory 16GiB --batch ${AB_BATCHES:-16,64} --micro-batch 16 \
         --rounds ${AB_ROUNDS:-3} --json "$OUT/split_layout_ab.json" ;;
     split-anatomy) # a "split" step's CPU layers clocked (the wait for the device, the attention) in the engine's layout
-      # against every layer on the CPUs, one model, alternating (performance.md item 20): ANAT_BATCHES (16,64)
+      # against every layer on the CPUs, and the calibration's own timings of those steps, one model, alternating
+      # (performance.md items 20 and 57): ANAT_BATCHES (16,64)
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       python3 benches/split_anatomy.py "$CK" --gpu-memory 16GiB --batch ${ANAT_BATCHES:-16,64} --micro-batch 16 \
         --rounds ${ANAT_ROUNDS:-2} --json "$OUT/split_anatomy.json" ;;

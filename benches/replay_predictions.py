@@ -31,6 +31,9 @@ difference (docs/performance.md item 47).
 only (this build's bench); by default each row is replayed as its steps were timed (before ``step_wait`` was
 recorded, the bench synchronised the whole device after each step: ``ThroughputModel.device_sync``).
 
+``--cpu-fit seconds``: the host-compute decode block fitted again from its stored points in seconds instead of
+relative error, as the prefill is (item 57: tried, not adopted).
+
 ``--cpu-rounds min`` (or ``low2``, the second lowest): the CPUs' decode points (host-compute blocks, split pairs)
 refitted from each point's rounds by that statistic instead of their median, and the busy factor with them: what a
 calibration that keeps the least disturbed rounds of a CPU point would have predicted (item 30). ``--cpu-rounds
@@ -127,6 +130,16 @@ def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how
         compute.cpu_busy_factor = busy_factor(compute, family, dtype)
 
 
+def refit_cpu_block_in_seconds(compute: ComputeModel) -> None:
+    """The host-compute decode block of ``compute`` fitted again from its stored points in seconds instead of relative
+    error (in place): the fit then passes nearer its slowest, largest-batch points, where the rows run, at the cost
+    of the small batches (item 57; the prefill is fitted so since format 14)."""
+    pts = [(s["batch"], s["keys"], s["block_s"]) for s in compute.samples
+           if s.get("kv_offload") == "host-compute" and s.get("phase") == "decode"]
+    if pts and "host-compute" in compute.kv_blocks:
+        compute.kv_blocks["host-compute"] = (Linear3.fit(pts, relative=False), compute.kv_blocks["host-compute"][1])
+
+
 PREFILL_FITS: Dict[str, Callable[[List[Tuple[float, float, float]]], Linear3]] = {
     "seconds": prefill_fit, "relative": Linear3.fit}  # this build's calibration's (format 14 on), and the one before
 
@@ -150,13 +163,15 @@ def refit_prefill(compute: ComputeModel, how: str) -> None:
 
 def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute_busy: bool,
                cpu_rounds: str = "median", tolerance: float = CALM_ROUND_TOLERANCE,
-               step_wait: str = "row", prefill: str = "stored", eager: str = "stored") -> Dict[str, Any]:
+               step_wait: str = "row", prefill: str = "stored", eager: str = "stored",
+               cpu_fit: str = "stored") -> Dict[str, Any]:
     """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed), the
     replayed decode step and the measured prefill over the replayed one. ``step_wait``: "row", the loop as the row's
     steps were timed (its ``step_wait``: before it was recorded, the bench synchronised the device after each step);
     "tokens" or "device", that loop. ``prefill``: "seconds" or "relative", the prefill's fits taken again from
     the samples so (``refit_prefill``). ``eager``: "whole", the eager step's extra taken again from the samples as
-    this build takes it (``calibrate.eager_extra_fit``; a calibration without whole eager steps keeps none)."""
+    this build takes it (``calibrate.eager_extra_fit``; a calibration without whole eager steps keeps none).
+    ``cpu_fit``: "seconds", the host-compute decode block fitted again in seconds (``refit_cpu_block_in_seconds``)."""
     out = {"kv_offload": row["kv_offload"], "batch": row["batch"], "micro_batch": row.get("micro_batch"),
            "kv_cpu_layers": row.get("kv_cpu_layers"), "measured": row["tokens_per_s"],
            "stored": row.get("predicted_tokens_per_s"), "replayed": None, "replayed_step_s": None,
@@ -172,6 +187,8 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
         compute.cpu_busy_factor = busy_factor(compute, family, dtype)
     if cpu_rounds != "median":
         refit_cpu_points(compute, family, dtype, cpu_rounds, tolerance)
+    if cpu_fit == "seconds":
+        refit_cpu_block_in_seconds(compute)
     if prefill != "stored":
         refit_prefill(compute, prefill)
     if eager == "whole":
@@ -232,6 +249,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--eager", choices=("stored", "whole"), default="stored",
                    help="the eager step's extra as stored (default), or taken again from the samples as this build's "
                         "calibration takes it (each point's whole step's median less its parts')")
+    p.add_argument("--cpu-fit", choices=("stored", "seconds"), default="stored",
+                   help="the host-compute decode block's fit as stored (default, in relative error), or fitted again "
+                        "from its points in seconds")
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
@@ -244,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if row.get("predicted_tokens_per_s") is None:
                 continue
             r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor, a.cpu_rounds,
-                                                    a.calm_tolerance, a.step_wait, a.prefill, a.eager)}
+                                                    a.calm_tolerance, a.step_wait, a.prefill, a.eager, a.cpu_fit)}
             rows.append(r)
             print(_line(r))
     replayed = [r["replayed"] / r["measured"] for r in rows if r["replayed"]]

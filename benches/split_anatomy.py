@@ -9,6 +9,12 @@ time in two with host clocks (no added synchronisation):
   (with "odd", the layer before it, which waited for its cache to come up);
 - ``attend_s``: the rest of its attention, the CPUs reading the layer's cache and the output sent up.
 
+Each round also times what the calibration times for those steps, in the same process (``calibrated``): its
+host-compute decode block, its device block and its pass's outer work (``calibrate._BlockTimer``) at the steps'
+mean context and a micro-batch's rows, and from them an "all" step as the planner adds it up (item 56: in the
+H100 runs of 2026-12-06 "host-compute" rows at batches 8 and 16 stepped a median 5% faster than their calibration
+said, at 64 3-4% slower).
+
     python3 benches/split_anatomy.py CHECKPOINT --gpu-memory 16GiB --batch 16,64 --micro-batch 16 --rounds 2 \\
         --json out.json
 
@@ -24,9 +30,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+import torch
+
 from zstream.interfaces.bench import run_one
 from zstream.planning.residency import cpu_layers_of
 from zstream.streaming import cache as cache_mod
+from zstream.streaming.calibrate import _BlockTimer
+from zstream.streaming.weights import attention_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from split_layout_ab import engine_layout, in_turn, load_split, run_all  # a sibling script
@@ -71,12 +81,29 @@ class CpuLayerClock:
         cache_mod.HostComputeLayerCache.attend = self._attend  # type: ignore[method-assign]
 
 
+def calibrated(timer: _BlockTimer, num_blocks: int, batch: int, micro: int, context: int) -> Dict[str, float]:
+    """What the calibration times for an "all" decode step at ``context`` keys: a host-compute block and a device
+    block at a micro-batch's rows, the pass's outer work, and the step they add up to, every block on the CPUs for
+    each micro-batch (the decode loop's own work, a fraction of a millisecond, left out)."""
+    block, outer = timer.time_block(micro, 1, context, "host-compute"), timer.time_outer(micro, 1, context)
+    parts = -(-batch // micro)
+    return {"block_s": block, "device_block_s": timer.time_block(micro, 1, context), "outer_s": outer,
+            "decode_step_s": parts * (num_blocks * block + outer)}
+
+
 def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
     model = load_split(path, batch, a)
     n, cpu = model.family.num_blocks, model.plan.kv_cpu_layers
-    runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in LAYOUTS}
+    micro = a.micro_batch if a.micro_batch and a.micro_batch < batch else batch
+    context = a.prompt + a.gen // 2  # the decode steps' mean
+    timer = _BlockTimer(model.family, model.device, model.dtype, a.prompt + a.gen, 0.005, 0, None)
+    runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in (*LAYOUTS, "calibrated")}
     try:
-        for _, name in in_turn(list(LAYOUTS), a.rounds):
+        for _, name in in_turn([*LAYOUTS, "calibrated"], a.rounds):
+            if name == "calibrated":
+                with torch.inference_mode(), attention_kernels(model.device):  # as the calibration times
+                    runs[name].append(calibrated(timer, n, batch, micro, context))
+                continue
             with engine_layout(LAYOUTS[name]), CpuLayerClock() as clock:
                 res = run_one(model, batch, a.prompt, a.gen)
             steps = a.gen - 1
@@ -84,13 +111,19 @@ def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
                                "attend_s": (clock.attend_s - clock.wait_s) / steps,
                                "cpu_layer_calls": clock.calls / steps})
     finally:
+        timer.close()
         model.close()
-    out: Dict[str, Any] = {"batch": batch, "num_blocks": n, "cpu_layers": cpu, "micro_batch": a.micro_batch}
+    out: Dict[str, Any] = {"batch": batch, "num_blocks": n, "cpu_layers": cpu, "micro_batch": a.micro_batch,
+                           "context": context}
     for name, reps in runs.items():
-        layers = len(LAYOUTS[name](n, cpu))
         med = {k: statistics.median(x[k] for x in reps) for k in reps[0]}
+        if name == "calibrated":
+            out[name] = {**med, "rounds": reps}
+            continue
+        layers = len(LAYOUTS[name](n, cpu))
         out[name] = {**med, "layers_on_cpus": layers, "wait_per_layer_s": med["wait_s"] / layers,
                      "attend_per_layer_s": med["attend_s"] / layers, "rounds": reps}
+    out["all_over_calibrated_step"] = out["all"]["decode_step_s"] / out["calibrated"]["decode_step_s"]
     return out
 
 
@@ -99,7 +132,11 @@ def main(argv: Any = None) -> int:
         f"batch {r['batch']} {name}: step {x['decode_step_s'] * 1e3:.1f} ms; {x['layers_on_cpus']} layers on the "
         f"CPUs wait {x['wait_s'] * 1e3:.1f} ms ({x['wait_per_layer_s'] * 1e3:.2f} a layer), attend "
         f"{x['attend_s'] * 1e3:.1f} ms ({x['attend_per_layer_s'] * 1e3:.2f} a layer)"
-        for name, x in ((n, r[n]) for n in LAYOUTS)])
+        for name, x in ((n, r[n]) for n in LAYOUTS)] + [
+        f"batch {r['batch']} calibrated at {r['context']} keys: host-compute block {c['block_s'] * 1e3:.2f} ms, device "
+        f"block {c['device_block_s'] * 1e3:.2f}, outer {c['outer_s'] * 1e3:.2f}; an \"all\" step "
+        f"{c['decode_step_s'] * 1e3:.1f} ms, measured {r['all_over_calibrated_step']:.3f}x that"
+        for c in (r["calibrated"],)])
 
 
 if __name__ == "__main__":

@@ -197,3 +197,29 @@ def test_the_eager_steps_extra_taken_again_as_this_build_takes_it():
     (eager_29,) = [r for r in old["rows"] if r["batch"] == 7]
     kept = rp.replay_row(eager_29, old["meta"], "bloom-7b1", recompute_busy=False, eager="whole")
     assert kept["replayed"] == pytest.approx(kept["stored"], rel=1e-6)
+
+
+def test_the_cpus_block_refitted_in_seconds_passes_nearer_its_largest_point():
+    """``--cpu-fit seconds``: points of a host-compute block that rise more steeply per row at one row than at 64
+    (0.6 and 0.8 ms at one row, 12 and 22 ms at 64 rows, 256 and 544 keys) fitted in relative error miss the largest
+    point by more than fitted in seconds; the prefill's fit and the device's points are left alone."""
+    points = {(1, 256): 0.6e-3, (1, 544): 0.8e-3, (64, 256): 12e-3, (64, 544): 22e-3}
+    host = [{"kv_offload": "host-compute", "phase": "decode", "batch": b, "keys": k, "block_s": t}
+            for (b, k), t in points.items()]
+    relative = rp.Linear3.fit([(b, k, t) for (b, k), t in points.items()])
+    compute = ComputeModel.from_dict({"num_blocks": 30, "decode_block": [0, 0, 0], "decode_outer": [0, 0, 0],
+                                      "prefill_block": [0, 0, 0], "prefill_outer": [0, 0, 0],
+                                      "kv_blocks": {"host-compute": [[relative.c0, relative.c1, relative.c2],
+                                                                     [2e-3, 0, 0]]}, "samples": host})
+    rp.refit_cpu_block_in_seconds(compute)
+    seconds = compute.kv_blocks["host-compute"][0]
+    assert abs(seconds(64, 544) / 22e-3 - 1) < abs(relative(64, 544) / 22e-3 - 1)
+    assert seconds == rp.Linear3.fit([(b, k, t) for (b, k), t in points.items()], relative=False)
+    assert compute.kv_blocks["host-compute"][1](1, 1) == 2e-3
+    # a stored row: run 20 of 2026-12-06's host-compute at batch 8 (an H100) replays 1-4% shorter so
+    raw = Path(__file__).parent / "results" / "raw"
+    doc = json.loads((raw / "h100-2026-12-06-run20-bench_kv_all.json").read_text())
+    (row,) = [r for r in doc["rows"] if r["kv_offload"] == "host-compute" and r["batch"] == 8]
+    stored = rp.replay_row(row, doc["meta"], "bloom-7b1", recompute_busy=False)
+    refit = rp.replay_row(row, doc["meta"], "bloom-7b1", recompute_busy=False, cpu_fit="seconds")
+    assert 0.96 < refit["replayed_step_s"] / stored["replayed_step_s"] < 0.99

@@ -33,3 +33,26 @@ def test_the_cpu_layers_are_clocked_in_both_layouts(tmp_path):
         assert x["attend_per_layer_s"] == x["attend_s"] / x["layers_on_cpus"]
     assert engine.cpu_layers_of is sa.cpu_layers_of
     assert (sa.cache_mod.HostComputeLayerCache.update, sa.cache_mod.HostComputeLayerCache.attend) == (update, attend)
+
+
+def test_the_calibrations_own_timings_run_beside_the_layouts_and_add_up_to_an_all_step(tmp_path, monkeypatch):
+    path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
+    timed = []  # (rows, keys, placement) of every block the calibration's timer timed
+    block = sa._BlockTimer.time_block
+
+    def spy(self, B, T, S, kv="none"):
+        timed.append((B, T, S, kv))
+        return block(self, B, T, S, kv)
+    monkeypatch.setattr(sa._BlockTimer, "time_block", spy)
+    out = tmp_path / "anatomy.json"
+    assert sa.main([str(path), "--batch", "4", "--micro-batch", "2", "--prompt", "6", "--gen", "4", "--rounds", "3",
+                    "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    c, n = row["calibrated"], row["num_blocks"]
+    # each round: a host-compute and a device block at a micro-batch's rows and the steps' mean context (6 + 4 // 2)
+    assert timed == [(2, 1, 8, "host-compute"), (2, 1, 8, "none")] * 3 and row["context"] == 8
+    assert len(c["rounds"]) == 3
+    for r in c["rounds"]:  # two micro-batches of every block on the CPUs, and the pass's outer work for each
+        assert r["decode_step_s"] == 2 * (n * r["block_s"] + r["outer_s"])
+    assert c["block_s"] == sorted(r["block_s"] for r in c["rounds"])[1]  # the median of three
+    assert row["all_over_calibrated_step"] == row["all"]["decode_step_s"] / c["decode_step_s"]
