@@ -96,9 +96,10 @@ def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
     n, cpu = model.family.num_blocks, model.plan.kv_cpu_layers
     micro = a.micro_batch if a.micro_batch and a.micro_batch < batch else batch
     context = a.prompt + a.gen // 2  # the decode steps' mean
-    timer = _BlockTimer(model.family, model.device, model.dtype, a.prompt + a.gen, 0.005, 0, None)
     runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in (*LAYOUTS, "calibrated")}
+    timer = None
     try:
+        timer = _BlockTimer(model.family, model.device, model.dtype, a.prompt + a.gen, 0.005, 0, None)
         for _, name in in_turn([*LAYOUTS, "calibrated"], a.rounds):
             if name == "calibrated":
                 with torch.inference_mode(), attention_kernels(model.device):  # as the calibration times
@@ -111,7 +112,8 @@ def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
                                "attend_s": (clock.attend_s - clock.wait_s) / steps,
                                "cpu_layer_calls": clock.calls / steps})
     finally:
-        timer.close()
+        if timer is not None:
+            timer.close()
         model.close()
     out: Dict[str, Any] = {"batch": batch, "num_blocks": n, "cpu_layers": cpu, "micro_batch": a.micro_batch,
                            "context": context}
