@@ -11,9 +11,9 @@ time in two with host clocks (no added synchronisation):
 
 Each round also times what the calibration times for those steps, in the same process (``calibrated``): its
 host-compute decode block, its device block and its pass's outer work (``calibrate._BlockTimer``) at the steps'
-mean context and a micro-batch's rows, and from them an "all" step as the planner adds it up (item 56: in the
-H100 runs of 2026-12-06 "host-compute" rows at batches 8 and 16 stepped a median 5% faster than their calibration
-said, at 64 3-4% slower).
+mean context and a micro-batch's rows, and from them an "all" step as the planner adds it up (item 57: the stored
+"host-compute" rows of 2026-12-05 and -06 stepped a median 5-7% faster than their calibrations said at batches 8 and
+16, 4% slower at 64).
 
     python3 benches/split_anatomy.py CHECKPOINT --gpu-memory 16GiB --batch 16,64 --micro-batch 16 --rounds 2 \\
         --json out.json
