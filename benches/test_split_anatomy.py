@@ -37,22 +37,42 @@ def test_the_cpu_layers_are_clocked_in_both_layouts(tmp_path):
 
 def test_the_calibrations_own_timings_run_beside_the_layouts_and_add_up_to_an_all_step(tmp_path, monkeypatch):
     path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
-    timed = []  # (rows, keys, placement) of every block the calibration's timer timed
+    timed = []  # (rows, new tokens, keys, placement) of every block or pair the calibration's timer timed
     block = sa._BlockTimer.time_block
 
     def spy(self, B, T, S, kv="none"):
         timed.append((B, T, S, kv))
         return block(self, B, T, S, kv)
     monkeypatch.setattr(sa._BlockTimer, "time_block", spy)
+    pair = sa._BlockTimer.time_kv
+
+    def pair_spy(self, kv, B, T, S):
+        timed.append((B, T, S, kv))
+        return pair(self, kv, B, T, S)
+    monkeypatch.setattr(sa._BlockTimer, "time_kv", pair_spy)
     out = tmp_path / "anatomy.json"
     assert sa.main([str(path), "--batch", "4", "--micro-batch", "2", "--prompt", "6", "--gen", "4", "--rounds", "3",
-                    "--json", str(out)]) == 0
+                    "--kv-cpu-layers", "1", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     c, n = row["calibrated"], row["num_blocks"]
-    # each round: a host-compute and a device block at a micro-batch's rows and the steps' mean context (6 + 4 // 2)
-    assert timed == [(2, 1, 8, "host-compute"), (2, 1, 8, "none")] * 3 and row["context"] == 8
-    assert len(c["rounds"]) == 3
-    for r in c["rounds"]:  # two micro-batches of every block on the CPUs, and the pass's outer work for each
+    # each round: a host-compute block, a split pair and a device block at a micro-batch's rows and the steps' mean
+    # context (6 + 4 // 2)
+    assert timed == [(2, 1, 8, "host-compute"), (2, 1, 8, "split"), (2, 1, 8, "none")] * 3 and row["context"] == 8
+    assert len(c["rounds"]) == 3 and n == 2
+    for r in c["rounds"]:  # two micro-batches of every block on the CPUs (or of the one pair), and their outer work
         assert r["decode_step_s"] == 2 * (n * r["block_s"] + r["outer_s"])
+        assert r["pair_s"] > 0 and r["odd_step_s"] == 2 * (r["pair_s"] + r["outer_s"])
     assert c["block_s"] == sorted(r["block_s"] for r in c["rounds"])[1]  # the median of three
     assert row["all_over_calibrated_step"] == row["all"]["decode_step_s"] / c["decode_step_s"]
+    assert row["odd_over_calibrated_step"] == row["odd"]["decode_step_s"] / c["odd_step_s"]
+
+
+def test_no_odd_step_is_added_up_where_some_layers_are_brought_up_unpaired(tmp_path):
+    config = {**zstream.synthetic.PRESETS["tiny-llama"], "num_hidden_layers": 3}  # one pair and a layer brought up
+    path = zstream.make_checkpoint(config, tmp_path / "m", torch.float32, progress=False)
+    out = tmp_path / "anatomy.json"
+    assert sa.main([str(path), "--batch", "2", "--prompt", "6", "--gen", "3", "--rounds", "1", "--kv-cpu-layers", "1",
+                    "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["num_blocks"], row["cpu_layers"]) == (3, 1)
+    assert row["calibrated"]["odd_step_s"] is None and row["odd_over_calibrated_step"] is None
