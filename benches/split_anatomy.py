@@ -105,6 +105,7 @@ def run_batch(path: str, batch: int, a: argparse.Namespace) -> Dict[str, Any]:
     runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in (*LAYOUTS, "calibrated")}
     timer = None
     try:
+        # sampled as calibrate_compute samples (5 ms, the CPUs' blocks over 50), seed 0, plain weights
         timer = _BlockTimer(model.family, model.device, model.dtype, a.prompt + a.gen, 0.005, 0, None)
         for _, name in in_turn([*LAYOUTS, "calibrated"], a.rounds):
             if name == "calibrated":
