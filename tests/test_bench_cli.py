@@ -418,6 +418,66 @@ def test_host_counters_are_read_and_differenced(tmp_path):
     assert "steal_s" not in host_counters(str(tmp_path / "none"), str(vmstat))
 
 
+def test_a_row_attended_on_the_cpus_gauges_them_at_its_prediction_and_around_its_run(cache, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """``--predict`` with "host-compute" and "split" rows: the CPUs' attention is gauged at each row's micro-batch
+    rows, kv heads, head size, dtype and mean context, once when the rows are predicted and again before and after
+    each row's run; the row's drift is the run's mean over the prediction's. A row with its cache on the device is
+    not gauged. The worst row's drift is printed beside it."""
+    import torch
+
+    import zstream
+    from zstream.interfaces import bench
+
+    asked, times = [], iter([2.0, 1.0, 3.0, 4.0, 5.0, 6.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0])
+    monkeypatch.setattr(bench, "measure_host_attention", lambda *shape: asked.append(shape) or next(times))
+    path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
+    out = cache / "probe.json"
+    assert main(["bench", str(path), "--offload", "none", "--kv-offload", "none,host-compute,split", "--batch",
+                 "3,2", "--prompt", "6", "--gen", "4", "--device", "cpu", "--micro-batch", "2", "--predict",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    none3, none2, hc3, hc2, split3, split2 = doc["rows"]
+    assert "host_probe_s" not in none3 and "host_probe_drift" not in none2
+    # per model: both batches at their prediction, then before and after each row's run
+    assert hc3["host_probe_s"] == {"at_prediction": 2.0, "before": 3.0, "after": 4.0}
+    assert hc3["host_probe_drift"] == pytest.approx(3.5 / 2.0)
+    assert hc2["host_probe_s"] == {"at_prediction": 1.0, "before": 5.0, "after": 6.0}
+    assert split3["host_probe_drift"] == pytest.approx(11.5 / 9.0)
+    assert split2["host_probe_drift"] == pytest.approx(13.5 / 10.0)
+    family = zstream.load(path, device="cpu", offload="none", progress=False).family
+    # (rows of a micro-batch, kv heads, the steps' mean context, head size, the model's dtype)
+    shape = (family.num_kv_heads, 6 + 4 // 2, family.head_dim, torch.float32)
+    assert asked[:4] == [(2, *shape), (2, *shape), (2, *shape), (2, *shape)]
+    assert len(asked) == 12
+    w = doc["meta"]["prediction_summary"]["worst"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("predicted within"))
+    assert (f"the CPUs' attention {w['host_probe_drift']:.2f}x as long" in line) == (w["host_probe_drift"] is not None)
+
+
+def test_the_host_attention_gauge_times_the_shapes_it_is_given(monkeypatch):
+    """``measure_host_attention`` runs the attention of ``rows`` one-token queries over ``keys`` keys on the CPU,
+    in the dtype given, and returns the median of its samples' seconds a call."""
+    import torch
+
+    from zstream.foundations import measure
+
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v):
+        seen.append((tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.device.type))
+        return real(q, k, v)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    samples = iter([0.004, 0.05, 0.02, 0.03, 0.01, 0.04])  # the first call's time, then five samples
+    monkeypatch.setattr(measure, "_timed", lambda fn: (fn(), next(samples))[1])
+    s = measure.measure_host_attention(3, 2, 40, 8, torch.bfloat16, repeats=5, min_sample_s=0.01)
+    assert s == pytest.approx(0.03 / 3)  # the median sample over its 3 calls (0.01 s / 0.004 s, rounded up)
+    assert set(seen) == {((3, 2, 1, 8), (3, 2, 40, 8), (3, 2, 40, 8), torch.bfloat16, "cpu")}
+    assert len(seen) == 1 + 5 * 3
+
+
 def test_the_predictions_are_summed_up_against_the_measured():
     """Three predicted rows at 1.05x, 0.85x and 1.10x of their measured tokens/s: two within 10% (1.10 counts),
     the furthest the 0.85x row, whose slowest step (30 ms) is 3x its median (10 ms); rows without a prediction are
@@ -433,7 +493,9 @@ def test_the_predictions_are_summed_up_against_the_measured():
     s = prediction_summary(rows)
     assert (s["rows"], s["within"], s["tolerance"]) == (3, 2, 0.10)
     assert s["worst"] == {"kv_offload": "split", "batch": 16, "ratio": pytest.approx(0.85),
-                          "slowest_step_over_median": pytest.approx(3.0)}
+                          "slowest_step_over_median": pytest.approx(3.0), "host_probe_drift": None}
+    rows[1]["host_probe_drift"] = 0.8  # its CPUs 20% faster around it than when it was predicted
+    assert prediction_summary(rows)["worst"]["host_probe_drift"] == 0.8
     assert prediction_summary(rows[3:]) is None
 
 

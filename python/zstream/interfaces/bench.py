@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ from ..foundations.measure import (
     measure_copy,
     measure_disk,
     measure_h2d,
+    measure_host_attention,
     measure_memcpy,
 )
 from ..foundations.units import parse_dtype
@@ -279,7 +280,9 @@ PREDICTION_TOLERANCE = 0.10  # the planner's aim: tokens/s within 10% of the mea
 def prediction_summary(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """How the planner's predictions of ``rows`` stood against their measured tokens/s: how many were within
     ``PREDICTION_TOLERANCE``, and the furthest, with how steady its decode steps were (the slowest over the median:
-    a row far from its prediction and unsteady was disturbed while it ran). None without predictions."""
+    a row far from its prediction and unsteady was disturbed while it ran) and, for a row attended on the CPUs, how
+    much longer their attention took around it than at its prediction (``host_probe_drift``). None without
+    predictions."""
     judged = [r for r in rows if r.get("predicted_tokens_per_s") and r.get("tokens_per_s")]
     if not judged:
         return None
@@ -295,7 +298,8 @@ def prediction_summary(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return {"rows": len(judged), "within": within,
             "tolerance": PREDICTION_TOLERANCE,
             "worst": {"kv_offload": worst.get("kv_offload", "none"), "batch": worst["batch"], "ratio": ratio(worst),
-                      "slowest_step_over_median": steadiness(worst)}}
+                      "slowest_step_over_median": steadiness(worst),
+                      "host_probe_drift": worst.get("host_probe_drift")}}
 
 
 def _print_table(rows: List[Dict[str, Any]]) -> None:
@@ -418,10 +422,17 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
     before = held_bytes(device)
     predictions = {b: _prediction(model, a, b, offload, meta) for b in batches} if a.predict else {}
     calibration_held = held_bytes(device) - before  # what a calibration left on the device (graphs' streams)
+    probe = _host_probe(a, model)
+    at_prediction = {b: probe(b) for b in batches} if probe else {}
     run_one(model, batches[0], min(a.prompt, 16), 3)  # warm-up
     for b in batches:
-        row = _row("zstream", offload, model, _measured(a, model, b, offload, meta), bound,
-                   _kv_up_bytes(model, b, a.prompt + a.gen // 2))
+        probed = [probe(b)] if probe else []
+        measured = _measured(a, model, b, offload, meta)
+        probed += [probe(b)] if probe else []
+        row = _row("zstream", offload, model, measured, bound, _kv_up_bytes(model, b, a.prompt + a.gen // 2))
+        if probed:
+            row.update(host_probe_s={"at_prediction": at_prediction[b], "before": probed[0], "after": probed[1]},
+                       host_probe_drift=statistics.mean(probed) / at_prediction[b])
         row.update(gpu_memory=budget, tp=model.plan.ranks, rank=model.plan.rank, compress=compress,
                    kv_offload_asked=kv_offload, held_before_load_bytes=held, calibration_held_bytes=calibration_held)
         _describe_kv(row, model, bound, a.prompt + a.gen // 2, predictions.get(b, {}), meta)
@@ -436,6 +447,18 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
         # the KV cache's pinned host memory too: torch keeps it cached, and the next plan counts it as taken
         getattr(torch._C, "_host_emptyCache", lambda: None)()
     return rows
+
+
+def _host_probe(a: argparse.Namespace, model: Any) -> Optional[Callable[[int], float]]:
+    """With ``--predict``, for a model whose layers attend on the host's CPUs ("host-compute", "split"): the CPUs'
+    attention at a batch's micro-batch rows and the steps' mean context (``measure_host_attention``), taken when the
+    rows are predicted and around each row's run. Their ratio, the row's ``host_probe_drift``, is how much slower the
+    CPUs ran the row than when it was predicted: the drift items 56-57 found behind these rows' misses."""
+    if not a.predict or model.plan.kv_offload not in ("host-compute", "split"):
+        return None
+    fam, keys = model.family, a.prompt + a.gen // 2
+    return lambda b: measure_host_attention(min(b, a.micro_batch or b), fam.num_kv_heads, keys, fam.head_dim,
+                                            model.dtype)
 
 
 def _link_bound(a: argparse.Namespace, model: Any, offload: str, meta: Dict[str, Any]) -> Optional[float]:
@@ -718,6 +741,8 @@ def main(a: argparse.Namespace) -> int:
         w = summary["worst"]
         steady = f", its slowest step {w['slowest_step_over_median']:.2f}x its median" \
             if w["slowest_step_over_median"] else ""
+        if w.get("host_probe_drift"):
+            steady += f", the CPUs' attention {w['host_probe_drift']:.2f}x as long as when predicted"
         print(f"predicted within {summary['tolerance']:.0%} of measured: {summary['within']} of {summary['rows']} "
               f"rows; furthest {w['ratio']:.3f}x ({w['kv_offload']}, batch {w['batch']}{steady})")
     for k in ("h2d_gbps", "memcpy_gbps", "disk_gbps_odirect", "fio_gbps"):
