@@ -453,7 +453,8 @@ def _host_probe(a: argparse.Namespace, model: Any) -> Optional[Callable[[int], f
     """With ``--predict``, for a model whose layers attend on the host's CPUs ("host-compute", "split"): the CPUs'
     attention at a batch's micro-batch rows and the steps' mean context (``measure_host_attention``), taken when the
     rows are predicted and around each row's run. Their ratio, the row's ``host_probe_drift``, is how much slower the
-    CPUs ran the row than when it was predicted: the drift items 56-57 found behind these rows' misses."""
+    CPUs' attention ran beside the row than when it was predicted: a record of the host's drift (items 56-57), from
+    point readings, while the CPUs' speed moves within a row too (item 58)."""
     if not a.predict or model.plan.kv_offload not in ("host-compute", "split"):
         return None
     fam, keys = model.family, a.prompt + a.gen // 2
