@@ -72,7 +72,8 @@ def measure_host_attention(rows: int, heads: int, keys: int, head_dim: int, dtyp
     """Seconds of one decode step's attention on the host's CPUs, as a "host-compute" layer runs it: ``rows``
     queries of one token over ``keys`` keys and values of ``heads`` heads ``head_dim`` wide, in ``dtype``; the
     median of ``repeats`` samples of calls back to back, each at least ``min_sample_s``. A gauge of the CPUs' speed
-    now: on a shared host it moves between minutes (performance.md items 56-57), invisibly to /proc/stat."""
+    now: on a shared host it moves from one minute to the next and within one (performance.md items 56-58),
+    invisibly to /proc/stat."""
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(rows, heads, keys, head_dim, generator=gen, dtype=dtype) for _ in range(2))  # (B, nh, S, hs)
     q = torch.randn(rows, heads, 1, head_dim, generator=gen, dtype=dtype)                         # (B, nh, 1, hs)
