@@ -452,7 +452,9 @@ def test_a_row_attended_on_the_cpus_gauges_them_at_its_prediction_and_around_its
     assert len(asked) == 12
     w = doc["meta"]["prediction_summary"]["worst"]
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("predicted within"))
-    assert (f"the CPUs' attention {w['host_probe_drift']:.2f}x as long" in line) == (w["host_probe_drift"] is not None)
+    drift = w["host_probe_drift"]  # (None where the furthest row, which the CPU's timings pick, has its cache on it)
+    assert ("the CPUs' attention" in line) == (drift is not None)
+    assert drift is None or f"the CPUs' attention {drift:.2f}x as long as when predicted" in line
 
 
 def test_the_host_attention_gauge_times_the_shapes_it_is_given(monkeypatch):
