@@ -427,10 +427,10 @@ def test_a_row_attended_on_the_cpus_gauges_them_at_its_prediction_and_around_its
     import torch
 
     import zstream
-    from zstream.interfaces import bench
+    from zstream.streaming import calibrate
 
     asked, times = [], iter([2.0, 1.0, 3.0, 4.0, 5.0, 6.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0])
-    monkeypatch.setattr(bench, "measure_host_attention", lambda *shape: asked.append(shape) or next(times))
+    monkeypatch.setattr(calibrate, "host_attention_s", lambda *shape: asked.append(shape) or next(times))
     path = zstream.make_checkpoint("tiny-llama", tmp_path / "m", torch.float32, progress=False)
     out = cache / "probe.json"
     assert main(["bench", str(path), "--offload", "none", "--kv-offload", "none,host-compute,split", "--batch",
@@ -458,11 +458,11 @@ def test_a_row_attended_on_the_cpus_gauges_them_at_its_prediction_and_around_its
 
 
 def test_the_host_attention_gauge_times_the_shapes_it_is_given(monkeypatch):
-    """``measure_host_attention`` runs the attention of ``rows`` one-token queries over ``keys`` keys on the CPU,
-    in the dtype given, and returns the median of its samples' seconds a call."""
+    """``calibrate.host_attention_s`` runs the attention of ``rows`` one-token queries over ``keys`` keys on the CPU,
+    in the dtype given, and returns the median of its samples (``_seconds``, each of the calls it sizes)."""
     import torch
 
-    from zstream.foundations import measure
+    from zstream.streaming import calibrate
 
     seen = []
     real = torch.nn.functional.scaled_dot_product_attention
@@ -472,12 +472,11 @@ def test_the_host_attention_gauge_times_the_shapes_it_is_given(monkeypatch):
         return real(q, k, v)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    samples = iter([0.004, 0.05, 0.02, 0.03, 0.01, 0.04])  # the first call's time, then five samples
-    monkeypatch.setattr(measure, "_timed", lambda fn: (fn(), next(samples))[1])
-    s = measure.measure_host_attention(3, 2, 40, 8, torch.bfloat16, repeats=5, min_sample_s=0.01)
-    assert s == pytest.approx(0.03 / 3)  # the median sample over its 3 calls (0.01 s / 0.004 s, rounded up)
-    assert set(seen) == {((3, 2, 1, 8), (3, 2, 40, 8), (3, 2, 40, 8), torch.bfloat16, "cpu")}
-    assert len(seen) == 1 + 5 * 3
+    samples = iter([0.05, 0.02, 0.03, 0.01, 0.09])  # (their mean 0.04)
+    monkeypatch.setattr(calibrate, "_seconds", lambda fn, device, min_sample_s: (fn(), next(samples))[1])
+    s = calibrate.host_attention_s(3, 2, 40, 8, torch.bfloat16, repeats=5, min_sample_s=0.01)
+    assert s == pytest.approx(0.03)  # the median sample
+    assert set(seen) == {((3, 2, 1, 8), (3, 2, 40, 8), (3, 2, 40, 8), torch.bfloat16, "cpu")} and len(seen) == 5
 
 
 def test_the_predictions_are_summed_up_against_the_measured():

@@ -67,24 +67,6 @@ def measure_memcpy(nbytes: int = 64 << 20, repeats: int = 5) -> Rate:
     return Rate.of([nbytes] * repeats, [_timed(lambda: dst.copy_(src)) for _ in range(repeats)])
 
 
-def measure_host_attention(rows: int, heads: int, keys: int, head_dim: int, dtype: torch.dtype,
-                           repeats: int = 5, min_sample_s: float = 0.02) -> float:
-    """Seconds of one decode step's attention on the host's CPUs, as a "host-compute" layer runs it: ``rows``
-    queries of one token over ``keys`` keys and values of ``heads`` heads ``head_dim`` wide, in ``dtype``; the
-    median of ``repeats`` samples of calls back to back, each at least ``min_sample_s``. A gauge of the CPUs' speed
-    now: on a shared host it moves from one minute to the next and within one (performance.md items 56-58),
-    invisibly to /proc/stat."""
-    gen = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(rows, heads, keys, head_dim, generator=gen, dtype=dtype) for _ in range(2))  # (B, nh, S, hs)
-    q = torch.randn(rows, heads, 1, head_dim, generator=gen, dtype=dtype)                         # (B, nh, 1, hs)
-
-    def step() -> object:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    calls = max(1, -int(-min_sample_s // max(_timed(step), 1e-9)))  # the first call warms up and sizes a sample
-    return statistics.median(_timed(lambda: [step() for _ in range(calls)]) / calls for _ in range(repeats))
-
-
 def measure_copy(device: torch.device) -> Rate:
     """What a streamed block's copy into its device slot runs at: the pinned host-to-device link on a GPU, a host
     memory copy when the device is the CPU."""

@@ -38,7 +38,6 @@ from ..foundations.measure import (
     measure_copy,
     measure_disk,
     measure_h2d,
-    measure_host_attention,
     measure_memcpy,
 )
 from ..foundations.units import parse_dtype
@@ -451,15 +450,16 @@ def _bench_group(a: argparse.Namespace, path: Path, offload: str, budget: Option
 
 def _host_probe(a: argparse.Namespace, model: Any) -> Optional[Callable[[int], float]]:
     """With ``--predict``, for a model whose layers attend on the host's CPUs ("host-compute", "split"): the CPUs'
-    attention at a batch's micro-batch rows and the steps' mean context (``measure_host_attention``), taken when the
-    rows are predicted and around each row's run. Their ratio, the row's ``host_probe_drift``, is how much slower the
-    CPUs' attention ran beside the row than when it was predicted: a record of the host's drift (items 56-57), from
-    point readings, while the CPUs' speed moves within a row too (item 58)."""
+    attention at a batch's micro-batch rows and the steps' mean context (``calibrate.host_attention_s``), taken when
+    the rows are predicted and around each row's run. Their ratio, the row's ``host_probe_drift``, is how much
+    slower the CPUs' attention ran beside the row than when it was predicted: a record of the host's drift (items
+    56-57), from point readings, while the CPUs' speed moves within a row too (item 58)."""
+    from ..streaming.calibrate import host_attention_s
+
     if not a.predict or model.plan.kv_offload not in ("host-compute", "split"):
         return None
     fam, keys = model.family, a.prompt + a.gen // 2
-    return lambda b: measure_host_attention(min(b, a.micro_batch or b), fam.num_kv_heads, keys, fam.head_dim,
-                                            model.dtype)
+    return lambda b: host_attention_s(min(b, a.micro_batch or b), fam.num_kv_heads, keys, fam.head_dim, model.dtype)
 
 
 def _link_bound(a: argparse.Namespace, model: Any, offload: str, meta: Dict[str, Any]) -> Optional[float]:

@@ -92,6 +92,23 @@ def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float, e
     return (time.perf_counter() - t0) / inner
 
 
+
+def host_attention_s(rows: int, heads: int, keys: int, head_dim: int, dtype: torch.dtype, repeats: int = 5,
+                     min_sample_s: float = 0.02) -> float:
+    """Seconds of one decode step's attention on the host's CPUs, as a "host-compute" layer runs it: ``rows``
+    queries of one token over ``keys`` keys and values of ``heads`` heads ``head_dim`` wide, in ``dtype``; the
+    median of ``repeats`` samples (``_seconds``, each at least ``min_sample_s``). A gauge of the CPUs' speed now: on
+    a shared host it moves from one minute to the next and within one (performance.md items 56-58), invisibly to
+    /proc/stat."""
+    gen, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
+    k, v = (torch.randn(rows, heads, keys, head_dim, generator=gen, dtype=dtype) for _ in range(2))  # (B, nh, S, hs)
+    q = torch.randn(rows, heads, 1, head_dim, generator=gen, dtype=dtype)                         # (B, nh, 1, hs)
+
+    def step() -> Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return statistics.median(_seconds(step, cpu, min_sample_s) for _ in range(repeats))
+
 def _random_weights(family: Any, names: Dict[str, str], dtype: torch.dtype, device: torch.device,
                     gen: torch.Generator) -> Dict[str, Tensor]:
     """{local name: random tensor of the checkpoint's shape}, N(0, 0.02): values only need to be finite (the
