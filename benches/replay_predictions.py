@@ -38,7 +38,9 @@ relative error, as the prefill is (item 57: tried, not adopted).
 refitted from each point's rounds by that statistic instead of their median, and the busy factor with them: what a
 calibration that keeps the least disturbed rounds of a CPU point would have predicted (item 30). ``--cpu-rounds
 calm``: from the median of the rounds this build's calibration keeps (``calibrate.calm_rounds``, item 31; it also
-times the CPUs' points again where rounds were dropped, which a replay cannot).
+times the CPUs' points again where rounds were dropped, which a replay cannot); its rounds are scored on the slower
+half of the points since format 19 (item 59). ``calm-every``: scored on every point, as formats 7-18 did; ``late``:
+the rounds after the first two (item 59: tried, not adopted).
 """
 
 from __future__ import annotations
@@ -100,7 +102,22 @@ def busy_factor(compute: ComputeModel, family: Any, dtype: torch.dtype) -> Optio
 
 
 CPU_ROUNDS = {"median": statistics.median, "min": min, "low2": lambda xs: sorted(xs)[min(1, len(xs) - 1)],
-              "calm": statistics.median}  # "calm": the median of the rounds ``calibrate.calm_rounds`` keeps
+              "calm": statistics.median,  # "calm": the median of the rounds ``calibrate.calm_rounds`` keeps
+              "calm-every": statistics.median,  # the same, every point scoring a round (formats 7-18, item 31)
+              "late": statistics.median}  # the rounds after the first LATE_FROM (a warm-up dropped)
+LATE_FROM = 2
+
+
+def kept_rounds(rounds_by_point: List[List[float]], how: str, tolerance: float) -> Optional[List[int]]:
+    """The rounds (indices) a refit by ``how`` keeps; None for all. "calm": this build's ``calibrate.calm_rounds``
+    (its rounds scored on the slower half of the points, item 59); "calm-every": scored on every point, as formats
+    7-18 did (item 31); "late": every round from the third on, as if the first two were a warm-up."""
+    if how in ("calm", "calm-every"):
+        return calm_rounds(rounds_by_point, tolerance, **({"scored_share": 1.0} if how == "calm-every" else {}))
+    if how == "late":
+        n = min(len(r) for r in rounds_by_point)
+        return list(range(min(LATE_FROM, n - 1), n))
+    return None
 
 
 def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how: str,
@@ -112,7 +129,7 @@ def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how
     pick = CPU_ROUNDS[how]
     points = [s for s in compute.samples if s.get("kv_offload") in ("host-compute", "split")
               and s.get("phase") == "decode" and s.get("block_rounds_s")]
-    kept = calm_rounds([s["block_rounds_s"] for s in points], tolerance) if how == "calm" and points else None
+    kept = kept_rounds([s["block_rounds_s"] for s in points], how, tolerance) if points else None
     for s in points:
         rounds = s["block_rounds_s"] if kept is None else [s["block_rounds_s"][i] for i in kept]
         s["block_s"] = pick(rounds)
@@ -239,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cpu-rounds", choices=sorted(CPU_ROUNDS), default="median",
                    help="refit the CPUs' decode points from their rounds by this statistic (default: as stored)")
     p.add_argument("--calm-tolerance", type=float, default=CALM_ROUND_TOLERANCE,
-                   help="with --cpu-rounds calm: how far from the calmest round a round is still calm")
+                   help="with --cpu-rounds calm or calm-every: how far from the calmest round a round is still calm")
     p.add_argument("--step-wait", choices=("row", "tokens", "device"), default="row",
                    help="the decode loop replayed: as each row's steps were timed (default), or as a generation "
                         "waits (tokens: what this build's bench measures), or synchronising the device each step")

@@ -223,3 +223,19 @@ def test_the_cpus_block_refitted_in_seconds_passes_nearer_its_largest_point():
     stored = rp.replay_row(row, doc["meta"], "bloom-7b1", recompute_busy=False)
     refit = rp.replay_row(row, doc["meta"], "bloom-7b1", recompute_busy=False, cpu_fit="seconds")
     assert 0.96 < refit["replayed_step_s"] / stored["replayed_step_s"] < 0.99
+
+
+def test_the_calm_rounds_scored_on_the_slower_points_on_every_point_or_after_a_warm_up():
+    """Item 59's variants. Six points, four small ones barely slowed in rounds 0-1 and two large ones slowed 1.45x
+    there and 1.37x in round 4 (run 25's pattern): scored on the slower half (``calm``, this build's) only rounds 2-3
+    are calm; scored over every point (``calm-every``, formats 7-18) all five rounds are; ``late`` keeps rounds 2-4
+    whatever they were."""
+    small = [[1.0, 1.0, 1.0, 1.0, 1.0], [1.05, 1.05, 1.0, 1.0, 1.0], [1.1, 1.1, 1.0, 1.0, 1.0],
+             [1.2, 1.2, 1.0, 1.0, 1.0]]
+    large = [[14.5, 14.4, 10.0, 10.1, 13.7], [29.0, 28.8, 20.0, 20.2, 27.4]]
+    rounds = [[x * 1e-3 for x in r] for r in small + large]
+    assert rp.kept_rounds(rounds, "calm-every", 1.3) == [0, 1, 2, 3, 4]
+    assert rp.kept_rounds(rounds, "calm", 1.3) == [2, 3]
+    assert rp.kept_rounds(rounds, "late", 1.3) == [2, 3, 4]
+    assert rp.kept_rounds([[1e-3, 2e-3]], "late", 1.3) == [1]  # never none: at least the last round
+    assert rp.kept_rounds(rounds, "median", 1.3) is None

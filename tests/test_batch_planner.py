@@ -1477,20 +1477,26 @@ def test_the_shared_probe_times_the_largest_host_compute_block_each_round(tiny_b
     assert timer.probes(["host-compute"], max_batch=3, rounds=1)[0] == []  # on a CPU, not by default
 
 
-def test_a_round_is_calm_by_its_points_median_slow_down():
-    """Per round, each point's time over its fastest round, then their median: round 0 (1, 1) scores 1, round 1
-    (1.1, 1) 1.05, round 2 (3, 3) 3, round 3 (1, 1.2) 1.1; within 1.3 of the calmest: rounds 0, 1 and 3. Run 21's
-    split pairs at batch 16 and 544 keys (rounds of 21.1, 5.2, 7.8, 6.2 and 19.2 ms) and 256 keys (20.1, 2.7, 3.1,
-    4.0, 7.5) and its host-compute block at 544 keys (24.0, 4.0, 4.2, 4.6, 7.2): scores 6.0, 1, 1.148, 1.192 and
-    2.78, so rounds 1-3."""
+def test_a_round_is_calm_by_its_slower_points_median_slow_down():
+    """Per round, each of the slower half of the points' time (by their fastest round) over its fastest round, then
+    their median. Two points: only the slower scores, (2, 2, 6, 2.4): 1, 1, 3, 1.2, so within 1.3 of the calmest
+    rounds 0, 1 and 3. Run 21's split pairs at batch 16 and 544 keys (rounds of 21.1, 5.2, 7.8, 6.2 and 19.2 ms,
+    fastest 5.2) and 256 keys (20.1, 2.7, 3.1, 4.0, 7.5: the fastest, not scored) and its host-compute block at 544
+    keys (24.0, 4.0, 4.2, 4.6, 7.2): scores 5.03, 1, 1.275, 1.171 and 2.75, so rounds 1-3 at 1.3 and 1 and 3 at 1.18;
+    every point scoring (formats 7-18), 6.0, 1, 1.148, 1.192 and 2.78: rounds 1-2 at 1.18. Run 25's pattern: four
+    small points barely slowed in rounds 0-1 outvote two large ones slowed 1.45x when every point scores."""
     assert calibrate.calm_rounds([[1.0, 1.1, 3.0, 1.0], [2.0, 2.0, 6.0, 2.4]], tolerance=1.3) == [0, 1, 3]
     run21 = [[21.1, 5.2, 7.8, 6.2, 19.2], [20.1, 2.7, 3.1, 4.0, 7.5], [24.0, 4.0, 4.2, 4.6, 7.2]]
     assert calibrate.calm_rounds(run21, tolerance=1.3) == [1, 2, 3]
-    assert calibrate.calm_rounds(run21, tolerance=1.18) == [1, 2]
+    assert calibrate.calm_rounds(run21, tolerance=1.18) == [1, 3]
+    assert calibrate.calm_rounds(run21, tolerance=1.18, scored_share=1.0) == [1, 2]
+    run25 = [[1.0, 1.0, 1.0, 1.0], [1.05, 1.05, 1.0, 1.0], [1.1, 1.1, 1.0, 1.0], [1.2, 1.2, 1.0, 1.0],
+             [14.5, 14.4, 10.0, 10.1], [29.0, 28.8, 20.0, 20.2]]
+    assert calibrate.calm_rounds(run25) == [2, 3] and calibrate.calm_rounds(run25, scored_share=1.0) == [0, 1, 2, 3]
     assert calibrate.calm_rounds([[1.0, 2.0]], tolerance=2.5) == [0, 1]
     assert calibrate.calm_rounds([[1.0, 2.0, 1.0]], tolerance=1.0) == [0, 2]  # as calm as the calmest: kept
     assert calibrate.calm_rounds([[5.0], [7.0]]) == [0] and calibrate.calm_rounds([]) == []
-    assert calibrate.CALM_ROUND_TOLERANCE == 1.3  # (the factor the docs' replay chose: item 31)
+    assert calibrate.CALM_ROUND_TOLERANCE == 1.3 and calibrate.CALM_SCORED_SHARE == 0.5  # (items 31 and 59)
 
 
 @pytest.mark.parametrize(("slow_downs", "calls", "kept"), [

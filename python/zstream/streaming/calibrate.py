@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import statistics
 import time
@@ -33,8 +34,9 @@ _COMPUTE_CACHE: Dict[str, ComputeModel] = {}  # calibrations of this process, by
 # 11: graphed steps timed at the model's own block count; 12: sustained, as long as a generation's decode; 13: a
 # split pair's prefill; 14: the prefill's fits in seconds; 15: graphed steps synchronised one by one; 16: an eager
 # step of every block timed whole; 17: its extra over the parts from the whole step's median, a graphed point timed
-# once a round where a prefill point has its batch and length; 18: a pass's decode blocks beside the link's copies)
-CALIBRATION_FORMAT = 18
+# once a round where a prefill point has its batch and length; 18: a pass's decode blocks beside the link's copies;
+# 19: the CPUs' rounds scored calm on their slower half of points)
+CALIBRATION_FORMAT = 19
 # a timed host-compute decode block cycles through this much host cache, so that the CPUs read it from DRAM as the
 # engine's layers do, not from their last-level cache (hundreds of MB on a server: one bloom-7b1 layer at batch 8 is
 # 71 MB)
@@ -48,6 +50,9 @@ CPU_SAMPLE_S = 0.05                   # a host-compute decode block's timing sam
 # docs/performance.md): 1.15, 1.3, 1.5 and 2 bring 32, 34, 32 and 31 of 41 rows within 10% (all rounds: 31); chosen
 # on six runs and scored on the seventh, 33-34 (benches/calm_holdout.py)
 CALM_ROUND_TOLERANCE = 1.3
+# the share of the CPUs' decode points, the slowest, that score a round's calm (item 59: on run 25's calibration at
+# batch 16 the four small points of six, barely slowed, made two rounds 1.45x slow on the largest count as calm)
+CALM_SCORED_SHARE = 0.5
 COPY_PROBE_CHUNK_BYTES = 256 << 20    # the copies a pass's blocks are timed beside: queued, each this large
 SPLIT_PAIR_LAYER_BYTES = 256 << 20    # a split pair's layers up to this size are timed two pairs a pass, larger one
 GRAPH_PROBE_FEW = 2                   # a graphed decode step timed over this many blocks and the model's own count
@@ -524,18 +529,23 @@ def copy_busy_factor(samples: Sequence[Dict[str, Any]]) -> Optional[float]:
     return max(1.0, statistics.median(s["beside_s"] for s in timed) / statistics.median(s["alone_s"] for s in timed))
 
 
-def calm_rounds(rounds_by_point: Sequence[Sequence[float]], tolerance: float = CALM_ROUND_TOLERANCE) -> List[int]:
+def calm_rounds(rounds_by_point: Sequence[Sequence[float]], tolerance: float = CALM_ROUND_TOLERANCE,
+                scored_share: float = CALM_SCORED_SHARE) -> List[int]:
     """The rounds (indices) in which the CPUs' points ran undisturbed: a round's disturbance is its points' times
     over each point's fastest round, their median; a round is calm within ``tolerance`` of the calmest. On a shared
     host the CPUs' attention slows by 2-4x for seconds at a time (run 21 of 2026-12-04: rounds of one split pair at
     21.1, 5.2, 7.8, 6.2 and 19.2 ms, the run's steps steady at the fast ones); interleaving the points spreads a spell
-    over a round, so a round, not a point, is what it disturbs. ``rounds_by_point``: per point, its time each round
-    (the rounds in the same order for every point)."""
+    over a round, so a round, not a point, is what it disturbs. Only the slowest ``scored_share`` of the points (by
+    their fastest round) score a round: a busy host slows the large points, which read the most host memory and are
+    where the rows run, and barely the small ones, which would otherwise outvote them (item 59). ``rounds_by_point``:
+    per point, its time each round (the rounds in the same order for every point)."""
     if not rounds_by_point:
         return []
     n = min(len(r) for r in rounds_by_point)
-    fastest = [max(min(r[:n]), 1e-12) for r in rounds_by_point]
-    scores = [statistics.median(r[i] / f for r, f in zip(rounds_by_point, fastest)) for i in range(n)]
+    by_size = sorted(rounds_by_point, key=lambda r: min(r[:n]), reverse=True)
+    scored = by_size[:max(1, math.ceil(scored_share * len(by_size)))]
+    fastest = [max(min(r[:n]), 1e-12) for r in scored]
+    scores = [statistics.median(r[i] / f for r, f in zip(scored, fastest)) for i in range(n)]
     calmest = min(scores, default=0.0)
     return [i for i, score in enumerate(scores) if score <= calmest * tolerance]
 
