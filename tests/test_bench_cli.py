@@ -81,6 +81,33 @@ def test_a_run_cut_short_keeps_its_rows(cache, monkeypatch):
     assert "partial" not in doc["meta"] and [r["batch"] for r in doc["rows"]] == [1, 2]
 
 
+def test_a_run_cut_short_keeps_the_summary_of_its_predictions(cache, monkeypatch):
+    """With ``--predict``, the partial JSON also says how the rows run so far stood against their predictions: run
+    26 of 2026-12-06 met its time limit one row short and left no count of its rows within 10%."""
+    from zstream.interfaces import bench
+
+    out = cache / "pp.json"
+    real, calls = bench._bench_group, []
+
+    def stopped_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_bench_group", stopped_on_the_third)
+    assert main(["bench", "tiny-llama", "--offload", "cpu", "--batch", "1,2,3", "--prompt", "4", "--gen", "2",
+                 "--gpu-memory", "1GiB", "--device", "cpu", "--predict", "--json", str(out)]) == 130
+    doc = json.loads(out.read_text())
+    rows, summary = doc["rows"], doc["meta"]["prediction_summary"]
+    assert doc["meta"]["partial"] is True and [r["batch"] for r in rows] == [1, 2]
+    ratios = [r["predicted_tokens_per_s"] / r["tokens_per_s"] for r in rows]
+    assert summary["rows"] == 2 and summary["within"] == sum(0.9 <= x <= 1.1 for x in ratios)
+    furthest = max(range(2), key=lambda i: abs(ratios[i] - 1))
+    assert summary["worst"]["batch"] == rows[furthest]["batch"]
+    assert summary["worst"]["ratio"] == pytest.approx(ratios[furthest])
+
+
 def test_the_planners_choice_is_run_with_its_prediction(cache, capsys):
     """--planned: plan_batch picks batch, micro-batch, residency and KV placement; that choice is loaded and measured
     like any row, marked planned, with the prediction beside it (on the CPU the cache stays where it is)."""

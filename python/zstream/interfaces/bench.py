@@ -778,7 +778,9 @@ def _bench_all(a: argparse.Namespace, path: Path, device: str, dtype: Optional[t
                     rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks, compress,
                                          kv)
                     if a.json and ranks == 1:  # what is measured so far survives a run cut short (a time limit)
-                        _write_json(a.json, {**(run_meta or {}), **meta, "partial": True}, rows)
+                        summary = prediction_summary(rows)
+                        _write_json(a.json, {**(run_meta or {}), **meta, "partial": True,
+                                             **({"prediction_summary": summary} if summary else {})}, rows)
     return rows, meta
 
 
