@@ -22,7 +22,7 @@
 #         0.1.8 with dummy weights, and zstream on an in-memory checkpoint of the same shapes; OPT_KV, OPT_BATCHES,
 #         OPT_MICRO, OPT_QUANT, OPT_PREDICT=1, OPT_PLANNED=MAX_BATCH for the planner's own choice, OPT_PLANNED_ONLY=1
 #         for that alone, OPT_TRACE=1 traces the first row's decode steps, OPT_TAG names the JSON). bench-kv takes
-#         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_TRACE, KV_TAG the same way, KV_REPEATS (each row run so many times,
+#         KV_OFFLOADS, KV_BATCHES, KV_MICRO, KV_PREDICT=1, KV_PLANNED, KV_PLANNED_ONLY=1, KV_TRACE, KV_TAG the same way, KV_REPEATS (each row run so many times,
 #         its medians reported), KV_GRAPHS=0
 #         (--no-cuda-graphs: every step eager, planned so; an all-resident step replays a CUDA graph by default),
 #         KV_CPU_LAYERS (the split's
@@ -113,7 +113,7 @@ for stage in "$@"; do
       CK=$SCRATCH/bloom-7b1; [ -f "$CK/config.json" ] || $Z make-checkpoint bloom-7b1 "$CK" --dtype fp16 > /dev/null
       $Z bench "$CK" --offload cpu --gpu-memory 16GiB --kv-offload ${KV_OFFLOADS:-none,host,host-compute} --batch ${KV_BATCHES:-8,16,32,64} \
         --prompt 512 --gen 32 ${KV_MICRO:+--micro-batch $KV_MICRO} ${KV_PREDICT:+--predict} ${KV_REPEATS:+--repeats $KV_REPEATS} \
-        ${KV_CPU_LAYERS:+--kv-cpu-layers $KV_CPU_LAYERS} ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
+        ${KV_CPU_LAYERS:+--kv-cpu-layers $KV_CPU_LAYERS} ${KV_PLANNED:+--planned $KV_PLANNED} ${KV_PLANNED_ONLY:+--planned-only} ${KV_TRACE:+--trace "$OUT/trace_kv${KV_TAG:+_$KV_TAG}.json"} \
         ${KV_TRACE_PREFILL:+--trace-prefill "$OUT/trace_prefill_kv${KV_TAG:+_$KV_TAG}.json"} $([ "${KV_GRAPHS:-}" = 0 ] && echo --no-cuda-graphs) --json "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json"
       # each row's peak against its memory plan (item 36)
       python3 benches/memory_replay.py "$OUT/bench_kv${KV_TAG:+_$KV_TAG}.json" | tail -n 14 ;;
