@@ -97,7 +97,6 @@ def _seconds(fn: Callable[[], Any], device: torch.device, min_sample_s: float, e
     return (time.perf_counter() - t0) / inner
 
 
-
 def host_attention_s(rows: int, heads: int, keys: int, head_dim: int, dtype: torch.dtype, repeats: int = 5,
                      min_sample_s: float = 0.02) -> float:
     """Seconds of one decode step's attention on the host's CPUs, as a "host-compute" layer runs it: ``rows``
@@ -113,6 +112,7 @@ def host_attention_s(rows: int, heads: int, keys: int, head_dim: int, dtype: tor
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     return statistics.median(_seconds(step, cpu, min_sample_s) for _ in range(repeats))
+
 
 def _random_weights(family: Any, names: Dict[str, str], dtype: torch.dtype, device: torch.device,
                     gen: torch.Generator) -> Dict[str, Tensor]:
