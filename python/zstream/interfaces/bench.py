@@ -738,7 +738,6 @@ def main(a: argparse.Namespace) -> int:
     _print_table(rows)
     summary = prediction_summary(rows)
     if summary is not None:
-        meta["prediction_summary"] = summary
         w = summary["worst"]
         steady = f", its slowest step {w['slowest_step_over_median']:.2f}x its median" \
             if w["slowest_step_over_median"] else ""
@@ -755,6 +754,9 @@ def main(a: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    """The run's JSON: its meta, with the summary of the rows' predictions where they have any, and its rows."""
+    summary = prediction_summary(rows)
+    meta = {**meta, "prediction_summary": summary} if summary is not None else meta
     Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
 
 
@@ -778,9 +780,7 @@ def _bench_all(a: argparse.Namespace, path: Path, device: str, dtype: Optional[t
                     rows += _bench_group(a, path, offload, budget, cap, group, device, dtype, meta, ranks, compress,
                                          kv)
                     if a.json and ranks == 1:  # what is measured so far survives a run cut short (a time limit)
-                        summary = prediction_summary(rows)
-                        _write_json(a.json, {**(run_meta or {}), **meta, "partial": True,
-                                             **({"prediction_summary": summary} if summary else {})}, rows)
+                        _write_json(a.json, {**(run_meta or {}), **meta, "partial": True}, rows)
     return rows, meta
 
 
