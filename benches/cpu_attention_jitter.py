@@ -7,9 +7,12 @@ time libgomp spins before sleeping, so each call wakes them. On a virtual machin
 through the host's scheduler. This times one decode attention (the engine's call: ``ops.attention`` with a mask,
 over a host cache of ``--layers`` layers attended in turn) ``--calls`` times, with ``--gap-ms`` of idling between
 calls, for each thread count and OpenMP wait policy (each policy in a process of its own: libgomp reads it once).
-Prints one JSON line per case: mean, quantiles, max, and the steal time /proc/stat counted meanwhile.
+The thread counts take turns in one process, ``--rounds`` times, so that a spell of the host (seconds long: items
+53-59) falls on all of them alike. Prints one JSON line per case and round: mean, quantiles, max, and the steal
+time /proc/stat counted meanwhile; then one summary line per case: its rounds' medians, their median and spread.
 
-    python benches/cpu_attention_jitter.py [--batch 16] [--threads 16,14,8] [--gap-ms 0,2] [--policies default,ACTIVE]
+    python benches/cpu_attention_jitter.py [--batch 16] [--threads 16,15,14,12] [--gap-ms 0,2] [--rounds 10]
+                                           [--policies default,ACTIVE]
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 def steal_ticks() -> int:
@@ -41,13 +44,14 @@ def quantiles(xs: List[float]) -> Dict[str, float]:
             "p90_ms": pick(0.9) * 1e3, "p99_ms": pick(0.99) * 1e3, "max_ms": s[-1] * 1e3}
 
 
-def run_case(a: argparse.Namespace, threads: int, gap_s: float) -> Dict[str, object]:
+def run_cases(a: argparse.Namespace, threads: List[int], gap_s: float) -> List[Dict[str, object]]:
+    """Each thread count's ``a.calls`` calls in turn, ``a.rounds`` times over, in this process: one row per thread
+    count and round."""
     import torch
 
     from zstream.foundations.models.common import StepContext
     from zstream.foundations.models.ops import attention
 
-    torch.set_num_threads(threads)
     B, nh, hs, L, S = a.batch, a.heads, a.head_dim, a.slots, a.slots - 16
     # every page written (a zero page reads from the CPUs' caches); the values do not change the work
     k = torch.empty(a.layers, B, nh, L, hs, dtype=torch.float16).fill_(0.01)     # (layers, B, nh, L, hs)
@@ -55,21 +59,37 @@ def run_case(a: argparse.Namespace, threads: int, gap_s: float) -> Dict[str, obj
     q = torch.randn(B, nh, 1, hs, dtype=torch.float16)                            # (B, nh, 1, hs)
     mask = torch.zeros(B, 1, 1, S, dtype=torch.float16)                           # additive, every key visible
     ctx = StepContext(start=S - 1, positions=torch.full((B, 1), S - 1), mask=mask, is_causal=False)
-    times: List[float] = []
-    for i in range(a.warmup + a.calls):
-        if i == a.warmup:
-            steal0 = steal_ticks()
-        t = time.perf_counter()
-        attention(q, k[i % a.layers, :, :, :S], v[i % a.layers, :, :, :S], ctx)
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t)
-        end = time.perf_counter() + gap_s
-        while gap_s and time.perf_counter() < end:  # the main thread busy elsewhere (launching), the workers idle
-            pass
     tick = os.sysconf("SC_CLK_TCK")
-    return {"threads": threads, "gap_ms": gap_s * 1e3, "calls": a.calls, "batch": B,
-            "cache_mb": B * nh * S * hs * 2 * 2 / 1e6, **quantiles(times),
-            "steal_s": (steal_ticks() - steal0) / tick, "wall_s": sum(times) + a.calls * gap_s}
+    rows: List[Dict[str, object]] = []
+    for r in range(a.rounds):
+        for n in threads:
+            torch.set_num_threads(n)
+            times: List[float] = []
+            for i in range(a.warmup + a.calls):
+                if i == a.warmup:
+                    steal0 = steal_ticks()
+                t = time.perf_counter()
+                attention(q, k[i % a.layers, :, :, :S], v[i % a.layers, :, :, :S], ctx)
+                if i >= a.warmup:
+                    times.append(time.perf_counter() - t)
+                end = time.perf_counter() + gap_s
+                while gap_s and time.perf_counter() < end:  # the main thread busy elsewhere (launching), workers idle
+                    pass
+            rows.append({"threads": n, "round": r, "gap_ms": gap_s * 1e3, "calls": a.calls, "batch": B,
+                         "cache_mb": B * nh * S * hs * 2 * 2 / 1e6, **quantiles(times),
+                         "steal_s": (steal_ticks() - steal0) / tick, "wall_s": sum(times) + a.calls * gap_s})
+    return rows
+
+
+def summarise(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Per policy, thread count and gap: the rounds' median calls (``p50_ms``), their median, fastest and slowest,
+    and the slowest over the fastest (how far apart the host's states were for that case)."""
+    cases: Dict[tuple, List[float]] = {}
+    for r in rows:
+        cases.setdefault((r["policy"], r["threads"], r["gap_ms"], r["batch"]), []).append(float(r["p50_ms"]))
+    return [{"summary": True, "policy": p, "threads": n, "gap_ms": g, "batch": b, "rounds": len(m),
+             "round_p50s_ms": m, "median_ms": statistics.median(m), "fastest_ms": min(m), "slowest_ms": max(m),
+             "spread": max(m) / min(m)} for (p, n, g, b), m in cases.items()]
 
 
 def main() -> None:
@@ -81,34 +101,43 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=15)       # the split's CPU layers of bloom-7b1 at 16 GiB
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--threads", default="16,14,8")
+    p.add_argument("--threads", default="16,15,14,12")
     p.add_argument("--gap-ms", default="0,2")
+    p.add_argument("--rounds", type=int, default=1, help="the thread counts' turns, one after another")
     p.add_argument("--policies", default="default,ACTIVE")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # threads,gap_ms: one case, in this process
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # threads;gap_ms: these cases, in this process
     p.add_argument("--json", default=None, help="append the JSON lines here too")
     a = p.parse_args()
     if a.child:
-        threads, gap = a.child.split(",")
-        print(json.dumps(run_case(a, int(threads), float(gap) / 1e3)), flush=True)
+        threads, gap = a.child.split(";")
+        for row in run_cases(a, [int(t) for t in threads.split(",")], float(gap) / 1e3):
+            print(json.dumps(row), flush=True)
         return
     shape = ["--batch", a.batch, "--heads", a.heads, "--head-dim", a.head_dim, "--slots", a.slots, "--layers",
-             a.layers, "--calls", a.calls, "--warmup", a.warmup]  # what the child times (not where lines go)
+             a.layers, "--calls", a.calls, "--warmup", a.warmup, "--rounds", a.rounds]  # what the child times
     base = [str(x) for x in shape]
+    rows: List[Dict[str, object]] = []
     for policy in a.policies.split(","):
         env = dict(os.environ)
         env.pop("OMP_WAIT_POLICY", None)
         if policy != "default":
             env["OMP_WAIT_POLICY"] = policy
-        for threads in a.threads.split(","):
-            for gap in a.gap_ms.split(","):
-                out = subprocess.run([sys.executable, __file__, *base, "--child", f"{threads},{gap}"], env=env,
-                                     capture_output=True, text=True, check=True).stdout
-                row = {"policy": policy, **json.loads(out.strip().splitlines()[-1])}
-                line = json.dumps(row)
-                print(line, flush=True)
-                if a.json:
-                    with open(a.json, "a") as f:
-                        f.write(line + "\n")
+        for gap in a.gap_ms.split(","):
+            out = subprocess.run([sys.executable, __file__, *base, "--child", f"{a.threads};{gap}"], env=env,
+                                 capture_output=True, text=True, check=True).stdout
+            for line in out.strip().splitlines():
+                rows.append({"policy": policy, **json.loads(line)})
+                _emit(rows[-1], a.json)
+    for row in summarise(rows):
+        _emit(row, a.json)
+
+
+def _emit(row: Dict[str, object], path: Optional[str]) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

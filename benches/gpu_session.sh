@@ -39,6 +39,8 @@
 #         resident, as the planner chose), profiled the same way.
 #         mask-ab: a decode step's attention with the engine's mask against a contiguous one (MASK_BATCH, MASK_ROUNDS).
 #         ring-host-cost: a streamed block's cost to the thread launching a decode step (RING_ROUNDS).
+#         cpu-jitter: the CPUs' decode attention call by call at 16, 15, 14 and 12 threads in turn, libgomp's default
+#         and active wait (JITTER_BATCH, JITTER_ROUNDS, ...; benches/cpu_attention_jitter.py).
 #         copy-ab: decode blocks alone against beside a streamed block's copy (COPYAB_BATCH, COPYAB_ROUNDS).
 #         graph-ab: the calibration's graphed step against the model's layout, a warm card, steps synchronised one by
 #         one and steps after a prefill (GRAPHAB_BATCHES).
@@ -164,6 +166,11 @@ for stage in "$@"; do
     ring-host-cost) # a streamed block's cost to the launching thread, the ring's slot views kept against made at
       # every copy, one process, interleaved (performance.md item 48): a tiny 30-block bloom, steps launch-bound
       python3 benches/ring_host_cost.py --device cuda --rounds ${RING_ROUNDS:-8} --json "$OUT/ring_host_cost.json" ;;
+    cpu-jitter) # the CPUs' decode attention call by call, the thread counts taking turns (performance.md item 60):
+      # JITTER_BATCH (16), JITTER_LAYERS (30, host-compute's), JITTER_THREADS, JITTER_ROUNDS, JITTER_CALLS, JITTER_GAPS
+      python3 benches/cpu_attention_jitter.py --batch ${JITTER_BATCH:-16} --layers ${JITTER_LAYERS:-30} \
+        --threads ${JITTER_THREADS:-16,15,14,12} --rounds ${JITTER_ROUNDS:-8} --calls ${JITTER_CALLS:-200} \
+        --gap-ms ${JITTER_GAPS:-0,2} --json "$OUT/cpu_jitter_b${JITTER_BATCH:-16}.jsonl" | grep '"summary"' ;;
     test-graph) (cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py -k "graph" > "$OUT/pytest_graph.log" 2>&1;
       echo "rc=$?" >> "$OUT/pytest_graph.log"); tail -3 "$OUT/pytest_graph.log" ;;
     ab-split-layout) # which layers a "split" cache attends on the CPUs, both layouts in one process, alternating
