@@ -40,7 +40,12 @@ calibration that keeps the least disturbed rounds of a CPU point would have pred
 calm``: from the median of the rounds this build's calibration keeps (``calibrate.calm_rounds``, item 31; it also
 times the CPUs' points again where rounds were dropped, which a replay cannot); its rounds are scored on the slower
 half of the points since format 19 (item 59). ``calm-every``: scored on every point, as formats 7-18 did; ``late``:
-the rounds after the first two (item 59: tried, not adopted).
+the rounds after the first two (item 59: tried, not adopted); ``calm-fastest``, ``calm-slowest``: the calm rounds'
+extremes.
+
+``--band``: each row attended on the CPUs replayed from its calm rounds' slowest and fastest as well, and a count of
+the rows whose measured tokens/s fell within that band, above or below it (item 56: whether any statistic of the
+calibration's rounds could have predicted them).
 """
 
 from __future__ import annotations
@@ -104,7 +109,8 @@ def busy_factor(compute: ComputeModel, family: Any, dtype: torch.dtype) -> Optio
 CPU_ROUNDS = {"median": statistics.median, "min": min, "low2": lambda xs: sorted(xs)[min(1, len(xs) - 1)],
               "calm": statistics.median,  # "calm": the median of the rounds ``calibrate.calm_rounds`` keeps
               "calm-every": statistics.median,  # the same, every point scoring a round (formats 7-18, item 31)
-              "late": statistics.median}  # the rounds after the first LATE_FROM (a warm-up dropped)
+              "late": statistics.median,  # the rounds after the first LATE_FROM (a warm-up dropped)
+              "calm-fastest": min, "calm-slowest": max}  # the calm rounds' extremes: ``--band``'s edges
 LATE_FROM = 2
 
 
@@ -112,7 +118,7 @@ def kept_rounds(rounds_by_point: List[List[float]], how: str, tolerance: float) 
     """The rounds (indices) a refit by ``how`` keeps; None for all. "calm": this build's ``calibrate.calm_rounds``
     (its rounds scored on the slower half of the points, item 59); "calm-every": scored on every point, as formats
     7-18 did (item 31); "late": every round from the third on, as if the first two were a warm-up."""
-    if how in ("calm", "calm-every"):
+    if how in ("calm", "calm-every", "calm-fastest", "calm-slowest"):
         return calm_rounds(rounds_by_point, tolerance, **({"scored_share": 1.0} if how == "calm-every" else {}))
     if how == "late":
         n = min(len(r) for r in rounds_by_point)
@@ -269,6 +275,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cpu-fit", choices=("stored", "seconds"), default="stored",
                    help="the host-compute decode block's fit as stored (default, in relative error), or fitted again "
                         "from its points in seconds")
+    p.add_argument("--band", action="store_true",
+                   help="the rows attended on the CPUs replayed from their calm rounds' fastest and slowest too: "
+                        "how many ran within that band, faster or slower")
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
@@ -282,6 +291,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor, a.cpu_rounds,
                                                     a.calm_tolerance, a.step_wait, a.prefill, a.eager, a.cpu_fit)}
+            if a.band and row["kv_offload"] in ("host-compute", "split"):
+                r["band"] = [replay_row(row, doc["meta"], preset, a.busy_factor, edge, a.calm_tolerance,
+                                        a.step_wait, a.prefill, a.eager, a.cpu_fit)["replayed"]
+                             for edge in ("calm-slowest", "calm-fastest")]
             rows.append(r)
             print(_line(r))
     replayed = [r["replayed"] / r["measured"] for r in rows if r["replayed"]]
@@ -294,9 +307,28 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"prefill measured / predicted ({what}): median {statistics.median(prefills):.3f} over "
                   f"{len(prefills)} rows, {sum(x > 1 for x in prefills)} of them slower than predicted, "
                   f"{sum(abs(x - 1) <= 0.10 for x in prefills)} within 10%")
+    if a.band:
+        b = band_counts(rows)
+        print(f"the CPUs' rows within their calm rounds' band (tokens/s from the slowest to the fastest): "
+              f"{b['within']} of {b['rows']}; faster than the fastest {b['faster']}, "
+              f"slower than the slowest {b['slower']}; out of any such prediction's 10% {b['out_of_reach']}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def band_counts(rows: List[Dict[str, Any]], tolerance: float = 0.10) -> Dict[str, int]:
+    """Of the rows with a ``band`` (tokens/s replayed from their calm rounds' slowest and fastest), how many
+    measured within it, above it (faster than any calm round would predict) and below it; and how many no
+    prediction within the band could have come within ``tolerance`` of (``out_of_reach``: the band and the
+    predictions within ``tolerance`` of the row's tokens/s do not meet)."""
+    banded = [r for r in rows if r.get("band") and None not in r["band"]]
+    faster = sum(r["measured"] > r["band"][1] for r in banded)
+    slower = sum(r["measured"] < r["band"][0] for r in banded)
+    out = sum(r["band"][1] < (1 - tolerance) * r["measured"] or r["band"][0] > (1 + tolerance) * r["measured"]
+              for r in banded)
+    return {"rows": len(banded), "within": len(banded) - faster - slower, "faster": faster, "slower": slower,
+            "out_of_reach": out}
 
 
 if __name__ == "__main__":

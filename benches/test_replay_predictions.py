@@ -37,6 +37,14 @@ def test_the_replay_of_this_builds_rows_equals_their_predictions(tmp_path, monke
         assert r["step_ratio"] == pytest.approx(row["decode_step_s"] / row["predicted_decode_step_s"])
     out = capsys.readouterr().out
     assert "host-compute" in out and f"over {len(predicted)} rows" in out
+    banded = tmp_path / "banded.json"
+    assert rp.main([str(made), "--band", "--json", str(banded)]) == 0
+    rows = json.loads(banded.read_text())
+    on_cpus = [r for r in rows if r["kv_offload"] in ("host-compute", "split")]
+    assert on_cpus and all(r["band"][0] <= r["replayed"] <= r["band"][1] for r in on_cpus)  # slowest, then fastest
+    assert not any("band" in r for r in rows if r not in on_cpus)
+    assert f"band (tokens/s from the slowest to the fastest): {rp.band_counts(rows)['within']} of {len(on_cpus)}" \
+        in capsys.readouterr().out
 
 
 def test_the_prefill_refitted_in_seconds_or_as_before_from_a_calibrations_samples():
@@ -239,3 +247,36 @@ def test_the_calm_rounds_scored_on_the_slower_points_on_every_point_or_after_a_w
     assert rp.kept_rounds(rounds, "late", 1.3) == [2, 3, 4]
     assert rp.kept_rounds([[1e-3, 2e-3]], "late", 1.3) == [1]  # never none: at least the last round
     assert rp.kept_rounds(rounds, "median", 1.3) is None
+
+
+def test_the_calm_rounds_extremes_refit_the_cpus_points_at_the_bands_edges():
+    """``--cpu-rounds calm-fastest`` / ``calm-slowest``: of rounds 1, 3, 1.1 ms and 4, 12, 5 ms the calm ones are the
+    first and third (the second is 3x both points' fastest), so the edges are 1 and 4 ms, 1.1 and 5 ms: the
+    disturbed round is never an edge."""
+    import torch
+
+    import zstream
+    from zstream.foundations.models import family_for
+
+    family = family_for(zstream.synthetic.PRESETS["bloom-7b1"])
+    for how, want in (("calm-fastest", (1e-3, 4e-3)), ("calm-slowest", (1.1e-3, 5e-3))):
+        rounds = {1: [1e-3, 3e-3, 1.1e-3], 64: [4e-3, 12e-3, 5e-3]}
+        host = [{"kv_offload": "host-compute", "phase": "decode", "batch": b, "keys": 544, "block_s": sorted(r)[1],
+                 "block_rounds_s": r} for b, r in rounds.items()]
+        compute = ComputeModel.from_dict({"num_blocks": 30, "decode_block": [0, 0, 0], "decode_outer": [0, 0, 0],
+                                          "prefill_block": [0, 0, 0], "prefill_outer": [0, 0, 0],
+                                          "kv_blocks": {"host-compute": [[1e-3, 0, 0], [1e-3, 0, 0]]},
+                                          "samples": host})
+        rp.refit_cpu_points(compute, family, torch.float16, how)
+        got = tuple(compute.kv_blocks["host-compute"][0](b, 544) for b in (1, 64))
+        assert got == pytest.approx(want, rel=1e-6), how
+
+
+def test_a_band_counts_rows_within_above_and_below_it():
+    """A band of 90-110 tokens/s: 100 and 90 within it, 120 and 130 faster, 80 and 85 slower. Out of reach: 130
+    (the band's top, 110, under 0.9 x 130 = 117) and 80 (its bottom, 90, over 1.1 x 80 = 88); 120 (110 >= 108) and
+    85 (90 <= 93.5) are outside the band but within reach. Rows without a whole band do not count."""
+    band = [90.0, 110.0]
+    rows = [{"measured": m, "band": band} for m in (100.0, 120.0, 130.0, 80.0, 85.0, 90.0)]
+    rows += [{"measured": 95.0, "band": [None, 110.0]}, {"measured": 95.0}]
+    assert rp.band_counts(rows) == {"rows": 6, "within": 2, "faster": 2, "slower": 2, "out_of_reach": 2}
