@@ -125,9 +125,10 @@ def main() -> None:
         for gap in a.gap_ms.split(","):
             out = subprocess.run([sys.executable, __file__, *base, "--child", f"{a.threads};{gap}"], env=env,
                                  capture_output=True, text=True, check=True).stdout
-            for line in out.strip().splitlines():
-                rows.append({"policy": policy, **json.loads(line)})
-                _emit(rows[-1], a.json)
+            for line in out.splitlines():
+                if line.startswith("{"):  # (a library's warning on stdout is not a row)
+                    rows.append({"policy": policy, **json.loads(line)})
+                    _emit(rows[-1], a.json)
     for row in summarise(rows):
         _emit(row, a.json)
 
