@@ -2,14 +2,15 @@
 calibrations timed rounds of the same block 1-24 ms apart, run 21 of 2026-12-04, where the link-bound rows held.)
 
 The engine calls the CPUs' attention of a host-compute layer, then runs the device's part of the block and the next
-layer's launches before it calls again: the OpenMP workers of the CPUs' attention idle between calls, past the
-time libgomp spins before sleeping, so each call wakes them. On a virtual machine a sleeping vCPU's wake-up goes
-through the host's scheduler. This times one decode attention (the engine's call: ``ops.attention`` with a mask,
-over a host cache of ``--layers`` layers attended in turn) ``--calls`` times, with ``--gap-ms`` of idling between
-calls, for each thread count and OpenMP wait policy (each policy in a process of its own: libgomp reads it once).
-The thread counts take turns in one process, ``--rounds`` times, so that a spell of the host (seconds long: items
-53-59) falls on all of them alike. Prints one JSON line per case and round: mean, quantiles, max, and the steal
-time /proc/stat counted meanwhile; then one summary line per case: its rounds' medians, their median and spread.
+layer's launches before it calls again: the OpenMP workers of the CPUs' attention idle between calls, past the time
+libgomp spins before sleeping, so each call wakes them. On a virtual machine a sleeping vCPU's wake-up goes through the
+host's scheduler. This times one decode attention (the engine's call: ``ops.attention`` with a mask, over a host cache
+of ``--layers`` layers attended in turn) ``--calls`` times, with ``--gap-ms`` of idling between calls, for each thread
+count and OpenMP wait policy (each policy in a process of its own: libgomp reads it once). The thread counts take turns
+in one process, ``--rounds`` times, so that a spell of the host (seconds long: items 53-59) falls on all of them alike;
+each round starts one count further along, so no count always goes first. Prints one JSON line per case and round: mean,
+quantiles, max, and the steal time /proc/stat counted meanwhile; then one summary line per case: its rounds' medians,
+their median and spread.
 
     python benches/cpu_attention_jitter.py [--batch 16] [--threads 16,15,14,12] [--gap-ms 0,2] [--rounds 10]
                                            [--policies default,ACTIVE]
@@ -62,7 +63,8 @@ def run_cases(a: argparse.Namespace, threads: List[int], gap_s: float) -> List[D
     tick = os.sysconf("SC_CLK_TCK")
     rows: List[Dict[str, object]] = []
     for r in range(a.rounds):
-        for n in threads:
+        # the order rotates round by round: the first count of a process meets its warm-up (item 60's caveat)
+        for n in threads[r % len(threads):] + threads[:r % len(threads)]:
             torch.set_num_threads(n)
             times: List[float] = []
             for i in range(a.warmup + a.calls):

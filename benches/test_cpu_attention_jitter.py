@@ -1,5 +1,6 @@
 """The jitter bench on the CPU, small cases in a child process: JSON lines with their quantiles in order, their calls
-counted, the cache's size as given, the thread counts taking turns round by round, and a summary per case."""
+counted, the cache's size as given, the thread counts taking turns round by round (each round starting one count further
+along), and a summary per case."""
 
 from __future__ import annotations
 
@@ -29,17 +30,19 @@ def test_one_case_reports_its_quantiles_in_order(tmp_path, monkeypatch, capsys):
     assert summary["summary"] and summary["rounds"] == 1 and summary["round_p50s_ms"] == [row["p50_ms"]]
 
 
-def test_the_thread_counts_take_turns_round_by_round(tmp_path, monkeypatch):
+def test_the_thread_counts_take_turns_round_by_round_each_round_starting_one_further_along(tmp_path, monkeypatch):
     out = tmp_path / "jitter.jsonl"
-    monkeypatch.setattr(sys, "argv", ["cpu_attention_jitter.py", "--threads", "1,2", "--gap-ms", "0",
-                                      "--rounds", "3", "--policies", "default", *SMALL, "--json", str(out)])
+    monkeypatch.setattr(sys, "argv", ["cpu_attention_jitter.py", "--threads", "1,2,3", "--gap-ms", "0",
+                                      "--rounds", "4", "--policies", "default", *SMALL, "--json", str(out)])
     jitter.main()
     lines = [json.loads(line) for line in out.read_text().strip().splitlines()]
-    rows, summaries = lines[:6], lines[6:]
-    assert [(r["threads"], r["round"]) for r in rows] == [(1, 0), (2, 0), (1, 1), (2, 1), (1, 2), (2, 2)]
-    assert [(s["threads"], s["rounds"]) for s in summaries] == [(1, 3), (2, 3)]
+    rows, summaries = lines[:12], lines[12:]
+    assert [(r["threads"], r["round"]) for r in rows] == [(1, 0), (2, 0), (3, 0), (2, 1), (3, 1), (1, 1),
+                                                          (3, 2), (1, 2), (2, 2), (1, 3), (2, 3), (3, 3)]
+    assert sorted((s["threads"], s["rounds"]) for s in summaries) == [(1, 4), (2, 4), (3, 4)]
     one = [r["p50_ms"] for r in rows if r["threads"] == 1]
-    assert summaries[0]["round_p50s_ms"] == one and summaries[0]["fastest_ms"] == min(one)
+    first = next(s for s in summaries if s["threads"] == 1)
+    assert first["round_p50s_ms"] == one and first["fastest_ms"] == min(one)
 
 
 def test_a_summary_is_the_rounds_medians_and_their_spread():
