@@ -30,7 +30,7 @@ def test_one_case_reports_its_quantiles_in_order(tmp_path, monkeypatch, capsys):
     assert summary["summary"] and summary["rounds"] == 1 and summary["round_p50s_ms"] == [row["p50_ms"]]
 
 
-def test_the_thread_counts_take_turns_round_by_round_each_round_starting_one_further_along(tmp_path, monkeypatch):
+def test_the_thread_counts_take_turns_and_rotate_round_by_round(tmp_path, monkeypatch):
     out = tmp_path / "jitter.jsonl"
     monkeypatch.setattr(sys, "argv", ["cpu_attention_jitter.py", "--threads", "1,2,3", "--gap-ms", "0",
                                       "--rounds", "4", "--policies", "default", *SMALL, "--json", str(out)])
