@@ -43,6 +43,10 @@ half of the points since format 19 (item 59). ``calm-every``: scored on every po
 the rounds after the first two (item 59: tried, not adopted); ``calm-fastest``, ``calm-slowest``: the calm rounds'
 extremes.
 
+``--pool-lease`` (a diagnostic): each CPU point taken from every calibration of the row's file, one lease, as the
+median of all the rounds they kept (by ``--cpu-rounds``), calibrations made after the row included: how far the CPU
+rows would come from a calibration that sampled the lease's CPUs for longer (item 61).
+
 ``--band``: each row attended on the CPUs replayed from its calm rounds' slowest and fastest as well, and a count of
 the rows whose measured tokens/s fell within that band, above or below it (item 56: whether any statistic of the
 calibration's rounds could have predicted them).
@@ -126,6 +130,12 @@ def kept_rounds(rounds_by_point: List[List[float]], how: str, tolerance: float) 
     return None
 
 
+def cpu_points(compute: ComputeModel) -> List[Dict[str, Any]]:
+    """The CPUs' decode points of ``compute`` that kept their rounds: host-compute blocks, split pairs."""
+    return [s for s in compute.samples if s.get("kv_offload") in ("host-compute", "split")
+            and s.get("phase") == "decode" and s.get("block_rounds_s")]
+
+
 def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how: str,
                      tolerance: float = CALM_ROUND_TOLERANCE) -> None:
     """The CPUs' decode points of ``compute`` refitted from their rounds by ``CPU_ROUNDS[how]`` (in place): the
@@ -133,13 +143,18 @@ def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how
     "calm", from the rounds a calibration of this build keeps (its ``calm_rounds`` over the stored rounds; a
     calibration of format 7 or later stored them already), ``tolerance`` its ``CALM_ROUND_TOLERANCE``."""
     pick = CPU_ROUNDS[how]
-    points = [s for s in compute.samples if s.get("kv_offload") in ("host-compute", "split")
-              and s.get("phase") == "decode" and s.get("block_rounds_s")]
-    kept = kept_rounds([s["block_rounds_s"] for s in points], how, tolerance) if points else None
-    for s in points:
-        rounds = s["block_rounds_s"] if kept is None else [s["block_rounds_s"][i] for i in kept]
+    for s, rounds in _kept(compute, how, tolerance):
         s["block_s"] = pick(rounds)
+    _refit_cpu_fits(compute, family, dtype)
 
+
+def _kept(compute: ComputeModel, how: str, tolerance: float) -> List[Tuple[Dict[str, Any], List[float]]]:
+    points = cpu_points(compute)
+    kept = kept_rounds([s["block_rounds_s"] for s in points], how, tolerance) if points else None
+    return [(s, s["block_rounds_s"] if kept is None else [s["block_rounds_s"][i] for i in kept]) for s in points]
+
+
+def _refit_cpu_fits(compute: ComputeModel, family: Any, dtype: torch.dtype) -> None:
     def fit(kv: str) -> Optional[Linear3]:
         pts = [(s["batch"], s["keys"], s["block_s"]) for s in compute.samples
                if s.get("kv_offload") == kv and s.get("phase") == "decode"]
@@ -151,6 +166,29 @@ def refit_cpu_points(compute: ComputeModel, family: Any, dtype: torch.dtype, how
         compute.split_pair = fit("split")
     if compute.cpu_busy_factor is not None:
         compute.cpu_busy_factor = busy_factor(compute, family, dtype)
+
+
+PointKey = Tuple[str, int, int]  # (kv_offload, batch, keys)
+
+
+def lease_points(models: List[Dict[str, Any]], how: str = "median",
+                 tolerance: float = CALM_ROUND_TOLERANCE) -> Dict[PointKey, float]:
+    """Each CPU point's time over every calibration of one file (one lease): the median of all the rounds the
+    calibrations kept of it (``how`` as ``--cpu-rounds``: "calm" keeps each calibration's calm rounds; "median",
+    every round). A diagnostic, not a prediction: a row's pooled point includes calibrations made after it. It
+    says how far the rows would come from a calibration that sampled the lease's CPUs for longer."""
+    pooled: Dict[PointKey, List[float]] = {}
+    for m in models:
+        for s, rounds in _kept(ComputeModel.from_dict(m), how if how in CPU_ROUNDS else "median", tolerance):
+            pooled.setdefault((s["kv_offload"], s["batch"], s["keys"]), []).extend(rounds)
+    return {k: statistics.median(v) for k, v in pooled.items()}
+
+
+def use_lease_points(compute: ComputeModel, family: Any, dtype: torch.dtype, pooled: Dict[PointKey, float]) -> None:
+    """The CPUs' decode points of ``compute`` set to the lease's pooled times (``lease_points``), refitted."""
+    for s in cpu_points(compute):
+        s["block_s"] = pooled.get((s["kv_offload"], s["batch"], s["keys"]), s["block_s"])
+    _refit_cpu_fits(compute, family, dtype)
 
 
 def refit_cpu_block_in_seconds(compute: ComputeModel) -> None:
@@ -187,14 +225,15 @@ def refit_prefill(compute: ComputeModel, how: str) -> None:
 def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute_busy: bool,
                cpu_rounds: str = "median", tolerance: float = CALM_ROUND_TOLERANCE,
                step_wait: str = "row", prefill: str = "stored", eager: str = "stored",
-               cpu_fit: str = "stored") -> Dict[str, Any]:
+               cpu_fit: str = "stored", pooled: Optional[Dict[PointKey, float]] = None) -> Dict[str, Any]:
     """The row's stored and replayed predictions, each over its measured tokens/s (None where not replayed), the
     replayed decode step and the measured prefill over the replayed one. ``step_wait``: "row", the loop as the row's
     steps were timed (its ``step_wait``: before it was recorded, the bench synchronised the device after each step);
     "tokens" or "device", that loop. ``prefill``: "seconds" or "relative", the prefill's fits taken again from
     the samples so (``refit_prefill``). ``eager``: "whole", the eager step's extra taken again from the samples as
     this build takes it (``calibrate.eager_extra_fit``; a calibration without whole eager steps keeps none).
-    ``cpu_fit``: "seconds", the host-compute decode block fitted again in seconds (``refit_cpu_block_in_seconds``)."""
+    ``cpu_fit``: "seconds", the host-compute decode block fitted again in seconds (``refit_cpu_block_in_seconds``).
+    ``pooled``: the CPUs' points taken from the whole lease's calibrations (``lease_points``)."""
     out = {"kv_offload": row["kv_offload"], "batch": row["batch"], "micro_batch": row.get("micro_batch"),
            "kv_cpu_layers": row.get("kv_cpu_layers"), "measured": row["tokens_per_s"],
            "stored": row.get("predicted_tokens_per_s"), "replayed": None, "replayed_step_s": None,
@@ -210,6 +249,8 @@ def replay_row(row: Dict[str, Any], meta: Dict[str, Any], preset: str, recompute
         compute.cpu_busy_factor = busy_factor(compute, family, dtype)
     if cpu_rounds != "median":
         refit_cpu_points(compute, family, dtype, cpu_rounds, tolerance)
+    if pooled is not None:
+        use_lease_points(compute, family, dtype, pooled)
     if cpu_fit == "seconds":
         refit_cpu_block_in_seconds(compute)
     if prefill != "stored":
@@ -278,6 +319,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--band", action="store_true",
                    help="the rows attended on the CPUs replayed from their calm rounds' fastest and slowest too: "
                         "how many ran within that band, faster or slower")
+    p.add_argument("--pool-lease", action="store_true",
+                   help="a diagnostic: each CPU point from every calibration in the row's file (its lease), the "
+                        "median of the rounds they kept (by --cpu-rounds), calibrations after the row included")
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
@@ -286,11 +330,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for f in a.files:
         doc = json.loads(Path(f).read_text())
         preset = a.preset or preset_of(doc["meta"])
+        pooled = (lease_points(list(doc["meta"].get("compute_models", {}).values()), a.cpu_rounds, a.calm_tolerance)
+                  if a.pool_lease else None)
         for row in doc["rows"]:
             if row.get("predicted_tokens_per_s") is None:
                 continue
             r = {"file": Path(f).name, **replay_row(row, doc["meta"], preset, a.busy_factor, a.cpu_rounds,
-                                                    a.calm_tolerance, a.step_wait, a.prefill, a.eager, a.cpu_fit)}
+                                                    a.calm_tolerance, a.step_wait, a.prefill, a.eager, a.cpu_fit,
+                                                    pooled)}
             if a.band and row["kv_offload"] in ("host-compute", "split"):
                 r["band"] = [replay_row(row, doc["meta"], preset, a.busy_factor, edge, a.calm_tolerance,
                                         a.step_wait, a.prefill, a.eager, a.cpu_fit)["replayed"]

@@ -280,3 +280,43 @@ def test_a_band_counts_rows_within_above_and_below_it():
     rows = [{"measured": m, "band": band} for m in (100.0, 120.0, 130.0, 80.0, 85.0, 90.0)]
     rows += [{"measured": 95.0, "band": [None, 110.0]}, {"measured": 95.0}]
     assert rp.band_counts(rows) == {"rows": 6, "within": 2, "faster": 2, "slower": 2, "out_of_reach": 2}
+
+
+def test_a_leases_cpu_points_pool_every_calibrations_kept_rounds_and_refit_a_rows_model():
+    """``--pool-lease``: two calibrations of one lease timed the host-compute point (64, 544) in rounds of 4, 5, 6 ms
+    and 8, 9 ms; pooled, the point is their median, 6 ms (each alone: 5 and 8.5); a point only one timed keeps its
+    rounds' median, and a split pair is pooled apart from the host-compute block at the same shape. With "calm" the
+    disturbed round (12 ms, 3x both points' fastest) is left out before pooling. A row's model set to the pooled
+    points refits its host-compute block and split pair through them; its device points stay."""
+    import torch
+
+    import zstream
+    from zstream.foundations.models import family_for
+
+    def model(rounds, split=None):
+        host = [{"kv_offload": "host-compute", "phase": "decode", "batch": b, "keys": 544,
+                 "block_s": sorted(r)[len(r) // 2], "block_rounds_s": r} for b, r in rounds.items()]
+        host += [{"kv_offload": "split", "phase": "decode", "batch": b, "keys": 544, "block_s": sorted(r)[len(r) // 2],
+                  "block_rounds_s": r} for b, r in (split or {}).items()]
+        return {"num_blocks": 30, "decode_block": [0, 0, 0], "decode_outer": [0, 0, 0], "prefill_block": [0, 0, 0],
+                "prefill_outer": [0, 0, 0], "kv_blocks": {"host-compute": [[1e-3, 0, 0], [1e-3, 0, 0]]},
+                "split_pair": [1e-3, 0, 0] if split else None, "samples": host}
+
+    first = model({1: [1e-3, 1e-3, 1e-3], 64: [4e-3, 5e-3, 6e-3]})
+    second = model({16: [2e-3, 2e-3], 64: [8e-3, 9e-3]}, split={64: [20e-3, 30e-3]})
+    pooled = rp.lease_points([first, second])
+    assert pooled == pytest.approx({("host-compute", 1, 544): 1e-3, ("host-compute", 16, 544): 2e-3,
+                                    ("host-compute", 64, 544): 6e-3, ("split", 64, 544): 25e-3})
+    lease = [model({1: [1e-3, 3e-3, 1e-3], 64: [4e-3, 12e-3, 4e-3]}), model({16: [2e-3, 2e-3], 64: [8e-3, 9e-3]})]
+    assert rp.lease_points(lease, "calm")[("host-compute", 64, 544)] == pytest.approx(6e-3)  # 4, 4 (12 out), 8, 9
+    assert rp.lease_points(lease)[("host-compute", 64, 544)] == pytest.approx(8e-3)  # every round: 4, 12, 4, 8, 9
+
+    family = family_for(zstream.synthetic.PRESETS["bloom-7b1"])
+    compute = ComputeModel.from_dict(second)
+    device = {"phase": "decode", "batch": 1, "context": 544, "block_s": 7e-4, "block_rounds_s": [7e-4]}
+    compute.samples.append(device)
+    rp.use_lease_points(compute, family, torch.float16, pooled)
+    assert compute.kv_blocks["host-compute"][0](64, 544) == pytest.approx(6e-3, rel=1e-6)
+    assert compute.kv_blocks["host-compute"][0](16, 544) == pytest.approx(2e-3, rel=1e-6)
+    assert compute.split_pair(64, 544) == pytest.approx(25e-3, rel=1e-6)
+    assert device["block_s"] == 7e-4
