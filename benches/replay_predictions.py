@@ -44,8 +44,8 @@ the rounds after the first two (item 59: tried, not adopted); ``calm-fastest``, 
 extremes.
 
 ``--pool-lease`` (a diagnostic): each CPU point taken from every calibration of the row's file, one lease, as the
-median of all the rounds they kept (by ``--cpu-rounds``), calibrations made after the row included: how far the CPU
-rows would come from a calibration that sampled the lease's CPUs for longer (item 61).
+median of all the rounds they kept (``--cpu-rounds`` picks which), calibrations made after the row included: how
+far the CPU rows would come from a calibration that sampled the lease's CPUs for longer (item 61).
 
 ``--band``: each row attended on the CPUs replayed from its calm rounds' slowest and fastest as well, and a count of
 the rows whose measured tokens/s fell within that band, above or below it (item 56: whether any statistic of the
@@ -174,12 +174,13 @@ PointKey = Tuple[str, int, int]  # (kv_offload, batch, keys)
 def lease_points(models: List[Dict[str, Any]], how: str = "median",
                  tolerance: float = CALM_ROUND_TOLERANCE) -> Dict[PointKey, float]:
     """Each CPU point's time over every calibration of one file (one lease): the median of all the rounds the
-    calibrations kept of it (``how`` as ``--cpu-rounds``: "calm" keeps each calibration's calm rounds; "median",
-    every round). A diagnostic, not a prediction: a row's pooled point includes calibrations made after it. It
-    says how far the rows would come from a calibration that sampled the lease's CPUs for longer."""
+    calibrations kept of it (``how`` as ``--cpu-rounds`` picks the rounds: "calm" and its kin keep each
+    calibration's calm rounds, "late" the rounds after the first two, the others every round). A diagnostic, not a
+    prediction: a row's pooled point includes calibrations made after it. It says how far the rows would come from
+    a calibration that sampled the lease's CPUs for longer."""
     pooled: Dict[PointKey, List[float]] = {}
     for m in models:
-        for s, rounds in _kept(ComputeModel.from_dict(m), how if how in CPU_ROUNDS else "median", tolerance):
+        for s, rounds in _kept(ComputeModel.from_dict(m), how, tolerance):
             pooled.setdefault((s["kv_offload"], s["batch"], s["keys"]), []).extend(rounds)
     return {k: statistics.median(v) for k, v in pooled.items()}
 
@@ -321,7 +322,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "how many ran within that band, faster or slower")
     p.add_argument("--pool-lease", action="store_true",
                    help="a diagnostic: each CPU point from every calibration in the row's file (its lease), the "
-                        "median of the rounds they kept (by --cpu-rounds), calibrations after the row included")
+                        "median of the rounds they kept (--cpu-rounds picks which), later calibrations included")
     p.add_argument("--json", help="write the replayed rows here")
     a = p.parse_args(argv)
     rows: List[Dict[str, Any]] = []
