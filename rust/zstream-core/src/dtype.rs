@@ -119,4 +119,39 @@ mod tests {
         }
         assert!("F12".parse::<Dtype>().is_err());
     }
+
+    #[test]
+    fn displays_its_header_name() {
+        let shown: Vec<String> = Dtype::ALL.iter().map(ToString::to_string).collect();
+        let want = ["BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32", "F64"];
+        assert_eq!(shown[..13], want);
+        assert_eq!(shown[13..], ["F8_E4M3", "F8_E5M2"]);
+    }
+
+    #[test]
+    fn dlpack_codes_and_bits_by_hand() {
+        // dlpack.h v1.0: kDLInt 0, kDLUInt 1, kDLFloat 2, kDLBfloat 4, kDLBool 6; bits per element, lanes 1. The F8
+        // types go out as 8-bit unsigned bytes.
+        let want: [(Dtype, u8, u8); 15] = [
+            (Dtype::Bool, 6, 8),
+            (Dtype::U8, 1, 8),
+            (Dtype::I8, 0, 8),
+            (Dtype::I16, 0, 16),
+            (Dtype::U16, 1, 16),
+            (Dtype::I32, 0, 32),
+            (Dtype::U32, 1, 32),
+            (Dtype::I64, 0, 64),
+            (Dtype::U64, 1, 64),
+            (Dtype::F16, 2, 16),
+            (Dtype::Bf16, 4, 16),
+            (Dtype::F32, 2, 32),
+            (Dtype::F64, 2, 64),
+            (Dtype::F8E4M3, 1, 8),
+            (Dtype::F8E5M2, 1, 8),
+        ];
+        for (d, code, bits) in want {
+            assert_eq!(d.dlpack(), (code, bits), "{d}");
+            assert_eq!(8 * d.size(), usize::from(bits), "{d}");
+        }
+    }
 }

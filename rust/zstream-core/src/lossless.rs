@@ -58,13 +58,6 @@ pub struct Encoded {
     pub lengths: [u8; 256],
 }
 
-impl Encoded {
-    /// Bytes this coding takes: streams, offsets, raw bytes and the table.
-    pub fn nbytes(&self) -> usize {
-        4 * self.words.len() + 4 * self.offsets.len() + self.raw.len() + 2 * self.table.len()
-    }
-}
-
 /// Words of the `offsets` of `lanes` lanes: one a group, then one for two lanes.
 pub fn offsets_len(lanes: usize) -> usize {
     lanes.div_ceil(LANE_GROUP) + lanes.div_ceil(2)
@@ -508,6 +501,34 @@ mod tests {
         let kraft: f64 = lengths.iter().filter(|&&l| l > 0).map(|&l| 0.5f64.powi(i32::from(l))).sum();
         assert!(kraft <= 1.0 + 1e-12);
         assert_eq!(lengths.iter().filter(|&&l| l > 0).count(), 41);
+    }
+
+    #[test]
+    fn a_small_code_by_hand() {
+        // counts 20, 6, 5, 5 (symbols 5, 9, 2, 7): Huffman joins 2+7 (10), then 9+10 (16), then 5+16: lengths 1, 2,
+        // 3, 3; canonical codes 0, 10, 110, 111
+        let mut counts = [0u64; 256];
+        (counts[5], counts[9], counts[2], counts[7]) = (20, 6, 5, 5);
+        let lengths = code_lengths(&counts, MAX_CODE_LEN);
+        let (present, codes) = ([5, 9, 2, 7], canonical_codes(&lengths));
+        assert_eq!(present.map(|s| lengths[s]), [1, 2, 3, 3]);
+        assert_eq!(lengths.iter().filter(|&&l| l > 0).count(), 4);
+        assert_eq!(present.map(|s| codes[s]), [0b0, 0b10, 0b110, 0b111]);
+        // the tables: length l's codes end at (first code + count) << (12 - l); deltas index - first code
+        let table = decode_tables(&lengths);
+        assert_eq!(table.len(), 288);
+        let limits = [0, 1 << 11, 3 << 10, 8 << 9].into_iter().chain([4096; 12]);
+        assert_eq!(table[..16], limits.collect::<Vec<u16>>());
+        assert_eq!(table[17..20], [0u16, (-1i16) as u16, (-4i16) as u16]);
+        assert_eq!(table[32..37], [5, 9, 2, 7, 0]);
+        // symbols 5, 5, 9, 2, 7 coded: counts 2, 1, 1, 1 give four 2-bit codes (2: 00, 5: 01, 7: 10, 9: 11), laid
+        // MSB-first in one lane's word; the raw bytes keep the sign and the 7 low bits
+        let data = [0x0281, 0x82ff, 0x0480, 0x0100, 0x0380];
+        assert_eq!(data.map(symbol), [5, 5, 9, 2, 7]);
+        let enc = roundtrip(&data, 1);
+        assert_eq!(enc.words, [0b01_01_11_00_10 << 22, 0, 0]);
+        assert_eq!(enc.offsets, [0, 0]);
+        assert_eq!(enc.raw, [0x01, 0xff, 0x00, 0x00, 0x00]);
     }
 
     #[test]
