@@ -207,6 +207,9 @@ fn lookup_table(tables: &[u16]) -> Result<Vec<u16>> {
         let k = i32::from(tables[LEN_SLOTS + len] as i16) + (v >> (MAX_CODE_LEN as usize - len)) as i32;
         let symbol = usize::try_from(k).ok().and_then(|k| tables.get(2 * LEN_SLOTS + k).filter(|_| k < 256));
         let Some(&symbol) = symbol else { return bad(&format!("code {v:#x} points outside the symbols")) };
+        if symbol > 0xff {
+            return bad(&format!("code {v:#x} decodes to {symbol}, not a byte"));
+        }
         *entry = symbol | (len as u16) << 8;
     }
     Ok(lookup)
@@ -580,6 +583,27 @@ mod tests {
         assert!(decode(&enc.words, &[], 0, &enc.raw, &enc.table, &mut out).is_err());
         assert!(decode(&enc.words, &enc.offsets, 2, &enc.raw[..3], &enc.table, &mut out).is_err());
         assert!(decode(&enc.words, &enc.offsets, 2, &enc.raw, &enc.table, &mut out[..3]).is_err());
+    }
+
+    #[test]
+    fn refuses_decode_tables_that_describe_no_code() {
+        let mut counts = [0u64; 256];
+        (counts[5], counts[9], counts[2], counts[7]) = (20, 6, 5, 5);
+        let good = decode_tables(&code_lengths(&counts, MAX_CODE_LEN));
+        assert!(lookup_table(&good).is_ok());
+        let fault = |edit: &dyn Fn(&mut Vec<u16>)| {
+            let mut t = good.clone();
+            edit(&mut t);
+            lookup_table(&t).unwrap_err().to_string()
+        };
+        assert!(fault(&|t| t.push(0)).contains("289 entries, want 288"));
+        // limits that fall somewhere (lengths 2 and 3 swapped), and limits past the 12-bit windows at the end
+        assert!(fault(&|t| t.swap(2, 3)).contains("the limits do not grow"));
+        assert!(fault(&|t| t[15] = 4097).contains("the limits do not grow"));
+        assert!(fault(&|t| t[2..16].fill(4097)).contains("the limits do not grow"));
+        // a length's delta pointing before the first symbol, and a symbol that is no byte
+        assert!(fault(&|t| t[18] = (-3i16) as u16).contains("code 0x800 points outside the symbols"));
+        assert!(fault(&|t| t[33] = 0x109).contains("code 0x800 decodes to 265, not a byte"));
     }
 
     proptest! {
