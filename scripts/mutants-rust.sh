@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Mutation testing of zstream-core's planner, safetensors header parser and checkpoint index, with cargo-mutants.
+# Mutation testing of zstream-core's planner, safetensors header parser, checkpoint index, dtypes and lossless code,
+# with cargo-mutants.
 # Prints the per-file kill rate. Works from a clean clone: installs cargo-mutants if it is missing. The run's
-# output goes to mutants.out/ at the repository root (ignored by git). docs/testing-rust-mutants.md has the results.
+# output goes to mutants.out/ at the repository root (ignored by git); docs/testing.md ("Mutation testing: the Rust
+# core") has the results.
 #
-#   scripts/mutants-rust.sh            # all three files, one job: 158 mutants, about 10 minutes on 2 cores
+#   scripts/mutants-rust.sh            # all five files, one job: 450 mutants, about 45 minutes on 2 cores
 #   MUTANTS_JOBS=2 scripts/mutants-rust.sh
 #   PROPTEST_RNG_SEED=7 scripts/mutants-rust.sh   # another proptest seed (the default is fixed, see below)
 #
@@ -12,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FILES=(rust/zstream-core/src/plan.rs rust/zstream-core/src/safetensors.rs rust/zstream-core/src/checkpoint.rs)
+FILES=(rust/zstream-core/src/plan.rs rust/zstream-core/src/safetensors.rs rust/zstream-core/src/checkpoint.rs
+       rust/zstream-core/src/dtype.rs rust/zstream-core/src/lossless.rs)
 GOAL=${MUTANTS_GOAL:-90}
 
 if ! cargo mutants --version >/dev/null 2>&1; then
