@@ -506,13 +506,17 @@ mod tests {
         assert_eq!(lengths.iter().filter(|&&l| l > 0).count(), 41);
     }
 
-    #[test]
-    fn a_small_code_by_hand() {
-        // counts 20, 6, 5, 5 (symbols 5, 9, 2, 7): Huffman joins 2+7 (10), then 9+10 (16), then 5+16: lengths 1, 2,
-        // 3, 3; canonical codes 0, 10, 110, 111
+    /// Counts 20, 6, 5, 5 of symbols 5, 9, 2, 7: Huffman joins 2+7 (10), then 9+10 (16), then 5+16: lengths 1, 2,
+    /// 3, 3; canonical codes 0, 10, 110, 111.
+    fn small_code_counts() -> [u64; 256] {
         let mut counts = [0u64; 256];
         (counts[5], counts[9], counts[2], counts[7]) = (20, 6, 5, 5);
-        let lengths = code_lengths(&counts, MAX_CODE_LEN);
+        counts
+    }
+
+    #[test]
+    fn a_small_code_by_hand() {
+        let lengths = code_lengths(&small_code_counts(), MAX_CODE_LEN);
         let (present, codes) = ([5, 9, 2, 7], canonical_codes(&lengths));
         assert_eq!(present.map(|s| lengths[s]), [1, 2, 3, 3]);
         assert_eq!(lengths.iter().filter(|&&l| l > 0).count(), 4);
@@ -587,9 +591,7 @@ mod tests {
 
     #[test]
     fn refuses_decode_tables_that_describe_no_code() {
-        let mut counts = [0u64; 256];
-        (counts[5], counts[9], counts[2], counts[7]) = (20, 6, 5, 5);
-        let good = decode_tables(&code_lengths(&counts, MAX_CODE_LEN));
+        let good = decode_tables(&code_lengths(&small_code_counts(), MAX_CODE_LEN));
         assert!(lookup_table(&good).is_ok());
         let fault = |edit: &dyn Fn(&mut Vec<u16>)| {
             let mut t = good.clone();
