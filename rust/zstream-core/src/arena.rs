@@ -126,6 +126,8 @@ impl Arena {
             return false;
         }
         let mask: u64 = 1 << node;
+        // The kernel reads `maxnode - 1` bits (numactl passes one more than it means), so 65 covers all 64: with 64,
+        // node 63's bit was dropped and the empty mask that remained "succeeded" as local allocation.
         // SAFETY: mbind on a range this arena owns, with a one-word node mask of 64 bits.
         let rc = unsafe {
             libc::syscall(
@@ -134,7 +136,7 @@ impl Arena {
                 self.len,
                 MPOL_PREFERRED,
                 &raw const mask,
-                64usize,
+                65usize,
                 0usize,
             )
         };
@@ -210,6 +212,40 @@ mod tests {
         assert_ne!(a.id(), b.id());
         // Without an installed CUDA runtime, pinning is a no-op that says so.
         assert!(!a.pin(0).unwrap());
+    }
+
+    #[test]
+    fn arenas_are_whole_pages() {
+        assert!(page_size() >= 4096 && page_size().is_power_of_two(), "page size {}", page_size());
+        for len in [0, 1, 4095, 4097] {
+            let a = Arena::new(len).unwrap();
+            assert!(!a.is_empty());
+            assert_eq!(a.len(), len.max(1).div_ceil(page_size()) * page_size(), "len {len}");
+            assert_eq!(a.as_ptr() as usize % 4096, 0, "len {len}");
+        }
+    }
+
+    /// The NUMA nodes this process may allocate on, from the kernel's own list (`Mems_allowed_list`, e.g. "0-1,3").
+    fn allowed_nodes() -> Vec<u32> {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let list = status.lines().find_map(|l| l.strip_prefix("Mems_allowed_list:")).expect("Mems_allowed_list");
+        let mut nodes = Vec::new();
+        for part in list.trim().split(',') {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            nodes.extend(lo.parse::<u32>().unwrap()..=hi.parse::<u32>().unwrap());
+        }
+        nodes
+    }
+
+    #[test]
+    fn numa_preference_holds_exactly_for_allowed_nodes() {
+        let allowed = allowed_nodes();
+        assert!(!allowed.is_empty());
+        let a = Arena::new(HUGE_PAGE).unwrap();
+        // Node 63 was the one a short node mask lost; 64 and above do not fit the mask at all.
+        for node in [0, 1, 2, 3, 7, 63, 64, 200] {
+            assert_eq!(a.prefer_numa_node(node), allowed.contains(&node), "node {node}, allowed {allowed:?}");
+        }
     }
 
     #[test]
