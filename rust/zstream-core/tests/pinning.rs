@@ -130,7 +130,7 @@ fn buffers_and_pool_slots_are_pinned_with_the_flags_asked_for() {
 
     let pool = SlotPool::new(Some(1), Some(flags::MAPPED), None);
     let slot = pool.acquire(9 * page_size(), Some(Duration::from_secs(5))).unwrap();
-    assert_eq!(slot.pin_state(), PinState::Pinned(flags::MAPPED));
+    assert_eq!((slot.pin_state(), slot.pin_error.get()), (PinState::Pinned(flags::MAPPED), None));
     let ptr = slot.as_ptr();
     drop(slot);
     // Back in the pool, still registered: a streaming slot is pinned once for its whole life.
