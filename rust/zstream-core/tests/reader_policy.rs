@@ -6,11 +6,12 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use zstream_core::plan::{plan, Want};
-use zstream_core::reader::fault::FaultKind;
-use zstream_core::reader::{page_cache_holds, uring};
+use zstream_core::reader::fault::{FaultInjector, FaultKind, ReadCtx};
+use zstream_core::reader::{page_cache_holds, read_into, uring, ReaderState};
 use zstream_core::{Checkpoint, Error, ReadOptions, ReaderKind, Store, StoreOptions};
 
 const PAGE: u64 = 4096;
@@ -202,5 +203,78 @@ fn a_hung_io_ends_at_the_io_timeout_or_at_once_when_cancelled() {
         let (err, took) = read_through_a_hang(reader, opts, Some(Duration::from_millis(50)));
         assert!(matches!(err, Error::Cancelled), "{reader:?}: {err}");
         assert!(took < Duration::from_secs(20), "{reader:?}: cancelling did not end the hang ({took:?})");
+    }
+}
+
+#[test]
+fn o_direct_reads_leave_the_page_cache_cold_and_cached_reads_fill_it() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = write_checkpoint(dir.path());
+    let store = Store::open(&path, StoreOptions::default()).unwrap();
+    let p = body_plan(&store.ckpt, PAGE);
+    let mut direct = vec![ReaderKind::Pread];
+    if uring::available().is_ok() {
+        direct.push(ReaderKind::Uring);
+    }
+    for reader in direct {
+        evict(&path, 0, 0);
+        store.read_blocking(&["body"], reader).unwrap();
+        assert!(!page_cache_holds(&store.ckpt, &p), "{reader:?} went through the page cache");
+    }
+    for reader in [ReaderKind::PreadCached, ReaderKind::Mmap] {
+        evict(&path, 0, 0);
+        store.read_blocking(&["body"], reader).unwrap();
+        assert!(page_cache_holds(&store.ckpt, &p), "{reader:?} did not read through the page cache");
+    }
+}
+
+/// Lines of `/proc/self/maps` that map the file at `path`.
+fn mappings_of(path: &Path) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let name = path.to_str().unwrap();
+    maps.lines().filter(|l| l.ends_with(name)).count()
+}
+
+#[test]
+fn the_mmap_reader_unmaps_what_it_mapped() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = write_checkpoint(dir.path()).canonicalize().unwrap();
+    let store = Store::open(&path, StoreOptions::default()).unwrap();
+    let job = store.read_blocking(&["pad", "body", "tail"], ReaderKind::Mmap).unwrap();
+    // SAFETY: the job finished; nothing writes the arena any more.
+    let bytes = unsafe { job.buffer.as_slice() };
+    let tail = job.placed[2].arena_offset;
+    let first = (PAD_LEN + BODY_LEN) % 253;
+    assert_eq!(bytes[tail..tail + 3], [first as u8, (first + 1) as u8, (first + 2) as u8]);
+    assert_eq!(mappings_of(&path), 0, "a mapping of the shard outlived the read");
+}
+
+#[test]
+fn a_file_cut_short_after_open_is_reported_where_it_ends() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = write_checkpoint(dir.path());
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let body = ckpt.get("body").unwrap().clone();
+    let cut = body.offset + 5 * PAGE;
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
+    // The readers themselves, past the store's check before a read (a file can shrink after that check too).
+    let p = body_plan(&ckpt, PAGE);
+    let arena = zstream_core::arena::Arena::new(p.arena_len).unwrap();
+    let (opts, cancel, faults) = (ReadOptions::default(), AtomicBool::new(false), FaultInjector::default());
+    let ctx = ReadCtx { opts: &opts, cancel: &cancel, faults: &faults };
+    let mut readers = vec![ReaderKind::Pread, ReaderKind::PreadCached, ReaderKind::Mmap];
+    if uring::available().is_ok() {
+        readers.push(ReaderKind::Uring);
+    }
+    for reader in readers {
+        let err = read_into(reader, &ckpt, &p, &arena, &mut ReaderState::default(), false, &ctx).unwrap_err();
+        match err {
+            Error::Truncated { file_end, needed_end, .. } => {
+                assert_eq!(needed_end, body.offset + body.nbytes, "{reader:?}");
+                // The mmap reader sees the size; the others see where reads stopped.
+                assert_eq!(file_end, cut, "{reader:?}");
+            }
+            other => panic!("{reader:?}: {other}"),
+        }
     }
 }

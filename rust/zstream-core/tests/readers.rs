@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use proptest::prelude::*;
+use zstream_core::reader::fault::FaultKind;
 use zstream_core::{Error, ReadOptions, ReaderKind, Store, StoreOptions};
 
 /// Write a safetensors file of U8 tensors with the given sizes; returns (name, bytes) pairs.
@@ -97,4 +98,73 @@ proptest! {
         let read = ReadOptions { chunk_size: chunk_pages * 4096, max_gap: 0, ..ReadOptions::default() };
         check_all_readers(dir.path(), &chosen, StoreOptions { read, ..StoreOptions::default() });
     }
+}
+
+/// The readers that ask the fault injector before each I/O: the pread pool, and io_uring where it works here.
+fn injectable_readers() -> Vec<ReaderKind> {
+    let mut readers = vec![ReaderKind::Pread, ReaderKind::PreadCached];
+    if zstream_core::reader::uring::available().is_ok() {
+        readers.push(ReaderKind::Uring);
+    }
+    readers
+}
+
+#[test]
+fn short_and_interrupted_reads_are_resumed_to_the_exact_bytes() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("f.safetensors");
+    let t = write_shard(&path, "f", &[3 << 20, 100_003, 77], 4);
+    let names: Vec<&str> = t.iter().map(|(n, _)| n.as_str()).collect();
+    // Small chunks, so a read takes many I/Os and the faults land in the middle of it.
+    let read = ReadOptions { chunk_size: 64 << 10, threads: 1, ..ReadOptions::default() };
+    let store = Store::open(&path, StoreOptions { read, ..StoreOptions::default() }).unwrap();
+    for reader in injectable_readers() {
+        for (fault, after, count) in
+            [(FaultKind::ShortRead, 0, 3), (FaultKind::ShortRead, 5, 40), (FaultKind::Eintr, 1, 4)]
+        {
+            store.faults.arm(fault, after, count);
+            let job = store.read_blocking(&names, reader).unwrap();
+            // SAFETY: the job finished; nothing writes the arena any more.
+            let bytes = unsafe { job.buffer.as_slice() };
+            for (p, (name, want)) in job.placed.iter().zip(&t) {
+                let got = &bytes[p.arena_offset..p.arena_offset + want.len()];
+                assert!(got == want.as_slice(), "{reader:?} {fault:?}: tensor {name} differs");
+            }
+            assert_eq!(store.faults.next(), None, "{reader:?} {fault:?}: every armed fault fired");
+        }
+    }
+}
+
+#[test]
+fn a_failed_io_is_an_error_naming_the_file_and_offset() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("e.safetensors");
+    let t = write_shard(&path, "e", &[1 << 20], 5);
+    let read = ReadOptions { chunk_size: 256 << 10, threads: 1, ..ReadOptions::default() };
+    let store = Store::open(&path, StoreOptions { read, ..StoreOptions::default() }).unwrap();
+    for reader in injectable_readers() {
+        store.faults.arm(FaultKind::Eio, 2, 1);
+        let err = store.read_blocking(&[t[0].0.as_str()], reader).unwrap_err();
+        match &err {
+            Error::Read { path: p, source, .. } => {
+                assert!(p.ends_with("e.safetensors") && source.raw_os_error() == Some(libc::EIO), "{reader:?}: {err}");
+            }
+            other => panic!("{reader:?}: {other}"),
+        }
+        store.faults.clear();
+    }
+}
+
+#[test]
+fn an_alignment_the_device_refuses_falls_back_to_buffered_reads() {
+    // O_DIRECT needs at least the device's logical block (512 bytes); 64-byte aligned I/Os are refused with EINVAL,
+    // and each reader must then go through the page cache instead of failing.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut all = write_shard(&dir.path().join("a.safetensors"), "a", &[64 * 1000 + 3, 200_000, 5], 6);
+    all.truncate(2);
+    let read = ReadOptions { align: 64, chunk_size: 64 * 1024, max_gap: 0, ..ReadOptions::default() };
+    let store = Store::open(dir.path(), StoreOptions { read, ..StoreOptions::default() }).unwrap();
+    let (plan, _) = store.plan(&["a.0", "a.1"]).unwrap();
+    assert!(plan.extents.iter().any(|e| e.file_start % 512 != 0), "some I/O starts off a 512-byte boundary");
+    check_all_readers(dir.path(), &all, StoreOptions { read, ..StoreOptions::default() });
 }

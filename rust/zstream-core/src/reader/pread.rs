@@ -3,6 +3,13 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use super::{check_cancel, hang, FaultKind, ReadCtx};
+use crate::arena::Arena;
+use crate::checkpoint::{Checkpoint, Shard};
+use crate::error::{Error, Result};
+use crate::plan::{Chunk, ReadPlan};
 
 /// An injected short read: half of `want`, kept a multiple of `align` so that O_DIRECT still accepts it.
 pub(crate) fn short(want: usize, align: u64) -> usize {
@@ -13,13 +20,6 @@ pub(crate) fn short(want: usize, align: u64) -> usize {
         half
     }
 }
-use std::sync::Mutex;
-
-use super::{check_cancel, hang, FaultKind, ReadCtx};
-use crate::arena::Arena;
-use crate::checkpoint::{Checkpoint, Shard};
-use crate::error::{Error, Result};
-use crate::plan::{Chunk, ReadPlan};
 
 /// `direct`: use `O_DIRECT` where the shard and the I/O allow it; else read through the page cache.
 pub fn read(ckpt: &Checkpoint, plan: &ReadPlan, arena: &Arena, ctx: &ReadCtx<'_>, direct: bool) -> Result<()> {
@@ -115,4 +115,19 @@ pub(crate) fn read_chunk(
         done += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short;
+
+    #[test]
+    fn a_short_read_is_half_kept_aligned_or_all_when_half_is_no_block() {
+        assert_eq!(short(8192, 4096), 4096);
+        assert_eq!(short(3 * 4096, 4096), 4096, "half is 6144, down to a block");
+        assert_eq!(short(10_000, 512), 4608, "half is 5000, down to 9 blocks of 512");
+        assert_eq!(short(4096, 4096), 4096, "half of one block is no block: the whole read");
+        assert_eq!(short(7, 1), 3);
+        assert_eq!(short(1, 1), 1);
+    }
 }
