@@ -333,3 +333,26 @@ fn build_sqe(
         _ => opcode::Read::new(types::Fd(fd), dst as *mut u8, len as u32).offset(offset).build(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_buffers_are_registered_once_and_the_least_recently_used_go_first() {
+        let mut ring = Ring::new(4).unwrap();
+        assert!(ring.fixed.is_some(), "this kernel gives a sparse buffer table (5.13 and later)");
+        let arenas: Vec<Arena> = (0..=FIXED_TABLE_LEN).map(|_| Arena::new(4096).unwrap()).collect();
+        for (i, a) in arenas[..FIXED_TABLE_LEN].iter().enumerate() {
+            assert_eq!(ring.ensure_fixed(a), Some(i as u32), "arena {i} takes the next free entry");
+        }
+        // Known arenas keep their entry, and using one makes it recent.
+        assert_eq!(ring.ensure_fixed(&arenas[5]), Some(5));
+        assert_eq!(ring.ensure_fixed(&arenas[0]), Some(0));
+        // The table is full: a new arena takes the entry of the least recently used (arena 1, not 0 or 5).
+        assert_eq!(ring.ensure_fixed(&arenas[FIXED_TABLE_LEN]), Some(1));
+        // Arena 1 comes back: the least recently used now is arena 2.
+        assert_eq!(ring.ensure_fixed(&arenas[1]), Some(2));
+        assert_eq!(ring.ensure_fixed(&arenas[FIXED_TABLE_LEN]), Some(1));
+    }
+}
