@@ -168,3 +168,55 @@ fn an_alignment_the_device_refuses_falls_back_to_buffered_reads() {
     assert!(plan.extents.iter().any(|e| e.file_start % 512 != 0), "some I/O starts off a 512-byte boundary");
     check_all_readers(dir.path(), &all, StoreOptions { read, ..StoreOptions::default() });
 }
+
+/// Pinned memory of this process in bytes (`VmPin`): what io_uring's registered buffers hold.
+fn pinned_by_process() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmPin:")).expect("VmPin");
+    kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn a_pool_slot_past_one_gib_is_read_through_several_registered_buffers() {
+    // The kernel registers at most 1 GiB per fixed buffer, so a slot of more takes several table entries, and a
+    // chunk that straddles two of them must be read without one. A sparse file: only the marked pages hold data.
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("big.safetensors");
+    let len = GIB + (5 << 20) + 7;
+    let json = format!(r#"{{"big":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
+    let data_start = 8 + json.len() as u64;
+    let f = std::fs::File::create(&path).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&(json.len() as u64).to_le_bytes(), 0).unwrap();
+    f.write_all_at(json.as_bytes(), 8).unwrap();
+    f.set_len(data_start + len).unwrap();
+    // The tensor's byte k lands at arena byte (data_start % 4096) + k. Marks: the start, across arena byte 1 GiB (in
+    // the chunk that straddles two buffers), in the first chunk of the second buffer, and the end.
+    let lead = data_start % 4096;
+    let marks: Vec<(u64, Vec<u8>)> = [0, GIB - lead - 3000, GIB - lead + (2 << 20) + 11, len - 6000]
+        .iter()
+        .map(|&k| (k, (0..6000u64).map(|i| (i * 31 + k) as u8 | 1).collect()))
+        .collect();
+    for (k, bytes) in &marks {
+        f.write_all_at(bytes, data_start + k).unwrap();
+    }
+    drop(f);
+    // 3 MiB chunks do not divide 1 GiB: one of them straddles the boundary between two registered buffers.
+    let read = ReadOptions { chunk_size: 3 << 20, ..ReadOptions::default() };
+    let store = Store::open(&path, StoreOptions { read, workers: 1, ..StoreOptions::default() }).unwrap();
+    let before = pinned_by_process();
+    let job = store.submit(&["big"], ReaderKind::Uring, true, None).unwrap();
+    job.wait(std::time::Duration::from_secs(120)).expect("finished").unwrap();
+    assert!(pinned_by_process() >= before + GIB, "the slot was registered with the ring");
+    // SAFETY: the job finished; nothing writes the arena any more.
+    let bytes = unsafe { job.buffer.as_slice() };
+    let at = job.placed[0].arena_offset;
+    for (k, want) in &marks {
+        let k = *k as usize;
+        assert!(&bytes[at + k..at + k + want.len()] == want.as_slice(), "the marked bytes at tensor byte {k}");
+        if k > 0 {
+            assert!(bytes[at + k - 100..at + k].iter().all(|&b| b == 0), "the hole before tensor byte {k}");
+        }
+    }
+}
