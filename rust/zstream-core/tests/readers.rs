@@ -2,6 +2,7 @@
 //! shards, empty tensors, and every placement the planner makes.
 
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use proptest::prelude::*;
@@ -187,7 +188,6 @@ fn a_pool_slot_past_one_gib_is_read_through_several_registered_buffers() {
     let json = format!(r#"{{"big":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
     let data_start = 8 + json.len() as u64;
     let f = std::fs::File::create(&path).unwrap();
-    use std::os::unix::fs::FileExt;
     f.write_all_at(&(json.len() as u64).to_le_bytes(), 0).unwrap();
     f.write_all_at(json.as_bytes(), 8).unwrap();
     f.set_len(data_start + len).unwrap();
