@@ -278,3 +278,35 @@ fn a_file_cut_short_after_open_is_reported_where_it_ends() {
         }
     }
 }
+
+#[test]
+fn no_reader_writes_past_its_plan_even_when_reads_come_back_short() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = write_checkpoint(dir.path());
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let p = body_plan(&ckpt, PAGE);
+    // The arena is a page larger than the plan, and that page holds a canary the reads must leave alone. The file
+    // goes on after the body (the tail), so a read that asked for too much would get bytes to write there.
+    let arena = zstream_core::arena::Arena::new(p.arena_len + PAGE as usize).unwrap();
+    let canary = p.arena_len..p.arena_len + PAGE as usize;
+    let opts = ReadOptions { chunk_size: 8 * PAGE as usize, threads: 1, ..ReadOptions::default() };
+    let (cancel, faults) = (AtomicBool::new(false), FaultInjector::default());
+    let ctx = ReadCtx { opts: &opts, cancel: &cancel, faults: &faults };
+    let mut readers = vec![ReaderKind::Pread, ReaderKind::PreadCached];
+    if uring::available().is_ok() {
+        readers.push(ReaderKind::Uring);
+    }
+    for reader in readers {
+        // SAFETY: no read is in flight; the range lies inside the arena.
+        unsafe { std::ptr::write_bytes(arena.as_ptr().add(canary.start), 0xAA, canary.len()) };
+        faults.arm(FaultKind::ShortRead, 0, 1000);
+        read_into(reader, &ckpt, &p, &arena, &mut ReaderState::default(), false, &ctx).unwrap();
+        faults.clear();
+        // SAFETY: the read finished; nothing writes the arena any more.
+        let bytes = unsafe { arena.as_slice() };
+        assert!(bytes[canary.clone()].iter().all(|&b| b == 0xAA), "{reader:?} wrote past the plan's end");
+        let at = p.placements[0];
+        let want: Vec<u8> = (PAD_LEN..PAD_LEN + BODY_LEN).map(|i| (i % 253) as u8).collect();
+        assert!(bytes[at..at + BODY_LEN as usize] == want[..], "{reader:?}: the body's bytes");
+    }
+}
