@@ -339,6 +339,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refused_setup_says_why_in_words() {
+        let why = |errno| describe_setup_error(&io::Error::from_raw_os_error(errno));
+        assert_eq!(why(libc::ENOSYS), "io_uring_setup is not implemented (old kernel, gVisor or seccomp)");
+        assert_eq!(why(libc::EPERM), "io_uring_setup is not permitted (kernel.io_uring_disabled or seccomp)");
+        let other = why(libc::ENOMEM);
+        assert!(other.starts_with("io_uring_setup failed: ") && other.contains("memory"), "{other}");
+    }
+
+    #[test]
     fn fixed_buffers_are_registered_once_and_the_least_recently_used_go_first() {
         let mut ring = Ring::new(4).unwrap();
         assert!(ring.fixed.is_some(), "this kernel gives a sparse buffer table (5.13 and later)");
