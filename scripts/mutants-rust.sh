@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Mutation testing of zstream-core's planner, safetensors header parser, checkpoint index, dtypes and lossless code,
-# with cargo-mutants.
+# Mutation testing of zstream-core with cargo-mutants, in two sets of files:
+#   logic: the planner, safetensors header parser, checkpoint index, dtypes and lossless code (450 mutants);
+#   io:    the arenas, pinning, the store and the readers (about 390 mutants; their tests read real files, one of
+#          them a sparse 1 GiB one, so a mutant takes longer).
 # Prints the per-file kill rate. Works from a clean clone: installs cargo-mutants if it is missing. The run's
 # output goes to mutants.out/ at the repository root (ignored by git); docs/testing.md ("Mutation testing: the Rust
 # core") has the results.
 #
-#   scripts/mutants-rust.sh            # all five files, one job: 450 mutants on 2 cores; the first three took
-#                                        # 10 minutes with nextest (2026-11-29), the last two 30-35 with cargo test
+#   scripts/mutants-rust.sh            # the logic set, one job: the first three files took 10 minutes with nextest
+#                                        # (2026-11-29), dtype.rs and lossless.rs 30-35 with cargo test (2026-12-07)
+#   scripts/mutants-rust.sh io         # the I/O set (its time on the dev machine: docs/testing.md)
+#   scripts/mutants-rust.sh all
 #   MUTANTS_JOBS=2 scripts/mutants-rust.sh
 #   PROPTEST_RNG_SEED=7 scripts/mutants-rust.sh   # another proptest seed (the default is fixed, see below)
 #
@@ -15,8 +19,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FILES=(rust/zstream-core/src/plan.rs rust/zstream-core/src/safetensors.rs rust/zstream-core/src/checkpoint.rs
-       rust/zstream-core/src/dtype.rs rust/zstream-core/src/lossless.rs)
+SRC=rust/zstream-core/src
+LOGIC=("$SRC/plan.rs" "$SRC/safetensors.rs" "$SRC/checkpoint.rs" "$SRC/dtype.rs" "$SRC/lossless.rs")
+IO=("$SRC/arena.rs" "$SRC/pin.rs" "$SRC/store.rs" "$SRC/reader/mod.rs" "$SRC/reader/fault.rs" "$SRC/reader/pread.rs"
+    "$SRC/reader/mmap.rs" "$SRC/reader/uring.rs")
+case "${1:-logic}" in
+    logic) FILES=("${LOGIC[@]}") ;;
+    io) FILES=("${IO[@]}") ;;
+    all) FILES=("${LOGIC[@]}" "${IO[@]}") ;;
+    *) echo "usage: $0 [logic|io|all]" >&2; exit 64 ;;
+esac
 GOAL=${MUTANTS_GOAL:-90}
 
 if ! cargo mutants --version >/dev/null 2>&1; then
