@@ -141,18 +141,35 @@ fn a_failed_io_is_an_error_naming_the_file_and_offset() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("e.safetensors");
     let t = write_shard(&path, "e", &[1 << 20], 5);
-    let read = ReadOptions { chunk_size: 256 << 10, threads: 1, ..ReadOptions::default() };
+    // One I/O in flight at a time, so the I/Os come in order: chunks 0, 1, 2 (short: half of it), then the rest of 2.
+    let chunk = 256u64 << 10;
+    let read = ReadOptions { chunk_size: chunk as usize, threads: 1, queue_depth: 1, ..ReadOptions::default() };
     let store = Store::open(&path, StoreOptions { read, ..StoreOptions::default() }).unwrap();
+    // The extent starts at the page holding the tensor's first byte; its chunks follow from there.
+    let start = store.tensor(&t[0].0).unwrap().offset / 4096 * 4096;
     for reader in injectable_readers() {
-        store.faults.arm(FaultKind::Eio, 2, 1);
-        let err = store.read_blocking(&[t[0].0.as_str()], reader).unwrap_err();
-        match &err {
-            Error::Read { path: p, source, .. } => {
-                assert!(p.ends_with("e.safetensors") && source.raw_os_error() == Some(libc::EIO), "{reader:?}: {err}");
+        for (short_first, offset, len) in
+            [(false, start + 2 * chunk, chunk), (true, start + 2 * chunk + chunk / 2, chunk / 2)]
+        {
+            if short_first {
+                store.faults.arm(FaultKind::ShortRead, 2, 1);
+                store.faults.arm(FaultKind::Eio, 0, 1);
+            } else {
+                store.faults.arm(FaultKind::Eio, 2, 1);
             }
-            other => panic!("{reader:?}: {other}"),
+            let err = store.read_blocking(&[t[0].0.as_str()], reader).unwrap_err();
+            match &err {
+                Error::Read { path: p, offset: o, len: l, source } => {
+                    assert!(
+                        p.ends_with("e.safetensors") && source.raw_os_error() == Some(libc::EIO),
+                        "{reader:?}: {err}"
+                    );
+                    assert_eq!((*o, *l), (offset, len), "{reader:?}, short first: {short_first}");
+                }
+                other => panic!("{reader:?}: {other}"),
+            }
+            store.faults.clear();
         }
-        store.faults.clear();
     }
 }
 
