@@ -222,10 +222,11 @@ fn a_pool_slot_past_one_gib_is_read_through_several_registered_buffers() {
     // 3 MiB chunks do not divide 1 GiB: one of them straddles the boundary between two registered buffers.
     let read = ReadOptions { chunk_size: 3 << 20, ..ReadOptions::default() };
     let store = Store::open(&path, StoreOptions { read, workers: 1, ..StoreOptions::default() }).unwrap();
-    let before = pinned_by_process();
     let job = store.submit(&["big"], ReaderKind::Uring, true, None).unwrap();
     job.wait(std::time::Duration::from_secs(120)).expect("finished").unwrap();
-    assert!(pinned_by_process() >= before + GIB, "the slot was registered with the ring");
+    // Other tests of this process pin a few MiB at most, and they come and go: the slot alone passes 1 GiB.
+    let pinned = pinned_by_process();
+    assert!(pinned >= job.buffer.len() as u64, "the slot was not registered with the ring: {pinned} bytes pinned");
     // SAFETY: the job finished; nothing writes the arena any more.
     let bytes = unsafe { job.buffer.as_slice() };
     let at = job.placed[0].arena_offset;
