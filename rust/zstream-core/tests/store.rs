@@ -189,3 +189,18 @@ fn a_store_starts_its_readers_and_stops_them_when_closed_or_dropped() {
     drop(one);
     assert_eq!(reader_threads(), base);
 }
+
+#[test]
+fn dropping_a_store_waits_for_the_reads_it_queued() {
+    let _serial = serial();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (path, _) = write_one_tensor(dir.path(), 5 * PAGE);
+    // The read hangs until its I/O timeout: a worker still holds it when the store is dropped.
+    let read = ReadOptions { io_timeout: Some(Duration::from_millis(300)), ..ReadOptions::default() };
+    let store = Store::open(&path, StoreOptions { read, workers: 1, ..StoreOptions::default() }).unwrap();
+    store.faults.arm(FaultKind::Hang, 0, 1);
+    let job = store.submit(&["w"], ReaderKind::Pread, false, None).unwrap();
+    drop(store);
+    assert!(job.is_done(), "the store was dropped while a worker still read into its arena");
+    assert!(matches!(job.wait(Duration::ZERO).expect("done").unwrap_err().as_ref(), Error::IoTimeout { .. }));
+}
