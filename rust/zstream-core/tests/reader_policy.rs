@@ -62,6 +62,14 @@ fn body_plan(ckpt: &Checkpoint, align: u64) -> zstream_core::plan::ReadPlan {
     plan(&[Want { file: t.shard, offset: t.offset, len: t.nbytes }], align, 0)
 }
 
+/// `readers`, and io_uring with them where it works in this process.
+fn and_uring_if_it_works(mut readers: Vec<ReaderKind>) -> Vec<ReaderKind> {
+    if uring::available().is_ok() {
+        readers.push(ReaderKind::Uring);
+    }
+    readers
+}
+
 #[test]
 fn page_cache_holds_a_read_only_when_nearly_all_its_pages_are_cached() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -185,10 +193,7 @@ fn read_through_a_hang(reader: ReaderKind, opts: ReadOptions, cancel_after: Opti
 
 #[test]
 fn a_hung_io_ends_at_the_io_timeout_or_at_once_when_cancelled() {
-    let mut readers = vec![ReaderKind::Pread];
-    if uring::available().is_ok() {
-        readers.push(ReaderKind::Uring);
-    }
+    let readers = and_uring_if_it_works(vec![ReaderKind::Pread]);
     for reader in readers {
         let timeout = Duration::from_millis(300);
         let opts = ReadOptions { io_timeout: Some(timeout), ..ReadOptions::default() };
@@ -215,10 +220,7 @@ fn o_direct_reads_leave_the_page_cache_cold_and_cached_reads_fill_it() {
     let path = write_checkpoint(dir.path());
     let store = Store::open(&path, StoreOptions::default()).unwrap();
     let p = body_plan(&store.ckpt, PAGE);
-    let mut direct = vec![ReaderKind::Pread];
-    if uring::available().is_ok() {
-        direct.push(ReaderKind::Uring);
-    }
+    let direct = and_uring_if_it_works(vec![ReaderKind::Pread]);
     for reader in direct {
         evict(&path, 0, 0);
         store.read_blocking(&["body"], reader).unwrap();
@@ -265,10 +267,7 @@ fn a_file_cut_short_after_open_is_reported_where_it_ends() {
     let arena = zstream_core::arena::Arena::new(p.arena_len).unwrap();
     let (opts, cancel, faults) = (ReadOptions::default(), AtomicBool::new(false), FaultInjector::default());
     let ctx = ReadCtx { opts: &opts, cancel: &cancel, faults: &faults };
-    let mut readers = vec![ReaderKind::Pread, ReaderKind::PreadCached, ReaderKind::Mmap];
-    if uring::available().is_ok() {
-        readers.push(ReaderKind::Uring);
-    }
+    let readers = and_uring_if_it_works(vec![ReaderKind::Pread, ReaderKind::PreadCached, ReaderKind::Mmap]);
     for reader in readers {
         let err = read_into(reader, &ckpt, &p, &arena, &mut ReaderState::default(), false, &ctx).unwrap_err();
         match err {
@@ -295,10 +294,7 @@ fn no_reader_writes_past_its_plan_even_when_reads_come_back_short() {
     let opts = ReadOptions { chunk_size: 8 * PAGE as usize, threads: 1, ..ReadOptions::default() };
     let (cancel, faults) = (AtomicBool::new(false), FaultInjector::default());
     let ctx = ReadCtx { opts: &opts, cancel: &cancel, faults: &faults };
-    let mut readers = vec![ReaderKind::Pread, ReaderKind::PreadCached];
-    if uring::available().is_ok() {
-        readers.push(ReaderKind::Uring);
-    }
+    let readers = and_uring_if_it_works(vec![ReaderKind::Pread, ReaderKind::PreadCached]);
     for reader in readers {
         // SAFETY: no read is in flight; the range lies inside the arena.
         unsafe { std::ptr::write_bytes(arena.as_ptr().add(canary.start), 0xAA, canary.len()) };

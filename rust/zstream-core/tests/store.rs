@@ -127,14 +127,20 @@ fn a_job_reports_its_bytes_and_its_times_on_the_monotonic_clock() {
     assert_eq!(job.read_bytes(), read as u64);
 }
 
+/// A store of one tensor "w" (5 pages) whose next read hangs until `io_timeout`, with `workers` reader threads.
+fn store_with_a_hung_read(dir: &Path, io_timeout: Duration, workers: usize) -> Store {
+    let (path, _) = write_one_tensor(dir, 5 * PAGE);
+    let read = ReadOptions { io_timeout: Some(io_timeout), ..ReadOptions::default() };
+    let store = Store::open(&path, StoreOptions { read, workers, ..StoreOptions::default() }).unwrap();
+    store.faults.arm(FaultKind::Hang, 0, 1);
+    store
+}
+
 #[test]
 fn a_cancelled_job_ends_cancelled_and_is_done_only_then() {
     let _serial = serial();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (path, _) = write_one_tensor(dir.path(), 5 * PAGE);
-    let read = ReadOptions { io_timeout: Some(Duration::from_secs(20)), ..ReadOptions::default() };
-    let store = Store::open(&path, StoreOptions { read, ..StoreOptions::default() }).unwrap();
-    store.faults.arm(FaultKind::Hang, 0, 1);
+    let store = store_with_a_hung_read(dir.path(), Duration::from_secs(20), 2);
     let job = store.submit(&["w"], ReaderKind::Pread, false, None).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert!(!job.is_done(), "a hung read is not done");
@@ -194,11 +200,8 @@ fn a_store_starts_its_readers_and_stops_them_when_closed_or_dropped() {
 fn dropping_a_store_waits_for_the_reads_it_queued() {
     let _serial = serial();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (path, _) = write_one_tensor(dir.path(), 5 * PAGE);
     // The read hangs until its I/O timeout: a worker still holds it when the store is dropped.
-    let read = ReadOptions { io_timeout: Some(Duration::from_millis(300)), ..ReadOptions::default() };
-    let store = Store::open(&path, StoreOptions { read, workers: 1, ..StoreOptions::default() }).unwrap();
-    store.faults.arm(FaultKind::Hang, 0, 1);
+    let store = store_with_a_hung_read(dir.path(), Duration::from_millis(300), 1);
     let job = store.submit(&["w"], ReaderKind::Pread, false, None).unwrap();
     drop(store);
     assert!(job.is_done(), "the store was dropped while a worker still read into its arena");
