@@ -8,6 +8,9 @@ use std::path::Path;
 
 use zstream_core::{Checkpoint, Dtype, Error};
 
+mod common;
+use common::tmpdir;
+
 /// Write `u64le(json.len()) ++ json ++ data_len bytes of 0xAB`.
 fn write_raw(path: &Path, json: &str, data_len: usize) {
     let mut f = std::fs::File::create(path).unwrap();
@@ -27,10 +30,6 @@ fn two_shards(dir: &Path) {
 
 /// (name, dtype, shape, shard, absolute offset, bytes) of one tensor.
 type Row<'a> = (&'a str, Dtype, &'a [usize], usize, u64, u64);
-
-fn tmpdir() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
-}
 
 fn open_err(path: &Path) -> String {
     Checkpoint::open(path).unwrap_err().to_string()

@@ -13,6 +13,9 @@ use zstream_core::pin::{cuda_host_api, flags, install_cuda_host_api, HostRegiste
 use zstream_core::store::{Buffer, SlotPool};
 use zstream_core::{Error, ReaderKind, Store, StoreOptions};
 
+mod common;
+use common::{tmpdir, write_u8_tensors, HeaderPad};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
     Register { size: usize, flags: u32 },
@@ -142,14 +145,10 @@ fn buffers_and_pool_slots_are_pinned_with_the_flags_asked_for() {
 #[test]
 fn a_store_pins_the_one_shot_arenas_it_reads_into() {
     let _serial = runtime();
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = dir.path().join("p.safetensors");
     let data: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let header = format!(r#"{{"w":{{"dtype":"U8","shape":[{}],"data_offsets":[0,{}]}}}}"#, data.len(), data.len());
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend_from_slice(&data);
-    std::fs::write(&path, bytes).unwrap();
+    write_u8_tensors(&path, &[("w", &data)], HeaderPad::None);
 
     let store = Store::open(&path, StoreOptions { pin_flags: Some(flags::MAPPED), ..StoreOptions::default() }).unwrap();
     let job = store.read_blocking(&["w"], ReaderKind::Pread).unwrap();

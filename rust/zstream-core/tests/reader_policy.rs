@@ -3,7 +3,6 @@
 //! options are accepted (the documented ranges, at each boundary), reader names, and how a hung I/O ends (by the
 //! I/O timeout, or at once when cancelled).
 
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -14,6 +13,9 @@ use zstream_core::reader::fault::{FaultInjector, FaultKind, ReadCtx};
 use zstream_core::reader::{page_cache_holds, read_into, uring, ReaderState};
 use zstream_core::{Checkpoint, Error, ReadOptions, ReaderKind, Store, StoreOptions};
 
+mod common;
+use common::{and_uring_if_it_works, tmpdir, write_u8_tensors, HeaderPad};
+
 const PAGE: u64 = 4096;
 /// Where each tensor of the test file lies: a pad, the tensor the tests read, and a cold tail after it.
 const PAD_LEN: u64 = 16 * PAGE + 1600;
@@ -21,22 +23,16 @@ const BODY_LEN: u64 = 32 * PAGE;
 const TAIL_LEN: u64 = 256 * PAGE;
 
 /// A safetensors file whose data starts at file offset 4096 (the header is padded), so the body tensor starts at
-/// 17 pages + 1600 bytes: off a page boundary, and with 17 pages of file before its first page.
+/// 17 pages + 1600 bytes: off a page boundary, and with 17 pages of file before its first page. Synced, so that its
+/// pages are clean and can be evicted.
 fn write_checkpoint(dir: &Path) -> PathBuf {
     let path = dir.join("policy.safetensors");
-    let mut json = format!(
-        r#"{{"pad":{{"dtype":"U8","shape":[{PAD_LEN}],"data_offsets":[0,{PAD_LEN}]}},"body":{{"dtype":"U8","shape":[{BODY_LEN}],"data_offsets":[{PAD_LEN},{}]}},"tail":{{"dtype":"U8","shape":[{TAIL_LEN}],"data_offsets":[{},{}]}}}}"#,
-        PAD_LEN + BODY_LEN,
-        PAD_LEN + BODY_LEN,
-        PAD_LEN + BODY_LEN + TAIL_LEN
-    );
-    json.push_str(&" ".repeat(PAGE as usize - 8 - json.len()));
-    let mut f = std::fs::File::create(&path).unwrap();
-    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(json.as_bytes()).unwrap();
     let data: Vec<u8> = (0..PAD_LEN + BODY_LEN + TAIL_LEN).map(|i| (i % 253) as u8).collect();
-    f.write_all(&data).unwrap();
-    f.sync_all().unwrap();
+    let (pad, rest) = data.split_at(PAD_LEN as usize);
+    let (body, tail) = rest.split_at(BODY_LEN as usize);
+    let data_start = write_u8_tensors(&path, &[("pad", pad), ("body", body), ("tail", tail)], HeaderPad::DataAt(PAGE));
+    assert_eq!(data_start, PAGE);
+    std::fs::File::open(&path).unwrap().sync_all().unwrap();
     path
 }
 
@@ -62,17 +58,9 @@ fn body_plan(ckpt: &Checkpoint, align: u64) -> zstream_core::plan::ReadPlan {
     plan(&[Want { file: t.shard, offset: t.offset, len: t.nbytes }], align, 0)
 }
 
-/// `readers`, and io_uring with them where it works in this process.
-fn and_uring_if_it_works(mut readers: Vec<ReaderKind>) -> Vec<ReaderKind> {
-    if uring::available().is_ok() {
-        readers.push(ReaderKind::Uring);
-    }
-    readers
-}
-
 #[test]
 fn page_cache_holds_a_read_only_when_nearly_all_its_pages_are_cached() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = write_checkpoint(dir.path());
     let ckpt = Checkpoint::open(&path).unwrap();
     let body = ckpt.get("body").unwrap();
@@ -102,7 +90,7 @@ fn page_cache_holds_a_read_only_when_nearly_all_its_pages_are_cached() {
 
 #[test]
 fn auto_picks_the_cache_then_io_uring_then_the_pread_pool() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = write_checkpoint(dir.path());
     let mut ckpt = Checkpoint::open(&path).unwrap();
     let body = ckpt.get("body").unwrap().clone();
@@ -177,7 +165,7 @@ fn options_are_accepted_exactly_in_their_documented_ranges() {
 
 /// Read the body with one injected hang under `opts`, cancelling after `cancel_after` if given.
 fn read_through_a_hang(reader: ReaderKind, opts: ReadOptions, cancel_after: Option<Duration>) -> (Error, Duration) {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = write_checkpoint(dir.path());
     let store = Store::open(&path, StoreOptions { read: opts, ..StoreOptions::default() }).unwrap();
     store.faults.arm(FaultKind::Hang, 0, 1);
@@ -216,7 +204,7 @@ fn a_hung_io_ends_at_the_io_timeout_or_at_once_when_cancelled() {
 
 #[test]
 fn o_direct_reads_leave_the_page_cache_cold_and_cached_reads_fill_it() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = write_checkpoint(dir.path());
     let store = Store::open(&path, StoreOptions::default()).unwrap();
     let p = body_plan(&store.ckpt, PAGE);
@@ -242,7 +230,7 @@ fn mappings_of(path: &Path) -> usize {
 
 #[test]
 fn the_mmap_reader_unmaps_what_it_mapped() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = write_checkpoint(dir.path()).canonicalize().unwrap();
     let store = Store::open(&path, StoreOptions::default()).unwrap();
     let job = store.read_blocking(&["pad", "body", "tail"], ReaderKind::Mmap).unwrap();
@@ -256,7 +244,7 @@ fn the_mmap_reader_unmaps_what_it_mapped() {
 
 #[test]
 fn a_file_cut_short_after_open_is_reported_where_it_ends() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = write_checkpoint(dir.path());
     let ckpt = Checkpoint::open(&path).unwrap();
     let body = ckpt.get("body").unwrap().clone();
@@ -283,7 +271,7 @@ fn a_file_cut_short_after_open_is_reported_where_it_ends() {
 
 #[test]
 fn no_reader_writes_past_its_plan_even_when_reads_come_back_short() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = write_checkpoint(dir.path());
     let ckpt = Checkpoint::open(&path).unwrap();
     let p = body_plan(&ckpt, PAGE);

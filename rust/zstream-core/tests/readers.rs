@@ -1,7 +1,6 @@
 //! Every reader returns exactly the bytes of each tensor, for random checkpoints with unaligned offsets, several
 //! shards, empty tensors, and every placement the planner makes.
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -9,7 +8,11 @@ use proptest::prelude::*;
 use zstream_core::reader::fault::FaultKind;
 use zstream_core::{Error, ReadOptions, ReaderKind, Store, StoreOptions};
 
-/// Write a safetensors file of U8 tensors with the given sizes; returns (name, bytes) pairs.
+mod common;
+use common::{and_uring_if_it_works, tmpdir, u8_header, write_u8_tensors, HeaderPad};
+
+/// Write a safetensors file of U8 tensors of pseudo-random bytes with the given sizes, every data offset unaligned;
+/// returns (name, bytes) pairs.
 fn write_shard(path: &Path, prefix: &str, sizes: &[usize], seed: u64) -> Vec<(String, Vec<u8>)> {
     let mut rng = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
     let mut next = || {
@@ -18,26 +21,8 @@ fn write_shard(path: &Path, prefix: &str, sizes: &[usize], seed: u64) -> Vec<(St
     };
     let tensors: Vec<(String, Vec<u8>)> =
         sizes.iter().enumerate().map(|(i, &n)| (format!("{prefix}.{i}"), (0..n).map(|_| next()).collect())).collect();
-    let mut header = serde_json::Map::new();
-    let mut off = 0usize;
-    for (name, data) in &tensors {
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": "U8", "shape": [data.len()], "data_offsets": [off, off + data.len()]}),
-        );
-        off += data.len();
-    }
-    // An odd header length leaves every data offset unaligned.
-    let mut json = serde_json::to_vec(&header).unwrap();
-    if json.len() % 2 == 0 {
-        json.push(b' ');
-    }
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(&json).unwrap();
-    for (_, d) in &tensors {
-        f.write_all(d).unwrap();
-    }
+    let views: Vec<(&str, &[u8])> = tensors.iter().map(|(name, data)| (name.as_str(), data.as_slice())).collect();
+    write_u8_tensors(path, &views, HeaderPad::ToOddLength);
     tensors
 }
 
@@ -60,7 +45,7 @@ fn check_all_readers(dir: &Path, tensors: &[(String, Vec<u8>)], opts: StoreOptio
 
 #[test]
 fn sharded_checkpoint_round_trips() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let mut all = write_shard(&dir.path().join("a.safetensors"), "a", &[0, 1, 4095, 4097, 3 << 20, 7], 1);
     all.extend(write_shard(&dir.path().join("b.safetensors"), "b", &[123_457, 0, 65_537], 2));
     check_all_readers(dir.path(), &all, StoreOptions::default());
@@ -74,7 +59,7 @@ fn sharded_checkpoint_round_trips() {
 
 #[test]
 fn truncated_after_open_is_an_error_naming_the_file() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = dir.path().join("t.safetensors");
     let t = write_shard(&path, "t", &[100_000, 200_000], 3);
     let store = Store::open(&path, StoreOptions::default()).unwrap();
@@ -93,7 +78,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
     #[test]
     fn random_checkpoints(sizes in prop::collection::vec(0usize..300_000, 1..12), pick in prop::collection::vec(any::<prop::sample::Index>(), 1..8), chunk_pages in 1usize..64) {
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let dir = tmpdir();
         let all = write_shard(&dir.path().join("r.safetensors"), "r", &sizes, sizes.len() as u64);
         let chosen: Vec<(String, Vec<u8>)> = pick.iter().map(|i| all[i.index(all.len())].clone()).collect();
         let read = ReadOptions { chunk_size: chunk_pages * 4096, max_gap: 0, ..ReadOptions::default() };
@@ -103,16 +88,12 @@ proptest! {
 
 /// The readers that ask the fault injector before each I/O: the pread pool, and io_uring where it works here.
 fn injectable_readers() -> Vec<ReaderKind> {
-    let mut readers = vec![ReaderKind::Pread, ReaderKind::PreadCached];
-    if zstream_core::reader::uring::available().is_ok() {
-        readers.push(ReaderKind::Uring);
-    }
-    readers
+    and_uring_if_it_works(vec![ReaderKind::Pread, ReaderKind::PreadCached])
 }
 
 #[test]
 fn short_and_interrupted_reads_are_resumed_to_the_exact_bytes() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = dir.path().join("f.safetensors");
     let t = write_shard(&path, "f", &[3 << 20, 100_003, 77], 4);
     let names: Vec<&str> = t.iter().map(|(n, _)| n.as_str()).collect();
@@ -138,7 +119,7 @@ fn short_and_interrupted_reads_are_resumed_to_the_exact_bytes() {
 
 #[test]
 fn a_failed_io_is_an_error_naming_the_file_and_offset() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = dir.path().join("e.safetensors");
     let t = write_shard(&path, "e", &[1 << 20], 5);
     // One I/O in flight at a time, so the I/Os come in order: chunks 0, 1, 2 (short: half of it), then the rest of 2.
@@ -177,7 +158,7 @@ fn a_failed_io_is_an_error_naming_the_file_and_offset() {
 fn an_alignment_the_device_refuses_falls_back_to_buffered_reads() {
     // O_DIRECT needs at least the device's logical block (512 bytes); 64-byte aligned I/Os are refused with EINVAL,
     // and each reader must then go through the page cache instead of failing.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let mut all = write_shard(&dir.path().join("a.safetensors"), "a", &[64 * 1000 + 3, 200_000, 5], 6);
     all.truncate(2);
     let read = ReadOptions { align: 64, chunk_size: 64 * 1024, max_gap: 0, ..ReadOptions::default() };
@@ -199,14 +180,13 @@ fn a_pool_slot_past_one_gib_is_read_through_several_registered_buffers() {
     // The kernel registers at most 1 GiB per fixed buffer, so a slot of more takes several table entries, and a
     // chunk that straddles two of them must be read without one. A sparse file: only the marked pages hold data.
     const GIB: u64 = 1 << 30;
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let path = dir.path().join("big.safetensors");
     let len = GIB + (5 << 20) + 7;
-    let json = format!(r#"{{"big":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
-    let data_start = 8 + json.len() as u64;
+    let header = u8_header(&[("big", len)], HeaderPad::None);
+    let data_start = header.len() as u64;
     let f = std::fs::File::create(&path).unwrap();
-    f.write_all_at(&(json.len() as u64).to_le_bytes(), 0).unwrap();
-    f.write_all_at(json.as_bytes(), 8).unwrap();
+    f.write_all_at(&header, 0).unwrap();
     f.set_len(data_start + len).unwrap();
     // The tensor's byte k lands at arena byte (data_start % 4096) + k. Marks: the start, across arena byte 1 GiB (in
     // the chunk that straddles two buffers), in the first chunk of the second buffer, and the end.

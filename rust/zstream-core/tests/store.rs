@@ -2,7 +2,6 @@
 //! slots, how long a full pool makes a reader wait, the job's clock (read here with `clock_gettime` directly), the
 //! bytes a job reads (worked out by hand from the file's layout), and the reader threads (counted in `/proc`).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -10,6 +9,9 @@ use std::time::{Duration, Instant};
 use zstream_core::reader::fault::FaultKind;
 use zstream_core::store::{monotonic_ns, SlotPool};
 use zstream_core::{Error, ReadOptions, ReaderKind, Store, StoreOptions};
+
+mod common;
+use common::{tmpdir, write_u8_tensors, HeaderPad};
 
 const PAGE: usize = 4096;
 
@@ -19,16 +21,11 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A safetensors file with one U8 tensor "w" of `len` bytes at data offset 0; returns its path and the tensor's
-/// offset in the file (8 + the header's length).
+/// A safetensors file with one U8 tensor "w" of `len` bytes of 7; returns its path and the tensor's file offset.
 fn write_one_tensor(dir: &Path, len: usize) -> (PathBuf, usize) {
     let path = dir.join("one.safetensors");
-    let json = format!(r#"{{"w":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
-    let mut f = std::fs::File::create(&path).unwrap();
-    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(json.as_bytes()).unwrap();
-    f.write_all(&vec![7u8; len]).unwrap();
-    (path, 8 + json.len())
+    let data_start = write_u8_tensors(&path, &[("w", &vec![7u8; len])], HeaderPad::None);
+    (path, usize::try_from(data_start).unwrap())
 }
 
 #[test]
@@ -108,7 +105,7 @@ fn clock_ns() -> u128 {
 #[test]
 fn a_job_reports_its_bytes_and_its_times_on_the_monotonic_clock() {
     let _serial = serial();
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let len = 3 * PAGE + 100;
     let (path, offset) = write_one_tensor(dir.path(), len);
     let store = Store::open(&path, StoreOptions::default()).unwrap();
@@ -139,7 +136,7 @@ fn store_with_a_hung_read(dir: &Path, io_timeout: Duration, workers: usize) -> S
 #[test]
 fn a_cancelled_job_ends_cancelled_and_is_done_only_then() {
     let _serial = serial();
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let store = store_with_a_hung_read(dir.path(), Duration::from_secs(20), 2);
     let job = store.submit(&["w"], ReaderKind::Pread, false, None).unwrap();
     std::thread::sleep(Duration::from_millis(50));
@@ -176,7 +173,7 @@ fn settled_reader_threads(want: usize) -> usize {
 #[test]
 fn a_store_starts_its_readers_and_stops_them_when_closed_or_dropped() {
     let _serial = serial();
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     let (path, _) = write_one_tensor(dir.path(), PAGE);
     for workers in [0, 65] {
         let err = Store::open(&path, StoreOptions { workers, ..StoreOptions::default() }).err().expect("refused");
@@ -199,7 +196,7 @@ fn a_store_starts_its_readers_and_stops_them_when_closed_or_dropped() {
 #[test]
 fn dropping_a_store_waits_for_the_reads_it_queued() {
     let _serial = serial();
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmpdir();
     // The read hangs until its I/O timeout: a worker still holds it when the store is dropped.
     let store = store_with_a_hung_read(dir.path(), Duration::from_millis(300), 1);
     let job = store.submit(&["w"], ReaderKind::Pread, false, None).unwrap();
