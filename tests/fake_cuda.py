@@ -19,6 +19,7 @@ class FakeRuntime:
         self.fail = False
         self.registered = 0  # successful registrations
         self.unregistered = 0
+        self.flags: list[int] = []  # the flags of each successful registration, in order
         self._register = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)(self._reg)
         self._unregister = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(self._unreg)
 
@@ -26,6 +27,7 @@ class FakeRuntime:
         if self.fail:
             return MEMORY_ALLOCATION
         self.registered += 1
+        self.flags.append(flags)
         return 0
 
     def _unreg(self, ptr: int) -> int:

@@ -183,6 +183,28 @@ def test_a_loaded_model_describes_itself(tiny):
     assert repr(model).endswith("; closed>")
 
 
+def test_a_checkpoint_given_as_its_file_takes_the_files_beside_it(tiny, tmp_path):
+    """``zstream.load("dir/model.safetensors")``: the config, the tokenizer and the generation config come from the
+    file's folder, as they would for the folder itself."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = Path(shutil.copytree(tiny, tmp_path / "m"))
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3, "eos_token_id": 7}))
+    (weights,) = folder.glob("*.safetensors")
+    with zstream.load(weights, offload="nvme", device="cpu", progress=False) as model:
+        assert model.config["model_type"] == json.loads((folder / "config.json").read_text())["model_type"]
+        assert model.tokenizer is not None
+        assert model.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(folder)).get_vocab()
+        assert (model.generation_config.max_new_tokens, model.generation_config.eos_token_id) == (3, 7)
+        text = model.generate("hello", do_sample=False)
+    assert isinstance(text, str)
+    packed = zstream.pack(weights, tmp_path / "packed", quantize="int8", device="cpu", progress=False)
+    assert (packed / "generation_config.json").read_text() == (folder / "generation_config.json").read_text()
+    assert (packed / "tokenizer.json").is_file()
+
+
 def test_dir_shows_the_public_api():
     names = dir(zstream)
     for name in ("load", "plan_batch", "pack", "make_checkpoint", "WeightStore", "StreamingModel", "ZStreamError",

@@ -19,7 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import zstream
+import zstream.foundations.store
 from zstream import _core
+from zstream.errors import ReadError, ReadTimeoutError
+from zstream.foundations.store import FlatRead, host_buffer
+
+import fake_cuda
 
 READERS = ["uring", "pread", "mmap", "auto"]
 
@@ -87,7 +92,7 @@ def test_info_and_index(tmp_ckpt):
     save_file({"w": torch.zeros(3, 4, dtype=torch.float16), "b": torch.zeros(4)}, tmp_ckpt / "m.safetensors")
     store = zstream.WeightStore.open(tmp_ckpt / "m.safetensors")
     info = store.info("w")
-    assert (info.dtype, info.shape, info.nbytes) == ("F16", (3, 4), 24)
+    assert (info.name, info.dtype, info.shape, info.nbytes) == ("w", "F16", (3, 4), 24)
     assert info.file.endswith("m.safetensors")
     with open(info.file, "rb") as f:  # the offset is absolute in the file
         f.seek(info.offset)
@@ -275,6 +280,134 @@ def test_flat_reads_view_the_same_bytes(tmp_ckpt):
     copy = flat.buffer.clone()
     again = flat.view(copy)
     assert all(torch.equal(again[k], ref[k]) for k in ref)
+    # Views, not copies: each one starts in the buffer it was asked of, at its offset.
+    for k, (off, _, _) in flat.layout.items():
+        assert views[k].data_ptr() == flat.buffer.data_ptr() + off
+        assert again[k].data_ptr() == copy.data_ptr() + off
     with store.fetch(["i", "b"]) as t:
         f2 = t.wait_flat()
         assert torch.equal(f2.view()["i"], ref["i"]) and torch.equal(f2.view()["b"], ref["b"])
+
+
+# ---- the Python wrapper's own choices (foundations/store.py), each seen from outside it ----------------------------
+
+@pytest.fixture
+def cuda_here(monkeypatch):
+    """This CPU machine made to look, to the store's wrapper, like one with a GPU: torch says CUDA is there, and the
+    core pins through the stand-in runtime, which records the flags of every registration."""
+    runtime = fake_cuda.install()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(zstream.foundations.store, "install_host_register", lambda: True)
+    runtime.flags.clear()
+    return runtime
+
+
+def test_a_store_pins_by_default_where_there_is_a_gpu_and_maps_only_when_asked(tmp_ckpt, cuda_here):
+    save_file({"x": torch.randn(1000)}, tmp_ckpt / "m.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        store = zstream.WeightStore.open(tmp_ckpt)
+        assert store.pinned is True
+        store.read(["x"])
+        zstream.WeightStore.open(tmp_ckpt, mapped=True).read(["x"])
+    portable, mapped = _core.HOST_REGISTER_PORTABLE, _core.HOST_REGISTER_MAPPED
+    assert cuda_here.flags == [portable, portable | mapped]
+
+
+def test_a_store_opens_unpinned_and_quietly_where_there_is_no_gpu(tmp_ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    save_file({"x": torch.randn(10)}, tmp_ckpt / "m.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        store = zstream.WeightStore.open(tmp_ckpt)
+    assert store.pinned is False
+
+
+def test_host_buffers_are_registered_portable_and_only_when_asked(cuda_here):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pinned = host_buffer(1 << 20, pin=True)
+        plain = host_buffer(4096, pin=False)
+    assert cuda_here.flags == [_core.HOST_REGISTER_PORTABLE]
+    assert pinned.numel() == 1 << 20 and plain.numel() == 4096
+
+
+def test_packed_blocks_lie_at_256_byte_boundaries_in_a_core_arena():
+    tensors = {"a": torch.arange(3, dtype=torch.float16), "b": torch.randn(5), "c": torch.arange(7, dtype=torch.int8)}
+    before = _core.mapped_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # host memory, no pinning asked: nothing to warn of
+        flat = FlatRead.pack(tensors, "cpu")
+    # a: 6 bytes at 0; b: 20 bytes at the next multiple of 256; c after b, likewise.
+    assert {k: off for k, (off, _, _) in flat.layout.items()} == {"a": 0, "b": 256, "c": 512}
+    assert flat.nbytes == 512 + 7
+    assert _core.mapped_bytes() >= before + flat.nbytes  # the core's arena, not torch's allocator
+    views = flat.view()
+    assert all(torch.equal(views[k], tensors[k]) for k in tensors)
+    assert views["b"].data_ptr() == flat.buffer.data_ptr() + 256
+
+
+def test_blocks_packed_for_pinned_memory_are_pinned_or_say_why_not(monkeypatch):
+    tensors = {"w": torch.randn(4, 4)}
+    if not torch.cuda.is_available():
+        with pytest.warns(RuntimeWarning, match="stays pageable: no CUDA runtime is available"):
+            flat = FlatRead.pack(tensors, "pinned")
+        assert torch.equal(flat.view()["w"], tensors["w"])
+    runtime = fake_cuda.install()
+    monkeypatch.setattr(zstream.foundations.store, "install_host_register", lambda: True)
+    runtime.flags.clear()
+    assert torch.equal(FlatRead.pack(tensors, "pinned").view()["w"], tensors["w"])
+    FlatRead.pack(tensors, "cpu")
+    assert runtime.flags == [_core.HOST_REGISTER_PORTABLE]  # the pinned block only
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_wait_with_a_timeout_ends_then_though_the_read_hangs(tmp_ckpt, flat):
+    save_file({"x": torch.randn(100_000)}, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt, io_timeout=30)
+    store.inject_fault("hang")
+    ticket = store.fetch(["x"], reader="pread")
+    t0 = time.monotonic()
+    # The wait's own timeout, not the store's I/O timeout ("no progress"), which is 30 s away.
+    with pytest.raises(ReadTimeoutError, match="waiting for the read"):
+        ticket.wait_flat(timeout=0.2) if flat else ticket.wait(timeout=0.2)
+    assert time.monotonic() - t0 < 20
+    ticket.release()  # cancels the hung read
+
+
+def test_dropping_an_unreleased_ticket_cancels_its_read_and_frees_the_slot(tmp_ckpt):
+    save_file({"x": torch.randn(100_000)}, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt, io_timeout=None)  # a hung I/O waits until cancelled
+    store.inject_fault("hang")
+    ticket = store.fetch(["x"], reader="pread")
+    del ticket
+    gc.collect()
+    deadline = time.monotonic() + 20  # a cancel takes milliseconds; only a read never cancelled reaches this
+    while store.pool_stats != (1, 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.pool_stats == (1, 1)
+
+
+def test_flat_reads_and_fetches_use_the_reader_named(tmp_ckpt):
+    ref = {"x": torch.randn(10_000)}
+    save_file(ref, tmp_ckpt / "m.safetensors")
+    store = zstream.WeightStore.open(tmp_ckpt)
+    # Every I/O of the io_uring and pread readers fails; the mmap reader asks no fault injector.
+    store.inject_fault("eio", count=1_000_000)
+    assert torch.equal(store.read_flat(["x"], reader="mmap").view()["x"], ref["x"])
+    with store.fetch(["x"], reader="mmap") as t:
+        assert t.reader == "mmap"
+        assert torch.equal(t.wait(timeout=30)["x"], ref["x"])
+    with pytest.raises(ReadError):
+        store.read_flat(["x"], reader="pread")
+
+
+def test_a_fault_injected_with_the_defaults_meets_the_very_next_io_only(tmp_ckpt):
+    ref = {"x": torch.randn(100)}
+    save_file(ref, tmp_ckpt / "m.safetensors")  # one small file: a read of it is one I/O
+    store = zstream.WeightStore.open(tmp_ckpt)
+    store.inject_fault("eio")
+    with pytest.raises(ReadError):
+        store.read(["x"], reader="pread")
+    assert torch.equal(store.read(["x"], reader="pread")["x"], ref["x"])

@@ -235,9 +235,10 @@ def _copy_side_files(src: Path, dst: Path, config: Dict[str, Any],
     elif cfg is not None:
         config["zstream_compression"] = json.loads(next(iter(cfg.to_metadata().values())))
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    folder = checkpoint.side_files_dir(src)
     for name in checkpoint.SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, dst / name)
 
 
 def pack(model: PathLike, out: PathLike, *, quantize: Optional[str] = "int4", group_size: int = 64,

@@ -70,10 +70,17 @@ def resolve(model: Union[str, os.PathLike], *, download: Optional[bool] = None,
         raise CheckpointError(f"{name}: could not download from the Hugging Face hub: {e}") from e
 
 
+def side_files_dir(path: Union[str, Path]) -> Path:
+    """The directory whose config, tokenizer and generation config go with the checkpoint at ``path``: the path
+    itself, or the folder of a checkpoint given as its one .safetensors file."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
 def read_config(path: Union[str, Path]) -> Dict[str, Any]:
     """The checkpoint's config.json as a dict."""
     path = Path(path)
-    file = path / "config.json" if path.is_dir() else path.with_name("config.json")
+    file = side_files_dir(path) / "config.json"
     try:
         config = json.loads(file.read_text())
     except FileNotFoundError:
@@ -86,8 +93,8 @@ def read_config(path: Union[str, Path]) -> Dict[str, Any]:
 
 
 def has_tokenizer(path: Union[str, Path]) -> bool:
-    path = Path(path)
-    return path.is_dir() and any((path / f).is_file() for f in _TOKENIZER_FILES)
+    folder = side_files_dir(path)
+    return any((folder / f).is_file() for f in _TOKENIZER_FILES)
 
 
 def load_tokenizer(path: Union[str, Path]) -> Any:
@@ -98,7 +105,7 @@ def load_tokenizer(path: Union[str, Path]) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(side_files_dir(path)))
     except Exception as e:  # transformers raises many types for unreadable tokenizer files
         raise CheckpointError(f"{path}: its tokenizer files could not be loaded by transformers' AutoTokenizer: "
                               f"{e}") from e

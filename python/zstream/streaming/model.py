@@ -15,14 +15,13 @@ import functools
 import math
 import os
 import threading
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
 
 from ..errors import ModelClosedError, ModelError, OutOfMemoryError, UsageError, warn
-from ..foundations.checkpoint import is_synthetic, load_tokenizer
+from ..foundations.checkpoint import is_synthetic, load_tokenizer, side_files_dir
 from ..foundations.models import Family
 from ..foundations.parallel import Group
 from ..foundations.quant import BlockQuant
@@ -218,7 +217,7 @@ class StreamingModel:
         if self._generation_config is None:
             from transformers import GenerationConfig
 
-            path = Path(self.path)
+            path = side_files_dir(self.path)
             if (path / "generation_config.json").is_file():
                 self._generation_config = GenerationConfig.from_pretrained(str(path))
             else:
