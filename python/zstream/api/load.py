@@ -39,9 +39,9 @@ def load(model: Union[str, os.PathLike], *, offload: str = "auto", device: Union
          **unknown: Any) -> StreamingModel:
     """Load a checkpoint for streaming inference.
 
-    ``model``: a checkpoint directory, or a Hugging Face repo id (from the local cache; downloaded when missing, as
-    ``from_pretrained`` does, unless ``download=False`` or ``HF_HUB_OFFLINE=1``; ``revision`` picks a branch, tag or
-    commit).
+    ``model``: a checkpoint directory, one .safetensors file (its config and tokenizer beside it), or a Hugging Face
+    repo id (from the local cache; downloaded when missing, as ``from_pretrained`` does, unless ``download=False`` or
+    ``HF_HUB_OFFLINE=1``; ``revision`` picks a branch, tag or commit).
     ``offload``: "none" (everything on the device), "cpu" (weights read once into pinned host arenas, streamed
     every pass), "nvme" (blocks read from disk every pass through a small ring of host slots), "ats" (GH200 mode:
     read in place) or "auto" (none if it fits with room for the KV cache; ats on a GH200; cpu if host memory holds
