@@ -150,7 +150,8 @@ def reference_check(raw: bytes) -> tuple[Optional[Header], list[Fault]]:
         bad += [(*named, "run past")] if end > data_len else []
         bad += [(*named, "overflows")] if overflow else []
         bad += [(*named, "data_offsets span")] if not overflow and begin <= end and size != end - begin else []
-        bad += [(*named, "2^63")] if any(d >= 2**63 for d in shape) else []
+        strides_fit = all(d < 2**63 for d in shape) and math.prod(max(d, 1) for d in shape[1:]) < 2**63
+        bad += [(*named, "2^63")] if not strides_fit else []
         faults += bad
         if not bad:
             entries[name] = (dtype, tuple(shape), data_start + begin, end - begin)
@@ -515,6 +516,27 @@ def test_empty_tensor_with_a_dimension_past_int64(tmp_ckpt, dim):
     f = _raw_file(tmp_ckpt / "dim.safetensors", json.dumps(h).encode(), b"\x01\x02")
     with pytest.raises(CheckpointError, match=r"dim\.safetensors: tensor \"a\": shape .* past 2\^63"):
         zstream.WeightStore.open(f)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62, 2], [0, 2**63 - 1, 2**63 - 1], [0, 2**62, 1, 2], [0, 2**63 - 1],
+                                   [2**62, 0, 2**62], [5, 0, 2**63 - 1]])
+def test_an_empty_tensor_is_accepted_exactly_when_torch_can_make_its_shape(tmp_ckpt, shape):
+    # Each dimension fits int64, so only the strides torch gives the tensor (stride[i] = stride[i+1] * max(shape[i+1],
+    # 1), DLPack passing none) can overflow: torch itself is the judge.
+    try:
+        made = torch.empty(shape, dtype=torch.uint8)
+    except RuntimeError:
+        made = None
+    h = {"a": {"dtype": "U8", "shape": shape, "data_offsets": [0, 0]}, "b": {"dtype": "U8", "shape": [2],
+                                                                            "data_offsets": [0, 2]}}
+    f = _raw_file(tmp_ckpt / "s.safetensors", json.dumps(h).encode(), b"\x01\x02")
+    if made is None:
+        with pytest.raises(CheckpointError, match=r"s\.safetensors: tensor \"a\": shape .* stride past 2\^63"):
+            zstream.WeightStore.open(f)
+    else:
+        got = zstream.WeightStore.open(f).read(["a", "b"])
+        assert got["a"].shape == made.shape and got["a"].stride() == made.stride()
+        assert got["b"].tolist() == [1, 2]
 
 
 # --- the index ----------------------------------------------------------------------------------------------------

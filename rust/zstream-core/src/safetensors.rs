@@ -125,10 +125,14 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
                 ),
             ));
         }
-        if raw.shape.iter().any(|&d| i64::try_from(d).is_err()) {
+        if raw.shape.iter().any(|&d| i64::try_from(d).is_err()) || largest_stride(&raw.shape).is_none() {
             return Err(Error::checkpoint(
                 path,
-                format!("tensor {name:?}: shape {:?} has a dimension past 2^63 (DLPack shapes are int64)", raw.shape),
+                format!(
+                    "tensor {name:?}: shape {:?} has a dimension or stride past 2^63 (DLPack shapes and strides are \
+                     int64)",
+                    raw.shape
+                ),
             ));
         }
         let shape = raw
@@ -191,6 +195,13 @@ impl<'de> serde::Deserialize<'de> for Pairs {
     }
 }
 
+/// The first stride torch gives a contiguous tensor of `shape` (DLPack hands it none), `None` past `i64::MAX`.
+/// Torch takes `stride[i] = stride[i + 1] * max(shape[i + 1], 1)`, so an empty tensor's shape, which passes the size
+/// check, can still overflow it.
+fn largest_stride(shape: &[u64]) -> Option<i64> {
+    shape.iter().skip(1).try_fold(1i64, |acc, &d| acc.checked_mul(i64::try_from(d.max(1)).ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +242,11 @@ mod tests {
                 "overlap",
             ),
             (r#"{"a":{"dtype":"U8","shape":[0,18446744073709551615],"data_offsets":[0,0]}}"#, "past 2^63"),
+            // Each dimension fits int64; the first stride, (2^63 - 1)^2, does not.
+            (
+                r#"{"a":{"dtype":"U8","shape":[0,9223372036854775807,9223372036854775807],"data_offsets":[0,0]}}"#,
+                "stride past 2^63",
+            ),
         ];
         for (json, needle) in cases {
             let err = parse(json, 8).unwrap_err().to_string();
