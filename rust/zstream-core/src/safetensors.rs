@@ -242,6 +242,8 @@ mod tests {
                 "overlap",
             ),
             (r#"{"a":{"dtype":"U8","shape":[0,18446744073709551615],"data_offsets":[0,0]}}"#, "past 2^63"),
+            // The first dimension is in no stride, and is checked all the same.
+            (r#"{"a":{"dtype":"U8","shape":[9223372036854775808,0],"data_offsets":[0,0]}}"#, "past 2^63"),
             // Each dimension fits int64; the first stride, (2^63 - 1)^2, does not.
             (
                 r#"{"a":{"dtype":"U8","shape":[0,9223372036854775807,9223372036854775807],"data_offsets":[0,0]}}"#,
