@@ -378,7 +378,8 @@ def test_a_wait_with_a_timeout_ends_then_though_the_read_hangs(tmp_ckpt, flat):
 
 def test_dropping_an_unreleased_ticket_cancels_its_read_and_frees_the_slot(tmp_ckpt):
     save_file({"x": torch.randn(100_000)}, tmp_ckpt / "m.safetensors")
-    store = zstream.WeightStore.open(tmp_ckpt, io_timeout=None)  # a hung I/O waits until cancelled
+    # A hung I/O ends when cancelled, or at the I/O timeout: 30 s, past the 20 s this test waits for the slot.
+    store = zstream.WeightStore.open(tmp_ckpt, io_timeout=30)
     store.inject_fault("hang")
     ticket = store.fetch(["x"], reader="pread")
     del ticket
