@@ -4,8 +4,10 @@ shards are the pieces Megatron's split says; a failing or killed rank is named, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -208,22 +210,31 @@ def test_a_rank_count_the_launch_does_not_have_is_refused(monkeypatch: pytest.Mo
 
 
 # ---- failures ----------------------------------------------------------------------------------------------------
+def _second_block_fails(model: Any, fail: Any) -> None:
+    """This rank's second block calls ``fail`` instead of computing."""
+    block, calls = model.family.block, []
+
+    def second_block_fails(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            fail()
+        return block(*args)
+
+    model.family.block = second_block_fails
+
+
 def _fail_midway(path: Path, how: str, ids: torch.Tensor) -> str:
     """Rank 1 fails in its second block; rank 0 reports what stopped it."""
     model = zstream.load(path, device="cpu", offload="cpu", max_resident_blocks=0, progress=False,
                          parallel_timeout=5)
     if model.plan.rank == 1:
-        block, calls = model.family.block, []
 
-        def second_block_fails(*args: Any) -> Any:
-            calls.append(1)
-            if len(calls) == 2:
-                if how == "raise":
-                    raise RuntimeError("injected fault in block 1")
-                os._exit(3)
-            return block(*args)
+        def fail() -> None:
+            if how == "raise":
+                raise RuntimeError("injected fault in block 1")
+            os._exit(3)
 
-        model.family.block = second_block_fails
+        _second_block_fails(model, fail)
     try:
         model(ids)
     except ParallelError as e:
@@ -236,6 +247,32 @@ def _fail_midway(path: Path, how: str, ids: torch.Tensor) -> str:
     return "no error"
 
 
+def _fail_and_stay(path: Path, ids: torch.Tensor, told: Path) -> Any:
+    """Rank 1 raises in its second block and stays in the group. Rank 0, waiting in a collective, must hear of it
+    from rank 1's report, not from rank 1 leaving or from the group's timeout (60 s); it writes ``told`` when it
+    does, and rank 1 waits 20 s at most for that."""
+    model = zstream.load(path, device="cpu", offload="cpu", max_resident_blocks=0, progress=False,
+                         parallel_timeout=60)
+    if model.plan.rank == 0:
+        try:
+            model(ids)
+        except ParallelError as e:
+            told.write_text(str(e))
+            return str(e)
+        return "no error"
+
+    def fail() -> None:
+        raise RuntimeError("injected fault in block 1")
+
+    _second_block_fails(model, fail)
+    with contextlib.suppress(RuntimeError):
+        model(ids)
+    deadline = time.monotonic() + 20  # a report is read within a poll (50 ms): only a rank never told waits this out
+    while not told.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return told.exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_bloom(tmp_path_factory: Any) -> Path:
     return save_with_transformers(_config("bloom", 2), tmp_path_factory.mktemp("fail") / "bloom")
@@ -246,6 +283,13 @@ def test_a_rank_that_raises_is_named_by_the_others(tiny_bloom: Path) -> None:
     rank0, rank1 = zstream.launch(_fail_midway, 2, tiny_bloom, "raise", ids)
     assert rank0.startswith("ParallelError: rank 1 failed: RuntimeError: injected fault in block 1; rank 0 stopped")
     assert rank1.startswith("injected fault in block 1 / the tensor-parallel group is broken (rank 1 (this one)")
+
+
+def test_a_rank_that_raises_and_stays_is_named_while_it_is_still_there(tiny_bloom: Path, tmp_path: Path) -> None:
+    ids = torch.randint(4, VOCAB, (2, 5))
+    rank0, rank1_heard_back = zstream.launch(_fail_and_stay, 2, tiny_bloom, ids, tmp_path / "told")
+    assert rank0.startswith("rank 1 failed: RuntimeError: injected fault in block 1; rank 0 stopped waiting in"), rank0
+    assert rank1_heard_back is True
 
 
 def test_a_rank_that_dies_ends_the_others_wait_at_the_timeout(tiny_bloom: Path) -> None:
