@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -186,8 +187,6 @@ def test_a_loaded_model_describes_itself(tiny):
 def test_a_checkpoint_given_as_its_file_takes_the_files_beside_it(tiny, tmp_path):
     """``zstream.load("dir/model.safetensors")``: the config, the tokenizer and the generation config come from the
     file's folder, as they would for the folder itself."""
-    import shutil
-
     from transformers import AutoTokenizer
 
     folder = Path(shutil.copytree(tiny, tmp_path / "m"))

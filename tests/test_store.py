@@ -348,18 +348,21 @@ def test_packed_blocks_lie_at_256_byte_boundaries_in_a_core_arena():
     assert views["b"].data_ptr() == flat.buffer.data_ptr() + 256
 
 
-def test_blocks_packed_for_pinned_memory_are_pinned_or_say_why_not(monkeypatch):
+def test_blocks_packed_for_pinned_memory_say_why_they_stay_pageable_without_a_runtime():
+    if torch.cuda.is_available():
+        pytest.skip("a real CUDA runtime is present")
     tensors = {"w": torch.randn(4, 4)}
-    if not torch.cuda.is_available():
-        with pytest.warns(RuntimeWarning, match="stays pageable: no CUDA runtime is available"):
-            flat = FlatRead.pack(tensors, "pinned")
-        assert torch.equal(flat.view()["w"], tensors["w"])
-    runtime = fake_cuda.install()
-    monkeypatch.setattr(zstream.foundations.store, "install_host_register", lambda: True)
-    runtime.flags.clear()
+    with pytest.warns(RuntimeWarning, match="stays pageable: no CUDA runtime is available"):
+        flat = FlatRead.pack(tensors, "pinned")
+    assert torch.equal(flat.view()["w"], tensors["w"])
+
+
+def test_blocks_packed_for_pinned_memory_are_pinned_and_host_blocks_are_not(cuda_here):
+    tensors = {"w": torch.randn(4, 4)}
     assert torch.equal(FlatRead.pack(tensors, "pinned").view()["w"], tensors["w"])
+    assert cuda_here.flags == [_core.HOST_REGISTER_PORTABLE]
     FlatRead.pack(tensors, "cpu")
-    assert runtime.flags == [_core.HOST_REGISTER_PORTABLE]  # the pinned block only
+    assert cuda_here.flags == [_core.HOST_REGISTER_PORTABLE]  # nothing more
 
 
 @pytest.mark.parametrize("flat", [False, True])

@@ -10,7 +10,7 @@ import pickle
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -210,7 +210,7 @@ def test_a_rank_count_the_launch_does_not_have_is_refused(monkeypatch: pytest.Mo
 
 
 # ---- failures ----------------------------------------------------------------------------------------------------
-def _second_block_fails(model: Any, fail: Any) -> None:
+def _second_block_fails(model: Any, fail: Callable[[], None]) -> None:
     """This rank's second block calls ``fail`` instead of computing."""
     block, calls = model.family.block, []
 
